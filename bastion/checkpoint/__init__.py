@@ -1,0 +1,11 @@
+"""Safe checkpoints: safetensors + JSON only, SHA-256 manifest verified on load, atomic writes."""
+from bastion.checkpoint.checkpoint import (
+    Checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    prune,
+    resolve_checkpoint,
+    save_checkpoint,
+)
+
+__all__ = ["Checkpoint", "list_checkpoints", "load_checkpoint", "prune", "resolve_checkpoint", "save_checkpoint"]

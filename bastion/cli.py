@@ -1,0 +1,211 @@
+"""The `bastion` command: one subcommand per stage of the pipeline."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from bastion.errors import BastionError, ConfigError
+
+app = typer.Typer(
+    help="Bastion: raw text to a trained, sampled language model, secure by default.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+config_app = typer.Typer(help="Check and print configs (secrets redacted).", no_args_is_help=True)
+data_app = typer.Typer(help="Prepare training data: read, clean, tokenize, pack shards.", no_args_is_help=True)
+app.add_typer(config_app, name="config")
+app.add_typer(data_app, name="data")
+
+out = Console()
+err = Console(stderr=True)
+
+SetOption = typer.Option(
+    None, "--set", "-s", help="Override a config value, e.g. --set train.lr=3e-4 (repeatable; YAML scalar values)."
+)
+ConfigOption = typer.Option(None, "--config", "-c", help="YAML config file (see configs/). Defaults apply when omitted.")
+
+
+def _fail(exc: BastionError) -> None:
+    err.print(f"[bold red]error:[/] {exc}", markup=True, highlight=False, soft_wrap=True)
+    raise typer.Exit(2)
+
+
+def _load(config: Optional[Path], overrides: Optional[List[str]]):
+    from bastion.config import load_config
+
+    return load_config(config, overrides or [])
+
+
+@config_app.command("validate")
+def config_validate(
+    file: Path = typer.Argument(..., help="Config YAML file to check."),
+    overrides: Optional[List[str]] = SetOption,
+) -> None:
+    """Validate a config; print every problem with its field path (exit 2 if any)."""
+    try:
+        _load(file, overrides)
+    except ConfigError as exc:
+        if exc.problems:
+            err.print(f"[bold red]{file}: {len(exc.problems)} problem(s)[/]")
+            for loc, msg in exc.problems:
+                err.print(f"  {loc}: {msg}", markup=False, highlight=False)
+            raise typer.Exit(2)
+        _fail(exc)
+    out.print(f"{file}: OK")
+
+
+@config_app.command("show")
+def config_show(
+    file: Optional[Path] = typer.Argument(None, help="Config YAML file; omit to print the defaults."),
+    overrides: Optional[List[str]] = SetOption,
+) -> None:
+    """Print the fully resolved config (defaults, ${ENV} and --set applied) with secrets redacted."""
+    from bastion.config import to_yaml
+
+    try:
+        cfg = _load(file, overrides)
+    except BastionError as exc:
+        _fail(exc)
+    print(to_yaml(cfg), end="")
+
+
+@data_app.command("prepare")
+def data_prepare(
+    config: Optional[Path] = ConfigOption,
+    overrides: Optional[List[str]] = SetOption,
+    source: Optional[List[str]] = typer.Option(
+        None, "--source", help="File, folder or glob of .txt/.md/.jsonl/.parquet (repeatable; replaces data.sources)."
+    ),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Output folder (replaces data.output_dir)."),
+) -> None:
+    """Read sources, normalise, drop duplicates, split, train/load a BPE tokenizer, write token shards."""
+    from bastion.data import prepare_dataset
+
+    try:
+        cfg = _load(config, overrides)
+        updates = {}
+        if source:
+            updates["sources"] = list(source)
+        if output:
+            updates["output_dir"] = str(output)
+        data_cfg = cfg.data.model_copy(update=updates)
+        if not data_cfg.sources:
+            raise ConfigError("no data sources: set data.sources in the config or pass --source")
+        with err.status("preparing data...") as status:
+            report = prepare_dataset(data_cfg, on_progress=lambda stage, n: status.update(f"{stage}: {n:,}"))
+    except BastionError as exc:
+        _fail(exc)
+    print_report(report)
+    out.print(f"dataset written to {data_cfg.output_dir}")
+
+
+def print_report(report) -> None:
+    table = Table(title="data report", show_header=False)
+    for key, value in _report_items(report):
+        table.add_row(key, f"{value:,}" if isinstance(value, int) else str(value))
+    out.print(table)
+
+
+def _report_items(report) -> list[tuple[str, object]]:
+    from dataclasses import asdict, is_dataclass
+
+    def flatten(node, prefix=""):
+        if isinstance(node, dict):
+            for key, value in node.items():
+                yield from flatten(value, f"{prefix}{key}.")
+        else:
+            yield prefix[:-1], node
+
+    return list(flatten(asdict(report) if is_dataclass(report) else dict(report)))
+
+
+@app.command("train")
+def train_cmd(
+    config: Optional[Path] = ConfigOption,
+    overrides: Optional[List[str]] = SetOption,
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in train.out_dir from its latest checkpoint."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+) -> None:
+    """Train a model on prepared data. Ctrl-C / SIGTERM finishes the step, saves, and exits 0."""
+    from bastion.train import train
+
+    try:
+        cfg = _load(config, overrides)
+        result = train(cfg, resume=resume, quiet=quiet)
+    except BastionError as exc:
+        _fail(exc)
+    val = f", val loss {result.final_val_loss:.4f}" if result.final_val_loss is not None else ""
+    out.print(f"step {result.steps}: train loss {result.final_train_loss:.4f}{val}; checkpoint {result.checkpoint}")
+
+
+@app.command("generate")
+def generate_cmd(
+    checkpoint: Path = typer.Option(..., "--checkpoint", help="Checkpoint folder, or a run/checkpoints folder (uses 'latest')."),
+    prompt: str = typer.Option(..., "--prompt", "-p", help="Text to continue."),
+    max_new_tokens: Optional[int] = typer.Option(None, help="Tokens to generate (default generate.max_new_tokens; above the ceiling is an error)."),
+    temperature: Optional[float] = typer.Option(None, help="0 = greedy; higher = more random."),
+    top_k: Optional[int] = typer.Option(None, help="Sample only among the k most likely tokens."),
+    top_p: Optional[float] = typer.Option(None, help="Nucleus sampling: smallest set with this total probability."),
+    seed: Optional[int] = typer.Option(None, help="Random seed for reproducible sampling."),
+    stop: Optional[List[str]] = typer.Option(None, "--stop", help="Stop when this string appears (repeatable)."),
+    no_verify: bool = typer.Option(False, "--no-verify", help="Skip the SHA-256 manifest check (not recommended)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+) -> None:
+    """Continue a prompt with a trained checkpoint (verified before loading)."""
+    from bastion.infer import generate
+    from bastion.infer.loading import load_for_inference
+
+    try:
+        loaded = load_for_inference(checkpoint, verify=not no_verify)
+        result = generate(
+            loaded.model, loaded.tokenizer, prompt, limits=loaded.config.generate,
+            max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, stop=stop,
+        )
+    except BastionError as exc:
+        _fail(exc)
+    if as_json:
+        print(json.dumps({"prompt": prompt, "completion": result.text, "finish_reason": result.finish_reason,
+                          "prompt_tokens": result.prompt_tokens, "completion_tokens": len(result.token_ids)}))
+    else:
+        sys.stdout.write(prompt + result.text + "\n")
+
+
+@app.command("plot")
+def plot_cmd(
+    run_dir: Path = typer.Argument(..., help="Training run folder (holds metrics.jsonl)."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="PNG path (default RUN_DIR/loss.png)."),
+) -> None:
+    """Write a PNG loss curve (train and validation) for a training run."""
+    from bastion.train.metrics import plot_run
+
+    try:
+        path = plot_run(run_dir, output)
+    except BastionError as exc:
+        _fail(exc)
+    out.print(f"wrote {path}")
+
+
+@app.command("demo")
+def demo_cmd(
+    out_dir: Path = typer.Option(Path("runs/demo"), "--out", help="Folder for the dataset, run and checkpoints (replaced)."),
+    steps: int = typer.Option(600, help="Optimizer steps (about 3-4 minutes on 2 CPU cores at the default)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+) -> None:
+    """Prepare the Python standard library's sources, train a small model, sample from it."""
+    from bastion.demo import run_demo
+
+    try:
+        run_demo(out_dir, steps=steps, quiet=quiet, console=out)
+    except BastionError as exc:
+        _fail(exc)
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,170 @@
+"""Typed, bounded configuration for every Bastion stage.
+
+Every section forbids unknown keys and bounds every number, so a typo or an absurd value
+fails at load time with the field's path instead of hours into a run.
+"""
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
+
+
+class Section(BaseModel):
+    # hide_input_in_errors: pydantic would otherwise echo the offending value (possibly a
+    # secret interpolated from the environment) inside its error text.
+    model_config = ConfigDict(extra="forbid", hide_input_in_errors=True, validate_assignment=True)
+
+
+def _finite_positive(value: float, name: str) -> float:
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a finite number > 0")
+    return value
+
+
+class ModelConfig(Section):
+    """Decoder-only transformer shape. `vocab_size` is filled from the tokenizer when null."""
+
+    vocab_size: int | None = Field(default=None, ge=16, le=1_048_576)
+    n_layer: int = Field(default=4, ge=1, le=256)
+    n_head: int = Field(default=4, ge=1, le=256)
+    n_kv_head: int | None = Field(default=None, ge=1, le=256, description="None = n_head (MHA)")
+    d_model: int = Field(default=256, ge=8, le=32_768)
+    d_ff: int | None = Field(default=None, ge=8, le=262_144, description="None = SwiGLU 8/3 d rounded to 64")
+    max_seq_len: int = Field(default=512, ge=8, le=1_048_576)
+    rope_theta: float = Field(default=10_000.0, gt=0, le=1e9)
+    norm_eps: float = Field(default=1e-5, gt=0, le=1e-1)
+    tie_embeddings: bool = True
+    qkv_bias: bool = False
+    dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
+    init_std: float = Field(default=0.02, gt=0, le=1.0)
+
+    @model_validator(mode="after")
+    def _shapes_fit(self) -> "ModelConfig":
+        if self.d_model % self.n_head:
+            raise ValueError(f"d_model ({self.d_model}) must be divisible by n_head ({self.n_head})")
+        if (self.d_model // self.n_head) % 2:
+            raise ValueError(f"head dimension d_model/n_head ({self.d_model // self.n_head}) must be even for RoPE")
+        kv = self.n_kv_head or self.n_head
+        if self.n_head % kv:
+            raise ValueError(f"n_head ({self.n_head}) must be divisible by n_kv_head ({kv})")
+        return self
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_head
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_head or self.n_head
+
+    @property
+    def ffn_dim(self) -> int:
+        if self.d_ff is not None:
+            return self.d_ff
+        return 64 * math.ceil(8 * self.d_model / 3 / 64)
+
+
+class TokenizerConfig(Section):
+    path: str | None = Field(default=None, description="existing tokenizer.json to load instead of training")
+    vocab_size: int = Field(default=8192, ge=260, le=1_048_576)
+    min_frequency: int = Field(default=2, ge=1, le=1_000_000)
+
+
+class DataConfig(Section):
+    sources: list[str] = Field(default_factory=list, description="files, folders or glob patterns")
+    output_dir: str = "data/prepared"
+    text_field: str = Field(default="text", min_length=1, max_length=128)
+    max_file_bytes: int = Field(default=256 * 2**20, ge=1, le=64 * 2**30)
+    max_total_bytes: int = Field(default=64 * 2**30, ge=1, le=16 * 2**40)
+    val_fraction: float = Field(default=0.05, ge=0.0, le=0.5)
+    shard_tokens: int = Field(default=50_000_000, ge=1024, le=2**31)
+    batch_documents: int = Field(default=512, ge=1, le=1_000_000)
+    min_document_chars: int = Field(default=1, ge=0, le=10_000_000)
+    seed: int = Field(default=1234, ge=0, le=2**31 - 1)
+    tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
+
+
+class TrainConfig(Section):
+    objective: Literal["clm"] = "clm"
+    data_dir: str = "data/prepared"
+    out_dir: str = "runs/default"
+    run_name: str = Field(default="run", min_length=1, max_length=128)
+    seq_len: int = Field(default=256, ge=8, le=1_048_576)
+    batch_size: int = Field(default=8, ge=1, le=1024)
+    grad_accum: int = Field(default=1, ge=1, le=1024)
+    epochs: float | None = Field(default=None, gt=0, le=100, description="used when max_steps is null")
+    max_steps: int | None = Field(default=200, ge=1, le=100_000_000)
+    lr: float = 3e-4
+    min_lr_ratio: float = Field(default=0.1, ge=0.0, le=1.0)
+    warmup_steps: int = Field(default=20, ge=0, le=10_000_000)
+    weight_decay: float = Field(default=0.1, ge=0.0, le=10.0)
+    beta1: float = Field(default=0.9, ge=0.0, lt=1.0)
+    beta2: float = Field(default=0.95, ge=0.0, lt=1.0)
+    adam_eps: float = Field(default=1e-8, gt=0.0, le=1.0)
+    grad_clip: float | None = Field(default=1.0, gt=0.0, le=1e6)
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    compile: bool = False
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    eval_every: int = Field(default=100, ge=1, le=100_000_000)
+    eval_batches: int = Field(default=10, ge=1, le=100_000)
+    log_every: int = Field(default=10, ge=1, le=100_000_000)
+    seed: int = Field(default=1337, ge=0, le=2**31 - 1)
+    threads: int | None = Field(default=None, ge=1, le=1024)
+
+    @field_validator("lr")
+    @classmethod
+    def _lr_finite(cls, value: float) -> float:
+        _finite_positive(value, "lr")
+        if value > 10:
+            raise ValueError("lr must be <= 10")
+        return value
+
+    @model_validator(mode="after")
+    def _has_length(self) -> "TrainConfig":
+        if self.max_steps is None and self.epochs is None:
+            raise ValueError("set train.max_steps or train.epochs")
+        return self
+
+
+class CheckpointConfig(Section):
+    every_steps: int = Field(default=100, ge=1, le=100_000_000)
+    keep_last: int = Field(default=3, ge=1, le=10_000)
+    save_optimizer: bool = True
+
+
+class GenerateConfig(Section):
+    max_new_tokens: int = Field(default=64, ge=1, le=1_000_000)
+    max_new_tokens_ceiling: int = Field(default=1024, ge=1, le=1_000_000)
+    max_prompt_tokens: int | None = Field(default=None, ge=1, le=1_048_576, description="None = context size")
+    temperature: float = Field(default=0.8, ge=0.0, le=100.0)
+    top_k: int | None = Field(default=50, ge=1, le=1_048_576)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    max_stop_strings: int = Field(default=8, ge=0, le=64)
+
+    @model_validator(mode="after")
+    def _default_under_ceiling(self) -> "GenerateConfig":
+        if self.max_new_tokens > self.max_new_tokens_ceiling:
+            raise ValueError(
+                f"max_new_tokens ({self.max_new_tokens}) exceeds max_new_tokens_ceiling ({self.max_new_tokens_ceiling})"
+            )
+        return self
+
+
+class BastionConfig(Section):
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    generate: GenerateConfig = Field(default_factory=GenerateConfig)
+    # Values that came from secret-looking environment variables; redacted whenever printed.
+    _secret_values: set[str] = PrivateAttr(default_factory=set)
+
+    @model_validator(mode="after")
+    def _seq_fits_model(self) -> "BastionConfig":
+        if self.train.seq_len > self.model.max_seq_len:
+            raise ValueError(
+                f"train.seq_len ({self.train.seq_len}) exceeds model.max_seq_len ({self.model.max_seq_len})"
+            )
+        return self

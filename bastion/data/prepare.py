@@ -1,0 +1,311 @@
+"""`bastion data prepare`: raw files -> tokenizer + packed, hashed token shards.
+
+Streaming in two passes over the sources, so memory does not grow with corpus size:
+  pass 1 (scan): validate every file, count/dedup documents, decide the split, and (unless
+          `tokenizer.path` is set) feed the train-split documents to `train_from_iterator`;
+  pass 2 (write): tokenize in batches of `batch_documents`, append eos after each document,
+          and write shards incrementally.
+Everything is built in `<output_dir>.tmp-<pid>` and renamed into place only on success.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from bastion.config.schema import DataConfig
+from bastion.data.shards import (
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    INDEX_FILE,
+    ShardWriter,
+    open_private,
+    sha256_file,
+    token_dtype,
+)
+from bastion.data.sources import check_sizes, iter_documents, resolve_sources
+from bastion.errors import DataError
+from bastion.tokenizer import BastionTokenizer
+
+Progress = Callable[[str, int], None]
+DIR_MODE = 0o700
+
+
+@dataclass
+class SplitReport:
+    documents: int = 0
+    bytes: int = 0  # UTF-8 bytes of the normalised text
+    tokens: int = 0  # including one eos per document
+    shards: int = 0
+
+
+@dataclass
+class PrepareReport:
+    output_dir: str
+    files: int
+    input_bytes: int  # on-disk size of all source files
+    documents_read: int  # before filtering
+    documents: int  # kept (train + val)
+    duplicates_dropped: int
+    too_short_dropped: int
+    vocab_size: int
+    eos_id: int
+    dtype: str
+    tokenizer_trained: bool
+    train: SplitReport = field(default_factory=SplitReport)
+    val: SplitReport = field(default_factory=SplitReport)
+
+    @property
+    def tokens(self) -> int:
+        return self.train.tokens + self.val.tokens
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class _Doc:
+    text: str
+    digest: bytes
+    split: str
+
+
+class _Filter:
+    """Drops too-short and exact-duplicate documents, and assigns each survivor a split.
+
+    The set of seen content hashes is the ONLY per-document state in the whole pipeline
+    (16 bytes + set overhead per unique document); everything else is O(batch).
+    """
+
+    def __init__(self, cfg: DataConfig, force: dict[bytes, str] | None = None):
+        self.cfg = cfg
+        self.force = force or {}  # digest -> split, overrides from pass 1 (see _split_overrides)
+        self.seen: set[bytes] = set()
+        self.read = self.duplicates = self.too_short = 0
+
+    def split_key(self, digest: bytes) -> float:
+        # Salted with the seed so a different seed gives a different (still deterministic) split;
+        # depends only on content, so it needs no shuffle buffer and is stable under file reordering.
+        salted = hashlib.sha256(self.cfg.seed.to_bytes(8, "little") + digest).digest()
+        return int.from_bytes(salted[:8], "little") / 2**64
+
+    def __call__(self, texts: Iterator[str]) -> Iterator[_Doc]:
+        for text in texts:
+            self.read += 1
+            if len(text) < self.cfg.min_document_chars:
+                self.too_short += 1
+                continue
+            digest = hashlib.sha256(text.encode("utf-8")).digest()[:16]  # 128 bits: collisions negligible
+            if digest in self.seen:
+                self.duplicates += 1
+                continue
+            self.seen.add(digest)
+            split = self.force.get(digest) or ("val" if self.split_key(digest) < self.cfg.val_fraction else "train")
+            yield _Doc(text, digest, split)
+
+
+def _texts(cfg: DataConfig, files: list[Path]) -> Iterator[str]:
+    return (d.text for d in iter_documents(cfg, files))
+
+
+def _batched(docs: Iterator[_Doc], n: int) -> Iterator[list[_Doc]]:
+    batch: list[_Doc] = []
+    for doc in docs:
+        batch.append(doc)
+        if len(batch) == n:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def _check_output_dir(out: Path) -> None:
+    """Refuse to replace anything that is not an earlier prepared dataset."""
+    if out.is_symlink() or (out.exists() and not out.is_dir()):
+        raise DataError(f"output_dir {out} exists and is not a directory; refusing to replace it")
+    if out.is_dir() and any(out.iterdir()) and not (out / INDEX_FILE).is_file():
+        raise DataError(
+            f"output_dir {out} is a non-empty directory without {INDEX_FILE} (not a Bastion dataset); "
+            "refusing to overwrite it - choose another data.output_dir or empty it"
+        )
+
+
+def _write_json(path: Path, obj: object) -> None:
+    with open_private(path) as f:
+        f.write((json.dumps(obj, indent=2, sort_keys=True) + "\n").encode("utf-8"))
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def prepare_dataset(cfg: DataConfig, on_progress: Progress | None = None) -> PrepareReport:
+    """Run the whole pipeline; returns the report (also written as `report.json`).
+
+    `on_progress(stage, count)` is called per batch with stage "scan" (documents read in pass 1),
+    "tokenizer" (vocab size, once), "tokenize" (documents read in pass 2) and "done" (tokens).
+    """
+    progress = on_progress or (lambda stage, n: None)
+    out = Path(cfg.output_dir).expanduser().absolute()
+    _check_output_dir(out)
+    files = resolve_sources(cfg.sources)
+    input_bytes = check_sizes(files, cfg.max_file_bytes, cfg.max_total_bytes)
+
+    # ---- pass 1: scan (+ train tokenizer) ---------------------------------------------
+    scan = _Filter(cfg)
+    stats = {"train": 0, "val": 0}
+    extremes: dict[str, tuple[float, bytes]] = {}  # lowest/highest split key, for _split_overrides
+
+    def scanned() -> Iterator[list[str]]:
+        for batch in _batched(scan(_texts(cfg, files)), cfg.batch_documents):
+            for doc in batch:
+                stats[doc.split] += 1
+                key = scan.split_key(doc.digest)
+                if "lo" not in extremes or key < extremes["lo"][0]:
+                    extremes["lo"] = (key, doc.digest)
+                if "hi" not in extremes or key > extremes["hi"][0]:
+                    extremes["hi"] = (key, doc.digest)
+            progress("scan", scan.read)
+            # The tokenizer learns from the train split only, so validation text stays unseen.
+            yield [d.text for d in batch if d.split == "train"]
+
+    if cfg.tokenizer.path:
+        tok = BastionTokenizer.from_file(cfg.tokenizer.path)
+        for _ in scanned():
+            pass
+    else:
+        tok = BastionTokenizer.train(scanned(), cfg.tokenizer.vocab_size, cfg.tokenizer.min_frequency)
+    kept = stats["train"] + stats["val"]
+    if kept == 0:
+        raise DataError(
+            f"no documents to train on: {len(files)} file(s), {scan.read} document(s) read, "
+            f"{scan.too_short} shorter than data.min_document_chars, {scan.duplicates} duplicates"
+        )
+    force = _split_overrides(cfg, stats, extremes)
+    del scan  # free pass 1's hash set before pass 2 builds its own
+    progress("tokenizer", tok.vocab_size)
+
+    # ---- pass 2: tokenize + write into a temp dir ---------------------------------------
+    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)  # our own leftover (same pid) from an interrupted run
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp.mkdir(mode=DIR_MODE)
+    os.chmod(tmp, DIR_MODE)
+    try:
+        splits, filt = _write_dataset(cfg, tok, files, force, tmp, progress)
+        report = PrepareReport(
+            output_dir=str(out),
+            files=len(files),
+            input_bytes=input_bytes,
+            documents_read=filt.read,
+            documents=splits["train"].documents + splits["val"].documents,
+            duplicates_dropped=filt.duplicates,
+            too_short_dropped=filt.too_short,
+            vocab_size=tok.vocab_size,
+            eos_id=tok.eos_id,
+            dtype=token_dtype(tok.vocab_size),
+            tokenizer_trained=not cfg.tokenizer.path,
+            train=splits["train"],
+            val=splits["val"],
+        )
+        _write_json(tmp / "report.json", report.to_dict())
+        _swap_into_place(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    progress("done", report.tokens)
+    return report
+
+
+def _split_overrides(
+    cfg: DataConfig, stats: dict[str, int], extremes: dict[str, tuple[float, bytes]]
+) -> dict[bytes, str]:
+    """Guarantee both splits are non-empty when val_fraction > 0, deterministically.
+
+    A hash split of a tiny corpus can leave one side empty; we then move the document with the
+    most extreme split key across. With a single document that is impossible, so we say so.
+    """
+    if cfg.val_fraction == 0:
+        return {}
+    if stats["train"] + stats["val"] < 2:
+        raise DataError(
+            "data.val_fraction > 0 needs at least 2 documents after filtering, found 1 "
+            "(a .txt/.md file is one document): add files, use .jsonl with one document per line, "
+            "or set data.val_fraction: 0"
+        )
+    if stats["val"] == 0:
+        return {extremes["lo"][1]: "val"}
+    if stats["train"] == 0:
+        return {extremes["hi"][1]: "train"}
+    return {}
+
+
+def _write_dataset(
+    cfg: DataConfig, tok: BastionTokenizer, files: list[Path], force: dict[bytes, str], tmp: Path, progress: Progress
+) -> tuple[dict[str, SplitReport], _Filter]:
+    dtype = token_dtype(tok.vocab_size)
+    writers = {s: ShardWriter(tmp, s, dtype, cfg.shard_tokens) for s in ("train", "val")}
+    splits = {"train": SplitReport(), "val": SplitReport()}
+    filt = _Filter(cfg, force)
+    eos = np.array([tok.eos_id], dtype=np.int64)
+    for batch in _batched(filt(_texts(cfg, files)), cfg.batch_documents):
+        encoded = tok.encode_batch([d.text for d in batch])
+        for split in ("train", "val"):
+            parts = []
+            for doc, ids in zip(batch, encoded):
+                if doc.split == split:
+                    parts += [np.asarray(ids, dtype=np.int64), eos]
+                    splits[split].documents += 1
+                    splits[split].bytes += len(doc.text.encode("utf-8"))
+            if parts:
+                writers[split].write(np.concatenate(parts))
+        progress("tokenize", filt.read)
+
+    index_splits = {}
+    for split, writer in writers.items():
+        index_splits[split] = writer.close(splits[split].documents)
+        splits[split].tokens, splits[split].shards = writer.tokens, len(writer.shards)
+    tok.save(tmp / "tokenizer.json")
+    index = {
+        "format": FORMAT_NAME,
+        "version": FORMAT_VERSION,
+        "dtype": dtype,
+        "vocab_size": tok.vocab_size,
+        "eos_id": tok.eos_id,
+        "pad_id": tok.pad_id,
+        "tokenizer": "tokenizer.json",
+        "tokenizer_sha256": sha256_file(tmp / "tokenizer.json"),
+        "splits": index_splits,
+    }
+    _write_json(tmp / INDEX_FILE, index)
+    return splits, filt
+
+
+def _swap_into_place(tmp: Path, out: Path) -> None:
+    """Rename the finished dataset over `out`; an old dataset is moved aside, then deleted."""
+    _check_output_dir(out)  # re-check: something may have appeared while we worked
+    old = None
+    if out.exists():
+        if any(out.iterdir()):
+            old = out.with_name(f"{out.name}.old-{os.getpid()}")
+            os.replace(out, old)
+        else:
+            out.rmdir()
+    try:
+        os.replace(tmp, out)
+    except BaseException:
+        if old is not None:
+            os.replace(old, out)  # put the previous dataset back rather than leave nothing
+        raise
+    fd = os.open(out.parent, os.O_RDONLY)  # persist the rename itself
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    if old is not None:
+        shutil.rmtree(old)

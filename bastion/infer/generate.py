@@ -1,0 +1,194 @@
+"""Text generation with a KV cache, under hard request limits.
+
+Every request is checked against `GenerateConfig` before any compute: a request over a limit
+is refused with `GenerationLimitError` naming the parameter, never silently cut short.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+import torch
+
+from bastion.config.schema import GenerateConfig
+from bastion.errors import GenerationLimitError
+from bastion.infer.sampling import sample_next
+from bastion.model.transformer import Transformer
+
+MAX_STOP_CHARS = 256
+
+
+class Tokenizer(Protocol):
+    eos_id: int | None
+
+    def encode(self, text: str) -> list[int]: ...
+
+    def decode(self, ids: list[int]) -> str: ...
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    text: str  # the completion only, cut before the stop string if one matched
+    token_ids: list[int]  # completion ids (without eos; with a stop, up to the token that completed it)
+    prompt_tokens: int
+    finish_reason: Literal["stop", "length", "eos"]
+
+
+def check_request(prompt_tokens: int, max_new_tokens: int | None, stop: list[str] | None,
+                  limits: GenerateConfig, context_size: int) -> int:
+    """Validate a request against the limits; returns the effective max_new_tokens."""
+    n = limits.max_new_tokens if max_new_tokens is None else max_new_tokens
+    if isinstance(n, bool) or not isinstance(n, int):
+        raise GenerationLimitError(f"max_new_tokens must be an integer, got {n!r}")
+    if n < 1:
+        raise GenerationLimitError(f"max_new_tokens must be >= 1, got {n}")
+    if n > limits.max_new_tokens_ceiling:
+        raise GenerationLimitError(
+            f"max_new_tokens ({n}) exceeds the limit generate.max_new_tokens_ceiling ({limits.max_new_tokens_ceiling})")
+    if prompt_tokens < 1:
+        raise GenerationLimitError("prompt is empty (0 tokens); give at least one token of prompt")
+    if limits.max_prompt_tokens is not None and prompt_tokens > limits.max_prompt_tokens:
+        raise GenerationLimitError(
+            f"prompt has {prompt_tokens} tokens, over the limit generate.max_prompt_tokens ({limits.max_prompt_tokens})")
+    if prompt_tokens > context_size:
+        raise GenerationLimitError(f"prompt has {prompt_tokens} tokens, over the model's context size ({context_size})")
+    if prompt_tokens + n > context_size:
+        raise GenerationLimitError(
+            f"prompt tokens ({prompt_tokens}) + max_new_tokens ({n}) = {prompt_tokens + n} exceeds the model's "
+            f"context size ({context_size}); lower max_new_tokens to at most {context_size - prompt_tokens}")
+    if stop is not None:
+        if isinstance(stop, str) or not isinstance(stop, (list, tuple)):
+            raise GenerationLimitError(f"stop must be a list of strings, got {type(stop).__name__}")
+        if len(stop) > limits.max_stop_strings:
+            raise GenerationLimitError(
+                f"stop has {len(stop)} strings, over the limit generate.max_stop_strings ({limits.max_stop_strings})")
+        for i, s in enumerate(stop):
+            if not isinstance(s, str) or not s:
+                raise GenerationLimitError(f"stop[{i}] must be a non-empty string, got {s!r}")
+            if len(s) > MAX_STOP_CHARS:
+                raise GenerationLimitError(f"stop[{i}] is {len(s)} characters, over the limit of {MAX_STOP_CHARS}")
+    return n
+
+
+def _check_sampling(temperature: float, top_k: int | None, top_p: float, seed: int | None) -> None:
+    # Same bounds as GenerateConfig, re-checked because per-request values bypass the schema.
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) \
+            or not math.isfinite(temperature) or not 0 <= temperature <= 100:
+        raise GenerationLimitError(f"temperature must be a number in [0, 100], got {temperature!r}")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+        raise GenerationLimitError(f"top_k must be an integer >= 1 or None, got {top_k!r}")
+    if isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
+        raise GenerationLimitError(f"top_p must be a number in (0, 1], got {top_p!r}")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63):
+        raise GenerationLimitError(f"seed must be an integer in [0, 2**63), got {seed!r}")
+
+
+def _emittable(text: str, stop: list[str]) -> int:
+    """How much of `text` can be yielded for sure: all but the longest suffix that could be
+    the start of a stop string (the text would be cut there if the stop string completes)."""
+    for k in range(min(max(map(len, stop), default=1) - 1, len(text)), 0, -1):
+        if any(s.startswith(text[-k:]) for s in stop):
+            return len(text) - k
+    return len(text)
+
+
+def stream(model: Transformer, tokenizer: Tokenizer, prompt: str, *, limits: GenerateConfig,
+           max_new_tokens: int | None = None, temperature: float | None = None, top_k: int | None = None,
+           top_p: float | None = None, seed: int | None = None,
+           stop: list[str] | None = None) -> Iterator[str | GenerationResult]:
+    """Yield completion text deltas as they become final, then one GenerationResult.
+
+    The deltas concatenate to exactly result.text. None parameters take `limits`' defaults.
+    The request is validated here, at call time (not on first iteration), so a server can
+    refuse it before starting a streamed response.
+    """
+    if not isinstance(prompt, str):
+        raise TypeError(f"prompt must be a string, got {type(prompt).__name__}")
+    prompt_ids = tokenizer.encode(prompt)
+    n_new = check_request(len(prompt_ids), max_new_tokens, stop, limits, model.cfg.max_seq_len)
+    temperature = limits.temperature if temperature is None else temperature
+    top_k = limits.top_k if top_k is None else top_k
+    top_p = limits.top_p if top_p is None else top_p
+    _check_sampling(temperature, top_k, top_p, seed)
+    return _decode(model, tokenizer, prompt_ids, n_new, temperature, top_k, top_p, seed, list(stop or []))
+
+
+def _decode(model: Transformer, tokenizer: Tokenizer, prompt_ids: list[int], n_new: int, temperature: float,
+            top_k: int | None, top_p: float, seed: int | None, stop: list[str]) -> Iterator[str | GenerationResult]:
+    eos_id = getattr(tokenizer, "eos_id", None)
+    device = model.tok_embeddings.weight.device
+    generator = torch.Generator(device=device)
+    if seed is None:
+        generator.seed()
+    else:
+        generator.manual_seed(seed)
+
+    was_training = model.training
+    model.eval()
+    try:
+        # inference_mode wraps each model step, not the whole loop: a `with` spanning the
+        # yields would leave inference mode switched on in the caller's code between items.
+        with torch.inference_mode():
+            cache = model.new_cache(1, max_len=len(prompt_ids) + n_new)
+            logits, _ = model(torch.tensor([prompt_ids], device=device), cache=cache, start_pos=0)  # prefill
+            next_id = int(sample_next(logits[:, -1], temperature, top_k, top_p, generator))
+        ids: list[int] = []
+        text, pending = "", ""  # text: final completion text; pending: an incomplete character
+        prefix = read = 0  # ids[prefix:read] are already in text, re-decoded as left context
+        emitted = 0  # len(text) already yielded
+        finish: Literal["stop", "length", "eos"] = "length"
+        while True:
+            if next_id == eos_id:
+                finish = "eos"
+                break
+            ids.append(next_id)
+            # Incremental detokenisation (as in vLLM): decode just the newest tokens, with the
+            # previous chunk as left context, instead of the whole completion each step
+            # (quadratic). Byte-level BPE splits characters across tokens: a window ending in
+            # U+FFFD stops mid-character, so it stays pending until the other bytes arrive.
+            known = tokenizer.decode(ids[prefix:read])
+            window = tokenizer.decode(ids[prefix:])
+            pending = window[len(known):]
+            searched = len(text)
+            if window.startswith(known) and not window.endswith("\ufffd"):
+                text, pending = text + pending, ""
+                prefix, read = read, len(ids)
+            # Earlier text was searched on earlier steps: a new match must end in the new text.
+            full = text + pending
+            hits = [i for i in (full.find(s, max(0, searched - len(s) + 1)) for s in stop) if i >= 0]
+            if hits:
+                text, finish = full[:min(hits)], "stop"
+                break
+            end = _emittable(text, stop)
+            if end > emitted:
+                yield text[emitted:end]
+                emitted = end
+            if len(ids) == n_new:
+                text += pending  # out of tokens: an incomplete character stays as U+FFFD
+                break
+            with torch.inference_mode():
+                pos = len(prompt_ids) + len(ids) - 1
+                logits, _ = model(torch.tensor([[next_id]], device=device), cache=cache, start_pos=pos)
+                next_id = int(sample_next(logits[:, -1], temperature, top_k, top_p, generator))
+        if finish == "eos":
+            text += pending
+        if len(text) > emitted:  # held back for a stop string that never completed
+            yield text[emitted:]
+        yield GenerationResult(text=text, token_ids=ids, prompt_tokens=len(prompt_ids), finish_reason=finish)
+    finally:
+        model.train(was_training)
+
+
+def generate(model: Transformer, tokenizer: Tokenizer, prompt: str, *, limits: GenerateConfig,
+             max_new_tokens: int | None = None, temperature: float | None = None, top_k: int | None = None,
+             top_p: float | None = None, seed: int | None = None, stop: list[str] | None = None) -> GenerationResult:
+    """Complete `prompt`: prefill once with a KV cache, then decode token by token until eos,
+    a stop string (text cut before it), or max_new_tokens. None parameters take `limits`' defaults."""
+    result = None
+    for item in stream(model, tokenizer, prompt, limits=limits, max_new_tokens=max_new_tokens,
+                       temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, stop=stop):
+        result = item
+    assert isinstance(result, GenerationResult)
+    return result

@@ -1,0 +1,260 @@
+"""A decoder-only transformer in one file: the Llama architecture, GPT-2 style init.
+
+Token embedding -> N x [pre-RMSNorm -> grouped-query attention with RoPE -> residual,
+pre-RMSNorm -> SwiGLU MLP -> residual] -> final RMSNorm -> lm_head.
+
+The math mirrors Hugging Face `LlamaForCausalLM` exactly (rotate_half RoPE on the half-split
+layout, RMSNorm in float32, SiLU-gated MLP) so weights can be exported to it by renaming:
+
+    tok_embeddings          -> model.embed_tokens
+    layers.N.attention.wq   -> model.layers.N.self_attn.q_proj   (wk/wv/wo: k/v/o_proj)
+    layers.N.feed_forward.w1 -> model.layers.N.mlp.gate_proj     (w3: up_proj, w2: down_proj)
+    layers.N.attention_norm -> model.layers.N.input_layernorm
+    layers.N.ffn_norm       -> model.layers.N.post_attention_layernorm
+    norm / output           -> model.norm / lm_head
+
+(With qkv_bias=True, HF Llama's `attention_bias` also adds an o_proj bias; export it as zeros.)
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from bastion.config.schema import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in float32 (bf16 squares lose too much precision), cast back, then scale:
+        # the same order of operations as LlamaRMSNorm.
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def rope_tables(head_dim: int, max_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables [max_len, head_dim], computed in float32 as HF's default RoPE does."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim))
+    freqs = torch.outer(torch.arange(max_len, dtype=torch.float), inv_freq)
+    emb = torch.cat((freqs, freqs), dim=-1)  # half-split layout: dims i and i + head_dim/2 pair up
+    return emb.cos(), emb.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [B, H, T, head_dim]; cos/sin: [T, head_dim]."""
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat((-x2, x1), dim=-1)  # "rotate_half"
+    return x * cos + rotated * sin
+
+
+class KVCache:
+    """Preallocated keys/values per layer, each [B, n_kv_head, max_len, head_dim].
+
+    The cache does not track a position: callers pass `start_pos` to `Transformer.forward`,
+    which writes positions [start_pos, start_pos + T) and attends to [0, start_pos + T).
+    """
+
+    def __init__(self, n_layer: int, batch_size: int, n_kv_head: int, max_len: int, head_dim: int,
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None):
+        shape = (batch_size, n_kv_head, max_len, head_dim)
+        self.batch_size, self.max_len = batch_size, max_len
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]
+
+    def update(self, layer: int, start_pos: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        end = start_pos + k.size(2)
+        self.k[layer][:, :, start_pos:end] = k
+        self.v[layer][:, :, start_pos:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.kv_heads, cfg.head_dim
+        self.wq = nn.Linear(cfg.d_model, self.n_head * self.head_dim, bias=cfg.qkv_bias)
+        self.wk = nn.Linear(cfg.d_model, self.n_kv_head * self.head_dim, bias=cfg.qkv_bias)
+        self.wv = nn.Linear(cfg.d_model, self.n_kv_head * self.head_dim, bias=cfg.qkv_bias)
+        self.wo = nn.Linear(self.n_head * self.head_dim, cfg.d_model, bias=False)
+        self.dropout = cfg.dropout
+        self.resid_dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                cache: KVCache | None, layer: int, start_pos: int) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.wq(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+        k = self.wk(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        v = self.wv(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        cos, sin = cos.to(q.dtype), sin.to(q.dtype)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(layer, start_pos, k, v)
+            k, v = k.to(q.dtype), v.to(q.dtype)  # no-op unless the cache dtype differs (autocast)
+        if self.n_kv_head != self.n_head:
+            # GQA: query head h reads kv head h // n_rep, like HF's repeat_kv.
+            n_rep = self.n_head // self.n_kv_head
+            k, v = k.repeat_interleave(n_rep, dim=1), v.repeat_interleave(n_rep, dim=1)
+        mask, causal = None, True
+        if k.size(2) != T:
+            # Queries sit at positions start_pos.. and see every cached key up to themselves.
+            # is_causal would align the mask top-left (query 0 sees key 0 only), which is wrong
+            # for a chunk that follows cached tokens, so build the mask explicitly.
+            causal = False
+            if T > 1:
+                mask = torch.ones(T, k.size(2), dtype=torch.bool, device=x.device).tril(diagonal=start_pos)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
+                                           dropout_p=self.dropout if self.training else 0.0)
+        y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)
+        return self.resid_dropout(self.wo(y))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.w1 = nn.Linear(cfg.d_model, cfg.ffn_dim, bias=False)  # gate
+        self.w2 = nn.Linear(cfg.ffn_dim, cfg.d_model, bias=False)  # down
+        self.w3 = nn.Linear(cfg.d_model, cfg.ffn_dim, bias=False)  # up
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.w2(F.silu(self.w1(x)) * self.w3(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.attention_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.attention = Attention(cfg)
+        self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.feed_forward = FeedForward(cfg)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                cache: KVCache | None, layer: int, start_pos: int) -> torch.Tensor:
+        x = x + self.attention(self.attention_norm(x), cos, sin, cache, layer, start_pos)
+        return x + self.feed_forward(self.ffn_norm(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        if cfg.vocab_size is None:
+            raise ValueError("ModelConfig.vocab_size is not set; fill it from the tokenizer before building the model")
+        self.cfg = cfg
+        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.output = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+        # Non-persistent: derived from the config, so they stay out of checkpoints.
+        cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+
+        self.apply(self._init_weights)
+        # GPT-2: each residual branch's output projection is scaled down so the residual
+        # stream's variance does not grow with depth (2 branches per layer).
+        for name, p in self.named_parameters():
+            if name.endswith(("attention.wo.weight", "feed_forward.w2.weight")):
+                nn.init.normal_(p, mean=0.0, std=cfg.init_std / math.sqrt(2 * cfg.n_layer))
+
+    def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=self.cfg.init_std)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def new_cache(self, batch_size: int, max_len: int | None = None,
+                  device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> KVCache:
+        """An empty KV cache; defaults: max_len = cfg.max_seq_len, the model's device and dtype."""
+        max_len = self.cfg.max_seq_len if max_len is None else max_len
+        if not 1 <= max_len <= self.cfg.max_seq_len:
+            raise ValueError(f"cache max_len ({max_len}) must be between 1 and max_seq_len ({self.cfg.max_seq_len})")
+        weight = self.tok_embeddings.weight
+        return KVCache(self.cfg.n_layer, batch_size, self.cfg.kv_heads, max_len, self.cfg.head_dim,
+                       device=weight.device if device is None else device,
+                       dtype=weight.dtype if dtype is None else dtype)
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *,
+                cache: KVCache | None = None, start_pos: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """idx [B, T] -> (logits [B, T, vocab], mean cross-entropy over targets != -100 or None).
+
+        With a cache, idx holds positions [start_pos, start_pos + T) and attends to everything
+        cached before them (prefill: start_pos=0 with the whole prompt; decode: T=1).
+        """
+        B, T = idx.shape
+        if T == 0:
+            raise ValueError("idx has no tokens (sequence length 0)")
+        if start_pos < 0 or start_pos + T > self.cfg.max_seq_len:
+            raise ValueError(f"positions {start_pos}..{start_pos + T - 1} exceed max_seq_len ({self.cfg.max_seq_len}): "
+                             f"sequence length {T} + start_pos {start_pos} must be <= {self.cfg.max_seq_len}")
+        if cache is None and start_pos != 0:
+            raise ValueError("start_pos > 0 needs a KV cache holding the earlier positions")
+        if cache is not None:
+            if B != cache.batch_size:
+                raise ValueError(f"batch size {B} does not match the cache's batch size {cache.batch_size}")
+            if start_pos + T > cache.max_len:
+                raise ValueError(f"sequence length {T} + start_pos {start_pos} exceeds the cache's max_len ({cache.max_len})")
+
+        x = self.tok_embeddings(idx)
+        cos = self.rope_cos[start_pos:start_pos + T]
+        sin = self.rope_sin[start_pos:start_pos + T]
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, cache, i, start_pos)
+        logits = self.output(self.norm(x))
+        loss = None
+        if targets is not None:
+            # float32 loss: bf16 log-softmax over a large vocab is noticeably off.
+            # (All targets == -100 gives nan, as F.cross_entropy does.)
+            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
+        return logits, loss
+
+    def num_params(self, exclude_embeddings: bool = False) -> int:
+        """Parameter count (tied weights counted once). exclude_embeddings drops the token
+        embedding and, when untied, the lm_head: the "non-embedding" count of scaling laws."""
+        n = sum(p.numel() for p in self.parameters())
+        if exclude_embeddings:
+            n -= self.tok_embeddings.weight.numel()
+            if not self.cfg.tie_embeddings:
+                n -= self.output.weight.numel()
+        return n
+
+    def flops_per_token(self, seq_len: int) -> int:
+        """Training FLOPs per token (forward + backward), PaLM appendix B / nanoGPT convention:
+
+            6 * N + 12 * n_layer * d_model * seq_len
+
+        N counts weights used in matmuls: everything except the embedding lookup (a gather, no
+        FLOPs) but including the lm_head even when it is tied to the embedding. The second term
+        is attention's QK^T and AV matmuls, 2 * 2 * d_model * seq_len per layer forward, x3 for
+        backward. Not halved for causality, matching the convention.
+        """
+        n = self.num_params()
+        if not self.cfg.tie_embeddings:
+            n -= self.tok_embeddings.weight.numel()
+        return 6 * n + 12 * self.cfg.n_layer * self.cfg.d_model * seq_len
+
+    def param_groups(self, weight_decay: float) -> list[dict]:
+        """Two optimizer groups with parameter names kept under "names": weight decay for
+        matmul weights (>= 2-D), none for norms, biases and the token embedding (which is
+        also the lm_head when tied). Extra keys are allowed in torch param groups."""
+        decay, no_decay = ([], []), ([], [])
+        for name, p in self.named_parameters():  # named_parameters yields a tied weight once
+            if not p.requires_grad:
+                continue
+            group = decay if p.dim() >= 2 and not name.startswith("tok_embeddings.") else no_decay
+            group[0].append(name)
+            group[1].append(p)
+        return [
+            {"params": decay[1], "names": decay[0], "weight_decay": weight_decay},
+            {"params": no_decay[1], "names": no_decay[0], "weight_decay": 0.0},
+        ]

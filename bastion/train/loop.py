@@ -1,0 +1,231 @@
+"""The training recipe, top to bottom: data -> model -> optimizer -> (resume) -> steps ->
+validation -> checkpoints. One loop serves every objective; `clm` is next-token loss."""
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+import yaml
+
+from bastion.checkpoint import Checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
+from bastion.checkpoint.atomic import make_private_dir, replace_file
+from bastion.config.load import to_yaml
+from bastion.config.schema import BastionConfig, ModelConfig
+from bastion.data.shards import TokenShards
+from bastion.errors import CheckpointError, ConfigError
+from bastion.model import Transformer
+from bastion.train.batches import BlockSampler
+from bastion.train.metrics import MetricsLogger
+from bastion.train.optim import build_optimizer, optimizer_from_tensors, optimizer_to_tensors
+from bastion.train.progress import TrainProgress
+from bastion.train.schedule import lr_at
+from bastion.train.signals import StopRequest
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    steps: int
+    tokens: int
+    final_train_loss: float | None
+    final_val_loss: float | None
+    checkpoint: Path | None
+    stopped_by: str | None = None
+    losses: list[float] = field(default_factory=list)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("train.device is 'cuda' but no CUDA device is available")
+    return torch.device(name)
+
+
+def use_bf16(dtype: str, device: torch.device) -> bool:
+    """bf16 autocast: on by default on CUDA GPUs that support it; opt-in elsewhere."""
+    if dtype == "bfloat16":
+        return True
+    if dtype == "auto":
+        return device.type == "cuda" and torch.cuda.is_bf16_supported()
+    return False
+
+
+def model_config_for_data(cfg: ModelConfig, vocab_size: int) -> ModelConfig:
+    if cfg.vocab_size is None:
+        return cfg.model_copy(update={"vocab_size": vocab_size})
+    if cfg.vocab_size < vocab_size:
+        raise ConfigError(f"model.vocab_size ({cfg.vocab_size}) is smaller than the tokenizer's vocabulary ({vocab_size})")
+    return cfg
+
+
+def train(
+    cfg: BastionConfig,
+    *,
+    resume: bool = False,
+    quiet: bool = False,
+    should_stop: Callable[[int], bool] | None = None,
+) -> TrainResult:
+    """Run (or resume) training as `cfg` says. `should_stop(step)` lets a caller end the run
+    early the way a signal does: finish the step, checkpoint, return."""
+    tc = cfg.train
+    if tc.threads:
+        torch.set_num_threads(tc.threads)
+    device = resolve_device(tc.device)
+    bf16 = use_bf16(tc.dtype, device)
+    run_dir = Path(tc.out_dir)
+    ckpt_root = run_dir / "checkpoints"
+    if list_checkpoints(ckpt_root) and not resume:
+        raise ConfigError(
+            f"{run_dir} already holds checkpoints; pass --resume to continue that run or choose another train.out_dir"
+        )
+
+    # Data.
+    data_dir = Path(tc.data_dir)
+    train_shards = TokenShards(data_dir, "train", verify=True)
+    val_shards = TokenShards(data_dir, "val", verify=True)
+    tokenizer_json = (data_dir / "tokenizer.json").read_text(encoding="utf-8")
+    sampler = BlockSampler(train_shards, tc.seq_len, tc.seed)
+    has_val = val_shards.num_tokens > tc.seq_len
+
+    # Model and optimizer.
+    model_cfg = model_config_for_data(cfg.model, train_shards.vocab_size)
+    cfg = cfg.model_copy(update={"model": model_cfg})
+    torch.manual_seed(tc.seed)
+    model = Transformer(model_cfg).to(device)
+    optimizer = build_optimizer(model, tc, device)
+    tokens_per_step = tc.batch_size * tc.grad_accum * tc.seq_len
+    total_steps = tc.max_steps or max(1, math.ceil(tc.epochs * sampler.n_blocks / (tc.batch_size * tc.grad_accum)))
+
+    step, tokens_seen, best_val = 0, 0, None
+    if resume:
+        step, tokens_seen, best_val = _restore(ckpt_root, cfg, model, optimizer, sampler)
+    make_private_dir(run_dir)
+    replace_file(run_dir / "config.yaml", to_yaml(cfg).encode())
+
+    forward = torch.compile(model) if tc.compile else model
+    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
+    metrics = MetricsLogger(run_dir, resume_step=step if resume else None)
+
+    def save(at_step: int) -> Path:
+        opt_tensors, opt_meta = optimizer_to_tensors(optimizer)
+        rng = {"torch_cpu": torch.get_rng_state()}
+        if device.type == "cuda":
+            rng["torch_cuda"] = torch.cuda.get_rng_state(device)
+        state = {
+            "step": at_step, "tokens_seen": tokens_seen, "best_val_loss": best_val,
+            "total_steps": total_steps, "sampler": sampler.state_dict(), "objective": tc.objective,
+        }
+        return save_checkpoint(
+            ckpt_root, at_step,
+            Checkpoint(model=model.state_dict(), trainer_state=state, config_yaml=to_yaml(cfg),
+                       tokenizer_json=tokenizer_json, optimizer=opt_tensors if cfg.checkpoint.save_optimizer else None,
+                       optimizer_meta=opt_meta, rng=rng),
+            keep_last=cfg.checkpoint.keep_last,
+        )
+
+    @torch.no_grad()
+    def evaluate() -> float:
+        model.eval()
+        val_sampler = BlockSampler(val_shards, tc.seq_len, seed=0, shuffle=False)
+        n = min(tc.eval_batches, math.ceil(val_sampler.n_blocks / tc.batch_size))
+        total = 0.0
+        for _ in range(n):
+            x, y = val_sampler.batch(tc.batch_size, device)
+            with autocast():
+                _, loss = forward(x, y)
+            total += loss.item()
+        model.train()
+        return total / n
+
+    losses: list[float] = []
+    last_loss = val_loss = None
+    last_ckpt: Path | None = None
+    stopped_by = None
+    model.train()
+    progress = TrainProgress(total_steps, start_step=step, quiet=quiet)
+    window_start, window_tokens = time.perf_counter(), 0
+    try:
+        with StopRequest() as stop, progress:
+            while step < total_steps:
+                lr = lr_at(step, lr=tc.lr, warmup_steps=tc.warmup_steps, total_steps=total_steps, min_lr_ratio=tc.min_lr_ratio)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                step_loss = torch.zeros((), device=device)
+                for _ in range(tc.grad_accum):
+                    x, y = sampler.batch(tc.batch_size, device)
+                    with autocast():
+                        _, loss = forward(x, y)
+                    (loss / tc.grad_accum).backward()
+                    step_loss += loss.detach() / tc.grad_accum
+                if tc.grad_clip:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                tokens_seen += tokens_per_step
+                window_tokens += tokens_per_step
+                last_loss = step_loss.item()
+                losses.append(last_loss)
+                if not math.isfinite(last_loss):
+                    raise FloatingPointError(f"training loss became {last_loss} at step {step}; lower train.lr or check the data")
+
+                if step % tc.log_every == 0 or step == total_steps:
+                    elapsed = time.perf_counter() - window_start
+                    tps = window_tokens / elapsed if elapsed > 0 else 0.0
+                    metrics.log("train", step, loss=last_loss, lr=lr, tokens=tokens_seen, tokens_per_s=tps,
+                                epoch=sampler.epochs_done)
+                    window_start, window_tokens = time.perf_counter(), 0
+                    progress.update(step, loss=last_loss, lr=lr, tokens_per_s=tps)
+                else:
+                    progress.update(step)
+                if has_val and (step % tc.eval_every == 0 or step == total_steps):
+                    val_loss = evaluate()
+                    best_val = val_loss if best_val is None else min(best_val, val_loss)
+                    metrics.log("val", step, loss=val_loss)
+                    progress.note(f"step {step}: val loss {val_loss:.4f}")
+                if stop.requested is None and should_stop is not None and should_stop(step):
+                    stop.requested = "callback"
+                if step % cfg.checkpoint.every_steps == 0 or step == total_steps or stop.requested:
+                    last_ckpt = save(step)
+                if stop.requested:
+                    stopped_by = stop.requested
+                    progress.note(f"{stopped_by}: saved {last_ckpt} at step {step}; continue with --resume")
+                    break
+    finally:
+        metrics.close()
+    return TrainResult(run_dir, step, tokens_seen, last_loss, val_loss, last_ckpt, stopped_by, losses)
+
+
+def _restore(ckpt_root: Path, cfg: BastionConfig, model: Transformer, optimizer: torch.optim.Optimizer,
+             sampler: BlockSampler) -> tuple[int, int, float | None]:
+    if not list_checkpoints(ckpt_root):
+        raise CheckpointError(f"--resume: no checkpoint under {ckpt_root}")
+    ckpt = load_checkpoint(ckpt_root, verify=True)
+    saved_model = yaml.safe_load(ckpt.config_yaml).get("model", {})
+    current = cfg.model.model_dump(mode="json")
+    changed = sorted(k for k in current if saved_model.get(k) != current[k])
+    if changed:
+        raise CheckpointError(f"--resume: model config differs from the checkpoint in {', '.join('model.' + k for k in changed)}")
+    missing, unexpected = model.load_state_dict(ckpt.model, strict=False)
+    if missing or unexpected:
+        raise CheckpointError(f"{ckpt.directory}: weights do not fit the model (missing {missing}, unexpected {unexpected})")
+    if ckpt.optimizer is None:
+        raise CheckpointError(f"{ckpt.directory}: has no optimizer state; exact resume needs checkpoint.save_optimizer")
+    optimizer_from_tensors(optimizer, ckpt.optimizer, ckpt.optimizer_meta)
+    sampler.load_state_dict(ckpt.trainer_state["sampler"])
+    if "torch_cpu" in ckpt.rng:
+        torch.set_rng_state(ckpt.rng["torch_cpu"])
+    if "torch_cuda" in ckpt.rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state(ckpt.rng["torch_cuda"])
+    state = ckpt.trainer_state
+    return int(state["step"]), int(state["tokens_seen"]), state.get("best_val_loss")

@@ -1,0 +1,87 @@
+"""Training metrics: one JSON object per line in metrics.jsonl, mirrored to TensorBoard."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+METRICS_FILE = "metrics.jsonl"
+
+
+class MetricsLogger:
+    def __init__(self, run_dir: Path, resume_step: int | None = None, tensorboard: bool = True):
+        self.path = run_dir / METRICS_FILE
+        if resume_step is not None:
+            truncate_after(self.path, resume_step)
+        elif self.path.exists():
+            self.path.unlink()
+        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        self._file = os.fdopen(fd, "a", encoding="utf-8")
+        self._writer = None
+        if tensorboard:
+            from tensorboardX import SummaryWriter
+
+            self._writer = SummaryWriter(logdir=str(run_dir / "tb"), purge_step=resume_step + 1 if resume_step else None)
+
+    def log(self, kind: str, step: int, **values: float) -> None:
+        record = {"kind": kind, "step": step, **values}
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+        if self._writer is not None:
+            for name, value in values.items():
+                self._writer.add_scalar(f"{kind}/{name}", value, step)
+
+    def close(self) -> None:
+        self._file.close()
+        if self._writer is not None:
+            self._writer.close()
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    records = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue  # a line cut short by a crash
+    return records
+
+
+def truncate_after(path: Path, step: int) -> None:
+    """Drop records logged after `step`: a resumed run re-does those steps."""
+    kept = [r for r in read_metrics(path) if r.get("step", 0) <= step]
+    path.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
+
+
+def plot_run(run_dir: str | Path, output: str | Path | None = None) -> Path:
+    """Write a PNG loss curve (train and validation loss against step) for a run directory."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from bastion.errors import BastionError
+
+    run_dir = Path(run_dir)
+    records = read_metrics(run_dir / METRICS_FILE)
+    if not records:
+        raise BastionError(f"{run_dir / METRICS_FILE}: no metrics to plot (is this a training run directory?)")
+    output = Path(output) if output else run_dir / "loss.png"
+    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=110)
+    for kind, style in (("train", "-"), ("val", "o-")):
+        points = [(r["step"], r["loss"]) for r in records if r.get("kind") == kind and "loss" in r]
+        if points:
+            steps, losses = zip(*points)
+            ax.plot(steps, losses, style, label=f"{kind} loss", markersize=3)
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy (nats/token)")
+    ax.set_title(f"Bastion run: {run_dir.name}")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(output)
+    plt.close(fig)
+    return output

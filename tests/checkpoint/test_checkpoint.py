@@ -1,0 +1,151 @@
+import json
+import os
+import pickle
+import stat
+
+import pytest
+import torch
+
+from bastion.checkpoint import Checkpoint, list_checkpoints, load_checkpoint, prune, resolve_checkpoint, save_checkpoint
+from bastion.errors import CheckpointError
+
+
+def make_ckpt(value: float = 1.0) -> Checkpoint:
+    shared = torch.full((4, 3), value)
+    return Checkpoint(
+        model={"emb.weight": shared, "out.weight": shared, "norm.weight": torch.arange(3.0)},
+        trainer_state={"step": 1, "sampler": {"epoch": 0, "position": 2}},
+        config_yaml="model:\n  n_layer: 1\n",
+        tokenizer_json='{"model": {}}',
+        optimizer={"state.0.exp_avg": torch.zeros(4, 3), "state.0.step": torch.tensor(3.0)},
+        optimizer_meta={"param_groups": "[]", "class": "AdamW"},
+        rng={"torch_cpu": torch.get_rng_state()},
+    )
+
+
+def test_round_trip_restores_tensors_aliases_and_state(tmp_path):
+    path = save_checkpoint(tmp_path, 7, make_ckpt(2.0))
+    assert path.name == "step_00000007"
+    loaded = load_checkpoint(tmp_path)
+    assert loaded.directory == path
+    assert torch.equal(loaded.model["emb.weight"], torch.full((4, 3), 2.0))
+    # tied weights are stored once and come back as one tensor
+    assert loaded.model["out.weight"].data_ptr() == loaded.model["emb.weight"].data_ptr()
+    assert loaded.trainer_state["sampler"]["position"] == 2
+    assert loaded.optimizer_meta == {"param_groups": "[]", "class": "AdamW"}
+    assert torch.equal(loaded.rng["torch_cpu"], torch.get_rng_state())
+    assert b"pickle" not in (path / "model.safetensors").read_bytes()[:200]
+
+
+def test_owner_only_permissions(tmp_path):
+    path = save_checkpoint(tmp_path / "ck", 1, make_ckpt())
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o700
+    assert stat.S_IMODE(os.stat(tmp_path / "ck").st_mode) == 0o700
+    for child in path.iterdir():
+        assert stat.S_IMODE(os.stat(child).st_mode) == 0o600, child
+
+
+def test_latest_pointer_and_retention(tmp_path):
+    for step in (1, 2, 3, 4):
+        save_checkpoint(tmp_path, step, make_ckpt(step), keep_last=2)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_00000003", "step_00000004"]
+    assert resolve_checkpoint(tmp_path).name == "step_00000004"
+    assert load_checkpoint(tmp_path).model["norm.weight"].tolist() == [0.0, 1.0, 2.0]
+    # a crashed save leaves only a hidden temp dir, which is never a checkpoint and is cleaned
+    (tmp_path / ".tmp-step_00000005-999").mkdir()
+    assert [p.name for p in list_checkpoints(tmp_path)][-1] == "step_00000004"
+    prune(tmp_path, keep_last=2)
+    assert not (tmp_path / ".tmp-step_00000005-999").exists()
+
+
+def test_resaving_same_step_replaces_atomically(tmp_path):
+    save_checkpoint(tmp_path, 5, make_ckpt(1.0))
+    save_checkpoint(tmp_path, 5, make_ckpt(9.0))
+    assert load_checkpoint(tmp_path).model["emb.weight"][0, 0].item() == 9.0
+    assert len(list(tmp_path.iterdir())) == 2  # step dir + latest
+
+
+def tamper(path, name, data: bytes):
+    os.chmod(path / name, 0o600)
+    (path / name).write_bytes(data)
+
+
+@pytest.mark.parametrize(
+    "attack, message",
+    [
+        ("flip_byte", "SHA-256 does not match"),
+        ("truncate", "size"),
+        ("extra_file", "not listed"),
+        ("missing_file", "missing"),
+        ("symlink", "symbolic links"),
+        ("pickle_file", "pickle"),
+        ("manifest_edited_to_match", "SHA-256 does not match"),
+        ("no_manifest", "no MANIFEST.json"),
+        ("manifest_path_escape", "unsafe file"),
+    ],
+)
+def test_tampered_checkpoints_are_refused(tmp_path, attack, message):
+    path = save_checkpoint(tmp_path / "ck", 1, make_ckpt())
+    weights = path / "model.safetensors"
+    manifest = json.loads((path / "MANIFEST.json").read_text())
+    if attack == "flip_byte":
+        data = bytearray(weights.read_bytes())
+        data[-1] ^= 0x01
+        tamper(path, "model.safetensors", bytes(data))
+    elif attack == "truncate":
+        tamper(path, "model.safetensors", weights.read_bytes()[:-4])
+    elif attack == "extra_file":
+        (path / "notes.txt").write_text("hi")
+    elif attack == "missing_file":
+        (path / "tokenizer.json").unlink()
+    elif attack == "symlink":
+        outside = tmp_path / "outside.txt"
+        outside.write_text("secret")
+        (path / "evil.json").symlink_to(outside)
+    elif attack == "pickle_file":
+        (path / "extra.pt").write_bytes(pickle.dumps({"a": 1}))
+    elif attack == "manifest_edited_to_match":
+        # attacker rewrites the weights and fixes the size, but not every hash
+        data = bytearray(weights.read_bytes())
+        data[-1] ^= 0x01
+        tamper(path, "model.safetensors", bytes(data))
+        manifest["files"]["model.safetensors"]["size"] = len(data)
+        tamper(path, "MANIFEST.json", json.dumps(manifest).encode())
+    elif attack == "no_manifest":
+        (path / "MANIFEST.json").unlink()
+    elif attack == "manifest_path_escape":
+        manifest["files"]["../../etc/passwd"] = {"size": 1, "sha256": "0" * 64}
+        tamper(path, "MANIFEST.json", json.dumps(manifest).encode())
+    with pytest.raises(CheckpointError, match=message):
+        load_checkpoint(path)
+
+
+def test_pickle_checkpoint_refused_without_unpickling(tmp_path):
+    sentinel = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (open, (str(sentinel), "w"))
+
+    bad = tmp_path / "model.pt"
+    bad.write_bytes(pickle.dumps(Evil()))
+    with pytest.raises(CheckpointError, match="pickle"):
+        load_checkpoint(bad)
+    assert not sentinel.exists()
+
+
+def test_no_verify_skips_hash_check_only_when_asked(tmp_path):
+    path = save_checkpoint(tmp_path, 1, make_ckpt())
+    data = bytearray((path / "tokenizer.json").read_bytes())
+    data[2:3] = b"M"
+    tamper(path, "tokenizer.json", bytes(data))
+    with pytest.raises(CheckpointError):
+        load_checkpoint(path)
+    assert load_checkpoint(path, verify=False).tokenizer_json.startswith('{"M')
+
+
+def test_missing_checkpoint_is_clear(tmp_path):
+    with pytest.raises(CheckpointError, match="not found"):
+        load_checkpoint(tmp_path / "nope")
+    with pytest.raises(CheckpointError, match="latest"):
+        load_checkpoint(tmp_path)

@@ -1,0 +1,158 @@
+"""Finding files and reading documents: formats, limits, and error messages."""
+from __future__ import annotations
+
+import json
+import unicodedata
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from bastion.config.schema import DataConfig
+from bastion.data.sources import iter_documents, resolve_sources
+from bastion.errors import DataError
+
+
+def docs(tmp_path: Path, *sources: str, **kw) -> list[str]:
+    cfg = DataConfig(sources=list(sources), output_dir=str(tmp_path / "out"), **kw)
+    return [d.text for d in iter_documents(cfg)]
+
+
+def test_resolve_files_folders_globs_sorted(tmp_path: Path) -> None:
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "deep").mkdir()
+    for rel in ["a.txt", "b/x.md", "b/deep/y.jsonl", "b/skip.csv", "b/.hidden.txt", "c.parquet"]:
+        (tmp_path / rel).write_text("")
+    got = resolve_sources([str(tmp_path / "b"), str(tmp_path / "*.txt"), str(tmp_path / "a.txt")])
+    assert got == sorted(got)
+    assert [p.name for p in got] == ["a.txt", "y.jsonl", "x.md"]  # sorted by full path, deduplicated
+    assert [p.name for p in resolve_sources([str(tmp_path / "**" / "*.parquet")])] == ["c.parquet"]
+
+
+def test_glob_matching_nothing_names_pattern(tmp_path: Path) -> None:
+    pattern = str(tmp_path / "*.jsonl")
+    with pytest.raises(DataError, match="matched no"):
+        resolve_sources([pattern])
+    with pytest.raises(DataError, match="not found: .*missing.txt"):
+        resolve_sources([str(tmp_path / "missing.txt")])
+    with pytest.raises(DataError, match="empty"):
+        resolve_sources([])
+
+
+def test_unsupported_explicit_file(tmp_path: Path) -> None:
+    (tmp_path / "data.csv").write_text("a,b")
+    with pytest.raises(DataError, match="unsupported file type: .*data.csv"):
+        resolve_sources([str(tmp_path / "data.csv")])
+
+
+def test_empty_file_is_zero_documents(tmp_path: Path) -> None:
+    (tmp_path / "empty.txt").write_bytes(b"")
+    (tmp_path / "empty.jsonl").write_bytes(b"\n\n")
+    assert docs(tmp_path, str(tmp_path)) == []
+
+
+def test_invalid_utf8_names_file(tmp_path: Path) -> None:
+    (tmp_path / "blob.txt").write_bytes(b"ok\xff\xfe\x00binary")
+    with pytest.raises(DataError, match=r"blob\.txt.*not valid UTF-8"):
+        docs(tmp_path, str(tmp_path / "blob.txt"))
+
+
+def test_nul_bytes_rejected(tmp_path: Path) -> None:
+    (tmp_path / "nul.md").write_bytes(b"text\x00\x00\x00")
+    with pytest.raises(DataError, match=r"nul\.md.*NUL"):
+        docs(tmp_path, str(tmp_path / "nul.md"))
+
+
+def test_oversized_file_names_file_and_limit(tmp_path: Path) -> None:
+    (tmp_path / "ok.txt").write_text("x" * 10)
+    (tmp_path / "big.txt").write_text("x" * 101)
+    with pytest.raises(DataError, match=r"big\.txt is 101 bytes, over data\.max_file_bytes = 100"):
+        docs(tmp_path, str(tmp_path), max_file_bytes=100)
+
+
+def test_total_limit(tmp_path: Path) -> None:
+    for i in range(3):
+        (tmp_path / f"{i}.txt").write_text("x" * 40)
+    with pytest.raises(DataError, match=r"max_total_bytes = 100.*2\.txt"):
+        docs(tmp_path, str(tmp_path), max_total_bytes=100)
+
+
+def test_nfc_normalisation_and_bom(tmp_path: Path) -> None:
+    (tmp_path / "a.txt").write_bytes("\ufeffcafe\u0301".encode())
+    assert docs(tmp_path, str(tmp_path / "a.txt")) == [unicodedata.normalize("NFC", "cafe\u0301")]
+
+
+def test_jsonl_field_and_errors(tmp_path: Path) -> None:
+    good = tmp_path / "good.jsonl"
+    good.write_text('{"body": "one"}\n\n{"body": "two", "x": 1}\n')
+    assert docs(tmp_path, str(good), text_field="body") == ["one", "two"]
+
+    missing = tmp_path / "missing.jsonl"
+    missing.write_text('{"text": "a"}\n{"other": "b"}\n')
+    with pytest.raises(DataError, match=r"missing\.jsonl:2: missing text field 'text'"):
+        docs(tmp_path, str(missing))
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "a"}\n{"text": "b"}\n{not json}\n')
+    with pytest.raises(DataError, match=r"bad\.jsonl:3: invalid JSON"):
+        docs(tmp_path, str(bad))
+
+    for i, line in enumerate(['["a list"]', '{"text": 5}', '{"text": null}']):
+        path = tmp_path / f"shape{i}.jsonl"
+        path.write_text(line + "\n")
+        with pytest.raises(DataError, match=rf"shape{i}\.jsonl:1"):
+            docs(tmp_path, str(path))
+
+    utf = tmp_path / "utf.jsonl"
+    utf.write_bytes(b'{"text": "a"}\n{"text": "\xff"}\n')
+    with pytest.raises(DataError, match=r"utf\.jsonl:2: not valid UTF-8"):
+        docs(tmp_path, str(utf))
+
+
+def test_jsonl_deep_nesting_is_a_data_error(tmp_path: Path) -> None:
+    path = tmp_path / "deep.jsonl"
+    path.write_text("[" * 100_000 + "]" * 100_000 + "\n")
+    with pytest.raises(DataError, match=r"deep\.jsonl:1"):
+        docs(tmp_path, str(path))
+
+
+def test_parquet_batches_and_errors(tmp_path: Path) -> None:
+    path = tmp_path / "t.parquet"
+    texts = [f"row {i}" for i in range(2500)]
+    pq.write_table(pa.table({"text": texts, "n": list(range(2500))}), path, row_group_size=700)
+    assert docs(tmp_path, str(path)) == texts
+
+    with pytest.raises(DataError, match=r"t\.parquet: no column 'body'"):
+        docs(tmp_path, str(path), text_field="body")
+
+    ints = tmp_path / "ints.parquet"
+    pq.write_table(pa.table({"text": [1, 2]}), ints)
+    with pytest.raises(DataError, match=r"ints\.parquet: column 'text' has type int64"):
+        docs(tmp_path, str(ints))
+
+    nulls = tmp_path / "nulls.parquet"
+    pq.write_table(pa.table({"text": ["a", None]}), nulls)
+    with pytest.raises(DataError, match=r"nulls\.parquet:row 1"):
+        docs(tmp_path, str(nulls))
+
+    junk = tmp_path / "junk.parquet"
+    junk.write_bytes(b"not parquet at all")
+    with pytest.raises(DataError, match=r"junk\.parquet"):
+        docs(tmp_path, str(junk))
+
+
+def test_parquet_decompression_bomb_bounded(tmp_path: Path) -> None:
+    path = tmp_path / "bomb.parquet"
+    pq.write_table(pa.table({"text": ["a" * 100_000] * 20}), path, compression="zstd")
+    assert path.stat().st_size < 50_000
+    with pytest.raises(DataError, match=r"bomb\.parquet: decoded text exceeds"):
+        docs(tmp_path, str(path), max_file_bytes=50_000)
+
+
+def test_mixed_formats_in_one_directory(tmp_path: Path) -> None:
+    (tmp_path / "a.txt").write_text("from txt")
+    (tmp_path / "b.md").write_text("# from md")
+    (tmp_path / "c.jsonl").write_text(json.dumps({"text": "from jsonl"}) + "\n")
+    pq.write_table(pa.table({"text": ["from parquet"]}), tmp_path / "d.parquet")
+    assert docs(tmp_path, str(tmp_path)) == ["from txt", "# from md", "from jsonl", "from parquet"]

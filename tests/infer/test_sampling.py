@@ -1,0 +1,71 @@
+import math
+
+import pytest
+import torch
+
+from bastion.infer import sample_next
+
+PROBS = [0.5, 0.3, 0.15, 0.05]
+
+
+def draws(probs, n=4000, seed=0, **kw) -> torch.Tensor:
+    logits = torch.tensor(probs).log().expand(n, -1)  # one row per draw
+    kw = {"temperature": 1.0, "top_k": None, "top_p": 1.0, **kw}
+    return sample_next(logits, generator=torch.Generator().manual_seed(seed), **kw)
+
+
+def test_greedy_is_argmax():
+    logits = torch.randn(5, 50, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(sample_next(logits, 0.0, None, 1.0), logits.argmax(-1))
+    assert torch.equal(sample_next(logits, 0.0, 3, 0.5), logits.argmax(-1))  # filters irrelevant when greedy
+
+
+def test_top_k_one_is_greedy():
+    logits = torch.randn(8, 50, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(sample_next(logits, 1.5, 1, 1.0, torch.Generator().manual_seed(2)), logits.argmax(-1))
+
+
+def test_top_k_keeps_only_k_most_likely():
+    out = draws(PROBS, top_k=2)
+    assert set(out.tolist()) == {0, 1}
+    assert (out == 0).float().mean().item() == pytest.approx(0.5 / 0.8, abs=0.03)
+
+
+@pytest.mark.parametrize("top_p, nucleus", [(0.3, {0}), (0.75, {0, 1}), (0.85, {0, 1, 2}), (1.0, {0, 1, 2, 3})])
+def test_top_p_keeps_the_nucleus(top_p, nucleus):
+    # Smallest set of most likely tokens whose probability reaches top_p.
+    out = draws(PROBS, top_p=top_p, n=8000)
+    assert set(out.tolist()) == nucleus
+    mass = sum(PROBS[i] for i in nucleus)
+    for i in nucleus:
+        assert (out == i).float().mean().item() == pytest.approx(PROBS[i] / mass, abs=0.03)
+
+
+def test_top_p_works_on_unsorted_logits():
+    probs = [0.05, 0.15, 0.5, 0.3]
+    assert set(draws(probs, top_p=0.75).tolist()) == {2, 3}
+
+
+def test_top_k_then_top_p():
+    # top_k=3 renormalises to [.526, .316, .158]; top_p=0.8 then keeps tokens 0 and 1.
+    assert set(draws(PROBS, top_k=3, top_p=0.8).tolist()) == {0, 1}
+
+
+def test_temperature_sharpens_and_flattens():
+    cold = draws(PROBS, temperature=0.25)
+    hot = draws(PROBS, temperature=4.0)
+    assert (cold == 0).float().mean() > 0.85
+    assert (hot == 3).float().mean() > 0.15
+
+
+def test_seeded_generator_reproducible():
+    assert torch.equal(draws(PROBS, seed=5), draws(PROBS, seed=5))
+    assert not torch.equal(draws(PROBS, seed=5), draws(PROBS, seed=6))
+
+
+@pytest.mark.parametrize("kw", [dict(temperature=-1.0), dict(temperature=math.nan), dict(top_k=0),
+                                dict(top_p=0.0), dict(top_p=1.5)])
+def test_invalid_arguments(kw):
+    args = {"temperature": 1.0, "top_k": None, "top_p": 1.0, **kw}
+    with pytest.raises(ValueError):
+        sample_next(torch.zeros(1, 4), **args)

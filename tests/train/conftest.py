@@ -1,0 +1,25 @@
+import pytest
+
+from bastion.config import build_config
+from bastion.data import prepare_dataset
+from bastion.data.synthetic import arithmetic_documents, write_corpus
+
+
+@pytest.fixture(scope="session")
+def arithmetic_data(tmp_path_factory):
+    """A prepared arithmetic dataset (~100k tokens) shared by the training tests."""
+    root = tmp_path_factory.mktemp("arith")
+    write_corpus(root / "src", arithmetic_documents(1500, seed=0, max_operand=20), name="arith")
+    cfg = build_config({"data": {"sources": [str(root / "src")], "output_dir": str(root / "data"),
+                                 "val_fraction": 0.1, "tokenizer": {"vocab_size": 300}}})
+    prepare_dataset(cfg.data)
+    return root / "data"
+
+
+def tiny_config(data_dir, out_dir, **train):
+    settings = {"data_dir": str(data_dir), "out_dir": str(out_dir), "seq_len": 64, "batch_size": 8,
+                "max_steps": 40, "lr": 3e-3, "warmup_steps": 5, "eval_every": 20, "eval_batches": 2,
+                "log_every": 1, "seed": 7, "threads": 1}
+    settings.update(train)
+    return build_config({"model": {"preset": "tiny", "dropout": 0.1}, "train": settings,
+                         "checkpoint": {"every_steps": 15, "keep_last": 2}})

@@ -109,7 +109,8 @@ def data_prepare(
 def print_report(report) -> None:
     table = Table(title="data report", show_header=False)
     for key, value in _report_items(report):
-        table.add_row(key, f"{value:,}" if isinstance(value, int) else str(value))
+        shown = f"{value:,}" if isinstance(value, int) and not isinstance(value, bool) else str(value)
+        table.add_row(key, shown)
     out.print(table)
 
 

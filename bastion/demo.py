@@ -21,7 +21,7 @@ from bastion.train.metrics import plot_run
 # Top-level modules plus a few packages: about 6.5 MB of real Python, ~2M tokens.
 STDLIB_PARTS = ["*.py", "asyncio/*.py", "email/*.py", "http/*.py", "json/*.py", "logging/*.py",
                 "collections/*.py", "concurrent/futures/*.py", "urllib/*.py", "importlib/*.py"]
-PROMPTS = ["def ", "import os\n", "class Stack:\n    def __init__(self", "    for i in range("]
+PROMPTS = ["def fibonacci(n):\n", "import os\n", "class Stack:\n    def __init__(self", "    for i in range("]
 
 
 def demo_config(out_dir: Path, steps: int):
@@ -32,6 +32,7 @@ def demo_config(out_dir: Path, steps: int):
         "model": {"preset": "mini"},
         "data": {
             "sources": [str(stdlib / part) for part in STDLIB_PARTS],
+            "text_suffixes": [".py"],
             "output_dir": str(out_dir / "data"),
             "val_fraction": 0.05,
             "tokenizer": {"vocab_size": 4096},
@@ -81,5 +82,5 @@ def run_demo(out_dir: Path, steps: int = 600, quiet: bool = False, console: Cons
                   if val is not None else "model validation loss : n/a")
     console.print(f"loss curve            : {plot}")
     console.print(f"checkpoint            : {result.checkpoint}")
-    console.print(f"try: bastion generate --checkpoint {result.checkpoint} --prompt 'def '")
+    console.print(f"try: bastion generate --checkpoint {result.checkpoint} --prompt 'def main():'")
     return {"baseline": baseline, "val_loss": val, "checkpoint": result.checkpoint, "plot": plot}

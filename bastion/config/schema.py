@@ -6,6 +6,7 @@ fails at load time with the field's path instead of hours into a run.
 from __future__ import annotations
 
 import math
+import re
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
@@ -76,6 +77,10 @@ class DataConfig(Section):
     sources: list[str] = Field(default_factory=list, description="files, folders or glob patterns")
     output_dir: str = "data/prepared"
     text_field: str = Field(default="text", min_length=1, max_length=128)
+    text_suffixes: list[str] = Field(
+        default_factory=lambda: [".txt", ".md"], max_length=64,
+        description="file suffixes read as plain text, one document per file (e.g. add .py for code)",
+    )
     max_file_bytes: int = Field(default=256 * 2**20, ge=1, le=64 * 2**30)
     max_total_bytes: int = Field(default=64 * 2**30, ge=1, le=16 * 2**40)
     val_fraction: float = Field(default=0.05, ge=0.0, le=0.5)
@@ -84,6 +89,18 @@ class DataConfig(Section):
     min_document_chars: int = Field(default=1, ge=0, le=10_000_000)
     seed: int = Field(default=1234, ge=0, le=2**31 - 1)
     tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
+
+
+    @field_validator("text_suffixes")
+    @classmethod
+    def _suffixes(cls, value: list[str]) -> list[str]:
+        value = [s.lower() for s in value]
+        for suffix in value:
+            if not re.fullmatch(r"\.[a-z0-9_]{1,16}", suffix):
+                raise ValueError(f"{suffix!r} is not a file suffix like '.txt'")
+            if suffix in (".jsonl", ".parquet"):
+                raise ValueError(f"{suffix} files hold records, not plain text; they are always read as records")
+        return value
 
 
 class TrainConfig(Section):

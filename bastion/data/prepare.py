@@ -152,7 +152,7 @@ def prepare_dataset(cfg: DataConfig, on_progress: Progress | None = None) -> Pre
     progress = on_progress or (lambda stage, n: None)
     out = Path(cfg.output_dir).expanduser().absolute()
     _check_output_dir(out)
-    files = resolve_sources(cfg.sources)
+    files = resolve_sources(cfg.sources, cfg.text_suffixes)
     input_bytes = check_sizes(files, cfg.max_file_bytes, cfg.max_total_bytes)
 
     # ---- pass 1: scan (+ train tokenizer) ---------------------------------------------

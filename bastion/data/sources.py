@@ -1,6 +1,7 @@
 """Find input files and stream NFC-normalised documents out of them, within size limits.
 
-Formats: `.txt` / `.md` (the whole file is one document), `.jsonl` (one JSON object per line,
+Formats: `.txt` / `.md` and any suffix listed in `DataConfig.text_suffixes` (e.g. `.py`;
+the whole file is one document), `.jsonl` (one JSON object per line,
 text under `DataConfig.text_field`), `.parquet` (a string column named `text_field`, read one
 record batch at a time). Every error names the file, and the line or row where there is one.
 """
@@ -18,7 +19,8 @@ from bastion.config.schema import DataConfig
 from bastion.errors import DataError
 
 TEXT_SUFFIXES = (".txt", ".md")
-SUFFIXES = (*TEXT_SUFFIXES, ".jsonl", ".parquet")
+RECORD_SUFFIXES = (".jsonl", ".parquet")
+SUFFIXES = (*TEXT_SUFFIXES, *RECORD_SUFFIXES)
 PARQUET_BATCH_ROWS = 1024  # rows per decoded batch: bounds memory independent of file size
 
 
@@ -32,45 +34,46 @@ def _is_glob(pattern: str) -> bool:
     return any(c in pattern for c in "*?[")
 
 
-def _walk(folder: Path) -> Iterator[Path]:
+def _walk(folder: Path, suffixes: tuple[str, ...] = SUFFIXES) -> Iterator[Path]:
     """Supported files under `folder`, skipping hidden entries and not following dir symlinks
     (a link could lead outside the folder, or loop)."""
     for root, dirs, files in os.walk(folder, followlinks=False):
         dirs[:] = [d for d in dirs if not d.startswith(".")]
         for name in files:
-            if not name.startswith(".") and name.lower().endswith(SUFFIXES):
+            if not name.startswith(".") and name.lower().endswith(suffixes):
                 yield Path(root, name)
 
 
-def resolve_sources(patterns: list[str]) -> list[Path]:
+def resolve_sources(patterns: list[str], text_suffixes: tuple[str, ...] | list[str] = TEXT_SUFFIXES) -> list[Path]:
     """Expand files, folders (recursively) and glob patterns into a sorted, de-duplicated list.
 
     A pattern that yields no supported file is an error, as is a file named explicitly with
     an unsupported extension: silently training on nothing is worse than failing.
     """
+    suffixes = (*text_suffixes, *RECORD_SUFFIXES)
     if not patterns:
         raise DataError("data.sources is empty: list at least one file, folder or glob pattern")
     found: set[Path] = set()
     for pattern in patterns:
         path = Path(pattern).expanduser()
         if path.is_file():
-            if not path.name.lower().endswith(SUFFIXES):
-                raise DataError(f"unsupported file type: {path} (expected one of {', '.join(SUFFIXES)})")
+            if not path.name.lower().endswith(suffixes):
+                raise DataError(f"unsupported file type: {path} (expected one of {', '.join(suffixes)})")
             matches = [path]
         elif path.is_dir():
-            matches = list(_walk(path))
+            matches = list(_walk(path, suffixes))
         elif _is_glob(pattern):
             matches = []
             for hit in glob.glob(os.path.expanduser(pattern), recursive=True):
                 p = Path(hit)
                 if p.is_dir():
-                    matches.extend(_walk(p))
-                elif p.is_file() and p.name.lower().endswith(SUFFIXES):
+                    matches.extend(_walk(p, suffixes))
+                elif p.is_file() and p.name.lower().endswith(suffixes):
                     matches.append(p)
         else:
             raise DataError(f"data source not found: {pattern}")
         if not matches:
-            raise DataError(f"data source {pattern!r} matched no {'/'.join(SUFFIXES)} files")
+            raise DataError(f"data source {pattern!r} matched no {'/'.join(suffixes)} files")
         found.update(p.resolve() for p in matches)
     return sorted(found)
 
@@ -183,7 +186,7 @@ def _read_parquet(path: Path, limit: int, field: str) -> Iterator[Document]:
 def read_file(path: Path, cfg: DataConfig) -> Iterator[Document]:
     """Documents of one file, in file order."""
     suffix = path.suffix.lower()
-    if suffix in TEXT_SUFFIXES:
+    if suffix in cfg.text_suffixes:
         return _read_text(path, cfg.max_file_bytes)
     if suffix == ".jsonl":
         return _read_jsonl(path, cfg.max_file_bytes, cfg.text_field)
@@ -198,7 +201,7 @@ def iter_documents(cfg: DataConfig, files: list[Path] | None = None) -> Iterator
     Size limits are checked for all files before the first document is produced.
     """
     if files is None:
-        files = resolve_sources(cfg.sources)
+        files = resolve_sources(cfg.sources, cfg.text_suffixes)
     check_sizes(files, cfg.max_file_bytes, cfg.max_total_bytes)
     for path in files:
         yield from read_file(path, cfg)

@@ -156,3 +156,25 @@ def test_mixed_formats_in_one_directory(tmp_path: Path) -> None:
     (tmp_path / "c.jsonl").write_text(json.dumps({"text": "from jsonl"}) + "\n")
     pq.write_table(pa.table({"text": ["from parquet"]}), tmp_path / "d.parquet")
     assert docs(tmp_path, str(tmp_path)) == ["from txt", "# from md", "from jsonl", "from parquet"]
+
+
+def test_text_suffixes_read_code_files_as_text(tmp_path):
+    from bastion.config.schema import DataConfig
+
+    (tmp_path / "a.py").write_text("def f():\n    return 1\n")
+    (tmp_path / "b.txt").write_text("plain")
+    with pytest.raises(DataError, match="matched no"):
+        resolve_sources([str(tmp_path / "*.py")])
+    cfg = DataConfig(sources=[str(tmp_path)], text_suffixes=[".py"])
+    docs = list(iter_documents(cfg))
+    assert [d.text for d in docs] == ["def f():\n    return 1\n"]
+
+
+@pytest.mark.parametrize("bad", ["py", ".jsonl", "../x", ".a/b"])
+def test_text_suffixes_validated(bad):
+    from pydantic import ValidationError
+
+    from bastion.config.schema import DataConfig
+
+    with pytest.raises(ValidationError):
+        DataConfig(text_suffixes=[bad])

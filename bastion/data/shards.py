@@ -150,6 +150,21 @@ def read_index(data_dir: str | os.PathLike[str]) -> dict[str, Any]:
     return index
 
 
+def read_tokenizer_json(data_dir: str | os.PathLike[str], max_bytes: int = 64 * 2**20) -> str:
+    """The dataset's tokenizer.json text, checked against the SHA-256 in index.json."""
+    index = read_index(data_dir)
+    path = Path(data_dir) / "tokenizer.json"
+    if not path.is_file() or path.is_symlink():
+        raise DataError(f"{path} not found (or not a regular file)")
+    if path.stat().st_size > max_bytes:
+        raise DataError(f"{path} is larger than {max_bytes} bytes")
+    data = path.read_bytes()
+    expected = index.get("tokenizer_sha256")
+    if expected is not None and hashlib.sha256(data).hexdigest() != expected:
+        raise DataError(f"{path} failed its SHA-256 check against index.json (corrupt or tampered)")
+    return data.decode("utf-8")
+
+
 def _is_int(x: Any) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 

@@ -16,7 +16,7 @@ from bastion.checkpoint import Checkpoint, list_checkpoints, load_checkpoint, sa
 from bastion.checkpoint.atomic import make_private_dir, replace_file
 from bastion.config.load import to_yaml
 from bastion.config.schema import BastionConfig, ModelConfig
-from bastion.data.shards import TokenShards
+from bastion.data.shards import TokenShards, read_tokenizer_json
 from bastion.errors import CheckpointError, ConfigError
 from bastion.model import Transformer
 from bastion.train.batches import BlockSampler
@@ -93,7 +93,7 @@ def train(
     data_dir = Path(tc.data_dir)
     train_shards = TokenShards(data_dir, "train", verify=True)
     val_shards = TokenShards(data_dir, "val", verify=True)
-    tokenizer_json = (data_dir / "tokenizer.json").read_text(encoding="utf-8")
+    tokenizer_json = read_tokenizer_json(data_dir)
     sampler = BlockSampler(train_shards, tc.seq_len, tc.seed)
     has_val = val_shards.num_tokens > tc.seq_len
 

@@ -23,3 +23,16 @@ def tiny_config(data_dir, out_dir, **train):
     settings.update(train)
     return build_config({"model": {"preset": "tiny", "dropout": 0.1}, "train": settings,
                          "checkpoint": {"every_steps": 15, "keep_last": 2}})
+
+
+@pytest.fixture(scope="session")
+def grammar_data(tmp_path_factory):
+    """A prepared corpus of the synthetic agreement grammar ("the cats chase the dog.")."""
+    from bastion.data.synthetic import grammar_documents
+
+    root = tmp_path_factory.mktemp("grammar")
+    write_corpus(root / "src", grammar_documents(1500, seed=0), name="grammar")
+    cfg = build_config({"data": {"sources": [str(root / "src")], "output_dir": str(root / "data"),
+                                 "val_fraction": 0.1, "tokenizer": {"vocab_size": 300}}})
+    prepare_dataset(cfg.data)
+    return root / "data"

@@ -31,9 +31,12 @@ test-all: install
 bench: install
 	$(BIN)/python bench/train_throughput.py
 
+# Known-vulnerability audit of every pinned dependency (torch included). Where the
+# vulnerability service cannot be reached, pip-audit lists the packages it skipped.
 audit: install
 	$(BIN)/python -m pip install -q pip-audit
-	$(BIN)/pip-audit --skip-editable -r constraints.txt
+	{ cat constraints.txt; echo "$(TORCH_SPEC)"; } > $(VENV)/audit-requirements.txt
+	$(BIN)/pip-audit --progress-spinner off --disable-pip --no-deps -r $(VENV)/audit-requirements.txt
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

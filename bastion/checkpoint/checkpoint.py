@@ -26,7 +26,6 @@ import safetensors.torch
 import torch
 from safetensors import SafetensorError
 
-from bastion.checkpoint.atomic import fsync_dir, make_private_dir, replace_file, write_bytes
 from bastion.checkpoint.manifest import (
     MANIFEST,
     PICKLE_SUFFIXES,
@@ -36,6 +35,7 @@ from bastion.checkpoint.manifest import (
     verify_directory,
 )
 from bastion.errors import CheckpointError
+from bastion.safeio import fsync_dir, make_private_dir, replace_file, write_bytes
 
 LATEST = "latest"
 STEP_DIR = re.compile(r"^step_(\d{8,})$")

@@ -9,20 +9,13 @@ from typing import Any
 
 import bastion
 from bastion.errors import CheckpointError
+from bastion.safeio import read_json_limited, sha256_file
 
 MANIFEST = "MANIFEST.json"
 FORMAT = "bastion-checkpoint"
 FORMAT_VERSION = 1
 MAX_MANIFEST_BYTES = 1 * 2**20
 PICKLE_SUFFIXES = {".pt", ".pth", ".bin", ".pkl", ".pickle", ".ckpt"}
-
-
-def sha256_file(path: Path, chunk: int = 4 * 2**20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def build_manifest(files: dict[str, bytes | Path]) -> dict[str, Any]:
@@ -44,14 +37,9 @@ def build_manifest(files: dict[str, bytes | Path]) -> dict[str, Any]:
 
 def read_manifest(directory: Path) -> dict[str, Any]:
     path = directory / MANIFEST
-    if not path.is_file() or path.is_symlink():
+    if not path.exists():
         raise CheckpointError(f"{directory}: no {MANIFEST}; not a Bastion checkpoint (or an incomplete one)")
-    if path.stat().st_size > MAX_MANIFEST_BYTES:
-        raise CheckpointError(f"{path}: manifest larger than {MAX_MANIFEST_BYTES} bytes")
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{path}: manifest is not valid JSON ({exc})") from None
+    manifest = read_json_limited(path, MAX_MANIFEST_BYTES, CheckpointError, "checkpoint manifest")
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a {FORMAT} manifest")
     if manifest.get("format_version") != FORMAT_VERSION:

@@ -25,16 +25,14 @@ from bastion.data.shards import (
     FORMAT_VERSION,
     INDEX_FILE,
     ShardWriter,
-    open_private,
-    sha256_file,
     token_dtype,
 )
 from bastion.data.sources import check_sizes, iter_documents, resolve_sources
 from bastion.errors import DataError
+from bastion.safeio import make_private_dir, open_private, sha256_file
 from bastion.tokenizer import BastionTokenizer
 
 Progress = Callable[[str, int], None]
-DIR_MODE = 0o700
 
 
 @dataclass
@@ -186,7 +184,7 @@ def prepare_dataset(cfg: DataConfig, on_progress: Progress | None = None) -> Pre
             f"{scan.too_short} shorter than data.min_document_chars, {scan.duplicates} duplicates"
         )
     force = _split_overrides(cfg, stats, extremes)
-    del scan  # free pass 1's hash set before pass 2 builds its own
+    scan.seen.clear()  # free pass 1's hash set before pass 2 builds its own
     progress("tokenizer", tok.vocab_size)
 
     # ---- pass 2: tokenize + write into a temp dir ---------------------------------------
@@ -194,8 +192,7 @@ def prepare_dataset(cfg: DataConfig, on_progress: Progress | None = None) -> Pre
     if tmp.exists():
         shutil.rmtree(tmp)  # our own leftover (same pid) from an interrupted run
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp.mkdir(mode=DIR_MODE)
-    os.chmod(tmp, DIR_MODE)
+    make_private_dir(tmp)
     try:
         splits, filt = _write_dataset(cfg, tok, files, force, tmp, progress)
         report = PrepareReport(

@@ -11,7 +11,6 @@ Layout of a prepared dataset directory:
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import re
 from pathlib import Path
@@ -20,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from bastion.errors import DataError
+from bastion.safeio import open_private, read_json_limited, read_text_limited, sha256_file
 
 FORMAT_NAME = "bastion-tokens"
 FORMAT_VERSION = 1
@@ -29,27 +29,11 @@ MAX_INDEX_BYTES = 64 * 2**20
 # Shard names come from index.json, which may be hostile: allow only plain names we write.
 _SHARD_NAME = re.compile(r"^(train|val)_\d{6}\.bin$")
 _DTYPES = {"uint16": np.dtype("<u2"), "uint32": np.dtype("<u4")}
-FILE_MODE = 0o600
 
 
 def token_dtype(vocab_size: int) -> str:
     """Smallest dtype holding every id: uint16 up to 65536 ids (0..65535), else uint32."""
     return "uint16" if vocab_size <= 2**16 else "uint32"
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
-def open_private(path: Path) -> Any:
-    """A new binary file, mode 0600, never through a pre-existing symlink."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, FILE_MODE)
-    os.fchmod(fd, FILE_MODE)  # O_CREAT's mode is masked by the umask
-    return os.fdopen(fd, "wb")
 
 
 class ShardWriter:
@@ -106,14 +90,9 @@ class ShardWriter:
 def read_index(data_dir: str | os.PathLike[str]) -> dict[str, Any]:
     """Load and validate `index.json` of a prepared dataset (structure only, not shard contents)."""
     path = Path(data_dir) / INDEX_FILE
-    if not path.is_file():
+    if not path.exists():
         raise DataError(f"{path} not found: is {data_dir} a dataset made by `bastion data prepare`?")
-    if path.stat().st_size > MAX_INDEX_BYTES:
-        raise DataError(f"{path} is larger than {MAX_INDEX_BYTES} bytes")
-    try:
-        index = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise DataError(f"{path} is not valid JSON: {exc}") from None
+    index = read_json_limited(path, MAX_INDEX_BYTES, DataError, "dataset index")
     if not isinstance(index, dict) or index.get("format") != FORMAT_NAME:
         raise DataError(f"{path}: not a {FORMAT_NAME!r} index")
     if index.get("version") != FORMAT_VERSION:
@@ -154,15 +133,11 @@ def read_tokenizer_json(data_dir: str | os.PathLike[str], max_bytes: int = 64 * 
     """The dataset's tokenizer.json text, checked against the SHA-256 in index.json."""
     index = read_index(data_dir)
     path = Path(data_dir) / "tokenizer.json"
-    if not path.is_file() or path.is_symlink():
-        raise DataError(f"{path} not found (or not a regular file)")
-    if path.stat().st_size > max_bytes:
-        raise DataError(f"{path} is larger than {max_bytes} bytes")
-    data = path.read_bytes()
+    text = read_text_limited(path, max_bytes, DataError, "dataset tokenizer")
     expected = index.get("tokenizer_sha256")
-    if expected is not None and hashlib.sha256(data).hexdigest() != expected:
+    if expected is not None and hashlib.sha256(text.encode("utf-8")).hexdigest() != expected:
         raise DataError(f"{path} failed its SHA-256 check against index.json (corrupt or tampered)")
-    return data.decode("utf-8")
+    return text
 
 
 def _is_int(x: Any) -> bool:

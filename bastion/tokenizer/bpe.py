@@ -13,6 +13,7 @@ from pathlib import Path
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
 from bastion.errors import DataError
+from bastion.safeio import read_json_limited
 
 EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|pad|>"
@@ -76,16 +77,8 @@ class BastionTokenizer:
     ) -> "BastionTokenizer":
         """Load a `tokenizer.json`, refusing missing, oversized, or malformed files."""
         p = Path(path)
-        if not p.is_file():
-            raise DataError(f"tokenizer file not found: {p}")
-        size = p.stat().st_size
-        if size > max_bytes:
-            raise DataError(f"tokenizer file {p} is {size} bytes, over the limit of {max_bytes} bytes")
-        try:
-            text = p.read_bytes()[: max_bytes + 1].decode("utf-8")
-            json.loads(text)  # a clear JSON error (line/column) before tokenizers' terser one
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise DataError(f"tokenizer file {p} is not valid JSON: {exc}") from None
+        # Parsed once here for a clear JSON error (line/column) before tokenizers' terser one.
+        text = json.dumps(read_json_limited(p, max_bytes, DataError, "tokenizer file"))
         try:
             return cls.from_json_str(text)
         except DataError as exc:

@@ -13,12 +13,12 @@ import torch
 import yaml
 
 from bastion.checkpoint import Checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
-from bastion.checkpoint.atomic import make_private_dir, replace_file
 from bastion.config.load import to_yaml
 from bastion.config.schema import BastionConfig, ModelConfig
 from bastion.data.shards import TokenShards, read_tokenizer_json
 from bastion.errors import CheckpointError, ConfigError
 from bastion.model import Transformer
+from bastion.safeio import make_private_dir, replace_file
 from bastion.train.batches import BlockSampler
 from bastion.train.metrics import MetricsLogger
 from bastion.train.optim import build_optimizer, optimizer_from_tensors, optimizer_to_tensors

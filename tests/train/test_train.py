@@ -1,4 +1,3 @@
-import json
 import os
 import shutil
 import signal
@@ -35,7 +34,7 @@ def test_learns_synthetic_arithmetic(arithmetic_data, tmp_path):
 
 def test_exact_resume_matches_uninterrupted_run(arithmetic_data, tmp_path):
     """2N steps in one go == N steps, stop, resume, N more steps (dropout on, so RNG matters)."""
-    full = train(tiny_config(arithmetic_data, tmp_path / "full", max_steps=24), quiet=True)
+    train(tiny_config(arithmetic_data, tmp_path / "full", max_steps=24), quiet=True)
     part = train(tiny_config(arithmetic_data, tmp_path / "part", max_steps=24), quiet=True,
                  should_stop=lambda step: step == 11)
     assert part.steps == 11 and part.stopped_by == "callback"

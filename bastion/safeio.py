@@ -1,0 +1,84 @@
+"""File primitives every stage shares: owner-only permissions, no symlink following,
+fsync, atomic rename, streaming SHA-256."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, BinaryIO
+
+FILE_MODE = 0o600
+DIR_MODE = 0o700
+
+
+def sha256_file(path: Path, chunk: int = 4 * 2**20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def open_private(path: Path) -> BinaryIO:
+    """A new binary file for writing, mode 0600, never through a pre-existing symlink."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, FILE_MODE)
+    os.fchmod(fd, FILE_MODE)  # O_CREAT's mode is masked by the umask; make it exact
+    return os.fdopen(fd, "wb")
+
+
+def fsync_dir(path: Path) -> None:
+    """Persist a directory entry (a rename or a new file) so it survives a power cut."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_bytes(path: Path, data: bytes | memoryview) -> None:
+    """Write a new file with mode 0600 and fsync it; refuses to follow an existing symlink."""
+    with open_private(path) as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def replace_file(path: Path, data: bytes) -> None:
+    """Atomically replace `path` with `data`: write a temp file beside it, fsync, rename."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    write_bytes(tmp, data)
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def make_private_dir(path: Path) -> None:
+    path.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
+    os.chmod(path, DIR_MODE)
+
+
+def read_text_limited(path: Path, max_bytes: int, error: type[Exception], what: str) -> str:
+    """UTF-8 text of a regular file (no symlink) of at most max_bytes; every failure is
+    `error` with a message naming `what` and the path."""
+    if path.is_symlink() or not path.is_file():
+        raise error(f"{what} not found (or not a regular file): {path}")
+    size = path.stat().st_size
+    if size > max_bytes:
+        raise error(f"{what} {path} is {size} bytes, over the limit of {max_bytes} bytes")
+    with open(path, "rb") as fh:
+        data = fh.read(max_bytes + 1)  # re-checked: the file may have grown since stat()
+    if len(data) > max_bytes:
+        raise error(f"{what} {path} grew past the limit of {max_bytes} bytes while being read")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise error(f"{what} {path} is not valid UTF-8 (byte {exc.start})") from None
+
+
+def read_json_limited(path: Path, max_bytes: int, error: type[Exception], what: str) -> Any:
+    """Parsed JSON of a size-limited regular file; errors as in `read_text_limited`."""
+    text = read_text_limited(path, max_bytes, error, what)
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise error(f"{what} {path} is not valid JSON: {exc}") from None

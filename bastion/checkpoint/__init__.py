@@ -6,6 +6,7 @@ from bastion.checkpoint.checkpoint import (
     prune,
     resolve_checkpoint,
     save_checkpoint,
+    verify_checkpoint,
 )
 
-__all__ = ["Checkpoint", "list_checkpoints", "load_checkpoint", "prune", "resolve_checkpoint", "save_checkpoint"]
+__all__ = ["Checkpoint", "list_checkpoints", "load_checkpoint", "prune", "resolve_checkpoint", "save_checkpoint", "verify_checkpoint"]

@@ -177,6 +177,15 @@ def resolve_checkpoint(path: str | Path) -> Path:
     raise CheckpointError(f"{path}: neither a checkpoint (no {MANIFEST}) nor a folder with a '{LATEST}' pointer")
 
 
+def verify_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Check a checkpoint directory against its manifest (every file's size and SHA-256, no
+    extra files, no links); returns the manifest. Raises CheckpointError naming the file."""
+    directory = resolve_checkpoint(path)
+    manifest = read_manifest(directory)
+    verify_directory(directory, manifest, hash_files=True)
+    return manifest
+
+
 def load_checkpoint(path: str | Path, verify: bool = True, load_optimizer: bool = True) -> Checkpoint:
     """Load a checkpoint. With verify (the default) every file's size and SHA-256 must match
     the manifest, and nothing unlisted may sit beside them; each file is read once, and the

@@ -147,8 +147,15 @@ class TrainConfig(Section):
 
 class CheckpointConfig(Section):
     every_steps: int = Field(default=100, ge=1, le=100_000_000)
-    keep_last: int = Field(default=3, ge=1, le=10_000)
+    keep_last: int = Field(default=3, ge=1, le=10_000, description="always keep the newest N")
+    keep_best: int = Field(default=0, ge=0, le=10_000, description="also keep the N with the lowest validation loss")
+    keep_every: int | None = Field(default=None, ge=1, le=100_000_000, description="also keep every checkpoint whose step is a multiple of this")
     save_optimizer: bool = True
+    max_shard_bytes: int = Field(default=2 * 2**30, ge=2**20, le=64 * 2**30, description="model.safetensors is split into shards above this size")
+    reject_nonfinite: bool = Field(default=False, description="refuse to load weights holding NaN or Inf")
+    push_to: str | None = Field(default=None, max_length=1024, description="store URL to push each checkpoint to in the background: s3://bucket/prefix or file:///path")
+    endpoint_url: str | None = Field(default=None, max_length=1024, description="S3-compatible endpoint (https; http only for loopback with allow_http)")
+    allow_http: bool = Field(default=False, description="permit a plain-http endpoint_url, only on a loopback address")
 
 
 class GenerateConfig(Section):

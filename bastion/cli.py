@@ -10,6 +10,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from bastion.checkpoint.cli import app as ckpt_app
 from bastion.errors import BastionError, ConfigError
 
 app = typer.Typer(
@@ -21,6 +22,7 @@ app = typer.Typer(
 config_app = typer.Typer(help="Check and print configs (secrets redacted).", no_args_is_help=True)
 data_app = typer.Typer(help="Prepare training data: read, clean, tokenize, pack shards.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
+app.add_typer(ckpt_app, name="ckpt")
 app.add_typer(data_app, name="data")
 
 out = Console()

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
@@ -34,10 +35,14 @@ from bastion.checkpoint.manifest import (
     read_manifest,
     verify_directory,
 )
+from bastion.checkpoint.safetensors_check import check_against_model, check_finite, parse_header
 from bastion.errors import CheckpointError
 from bastion.safeio import fsync_dir, make_private_dir, replace_file, write_bytes
 
 LATEST = "latest"
+MODEL_FILE = "model.safetensors"
+MODEL_INDEX = "model.safetensors.index.json"
+SHARD_FILE = re.compile(r"^model-(\d{5})-of-(\d{5})\.safetensors$")
 STEP_DIR = re.compile(r"^step_(\d{8,})$")
 MAX_JSON_BYTES = 64 * 2**20
 
@@ -58,23 +63,20 @@ def step_dir_name(step: int) -> str:
     return f"step_{step:08d}"
 
 
-def _serialize(ckpt: Checkpoint) -> dict[str, bytes]:
-    files = {
-        "model.safetensors": _save_tensors(ckpt.model),
-        "trainer_state.json": json.dumps(ckpt.trainer_state, indent=2, sort_keys=True).encode(),
-        "config.yaml": ckpt.config_yaml.encode(),
-        "tokenizer.json": ckpt.tokenizer_json.encode(),
-    }
+def _serialize(ckpt: Checkpoint, max_shard_bytes: int | None) -> dict[str, bytes]:
+    files = _model_files(ckpt.model, max_shard_bytes)
+    files["trainer_state.json"] = json.dumps(ckpt.trainer_state, indent=2, sort_keys=True).encode()
+    files["config.yaml"] = ckpt.config_yaml.encode()
+    files["tokenizer.json"] = ckpt.tokenizer_json.encode()
     if ckpt.optimizer is not None:
-        files["optimizer.safetensors"] = _save_tensors(ckpt.optimizer, ckpt.optimizer_meta)
+        files["optimizer.safetensors"] = _save_tensors(*_split_aliases(ckpt.optimizer), ckpt.optimizer_meta)
     if ckpt.rng:
-        files["rng.safetensors"] = _save_tensors(ckpt.rng)
+        files["rng.safetensors"] = _save_tensors(*_split_aliases(ckpt.rng))
     return files
 
 
-def _save_tensors(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> bytes:
-    """safetensors bytes; tensors that alias another (tied embeddings) are stored once and
-    recorded in the metadata key `aliases`, then restored by `_load_tensors`."""
+def _split_aliases(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors that alias another (tied embeddings) are stored once: {name: stored name}."""
     unique: dict[str, torch.Tensor] = {}
     aliases: dict[str, str] = {}
     seen: dict[tuple, str] = {}
@@ -86,14 +88,47 @@ def _save_tensors(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | N
             continue
         seen[key] = name
         unique[name] = tensor.contiguous()
+    return unique, aliases
+
+
+def _save_tensors(unique: dict[str, torch.Tensor], aliases: dict[str, str] | None = None,
+                  metadata: dict[str, str] | None = None) -> bytes:
     meta = dict(metadata or {})
     if aliases:
         meta["aliases"] = json.dumps(aliases, sort_keys=True)
     return safetensors.torch.save(unique, metadata=meta or None)
 
 
-def save_checkpoint(root: str | Path, step: int, ckpt: Checkpoint, keep_last: int | None = None) -> Path:
-    """Write `ckpt` as root/step_XXXXXXXX atomically, point `latest` at it, apply retention."""
+def _model_files(model: dict[str, torch.Tensor], max_shard_bytes: int | None) -> dict[str, bytes]:
+    """model.safetensors, or above max_shard_bytes Hugging Face-style shards
+    model-00001-of-0000N.safetensors plus model.safetensors.index.json (weight map, aliases)."""
+    unique, aliases = _split_aliases(model)
+    total = sum(t.numel() * t.element_size() for t in unique.values())
+    if max_shard_bytes is None or total <= max_shard_bytes:
+        return {MODEL_FILE: _save_tensors(unique, aliases)}
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, tensor in unique.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = tensor
+        size += nbytes
+    files, weight_map = {}, {}
+    for i, shard in enumerate(shards, start=1):
+        fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        files[fname] = _save_tensors(shard)
+        weight_map.update({name: fname for name in shard})
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map, "aliases": aliases}
+    files[MODEL_INDEX] = json.dumps(index, indent=2, sort_keys=True).encode()
+    return files
+
+
+def save_checkpoint(root: str | Path, step: int, ckpt: Checkpoint, keep_last: int | None = None,
+                    *, retention: "Retention | None" = None, max_shard_bytes: int | None = None) -> Path:
+    """Write `ckpt` as root/step_XXXXXXXX atomically, point `latest` at it, apply retention
+    (keep_last alone, or a full Retention policy) only after the new one is committed."""
     root = Path(root)
     make_private_dir(root)
     final = root / step_dir_name(step)
@@ -101,13 +136,14 @@ def save_checkpoint(root: str | Path, step: int, ckpt: Checkpoint, keep_last: in
     if tmp.exists():
         shutil.rmtree(tmp)
     make_private_dir(tmp)
-    files = _serialize(ckpt)
+    files = _serialize(ckpt, max_shard_bytes)
     for name, data in files.items():
         write_bytes(tmp / name, data)
     write_bytes(tmp / MANIFEST, manifest_bytes(build_manifest(files)))
     fsync_dir(tmp)
     if final.exists():
-        # Re-saving the same step (e.g. a signal right after a periodic save): swap atomically.
+        # Re-saving a step: swap atomically. If we die between the two renames, `latest`
+        # dangles for a moment; resolve_checkpoint then falls back to the newest committed dir.
         trash = root / f".trash-{final.name}-{os.getpid()}"
         os.replace(final, trash)
         os.replace(tmp, final)
@@ -116,8 +152,10 @@ def save_checkpoint(root: str | Path, step: int, ckpt: Checkpoint, keep_last: in
         os.replace(tmp, final)
     fsync_dir(root)
     replace_file(root / LATEST, (final.name + "\n").encode())
-    if keep_last is not None:
-        prune(root, keep_last)
+    if retention is None and keep_last is not None:
+        retention = Retention(keep_last=keep_last)
+    if retention is not None:
+        prune(root, retention)
     return final
 
 
@@ -127,24 +165,57 @@ def list_checkpoints(root: str | Path) -> list[Path]:
     if not root.is_dir():
         return []
     found = [p for p in root.iterdir() if STEP_DIR.match(p.name) and p.is_dir() and not p.is_symlink()]
-    return sorted(found, key=lambda p: int(STEP_DIR.match(p.name).group(1)))
+    return sorted(found, key=_step_of)
 
 
-def prune(root: str | Path, keep_last: int) -> list[Path]:
-    """Delete all but the newest `keep_last` checkpoints (never the one `latest` names)."""
+@dataclass(frozen=True)
+class Retention:
+    """Which checkpoints survive pruning: the newest `keep_last`, the `keep_best` with the
+    lowest validation loss (trainer_state "val_loss"), and every step divisible by
+    `keep_every`. The checkpoint `latest` names is always kept."""
+
+    keep_last: int = 3
+    keep_best: int = 0
+    keep_every: int | None = None
+
+
+def _val_loss(path: Path) -> float:
+    try:
+        value = json.loads((path / "trainer_state.json").read_text(encoding="utf-8")).get("val_loss")
+        return float(value) if value is not None else math.inf
+    except (OSError, ValueError, AttributeError, TypeError):
+        return math.inf
+
+
+def to_prune(root: str | Path, policy: Retention | int) -> list[Path]:
+    """The committed checkpoints `policy` does not keep (the one `latest` names is always kept)."""
     root = Path(root)
-    keep = {p.name for p in list_checkpoints(root)[-keep_last:]}
+    policy = Retention(keep_last=policy) if isinstance(policy, int) else policy
+    found = list_checkpoints(root)
+    keep = {p.name for p in found[-policy.keep_last:]} if policy.keep_last else set()
+    if policy.keep_best:
+        keep |= {p.name for p in sorted(found, key=_val_loss)[: policy.keep_best] if _val_loss(p) < math.inf}
+    if policy.keep_every:
+        keep |= {p.name for p in found if _step_of(p) % policy.keep_every == 0}
     latest = _read_latest(root)
     if latest:
         keep.add(latest)
-    removed = []
-    for path in list_checkpoints(root):
-        if path.name not in keep:
-            shutil.rmtree(path)
-            removed.append(path)
-    for stale in root.glob(".tmp-step_*"):  # left by a crashed save; never visible as a checkpoint
+    return [p for p in found if p.name not in keep]
+
+
+def prune(root: str | Path, policy: Retention | int) -> list[Path]:
+    """Delete what `to_prune` lists, and leftovers of crashed saves."""
+    root = Path(root)
+    removed = to_prune(root, policy)
+    for path in removed:
+        shutil.rmtree(path)
+    for stale in [*root.glob(".tmp-step_*"), *root.glob(".trash-step_*")]:  # never visible as checkpoints
         shutil.rmtree(stale, ignore_errors=True)
     return removed
+
+
+def _step_of(path: Path) -> int:
+    return int(STEP_DIR.match(path.name).group(1))
 
 
 def _read_latest(root: Path) -> str | None:
@@ -161,7 +232,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
     if path.suffix in PICKLE_SUFFIXES and path.is_file():
         raise CheckpointError(
             f"{path}: pickle-format checkpoints ({path.suffix}) can execute arbitrary code when loaded and are "
-            "refused. Convert it to safetensors with a trusted tool first."
+            "refused. Convert it with `bastion ckpt convert --allow-pickle` (restricted, scanned load) first."
         )
     if not path.exists():
         raise CheckpointError(f"checkpoint not found: {path}")
@@ -169,11 +240,13 @@ def resolve_checkpoint(path: str | Path) -> Path:
         return path
     for root in (path, path / "checkpoints"):
         name = _read_latest(root)
-        if name:
-            target = root / name
-            if not target.is_dir():
-                raise CheckpointError(f"{root / LATEST} names {name}, which does not exist")
-            return target
+        if name and (root / name).is_dir():
+            return root / name
+        committed = list_checkpoints(root)
+        if committed:
+            # `latest` is missing or dangles (a crash between two renames): directories only
+            # appear by atomic rename, so the newest one is complete.
+            return committed[-1]
     raise CheckpointError(f"{path}: neither a checkpoint (no {MANIFEST}) nor a folder with a '{LATEST}' pointer")
 
 
@@ -186,38 +259,40 @@ def verify_checkpoint(path: str | Path) -> dict[str, Any]:
     return manifest
 
 
-def load_checkpoint(path: str | Path, verify: bool = True, load_optimizer: bool = True) -> Checkpoint:
+def load_checkpoint(path: str | Path, verify: bool = True, load_optimizer: bool = True, *,
+                    expect: dict[str, torch.Tensor] | None = None, reject_nonfinite: bool = False) -> Checkpoint:
     """Load a checkpoint. With verify (the default) every file's size and SHA-256 must match
     the manifest, and nothing unlisted may sit beside them; each file is read once, and the
-    bytes that were hashed are the bytes that get parsed."""
+    bytes that were hashed are the bytes that get parsed. Every safetensors header is
+    validated before tensors are built. `expect` (e.g. a meta-device model's state_dict)
+    makes names, shapes and dtypes of the weights must-match; `reject_nonfinite` refuses
+    NaN/Inf weights."""
     directory = resolve_checkpoint(path)
     manifest = read_manifest(directory)
     if verify:
         verify_directory(directory, manifest, hash_files=False)
     listed = manifest["files"]
 
-    def read(name: str, required: bool = True) -> bytes | None:
+    def read(name: str) -> bytes:
         if name not in listed:
-            if required:
-                raise CheckpointError(f"{directory}: {name} is missing from the manifest")
-            return None
+            raise CheckpointError(f"{directory}: {name} is missing from the manifest")
         data = (directory / name).read_bytes()
         if verify and hashlib.sha256(data).hexdigest() != listed[name]["sha256"]:
             raise CheckpointError(f"{directory / name}: SHA-256 does not match manifest (file modified or corrupt)")
         return data
 
-    model = _load_tensors(directory / "model.safetensors", read("model.safetensors"))
+    model = _load_model(directory, listed, read)
+    if expect is not None:
+        check_against_model(model, expect, directory / MODEL_FILE)
+    if reject_nonfinite:
+        check_finite(model, directory)
     optimizer, optimizer_meta = None, {}
     if load_optimizer and "optimizer.safetensors" in listed:
-        data = read("optimizer.safetensors")
-        optimizer = _load_tensors(directory / "optimizer.safetensors", data)
-        optimizer_meta = _safetensors_metadata(directory / "optimizer.safetensors", data)
-        optimizer_meta.pop("aliases", None)
-    rng_bytes = read("rng.safetensors", required=False)
-    rng = _load_tensors(directory / "rng.safetensors", rng_bytes) if rng_bytes else {}
+        optimizer, optimizer_meta = _load_tensors(directory / "optimizer.safetensors", read("optimizer.safetensors"))
+    rng = _load_tensors(directory / "rng.safetensors", read("rng.safetensors"))[0] if "rng.safetensors" in listed else {}
     try:
         trainer_state = json.loads(read("trainer_state.json"))
-    except json.JSONDecodeError as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise CheckpointError(f"{directory / 'trainer_state.json'}: invalid JSON ({exc})") from None
     return Checkpoint(
         model=model,
@@ -231,25 +306,51 @@ def load_checkpoint(path: str | Path, verify: bool = True, load_optimizer: bool 
     )
 
 
-def _load_tensors(path: Path, data: bytes) -> dict[str, torch.Tensor]:
+def _load_model(directory: Path, listed: dict, read) -> dict[str, torch.Tensor]:
+    if MODEL_INDEX not in listed:
+        return _load_tensors(directory / MODEL_FILE, read(MODEL_FILE))[0]
+    where = directory / MODEL_INDEX
+    try:
+        index = json.loads(read(MODEL_INDEX))
+        weight_map, aliases = index["weight_map"], index.get("aliases", {})
+        assert isinstance(weight_map, dict) and isinstance(aliases, dict)
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AssertionError):
+        raise CheckpointError(f"{where}: malformed shard index") from None
+    shard_names = sorted(set(weight_map.values()))
+    for name in shard_names:
+        if not isinstance(name, str) or not SHARD_FILE.match(name) or name not in listed:
+            raise CheckpointError(f"{where}: names an invalid or unlisted shard {str(name)[:80]!r}")
+    model: dict[str, torch.Tensor] = {}
+    for name in shard_names:
+        tensors, _ = _load_tensors(directory / name, read(name))
+        for key in tensors:
+            if weight_map.get(key) != name:
+                raise CheckpointError(f"{directory / name}: holds {key!r}, which the index places elsewhere")
+        model.update(tensors)
+    if set(model) != set(weight_map):
+        raise CheckpointError(f"{where}: tensors listed in the index are missing from the shards")
+    return _apply_aliases(model, json.dumps(aliases), where)
+
+
+def _load_tensors(path: Path, data: bytes) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Validate the layout strictly (parse_header), build the tensors, restore aliases;
+    returns the remaining metadata too."""
+    _, metadata = parse_header(data, path)
     try:
         tensors = safetensors.torch.load(data)
     except (SafetensorError, ValueError, RuntimeError) as exc:
         raise CheckpointError(f"{path}: not a valid safetensors file ({exc})") from None
-    aliases = _safetensors_metadata(path, data).get("aliases")
-    if aliases:
-        try:
-            for name, target in json.loads(aliases).items():
-                tensors[name] = tensors[target]
-        except (json.JSONDecodeError, KeyError, AttributeError, TypeError):
-            raise CheckpointError(f"{path}: malformed 'aliases' metadata") from None
-    return tensors
+    return _apply_aliases(tensors, metadata.pop("aliases", None), path), metadata
 
 
-def _safetensors_metadata(path: Path, data: bytes) -> dict[str, str]:
-    header_len = int.from_bytes(data[:8], "little")
+def _apply_aliases(tensors: dict[str, torch.Tensor], aliases: str | None, where: Path) -> dict[str, torch.Tensor]:
+    if not aliases:
+        return tensors
     try:
-        header = json.loads(data[8 : 8 + header_len])
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{path}: unreadable safetensors header ({exc})") from None
-    return header.get("__metadata__", {}) or {}
+        for name, target in json.loads(aliases).items():
+            if name in tensors:
+                raise KeyError(name)
+            tensors[name] = tensors[target]
+    except (json.JSONDecodeError, KeyError, AttributeError, TypeError):
+        raise CheckpointError(f"{where}: malformed 'aliases' metadata") from None
+    return tensors

@@ -8,6 +8,7 @@ import torch
 import yaml
 
 from bastion.checkpoint import load_checkpoint
+from bastion.checkpoint.safetensors_check import check_against_model, check_finite
 from bastion.config.load import build_config
 from bastion.config.schema import BastionConfig
 from bastion.errors import CheckpointError
@@ -32,12 +33,10 @@ def load_for_inference(path: str | Path, *, verify: bool = True, device: str | t
         raise CheckpointError(f"{ckpt.directory}/config.yaml: invalid YAML ({exc})") from None
     config = build_config(raw, source=f"{ckpt.directory}/config.yaml")
     model = Transformer(config.model)
-    missing, unexpected = model.load_state_dict(ckpt.model, strict=False)
-    if missing or unexpected:
-        raise CheckpointError(
-            f"{ckpt.directory}/model.safetensors does not fit the model in config.yaml "
-            f"(missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]})"
-        )
+    check_against_model(ckpt.model, model.state_dict(), ckpt.directory / "model.safetensors")
+    if config.checkpoint.reject_nonfinite:
+        check_finite(ckpt.model, ckpt.directory)
+    model.load_state_dict(ckpt.model)
     model.to(device).eval()
     tokenizer = BastionTokenizer.from_json_str(ckpt.tokenizer_json)
     return LoadedModel(model, tokenizer, config, ckpt.directory)

@@ -12,7 +12,8 @@ from typing import Callable
 import torch
 import yaml
 
-from bastion.checkpoint import Checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
+from bastion.checkpoint import Checkpoint, Retention, list_checkpoints, load_checkpoint, save_checkpoint
+from bastion.checkpoint.safetensors_check import check_against_model
 from bastion.config.load import to_yaml
 from bastion.config.schema import BastionConfig, ModelConfig
 from bastion.data.shards import TokenShards, read_tokenizer_json
@@ -106,9 +107,9 @@ def train(
     tokens_per_step = tc.batch_size * tc.grad_accum * tc.seq_len
     total_steps = tc.max_steps or max(1, math.ceil(tc.epochs * sampler.n_blocks / (tc.batch_size * tc.grad_accum)))
 
-    step, tokens_seen, best_val = 0, 0, None
+    step, tokens_seen, val_loss, best_val = 0, 0, None, None
     if resume:
-        step, tokens_seen, best_val = _restore(ckpt_root, cfg, model, optimizer, sampler)
+        step, tokens_seen, val_loss, best_val = _restore(ckpt_root, cfg, model, optimizer, sampler)
     make_private_dir(run_dir)
     replace_file(run_dir / "config.yaml", to_yaml(cfg).encode())
 
@@ -122,15 +123,16 @@ def train(
         if device.type == "cuda":
             rng["torch_cuda"] = torch.cuda.get_rng_state(device)
         state = {
-            "step": at_step, "tokens_seen": tokens_seen, "best_val_loss": best_val,
+            "step": at_step, "tokens_seen": tokens_seen, "val_loss": val_loss, "best_val_loss": best_val,
             "total_steps": total_steps, "sampler": sampler.state_dict(), "objective": tc.objective,
         }
+        cc = cfg.checkpoint
         return save_checkpoint(
             ckpt_root, at_step,
             Checkpoint(model=model.state_dict(), trainer_state=state, config_yaml=to_yaml(cfg),
-                       tokenizer_json=tokenizer_json, optimizer=opt_tensors if cfg.checkpoint.save_optimizer else None,
+                       tokenizer_json=tokenizer_json, optimizer=opt_tensors if cc.save_optimizer else None,
                        optimizer_meta=opt_meta, rng=rng),
-            keep_last=cfg.checkpoint.keep_last,
+            retention=Retention(cc.keep_last, cc.keep_best, cc.keep_every), max_shard_bytes=cc.max_shard_bytes,
         )
 
     @torch.no_grad()
@@ -148,7 +150,7 @@ def train(
         return total / n
 
     losses: list[float] = []
-    last_loss = val_loss = None
+    last_loss = None
     last_ckpt: Path | None = None
     stopped_by = None
     model.train()
@@ -207,18 +209,17 @@ def train(
 
 
 def _restore(ckpt_root: Path, cfg: BastionConfig, model: Transformer, optimizer: torch.optim.Optimizer,
-             sampler: BlockSampler) -> tuple[int, int, float | None]:
+             sampler: BlockSampler) -> tuple[int, int, float | None, float | None]:
     if not list_checkpoints(ckpt_root):
         raise CheckpointError(f"--resume: no checkpoint under {ckpt_root}")
-    ckpt = load_checkpoint(ckpt_root, verify=True)
+    ckpt = load_checkpoint(ckpt_root, verify=True, reject_nonfinite=cfg.checkpoint.reject_nonfinite)
     saved_model = yaml.safe_load(ckpt.config_yaml).get("model", {})
     current = cfg.model.model_dump(mode="json")
     changed = sorted(k for k in current if saved_model.get(k) != current[k])
     if changed:
         raise CheckpointError(f"--resume: model config differs from the checkpoint in {', '.join('model.' + k for k in changed)}")
-    missing, unexpected = model.load_state_dict(ckpt.model, strict=False)
-    if missing or unexpected:
-        raise CheckpointError(f"{ckpt.directory}: weights do not fit the model (missing {missing}, unexpected {unexpected})")
+    check_against_model(ckpt.model, model.state_dict(), ckpt.directory)
+    model.load_state_dict(ckpt.model)
     if ckpt.optimizer is None:
         raise CheckpointError(f"{ckpt.directory}: has no optimizer state; exact resume needs checkpoint.save_optimizer")
     optimizer_from_tensors(optimizer, ckpt.optimizer, ckpt.optimizer_meta)
@@ -228,4 +229,4 @@ def _restore(ckpt_root: Path, cfg: BastionConfig, model: Transformer, optimizer:
     if "torch_cuda" in ckpt.rng and torch.cuda.is_available():
         torch.cuda.set_rng_state(ckpt.rng["torch_cuda"])
     state = ckpt.trainer_state
-    return int(state["step"]), int(state["tokens_seen"]), state.get("best_val_loss")
+    return int(state["step"]), int(state["tokens_seen"]), state.get("val_loss"), state.get("best_val_loss")

@@ -54,7 +54,7 @@ def test_latest_pointer_and_retention(tmp_path):
     # a crashed save leaves only a hidden temp dir, which is never a checkpoint and is cleaned
     (tmp_path / ".tmp-step_00000005-999").mkdir()
     assert [p.name for p in list_checkpoints(tmp_path)][-1] == "step_00000004"
-    prune(tmp_path, keep_last=2)
+    prune(tmp_path, 2)
     assert not (tmp_path / ".tmp-step_00000005-999").exists()
 
 
@@ -149,3 +149,31 @@ def test_missing_checkpoint_is_clear(tmp_path):
         load_checkpoint(tmp_path / "nope")
     with pytest.raises(CheckpointError, match="latest"):
         load_checkpoint(tmp_path)
+
+
+def test_retention_keeps_last_best_and_every_k(tmp_path):
+    from bastion.checkpoint import Retention
+
+    losses = {1: 3.0, 2: 1.0, 3: 2.5, 4: 0.5, 5: 2.0, 6: 4.0, 7: 3.5, 8: 3.9}
+    for step, loss in losses.items():
+        ckpt = make_ckpt(step)
+        ckpt.trainer_state = {"step": step, "val_loss": loss}
+        save_checkpoint(tmp_path, step, ckpt, retention=Retention(keep_last=2, keep_best=2, keep_every=3))
+    kept = [int(p.name.split("_")[1]) for p in list_checkpoints(tmp_path)]
+    # last 2: 7, 8; best 2 by val loss: 4 (0.5), 2 (1.0); every 3rd: 3, 6
+    assert kept == [2, 3, 4, 6, 7, 8]
+
+
+def test_retention_never_deletes_what_latest_names(tmp_path):
+    for step in (1, 2, 3):
+        save_checkpoint(tmp_path, step, make_ckpt(step))
+    (tmp_path / "latest").write_text("step_00000001\n")  # e.g. a user pinned an older one
+    prune(tmp_path, 1)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_00000001", "step_00000003"]
+
+
+def test_dangling_latest_falls_back_to_newest_committed(tmp_path):
+    for step in (1, 2):
+        save_checkpoint(tmp_path, step, make_ckpt(step))
+    (tmp_path / "latest").write_text("step_00000009\n")  # a crash between two renames
+    assert resolve_checkpoint(tmp_path).name == "step_00000002"

@@ -8,7 +8,7 @@ import time
 import pytest
 import torch
 import yaml
-from conftest import tiny_config
+from helpers import tiny_config
 
 from bastion.checkpoint import list_checkpoints, load_checkpoint
 from bastion.data.shards import TokenShards

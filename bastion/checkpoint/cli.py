@@ -1,0 +1,176 @@
+"""`bastion ckpt ...`: verify, inspect, prune, convert, pack/unpack, push/pull/list."""
+from __future__ import annotations
+
+import json
+import mmap
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from bastion.errors import BastionError
+
+app = typer.Typer(help="Checkpoints: verify, inspect, prune, convert, pack/unpack, push/pull/list.",
+                  no_args_is_help=True)
+out = Console()
+err = Console(stderr=True)
+
+
+def _fail(exc: BastionError) -> None:
+    err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+    raise typer.Exit(2)
+
+
+def _safetensors_headers(directory: Path, manifest: dict) -> dict[str, dict]:
+    """Validated headers of every safetensors file, read through mmap (no tensor is built)."""
+    from bastion.checkpoint.safetensors_check import parse_header
+
+    headers = {}
+    for name in manifest["files"]:
+        if name.endswith(".safetensors"):
+            with open(directory / name, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+                headers[name] = parse_header(memoryview(mm), directory / name)[0]
+    return headers
+
+
+@app.command("verify")
+def verify(
+    path: Path = typer.Argument(..., help="Checkpoint folder, a folder with 'latest', or a packed checkpoint."),
+) -> None:
+    """Check every file against MANIFEST.json (size, SHA-256, no extra files or links) and the
+    layout of every safetensors header. Exit 2 on any problem."""
+    from bastion.checkpoint import resolve_checkpoint, verify_checkpoint
+    from bastion.checkpoint.pack import PACK, verify_packed
+
+    try:
+        if (path / PACK).exists():
+            pack = verify_packed(path)
+            out.print(f"{path}: OK (packed, {len(pack['files'])} files)")
+            return
+        directory = resolve_checkpoint(path)
+        manifest = verify_checkpoint(directory)
+        headers = _safetensors_headers(directory, manifest)
+    except BastionError as exc:
+        _fail(exc)
+    tensors = sum(len(h) for h in headers.values())
+    out.print(f"{directory}: OK ({len(manifest['files'])} files, {tensors} tensors, all SHA-256 match)")
+
+
+@app.command("inspect")
+def inspect(
+    path: Path = typer.Argument(..., help="Checkpoint folder (or a folder with 'latest')."),
+    as_json: bool = typer.Option(False, "--json", help="Print as JSON."),
+) -> None:
+    """Show a checkpoint's manifest, training state and tensors (after verifying it)."""
+    from bastion.checkpoint import resolve_checkpoint, verify_checkpoint
+
+    try:
+        directory = resolve_checkpoint(path)
+        manifest = verify_checkpoint(directory)
+        headers = _safetensors_headers(directory, manifest)
+        state = json.loads((directory / "trainer_state.json").read_text()) if "trainer_state.json" in manifest["files"] else {}
+    except BastionError as exc:
+        _fail(exc)
+    summary = {
+        "path": str(directory), "format_version": manifest["format_version"],
+        "bastion_version": manifest.get("bastion_version"), "created_unix": manifest.get("created_unix"),
+        "step": state.get("step"), "val_loss": state.get("val_loss"), "tokens_seen": state.get("tokens_seen"),
+        "files": {name: entry["size"] for name, entry in manifest["files"].items()},
+        "tensors": {f: {t: {"dtype": i["dtype"], "shape": i["shape"]} for t, i in h.items()} for f, h in headers.items()},
+    }
+    if as_json:
+        print(json.dumps(summary, indent=2))
+        return
+    table = Table(title=str(directory), show_header=True)
+    for col in ("file", "bytes", "tensors", "parameters", "dtypes"):
+        table.add_column(col)
+    for name, size in summary["files"].items():
+        header = headers.get(name, {})
+        params = sum(_numel(i["shape"]) for i in header.values())
+        dtypes = ",".join(sorted({i["dtype"] for i in header.values()}))
+        table.add_row(name, f"{size:,}", str(len(header)) if header else "", f"{params:,}" if header else "", dtypes)
+    out.print(table)
+    out.print(f"step {summary['step']}, val loss {summary['val_loss']}, tokens seen {summary['tokens_seen']}; "
+              f"format v{summary['format_version']}, bastion {summary['bastion_version']}")
+
+
+def _numel(shape: list[int]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+@app.command("prune")
+def prune_cmd(
+    root: Path = typer.Argument(..., help="Folder holding step_* checkpoints (e.g. RUN/checkpoints)."),
+    keep_last: int = typer.Option(3, min=1, help="Keep the newest N."),
+    keep_best: int = typer.Option(0, min=0, help="Also keep the N with the lowest validation loss."),
+    keep_every: Optional[int] = typer.Option(None, min=1, help="Also keep steps that are multiples of K."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Only print what would be deleted."),
+) -> None:
+    """Delete old checkpoints by a retention policy (never the one 'latest' names)."""
+    from bastion.checkpoint.checkpoint import Retention, prune, to_prune
+
+    policy = Retention(keep_last, keep_best, keep_every)
+    if dry_run:
+        for path in to_prune(root, policy):
+            out.print(f"would delete {path}")
+        return
+    for path in prune(root, policy):
+        out.print(f"deleted {path}")
+
+
+@app.command("convert")
+def convert_cmd(
+    src: Path = typer.Argument(..., help="PyTorch pickle checkpoint (.pt/.pth/.bin, torch.save zip format)."),
+    out_dir: Path = typer.Argument(..., help="New folder for model.safetensors + MANIFEST.json."),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Required: you accept reading a pickle file. "
+                                      "It is scanned opcode by opcode and loaded with torch.load(weights_only=True)."),
+) -> None:
+    """Convert a pickle checkpoint to safetensors through a scanned, restricted load."""
+    from bastion.checkpoint.convert import convert_pickle
+
+    try:
+        path = convert_pickle(src, out_dir, allow_pickle=allow_pickle)
+    except BastionError as exc:
+        _fail(exc)
+    out.print(f"wrote {path} (safetensors + MANIFEST.json)")
+
+
+@app.command("pack")
+def pack_cmd(
+    src: Path = typer.Argument(..., help="Checkpoint folder to compress."),
+    dst: Path = typer.Argument(..., help="New folder for the packed checkpoint."),
+    base: Optional[Path] = typer.Option(None, help="Store tensors as deltas against this checkpoint (fine-tunes, consecutive steps)."),
+    level: int = typer.Option(3, help="zstd level (-7..22)."),
+    threads: Optional[int] = typer.Option(None, help="Compression threads (default: all cores)."),
+) -> None:
+    """Lossless compression: byte-plane split + zstd, bit-exact round trip, verified."""
+    from bastion.checkpoint.pack import pack_checkpoint
+
+    try:
+        report = pack_checkpoint(src, dst, base=base, level=level, threads=threads)
+    except BastionError as exc:
+        _fail(exc)
+    out.print(f"{report.original_bytes:,} -> {report.packed_bytes:,} bytes (ratio {report.ratio:.3f}) "
+              f"in {report.seconds:.2f} s ({report.mb_per_s:.0f} MB/s): {dst}")
+
+
+@app.command("unpack")
+def unpack_cmd(
+    packed: Path = typer.Argument(..., help="Packed checkpoint folder."),
+    dst: Path = typer.Argument(..., help="New folder for the restored checkpoint."),
+    base: Optional[Path] = typer.Option(None, help="The base checkpoint a delta pack was made against."),
+    threads: Optional[int] = typer.Option(None, help="Decompression threads (default: all cores)."),
+) -> None:
+    """Restore a packed checkpoint; the result is verified against its original manifest."""
+    from bastion.checkpoint.pack import unpack_checkpoint
+
+    try:
+        path = unpack_checkpoint(packed, dst, base=base, threads=threads)
+    except BastionError as exc:
+        _fail(exc)
+    out.print(f"restored and verified {path}")

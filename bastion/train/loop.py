@@ -113,6 +113,7 @@ def train(
     make_private_dir(run_dir)
     replace_file(run_dir / "config.yaml", to_yaml(cfg).encode())
 
+    pusher = _start_pusher(cfg) if cfg.checkpoint.push_to else None
     forward = torch.compile(model) if tc.compile else model
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
     metrics = MetricsLogger(run_dir, resume_step=step if resume else None)
@@ -127,13 +128,16 @@ def train(
             "total_steps": total_steps, "sampler": sampler.state_dict(), "objective": tc.objective,
         }
         cc = cfg.checkpoint
-        return save_checkpoint(
+        path = save_checkpoint(
             ckpt_root, at_step,
             Checkpoint(model=model.state_dict(), trainer_state=state, config_yaml=to_yaml(cfg),
                        tokenizer_json=tokenizer_json, optimizer=opt_tensors if cc.save_optimizer else None,
                        optimizer_meta=opt_meta, rng=rng),
             retention=Retention(cc.keep_last, cc.keep_best, cc.keep_every), max_shard_bytes=cc.max_shard_bytes,
         )
+        if pusher is not None:
+            pusher.submit(path)  # returns at once; a worker thread uploads while training goes on
+        return path
 
     @torch.no_grad()
     def evaluate() -> float:
@@ -205,7 +209,19 @@ def train(
                     break
     finally:
         metrics.close()
+        if pusher is not None:
+            progress.note(f"waiting for checkpoint uploads to {cfg.checkpoint.push_to} ...")
+            pusher.close(timeout=3600)
+            for problem in pusher.errors:
+                progress.note(f"[warning] checkpoint upload failed: {problem}")
     return TrainResult(run_dir, step, tokens_seen, last_loss, val_loss, last_ckpt, stopped_by, losses)
+
+
+def _start_pusher(cfg: BastionConfig):
+    from bastion.checkpoint.stores import BackgroundPusher, open_store
+
+    cc = cfg.checkpoint
+    return BackgroundPusher(open_store(cc.push_to, endpoint_url=cc.endpoint_url, allow_http=cc.allow_http))
 
 
 def _restore(ckpt_root: Path, cfg: BastionConfig, model: Transformer, optimizer: torch.optim.Optimizer,

@@ -73,6 +73,38 @@ class TokenizerConfig(Section):
     min_frequency: int = Field(default=2, ge=1, le=1_000_000)
 
 
+class SanitizeConfig(Section):
+    """PII and secret redaction, on by default; each category can be turned off."""
+
+    enabled: bool = True
+    emails: bool = True
+    phones: bool = True
+    ip_addresses: bool = True
+    keep_private_ips: bool = Field(default=True, description="leave 10.x, 192.168.x, 127.x ... unredacted")
+    credit_cards: bool = True
+    ibans: bool = True
+    national_ids: bool = True
+    secrets: bool = Field(default=True, description="API keys, tokens, JWTs, PEM private keys, URL passwords, high-entropy assignments")
+    names: bool = Field(default=False, description="person names via Microsoft Presidio (install the 'presidio' extra)")
+
+
+class QualityConfig(Section):
+    """Document filters; each drop is counted in the data report."""
+
+    min_chars: int = Field(default=1, ge=0, le=10_000_000)
+    max_chars: int = Field(default=10_000_000, ge=1, le=2**31)
+    max_non_text_fraction: float = Field(default=0.3, ge=0.0, le=1.0, description="share of characters that are neither letters, digits, punctuation nor whitespace")
+    max_repeated_line_fraction: float = Field(default=0.5, ge=0.0, le=1.0, description="share of non-empty lines that repeat an earlier line")
+
+
+class DedupConfig(Section):
+    exact: bool = True
+    near: bool = True
+    threshold: float = Field(default=0.8, ge=0.5, le=1.0, description="Jaccard similarity above which documents are near-duplicates")
+    num_perm: int = Field(default=128, ge=16, le=1024)
+    shingle_words: int = Field(default=5, ge=1, le=32)
+
+
 class DataConfig(Section):
     sources: list[str] = Field(default_factory=list, description="files, folders or glob patterns")
     output_dir: str = "data/prepared"
@@ -88,7 +120,15 @@ class DataConfig(Section):
     batch_documents: int = Field(default=512, ge=1, le=1_000_000)
     min_document_chars: int = Field(default=1, ge=0, le=10_000_000)
     seed: int = Field(default=1234, ge=0, le=2**31 - 1)
+    allowed_roots: list[str] = Field(
+        default_factory=lambda: ["."], max_length=64,
+        description="sources, tokenizer and output must resolve inside one of these folders (symlinks included)",
+    )
+    max_decompressed_bytes: int = Field(default=4 * 2**30, ge=1, le=1024 * 2**30, description="limit per archive member (.gz/.zst/.zip)")
     tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
+    sanitize: SanitizeConfig = Field(default_factory=SanitizeConfig)
+    quality: QualityConfig = Field(default_factory=QualityConfig)
+    dedup: DedupConfig = Field(default_factory=DedupConfig)
 
 
     @field_validator("text_suffixes")

@@ -143,6 +143,17 @@ class DataConfig(Section):
         return value
 
 
+class DPConfig(Section):
+    """Differential privacy (DP-SGD with Opacus): per-example clipping + Gaussian noise."""
+
+    enabled: bool = False
+    target_epsilon: float = Field(default=8.0, gt=0.0, le=1000.0)
+    delta: float | None = Field(default=None, gt=0.0, lt=1.0, description="None = 1 / (number of training examples)")
+    max_grad_norm: float = Field(default=1.0, gt=0.0, le=1e4, description="per-example gradient clipping bound")
+    noise_multiplier: float | None = Field(default=None, gt=0.0, le=1000.0, description="None = derived from target_epsilon")
+    poisson_sampling: bool = Field(default=True, description="what the privacy accountant assumes; keep on")
+
+
 class TrainConfig(Section):
     objective: Literal["clm"] = "clm"
     data_dir: str = "data/prepared"
@@ -169,6 +180,7 @@ class TrainConfig(Section):
     log_every: int = Field(default=10, ge=1, le=100_000_000)
     seed: int = Field(default=1337, ge=0, le=2**31 - 1)
     threads: int | None = Field(default=None, ge=1, le=1024)
+    dp: DPConfig = Field(default_factory=DPConfig)
 
     @field_validator("lr")
     @classmethod

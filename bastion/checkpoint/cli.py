@@ -174,3 +174,85 @@ def unpack_cmd(
     except BastionError as exc:
         _fail(exc)
     out.print(f"restored and verified {path}")
+
+
+EndpointOption = typer.Option(None, "--endpoint-url", help="S3-compatible endpoint (https; http only on loopback with --allow-http).")
+AllowHttpOption = typer.Option(False, "--allow-http", help="Permit a plain-http endpoint on a loopback address (tests, local servers).")
+
+
+def _store(url: str, endpoint_url: Optional[str], allow_http: bool):
+    from bastion.checkpoint.stores import open_store
+
+    return open_store(url, endpoint_url=endpoint_url, allow_http=allow_http)
+
+
+@app.command("push")
+def push_cmd(
+    path: Path = typer.Argument(..., help="Checkpoint folder (or a folder with 'latest')."),
+    url: str = typer.Argument(..., help="Store: s3://bucket/prefix, file:///abs/path or a local folder."),
+    name: Optional[str] = typer.Option(None, help="Name in the store (default: the checkpoint folder's name)."),
+    endpoint_url: Optional[str] = EndpointOption,
+    allow_http: bool = AllowHttpOption,
+) -> None:
+    """Upload a verified checkpoint; its manifest goes last, so a broken upload stays invisible.
+    S3 credentials come only from the environment / standard AWS configuration."""
+    try:
+        _store(url, endpoint_url, allow_http).push(path, name)
+    except BastionError as exc:
+        _fail(exc)
+    out.print(f"pushed {path} to {url}")
+
+
+@app.command("pull")
+def pull_cmd(
+    url: str = typer.Argument(..., help="Store: s3://bucket/prefix, file:///abs/path or a local folder."),
+    name: str = typer.Argument(..., help="Checkpoint name in the store, or 'latest'."),
+    dest: Path = typer.Argument(..., help="New local folder for the checkpoint."),
+    max_bytes: int = typer.Option(1 << 40, help="Refuse checkpoints whose manifest declares more bytes than this."),
+    endpoint_url: Optional[str] = EndpointOption,
+    allow_http: bool = AllowHttpOption,
+) -> None:
+    """Download a checkpoint (resumable), verify every file, then move it into place."""
+    try:
+        store = _store(url, endpoint_url, allow_http)
+        if name == "latest":
+            name = store.latest()
+            if name is None:
+                raise BastionError(f"{url}: the store holds no checkpoint")
+        path = store.pull(name, dest, max_bytes=max_bytes)
+    except BastionError as exc:
+        _fail(exc)
+    out.print(f"pulled and verified {name} into {path}")
+
+
+@app.command("list")
+def list_cmd(
+    location: str = typer.Argument(..., help="A local checkpoints folder, or a store URL (s3://..., file://...)."),
+    endpoint_url: Optional[str] = EndpointOption,
+    allow_http: bool = AllowHttpOption,
+) -> None:
+    """List checkpoints (local: with step, size and validation loss; stores: names)."""
+    from bastion.checkpoint import list_checkpoints, resolve_checkpoint
+
+    try:
+        if "://" in location:
+            store = _store(location, endpoint_url, allow_http)
+            latest = store.latest()
+            for name in store.list():
+                out.print(f"{name}{'  (latest)' if name == latest else ''}")
+            return
+        root = Path(location)
+        found = list_checkpoints(root) or list_checkpoints(root / "checkpoints")
+        latest = resolve_checkpoint(location) if found else None
+    except BastionError as exc:
+        _fail(exc)
+    table = Table(show_header=True)
+    for col in ("checkpoint", "step", "bytes", "val loss", ""):
+        table.add_column(col)
+    for ckpt in found:
+        state = json.loads((ckpt / "trainer_state.json").read_text()) if (ckpt / "trainer_state.json").exists() else {}
+        size = sum(p.stat().st_size for p in ckpt.iterdir())
+        val = state.get("val_loss")
+        table.add_row(str(ckpt), str(state.get("step", "")), f"{size:,}", f"{val:.4f}" if val is not None else "",
+                      "latest" if latest == ckpt else "")
+    out.print(table)

@@ -34,6 +34,7 @@ def demo_config(out_dir: Path, steps: int):
             "sources": [str(stdlib / part) for part in STDLIB_PARTS],
             "text_suffixes": [".py"],
             "output_dir": str(out_dir / "data"),
+            "allowed_roots": [str(stdlib), str(out_dir)],  # read the stdlib, write only under --out
             "val_fraction": 0.05,
             "tokenizer": {"vocab_size": 4096},
         },

@@ -38,6 +38,7 @@ def prepare(workdir: Path, vocab_size: int) -> Path:
     cfg = build_config({"data": {
         "sources": [str(stdlib / p) for p in ("email/*.py", "http/*.py", "json/*.py", "asyncio/*.py", "logging/*.py")],
         "text_suffixes": [".py"], "output_dir": str(workdir / "data"), "val_fraction": 0.0,
+        "allowed_roots": [str(stdlib), str(workdir)],
         "tokenizer": {"vocab_size": vocab_size},
     }})
     prepare_dataset(cfg.data)

@@ -12,7 +12,7 @@ def arithmetic_data(tmp_path_factory):
     root = tmp_path_factory.mktemp("arith")
     write_corpus(root / "src", arithmetic_documents(1500, seed=0, max_operand=20), name="arith")
     cfg = build_config({"data": {"sources": [str(root / "src")], "output_dir": str(root / "data"),
-                                 "val_fraction": 0.1, "tokenizer": {"vocab_size": 300}}})
+                                 "allowed_roots": [str(root)], "val_fraction": 0.1, "tokenizer": {"vocab_size": 300}}})
     prepare_dataset(cfg.data)
     return root / "data"
 
@@ -25,6 +25,6 @@ def grammar_data(tmp_path_factory):
     root = tmp_path_factory.mktemp("grammar")
     write_corpus(root / "src", grammar_documents(1500, seed=0), name="grammar")
     cfg = build_config({"data": {"sources": [str(root / "src")], "output_dir": str(root / "data"),
-                                 "val_fraction": 0.1, "tokenizer": {"vocab_size": 300}}})
+                                 "allowed_roots": [str(root)], "val_fraction": 0.1, "tokenizer": {"vocab_size": 300}}})
     prepare_dataset(cfg.data)
     return root / "data"

@@ -30,6 +30,7 @@ from bastion.data.shards import (
 from bastion.data.sources import check_sizes, iter_documents, resolve_sources
 from bastion.errors import DataError
 from bastion.safeio import make_private_dir, open_private, sha256_file
+from bastion.safepath import Roots
 from bastion.tokenizer import BastionTokenizer
 
 Progress = Callable[[str, int], None]
@@ -148,9 +149,11 @@ def prepare_dataset(cfg: DataConfig, on_progress: Progress | None = None) -> Pre
     "tokenizer" (vocab size, once), "tokenize" (documents read in pass 2) and "done" (tokens).
     """
     progress = on_progress or (lambda stage, n: None)
-    out = Path(cfg.output_dir).expanduser().absolute()
+    roots = Roots(cfg.allowed_roots)  # resolved once, relative to the current directory
+    roots.confine(cfg.output_dir, "data.output_dir")  # refuses '..', and an out-of-roots path or symlink
+    out = Path(cfg.output_dir).expanduser().absolute()  # unresolved, so _check_output_dir still sees a symlink
     _check_output_dir(out)
-    files = resolve_sources(cfg.sources, cfg.text_suffixes)
+    files = resolve_sources(cfg.sources, cfg.text_suffixes, roots=roots)
     input_bytes = check_sizes(files, cfg.max_file_bytes, cfg.max_total_bytes)
 
     # ---- pass 1: scan (+ train tokenizer) ---------------------------------------------
@@ -172,7 +175,7 @@ def prepare_dataset(cfg: DataConfig, on_progress: Progress | None = None) -> Pre
             yield [d.text for d in batch if d.split == "train"]
 
     if cfg.tokenizer.path:
-        tok = BastionTokenizer.from_file(cfg.tokenizer.path)
+        tok = BastionTokenizer.from_file(roots.confine(cfg.tokenizer.path, "tokenizer.path"))
         for _ in scanned():
             pass
     else:

@@ -3,78 +3,227 @@
 Formats: `.txt` / `.md` and any suffix listed in `DataConfig.text_suffixes` (e.g. `.py`;
 the whole file is one document), `.jsonl` (one JSON object per line,
 text under `DataConfig.text_field`), `.parquet` (a string column named `text_field`, read one
-record batch at a time). Every error names the file, and the line or row where there is one.
+record batch at a time). Text and jsonl files may also be compressed - `x.txt.gz`,
+`x.jsonl.zst` - or sit inside a `.zip` (see `bastion.data.archives` for the limits).
+Every error names the file, and the line or row where there is one; a zip member is named
+`archive.zip!member.jsonl:line`.
+
+Every file a source names, or a folder or glob expands to, must resolve inside
+`DataConfig.allowed_roots` (`bastion.safepath`): symlinks leading out are refused, not skipped.
 """
 from __future__ import annotations
 
+import fnmatch
 import glob
 import json
 import os
 import unicodedata
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from bastion.config.schema import DataConfig
+from bastion.data.archives import (
+    ARCHIVE_SUFFIXES,
+    COMPRESSED_SUFFIXES,
+    Budget,
+    compression_of,
+    open_compressed,
+    open_member,
+    open_regular,
+    open_zip,
+    zip_members,
+)
 from bastion.errors import DataError
+from bastion.safepath import PathLike, Roots, check_path_text
 
 TEXT_SUFFIXES = (".txt", ".md")
 RECORD_SUFFIXES = (".jsonl", ".parquet")
 SUFFIXES = (*TEXT_SUFFIXES, *RECORD_SUFFIXES)
+DEFAULT_ROOTS = (".",)  # as DataConfig.allowed_roots: the current directory
 PARQUET_BATCH_ROWS = 1024  # rows per decoded batch: bounds memory independent of file size
 
 
 @dataclass(frozen=True)
 class Document:
     text: str  # NFC-normalised
-    source: str  # "path" or "path:line" (jsonl) or "path:row" (parquet)
+    source: str  # "path", "path:line" (jsonl), "path:row N" (parquet), "archive.zip!member[:line]"
 
 
 def _is_glob(pattern: str) -> bool:
     return any(c in pattern for c in "*?[")
 
 
-def _walk(folder: Path, suffixes: tuple[str, ...] = SUFFIXES) -> Iterator[Path]:
-    """Supported files under `folder`, skipping hidden entries and not following dir symlinks
-    (a link could lead outside the folder, or loop)."""
-    for root, dirs, files in os.walk(folder, followlinks=False):
-        dirs[:] = [d for d in dirs if not d.startswith(".")]
-        for name in files:
-            if not name.startswith(".") and name.lower().endswith(suffixes):
-                yield Path(root, name)
+def supported_suffixes(text_suffixes: Iterable[str] = TEXT_SUFFIXES) -> tuple[str, ...]:
+    """Every file-name ending a folder walk or glob picks up (lower case)."""
+    streamable = (*(s.lower() for s in text_suffixes), ".jsonl")
+    compressed = tuple(s + c for s in streamable for c in COMPRESSED_SUFFIXES)
+    return (*streamable, ".parquet", *compressed, *ARCHIVE_SUFFIXES)
 
 
-def resolve_sources(patterns: list[str], text_suffixes: tuple[str, ...] | list[str] = TEXT_SUFFIXES) -> list[Path]:
-    """Expand files, folders (recursively) and glob patterns into a sorted, de-duplicated list.
+def file_format(name: str, text_suffixes: Iterable[str] = TEXT_SUFFIXES) -> tuple[str, str | None] | None:
+    """(format, container) of a file name: format "text" | "jsonl" | "parquet" | "zip" and
+    container None | ".gz" | ".zst"; None if unsupported."""
+    lower = name.lower()
+    text = tuple(s.lower() for s in text_suffixes)
+    if lower.endswith(ARCHIVE_SUFFIXES):
+        return "zip", None
+    container = compression_of(lower)
+    inner = lower[: -len(container)] if container else lower
+    suffix = os.path.splitext(inner)[1]
+    if suffix in text:
+        return "text", container
+    if suffix == ".jsonl":
+        return "jsonl", container
+    if suffix == ".parquet":
+        return "parquet", container
+    return None
+
+
+def _check_format(real: Path, shown: str, text_suffixes: Sequence[str]) -> None:
+    fmt = file_format(real.name, text_suffixes)
+    if fmt is None:
+        expected = ", ".join(supported_suffixes(text_suffixes))
+        target = f" (-> {real})" if shown != str(real) else ""
+        raise DataError(f"unsupported file type: {shown}{target} (expected one of {expected})")
+    if fmt[0] == "parquet" and fmt[1]:
+        raise DataError(
+            f"{shown}: parquet inside {fmt[1]} is not supported (parquet compresses internally); "
+            "decompress it or write it with parquet's own compression"
+        )
+
+
+def _walk_pairs(folder: Path, suffixes: tuple[str, ...], roots: Roots) -> Iterator[tuple[Path, Path]]:
+    """(path as found, resolved path) of each supported file under the (resolved) `folder`,
+    skipping hidden entries and not following directory symlinks (they could loop). A symlink
+    - to a file or a folder - that leads outside the roots is refused, not skipped: silently
+    dropping data is worse."""
+
+    def fail(exc: OSError) -> None:
+        raise DataError(f"cannot list {exc.filename}: {exc.strerror or exc}")
+
+    for root, dirs, files in os.walk(folder, followlinks=False, onerror=fail):
+        keep = []
+        for name in dirs:
+            if name.startswith("."):
+                continue
+            full = Path(root, name)
+            if full.is_symlink():
+                roots.confine(full, "data source folder")  # refuses a link out; never followed
+                continue
+            keep.append(name)
+        dirs[:] = sorted(keep)
+        for name in sorted(files):
+            if name.startswith(".") or not name.lower().endswith(suffixes):
+                continue
+            full = Path(root, name)
+            if not full.is_symlink():  # the folder is resolved and no dir link is followed: already real
+                if not full.is_file():
+                    raise DataError(f"data source file {full} is not a regular file (a FIFO, socket or device?)")
+                yield full, full
+                continue
+            real = roots.confine(full, "data source file")
+            if not real.is_file():
+                raise DataError(f"data source file {full} is a broken symlink or not a regular file")
+            if not real.name.lower().endswith(suffixes):
+                raise DataError(f"unsupported file type: {full} (-> {real})")
+            yield full, real
+
+
+def _walk(folder: Path, suffixes: tuple[str, ...], roots: Roots) -> Iterator[Path]:
+    return (real for _, real in _walk_pairs(folder, suffixes, roots))
+
+
+def _match_parts(parts: tuple[str, ...], pats: tuple[str, ...]) -> bool:
+    """Glob match of path components; "**" matches any number of components."""
+    if not pats:
+        return not parts
+    if pats[0] == "**":
+        return any(_match_parts(parts[i:], pats[1:]) for i in range(len(parts) + 1))
+    return bool(parts) and fnmatch.fnmatchcase(parts[0], pats[0]) and _match_parts(parts[1:], pats[1:])
+
+
+def _recursive_glob(base: Path, rest: str, suffixes: tuple[str, ...], roots: Roots) -> list[Path]:
+    """A `**` pattern, expanded by our own walk: `glob` follows directory symlinks under `**`,
+    and two links to `.` make that exponential. A file matches if its path, or the path of a
+    folder above it, matches (a matched folder stands for everything under it)."""
+    if not base.is_dir():
+        return []
+    pats = Path(rest).parts
+    found = []
+    for full, real in _walk_pairs(base, suffixes, roots):
+        parts = full.relative_to(base).parts
+        if any(_match_parts(parts[:k], pats) for k in range(1, len(parts) + 1)):
+            found.append(real)
+    return found
+
+
+def _split_glob(pattern: Path) -> tuple[Path, str]:
+    """(fixed leading folder, the rest with the wildcards) of a glob pattern."""
+    parts = pattern.parts
+    for i, part in enumerate(parts):
+        if _is_glob(part):
+            base = Path(*parts[:i]) if i else Path(".")
+            return base, os.path.join(*parts[i:])
+    return pattern, ""
+
+
+def _expand_glob(pattern: str, given: Path, suffixes: tuple[str, ...], roots: Roots) -> list[Path]:
+    if ".." in given.parts:
+        roots.confine(pattern, "data source")  # raises: '..' is refused
+    base, rest = _split_glob(given)
+    base_real = roots.confine(base, f"data source {pattern!r}: the folder a glob starts from")
+    if "**" in Path(rest).parts:
+        return _recursive_glob(base_real, rest, suffixes, roots)
+    matches = []
+    for hit in sorted(glob.glob(rest, root_dir=base_real)):
+        real = roots.confine(base_real / hit, f"data source {pattern!r} match")
+        if real.is_dir():
+            matches.extend(_walk(real, suffixes, roots))
+        elif real.is_file() and real.name.lower().endswith(suffixes):
+            matches.append(real)
+    return matches
+
+
+def resolve_sources(
+    patterns: list[str],
+    text_suffixes: tuple[str, ...] | list[str] = TEXT_SUFFIXES,
+    *,
+    roots: Iterable[PathLike] | Roots | None = None,
+) -> list[Path]:
+    """Expand files, folders (recursively) and glob patterns into a sorted, de-duplicated list
+    of resolved paths, each inside `roots` (default: the current directory, as
+    `DataConfig.allowed_roots`; pass `roots=cfg.allowed_roots`).
 
     A pattern that yields no supported file is an error, as is a file named explicitly with
-    an unsupported extension: silently training on nothing is worse than failing.
+    an unsupported extension: silently training on nothing is worse than failing. A glob is
+    expanded from its fixed leading folder, which must itself be inside the roots.
     """
-    suffixes = (*text_suffixes, *RECORD_SUFFIXES)
+    allowed = Roots(DEFAULT_ROOTS if roots is None else roots)
+    text_suffixes = tuple(s.lower() for s in text_suffixes)
+    suffixes = supported_suffixes(text_suffixes)
     if not patterns:
         raise DataError("data.sources is empty: list at least one file, folder or glob pattern")
     found: set[Path] = set()
     for pattern in patterns:
-        path = Path(pattern).expanduser()
-        if path.is_file():
-            if not path.name.lower().endswith(suffixes):
-                raise DataError(f"unsupported file type: {path} (expected one of {', '.join(suffixes)})")
-            matches = [path]
-        elif path.is_dir():
-            matches = list(_walk(path, suffixes))
-        elif _is_glob(pattern):
-            matches = []
-            for hit in glob.glob(os.path.expanduser(pattern), recursive=True):
-                p = Path(hit)
-                if p.is_dir():
-                    matches.extend(_walk(p, suffixes))
-                elif p.is_file() and p.name.lower().endswith(suffixes):
-                    matches.append(p)
+        check_path_text(pattern, "data source")
+        given = Path(pattern).expanduser()
+        if not _is_glob(pattern) or os.path.lexists(given):
+            real = allowed.confine(pattern, "data source")
+            if real.is_file():
+                _check_format(real, pattern, text_suffixes)
+                matches = [real]
+            elif real.is_dir():
+                matches = list(_walk(real, suffixes, allowed))
+            elif os.path.lexists(given):
+                raise DataError(f"data source {pattern} is not a regular file or folder (a broken symlink?)")
+            else:
+                raise DataError(f"data source not found: {pattern}")
         else:
-            raise DataError(f"data source not found: {pattern}")
+            matches = _expand_glob(pattern, given, suffixes, allowed)
         if not matches:
             raise DataError(f"data source {pattern!r} matched no {'/'.join(suffixes)} files")
-        found.update(p.resolve() for p in matches)
+        found.update(matches)
     return sorted(found)
 
 
@@ -99,7 +248,7 @@ def _nfc(text: str) -> str:
 
 def _read_limited(path: Path, limit: int) -> bytes:
     # Re-check while reading: the file may have grown since it was stat()ed.
-    with open(path, "rb") as f:
+    with open_regular(path) as f:
         data = f.read(limit + 1)
     if len(data) > limit:
         raise DataError(f"{path} grew past data.max_file_bytes = {limit} while being read")
@@ -113,39 +262,71 @@ def _decode(data: bytes, where: str) -> str:
         raise DataError(f"{where}: not valid UTF-8 (byte {exc.start}: {exc.reason}); is it a binary file?") from None
 
 
-def _read_text(path: Path, limit: int) -> Iterator[Document]:
-    text = _decode(_read_limited(path, limit), str(path)).removeprefix("\ufeff")
+def _text_document(data: bytes, where: str) -> Iterator[Document]:
+    text = _decode(data, where).removeprefix("\ufeff")
     if "\x00" in text:  # valid UTF-8 but NUL bytes: almost certainly not a text file
-        raise DataError(f"{path}: contains NUL bytes; is it a binary file?")
+        raise DataError(f"{where}: contains NUL bytes; is it a binary file?")
     if text:  # an empty file is simply zero documents
-        yield Document(_nfc(text), str(path))
+        yield Document(_nfc(text), where)
+
+
+def _jsonl_documents(lines: Iterable[bytes], where: str, field: str) -> Iterator[Document]:
+    for lineno, raw in enumerate(lines, start=1):
+        loc = f"{where}:{lineno}"
+        line = _decode(raw, loc)
+        if lineno == 1:
+            line = line.removeprefix("\ufeff")
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except (json.JSONDecodeError, RecursionError) as exc:
+            raise DataError(f"{loc}: invalid JSON ({exc})") from None
+        if not isinstance(obj, dict):
+            raise DataError(f"{loc}: expected a JSON object, got {type(obj).__name__}")
+        if field not in obj:
+            raise DataError(f"{loc}: missing text field {field!r} (set data.text_field)")
+        text = obj[field]
+        if not isinstance(text, str):
+            raise DataError(f"{loc}: field {field!r} must be a string, got {type(text).__name__}")
+        yield Document(_nfc(text), loc)
+
+
+def _read_text(path: Path, limit: int) -> Iterator[Document]:
+    yield from _text_document(_read_limited(path, limit), str(path))
 
 
 def _read_jsonl(path: Path, limit: int, field: str) -> Iterator[Document]:
-    read = 0
-    with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, start=1):
+    def lines(f) -> Iterator[bytes]:
+        read = 0
+        for raw in f:
             read += len(raw)
             if read > limit:
                 raise DataError(f"{path} grew past data.max_file_bytes = {limit} while being read")
-            where = f"{path}:{lineno}"
-            line = _decode(raw, where)
-            if lineno == 1:
-                line = line.removeprefix("\ufeff")
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except (json.JSONDecodeError, RecursionError) as exc:
-                raise DataError(f"{where}: invalid JSON ({exc})") from None
-            if not isinstance(obj, dict):
-                raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
-            if field not in obj:
-                raise DataError(f"{where}: missing text field {field!r} (set data.text_field)")
-            text = obj[field]
-            if not isinstance(text, str):
-                raise DataError(f"{where}: field {field!r} must be a string, got {type(text).__name__}")
-            yield Document(_nfc(text), where)
+            yield raw
+
+    with open_regular(path) as f:
+        yield from _jsonl_documents(lines(f), str(path), field)
+
+
+def _read_compressed(path: Path, fmt: str, cfg: DataConfig, budget: Budget | None) -> Iterator[Document]:
+    with open_compressed(path, cfg.max_decompressed_bytes, budget) as stream:
+        if fmt == "text":
+            yield from _text_document(stream.read(), str(path))
+        else:
+            yield from _jsonl_documents(stream, str(path), cfg.text_field)
+
+
+def _read_zip(path: Path, cfg: DataConfig, budget: Budget | None) -> Iterator[Document]:
+    limit = cfg.max_decompressed_bytes
+    with open_zip(path) as zf:
+        for info in zip_members(path, zf, (*cfg.text_suffixes, ".jsonl"), limit):
+            where = f"{path}!{info.orig_filename}"
+            with open_member(path, zf, info, limit, budget) as stream:
+                if info.orig_filename.lower().endswith(".jsonl"):
+                    yield from _jsonl_documents(stream, where, cfg.text_field)
+                else:
+                    yield from _text_document(stream.read(), where)
 
 
 def _read_parquet(path: Path, limit: int, field: str) -> Iterator[Document]:
@@ -183,25 +364,41 @@ def _read_parquet(path: Path, limit: int, field: str) -> Iterator[Document]:
         raise DataError(f"{path}: corrupt parquet data ({exc})") from None
 
 
-def read_file(path: Path, cfg: DataConfig) -> Iterator[Document]:
-    """Documents of one file, in file order."""
-    suffix = path.suffix.lower()
-    if suffix in cfg.text_suffixes:
+def read_file(path: Path, cfg: DataConfig, *, budget: Budget | None = None) -> Iterator[Document]:
+    """Documents of one file (or archive), in file order. `budget`, if given, counts the
+    bytes read (decompressed, for archives) against data.max_total_bytes."""
+    fmt = file_format(path.name, cfg.text_suffixes)
+    if fmt is None:
+        raise DataError(f"unsupported file type: {path}")
+    kind, container = fmt
+    if kind == "zip":
+        return _read_zip(path, cfg, budget)
+    if container:
+        if kind == "parquet":
+            _check_format(path, str(path), cfg.text_suffixes)  # raises with the reason
+        return _read_compressed(path, kind, cfg, budget)
+    if budget is not None:
+        budget.add(path.stat().st_size, str(path))
+    if kind == "text":
         return _read_text(path, cfg.max_file_bytes)
-    if suffix == ".jsonl":
+    if kind == "jsonl":
         return _read_jsonl(path, cfg.max_file_bytes, cfg.text_field)
-    if suffix == ".parquet":
-        return _read_parquet(path, cfg.max_file_bytes, cfg.text_field)
-    raise DataError(f"unsupported file type: {path}")
+    return _read_parquet(path, cfg.max_file_bytes, cfg.text_field)
 
 
 def iter_documents(cfg: DataConfig, files: list[Path] | None = None) -> Iterator[Document]:
     """Stream every document of every source, in sorted-file order, one file open at a time.
 
-    Size limits are checked for all files before the first document is produced.
+    Every file must resolve inside `cfg.allowed_roots` (checked again as it is opened, also
+    for `files` passed in). Size limits on disk are checked for all files before the first
+    document is produced; decompressed bytes are counted against `max_decompressed_bytes`
+    per member and, with everything else read, against `max_total_bytes` as they stream.
     """
+    roots = Roots(cfg.allowed_roots)
     if files is None:
-        files = resolve_sources(cfg.sources, cfg.text_suffixes)
+        files = resolve_sources(cfg.sources, cfg.text_suffixes, roots=roots)
     check_sizes(files, cfg.max_file_bytes, cfg.max_total_bytes)
+    budget = Budget(cfg.max_total_bytes)
     for path in files:
-        yield from read_file(path, cfg)
+        real = roots.confine(path, "data source file", must_exist=True)
+        yield from read_file(real, cfg, budget=budget)

@@ -53,7 +53,7 @@ def test_pipeline_prepare_train_generate_plot(tmp_path):
         tmp_path / "c.yaml",
         model={"preset": "tiny"},
         data={"sources": [str(tmp_path / "src")], "output_dir": str(tmp_path / "data"),
-              "tokenizer": {"vocab_size": 300}},
+              "allowed_roots": [str(tmp_path)], "tokenizer": {"vocab_size": 300}},
         train={"data_dir": str(tmp_path / "data"), "out_dir": str(tmp_path / "run"), "seq_len": 64,
                "batch_size": 4, "max_steps": 30, "lr": 3e-3, "eval_every": 15, "threads": 1},
         generate={"max_new_tokens": 8, "max_new_tokens_ceiling": 16},
@@ -91,12 +91,13 @@ def test_pipeline_prepare_train_generate_plot(tmp_path):
     assert refused.exit_code == 2 and "SHA-256" in refused.output
 
 
-def test_data_prepare_errors_are_one_clear_line(tmp_path):
+def test_data_prepare_errors_are_one_clear_line(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the default data.allowed_roots is the current directory
     (tmp_path / "bin.txt").write_bytes(b"\xff\xfe\x00binary")
     result = runner.invoke(app, ["data", "prepare", "--source", str(tmp_path / "bin.txt"),
                                  "--output", str(tmp_path / "out")])
     assert result.exit_code == 2
-    assert "bin.txt" in result.output and "Traceback" not in result.output
+    assert "bin.txt" in result.output and "UTF-8" in result.output and "Traceback" not in result.output
     none = runner.invoke(app, ["data", "prepare", "--output", str(tmp_path / "out")])
     assert none.exit_code == 2 and "no data sources" in none.output
 

@@ -20,7 +20,9 @@ from bastion.tokenizer import BastionTokenizer
 def cfg(tmp_path: Path, sources: list[str], **kw) -> DataConfig:
     kw.setdefault("tokenizer", {"vocab_size": 300, "min_frequency": 2})
     kw.setdefault("shard_tokens", 1024)
-    return DataConfig(sources=sources, output_dir=str(tmp_path / "out"), **kw)
+    kw.setdefault("allowed_roots", [str(tmp_path)])
+    kw.setdefault("output_dir", str(tmp_path / "out"))
+    return DataConfig(sources=sources, **kw)
 
 
 @pytest.fixture
@@ -131,7 +133,7 @@ def test_refuses_to_overwrite_non_dataset_dir(tmp_path: Path, corpus: Path) -> N
     assert (tmp_path / "out" / "thesis.tex").read_text() == "precious"
     (tmp_path / "file_out").write_text("x")
     with pytest.raises(DataError, match="not a directory"):
-        prepare_dataset(DataConfig(sources=[str(corpus)], output_dir=str(tmp_path / "file_out")))
+        prepare_dataset(cfg(tmp_path, [str(corpus)], output_dir=str(tmp_path / "file_out")))
 
 
 def test_empty_existing_output_dir_is_fine(tmp_path: Path, corpus: Path) -> None:

@@ -18,7 +18,7 @@ def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("shards")
     src = write_corpus(root / "in", grammar_documents(200, seed=3), "g")
     cfg = DataConfig(
-        sources=[str(src)], output_dir=str(root / "ds"), shard_tokens=1024, val_fraction=0.1,
+        sources=[str(src)], output_dir=str(root / "ds"), shard_tokens=1024, val_fraction=0.1, allowed_roots=[str(root)],
         tokenizer={"vocab_size": 300},
     )
     prepare_dataset(cfg)

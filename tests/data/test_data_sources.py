@@ -15,6 +15,7 @@ from bastion.errors import DataError
 
 
 def docs(tmp_path: Path, *sources: str, **kw) -> list[str]:
+    kw.setdefault("allowed_roots", [str(tmp_path)])
     cfg = DataConfig(sources=list(sources), output_dir=str(tmp_path / "out"), **kw)
     return [d.text for d in iter_documents(cfg)]
 
@@ -24,26 +25,26 @@ def test_resolve_files_folders_globs_sorted(tmp_path: Path) -> None:
     (tmp_path / "b" / "deep").mkdir()
     for rel in ["a.txt", "b/x.md", "b/deep/y.jsonl", "b/skip.csv", "b/.hidden.txt", "c.parquet"]:
         (tmp_path / rel).write_text("")
-    got = resolve_sources([str(tmp_path / "b"), str(tmp_path / "*.txt"), str(tmp_path / "a.txt")])
+    got = resolve_sources([str(tmp_path / "b"), str(tmp_path / "*.txt"), str(tmp_path / "a.txt")], roots=[tmp_path])
     assert got == sorted(got)
     assert [p.name for p in got] == ["a.txt", "y.jsonl", "x.md"]  # sorted by full path, deduplicated
-    assert [p.name for p in resolve_sources([str(tmp_path / "**" / "*.parquet")])] == ["c.parquet"]
+    assert [p.name for p in resolve_sources([str(tmp_path / "**" / "*.parquet")], roots=[tmp_path])] == ["c.parquet"]
 
 
 def test_glob_matching_nothing_names_pattern(tmp_path: Path) -> None:
     pattern = str(tmp_path / "*.jsonl")
     with pytest.raises(DataError, match="matched no"):
-        resolve_sources([pattern])
+        resolve_sources([pattern], roots=[tmp_path])
     with pytest.raises(DataError, match="not found: .*missing.txt"):
-        resolve_sources([str(tmp_path / "missing.txt")])
+        resolve_sources([str(tmp_path / "missing.txt")], roots=[tmp_path])
     with pytest.raises(DataError, match="empty"):
-        resolve_sources([])
+        resolve_sources([], roots=[tmp_path])
 
 
 def test_unsupported_explicit_file(tmp_path: Path) -> None:
     (tmp_path / "data.csv").write_text("a,b")
     with pytest.raises(DataError, match="unsupported file type: .*data.csv"):
-        resolve_sources([str(tmp_path / "data.csv")])
+        resolve_sources([str(tmp_path / "data.csv")], roots=[tmp_path])
 
 
 def test_empty_file_is_zero_documents(tmp_path: Path) -> None:
@@ -164,8 +165,8 @@ def test_text_suffixes_read_code_files_as_text(tmp_path):
     (tmp_path / "a.py").write_text("def f():\n    return 1\n")
     (tmp_path / "b.txt").write_text("plain")
     with pytest.raises(DataError, match="matched no"):
-        resolve_sources([str(tmp_path / "*.py")])
-    cfg = DataConfig(sources=[str(tmp_path)], text_suffixes=[".py"])
+        resolve_sources([str(tmp_path / "*.py")], roots=[tmp_path])
+    cfg = DataConfig(sources=[str(tmp_path)], text_suffixes=[".py"], allowed_roots=[str(tmp_path)])
     docs = list(iter_documents(cfg))
     assert [d.text for d in docs] == ["def f():\n    return 1\n"]
 

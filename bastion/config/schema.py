@@ -93,7 +93,7 @@ class QualityConfig(Section):
 
     min_chars: int = Field(default=1, ge=0, le=10_000_000)
     max_chars: int = Field(default=10_000_000, ge=1, le=2**31)
-    max_non_text_fraction: float = Field(default=0.3, ge=0.0, le=1.0, description="share of characters that are neither letters, digits, punctuation nor whitespace")
+    max_non_text_fraction: float = Field(default=0.3, ge=0.0, le=1.0, description="share of characters that are control, format, private-use, unassigned, U+FFFD, box-drawing or Braille")
     max_repeated_line_fraction: float = Field(default=0.5, ge=0.0, le=1.0, description="share of non-empty lines that repeat an earlier line")
 
 
@@ -118,7 +118,6 @@ class DataConfig(Section):
     val_fraction: float = Field(default=0.05, ge=0.0, le=0.5)
     shard_tokens: int = Field(default=50_000_000, ge=1024, le=2**31)
     batch_documents: int = Field(default=512, ge=1, le=1_000_000)
-    min_document_chars: int = Field(default=1, ge=0, le=10_000_000)
     seed: int = Field(default=1234, ge=0, le=2**31 - 1)
     allowed_roots: list[str] = Field(
         default_factory=lambda: ["."], max_length=64,

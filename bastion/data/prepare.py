@@ -1,8 +1,13 @@
 """`bastion data prepare`: raw files -> tokenizer + packed, hashed token shards.
 
-Streaming in two passes over the sources, so memory does not grow with corpus size:
-  pass 1 (scan): validate every file, count/dedup documents, decide the split, and (unless
-          `tokenizer.path` is set) feed the train-split documents to `train_from_iterator`;
+Each document goes through the hygiene steps in this order: quality filters (on the raw
+text) -> PII/secret redaction -> exact dedup -> near-dup (MinHash LSH) -> train/val split.
+Redaction comes before dedup and tokenizer training, so no secret reaches the vocabulary or
+the shards. Streaming in two passes over the sources, so memory does not grow with corpus
+size (only the per-document dedup state does):
+  pass 1 (scan): validate every file, filter/redact/dedup, decide the split and which
+          documents are near-duplicates, and (unless `tokenizer.path` is set) feed the
+          train-split documents to `train_from_iterator`;
   pass 2 (write): tokenize in batches of `batch_documents`, append eos after each document,
           and write shards incrementally.
 Everything is built in `<output_dir>.tmp-<pid>` and renamed into place only on success.
@@ -13,6 +18,7 @@ import hashlib
 import json
 import os
 import shutil
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -20,6 +26,9 @@ from pathlib import Path
 import numpy as np
 
 from bastion.config.schema import DataConfig
+from bastion.data.dedup import NearDuplicateIndex
+from bastion.data.quality import QualityFilter
+from bastion.data.sanitize import Redactor
 from bastion.data.shards import (
     FORMAT_NAME,
     FORMAT_VERSION,
@@ -52,7 +61,10 @@ class PrepareReport:
     documents_read: int  # before filtering
     documents: int  # kept (train + val)
     duplicates_dropped: int
-    too_short_dropped: int
+    near_duplicates_dropped: int
+    near_duplicate_clusters: int  # kept documents that had at least one near-duplicate removed
+    filtered: dict[str, int]  # quality-filter drops by reason
+    redactions: dict[str, int]  # redacted spans by category (EMAIL, SECRET, ...)
     vocab_size: int
     eos_id: int
     dtype: str
@@ -76,17 +88,27 @@ class _Doc:
 
 
 class _Filter:
-    """Drops too-short and exact-duplicate documents, and assigns each survivor a split.
+    """Quality filters, redaction, exact and near-duplicate removal, and the split decision.
 
-    The set of seen content hashes is the ONLY per-document state in the whole pipeline
-    (16 bytes + set overhead per unique document); everything else is O(batch).
+    Per-document state is the set of content hashes (16 bytes + set overhead per unique
+    document) and, in pass 1, the MinHash LSH index (a few KB per kept document). Pass 1
+    records which documents were near-duplicates (`near_dropped`); pass 2 replays that
+    decision instead of rebuilding the index.
     """
 
-    def __init__(self, cfg: DataConfig, force: dict[bytes, str] | None = None):
+    def __init__(self, cfg: DataConfig, force: dict[bytes, str] | None = None,
+                 near_dropped: set[bytes] | None = None):
         self.cfg = cfg
         self.force = force or {}  # digest -> split, overrides from pass 1 (see _split_overrides)
+        self.quality = QualityFilter(cfg.quality)
+        self.redactor = Redactor(cfg.sanitize) if cfg.sanitize.enabled else None
+        self.replay = near_dropped is not None
+        self.near = None if self.replay or not cfg.dedup.near else NearDuplicateIndex.from_config(cfg.dedup, seed=cfg.seed)
+        self.near_dropped: set[bytes] = near_dropped if near_dropped is not None else set()
         self.seen: set[bytes] = set()
-        self.read = self.duplicates = self.too_short = 0
+        self.read = self.duplicates = self.near_duplicates = 0
+        self.filtered: Counter[str] = Counter()
+        self.redactions: Counter[str] = Counter()
 
     def split_key(self, digest: bytes) -> float:
         # Salted with the seed so a different seed gives a different (still deterministic) split;
@@ -94,17 +116,33 @@ class _Filter:
         salted = hashlib.sha256(self.cfg.seed.to_bytes(8, "little") + digest).digest()
         return int.from_bytes(salted[:8], "little") / 2**64
 
+    @property
+    def near_clusters(self) -> int:
+        return self.near.clusters_removed if self.near is not None else 0
+
     def __call__(self, texts: Iterator[str]) -> Iterator[_Doc]:
         for text in texts:
             self.read += 1
-            if len(text) < self.cfg.min_document_chars:
-                self.too_short += 1
+            reason = self.quality.reason(text)
+            if reason:
+                self.filtered[reason] += 1
                 continue
+            if self.redactor is not None:
+                text, found = self.redactor.redact(text)
+                self.redactions.update(found)
             digest = hashlib.sha256(text.encode("utf-8")).digest()[:16]  # 128 bits: collisions negligible
-            if digest in self.seen:
-                self.duplicates += 1
+            if self.cfg.dedup.exact:
+                if digest in self.seen:
+                    self.duplicates += 1
+                    continue
+                self.seen.add(digest)
+            if self.replay and digest in self.near_dropped:
+                self.near_duplicates += 1
                 continue
-            self.seen.add(digest)
+            if self.near is not None and self.near.check_and_add(digest, text) is not None:
+                self.near_dropped.add(digest)
+                self.near_duplicates += 1
+                continue
             split = self.force.get(digest) or ("val" if self.split_key(digest) < self.cfg.val_fraction else "train")
             yield _Doc(text, digest, split)
 
@@ -184,10 +222,12 @@ def prepare_dataset(cfg: DataConfig, on_progress: Progress | None = None) -> Pre
     if kept == 0:
         raise DataError(
             f"no documents to train on: {len(files)} file(s), {scan.read} document(s) read, "
-            f"{scan.too_short} shorter than data.min_document_chars, {scan.duplicates} duplicates"
+            f"{dict(scan.filtered)} dropped by data.quality filters, {scan.duplicates} duplicates, "
+            f"{scan.near_duplicates} near-duplicates"
         )
     force = _split_overrides(cfg, stats, extremes)
-    scan.seen.clear()  # free pass 1's hash set before pass 2 builds its own
+    near_dropped, near_clusters = scan.near_dropped, scan.near_clusters
+    del scan  # free pass 1's hash set and LSH index before pass 2 builds its own state
     progress("tokenizer", tok.vocab_size)
 
     # ---- pass 2: tokenize + write into a temp dir ---------------------------------------
@@ -197,7 +237,7 @@ def prepare_dataset(cfg: DataConfig, on_progress: Progress | None = None) -> Pre
     out.parent.mkdir(parents=True, exist_ok=True)
     make_private_dir(tmp)
     try:
-        splits, filt = _write_dataset(cfg, tok, files, force, tmp, progress)
+        splits, filt = _write_dataset(cfg, tok, files, force, near_dropped, tmp, progress)
         report = PrepareReport(
             output_dir=str(out),
             files=len(files),
@@ -205,7 +245,10 @@ def prepare_dataset(cfg: DataConfig, on_progress: Progress | None = None) -> Pre
             documents_read=filt.read,
             documents=splits["train"].documents + splits["val"].documents,
             duplicates_dropped=filt.duplicates,
-            too_short_dropped=filt.too_short,
+            near_duplicates_dropped=filt.near_duplicates,
+            near_duplicate_clusters=near_clusters,
+            filtered=dict(sorted(filt.filtered.items())),
+            redactions=dict(sorted(filt.redactions.items())),
             vocab_size=tok.vocab_size,
             eos_id=tok.eos_id,
             dtype=token_dtype(tok.vocab_size),
@@ -246,12 +289,13 @@ def _split_overrides(
 
 
 def _write_dataset(
-    cfg: DataConfig, tok: BastionTokenizer, files: list[Path], force: dict[bytes, str], tmp: Path, progress: Progress
+    cfg: DataConfig, tok: BastionTokenizer, files: list[Path], force: dict[bytes, str], near_dropped: set[bytes],
+    tmp: Path, progress: Progress,
 ) -> tuple[dict[str, SplitReport], _Filter]:
     dtype = token_dtype(tok.vocab_size)
     writers = {s: ShardWriter(tmp, s, dtype, cfg.shard_tokens) for s in ("train", "val")}
     splits = {"train": SplitReport(), "val": SplitReport()}
-    filt = _Filter(cfg, force)
+    filt = _Filter(cfg, force, near_dropped)
     eos = np.array([tok.eos_id], dtype=np.int64)
     for batch in _batched(filt(_texts(cfg, files)), cfg.batch_documents):
         encoded = tok.encode_batch([d.text for d in batch])

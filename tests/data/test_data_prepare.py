@@ -66,9 +66,9 @@ def test_duplicates_and_short_documents_dropped_and_counted(tmp_path: Path) -> N
     lines = ["alpha beta", "alpha beta", "gamma", "delta epsilon", "alpha beta", "x"]
     src = tmp_path / "d.jsonl"
     src.write_text("".join(json.dumps({"text": t}) + "\n" for t in lines))
-    report = prepare_dataset(cfg(tmp_path, [str(src)], min_document_chars=2, val_fraction=0.0))
+    report = prepare_dataset(cfg(tmp_path, [str(src)], quality={"min_chars": 2}, val_fraction=0.0))
     assert report.documents_read == 6
-    assert report.duplicates_dropped == 2 and report.too_short_dropped == 1
+    assert report.duplicates_dropped == 2 and report.filtered == {"too_short": 1}
     assert report.documents == report.train.documents == 3 and report.val.documents == 0
     assert read_index(tmp_path / "out")["splits"]["val"] == {"documents": 0, "shards": [], "tokens": 0}
     assert TokenShards(tmp_path / "out", "val").num_tokens == 0

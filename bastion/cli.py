@@ -12,6 +12,7 @@ from rich.table import Table
 
 from bastion.checkpoint.cli import app as ckpt_app
 from bastion.errors import BastionError, ConfigError
+from bastion.eval.cli import app as eval_app
 
 app = typer.Typer(
     help="Bastion: raw text to a trained, sampled language model, secure by default.",
@@ -24,6 +25,7 @@ data_app = typer.Typer(help="Prepare training data: read, clean, tokenize, pack 
 app.add_typer(config_app, name="config")
 app.add_typer(ckpt_app, name="ckpt")
 app.add_typer(data_app, name="data")
+app.add_typer(eval_app, name="eval")
 
 out = Console()
 err = Console(stderr=True)
@@ -106,6 +108,28 @@ def data_prepare(
         _fail(exc)
     print_report(report)
     out.print(f"dataset written to {data_cfg.output_dir}")
+
+
+@data_app.command("canaries")
+def data_canaries(
+    data_dir: Path = typer.Argument(..., help="Prepared dataset folder (holds index.json) to plant canaries in."),
+    records: Path = typer.Option(..., "--out", help="Where to write the secrets (0600; must be outside DATA_DIR; never overwritten)."),
+    repeats: List[int] = typer.Option([1, 10, 100], "--repeats", min=1, help="Times each canary is inserted (repeatable)."),
+    per_repeat: int = typer.Option(2, "--per-repeat", min=1, help="Canaries per repetition count."),
+    seed: int = typer.Option(0, "--seed", help="Seed for the canary documents' order (secrets come from the OS CSPRNG)."),
+    fmt: str = typer.Option("my PIN is {secret}", "--format", help="Canary text; {secret} marks the random digits."),
+    digits: int = typer.Option(6, "--digits", min=1, max=18, help="Digits per secret: 10^digits candidates."),
+) -> None:
+    """Plant random-secret canaries in a prepared dataset (as a new train shard) to audit memorization later."""
+    from bastion.data.canaries import insert_canaries
+
+    try:
+        done = insert_canaries(data_dir, records, fmt=fmt, digits=digits, repeats=list(repeats),
+                               per_repeat=per_repeat, seed=seed)
+    except BastionError as exc:
+        _fail(exc)
+    out.print(f"{len(done.canaries)} canaries, {done.documents:,} documents ({done.tokens:,} tokens) added to "
+              f"{data_dir} as {done.shard}; secrets in {done.records} (keep it private)")
 
 
 def print_report(report) -> None:

@@ -227,7 +227,7 @@ def prepare_dataset(cfg: DataConfig, on_progress: Progress | None = None) -> Pre
         )
     force = _split_overrides(cfg, stats, extremes)
     near_dropped, near_clusters = scan.near_dropped, scan.near_clusters
-    del scan  # free pass 1's hash set and LSH index before pass 2 builds its own state
+    scan.seen, scan.near = set(), None  # free pass 1's hash set and LSH index before pass 2 builds its own
     progress("tokenizer", tok.vocab_size)
 
     # ---- pass 2: tokenize + write into a temp dir ---------------------------------------

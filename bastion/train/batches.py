@@ -54,7 +54,15 @@ class BlockSampler:
 
     def batch(self, batch_size: int, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
         """Next (inputs, targets), each [batch_size, seq_len] int64."""
-        rows = [self.shards.read(b * self.seq_len, self.seq_len + 1) for b in self.next_blocks(batch_size)]
+        return self.read_blocks(self.next_blocks(batch_size), device)
+
+    def read_blocks(self, blocks: list[int], device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+        """(inputs, targets) of the given blocks, each [len(blocks), seq_len] int64; the cursor does
+        not move. DP training draws its own (Poisson) block sets and reads them through this."""
+        rows = [self.shards.read(b * self.seq_len, self.seq_len + 1) for b in blocks]
+        if not rows:
+            empty = torch.empty((0, self.seq_len), dtype=torch.int64, device=device)
+            return empty, empty
         tokens = torch.from_numpy(np.stack(rows).astype(np.int64))
         if torch.device(device).type == "cuda":
             tokens = tokens.pin_memory().to(device, non_blocking=True)

@@ -7,7 +7,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 import yaml
@@ -27,6 +27,9 @@ from bastion.train.progress import TrainProgress
 from bastion.train.schedule import lr_at
 from bastion.train.signals import StopRequest
 
+if TYPE_CHECKING:
+    from bastion.train.dp import PrivateTraining
+
 
 @dataclass
 class TrainResult:
@@ -38,6 +41,7 @@ class TrainResult:
     checkpoint: Path | None
     stopped_by: str | None = None
     losses: list[float] = field(default_factory=list)
+    epsilon: float | None = None  # DP runs: privacy spent (at the run's delta)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -106,12 +110,19 @@ def train(
     optimizer = build_optimizer(model, tc, device)
     tokens_per_step = tc.batch_size * tc.grad_accum * tc.seq_len
     total_steps = tc.max_steps or max(1, math.ceil(tc.epochs * sampler.n_blocks / (tc.batch_size * tc.grad_accum)))
+    # DP-SGD (bastion/train/dp.py): when enabled it happens, or the run fails before step one.
+    dp = None
+    if tc.dp.enabled:
+        from bastion.train.dp import PrivateTraining
+
+        dp = PrivateTraining(model, tc, n_examples=sampler.n_blocks, total_steps=total_steps)
 
     step, tokens_seen, val_loss, best_val = 0, 0, None, None
     if resume:
-        step, tokens_seen, val_loss, best_val = _restore(ckpt_root, cfg, model, optimizer, sampler)
+        step, tokens_seen, val_loss, best_val = _restore(ckpt_root, cfg, model, optimizer, sampler, dp)
     make_private_dir(run_dir)
     replace_file(run_dir / "config.yaml", to_yaml(cfg).encode())
+    dp_notes = dp.start(run_dir, step) if dp is not None else []
 
     pusher = _start_pusher(cfg) if cfg.checkpoint.push_to else None
     forward = torch.compile(model) if tc.compile else model
@@ -127,6 +138,8 @@ def train(
             "step": at_step, "tokens_seen": tokens_seen, "val_loss": val_loss, "best_val_loss": best_val,
             "total_steps": total_steps, "sampler": sampler.state_dict(), "objective": tc.objective,
         }
+        if dp is not None:
+            state["dp"] = dp.state_dict()
         cc = cfg.checkpoint
         path = save_checkpoint(
             ckpt_root, at_step,
@@ -162,34 +175,50 @@ def train(
     window_start, window_tokens = time.perf_counter(), 0
     try:
         with StopRequest() as stop, progress:
+            for note in dp_notes:
+                progress.note(note)
             while step < total_steps:
                 lr = lr_at(step, lr=tc.lr, warmup_steps=tc.warmup_steps, total_steps=total_steps, min_lr_ratio=tc.min_lr_ratio)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
-                step_loss = torch.zeros((), device=device)
-                for _ in range(tc.grad_accum):
-                    x, y = sampler.batch(tc.batch_size, device)
-                    with autocast():
-                        _, loss = forward(x, y)
-                    (loss / tc.grad_accum).backward()
-                    step_loss += loss.detach() / tc.grad_accum
-                if tc.grad_clip:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+                step_tokens = tokens_per_step
+                if dp is not None:
+                    # A Poisson batch of varying size (possibly empty: then the step is noise only).
+                    x, y = sampler.read_blocks(dp.sample(step), device)
+                    step_tokens = x.numel()
+                    step_loss = torch.full((), math.nan, device=device)
+                    if len(x):
+                        with autocast():
+                            _, loss = forward(x, y)
+                        loss.backward()
+                        step_loss = loss.detach()
+                    dp.privatize(step, len(x))  # per-example clip + noise replace the gradients
+                else:
+                    step_loss = torch.zeros((), device=device)
+                    for _ in range(tc.grad_accum):
+                        x, y = sampler.batch(tc.batch_size, device)
+                        with autocast():
+                            _, loss = forward(x, y)
+                        (loss / tc.grad_accum).backward()
+                        step_loss += loss.detach() / tc.grad_accum
+                    if tc.grad_clip:
+                        torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
-                tokens_seen += tokens_per_step
-                window_tokens += tokens_per_step
+                tokens_seen += step_tokens
+                window_tokens += step_tokens
                 last_loss = step_loss.item()
                 losses.append(last_loss)
-                if not math.isfinite(last_loss):
+                if not math.isfinite(last_loss) and step_tokens:
                     raise FloatingPointError(f"training loss became {last_loss} at step {step}; lower train.lr or check the data")
 
                 if step % tc.log_every == 0 or step == total_steps:
                     elapsed = time.perf_counter() - window_start
                     tps = window_tokens / elapsed if elapsed > 0 else 0.0
+                    extra = {"epsilon": dp.epsilon()} if dp is not None else {}
                     metrics.log("train", step, loss=last_loss, lr=lr, tokens=tokens_seen, tokens_per_s=tps,
-                                epoch=sampler.epochs_done)
+                                epoch=step * dp.sample_rate if dp is not None else sampler.epochs_done, **extra)
                     window_start, window_tokens = time.perf_counter(), 0
                     progress.update(step, loss=last_loss, lr=lr, tokens_per_s=tps)
                 else:
@@ -198,7 +227,8 @@ def train(
                     val_loss = evaluate()
                     best_val = val_loss if best_val is None else min(best_val, val_loss)
                     metrics.log("val", step, loss=val_loss)
-                    progress.note(f"step {step}: val loss {val_loss:.4f}")
+                    spent = f", epsilon {dp.epsilon():.3f} (delta {dp.delta:.3g})" if dp is not None else ""
+                    progress.note(f"step {step}: val loss {val_loss:.4f}{spent}")
                 if stop.requested is None and should_stop is not None and should_stop(step):
                     stop.requested = "callback"
                 if step % cfg.checkpoint.every_steps == 0 or step == total_steps or stop.requested:
@@ -214,7 +244,8 @@ def train(
             pusher.close(timeout=3600)
             for problem in pusher.errors:
                 progress.note(f"[warning] checkpoint upload failed: {problem}")
-    return TrainResult(run_dir, step, tokens_seen, last_loss, val_loss, last_ckpt, stopped_by, losses)
+    return TrainResult(run_dir, step, tokens_seen, last_loss, val_loss, last_ckpt, stopped_by, losses,
+                       dp.epsilon() if dp is not None else None)
 
 
 def _start_pusher(cfg: BastionConfig):
@@ -225,7 +256,7 @@ def _start_pusher(cfg: BastionConfig):
 
 
 def _restore(ckpt_root: Path, cfg: BastionConfig, model: Transformer, optimizer: torch.optim.Optimizer,
-             sampler: BlockSampler) -> tuple[int, int, float | None, float | None]:
+             sampler: BlockSampler, dp: PrivateTraining | None = None) -> tuple[int, int, float | None, float | None]:
     if not list_checkpoints(ckpt_root):
         raise CheckpointError(f"--resume: no checkpoint under {ckpt_root}")
     ckpt = load_checkpoint(ckpt_root, verify=True, reject_nonfinite=cfg.checkpoint.reject_nonfinite)
@@ -245,4 +276,13 @@ def _restore(ckpt_root: Path, cfg: BastionConfig, model: Transformer, optimizer:
     if "torch_cuda" in ckpt.rng and torch.cuda.is_available():
         torch.cuda.set_rng_state(ckpt.rng["torch_cuda"])
     state = ckpt.trainer_state
+    # A DP guarantee must cover every step: neither half of a run may be non-private.
+    if dp is None and "dp" in state:
+        raise CheckpointError("--resume: the checkpoint was trained with train.dp.enabled; resuming without it would "
+                              "continue without privacy (set train.dp.enabled: true, or start a new run)")
+    if dp is not None:
+        if "dp" not in state:
+            raise CheckpointError("--resume: train.dp.enabled is set but the checkpoint was trained without DP; "
+                                  "steps already taken are not private, so start a new run")
+        dp.load_state_dict(state["dp"], int(state["step"]))
     return int(state["step"]), int(state["tokens_seen"]), state.get("val_loss"), state.get("best_val_loss")

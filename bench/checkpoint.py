@@ -1,0 +1,286 @@
+"""Checkpoints: save/load cost of Bastion's verified format, and lossless compression.
+
+Trains a real small model first (the `small` preset on Python standard-library source, with
+the real `bastion.train.train()` loop) so the weights and AdamW state are realistic, stopping
+one step short and resuming so the last two checkpoints are consecutive steps. Then, on that
+model, in one process, repetitions interleaved and medians reported:
+
+1. save + load: `save_checkpoint`/`load_checkpoint` (fsync, SHA-256 manifest, verification)
+   vs `torch.save`/`torch.load(weights_only=True)` vs `safetensors.torch.save_file`/`load_file`,
+   and the cost of hashing the file alone. Ratios are against plain safetensors.
+2. compression: `pack_checkpoint`/`unpack_checkpoint` vs plain zstd (same level, same
+   threads, file to file with fsync, as `zstd -T<n>` would) for the fp32 weights, the same
+   weights cast to bf16, and the newer checkpoint (model + optimizer) as a delta against the
+   one before it. Also: which bits one AdamW step actually flips.
+
+    python bench/checkpoint.py                  # ~3-4 minutes on a 2-core CPU
+    python bench/checkpoint.py --json out.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import sysconfig
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import safetensors.torch
+import torch
+import zstandard
+
+from bastion.checkpoint import (
+    Checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    save_checkpoint,
+)
+from bastion.checkpoint.pack import pack_checkpoint, unpack_checkpoint
+from bastion.config import build_config
+from bastion.data import prepare_dataset
+from bastion.safeio import sha256_file
+from bastion.train import train
+from bastion.train.schedule import lr_at
+
+
+def prepare(workdir: Path, vocab_size: int) -> Path:
+    """The dataset bench/train_throughput.py uses: standard-library source, BPE tokenizer.
+    The sources are copied into `workdir` first, so they sit inside data.allowed_roots."""
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    for package in ("email", "http", "json", "asyncio", "logging"):
+        shutil.copytree(stdlib / package, workdir / "src" / package, ignore=shutil.ignore_patterns("__pycache__"))
+    cfg = build_config({"data": {
+        "sources": [str(workdir / "src" / p / "*.py") for p in ("email", "http", "json", "asyncio", "logging")],
+        "text_suffixes": [".py"], "output_dir": str(workdir / "data"), "val_fraction": 0.0,
+        "allowed_roots": [str(workdir)], "tokenizer": {"vocab_size": vocab_size},
+    }})
+    prepare_dataset(cfg.data)
+    return workdir / "data"
+
+
+def train_model(args, data_dir: Path, out_dir: Path) -> tuple[Path, Path, float]:
+    """Train `args.steps` steps of a schedule twice that long (so the last step is mid-decay,
+    not at the tail's tiny learning rate); return the checkpoints of steps N-1 and N and the
+    learning rate of the step between them."""
+    cfg = build_config({
+        "model": {"preset": args.preset, "max_seq_len": args.seq_len},
+        "train": {"data_dir": str(data_dir), "out_dir": str(out_dir), "seq_len": args.seq_len,
+                  "batch_size": args.batch_size, "max_steps": 2 * args.steps, "lr": 1e-3, "warmup_steps": 10,
+                  "eval_every": 10**8, "log_every": 10, "dtype": "float32", "device": "cpu", "seed": 0},
+        "checkpoint": {"every_steps": 10**8, "keep_last": 2, "save_optimizer": True},
+    }, source="bench config")
+    train(cfg, quiet=True, should_stop=lambda step: step >= args.steps - 1)  # checkpoint at N-1, stop
+    train(cfg, quiet=True, resume=True, should_stop=lambda step: step >= args.steps)  # one more, checkpoint at N
+    older, newer = list_checkpoints(out_dir / "checkpoints")[-2:]
+    tc = cfg.train
+    lr = lr_at(args.steps - 1, lr=tc.lr, warmup_steps=tc.warmup_steps, total_steps=tc.max_steps, min_lr_ratio=tc.min_lr_ratio)
+    return older, newer, lr
+
+
+def unique_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Drop tied aliases (plain safetensors refuses shared storage)."""
+    seen, out = set(), {}
+    for name, t in tensors.items():
+        if t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            out[name] = t.contiguous()
+    return out
+
+
+def fsync(path: Path) -> None:
+    with open(path, "rb+") as fh:
+        os.fsync(fh.fileno())
+
+
+def timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def fresh(path: Path) -> Path:
+    if path.is_dir():
+        shutil.rmtree(path)
+    elif path.exists():
+        path.unlink()
+    return path
+
+
+def bench_save_load(weights: dict[str, torch.Tensor], work: Path, reps: int) -> dict:
+    ours_root, pt, st = work / "ours", work / "model.pt", work / "model.safetensors"
+    ckpt = Checkpoint(model=weights, trainer_state={}, config_yaml="", tokenizer_json="{}")
+    methods = {  # name: (save or None, load)
+        "bastion save_checkpoint/load_checkpoint": (
+            lambda: save_checkpoint(fresh(ours_root), 1, ckpt), lambda: load_checkpoint(ours_root)),
+        "torch.save/torch.load(weights_only)": (
+            lambda: torch.save(weights, fresh(pt)), lambda: torch.load(pt, weights_only=True)),
+        "safetensors save_file/load_file": (
+            lambda: safetensors.torch.save_file(weights, fresh(st)), lambda: safetensors.torch.load_file(st)),
+        # What durability alone costs: the same write, then fsync (our save fsyncs every file).
+        "safetensors save_file + fsync": (lambda: (safetensors.torch.save_file(weights, fresh(st)), fsync(st)), None),
+        # load_file maps the file and reads pages on first touch; this one reads every byte.
+        "safetensors load_file(backend='pread')": (None, lambda: safetensors.torch.load_file(st, backend="pread")),
+    }
+    times = {name: {"save": [], "load": []} for name in methods}
+    hashing = []
+    for _ in range(reps):
+        for name, (save, load) in methods.items():
+            if save is not None:
+                times[name]["save"].append(timed(save))
+            if load is not None:
+                times[name]["load"].append(timed(load))
+        hashing.append(timed(lambda: sha256_file(st)))
+    base = {op: statistics.median(times["safetensors save_file/load_file"][op]) for op in ("save", "load")}
+    rows = {name: {op: statistics.median(v[op]) if v[op] else None for op in ("save", "load")} for name, v in times.items()}
+    for row in rows.values():
+        row["save_vs_safetensors"] = row["save"] / base["save"] if row["save"] else None
+        row["load_vs_safetensors"] = row["load"] / base["load"] if row["load"] else None
+    return {"bytes": st.stat().st_size, "methods": rows, "sha256_seconds": statistics.median(hashing)}
+
+
+def zstd_files(src: Path, dst: Path, level: int, threads: int, decompress: bool = False) -> None:
+    """Plain zstd, file to file, streaming, fsynced: what `zstd -T<threads> -<level>` does."""
+    codec = zstandard.ZstdDecompressor() if decompress else zstandard.ZstdCompressor(level=level, threads=threads)
+    with open(src, "rb") as fin, open(dst, "wb") as fout:
+        codec.copy_stream(fin, fout)
+        fout.flush()
+        os.fsync(fout.fileno())
+
+
+def bench_pack(src: Path, work: Path, args, base: Path | None = None, files: tuple[str, ...] = ("model.safetensors",)) -> dict:
+    """Ours (whole checkpoint, optionally as a delta) vs plain zstd of `files`, interleaved."""
+    packed, restored, zdir = work / "packed", work / "restored", work / "zstd"
+    ours_pack, ours_unpack, z_pack, z_unpack = [], [], [], []
+    report = None
+    for _ in range(args.reps):
+        fresh(packed), fresh(restored)
+        report = pack_checkpoint(src, packed, base=base, level=args.level, threads=args.threads)
+        ours_pack.append(report.seconds)
+        ours_unpack.append(timed(lambda: unpack_checkpoint(packed, restored, base=base, threads=args.threads)))
+        fresh(zdir).mkdir()
+        z_pack.append(sum(timed(lambda f=f: zstd_files(src / f, zdir / f"{f}.zst", args.level, args.threads))
+                          for f in files))
+        z_unpack.append(sum(timed(lambda f=f: zstd_files(zdir / f"{f}.zst", zdir / f, 0, 0, decompress=True))
+                            for f in files))
+    assert all((restored / f).read_bytes() == (src / f).read_bytes() for f in files)
+    original = sum((src / f).stat().st_size for f in files)
+    zstd_size = sum((zdir / f"{f}.zst").stat().st_size for f in files)
+    ours_size = sum(report.files[f].packed_bytes for f in files)
+    ours_total = report.original_bytes
+    return {
+        "files": list(files), "original_bytes": original,
+        "ours": {"packed_bytes": ours_size, "ratio": original / ours_size,
+                 "whole_checkpoint_ratio": report.ratio,
+                 "pack_mb_s": ours_total / 1e6 / statistics.median(ours_pack),
+                 "unpack_mb_s": ours_total / 1e6 / statistics.median(ours_unpack),
+                 "per_file_ratio": {f: report.files[f].ratio for f in files},
+                 "delta_tensors": sum(r.delta_tensors for r in report.files.values())},
+        "zstd": {"packed_bytes": zstd_size, "ratio": original / zstd_size,
+                 "pack_mb_s": original / 1e6 / statistics.median(z_pack),
+                 "unpack_mb_s": original / 1e6 / statistics.median(z_unpack),
+                 "per_file_ratio": {f: (src / f).stat().st_size / (zdir / f"{f}.zst").stat().st_size for f in files}},
+    }
+
+
+def bit_flips(older: Path, newer: Path, name: str) -> dict:
+    """For the fp32 tensors of `name`: how one optimizer step changes their bits."""
+    a, b = safetensors.torch.load_file(older / name), safetensors.torch.load_file(newer / name)
+    changed = total = 0
+    plane_nonzero = np.zeros(4)
+    bits = np.zeros(32)
+    for key, t in b.items():
+        if t.dtype != torch.float32 or key not in a or a[key].shape != t.shape or t.numel() < 2:
+            continue
+        x = (a[key].view(torch.int32).numpy() ^ t.view(torch.int32).numpy()).view(np.uint32).ravel()
+        total += x.size
+        changed += int(np.count_nonzero(x))
+        plane_nonzero += [np.count_nonzero((x >> (8 * k)) & 0xFF) for k in range(4)]
+        bits += [np.count_nonzero((x >> k) & 1) for k in range(32)]
+    return {
+        "elements": total, "changed_fraction": changed / total,
+        "byte_plane_changed_fraction": {f"byte{k}": plane_nonzero[k] / total for k in range(4)},  # byte3 = sign+exponent
+        "mean_bits_flipped": float(bits.sum() / total),
+        "flips_in_low_16_bits": float(bits[:16].sum() / max(bits.sum(), 1)),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="small")
+    parser.add_argument("--steps", type=int, default=80, help="training steps before measuring")
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--vocab-size", type=int, default=8192)
+    parser.add_argument("--reps", type=int, default=5, help="repetitions of every measurement")
+    parser.add_argument("--level", type=int, default=3, help="zstd level, both codecs")
+    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="compression threads, both codecs")
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    args = parser.parse_args()
+
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        data_dir = prepare(work, args.vocab_size)
+        older, newer, step_lr = train_model(args, data_dir, work / "run")
+        print(f"trained {args.preset} for {args.steps} steps in {time.perf_counter() - started:.0f} s "
+              f"(checkpoints {older.name}, {newer.name}; lr of the last step {step_lr:.2e})", flush=True)
+        weights = unique_tensors(load_checkpoint(newer).model)
+        params = sum(t.numel() for t in weights.values())
+
+        save_load = bench_save_load(weights, work / "sl", args.reps)
+        fresh(work / "sl")
+        fp32 = save_checkpoint(work / "fp32", 1, Checkpoint(model=weights, trainer_state={}, config_yaml="", tokenizer_json="{}"))
+        bf16 = save_checkpoint(work / "bf16", 1, Checkpoint(model={k: v.bfloat16() for k, v in weights.items()},
+                                                            trainer_state={}, config_yaml="", tokenizer_json="{}"))
+        both = ("model.safetensors", "optimizer.safetensors")
+        compression = {
+            "fp32 weights": bench_pack(fp32, work / "c", args),
+            "bf16 weights": bench_pack(bf16, work / "c", args),
+            "newer checkpoint, no delta": bench_pack(newer, work / "c", args, files=both),
+            "newer checkpoint, delta vs previous step": bench_pack(newer, work / "c", args, base=older, files=both),
+        }
+        flips = {name: bit_flips(older, newer, name) for name in both}
+
+    result = {
+        "device": f"CPU ({os.cpu_count()} cores), torch {torch.__version__}, zstandard {zstandard.__version__}",
+        "preset": args.preset, "params": params, "train_steps": args.steps, "last_step_lr": step_lr, "level": args.level, "threads": args.threads,
+        "save_load": save_load, "compression": compression, "adamw_step_bit_flips": flips,
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+    print_tables(result)
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+
+
+def print_tables(r: dict) -> None:
+    sl = r["save_load"]
+    print(f"\n{r['preset']}: {r['params']:,} parameters, model.safetensors {sl['bytes'] / 1e6:.1f} MB (fp32)")
+    print(f"\n{'save / load (median)':44} {'save s':>8} {'load s':>8} {'save x':>7} {'load x':>7}")
+    for name, row in sl["methods"].items():
+        save, save_x, load, load_x = (f"{row[k]:{w}.{d}f}" if row[k] else f"{'-':>{w}}" for k, w, d in (
+            ("save", 8, 3), ("save_vs_safetensors", 7, 2), ("load", 8, 3), ("load_vs_safetensors", 7, 2)))
+        print(f"{name:44} {save} {load} {save_x} {load_x}")
+    print(f"{'  of which SHA-256 of the file':44} {sl['sha256_seconds']:8.3f}")
+    print(f"\n{'compression (level ' + str(r['level']) + ', ' + str(r['threads']) + ' threads)':42} "
+          f"{'ours':>7} {'zstd':>7} {'ours pack':>10} {'zstd pack':>10} {'ours unpk':>10} {'zstd unpk':>10}")
+    for name, c in r["compression"].items():
+        o, z = c["ours"], c["zstd"]
+        print(f"{name:42} {o['ratio']:6.3f}x {z['ratio']:6.3f}x {o['pack_mb_s']:6.0f}MB/s {z['pack_mb_s']:6.0f}MB/s "
+              f"{o['unpack_mb_s']:6.0f}MB/s {z['unpack_mb_s']:6.0f}MB/s")
+        if len(c["files"]) > 1:
+            for f in c["files"]:
+                print(f"  {f:40} {o['per_file_ratio'][f]:6.3f}x {z['per_file_ratio'][f]:6.3f}x")
+    print(f"\none AdamW step (lr {r['last_step_lr']:.2e}), fp32 bits (byte3 = sign + 7 exponent bits ... byte0 = low mantissa)")
+    for name, f in r["adamw_step_bit_flips"].items():
+        planes = " ".join(f"{k} {v:.1%}" for k, v in reversed(f["byte_plane_changed_fraction"].items()))
+        print(f"  {name:24} changed {f['changed_fraction']:.1%}; bytes changed: {planes}; "
+              f"{f['mean_bits_flipped']:.1f} bits/element, {f['flips_in_low_16_bits']:.0%} of flips in the low 16 bits")
+    print(f"\ntotal {r['seconds']} s")
+
+
+if __name__ == "__main__":
+    main()

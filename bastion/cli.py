@@ -85,11 +85,12 @@ def data_prepare(
     config: Optional[Path] = ConfigOption,
     overrides: Optional[List[str]] = SetOption,
     source: Optional[List[str]] = typer.Option(
-        None, "--source", help="File, folder or glob of .txt/.md/.jsonl/.parquet (repeatable; replaces data.sources)."
+        None, "--source", help="File, folder or glob of .txt/.md/.jsonl/.parquet, plain or in .gz/.zst/.zip (repeatable; replaces data.sources; must lie inside data.allowed_roots)."
     ),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Output folder (replaces data.output_dir)."),
 ) -> None:
-    """Read sources, normalise, drop duplicates, split, train/load a BPE tokenizer, write token shards."""
+    """Read sources, filter, redact PII/secrets, drop duplicates and near-duplicates, split,
+    train/load a BPE tokenizer, write token shards. Prints the data report."""
     from bastion.data import prepare_dataset
 
     try:

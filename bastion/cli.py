@@ -6,15 +6,33 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
+import click
 import typer
 from rich.console import Console
+from typer.core import TyperGroup
 from rich.table import Table
 
 from bastion.checkpoint.cli import app as ckpt_app
 from bastion.errors import BastionError, ConfigError
 from bastion.eval.cli import app as eval_app
 
+err = Console(stderr=True)
+
+
+class _BastionGroup(TyperGroup):
+    """Every command's BastionError (bad config, data, checkpoint, limit...) becomes one red
+    line on stderr and exit status 2 - never a traceback - so commands need no try/except."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except BastionError as exc:
+            err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
+
+
 app = typer.Typer(
+    cls=_BastionGroup,
     help="Bastion: raw text to a trained, sampled language model, secure by default.",
     no_args_is_help=True,
     add_completion=False,
@@ -28,17 +46,11 @@ app.add_typer(data_app, name="data")
 app.add_typer(eval_app, name="eval")
 
 out = Console()
-err = Console(stderr=True)
 
 SetOption = typer.Option(
     None, "--set", "-s", help="Override a config value, e.g. --set train.lr=3e-4 (repeatable; YAML scalar values)."
 )
 ConfigOption = typer.Option(None, "--config", "-c", help="YAML config file (see configs/). Defaults apply when omitted.")
-
-
-def _fail(exc: BastionError) -> None:
-    err.print(f"[bold red]error:[/] {exc}", markup=True, highlight=False, soft_wrap=True)
-    raise typer.Exit(2)
 
 
 def _load(config: Optional[Path], overrides: Optional[List[str]]):
@@ -60,8 +72,8 @@ def config_validate(
             err.print(f"[bold red]{file}: {len(exc.problems)} problem(s)[/]")
             for loc, msg in exc.problems:
                 err.print(f"  {loc}: {msg}", markup=False, highlight=False)
-            raise typer.Exit(2)
-        _fail(exc)
+            raise typer.Exit(2) from None
+        raise
     out.print(f"{file}: OK")
 
 
@@ -73,10 +85,7 @@ def config_show(
     """Print the fully resolved config (defaults, ${ENV} and --set applied) with secrets redacted."""
     from bastion.config import to_yaml
 
-    try:
-        cfg = _load(file, overrides)
-    except BastionError as exc:
-        _fail(exc)
+    cfg = _load(file, overrides)
     print(to_yaml(cfg), end="")
 
 
@@ -93,20 +102,17 @@ def data_prepare(
     train/load a BPE tokenizer, write token shards. Prints the data report."""
     from bastion.data import prepare_dataset
 
-    try:
-        cfg = _load(config, overrides)
-        updates = {}
-        if source:
-            updates["sources"] = list(source)
-        if output:
-            updates["output_dir"] = str(output)
-        data_cfg = cfg.data.model_copy(update=updates)
-        if not data_cfg.sources:
-            raise ConfigError("no data sources: set data.sources in the config or pass --source")
-        with err.status("preparing data...") as status:
-            report = prepare_dataset(data_cfg, on_progress=lambda stage, n: status.update(f"{stage}: {n:,}"))
-    except BastionError as exc:
-        _fail(exc)
+    cfg = _load(config, overrides)
+    updates = {}
+    if source:
+        updates["sources"] = list(source)
+    if output:
+        updates["output_dir"] = str(output)
+    data_cfg = cfg.data.model_copy(update=updates)
+    if not data_cfg.sources:
+        raise ConfigError("no data sources: set data.sources in the config or pass --source")
+    with err.status("preparing data...") as status:
+        report = prepare_dataset(data_cfg, on_progress=lambda stage, n: status.update(f"{stage}: {n:,}"))
     print_report(report)
     out.print(f"dataset written to {data_cfg.output_dir}")
 
@@ -124,11 +130,8 @@ def data_canaries(
     """Plant random-secret canaries in a prepared dataset (as a new train shard) to audit memorization later."""
     from bastion.data.canaries import insert_canaries
 
-    try:
-        done = insert_canaries(data_dir, records, fmt=fmt, digits=digits, repeats=list(repeats),
-                               per_repeat=per_repeat, seed=seed)
-    except BastionError as exc:
-        _fail(exc)
+    done = insert_canaries(data_dir, records, fmt=fmt, digits=digits, repeats=list(repeats),
+                           per_repeat=per_repeat, seed=seed)
     out.print(f"{len(done.canaries)} canaries, {done.documents:,} documents ({done.tokens:,} tokens) added to "
               f"{data_dir} as {done.shard}; secrets in {done.records} (keep it private)")
 
@@ -164,11 +167,8 @@ def train_cmd(
     """Train a model on prepared data. Ctrl-C / SIGTERM finishes the step, saves, and exits 0."""
     from bastion.train import train
 
-    try:
-        cfg = _load(config, overrides)
-        result = train(cfg, resume=resume, quiet=quiet)
-    except BastionError as exc:
-        _fail(exc)
+    cfg = _load(config, overrides)
+    result = train(cfg, resume=resume, quiet=quiet)
     val = f", val loss {result.final_val_loss:.4f}" if result.final_val_loss is not None else ""
     out.print(f"step {result.steps}: train loss {result.final_train_loss:.4f}{val}; checkpoint {result.checkpoint}")
 
@@ -190,14 +190,11 @@ def generate_cmd(
     from bastion.infer import generate
     from bastion.infer.loading import load_for_inference
 
-    try:
-        loaded = load_for_inference(checkpoint, verify=not no_verify)
-        result = generate(
-            loaded.model, loaded.tokenizer, prompt, limits=loaded.config.generate,
-            max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, stop=stop,
-        )
-    except BastionError as exc:
-        _fail(exc)
+    loaded = load_for_inference(checkpoint, verify=not no_verify)
+    result = generate(
+        loaded.model, loaded.tokenizer, prompt, limits=loaded.config.generate,
+        max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, stop=stop,
+    )
     if as_json:
         print(json.dumps({"prompt": prompt, "completion": result.text, "finish_reason": result.finish_reason,
                           "prompt_tokens": result.prompt_tokens, "completion_tokens": len(result.token_ids)}))
@@ -213,10 +210,7 @@ def plot_cmd(
     """Write a PNG loss curve (train and validation) for a training run."""
     from bastion.train.metrics import plot_run
 
-    try:
-        path = plot_run(run_dir, output)
-    except BastionError as exc:
-        _fail(exc)
+    path = plot_run(run_dir, output)
     out.print(f"wrote {path}")
 
 
@@ -229,10 +223,7 @@ def demo_cmd(
     """Prepare the Python standard library's sources, train a small model, sample from it."""
     from bastion.demo import run_demo
 
-    try:
-        run_demo(out_dir, steps=steps, quiet=quiet, console=out)
-    except BastionError as exc:
-        _fail(exc)
+    run_demo(out_dir, steps=steps, quiet=quiet, console=out)
 
 
 if __name__ == "__main__":

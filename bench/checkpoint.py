@@ -117,7 +117,7 @@ def bench_save_load(weights: dict[str, torch.Tensor], work: Path, reps: int) -> 
         "bastion save_checkpoint/load_checkpoint": (
             lambda: save_checkpoint(fresh(ours_root), 1, ckpt), lambda: load_checkpoint(ours_root)),
         "torch.save/torch.load(weights_only)": (
-            lambda: torch.save(weights, fresh(pt)), lambda: torch.load(pt, weights_only=True)),
+            lambda: torch.save(weights, fresh(pt)), lambda: torch.load(pt, weights_only=True)),  # security-reviewed: the baseline, on a file this script just wrote
         "safetensors save_file/load_file": (
             lambda: safetensors.torch.save_file(weights, fresh(st)), lambda: safetensors.torch.load_file(st)),
         # What durability alone costs: the same write, then fsync (our save fsyncs every file).

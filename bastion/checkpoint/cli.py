@@ -14,13 +14,7 @@ from bastion.errors import BastionError
 
 app = typer.Typer(help="Checkpoints: verify, inspect, prune, convert, pack/unpack, push/pull/list.",
                   no_args_is_help=True)
-out = Console()
-err = Console(stderr=True)
-
-
-def _fail(exc: BastionError) -> None:
-    err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
-    raise typer.Exit(2)
+out = Console()  # a BastionError raised by any command is reported by bastion.cli (exit 2)
 
 
 def _safetensors_headers(directory: Path, manifest: dict) -> dict[str, dict]:
@@ -44,16 +38,13 @@ def verify(
     from bastion.checkpoint import resolve_checkpoint, verify_checkpoint
     from bastion.checkpoint.pack import PACK, verify_packed
 
-    try:
-        if (path / PACK).exists():
-            pack = verify_packed(path)
-            out.print(f"{path}: OK (packed, {len(pack['files'])} files)")
-            return
-        directory = resolve_checkpoint(path)
-        manifest = verify_checkpoint(directory)
-        headers = _safetensors_headers(directory, manifest)
-    except BastionError as exc:
-        _fail(exc)
+    if (path / PACK).exists():
+        pack = verify_packed(path)
+        out.print(f"{path}: OK (packed, {len(pack['files'])} files)")
+        return
+    directory = resolve_checkpoint(path)
+    manifest = verify_checkpoint(directory)
+    headers = _safetensors_headers(directory, manifest)
     tensors = sum(len(h) for h in headers.values())
     out.print(f"{directory}: OK ({len(manifest['files'])} files, {tensors} tensors, all SHA-256 match)")
 
@@ -66,13 +57,10 @@ def inspect(
     """Show a checkpoint's manifest, training state and tensors (after verifying it)."""
     from bastion.checkpoint import resolve_checkpoint, verify_checkpoint
 
-    try:
-        directory = resolve_checkpoint(path)
-        manifest = verify_checkpoint(directory)
-        headers = _safetensors_headers(directory, manifest)
-        state = json.loads((directory / "trainer_state.json").read_text()) if "trainer_state.json" in manifest["files"] else {}
-    except BastionError as exc:
-        _fail(exc)
+    directory = resolve_checkpoint(path)
+    manifest = verify_checkpoint(directory)
+    headers = _safetensors_headers(directory, manifest)
+    state = json.loads((directory / "trainer_state.json").read_text()) if "trainer_state.json" in manifest["files"] else {}
     summary = {
         "path": str(directory), "format_version": manifest["format_version"],
         "bastion_version": manifest.get("bastion_version"), "created_unix": manifest.get("created_unix"),
@@ -133,10 +121,7 @@ def convert_cmd(
     """Convert a pickle checkpoint to safetensors through a scanned, restricted load."""
     from bastion.checkpoint.convert import convert_pickle
 
-    try:
-        path = convert_pickle(src, out_dir, allow_pickle=allow_pickle)
-    except BastionError as exc:
-        _fail(exc)
+    path = convert_pickle(src, out_dir, allow_pickle=allow_pickle)
     out.print(f"wrote {path} (safetensors + MANIFEST.json)")
 
 
@@ -151,10 +136,7 @@ def pack_cmd(
     """Lossless compression: byte-plane split + zstd, bit-exact round trip, verified."""
     from bastion.checkpoint.pack import pack_checkpoint
 
-    try:
-        report = pack_checkpoint(src, dst, base=base, level=level, threads=threads)
-    except BastionError as exc:
-        _fail(exc)
+    report = pack_checkpoint(src, dst, base=base, level=level, threads=threads)
     out.print(f"{report.original_bytes:,} -> {report.packed_bytes:,} bytes (ratio {report.ratio:.3f}) "
               f"in {report.seconds:.2f} s ({report.mb_per_s:.0f} MB/s): {dst}")
 
@@ -169,10 +151,7 @@ def unpack_cmd(
     """Restore a packed checkpoint; the result is verified against its original manifest."""
     from bastion.checkpoint.pack import unpack_checkpoint
 
-    try:
-        path = unpack_checkpoint(packed, dst, base=base, threads=threads)
-    except BastionError as exc:
-        _fail(exc)
+    path = unpack_checkpoint(packed, dst, base=base, threads=threads)
     out.print(f"restored and verified {path}")
 
 
@@ -196,10 +175,7 @@ def push_cmd(
 ) -> None:
     """Upload a verified checkpoint; its manifest goes last, so a broken upload stays invisible.
     S3 credentials come only from the environment / standard AWS configuration."""
-    try:
-        _store(url, endpoint_url, allow_http).push(path, name)
-    except BastionError as exc:
-        _fail(exc)
+    _store(url, endpoint_url, allow_http).push(path, name)
     out.print(f"pushed {path} to {url}")
 
 
@@ -213,15 +189,12 @@ def pull_cmd(
     allow_http: bool = AllowHttpOption,
 ) -> None:
     """Download a checkpoint (resumable), verify every file, then move it into place."""
-    try:
-        store = _store(url, endpoint_url, allow_http)
-        if name == "latest":
-            name = store.latest()
-            if name is None:
-                raise BastionError(f"{url}: the store holds no checkpoint")
-        path = store.pull(name, dest, max_bytes=max_bytes)
-    except BastionError as exc:
-        _fail(exc)
+    store = _store(url, endpoint_url, allow_http)
+    if name == "latest":
+        name = store.latest()
+        if name is None:
+            raise BastionError(f"{url}: the store holds no checkpoint")
+    path = store.pull(name, dest, max_bytes=max_bytes)
     out.print(f"pulled and verified {name} into {path}")
 
 
@@ -234,18 +207,15 @@ def list_cmd(
     """List checkpoints (local: with step, size and validation loss; stores: names)."""
     from bastion.checkpoint import list_checkpoints, resolve_checkpoint
 
-    try:
-        if "://" in location:
-            store = _store(location, endpoint_url, allow_http)
-            latest = store.latest()
-            for name in store.list():
-                out.print(f"{name}{'  (latest)' if name == latest else ''}")
-            return
-        root = Path(location)
-        found = list_checkpoints(root) or list_checkpoints(root / "checkpoints")
-        latest = resolve_checkpoint(location) if found else None
-    except BastionError as exc:
-        _fail(exc)
+    if "://" in location:
+        store = _store(location, endpoint_url, allow_http)
+        latest = store.latest()
+        for name in store.list():
+            out.print(f"{name}{'  (latest)' if name == latest else ''}")
+        return
+    root = Path(location)
+    found = list_checkpoints(root) or list_checkpoints(root / "checkpoints")
+    latest = resolve_checkpoint(location) if found else None
     table = Table(show_header=True)
     for col in ("checkpoint", "step", "bytes", "val loss", ""):
         table.add_column(col)

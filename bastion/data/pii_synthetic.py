@@ -724,13 +724,11 @@ def stdlib_corpora() -> dict[str, list[str]]:
     (code) and pydoc's topic help, which is English documentation (prose)."""
     lib = Path(sysconfig.get_paths()["stdlib"])
     code = [p.read_text(encoding="utf-8", errors="replace") for p in sorted(lib.glob("*.py"))]
-    topics_mod = lib / "pydoc_data" / "topics.py"
-    prose: list[str] = []
-    if topics_mod.exists():
-        ns: dict = {}
-        exec(compile(topics_mod.read_text(encoding="utf-8"), str(topics_mod), "exec"), ns)  # noqa: S102 - stdlib data file
-        prose = list(ns["topics"].values())
-    return {"code": code, "prose": prose}
+    try:
+        from pydoc_data.topics import topics  # a plain stdlib import; some distributions strip it
+    except ImportError:
+        topics = {}
+    return {"code": code, "prose": list(topics.values())}
 
 
 def report(n: int = 2000, seed: int = 0) -> str:

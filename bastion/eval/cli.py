@@ -9,7 +9,6 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from bastion.errors import BastionError
 
 app = typer.Typer(help="Evaluate trained checkpoints (memorization audits).", no_args_is_help=True)
 out = Console()
@@ -33,12 +32,8 @@ def memorization_cmd(
     from bastion.eval.memorization import audit_memorization
     from bastion.safeio import replace_file
 
-    try:
-        report = audit_memorization(checkpoint, canaries, sample_size=candidates, exact_limit=exact_limit,
-                                    seed=seed, device=device)
-    except BastionError as exc:
-        err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
-        raise typer.Exit(2)
+    report = audit_memorization(checkpoint, canaries, sample_size=candidates, exact_limit=exact_limit,
+                                seed=seed, device=device)
     table = Table(title=f"memorization: {report.checkpoint}")
     for column in ("canary", "repeats", "rank", "exposure", "max exposure", "greedy hit"):
         table.add_column(column, justify="left" if column == "canary" else "right")

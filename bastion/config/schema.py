@@ -24,6 +24,16 @@ def _finite_positive(value: float, name: str) -> float:
     return value
 
 
+class RopeScalingConfig(Section):
+    """RoPE frequency scaling as in Hugging Face configs ("linear", or Llama 3's "llama3")."""
+
+    type: Literal["linear", "llama3"]
+    factor: float = Field(gt=0.0, le=1024.0)
+    low_freq_factor: float = Field(default=1.0, gt=0.0, le=1024.0)
+    high_freq_factor: float = Field(default=4.0, gt=0.0, le=1024.0)
+    original_max_position_embeddings: int = Field(default=8192, ge=8, le=1_048_576)
+
+
 class ModelConfig(Section):
     """Decoder-only transformer shape. `vocab_size` is filled from the tokenizer when null."""
 
@@ -40,6 +50,8 @@ class ModelConfig(Section):
     qkv_bias: bool = False
     dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
     init_std: float = Field(default=0.02, gt=0, le=1.0)
+    rope_scaling: RopeScalingConfig | None = None
+    sliding_window: int | None = Field(default=None, ge=1, le=1_048_576, description="Mistral-style local attention window")
 
     @model_validator(mode="after")
     def _shapes_fit(self) -> "ModelConfig":
@@ -154,7 +166,7 @@ class DPConfig(Section):
 
 
 class TrainConfig(Section):
-    objective: Literal["clm"] = "clm"
+    objective: Literal["clm", "sft", "dpo", "simpo"] = "clm"
     data_dir: str = "data/prepared"
     out_dir: str = "runs/default"
     run_name: str = Field(default="run", min_length=1, max_length=128)
@@ -196,6 +208,46 @@ class TrainConfig(Section):
         return self
 
 
+class LoraConfig(Section):
+    enabled: bool = False
+    rank: int = Field(default=8, ge=1, le=1024)
+    alpha: float = Field(default=16.0, gt=0.0, le=1e4)
+    dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["wq", "wk", "wv", "wo"], min_length=1, max_length=16,
+        description="attention: wq wk wv wo; MLP: w1 (gate) w2 (down) w3 (up)",
+    )
+
+    @field_validator("target_modules")
+    @classmethod
+    def _known_modules(cls, value: list[str]) -> list[str]:
+        unknown = sorted(set(value) - {"wq", "wk", "wv", "wo", "w1", "w2", "w3"})
+        if unknown:
+            raise ValueError(f"unknown LoRA target module(s) {unknown}; choose from wq wk wv wo w1 w2 w3")
+        return value
+
+
+class PreferenceConfig(Section):
+    beta: float = Field(default=0.1, gt=0.0, le=100.0, description="DPO/SimPO inverse temperature")
+    simpo_gamma: float = Field(default=0.5, ge=0.0, le=100.0, description="SimPO target reward margin")
+    label_smoothing: float = Field(default=0.0, ge=0.0, lt=0.5)
+
+
+class FinetuneConfig(Section):
+    """Supervised fine-tuning (objective sft) and preference alignment (dpo, simpo)."""
+
+    init_from: str | None = Field(default=None, max_length=4096, description="checkpoint whose weights start the run (e.g. from `bastion import hf`)")
+    train_file: str | None = Field(default=None, max_length=4096, description="chat JSONL (sft) or preference JSONL (dpo, simpo)")
+    val_file: str | None = Field(default=None, max_length=4096)
+    max_length: int = Field(default=1024, ge=8, le=1_048_576, description="tokens per example; longer examples are dropped and counted")
+    max_examples: int = Field(default=1_000_000, ge=1, le=100_000_000)
+    max_file_bytes: int = Field(default=1 * 2**30, ge=1, le=64 * 2**30)
+    pack: bool = Field(default=True, description="sft: pack several examples per row (attention never crosses examples)")
+    assistant_only_loss: bool = Field(default=True, description="sft: loss on assistant tokens only")
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    preference: PreferenceConfig = Field(default_factory=PreferenceConfig)
+
+
 class CheckpointConfig(Section):
     every_steps: int = Field(default=100, ge=1, le=100_000_000)
     keep_last: int = Field(default=3, ge=1, le=10_000, description="always keep the newest N")
@@ -231,6 +283,7 @@ class BastionConfig(Section):
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     generate: GenerateConfig = Field(default_factory=GenerateConfig)
     # Values that came from secret-looking environment variables; redacted whenever printed.

@@ -50,10 +50,20 @@ def rope_tables(head_dim: int, max_len: int, theta: float) -> tuple[torch.Tensor
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [B, H, T, head_dim]; cos/sin: [T, head_dim]."""
+    """x: [B, H, T, head_dim]; cos/sin: [T, head_dim], or [B, 1, T, head_dim] for packed rows."""
     x1, x2 = x.chunk(2, dim=-1)
     rotated = torch.cat((-x2, x1), dim=-1)  # "rotate_half"
     return x * cos + rotated * sin
+
+
+def positions_within_segments(segment_ids: torch.Tensor) -> torch.Tensor:
+    """[B, T] segment ids -> each token's offset from the start of its segment."""
+    T = segment_ids.size(1)
+    index = torch.arange(T, device=segment_ids.device).expand_as(segment_ids)
+    starts = torch.ones_like(segment_ids, dtype=torch.bool)
+    starts[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
+    start_index = torch.where(starts, index, torch.zeros_like(index)).cummax(dim=1).values
+    return index - start_index
 
 
 class KVCache:
@@ -89,7 +99,7 @@ class Attention(nn.Module):
         self.resid_dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                cache: KVCache | None, layer: int, start_pos: int) -> torch.Tensor:
+                cache: KVCache | None, layer: int, start_pos: int, mask: torch.Tensor | None = None) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
         k = self.wk(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
@@ -103,8 +113,8 @@ class Attention(nn.Module):
             # GQA: query head h reads kv head h // n_rep, like HF's repeat_kv.
             n_rep = self.n_head // self.n_kv_head
             k, v = k.repeat_interleave(n_rep, dim=1), v.repeat_interleave(n_rep, dim=1)
-        mask, causal = None, True
-        if k.size(2) != T:
+        causal = mask is None
+        if mask is None and k.size(2) != T:
             # Queries sit at positions start_pos.. and see every cached key up to themselves.
             # is_causal would align the mask top-left (query 0 sees key 0 only), which is wrong
             # for a chunk that follows cached tokens, so build the mask explicitly.
@@ -138,8 +148,8 @@ class Block(nn.Module):
         self.feed_forward = FeedForward(cfg)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                cache: KVCache | None, layer: int, start_pos: int) -> torch.Tensor:
-        x = x + self.attention(self.attention_norm(x), cos, sin, cache, layer, start_pos)
+                cache: KVCache | None, layer: int, start_pos: int, mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.attention(self.attention_norm(x), cos, sin, cache, layer, start_pos, mask)
         return x + self.feed_forward(self.ffn_norm(x))
 
 
@@ -185,11 +195,16 @@ class Transformer(nn.Module):
                        dtype=weight.dtype if dtype is None else dtype)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *,
-                cache: KVCache | None = None, start_pos: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
+                cache: KVCache | None = None, start_pos: int = 0,
+                segment_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """idx [B, T] -> (logits [B, T, vocab], mean cross-entropy over targets != -100 or None).
 
         With a cache, idx holds positions [start_pos, start_pos + T) and attends to everything
         cached before them (prefill: start_pos=0 with the whole prompt; decode: T=1).
+        With segment_ids [B, T] (several documents packed into one row, each a run of equal
+        ids), a token attends only to earlier tokens of its own document, and RoPE positions
+        restart at 0 for each document - the row computes exactly what the documents would
+        separately.
         """
         B, T = idx.shape
         if T == 0:
@@ -206,10 +221,19 @@ class Transformer(nn.Module):
                 raise ValueError(f"sequence length {T} + start_pos {start_pos} exceeds the cache's max_len ({cache.max_len})")
 
         x = self.tok_embeddings(idx)
-        cos = self.rope_cos[start_pos:start_pos + T]
-        sin = self.rope_sin[start_pos:start_pos + T]
+        mask = None
+        if segment_ids is not None:
+            if cache is not None or segment_ids.shape != idx.shape:
+                raise ValueError("segment_ids must have idx's shape and cannot be combined with a KV cache")
+            positions = positions_within_segments(segment_ids)
+            cos, sin = self.rope_cos[positions].unsqueeze(1), self.rope_sin[positions].unsqueeze(1)
+            causal = torch.ones(T, T, dtype=torch.bool, device=idx.device).tril()
+            mask = ((segment_ids[:, :, None] == segment_ids[:, None, :]) & causal).unsqueeze(1)  # [B, 1, T, T]
+        else:
+            cos = self.rope_cos[start_pos:start_pos + T]
+            sin = self.rope_sin[start_pos:start_pos + T]
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, cache, i, start_pos)
+            x = layer(x, cos, sin, cache, i, start_pos, mask)
         logits = self.output(self.norm(x))
         loss = None
         if targets is not None:

@@ -14,6 +14,11 @@ layout, RMSNorm in float32, SiLU-gated MLP) so weights can be exported to it by 
     norm / output           -> model.norm / lm_head
 
 (With qkv_bias=True, HF Llama's `attention_bias` also adds an o_proj bias; export it as zeros.)
+bastion/model/hf.py holds this map as code, plus config conversion both ways.
+
+Optional extras, also computed exactly as transformers does: `rope_scaling` ("linear" or
+Llama 3's "llama3" frequency scaling) and `sliding_window` (Mistral: a token attends to
+itself and the window - 1 tokens before it).
 """
 from __future__ import annotations
 
@@ -23,7 +28,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from bastion.config.schema import ModelConfig
+from bastion.config.schema import ModelConfig, RopeScalingConfig
 
 
 class RMSNorm(nn.Module):
@@ -41,12 +46,44 @@ class RMSNorm(nn.Module):
         return self.weight * x.to(dtype)
 
 
-def rope_tables(head_dim: int, max_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin tables [max_len, head_dim], computed in float32 as HF's default RoPE does."""
+def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScalingConfig | None = None) -> torch.Tensor:
+    """RoPE inverse frequencies [head_dim / 2], float32, exactly as transformers computes them
+    (`modeling_rope_utils`): default, "linear" (every frequency / factor, i.e. positions
+    interpolated), or "llama3" (Llama 3.1: long wavelengths / factor, short ones kept, a smooth
+    blend in between, decided against the original context length)."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim))
+    if scaling is None:
+        return inv_freq
+    if scaling.type == "linear":
+        return inv_freq / scaling.factor
+    # llama3 - same operations, same order as transformers' _compute_llama3_parameters.
+    factor, low, high = scaling.factor, scaling.low_freq_factor, scaling.high_freq_factor
+    old_context_len = scaling.original_max_position_embeddings
+    low_freq_wavelen = old_context_len / low
+    high_freq_wavelen = old_context_len / high
+    wavelen = 2 * math.pi / inv_freq
+    inv_freq_llama = torch.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
+    smooth_factor = (old_context_len / wavelen - low) / (high - low)
+    smoothed_inv_freq = (1 - smooth_factor) * inv_freq_llama / factor + smooth_factor * inv_freq_llama
+    is_medium_freq = ~(wavelen < high_freq_wavelen) * ~(wavelen > low_freq_wavelen)
+    return torch.where(is_medium_freq, smoothed_inv_freq, inv_freq_llama)
+
+
+def rope_tables(head_dim: int, max_len: int, theta: float,
+                scaling: RopeScalingConfig | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables [max_len, head_dim], computed in float32 as HF's RoPE does."""
+    inv_freq = rope_inv_freq(head_dim, theta, scaling)
     freqs = torch.outer(torch.arange(max_len, dtype=torch.float), inv_freq)
     emb = torch.cat((freqs, freqs), dim=-1)  # half-split layout: dims i and i + head_dim/2 pair up
     return emb.cos(), emb.sin()
+
+
+def sliding_window_mask(start_pos: int, T: int, window: int, device: torch.device | str | None = None) -> torch.Tensor:
+    """[T, start_pos + T] bool: query at position p sees keys at positions p - window < j <= p
+    (Mistral / transformers' sliding_window_overlay: the window counts the query itself)."""
+    q = torch.arange(start_pos, start_pos + T, device=device)[:, None]
+    k = torch.arange(0, start_pos + T, device=device)[None, :]
+    return (k <= q) & (k > q - window)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -166,7 +203,7 @@ class Transformer(nn.Module):
         if cfg.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
         # Non-persistent: derived from the config, so they stay out of checkpoints.
-        cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+        cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta, cfg.rope_scaling)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
 
@@ -232,6 +269,13 @@ class Transformer(nn.Module):
         else:
             cos = self.rope_cos[start_pos:start_pos + T]
             sin = self.rope_sin[start_pos:start_pos + T]
+        window = self.cfg.sliding_window
+        if window is not None and start_pos + T > window:
+            # Mistral local attention: only when some query could see past the window, so
+            # shorter sequences keep the fast is_causal path. Within a packed row a document's
+            # tokens are contiguous, so row distance is document distance.
+            local = sliding_window_mask(start_pos, T, window, idx.device)
+            mask = local if mask is None else mask & local
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, cache, i, start_pos, mask)
         logits = self.output(self.norm(x))

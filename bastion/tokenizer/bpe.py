@@ -22,10 +22,15 @@ DEFAULT_MAX_TOKENIZER_BYTES = 64 * 2**20  # a 1M-token vocab with merges is ~50 
 
 
 class BastionTokenizer:
-    """Byte-level BPE with `<|endoftext|>` (eos) and `<|pad|>` special tokens."""
+    """Byte-level BPE with `<|endoftext|>` (eos) and `<|pad|>` special tokens; a tokenizer
+    imported from Hugging Face names its own (`eos_token`, `pad_token`: a model without a pad
+    token pads with eos, which is safe because padding never carries loss or attention)."""
 
-    def __init__(self, tokenizer: Tokenizer):
-        missing = [t for t in SPECIAL_TOKENS if tokenizer.token_to_id(t) is None]
+    def __init__(self, tokenizer: Tokenizer, *, eos_token: str | None = None, pad_token: str | None = None,
+                 bos_token: str | None = None):
+        eos_token = eos_token or EOS_TOKEN
+        pad_token = pad_token or (PAD_TOKEN if tokenizer.token_to_id(PAD_TOKEN) is not None else eos_token)
+        missing = [t for t in dict.fromkeys((eos_token, pad_token)) if tokenizer.token_to_id(t) is None]
         if missing:
             raise DataError(f"tokenizer lacks required special token(s): {', '.join(missing)}")
         # Security: text that merely *contains* "<|endoftext|>" must not become the eos id
@@ -33,8 +38,10 @@ class BastionTokenizer:
         # Specials are only ever inserted by id, by the caller.
         tokenizer.encode_special_tokens = True
         self._tok = tokenizer
-        self.eos_id: int = tokenizer.token_to_id(EOS_TOKEN)
-        self.pad_id: int = tokenizer.token_to_id(PAD_TOKEN)
+        self.eos_token, self.pad_token, self.bos_token = eos_token, pad_token, bos_token
+        self.eos_id: int = tokenizer.token_to_id(eos_token)
+        self.pad_id: int = tokenizer.token_to_id(pad_token)
+        self.bos_id: int | None = tokenizer.token_to_id(bos_token) if bos_token else None
         self.vocab_size: int = tokenizer.get_vocab_size(with_added_tokens=True)
 
     # ---- construction -------------------------------------------------------------
@@ -64,12 +71,13 @@ class BastionTokenizer:
         return cls(tok)
 
     @classmethod
-    def from_json_str(cls, s: str) -> "BastionTokenizer":
+    def from_json_str(cls, s: str, **special_tokens: str | None) -> "BastionTokenizer":
+        """`special_tokens`: eos_token / pad_token / bos_token strings (None = Bastion's)."""
         try:
             tok = Tokenizer.from_str(s)
         except Exception as exc:  # tokenizers raises a bare Exception on bad JSON/schema
             raise DataError(f"invalid tokenizer JSON: {exc}") from None
-        return cls(tok)
+        return cls(tok, **special_tokens)
 
     @classmethod
     def from_file(

@@ -123,14 +123,33 @@ def test_from_file_invalid(tmp_path, content: bytes) -> None:
         BastionTokenizer.from_file(path)
 
 
-def test_from_file_missing_specials(tok: BastionTokenizer, tmp_path) -> None:
+def _without(tok: BastionTokenizer, token: str) -> dict:
     data = json.loads(tok.to_json_str())
-    data["added_tokens"] = [t for t in data["added_tokens"] if t["content"] != PAD_TOKEN]
-    del data["model"]["vocab"][PAD_TOKEN]
+    data["added_tokens"] = [t for t in data["added_tokens"] if t["content"] != token]
+    del data["model"]["vocab"][token]
+    return data
+
+
+def test_from_file_missing_eos(tok: BastionTokenizer, tmp_path) -> None:
     path = tmp_path / "nospecial.json"
-    path.write_text(json.dumps(data))
-    with pytest.raises(DataError, match=r"nospecial\.json.*<\|pad\|>"):
+    path.write_text(json.dumps(_without(tok, EOS_TOKEN)))
+    with pytest.raises(DataError, match=r"nospecial\.json.*<\|endoftext\|>"):
         BastionTokenizer.from_file(path)
+
+
+def test_missing_pad_falls_back_to_eos(tok: BastionTokenizer) -> None:
+    # Imported models often have no pad token; padding never carries loss or attention.
+    t = BastionTokenizer.from_json_str(json.dumps(_without(tok, PAD_TOKEN)))
+    assert t.pad_id == t.eos_id == tok.eos_id
+
+
+def test_named_special_tokens(tok: BastionTokenizer) -> None:
+    # A Hugging Face tokenizer names its own eos / pad; they must exist in the vocabulary.
+    t = BastionTokenizer.from_json_str(tok.to_json_str(), eos_token=PAD_TOKEN, pad_token=EOS_TOKEN)
+    assert (t.eos_id, t.pad_id) == (tok.pad_id, tok.eos_id)
+    with pytest.raises(DataError, match="<\|im_end\|>"):
+        BastionTokenizer.from_json_str(tok.to_json_str(), eos_token="<|im_end|>")
+    assert "<|endoftext|>" not in [tok.decode([i]) for i in tok.encode("a <|endoftext|> b")]
 
 
 def test_save_does_not_follow_symlink_tmp(tok: BastionTokenizer, tmp_path) -> None:

@@ -1,0 +1,62 @@
+"""`bastion import hf DIR OUT` and `bastion export hf|gguf CKPT OUT` (registered in bastion/cli.py).
+
+Errors are bastion.errors exceptions; the root CLI prints them as one line (exit 2)."""
+from __future__ import annotations
+
+from enum import Enum
+from pathlib import Path
+
+import typer
+from rich.console import Console
+
+out = Console()
+
+import_app = typer.Typer(help="Import models from other formats (local folders only; nothing is downloaded).",
+                         no_args_is_help=True)
+export_app = typer.Typer(help="Export a checkpoint for other tools: Hugging Face transformers, llama.cpp (GGUF).",
+                         no_args_is_help=True)
+
+
+class GGUFDType(str, Enum):
+    f16 = "f16"
+    f32 = "f32"
+
+
+@import_app.command("hf")
+def import_hf_cmd(
+    hf_dir: Path = typer.Argument(..., help="Local Hugging Face model folder (config.json, *.safetensors, tokenizer.json)."),
+    out_dir: Path = typer.Argument(..., help="New (or empty) folder for the Bastion checkpoint."),
+) -> None:
+    """Convert a Llama / Mistral / Qwen2 safetensors folder into a verified Bastion checkpoint.
+    Refuses remote code (auto_map), other architectures and pickle weights."""
+    from bastion.export.hf import import_hf, read_chat_template
+
+    path = import_hf(hf_dir, out_dir)
+    note = " (chat template kept)" if read_chat_template(path) is not None else ""
+    out.print(f"imported {hf_dir} -> {path}{note}", highlight=False)
+
+
+@export_app.command("hf")
+def export_hf_cmd(
+    ckpt: Path = typer.Argument(..., help="Checkpoint folder (or a folder with 'latest', or a run folder)."),
+    out_dir: Path = typer.Argument(..., help="New folder for the Hugging Face model."),
+) -> None:
+    """Write a folder that transformers' AutoModelForCausalLM / AutoTokenizer load (offline)."""
+    from bastion.export.hf import export_hf
+
+    path = export_hf(ckpt, out_dir)
+    out.print(f"exported {ckpt} -> {path}", highlight=False)
+
+
+@export_app.command("gguf")
+def export_gguf_cmd(
+    ckpt: Path = typer.Argument(..., help="Checkpoint folder (or a folder with 'latest', or a run folder)."),
+    out_path: Path = typer.Argument(..., help="New .gguf file for llama.cpp."),
+    dtype: GGUFDType = typer.Option(GGUFDType.f16, "--dtype", help="Storage type of the weight matrices."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing file."),
+) -> None:
+    """Write one GGUF file (llama architecture, byte-level BPE vocabulary) for llama.cpp."""
+    from bastion.export.gguf import export_gguf
+
+    path = export_gguf(ckpt, out_path, dtype=dtype.value, overwrite=force)
+    out.print(f"exported {ckpt} -> {path} ({dtype.value})", highlight=False)

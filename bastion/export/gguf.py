@@ -1,0 +1,229 @@
+"""Export a checkpoint as one GGUF file for llama.cpp (architecture "llama").
+
+Tensors use llama.cpp names (token_embd, blk.N.attn_q / attn_k / attn_v / attn_output,
+blk.N.ffn_gate / ffn_up / ffn_down, blk.N.attn_norm / ffn_norm, output_norm, output).
+Matrices are written in the dtype asked for (f16 or f32); 1-D tensors (norms, biases) and
+rope_freqs always in f32, as llama.cpp's own converter does.
+
+The q/k permutation. Bastion (like HF) applies RoPE to the *half-split* layout: dimension i
+pairs with i + head_dim/2. llama.cpp's "llama" RoPE pairs *adjacent* dimensions (2i, 2i+1),
+the layout of Meta's original checkpoints. So, exactly like llama.cpp's convert_hf_to_gguf.py,
+the rows of q_proj / k_proj (weights and biases) are permuted within each head so that
+rows j and j + head_dim/2 become rows 2j and 2j + 1:
+    W.reshape(n_heads, 2, head_dim // 2, d).swapaxes(1, 2).reshape(W.shape)
+(k uses the kv head count). Attention scores are unchanged because q and k are permuted
+alike. `unpermute_qk` undoes it (tests use it to compare tensors).
+
+RoPE scaling: "linear" is written as rope.scaling.type/factor metadata; "llama3" as the
+rope_freqs tensor (per-frequency divisors), which is how llama.cpp represents Llama 3.1.
+A sliding window is written as metadata only: llama.cpp's llama architecture attends to the
+whole context, so outputs agree with Bastion only for sequences up to the window.
+
+The tokenizer must be byte-level BPE (Bastion's own, GPT-2, Llama 3, Qwen2 style): it is
+stored as tokenizer.ggml.model "gpt2" with tokens, merges, token types, and the bos / eos /
+pad ids. (Bastion's tokenizer also NFC-normalises text; llama.cpp does not.)
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from tokenizers import Tokenizer
+
+from bastion.config.schema import ModelConfig
+from bastion.errors import BastionError, CheckpointError
+from bastion.export.hf import _special_tokens, load_model_checkpoint
+from bastion.model.transformer import rope_inv_freq
+
+# Pre-tokenizer split patterns llama.cpp recognises by name (tokenizer.ggml.pre).
+_KNOWN_PRE = {
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+": "llama-bpe",
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+": "qwen2",
+}
+TOKEN_NORMAL, TOKEN_CONTROL, TOKEN_USER_DEFINED, TOKEN_UNUSED = 1, 3, 4, 5
+
+
+def _gguf():
+    try:
+        import gguf
+    except ImportError:
+        raise BastionError("GGUF export needs the `gguf` package (pip install gguf)") from None
+    return gguf
+
+
+def permute_qk(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Half-split RoPE rows -> llama.cpp's interleaved layout (what convert_hf_to_gguf does)."""
+    return w.reshape(n_heads, 2, w.shape[0] // n_heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def unpermute_qk(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """The inverse of `permute_qk`."""
+    return w.reshape(n_heads, w.shape[0] // n_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def gguf_tensor_name(ours: str) -> str:
+    """Our parameter name -> llama.cpp's GGUF tensor name."""
+    fixed = {"tok_embeddings.weight": "token_embd.weight", "norm.weight": "output_norm.weight",
+             "output.weight": "output.weight"}
+    if ours in fixed:
+        return fixed[ours]
+    parts = ours.split(".")
+    if parts[0] != "layers" or len(parts) < 4:
+        raise KeyError(f"no GGUF name for {ours!r}")
+    block, module, suffix = parts[1], ".".join(parts[2:-1]), parts[-1]
+    names = {"attention.wq": "attn_q", "attention.wk": "attn_k", "attention.wv": "attn_v",
+             "attention.wo": "attn_output", "feed_forward.w1": "ffn_gate", "feed_forward.w3": "ffn_up",
+             "feed_forward.w2": "ffn_down", "attention_norm": "attn_norm", "ffn_norm": "ffn_norm"}
+    if module not in names:
+        raise KeyError(f"no GGUF name for {ours!r}")
+    return f"blk.{block}.{names[module]}.{suffix}"
+
+
+def _tokenizer_fields(tokenizer_json: str, vocab_size: int, where: str) -> dict[str, Any]:
+    tok = json.loads(tokenizer_json)
+    model = tok.get("model") or {}
+    if model.get("type") != "BPE":
+        raise CheckpointError(f"{where}: GGUF export supports byte-level BPE tokenizers; this one is "
+                              f"{model.get('type')!r}")
+    pre = tok.get("pre_tokenizer") or {}
+    steps = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
+    if not any(s.get("type") == "ByteLevel" for s in steps) or (tok.get("decoder") or {}).get("type") != "ByteLevel":
+        raise CheckpointError(f"{where}: GGUF export supports byte-level BPE tokenizers (GPT-2 style: ByteLevel "
+                              "pre-tokenizer and decoder); this one is not byte-level")
+    if len(steps) == 1 and steps[0].get("use_regex", True):
+        pre_name = "gpt-2"
+    else:
+        splits = [s.get("pattern", {}).get("Regex") for s in steps if s.get("type") == "Split"]
+        pre_name = _KNOWN_PRE.get(splits[0], "default") if len(splits) == 1 else "default"
+
+    tokens: dict[int, str] = {int(i): t for t, i in model.get("vocab", {}).items()}
+    types: dict[int, int] = {}
+    for added in tok.get("added_tokens") or []:
+        tokens[int(added["id"])] = added["content"]
+        types[int(added["id"])] = TOKEN_CONTROL if added.get("special") else TOKEN_USER_DEFINED
+    if tokens and max(tokens) >= vocab_size:
+        raise CheckpointError(f"{where}: token id {max(tokens)} is outside the model's vocab_size {vocab_size}")
+    token_list, type_list = [], []
+    for i in range(vocab_size):  # gaps and the model's padded rows become unused placeholders
+        if i in tokens:
+            token_list.append(tokens[i])
+            type_list.append(types.get(i, TOKEN_NORMAL))
+        else:
+            token_list.append(f"[PAD{i}]")
+            type_list.append(TOKEN_UNUSED)
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    post = tok.get("post_processor") or {}
+    return {"tokens": token_list, "types": type_list, "merges": merges, "pre": pre_name, "post": post}
+
+
+def _adds_bos(post: dict[str, Any], bos: str | None) -> bool:
+    """Whether the tokenizer's post-processor puts `bos` first (Llama 3 style)."""
+    if bos is None:
+        return False
+    steps = post.get("processors", [post]) if post.get("type") == "Sequence" else [post]
+    for step in steps:
+        if step.get("type") == "TemplateProcessing":
+            single = step.get("single") or []
+            first = single[0] if single else {}
+            return (first.get("SpecialToken") or {}).get("id") == bos
+    return False
+
+
+def _metadata(writer: Any, gguf: Any, cfg: ModelConfig, dtype: str, name: str) -> None:
+    writer.add_name(name)
+    writer.add_context_length(cfg.max_seq_len)
+    writer.add_embedding_length(cfg.d_model)
+    writer.add_block_count(cfg.n_layer)
+    writer.add_feed_forward_length(cfg.ffn_dim)
+    writer.add_head_count(cfg.n_head)
+    writer.add_head_count_kv(cfg.kv_heads)
+    writer.add_rope_dimension_count(cfg.head_dim)
+    writer.add_rope_freq_base(cfg.rope_theta)
+    writer.add_layer_norm_rms_eps(cfg.norm_eps)
+    writer.add_vocab_size(cfg.vocab_size)
+    writer.add_file_type(gguf.LlamaFileType.MOSTLY_F16 if dtype == "f16" else gguf.LlamaFileType.ALL_F32)
+    if cfg.rope_scaling is not None and cfg.rope_scaling.type == "linear":
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(cfg.rope_scaling.factor)
+    if cfg.sliding_window is not None:
+        writer.add_sliding_window(cfg.sliding_window)
+
+
+def _tensors(state: dict[str, torch.Tensor], cfg: ModelConfig, dtype: str) -> dict[str, np.ndarray]:
+    out: dict[str, np.ndarray] = {}
+    matrix_dtype = np.float16 if dtype == "f16" else np.float32
+    for name, tensor in state.items():
+        if name == "output.weight" and cfg.tie_embeddings:
+            continue  # llama.cpp uses token_embd when output is absent
+        t = tensor.detach().to(torch.float32)
+        if ".attention.wq." in name:
+            t = permute_qk(t, cfg.n_head)
+        elif ".attention.wk." in name:
+            t = permute_qk(t, cfg.kv_heads)
+        out[gguf_tensor_name(name)] = t.contiguous().numpy().astype(matrix_dtype if t.dim() >= 2 else np.float32)
+    if cfg.rope_scaling is not None and cfg.rope_scaling.type == "llama3":
+        base = rope_inv_freq(cfg.head_dim, cfg.rope_theta)
+        scaled = rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
+        out["rope_freqs.weight"] = (base / scaled).numpy().astype(np.float32)  # llama.cpp divides theta by these
+    return out
+
+
+def export_gguf(ckpt_path: str | Path, out_path: str | Path, dtype: Literal["f16", "f32"] = "f16",
+                *, overwrite: bool = False) -> Path:
+    """Write `out_path` (a .gguf file, mode 0600) atomically: temp file beside it + rename.
+    Refuses an existing file unless overwrite."""
+    if dtype not in ("f16", "f32"):
+        raise CheckpointError(f"GGUF dtype must be f16 or f32, not {dtype!r}")
+    gguf = _gguf()
+    out_path = Path(out_path)
+    if out_path.is_symlink() or out_path.is_dir() or (out_path.exists() and not overwrite):
+        raise CheckpointError(f"{out_path} already exists; choose a new file name")
+    ckpt, cfg = load_model_checkpoint(ckpt_path)
+    where = str(ckpt.directory)
+    specials = _special_tokens(ckpt.trainer_state)
+    vocab = _tokenizer_fields(ckpt.tokenizer_json, cfg.vocab_size, where)
+    tensors = _tensors(ckpt.model, cfg, dtype)
+    backend = Tokenizer.from_str(ckpt.tokenizer_json)
+    ids = {k: (backend.token_to_id(v) if v is not None else None) for k, v in specials.items()}
+
+    out_path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{out_path.name}.tmp-", dir=out_path.parent)  # 0600, O_EXCL
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        writer = gguf.GGUFWriter(tmp, "llama")
+        _metadata(writer, gguf, cfg, dtype, name=Path(where).parent.name or "bastion")
+        writer.add_tokenizer_model("gpt2")
+        writer.add_tokenizer_pre(vocab["pre"])
+        writer.add_token_list(vocab["tokens"])
+        writer.add_token_types(vocab["types"])
+        writer.add_token_merges(vocab["merges"])
+        if ids["bos_token"] is not None:
+            writer.add_bos_token_id(ids["bos_token"])
+        if ids["eos_token"] is not None:
+            writer.add_eos_token_id(ids["eos_token"])
+        if ids["pad_token"] is not None:
+            writer.add_pad_token_id(ids["pad_token"])
+        writer.add_add_bos_token(_adds_bos(vocab["post"], specials["bos_token"]))
+        template = ckpt.trainer_state.get("chat_template")
+        if isinstance(template, str):
+            writer.add_chat_template(template)
+        for name, array in tensors.items():
+            writer.add_tensor(name, array)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        os.chmod(tmp, 0o600)
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, out_path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return out_path

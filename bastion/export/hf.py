@@ -1,0 +1,397 @@
+"""Hugging Face folders in and out: `import_hf` (HF folder -> Bastion checkpoint) and
+`export_hf` (Bastion checkpoint -> a folder `AutoModelForCausalLM` / `AutoTokenizer` load).
+
+Import reads only data formats: config.json, tokenizer*.json and safetensors. It refuses
+remote code (`auto_map`), architectures other than Llama / Mistral / Qwen2, pickle weights
+(pytorch_model.bin: convert them with `bastion ckpt convert --allow-pickle` first), and any
+tensor that is missing, unexpected or the wrong shape. Every safetensors header is validated
+(`parse_header`) on a memory map of the file, and the tensors are built from that same map,
+so the bytes that were checked are the bytes that are used.
+
+Where the chat template and special tokens live: an imported checkpoint keeps the HF
+tokenizer's `chat_template` and its bos / eos / pad token strings in trainer_state.json
+(keys "chat_template" and "special_tokens"): a checkpoint file the manifest already hashes,
+free-form JSON (any template text is stored verbatim), and no schema change to config.yaml.
+`read_chat_template(ckpt)` and `read_special_tokens(ckpt)` read them back, verified.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import mmap
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from tokenizers import Tokenizer
+
+from bastion.checkpoint.checkpoint import (
+    Checkpoint,
+    load_checkpoint,
+    resolve_checkpoint,
+    save_checkpoint,
+)
+from bastion.checkpoint.manifest import read_manifest
+from bastion.checkpoint.safetensors_check import TORCH_DTYPE, parse_header
+from bastion.config.load import build_config, to_yaml
+from bastion.config.schema import ModelConfig
+from bastion.errors import CheckpointError
+from bastion.model.hf import (
+    SUPPORTED_ARCHITECTURES,
+    from_hf_state_dict,
+    hf_config_from_model_config,
+    hf_model_type,
+    model_config_from_hf_config,
+    to_hf_state_dict,
+)
+from bastion.safeio import (
+    DIR_MODE,
+    fsync_dir,
+    read_json_limited,
+    read_text_limited,
+    write_bytes,
+)
+
+MAX_CONFIG_JSON_BYTES = 1 * 2**20
+MAX_TOKENIZER_CONFIG_BYTES = 16 * 2**20
+MAX_TOKENIZER_BYTES = 64 * 2**20
+MAX_INDEX_BYTES = 64 * 2**20
+MAX_CHAT_TEMPLATE_BYTES = 1 * 2**20
+MAX_SHARDS = 10_000
+SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,200}$")
+PICKLE_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "model.pth",
+                  "consolidated.00.pth", "tf_model.h5", "flax_model.msgpack")
+BASTION_SPECIALS = {"bos_token": None, "eos_token": "<|endoftext|>", "pad_token": "<|pad|>"}
+
+
+# ---- reading an HF folder -----------------------------------------------------------------
+
+def _input_file(hf_dir: Path, name: str, *, required: bool = True, what: str = "file") -> Path | None:
+    """`hf_dir/name` as a regular file, resolved. `name` must be a plain file name. Symlinks
+    are refused, except the Hugging Face cache layout (snapshots/<rev>/<file> ->
+    ../../blobs/<hash>), which is how `huggingface_hub` stores every downloaded file."""
+    if not isinstance(name, str) or not SAFE_NAME.match(name):
+        raise CheckpointError(f"{hf_dir}: {what} name {str(name)[:80]!r} is not a plain file name inside the folder")
+    path = hf_dir / name
+    if not path.exists() and not path.is_symlink():
+        if required:
+            raise CheckpointError(f"{hf_dir}: {what} {name} is missing")
+        return None
+    if path.is_symlink():
+        try:
+            target = path.resolve(strict=True)
+        except (OSError, RuntimeError):
+            raise CheckpointError(f"{path}: dangling or looping symbolic link") from None
+        blobs = (hf_dir.parent.parent / "blobs").resolve()
+        if hf_dir.parent.name != "snapshots" or target.parent != blobs:
+            raise CheckpointError(f"{path}: is a symbolic link leading outside the model folder (to {target}); "
+                                  "only Hugging Face cache links (snapshots/<rev>/ -> blobs/) are followed")
+        path = target
+    if not path.is_file():
+        raise CheckpointError(f"{path}: not a regular file")
+    return path
+
+
+def _read_json(path: Path, max_bytes: int, what: str) -> Any:
+    return read_json_limited(path, max_bytes, CheckpointError, what)
+
+
+def read_safetensors(path: Path, *, dtype: torch.dtype | None = torch.float32) -> dict[str, torch.Tensor]:
+    """Tensors of one safetensors file: the header is validated strictly (`parse_header`) on a
+    private memory map, and the tensors are copied out of that same map (no second read of
+    the file that could see different bytes). Floating tensors are cast to `dtype` (None:
+    kept); non-floating tensors are refused (they are not model weights)."""
+    with open(path, "rb") as fh:
+        size = os.fstat(fh.fileno()).st_size
+        if size == 0:
+            raise CheckpointError(f"{path}: empty file, not a safetensors file")
+        # ACCESS_COPY: writable for torch.frombuffer, but writes never reach the file.
+        with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY) as mm:
+            header, _ = parse_header(mm, path)  # slicing an mmap copies: no buffer export to leak
+            base = 8 + int.from_bytes(mm[:8], "little")
+            tensors: dict[str, torch.Tensor] = {}
+            for name, info in header.items():
+                if info["dtype"] not in TORCH_DTYPE or not TORCH_DTYPE[info["dtype"]].is_floating_point:
+                    raise CheckpointError(f"{path}: tensor {name!r} has dtype {info['dtype']}; model weights must be floating point")
+                src_dtype = TORCH_DTYPE[info["dtype"]]
+                numel = math.prod(info["shape"])
+                begin = base + info["data_offsets"][0]
+                if numel == 0:
+                    tensor = torch.empty(info["shape"], dtype=src_dtype)
+                else:
+                    view = torch.frombuffer(mm, dtype=src_dtype, count=numel, offset=begin)
+                    tensor = view.reshape(info["shape"]).clone()
+                    del view  # release the buffer export before the map closes
+                tensors[name] = tensor if dtype is None else tensor.to(dtype)
+    return tensors
+
+
+def _weight_files(hf_dir: Path) -> list[Path]:
+    single = _input_file(hf_dir, "model.safetensors", required=False)
+    index_path = _input_file(hf_dir, "model.safetensors.index.json", required=False)
+    if single is not None and index_path is not None:
+        raise CheckpointError(f"{hf_dir}: holds both model.safetensors and model.safetensors.index.json; "
+                              "remove the one that is stale")
+    if single is not None:
+        return [single]
+    if index_path is not None:
+        index = _read_json(index_path, MAX_INDEX_BYTES, "shard index")
+        weight_map = index.get("weight_map") if isinstance(index, dict) else None
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise CheckpointError(f"{index_path}: malformed shard index (no weight_map)")
+        names = sorted(set(weight_map.values()), key=str)
+        if len(names) > MAX_SHARDS:
+            raise CheckpointError(f"{index_path}: names {len(names)} shards, over {MAX_SHARDS}")
+        files = []
+        for name in names:
+            if not isinstance(name, str) or not name.endswith(".safetensors"):
+                raise CheckpointError(f"{index_path}: shard {str(name)[:80]!r} is not a .safetensors file name")
+            files.append(_input_file(hf_dir, name, what="weight shard"))
+        return files
+    pickles = [n for n in PICKLE_WEIGHTS if (hf_dir / n).exists()] + sorted(
+        p.name for p in hf_dir.glob("pytorch_model-*.bin"))
+    if pickles:
+        raise CheckpointError(
+            f"{hf_dir}: has only pickle-format weights ({', '.join(pickles[:3])}), which can execute code when "
+            "loaded and are never read implicitly. Convert each file with `bastion ckpt convert --allow-pickle "
+            "FILE OUT_DIR` (a scanned, restricted load), put OUT_DIR/model.safetensors in the model folder in its "
+            "place, and import again")
+    raise CheckpointError(f"{hf_dir}: no model.safetensors or model.safetensors.index.json")
+
+
+def _load_hf_weights(hf_dir: Path) -> dict[str, torch.Tensor]:
+    state: dict[str, torch.Tensor] = {}
+    for path in _weight_files(hf_dir):
+        for name, tensor in read_safetensors(path).items():
+            if name in state:
+                raise CheckpointError(f"{path}: tensor {name!r} also appears in another shard")
+            state[name] = tensor
+    return state
+
+
+def _token_text(value: Any) -> str | None:
+    """A tokenizer_config special token: a string, an AddedToken dict, or null."""
+    if isinstance(value, dict):
+        value = value.get("content")
+    return value if isinstance(value, str) else None
+
+
+def _chat_template(hf_dir: Path, tok_cfg: dict[str, Any]) -> str | None:
+    """tokenizer_config.json's chat_template (a string, or a list of named templates: the
+    "default" one), else chat_template.jinja (where transformers >= 4.43 / v5 save it)."""
+    template = tok_cfg.get("chat_template")
+    if isinstance(template, list):
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        template = named.get("default")
+    if template is None:
+        path = _input_file(hf_dir, "chat_template.jinja", required=False)
+        if path is not None:
+            template = read_text_limited(path, MAX_CHAT_TEMPLATE_BYTES, CheckpointError, "chat template")
+    if template is not None and (not isinstance(template, str) or len(template.encode()) > MAX_CHAT_TEMPLATE_BYTES):
+        raise CheckpointError(f"{hf_dir}: chat_template must be a string of at most {MAX_CHAT_TEMPLATE_BYTES} bytes")
+    return template
+
+
+def _check_out_dir(out_dir: Path, what: str) -> None:
+    if out_dir.is_symlink() or (out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir()))):
+        raise CheckpointError(f"{what} {out_dir} already exists and is not an empty folder; choose a new one")
+
+
+def import_hf(hf_dir: str | Path, out_dir: str | Path) -> Path:
+    """Convert a local Hugging Face Llama / Mistral / Qwen2 folder into a Bastion checkpoint
+    root `out_dir` (step 0, no optimizer; weights stored as float32). Returns the checkpoint
+    directory (out_dir/step_00000000)."""
+    hf_dir, out_dir = Path(hf_dir), Path(out_dir)
+    if not hf_dir.is_dir():
+        raise CheckpointError(f"{hf_dir}: not a folder (expected a Hugging Face model folder)")
+    _check_out_dir(out_dir, "output")
+    config_path = _input_file(hf_dir, "config.json", what="config")
+    hf_config = _read_json(config_path, MAX_CONFIG_JSON_BYTES, "config.json")
+    model_cfg = model_config_from_hf_config(hf_config, where=str(hf_dir / "config.json"))
+
+    tok_path = _input_file(hf_dir, "tokenizer.json", what="tokenizer (tokenizer.json)")
+    tok_text = json.dumps(_read_json(tok_path, MAX_TOKENIZER_BYTES, "tokenizer.json"))
+    try:
+        tokenizer = Tokenizer.from_str(tok_text)
+    except Exception as exc:  # tokenizers raises a bare Exception on schema errors
+        raise CheckpointError(f"{hf_dir / 'tokenizer.json'}: not a valid tokenizer ({str(exc)[:200]})") from None
+    n_tokens = tokenizer.get_vocab_size(with_added_tokens=True)
+    if n_tokens > model_cfg.vocab_size:
+        raise CheckpointError(f"{hf_dir}: the tokenizer has {n_tokens} tokens but the model's vocab_size is "
+                              f"{model_cfg.vocab_size}")
+    tc_path = _input_file(hf_dir, "tokenizer_config.json", required=False)
+    tok_cfg = _read_json(tc_path, MAX_TOKENIZER_CONFIG_BYTES, "tokenizer_config.json") if tc_path else {}
+    if not isinstance(tok_cfg, dict):
+        raise CheckpointError(f"{tc_path}: not a JSON object")
+    specials = {key: _token_text(tok_cfg.get(key)) for key in ("bos_token", "eos_token", "pad_token")}
+    for key, token in specials.items():
+        if token is not None and tokenizer.token_to_id(token) is None:
+            raise CheckpointError(f"{tc_path}: {key} {token[:40]!r} is not in tokenizer.json's vocabulary")
+
+    hf_state = _load_hf_weights(hf_dir)
+    state = from_hf_state_dict(hf_state, model_cfg, where=f"weights in {hf_dir}")
+    config = build_config({"model": model_cfg.model_dump(mode="json"),
+                           "train": {"seq_len": min(256, model_cfg.max_seq_len)}}, source="imported config")
+    trainer_state: dict[str, Any] = {"step": 0, "imported_from": hf_config["model_type"],
+                                     "special_tokens": specials}
+    template = _chat_template(hf_dir, tok_cfg)
+    if template is not None:
+        trainer_state["chat_template"] = template
+    ckpt = Checkpoint(model=state, trainer_state=trainer_state, config_yaml=to_yaml(config),
+                      tokenizer_json=tokenizer.to_str())
+    return save_checkpoint(out_dir, 0, ckpt)
+
+
+# ---- reading a Bastion checkpoint ---------------------------------------------------------
+
+def _read_verified(directory: Path, name: str, max_bytes: int) -> bytes | None:
+    """One small checkpoint file, checked against MANIFEST.json (None if not listed)."""
+    listed = read_manifest(directory)["files"]
+    if name not in listed:
+        return None
+    entry = listed[name]
+    if entry["size"] > max_bytes:
+        raise CheckpointError(f"{directory / name}: {entry['size']} bytes, over {max_bytes}")
+    path = directory / name
+    if path.is_symlink() or not path.is_file():
+        raise CheckpointError(f"{path}: not a regular file")
+    data = path.read_bytes()
+    if hashlib.sha256(data).hexdigest() != entry["sha256"]:
+        raise CheckpointError(f"{path}: SHA-256 does not match manifest (file modified or corrupt)")
+    return data
+
+
+def _trainer_state(ckpt_dir: str | Path) -> dict[str, Any]:
+    directory = resolve_checkpoint(ckpt_dir)
+    data = _read_verified(directory, "trainer_state.json", 64 * 2**20)
+    if data is None:
+        return {}
+    try:
+        state = json.loads(data)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise CheckpointError(f"{directory / 'trainer_state.json'}: invalid JSON") from None
+    return state if isinstance(state, dict) else {}
+
+
+def read_chat_template(ckpt_dir: str | Path) -> str | None:
+    """The chat template stored with a checkpoint (imported from tokenizer_config.json /
+    chat_template.jinja), or None. Accepts what `resolve_checkpoint` accepts; the file is
+    verified against the manifest."""
+    template = _trainer_state(ckpt_dir).get("chat_template")
+    return template if isinstance(template, str) else None
+
+
+def read_special_tokens(ckpt_dir: str | Path) -> dict[str, str | None]:
+    """{"bos_token", "eos_token", "pad_token"} strings of a checkpoint's tokenizer: those
+    recorded at import, else Bastion's own (<|endoftext|> eos, <|pad|> pad, no bos)."""
+    return _special_tokens(_trainer_state(ckpt_dir))
+
+
+def _special_tokens(trainer_state: dict[str, Any]) -> dict[str, str | None]:
+    stored = trainer_state.get("special_tokens")
+    if isinstance(stored, dict):
+        return {k: stored.get(k) if isinstance(stored.get(k), str) else None for k in BASTION_SPECIALS}
+    return dict(BASTION_SPECIALS)
+
+
+def load_model_checkpoint(path: str | Path) -> tuple[Checkpoint, ModelConfig]:
+    """A verified checkpoint (no optimizer) and its model config."""
+    ckpt = load_checkpoint(path, load_optimizer=False)
+    try:
+        raw = yaml.safe_load(ckpt.config_yaml) or {}
+    except yaml.YAMLError:
+        raise CheckpointError(f"{ckpt.directory}/config.yaml: invalid YAML") from None
+    config = build_config(raw, source=f"{ckpt.directory}/config.yaml")
+    if config.model.vocab_size is None:
+        raise CheckpointError(f"{ckpt.directory}/config.yaml: model.vocab_size is not set")
+    return ckpt, config.model
+
+
+# ---- writing an HF folder -----------------------------------------------------------------
+
+def _atomic_dir(out_dir: Path, files: dict[str, bytes]) -> Path:
+    """Write files into a private temp folder beside out_dir, then rename it into place."""
+    parent = out_dir.parent
+    parent.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=parent))
+    try:
+        os.chmod(tmp, DIR_MODE)
+        for name, data in files.items():
+            write_bytes(tmp / name, data)
+        fsync_dir(tmp)
+        if out_dir.exists():
+            out_dir.rmdir()  # an empty folder (checked before): replace it
+        os.rename(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    fsync_dir(parent)
+    return out_dir
+
+
+def _generation_config(ckpt: Checkpoint, ids: dict[str, int | None]) -> dict[str, Any]:
+    out: dict[str, Any] = {"bos_token_id": ids["bos_token"], "eos_token_id": ids["eos_token"],
+                           "pad_token_id": ids["pad_token"]}
+    try:
+        gen = (yaml.safe_load(ckpt.config_yaml) or {}).get("generate") or {}
+    except (yaml.YAMLError, AttributeError):
+        gen = {}
+    temperature = gen.get("temperature")
+    if isinstance(temperature, (int, float)) and temperature > 0:
+        out.update(do_sample=True, temperature=temperature)
+        if isinstance(gen.get("top_k"), int):
+            out["top_k"] = gen["top_k"]
+        if isinstance(gen.get("top_p"), (int, float)):
+            out["top_p"] = gen["top_p"]
+    return out
+
+
+def export_hf(ckpt_path: str | Path, out_dir: str | Path) -> Path:
+    """Write a Hugging Face folder (config.json, model.safetensors, generation_config.json,
+    tokenizer.json, tokenizer_config.json): LlamaForCausalLM (qkv biases as attention_bias
+    with zero o_proj biases), MistralForCausalLM with a sliding window, Qwen2ForCausalLM with
+    both or for a checkpoint imported from Qwen2 (see `hf_model_type`). Atomic (temp folder
+    + rename); files 0600, folder 0700. Refuses an existing non-empty out_dir."""
+    import safetensors.torch
+
+    out_dir = Path(out_dir)
+    _check_out_dir(out_dir, "export folder")
+    ckpt, cfg = load_model_checkpoint(ckpt_path)
+    tokenizer = Tokenizer.from_str(ckpt.tokenizer_json)
+    specials = _special_tokens(ckpt.trainer_state)
+    ids = {k: (tokenizer.token_to_id(v) if v is not None else None) for k, v in specials.items()}
+    for key, value in specials.items():
+        if value is not None and ids[key] is None:
+            specials[key] = None  # recorded token absent from the vocabulary: leave it out
+    model_type = hf_model_type(cfg, prefer=ckpt.trainer_state.get("imported_from"))
+    hf_config = hf_config_from_model_config(cfg, bos_token_id=ids["bos_token"], eos_token_id=ids["eos_token"],
+                                            pad_token_id=ids["pad_token"], model_type=model_type)
+    state = {k: v.detach().to(torch.float32).contiguous() for k, v in ckpt.model.items()}
+    hf_state = to_hf_state_dict(state, cfg, o_proj_bias=model_type == "llama" and cfg.qkv_bias)
+    tok_config: dict[str, Any] = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": specials["bos_token"], "eos_token": specials["eos_token"], "pad_token": specials["pad_token"],
+        "model_max_length": cfg.max_seq_len, "clean_up_tokenization_spaces": False,
+        "add_bos_token": False, "add_eos_token": False,
+    }
+    template = ckpt.trainer_state.get("chat_template")
+    if isinstance(template, str):
+        tok_config["chat_template"] = template
+    files = {
+        "config.json": json.dumps(hf_config, indent=2).encode(),
+        "generation_config.json": json.dumps(_generation_config(ckpt, ids), indent=2).encode(),
+        "model.safetensors": safetensors.torch.save(hf_state, metadata={"format": "pt"}),
+        "tokenizer.json": ckpt.tokenizer_json.encode(),
+        "tokenizer_config.json": json.dumps(tok_config, indent=2).encode(),
+    }
+    return _atomic_dir(out_dir, files)
+
+
+__all__ = ["SUPPORTED_ARCHITECTURES", "export_hf", "import_hf", "load_model_checkpoint", "read_chat_template",
+           "read_safetensors", "read_special_tokens"]

@@ -9,12 +9,14 @@ from typing import List, Optional
 import click
 import typer
 from rich.console import Console
+from rich.markup import escape
 from typer.core import TyperGroup
 from rich.table import Table
 
 from bastion.checkpoint.cli import app as ckpt_app
 from bastion.errors import BastionError, ConfigError
 from bastion.eval.cli import app as eval_app
+from bastion.export.cli import export_app, import_app
 
 err = Console(stderr=True)
 
@@ -27,7 +29,8 @@ class _BastionGroup(TyperGroup):
         try:
             return super().invoke(ctx)
         except BastionError as exc:
-            err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            # escape: messages quote paths and user text, which rich would read as markup
+            err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
 
 
@@ -44,6 +47,8 @@ app.add_typer(config_app, name="config")
 app.add_typer(ckpt_app, name="ckpt")
 app.add_typer(data_app, name="data")
 app.add_typer(eval_app, name="eval")
+app.add_typer(import_app, name="import")
+app.add_typer(export_app, name="export")
 
 out = Console()
 
@@ -170,7 +175,11 @@ def train_cmd(
     cfg = _load(config, overrides)
     result = train(cfg, resume=resume, quiet=quiet)
     val = f", val loss {result.final_val_loss:.4f}" if result.final_val_loss is not None else ""
-    out.print(f"step {result.steps}: train loss {result.final_train_loss:.4f}{val}; checkpoint {result.checkpoint}")
+    if "reward_accuracy" in result.val_metrics:
+        val += f", val reward accuracy {result.val_metrics['reward_accuracy']:.3f}"
+    adapter = f"; adapter {result.adapter}" if result.adapter is not None else ""
+    out.print(f"step {result.steps}: train loss {result.final_train_loss:.4f}{val}; checkpoint {result.checkpoint}{adapter}",
+              highlight=False, soft_wrap=True)
 
 
 @app.command("generate")
@@ -183,23 +192,44 @@ def generate_cmd(
     top_p: Optional[float] = typer.Option(None, help="Nucleus sampling: smallest set with this total probability."),
     seed: Optional[int] = typer.Option(None, help="Random seed for reproducible sampling."),
     stop: Optional[List[str]] = typer.Option(None, "--stop", help="Stop when this string appears (repeatable)."),
+    chat: bool = typer.Option(False, "--chat", help="Send the prompt as a user message through the model's chat "
+                              "template and stop at its end of turn (fine-tuned / imported chat models)."),
     no_verify: bool = typer.Option(False, "--no-verify", help="Skip the SHA-256 manifest check (not recommended)."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
-    """Continue a prompt with a trained checkpoint (verified before loading)."""
+    """Continue a prompt (or answer it, with --chat) with a trained checkpoint (verified before loading)."""
     from bastion.infer import generate
     from bastion.infer.loading import load_for_inference
 
     loaded = load_for_inference(checkpoint, verify=not no_verify)
+    model_input, stop_ids = prompt, None
+    if chat:
+        model_input = loaded.chat.encode_prompt([{"role": "user", "content": prompt}])
+        stop_ids = loaded.chat.stop_ids
     result = generate(
-        loaded.model, loaded.tokenizer, prompt, limits=loaded.config.generate,
+        loaded.model, loaded.tokenizer, model_input, limits=loaded.config.generate,
         max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, stop=stop,
+        stop_ids=stop_ids,
     )
     if as_json:
         print(json.dumps({"prompt": prompt, "completion": result.text, "finish_reason": result.finish_reason,
                           "prompt_tokens": result.prompt_tokens, "completion_tokens": len(result.token_ids)}))
     else:
-        sys.stdout.write(prompt + result.text + "\n")
+        sys.stdout.write((result.text if chat else prompt + result.text) + "\n")
+
+
+@app.command("merge")
+def merge_cmd(
+    base: Path = typer.Argument(..., help="The base checkpoint the adapters were trained on (finetune.init_from)."),
+    adapter: Path = typer.Argument(..., help="An adapter folder (RUN/adapter) or a LoRA run / checkpoint folder."),
+    out_dir: Path = typer.Argument(..., help="New folder for the merged checkpoint."),
+) -> None:
+    """Fold LoRA adapters into their base: a normal checkpoint (export, serve, fine-tune again).
+    Refuses adapters trained on a different base (checked by MANIFEST.json hash)."""
+    from bastion.model.lora import merge_checkpoint
+
+    path = merge_checkpoint(base, adapter, out_dir)
+    out.print(f"merged {adapter} into {base} -> {path}", highlight=False)
 
 
 @app.command("plot")

@@ -9,3 +9,41 @@ def tiny_config(data_dir, out_dir, **train):
     settings.update(train)
     return build_config({"model": {"preset": "tiny", "dropout": 0.1}, "train": settings,
                          "checkpoint": {"every_steps": 15, "keep_last": 2}})
+
+
+def make_base_checkpoint(root, *, texts=None, vocab_size=320, seed=0, **model):
+    """A randomly initialised Bastion checkpoint with a freshly trained byte-level BPE
+    tokenizer: the start point of fine-tuning tests (nothing downloaded). Returns its dir."""
+    import torch
+
+    from bastion.checkpoint import Checkpoint, save_checkpoint
+    from bastion.config.load import to_yaml
+    from bastion.model import Transformer
+    from bastion.tokenizer import BastionTokenizer
+
+    texts = texts or ["reverse: a b c d e f g h i j", "greet kalomi Hello, Nice to meet you! go away whatever"] * 50
+    tok = BastionTokenizer.train(texts, vocab_size=vocab_size, min_frequency=1)
+    shape = {"d_model": 64, "n_layer": 2, "n_head": 4, "n_kv_head": 2, "max_seq_len": 128, **model}
+    cfg = build_config({"model": {**shape, "vocab_size": tok.vocab_size}, "train": {"seq_len": 64}})
+    torch.manual_seed(seed)
+    net = Transformer(cfg.model)
+    ckpt = Checkpoint(model=net.state_dict(), trainer_state={"step": 0}, config_yaml=to_yaml(cfg),
+                      tokenizer_json=tok.to_json_str())
+    return save_checkpoint(root, 0, ckpt)
+
+
+def finetune_config(init_from, train_file, out_dir, *, objective="sft", val_file=None, lora=None, preference=None,
+                    roots=("/",), **train):
+    settings = {"objective": objective, "out_dir": str(out_dir), "seq_len": 128, "batch_size": 16,
+                "max_steps": 100, "lr": 3e-3, "warmup_steps": 10, "eval_every": 50, "eval_batches": 4,
+                "log_every": 10, "seed": 3, "threads": 2, "weight_decay": 0.0, "device": "cpu"}
+    settings.update(train)
+    finetune = {"init_from": str(init_from), "train_file": str(train_file), "max_length": settings["seq_len"]}
+    if val_file is not None:
+        finetune["val_file"] = str(val_file)
+    if lora is not None:
+        finetune["lora"] = {"enabled": True, **lora}
+    if preference is not None:
+        finetune["preference"] = preference
+    return build_config({"train": settings, "finetune": finetune, "data": {"allowed_roots": list(roots)},
+                         "checkpoint": {"every_steps": 1000, "keep_last": 2}})

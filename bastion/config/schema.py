@@ -290,8 +290,26 @@ class BastionConfig(Section):
     _secret_values: set[str] = PrivateAttr(default_factory=set)
 
     @model_validator(mode="after")
+    def _objective_has_inputs(self) -> "BastionConfig":
+        objective, ft = self.train.objective, self.finetune
+        if objective == "clm":
+            if ft.lora.enabled:
+                raise ValueError("finetune.lora.enabled needs train.objective sft, dpo or simpo")
+            return self
+        if ft.init_from is None:
+            raise ValueError(f"train.objective {objective} needs finetune.init_from: a checkpoint from "
+                             "`bastion train` or `bastion import hf`")
+        if ft.train_file is None:
+            kind = "chat" if objective == "sft" else "preference"
+            raise ValueError(f"train.objective {objective} needs finetune.train_file ({kind} JSONL)")
+        if self.train.dp.enabled:
+            raise ValueError("train.dp (DP-SGD) is available for train.objective clm only")
+        return self
+
+    @model_validator(mode="after")
     def _seq_fits_model(self) -> "BastionConfig":
-        if self.train.seq_len > self.model.max_seq_len:
+        # Fine-tuning takes its model from finetune.init_from; the loop checks it there.
+        if self.train.objective == "clm" and self.train.seq_len > self.model.max_seq_len:
             raise ValueError(
                 f"train.seq_len ({self.train.seq_len}) exceeds model.max_seq_len ({self.model.max_seq_len})"
             )

@@ -253,10 +253,11 @@ def _shifted_labels(ids: np.ndarray, loss: np.ndarray) -> np.ndarray:
 
 
 def _to_device(batch: dict[str, torch.Tensor], device: torch.device | str) -> dict[str, torch.Tensor]:
+    """Tensors to `device`; the `num_tokens` count stays on the CPU (reading it must not sync a GPU)."""
     dev = torch.device(device)
     if dev.type == "cuda":
-        return {k: v.pin_memory().to(dev, non_blocking=True) for k, v in batch.items()}
-    return {k: v.to(dev) for k, v in batch.items()}
+        return {k: v if k == "num_tokens" else v.pin_memory().to(dev, non_blocking=True) for k, v in batch.items()}
+    return {k: v if k == "num_tokens" else v.to(dev) for k, v in batch.items()}
 
 
 class _Planned:
@@ -409,6 +410,7 @@ class SFTDataset(_Planned):
             "input_ids": torch.from_numpy(input_ids),
             "labels": torch.from_numpy(labels),
             "segment_ids": torch.from_numpy(segments),
+            "num_tokens": torch.tensor(sum(int(self.tokens.lengths[i]) for row in rows for i in row)),
         }
 
 
@@ -521,7 +523,8 @@ class PreferenceDataset(_Planned):
 
     def collate(self, rows: list[list[int]], seq_len: int) -> dict[str, torch.Tensor]:
         """{chosen_ids, chosen_labels, rejected_ids, rejected_labels}, each [B, T] int64 with
-        one T for both (the longest sequence of the batch)."""
+        one T for both (the longest sequence of the batch); `index` [B] the pair numbers
+        (to look up cached reference log-probabilities) and `num_tokens` the real tokens."""
         seqs = {w: [self.sequence(row[0], w) for row in rows] for w in ("chosen", "rejected")}
         width = max(len(ids) for w in seqs for ids, _ in seqs[w])
         out = {}
@@ -533,6 +536,8 @@ class PreferenceDataset(_Planned):
                 lab_arr[r, : len(ids)] = _shifted_labels(ids, loss)
             out[f"{w}_ids"] = torch.from_numpy(ids_arr)
             out[f"{w}_labels"] = torch.from_numpy(lab_arr)
+        out["index"] = torch.tensor([row[0] for row in rows], dtype=torch.int64)
+        out["num_tokens"] = torch.tensor(sum(len(ids) for w in seqs for ids, _ in seqs[w]))
         return out
 
 

@@ -3,14 +3,15 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
 
-app = typer.Typer(help="Evaluate trained checkpoints (memorization audits).", no_args_is_help=True)
+app = typer.Typer(help="Evaluate trained checkpoints: held-out loss, preference accuracy, generation rewards, "
+                       "memorization audits.", no_args_is_help=True)
 out = Console()
 err = Console(stderr=True)
 
@@ -56,3 +57,93 @@ def memorization_cmd(
             err.print(f"[bold red]error:[/] cannot write {json_out}: {exc.strerror}", highlight=False)
             raise typer.Exit(2) from None
         out.print(f"wrote {json_out}")
+
+
+CheckpointArg = typer.Option(..., "--checkpoint", help="Checkpoint folder, or a run/checkpoints folder (uses 'latest').")
+RootOption = typer.Option(None, "--root", help="Folder the file may be read from (repeatable; default: the current folder).")
+DeviceOption = typer.Option("cpu", "--device", help="cpu, cuda or mps.")
+
+
+def _table(title: str, values: dict) -> None:
+    table = Table(title=title)
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for name, value in values.items():
+        table.add_row(name, f"{value:,.0f}" if float(value).is_integer() and abs(value) >= 1 else f"{value:.4f}")
+    out.print(table)
+
+
+def _write_json(path: Optional[Path], data: dict) -> None:
+    if path is None:
+        return
+    from bastion.safeio import replace_file
+
+    replace_file(path, (json.dumps(data, indent=2) + "\n").encode())
+    out.print(f"wrote {path}")
+
+
+@app.command("loss")
+def loss_cmd(
+    checkpoint: Path = CheckpointArg,
+    file: Path = typer.Option(..., "--file", help="Held-out chat JSONL ({\"messages\": [...]} per line)."),
+    roots: Optional[List[str]] = RootOption,
+    batch_size: int = typer.Option(8, "--batch-size", min=1, max=1024, help="Examples per forward pass."),
+    seq_len: Optional[int] = typer.Option(None, "--seq-len", min=8, help="Longest example kept (default: the model's context)."),
+    device: str = DeviceOption,
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the results as JSON here (mode 0600)."),
+) -> None:
+    """Loss on assistant tokens and perplexity of held-out conversations."""
+    from bastion.eval.finetune import eval_loss
+
+    result = eval_loss(checkpoint, file, roots=roots or ["."], batch_size=batch_size, seq_len=seq_len, device=device)
+    _table(f"held-out loss: {file}", result)
+    _write_json(json_out, result)
+
+
+@app.command("preferences")
+def preferences_cmd(
+    checkpoint: Path = CheckpointArg,
+    file: Path = typer.Option(..., "--file", help="Held-out preference JSONL (prompt / chosen / rejected)."),
+    reference: Optional[Path] = typer.Option(None, "--reference", help="Reference checkpoint (the model before DPO): "
+                                             "DPO rewards. Without it: SimPO's reference-free rewards."),
+    beta: Optional[float] = typer.Option(None, "--beta", min=1e-6, max=100, help="Reward scale (default: the checkpoint's finetune.preference.beta)."),
+    roots: Optional[List[str]] = RootOption,
+    batch_size: int = typer.Option(8, "--batch-size", min=1, max=1024, help="Pairs per forward pass."),
+    seq_len: Optional[int] = typer.Option(None, "--seq-len", min=8, help="Longest pair kept (default: the model's context)."),
+    device: str = DeviceOption,
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the results as JSON here (mode 0600)."),
+) -> None:
+    """Reward accuracy (how often chosen beats rejected), margins and loss on held-out pairs."""
+    from bastion.eval.finetune import eval_preferences
+
+    result = eval_preferences(checkpoint, file, reference=reference, roots=roots or ["."], beta=beta,
+                              batch_size=batch_size, seq_len=seq_len, device=device)
+    _table(f"preferences: {file} ({'DPO rewards' if reference else 'SimPO rewards'})", result)
+    _write_json(json_out, result)
+
+
+@app.command("generate")
+def generate_cmd(
+    checkpoint: Path = CheckpointArg,
+    file: Path = typer.Option(..., "--file", help="Prompts JSONL: {\"messages\": [...]} or {\"prompt\": \"...\"}, plus "
+                                                 "\"answer\" for exact / contains."),
+    rewards: List[str] = typer.Option(..., "--reward", help="exact | contains | regex:PATTERN | length:MIN-MAX (repeatable)."),
+    roots: Optional[List[str]] = RootOption,
+    max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", help="Per completion (default and ceiling: the checkpoint's generate section)."),
+    temperature: float = typer.Option(0.0, "--temperature", min=0.0, max=100.0, help="0 = greedy (reproducible)."),
+    seed: int = typer.Option(0, "--seed", help="Sampling seed of the first prompt (prompt i uses seed + i)."),
+    max_prompts: int = typer.Option(10_000, "--max-prompts", min=1, max=1_000_000, help="Read at most this many prompts."),
+    device: str = DeviceOption,
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the results as JSON here (mode 0600)."),
+) -> None:
+    """Generate a completion per prompt and score it with verifiable rewards."""
+    from bastion.eval.finetune import eval_generate
+    from bastion.eval.rewards import parse_reward
+
+    parsed = [parse_reward(spec) for spec in rewards]
+    result = eval_generate(checkpoint, file, parsed, roots=roots or ["."], max_new_tokens=max_new_tokens,
+                           temperature=temperature, seed=seed, max_prompts=max_prompts, device=device)
+    _table(f"generation rewards over {result.n} prompts: {file}", result.mean)
+    for sample in result.samples:
+        out.print(repr(sample["completion"]), highlight=False)
+    _write_json(json_out, {"prompts": result.n, "mean": result.mean, "samples": result.samples})

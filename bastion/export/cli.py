@@ -60,3 +60,17 @@ def export_gguf_cmd(
 
     path = export_gguf(ckpt, out_path, dtype=dtype.value, overwrite=force)
     out.print(f"exported {ckpt} -> {path} ({dtype.value})", highlight=False)
+
+
+@export_app.command("peft")
+def export_peft_cmd(
+    adapter: Path = typer.Argument(..., help="Adapter folder from a LoRA run (RUN/adapter)."),
+    out_dir: Path = typer.Argument(..., help="New folder for adapter_config.json + adapter_model.safetensors."),
+    base_model: str = typer.Option(None, "--base-model", help="base_model_name_or_path to record (e.g. the `bastion export hf` folder)."),
+) -> None:
+    """Write the adapter in PEFT's format, for `PeftModel.from_pretrained(model, OUT_DIR)` on the
+    base exported with `bastion export hf`."""
+    from bastion.export.peft import export_peft
+
+    path = export_peft(adapter, out_dir, base_model_name_or_path=base_model)
+    out.print(f"exported {adapter} -> {path}", highlight=False)

@@ -303,6 +303,9 @@ def _special_tokens(trainer_state: dict[str, Any]) -> dict[str, str | None]:
 def load_model_checkpoint(path: str | Path) -> tuple[Checkpoint, ModelConfig]:
     """A verified checkpoint (no optimizer) and its model config."""
     ckpt = load_checkpoint(path, load_optimizer=False)
+    if any(name.endswith((".lora_A", ".lora_B")) for name in ckpt.model):
+        raise CheckpointError(f"{ckpt.directory}: holds LoRA adapters only; fold them into the base first with "
+                              "`bastion merge BASE RUN OUT` (or export the adapter with `bastion export peft`)")
     try:
         raw = yaml.safe_load(ckpt.config_yaml) or {}
     except yaml.YAMLError:

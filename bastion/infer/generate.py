@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import torch
 
@@ -16,6 +16,9 @@ from bastion.config.schema import GenerateConfig
 from bastion.errors import GenerationLimitError
 from bastion.infer.sampling import sample_next
 from bastion.model.transformer import Transformer
+
+if TYPE_CHECKING:
+    from bastion.tokenizer.chat import ChatFormat
 
 MAX_STOP_CHARS = 256
 
@@ -94,30 +97,41 @@ def _emittable(text: str, stop: list[str]) -> int:
     return len(text)
 
 
-def stream(model: Transformer, tokenizer: Tokenizer, prompt: str, *, limits: GenerateConfig,
+def stream(model: Transformer, tokenizer: Tokenizer, prompt: str | list[int], *, limits: GenerateConfig,
            max_new_tokens: int | None = None, temperature: float | None = None, top_k: int | None = None,
            top_p: float | None = None, seed: int | None = None,
-           stop: list[str] | None = None) -> Iterator[str | GenerationResult]:
+           stop: list[str] | None = None, stop_ids: list[int] | None = None) -> Iterator[str | GenerationResult]:
     """Yield completion text deltas as they become final, then one GenerationResult.
 
+    `prompt` is text, or token ids (a chat prompt from `ChatFormat.encode_prompt`, whose
+    special tokens text cannot produce). Generation ends at eos or any of `stop_ids` (e.g.
+    `ChatFormat.stop_ids`, the end-of-turn markers), finish_reason "eos" for both.
     The deltas concatenate to exactly result.text. None parameters take `limits`' defaults.
     The request is validated here, at call time (not on first iteration), so a server can
     refuse it before starting a streamed response.
     """
-    if not isinstance(prompt, str):
-        raise TypeError(f"prompt must be a string, got {type(prompt).__name__}")
-    prompt_ids = tokenizer.encode(prompt)
+    if isinstance(prompt, str):
+        prompt_ids = tokenizer.encode(prompt)
+    elif isinstance(prompt, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in prompt):
+        prompt_ids = list(prompt)
+        vocab = model.cfg.vocab_size or 0
+        if not prompt_ids or any(not 0 <= i < vocab for i in prompt_ids):
+            raise GenerationLimitError(f"prompt ids must be a non-empty list of ids in [0, {vocab})")
+    else:
+        raise TypeError(f"prompt must be a string or a list of token ids, got {type(prompt).__name__}")
     n_new = check_request(len(prompt_ids), max_new_tokens, stop, limits, model.cfg.max_seq_len)
     temperature = limits.temperature if temperature is None else temperature
     top_k = limits.top_k if top_k is None else top_k
     top_p = limits.top_p if top_p is None else top_p
     _check_sampling(temperature, top_k, top_p, seed)
-    return _decode(model, tokenizer, prompt_ids, n_new, temperature, top_k, top_p, seed, list(stop or []))
+    return _decode(model, tokenizer, prompt_ids, n_new, temperature, top_k, top_p, seed, list(stop or []),
+                   set(stop_ids or ()))
 
 
 def _decode(model: Transformer, tokenizer: Tokenizer, prompt_ids: list[int], n_new: int, temperature: float,
-            top_k: int | None, top_p: float, seed: int | None, stop: list[str]) -> Iterator[str | GenerationResult]:
-    eos_id = getattr(tokenizer, "eos_id", None)
+            top_k: int | None, top_p: float, seed: int | None, stop: list[str],
+            stop_ids: set[int]) -> Iterator[str | GenerationResult]:
+    end_ids = stop_ids | ({tokenizer.eos_id} if getattr(tokenizer, "eos_id", None) is not None else set())
     device = model.tok_embeddings.weight.device
     generator = torch.Generator(device=device)
     if seed is None:
@@ -140,7 +154,7 @@ def _decode(model: Transformer, tokenizer: Tokenizer, prompt_ids: list[int], n_n
         emitted = 0  # len(text) already yielded
         finish: Literal["stop", "length", "eos"] = "length"
         while True:
-            if next_id == eos_id:
+            if next_id in end_ids:
                 finish = "eos"
                 break
             ids.append(next_id)
@@ -181,14 +195,25 @@ def _decode(model: Transformer, tokenizer: Tokenizer, prompt_ids: list[int], n_n
         model.train(was_training)
 
 
-def generate(model: Transformer, tokenizer: Tokenizer, prompt: str, *, limits: GenerateConfig,
+def generate(model: Transformer, tokenizer: Tokenizer, prompt: str | list[int], *, limits: GenerateConfig,
              max_new_tokens: int | None = None, temperature: float | None = None, top_k: int | None = None,
-             top_p: float | None = None, seed: int | None = None, stop: list[str] | None = None) -> GenerationResult:
-    """Complete `prompt`: prefill once with a KV cache, then decode token by token until eos,
-    a stop string (text cut before it), or max_new_tokens. None parameters take `limits`' defaults."""
+             top_p: float | None = None, seed: int | None = None, stop: list[str] | None = None,
+             stop_ids: list[int] | None = None) -> GenerationResult:
+    """Complete `prompt`: prefill once with a KV cache, then decode token by token until eos
+    (or a stop id), a stop string (text cut before it), or max_new_tokens. None parameters
+    take `limits`' defaults."""
     result = None
     for item in stream(model, tokenizer, prompt, limits=limits, max_new_tokens=max_new_tokens,
-                       temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, stop=stop):
+                       temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, stop=stop,
+                       stop_ids=stop_ids):
         result = item
     assert isinstance(result, GenerationResult)
     return result
+
+
+def generate_chat(model: Transformer, chat: ChatFormat, messages: list[dict[str, str]], *, limits: GenerateConfig,
+                  **sampling: Any) -> GenerationResult:
+    """The assistant's reply to `messages`, rendered with the model's chat template and
+    stopped at its end-of-turn marker. `sampling`: the keyword arguments of `generate`."""
+    return generate(model, chat.tokenizer, chat.encode_prompt(messages), limits=limits,
+                    stop_ids=chat.stop_ids, **sampling)

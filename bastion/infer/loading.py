@@ -64,15 +64,49 @@ def config_from_checkpoint(ckpt: Checkpoint) -> BastionConfig:
     return build_config(raw, source=f"{ckpt.directory}/config.yaml")
 
 
+def _lora_base(ckpt: Checkpoint, verify: bool) -> Checkpoint:
+    """The base checkpoint of a LoRA run's checkpoint (which holds only adapters): the one
+    recorded in trainer_state "init_from", refused unless its MANIFEST.json hash matches."""
+    from bastion.model.lora import BASE_SHA_KEY, manifest_sha256
+
+    recorded = ckpt.trainer_state.get("init_from") or {}
+    base_path, base_sha = recorded.get("path"), ckpt.trainer_state.get(BASE_SHA_KEY)
+    if not isinstance(base_path, str) or not isinstance(base_sha, str):
+        raise CheckpointError(f"{ckpt.directory}: LoRA checkpoint without a recorded base (trainer_state init_from)")
+    if not Path(base_path).exists():
+        raise CheckpointError(f"{ckpt.directory}: holds LoRA adapters for the base {base_path}, which is gone; "
+                              "merge them (`bastion merge BASE RUN OUT`) with the base wherever it is now")
+    if manifest_sha256(base_path) != base_sha:
+        raise CheckpointError(f"{ckpt.directory}: its base {base_path} has changed since training "
+                              "(MANIFEST.json hash differs); refusing to apply the adapters to it")
+    return load_checkpoint(base_path, verify=verify, load_optimizer=False)
+
+
 def load_for_inference(path: str | Path, *, verify: bool = True, device: str | torch.device = "cpu") -> LoadedModel:
-    """Verify (unless verify=False) and load a checkpoint's weights, tokenizer and config."""
+    """Verify (unless verify=False) and load a checkpoint's weights, tokenizer and config.
+    A LoRA run's checkpoint (adapters only) is loaded onto its verified base and merged."""
+    from bastion.model.lora import is_lora_name
+
     ckpt = load_checkpoint(path, verify=verify, load_optimizer=False)
     config = config_from_checkpoint(ckpt)
     model = Transformer(config.model)
-    check_against_model(ckpt.model, model.state_dict(), ckpt.directory / "model.safetensors")
-    if config.checkpoint.reject_nonfinite:
-        check_finite(ckpt.model, ckpt.directory)
-    model.load_state_dict(ckpt.model)
+    adapters = {k: v for k, v in ckpt.model.items() if is_lora_name(k)}
+    if adapters:
+        from bastion.model.lora import apply_lora, load_lora_state_dict, merge_lora
+
+        base = _lora_base(ckpt, verify)
+        check_against_model(base.model, model.state_dict(), base.directory / "model.safetensors")
+        model.load_state_dict(base.model)
+        apply_lora(model, config.finetune.lora)
+        load_lora_state_dict(model, adapters, ckpt.directory / "model.safetensors")
+        merge_lora(model)
+        for p in model.parameters():
+            p.requires_grad_(True)
+    else:
+        check_against_model(ckpt.model, model.state_dict(), ckpt.directory / "model.safetensors")
+        if config.checkpoint.reject_nonfinite:
+            check_finite(ckpt.model, ckpt.directory)
+        model.load_state_dict(ckpt.model)
     model.to(device).eval()
     tokenizer = tokenizer_from_checkpoint(ckpt)
     return LoadedModel(model, tokenizer, config, ckpt.directory, chat_format_from_checkpoint(ckpt, tokenizer))

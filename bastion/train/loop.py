@@ -1,5 +1,7 @@
 """The training recipe, top to bottom: data -> model -> optimizer -> (resume) -> steps ->
-validation -> checkpoints. One loop serves every objective; `clm` is next-token loss."""
+validation -> checkpoints. One loop serves every objective (train/tasks.py): `clm`
+pretrains on token shards; `sft`, `dpo` and `simpo` start from `finetune.init_from` (a
+Bastion checkpoint or one made by `bastion import hf`), optionally with LoRA adapters."""
 from __future__ import annotations
 
 import contextlib
@@ -13,19 +15,23 @@ import torch
 import yaml
 
 from bastion.checkpoint import Checkpoint, Retention, list_checkpoints, load_checkpoint, save_checkpoint
+from bastion.checkpoint.checkpoint import resolve_checkpoint
 from bastion.checkpoint.safetensors_check import check_against_model
 from bastion.config.load import to_yaml
 from bastion.config.schema import BastionConfig, ModelConfig
 from bastion.data.shards import TokenShards, read_tokenizer_json
 from bastion.errors import CheckpointError, ConfigError
+from bastion.infer.loading import chat_format_from_checkpoint, config_from_checkpoint, tokenizer_from_checkpoint, tokenizer_state
 from bastion.model import Transformer
+from bastion.model.lora import BASE_SHA_KEY, apply_lora, is_lora_name, load_lora_state_dict, lora_state_dict, manifest_sha256, save_adapter
 from bastion.safeio import make_private_dir, replace_file
-from bastion.train.batches import BlockSampler
+from bastion.tokenizer.chat import ChatFormat
 from bastion.train.metrics import MetricsLogger
 from bastion.train.optim import build_optimizer, optimizer_from_tensors, optimizer_to_tensors
 from bastion.train.progress import TrainProgress
 from bastion.train.schedule import lr_at
 from bastion.train.signals import StopRequest
+from bastion.train.tasks import CLMTask, PreferenceTask, SFTTask
 
 if TYPE_CHECKING:
     from bastion.train.dp import PrivateTraining
@@ -42,6 +48,8 @@ class TrainResult:
     stopped_by: str | None = None
     losses: list[float] = field(default_factory=list)
     epsilon: float | None = None  # DP runs: privacy spent (at the run's delta)
+    val_metrics: dict[str, float] = field(default_factory=dict)  # the last validation's numbers
+    adapter: Path | None = None  # LoRA runs: the adapter folder (run_dir/adapter)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -73,6 +81,40 @@ def model_config_for_data(cfg: ModelConfig, vocab_size: int) -> ModelConfig:
     return cfg
 
 
+@dataclass
+class StartPoint:
+    """The checkpoint a fine-tuning run starts from (finetune.init_from), verified."""
+
+    checkpoint: Checkpoint
+    model_cfg: ModelConfig
+    chat: ChatFormat
+    directory: Path
+    manifest_sha256: str
+
+
+def load_start_point(cfg: BastionConfig) -> StartPoint:
+    path = cfg.finetune.init_from
+    assert path is not None  # the config requires it for fine-tuning objectives
+    directory = resolve_checkpoint(path)
+    sha = manifest_sha256(directory)
+    ckpt = load_checkpoint(directory, verify=True, load_optimizer=False, reject_nonfinite=cfg.checkpoint.reject_nonfinite)
+    if manifest_sha256(directory) != sha:
+        raise CheckpointError(f"{directory}: MANIFEST.json changed while it was being loaded")
+    if any(is_lora_name(k) for k in ckpt.model):
+        raise CheckpointError(f"finetune.init_from {directory} holds LoRA adapters, not a full model; "
+                              "fold them into their base first with `bastion merge BASE RUN OUT`")
+    model_cfg = config_from_checkpoint(ckpt).model
+    if model_cfg.vocab_size is None:
+        raise CheckpointError(f"{directory}/config.yaml: model.vocab_size is not set")
+    if cfg.train.seq_len > model_cfg.max_seq_len:
+        raise ConfigError(f"train.seq_len ({cfg.train.seq_len}) exceeds the max_seq_len ({model_cfg.max_seq_len}) "
+                          f"of finetune.init_from {directory}")
+    tokenizer = tokenizer_from_checkpoint(ckpt)
+    if tokenizer.vocab_size > model_cfg.vocab_size:
+        raise CheckpointError(f"{directory}: tokenizer has {tokenizer.vocab_size} tokens, the model only {model_cfg.vocab_size}")
+    return StartPoint(ckpt, model_cfg, chat_format_from_checkpoint(ckpt, tokenizer), directory, sha)
+
+
 def train(
     cfg: BastionConfig,
     *,
@@ -94,39 +136,68 @@ def train(
             f"{run_dir} already holds checkpoints; pass --resume to continue that run or choose another train.out_dir"
         )
 
-    # Data.
-    data_dir = Path(tc.data_dir)
-    train_shards = TokenShards(data_dir, "train", verify=True)
-    val_shards = TokenShards(data_dir, "val", verify=True)
-    tokenizer_json = read_tokenizer_json(data_dir)
-    sampler = BlockSampler(train_shards, tc.seq_len, tc.seed)
-    has_val = val_shards.num_tokens > tc.seq_len
+    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
+    lora = cfg.finetune.lora.enabled
+    start: StartPoint | None = None
+    if tc.objective == "clm":
+        data_dir = Path(tc.data_dir)
+        train_shards = TokenShards(data_dir, "train", verify=True)
+        task: CLMTask | SFTTask | PreferenceTask = CLMTask(cfg, train_shards, TokenShards(data_dir, "val", verify=True))
+        tokenizer_json = read_tokenizer_json(data_dir)
+        model_cfg = model_config_for_data(cfg.model, train_shards.vocab_size)
+        micro_batches_per_epoch = task.n_examples / tc.batch_size
+    else:
+        start = load_start_point(cfg)
+        task = SFTTask(cfg, start.chat) if tc.objective == "sft" else PreferenceTask(cfg, start.chat)
+        tokenizer_json = start.checkpoint.tokenizer_json
+        model_cfg = start.model_cfg
+        micro_batches_per_epoch = task.batches_per_epoch
+    cfg = cfg.model_copy(update={"model": model_cfg})
 
     # Model and optimizer.
-    model_cfg = model_config_for_data(cfg.model, train_shards.vocab_size)
-    cfg = cfg.model_copy(update={"model": model_cfg})
     torch.manual_seed(tc.seed)
     model = Transformer(model_cfg).to(device)
+    if start is not None:
+        model.load_state_dict(start.checkpoint.model)
+        start.checkpoint.model.clear()  # the weights now live in the model; do not hold a second copy
+        if isinstance(task, PreferenceTask):
+            model.eval()  # the reference is the starting weights, without dropout
+            task.prepare_reference(model, device, autocast)
+            model.train()
+        if lora:
+            apply_lora(model, cfg.finetune.lora)
     optimizer = build_optimizer(model, tc, device)
-    tokens_per_step = tc.batch_size * tc.grad_accum * tc.seq_len
-    total_steps = tc.max_steps or max(1, math.ceil(tc.epochs * sampler.n_blocks / (tc.batch_size * tc.grad_accum)))
+    total_steps = tc.max_steps or max(1, math.ceil(tc.epochs * micro_batches_per_epoch / tc.grad_accum))
     # DP-SGD (bastion/train/dp.py): when enabled it happens, or the run fails before step one.
     dp = None
     if tc.dp.enabled:
         from bastion.train.dp import PrivateTraining
 
-        dp = PrivateTraining(model, tc, n_examples=sampler.n_blocks, total_steps=total_steps)
+        assert isinstance(task, CLMTask)  # the config allows DP for clm only
+        dp = PrivateTraining(model, tc, n_examples=task.n_examples, total_steps=total_steps)
 
     step, tokens_seen, val_loss, best_val = 0, 0, None, None
     if resume:
-        step, tokens_seen, val_loss, best_val = _restore(ckpt_root, cfg, model, optimizer, sampler, dp)
+        step, tokens_seen, val_loss, best_val = _restore(ckpt_root, cfg, model, optimizer, task, dp, start)
     make_private_dir(run_dir)
     replace_file(run_dir / "config.yaml", to_yaml(cfg).encode())
-    dp_notes = dp.start(run_dir, step) if dp is not None else []
+    notes = dp.start(run_dir, step) if dp is not None else []
+    if isinstance(task, (SFTTask, PreferenceTask)):
+        notes += task.describe()
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        notes.append(f"{tc.objective} from {start.directory}: {trainable:,} of {model.num_params():,} parameters "
+                     f"trainable{' (LoRA)' if lora else ''}, {total_steps} steps")
+    # What every checkpoint of this run records besides its own progress: for fine-tuning,
+    # the tokenizer's specials and chat template, and the exact checkpoint it started from.
+    run_state: dict = {}
+    if start is not None:
+        run_state.update(tokenizer_state(start.checkpoint))
+        run_state["init_from"] = {"path": str(start.directory.resolve()), "manifest_sha256": start.manifest_sha256}
+        if lora:
+            run_state[BASE_SHA_KEY] = start.manifest_sha256
 
     pusher = _start_pusher(cfg) if cfg.checkpoint.push_to else None
     forward = torch.compile(model) if tc.compile else model
-    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
     metrics = MetricsLogger(run_dir, resume_step=step if resume else None)
 
     def save(at_step: int) -> Path:
@@ -135,38 +206,36 @@ def train(
         if device.type == "cuda":
             rng["torch_cuda"] = torch.cuda.get_rng_state(device)
         state = {
+            **run_state,
             "step": at_step, "tokens_seen": tokens_seen, "val_loss": val_loss, "best_val_loss": best_val,
-            "total_steps": total_steps, "sampler": sampler.state_dict(), "objective": tc.objective,
+            "total_steps": total_steps, "sampler": task.state_dict(), "objective": tc.objective,
         }
         if dp is not None:
             state["dp"] = dp.state_dict()
         cc = cfg.checkpoint
         path = save_checkpoint(
             ckpt_root, at_step,
-            Checkpoint(model=model.state_dict(), trainer_state=state, config_yaml=to_yaml(cfg),
+            # A LoRA run stores only its adapters: the base is init_from, pinned by its hash.
+            Checkpoint(model=lora_state_dict(model) if lora else model.state_dict(), trainer_state=state, config_yaml=to_yaml(cfg),
                        tokenizer_json=tokenizer_json, optimizer=opt_tensors if cc.save_optimizer else None,
                        optimizer_meta=opt_meta, rng=rng),
             retention=Retention(cc.keep_last, cc.keep_best, cc.keep_every), max_shard_bytes=cc.max_shard_bytes,
         )
+        if lora:  # the adapter alone, in its own verified folder (bastion merge / export peft)
+            save_adapter(model, cfg.finetune.lora, run_dir / "adapter", start.manifest_sha256)
         if pusher is not None:
             pusher.submit(path)  # returns at once; a worker thread uploads while training goes on
         return path
 
-    @torch.no_grad()
-    def evaluate() -> float:
+    def evaluate() -> dict[str, float]:
         model.eval()
-        val_sampler = BlockSampler(val_shards, tc.seq_len, seed=0, shuffle=False)
-        n = min(tc.eval_batches, math.ceil(val_sampler.n_blocks / tc.batch_size))
-        total = 0.0
-        for _ in range(n):
-            x, y = val_sampler.batch(tc.batch_size, device)
-            with autocast():
-                _, loss = forward(x, y)
-            total += loss.item()
-        model.train()
-        return total / n
+        try:
+            return task.evaluate(forward, autocast, device, tc.eval_batches)
+        finally:
+            model.train()
 
     losses: list[float] = []
+    val_metrics: dict[str, float] = {}
     last_loss = None
     last_ckpt: Path | None = None
     stopped_by = None
@@ -175,16 +244,16 @@ def train(
     window_start, window_tokens = time.perf_counter(), 0
     try:
         with StopRequest() as stop, progress:
-            for note in dp_notes:
+            for note in notes:
                 progress.note(note)
             while step < total_steps:
                 lr = lr_at(step, lr=tc.lr, warmup_steps=tc.warmup_steps, total_steps=total_steps, min_lr_ratio=tc.min_lr_ratio)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
-                step_tokens = tokens_per_step
+                stats: dict[str, torch.Tensor] = {}
                 if dp is not None:
                     # A Poisson batch of varying size (possibly empty: then the step is noise only).
-                    x, y = sampler.read_blocks(dp.sample(step), device)
+                    x, y = task.sampler.read_blocks(dp.sample(step), device)
                     step_tokens = x.numel()
                     step_loss = torch.full((), math.nan, device=device)
                     if len(x):
@@ -195,12 +264,15 @@ def train(
                     dp.privatize(step, len(x))  # per-example clip + noise replace the gradients
                 else:
                     step_loss = torch.zeros((), device=device)
+                    step_tokens = 0
                     for _ in range(tc.grad_accum):
-                        x, y = sampler.batch(tc.batch_size, device)
                         with autocast():
-                            _, loss = forward(x, y)
+                            loss, n_tokens, micro_stats = task.micro_batch_loss(forward, device)
                         (loss / tc.grad_accum).backward()
                         step_loss += loss.detach() / tc.grad_accum
+                        step_tokens += n_tokens
+                        for name, value in micro_stats.items():
+                            stats[name] = stats.get(name, 0.0) + value / tc.grad_accum
                     if tc.grad_clip:
                         torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
                 optimizer.step()
@@ -216,18 +288,22 @@ def train(
                 if step % tc.log_every == 0 or step == total_steps:
                     elapsed = time.perf_counter() - window_start
                     tps = window_tokens / elapsed if elapsed > 0 else 0.0
-                    extra = {"epsilon": dp.epsilon()} if dp is not None else {}
+                    extra = {"epsilon": dp.epsilon()} if dp is not None else {k: float(v) for k, v in stats.items()}
                     metrics.log("train", step, loss=last_loss, lr=lr, tokens=tokens_seen, tokens_per_s=tps,
-                                epoch=step * dp.sample_rate if dp is not None else sampler.epochs_done, **extra)
+                                epoch=step * dp.sample_rate if dp is not None else task.epochs_done, **extra)
                     window_start, window_tokens = time.perf_counter(), 0
                     progress.update(step, loss=last_loss, lr=lr, tokens_per_s=tps)
                 else:
                     progress.update(step)
-                if has_val and (step % tc.eval_every == 0 or step == total_steps):
-                    val_loss = evaluate()
+                if task.has_val and (step % tc.eval_every == 0 or step == total_steps):
+                    val_metrics = evaluate()
+                    val_loss = val_metrics["loss"]
                     best_val = val_loss if best_val is None else min(best_val, val_loss)
-                    metrics.log("val", step, loss=val_loss)
+                    metrics.log("val", step, **val_metrics)
                     spent = f", epsilon {dp.epsilon():.3f} (delta {dp.delta:.3g})" if dp is not None else ""
+                    if "reward_accuracy" in val_metrics:
+                        spent += (f", reward accuracy {val_metrics['reward_accuracy']:.3f}, "
+                                  f"margin {val_metrics['reward_margin']:.3f}")
                     progress.note(f"step {step}: val loss {val_loss:.4f}{spent}")
                 if stop.requested is None and should_stop is not None and should_stop(step):
                     stop.requested = "callback"
@@ -245,7 +321,8 @@ def train(
             for problem in pusher.errors:
                 progress.note(f"[warning] checkpoint upload failed: {problem}")
     return TrainResult(run_dir, step, tokens_seen, last_loss, val_loss, last_ckpt, stopped_by, losses,
-                       dp.epsilon() if dp is not None else None)
+                       dp.epsilon() if dp is not None else None, val_metrics,
+                       run_dir / "adapter" if lora and last_ckpt is not None else None)
 
 
 def _start_pusher(cfg: BastionConfig):
@@ -256,26 +333,38 @@ def _start_pusher(cfg: BastionConfig):
 
 
 def _restore(ckpt_root: Path, cfg: BastionConfig, model: Transformer, optimizer: torch.optim.Optimizer,
-             sampler: BlockSampler, dp: PrivateTraining | None = None) -> tuple[int, int, float | None, float | None]:
+             task: CLMTask | SFTTask | PreferenceTask, dp: PrivateTraining | None = None,
+             start: StartPoint | None = None) -> tuple[int, int, float | None, float | None]:
     if not list_checkpoints(ckpt_root):
         raise CheckpointError(f"--resume: no checkpoint under {ckpt_root}")
     ckpt = load_checkpoint(ckpt_root, verify=True, reject_nonfinite=cfg.checkpoint.reject_nonfinite)
+    state = ckpt.trainer_state
+    if state.get("objective", "clm") != cfg.train.objective:
+        raise CheckpointError(f"--resume: the checkpoint was trained with objective {state.get('objective', 'clm')}, "
+                              f"the config says {cfg.train.objective}")
+    if start is not None:
+        recorded = (state.get("init_from") or {}).get("manifest_sha256")
+        if recorded != start.manifest_sha256:
+            raise CheckpointError(f"--resume: the run started from a different checkpoint than finetune.init_from "
+                                  f"{start.directory} (its MANIFEST.json hash differs)")
     saved_model = yaml.safe_load(ckpt.config_yaml).get("model", {})
     current = cfg.model.model_dump(mode="json")
     changed = sorted(k for k in current if saved_model.get(k) != current[k])
     if changed:
         raise CheckpointError(f"--resume: model config differs from the checkpoint in {', '.join('model.' + k for k in changed)}")
-    check_against_model(ckpt.model, model.state_dict(), ckpt.directory)
-    model.load_state_dict(ckpt.model)
+    if cfg.finetune.lora.enabled:
+        load_lora_state_dict(model, ckpt.model, ckpt.directory / "model.safetensors")
+    else:
+        check_against_model(ckpt.model, model.state_dict(), ckpt.directory)
+        model.load_state_dict(ckpt.model)
     if ckpt.optimizer is None:
         raise CheckpointError(f"{ckpt.directory}: has no optimizer state; exact resume needs checkpoint.save_optimizer")
     optimizer_from_tensors(optimizer, ckpt.optimizer, ckpt.optimizer_meta)
-    sampler.load_state_dict(ckpt.trainer_state["sampler"])
+    task.load_state_dict(state["sampler"])
     if "torch_cpu" in ckpt.rng:
         torch.set_rng_state(ckpt.rng["torch_cpu"])
     if "torch_cuda" in ckpt.rng and torch.cuda.is_available():
         torch.cuda.set_rng_state(ckpt.rng["torch_cuda"])
-    state = ckpt.trainer_state
     # A DP guarantee must cover every step: neither half of a run may be non-private.
     if dp is None and "dp" in state:
         raise CheckpointError("--resume: the checkpoint was trained with train.dp.enabled; resuming without it would "

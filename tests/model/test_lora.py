@@ -223,6 +223,8 @@ def test_merge_checkpoint_from_adapter_folder_and_training_checkpoint(tmp_path):
     # a LoRA training checkpoint: full state dict (base + adapters), base recorded in trainer_state
     run_config = make_config(qkv_bias=True)
     run_config.finetune.lora = cfg
+    run_config.train.objective = "sft"  # LoRA is a fine-tuning setting
+    run_config.finetune.init_from, run_config.finetune.train_file = str(base_dir), "train.jsonl"
     run = Checkpoint(model=base.state_dict(), trainer_state={"step": 3, BASE_SHA_KEY: sha},
                      config_yaml=to_yaml(run_config), tokenizer_json="{}")
     run_dir = save_checkpoint(tmp_path / "run", 3, run)

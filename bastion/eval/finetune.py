@@ -1,0 +1,139 @@
+"""Evaluations of fine-tuned checkpoints (`bastion eval loss|preferences|generate`).
+
+  * loss         held-out chat JSONL: loss on assistant tokens and perplexity
+  * preferences  held-out preference JSONL: loss, reward accuracy and margins. With a
+                 reference checkpoint the rewards are DPO's (beta * log-ratio to the
+                 reference); without one, SimPO's (beta * mean log-prob of the response),
+                 which needs no second model
+  * generate     prompts JSONL -> greedy (or sampled) completions scored by verifiable
+                 reward functions (bastion/eval/rewards.py)
+
+Files are confined to `roots` and bounded like training data (finetune.max_file_bytes,
+max_examples, max_length from the checkpoint's config).
+"""
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bastion.data.finetune import _confined, check_conversation, iter_jsonl, load_preferences, load_sft
+from bastion.errors import DataError
+from bastion.eval.rewards import Reward
+from bastion.infer.generate import generate
+from bastion.infer.loading import LoadedModel, load_for_inference
+from bastion.train.tasks import evaluate_preferences, evaluate_sft, reference_logprobs
+
+
+def _max_len(loaded: LoadedModel, seq_len: int | None) -> int:
+    return min(seq_len or loaded.config.model.max_seq_len, loaded.config.model.max_seq_len)
+
+
+def _finetune_cfg(loaded: LoadedModel, max_length: int):
+    return loaded.config.finetune.model_copy(update={"max_length": max_length})
+
+
+def eval_loss(checkpoint: str | Path, file: str | Path, *, roots: Sequence[str] = (".",), batch_size: int = 8,
+              seq_len: int | None = None, device: str = "cpu") -> dict[str, float]:
+    """Assistant-token loss and perplexity of a checkpoint on a chat JSONL file."""
+    loaded = load_for_inference(checkpoint, device=device)
+    length = _max_len(loaded, seq_len)
+    data = load_sft(file, loaded.chat, _finetune_cfg(loaded, length).model_copy(update={"pack": False}), roots,
+                    what="--file")
+    out = evaluate_sft(loaded.model, data, batch_size=batch_size, seq_len=length, device=torch.device(device),
+                       autocast=contextlib.nullcontext)
+    assert data.report is not None
+    return out | {"examples": float(data.report.kept), "dropped_too_long": float(data.report.dropped_too_long)}
+
+
+def eval_preferences(checkpoint: str | Path, file: str | Path, *, reference: str | Path | None = None,
+                     roots: Sequence[str] = (".",), beta: float | None = None, batch_size: int = 8,
+                     seq_len: int | None = None, device: str = "cpu") -> dict[str, float]:
+    """Preference loss / reward accuracy / margins on held-out pairs (DPO rewards against
+    `reference`, else SimPO's reference-free rewards)."""
+    loaded = load_for_inference(checkpoint, device=device)
+    length = _max_len(loaded, seq_len)
+    data = load_preferences(file, loaded.chat, _finetune_cfg(loaded, length), roots, what="--file")
+    cfg = loaded.config
+    if beta is not None:
+        cfg = cfg.model_copy(update={"finetune": cfg.finetune.model_copy(
+            update={"preference": cfg.finetune.preference.model_copy(update={"beta": beta})})})
+    dev = torch.device(device)
+    kwargs: dict[str, Any] = dict(batch_size=batch_size, seq_len=length, device=dev, autocast=contextlib.nullcontext)
+    ref = None
+    if reference is not None:
+        ref_model = load_for_inference(reference, device=device)
+        if ref_model.tokenizer.to_json_str() != loaded.tokenizer.to_json_str():
+            raise DataError(f"reference {reference} has a different tokenizer than {checkpoint}")
+        ref = reference_logprobs(ref_model.model, data, **kwargs)
+        del ref_model
+    objective = "dpo" if ref is not None else "simpo"
+    out = evaluate_preferences(loaded.model, data, objective, cfg, reference=ref, **kwargs)
+    return out | {"beta": cfg.finetune.preference.beta}
+
+
+@dataclass
+class GenerationEval:
+    n: int
+    mean: dict[str, float]  # reward name -> mean score
+    samples: list[dict[str, Any]] = field(default_factory=list)  # first few, for a look
+
+
+def read_prompts(file: str | Path, roots: Sequence[str], max_bytes: int, max_records: int) -> list[dict[str, Any]]:
+    """Records with "messages" (a chat ending in a user turn) or "prompt" (text), plus any
+    fields rewards read ("answer"). Every bad line is reported as file:line."""
+    path = _confined(file, roots, "--file")
+    records, problems = [], []
+    for lineno, record, problem in iter_jsonl(path, max_bytes):
+        if len(records) >= max_records:
+            break
+        if problem is None and not isinstance(record, dict):
+            problem = "record must be a JSON object"
+        elif problem is None and "messages" in record:
+            try:
+                record["messages"] = check_conversation(record["messages"], ends_with=("user", "tool"))
+            except DataError as exc:
+                problem = str(exc)
+        elif problem is None and not isinstance(record.get("prompt"), str):
+            problem = "needs \"messages\" (a chat ending with a user message) or a string \"prompt\""
+        if problem is not None:
+            problems.append(f"{path}:{lineno}: {problem}")
+            continue
+        records.append(record)
+    if problems:
+        raise DataError(f"{len(problems)} invalid record(s):\n  " + "\n  ".join(problems[:20]))
+    if not records:
+        raise DataError(f"{path}: no prompts")
+    return records
+
+
+def eval_generate(checkpoint: str | Path, file: str | Path, rewards: list[Reward], *, roots: Sequence[str] = (".",),
+                  max_new_tokens: int | None = None, temperature: float = 0.0, seed: int = 0,
+                  max_prompts: int = 10_000, device: str = "cpu", keep_samples: int = 5) -> GenerationEval:
+    """Generate a completion per prompt and score it with every reward."""
+    loaded = load_for_inference(checkpoint, device=device)
+    records = read_prompts(file, roots, loaded.config.finetune.max_file_bytes, max_prompts)
+    totals = {r.name: 0.0 for r in rewards}
+    samples = []
+    for i, record in enumerate(records):
+        if "messages" in record:
+            assert loaded.chat is not None
+            prompt: str | list[int] = loaded.chat.encode_prompt(record["messages"])
+            stop_ids = loaded.chat.stop_ids
+        else:
+            prompt, stop_ids = record["prompt"], None
+        result = generate(loaded.model, loaded.tokenizer, prompt, limits=loaded.config.generate,
+                          max_new_tokens=max_new_tokens, temperature=temperature, seed=seed + i, stop_ids=stop_ids)
+        scores = {r.name: r(result.text, record) for r in rewards}
+        for name, score in scores.items():
+            totals[name] += score
+        if len(samples) < keep_samples:
+            samples.append({"completion": result.text, **scores})
+    return GenerationEval(len(records), {k: v / len(records) for k, v in totals.items()}, samples)
+
+
+__all__ = ["GenerationEval", "eval_generate", "eval_loss", "eval_preferences", "read_prompts"]

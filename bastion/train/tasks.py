@@ -1,0 +1,262 @@
+"""What one training step reads and which loss it computes, per objective.
+
+    clm     token shards from `bastion data prepare`; next-token loss on every token
+    sft     chat JSONL; next-token loss on assistant tokens; packed rows never attend
+            across examples (segment_ids)
+    dpo     preference JSONL; sigmoid DPO against reference log-probs that are computed
+            once, before the first step, with the starting weights, and kept as two numbers
+            per pair, so no reference model stays in memory during training
+    simpo   preference JSONL; SimPO, reference-free
+
+Every task offers the same small surface to the loop (train/loop.py): `micro_batch_loss`,
+`evaluate`, `state_dict` / `load_state_dict` (exact resume) and `epochs_done`.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from typing import Any
+
+import torch
+
+from bastion.config.schema import BastionConfig
+from bastion.data.finetune import (
+    IGNORE_INDEX,
+    PreferenceDataset,
+    SFTDataset,
+    load_preferences,
+    load_sft,
+    sequence_logprobs,
+)
+from bastion.data.shards import TokenShards
+from bastion.errors import DataError
+from bastion.tokenizer.chat import ChatFormat
+from bastion.train.batches import BlockSampler
+from bastion.train.objectives import dpo_loss, simpo_loss
+
+Forward = Callable[..., Any]
+Autocast = Callable[[], AbstractContextManager]
+Stats = dict[str, torch.Tensor]
+
+
+class CLMTask:
+    """Pretraining: random blocks of `seq_len` tokens from the prepared shards."""
+
+    def __init__(self, cfg: BastionConfig, train_shards: TokenShards, val_shards: TokenShards):
+        tc = cfg.train
+        self.batch_size, self.seq_len = tc.batch_size, tc.seq_len
+        self.sampler = BlockSampler(train_shards, tc.seq_len, tc.seed)
+        self.val_shards = val_shards
+        self.has_val = val_shards.num_tokens > tc.seq_len
+        self.n_examples = self.sampler.n_blocks
+
+    def micro_batch_loss(self, forward: Forward, device: torch.device) -> tuple[torch.Tensor, int, Stats]:
+        x, y = self.sampler.batch(self.batch_size, device)
+        _, loss = forward(x, y)
+        return loss, x.numel(), {}
+
+    @torch.no_grad()
+    def evaluate(self, forward: Forward, autocast: Autocast, device: torch.device, max_batches: int) -> dict[str, float]:
+        val_sampler = BlockSampler(self.val_shards, self.seq_len, seed=0, shuffle=False)
+        n = min(max_batches, math.ceil(val_sampler.n_blocks / self.batch_size))
+        total = 0.0
+        for _ in range(n):
+            x, y = val_sampler.batch(self.batch_size, device)
+            with autocast():
+                _, loss = forward(x, y)
+            total += loss.item()
+        return {"loss": total / n}
+
+    @property
+    def epochs_done(self) -> float:
+        return self.sampler.epochs_done
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.sampler.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.sampler.load_state_dict(state)
+
+
+# ---- supervised fine-tuning ----------------------------------------------------------------
+
+
+def sft_batch_loss(forward: Forward, batch: dict[str, torch.Tensor], packed: bool) -> torch.Tensor:
+    """Mean loss over the batch's counted tokens. Packed rows pass segment_ids (attention
+    stays inside each example); unpacked rows are right-padded, which causal attention
+    already ignores, so they keep the fast is_causal path."""
+    segments = batch["segment_ids"] if packed else None
+    _, loss = forward(batch["input_ids"], batch["labels"], segment_ids=segments)
+    return loss
+
+
+@torch.no_grad()
+def evaluate_sft(forward: Forward, dataset: SFTDataset, *, batch_size: int, seq_len: int, device: torch.device,
+                 autocast: Autocast, max_batches: int | None = None) -> dict[str, float]:
+    """Token-weighted loss and perplexity over the (first max_batches batches of the)
+    dataset, in file order."""
+    total, counted = 0.0, 0
+    for i, batch in enumerate(dataset.batches(batch_size, seq_len, seed=0, epoch=0, shuffle=False)):
+        if max_batches is not None and i >= max_batches:
+            break
+        batch = {k: v.to(device) for k, v in batch.items()}
+        n = int((batch["labels"] != IGNORE_INDEX).sum())
+        if n == 0:
+            continue
+        with autocast():
+            loss = sft_batch_loss(forward, batch, dataset.pack)
+        total += loss.item() * n
+        counted += n
+    if counted == 0:
+        raise DataError("no tokens to evaluate (every example's loss mask is empty)")
+    mean = total / counted
+    return {"loss": mean, "perplexity": math.exp(min(mean, 700.0)), "tokens": float(counted)}
+
+
+class SFTTask:
+    def __init__(self, cfg: BastionConfig, chat: ChatFormat):
+        ft, tc = cfg.finetune, cfg.train
+        roots = cfg.data.allowed_roots
+        self.batch_size, self.seq_len, self.seed = tc.batch_size, tc.seq_len, tc.seed
+        self.train = load_sft(ft.train_file, chat, ft, roots)
+        self.val = load_sft(ft.val_file, chat, ft, roots, what="finetune.val_file") if ft.val_file else None
+        self.has_val = self.val is not None
+        self.cursor = self.train.cursor(tc.batch_size, tc.seq_len, tc.seed)
+        if self.val is not None:
+            self.val.cursor(tc.batch_size, tc.seq_len, 0)  # checks every val example fits seq_len now
+        self.n_examples = len(self.train)
+        self.batches_per_epoch = self.cursor.batches_per_epoch
+
+    def describe(self) -> list[str]:
+        notes = [f"train: {self.train.report.describe()}" if self.train.report else ""]
+        if self.val is not None and self.val.report is not None:
+            notes.append(f"val: {self.val.report.describe()}")
+        return [n for n in notes if n]
+
+    def micro_batch_loss(self, forward: Forward, device: torch.device) -> tuple[torch.Tensor, int, Stats]:
+        batch = self.cursor.next_batch(device)
+        return sft_batch_loss(forward, batch, self.train.pack), int(batch["num_tokens"]), {}
+
+    def evaluate(self, forward: Forward, autocast: Autocast, device: torch.device, max_batches: int) -> dict[str, float]:
+        assert self.val is not None
+        return evaluate_sft(forward, self.val, batch_size=self.batch_size, seq_len=self.seq_len, device=device,
+                            autocast=autocast, max_batches=max_batches)
+
+    @property
+    def epochs_done(self) -> float:
+        return self.cursor.epochs_done
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.cursor.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.cursor.load_state_dict(state)
+
+
+# ---- preference alignment ------------------------------------------------------------------
+
+
+@torch.no_grad()
+def reference_logprobs(forward: Forward, dataset: PreferenceDataset, *, batch_size: int, seq_len: int,
+                       device: torch.device, autocast: Autocast) -> torch.Tensor:
+    """[N, 2] summed log-probs (chosen, rejected) of every pair under the current weights,
+    in float32 on `device`: the DPO reference, computed once."""
+    out = torch.empty(len(dataset), 2, dtype=torch.float32, device=device)
+    for batch in dataset.batches(batch_size, seq_len, seed=0, epoch=0, shuffle=False):
+        batch = {k: v.to(device) for k, v in batch.items()}
+        with autocast():
+            logps = sequence_logprobs(forward, batch)
+        out[batch["index"], 0] = logps.chosen.float()
+        out[batch["index"], 1] = logps.rejected.float()
+    return out
+
+
+def preference_batch_loss(forward: Forward, batch: dict[str, torch.Tensor], objective: str, cfg: BastionConfig,
+                          reference: torch.Tensor | None) -> tuple[torch.Tensor, Stats]:
+    pc = cfg.finetune.preference
+    logps = sequence_logprobs(forward, batch)
+    if objective == "dpo":
+        assert reference is not None
+        ref = reference[batch["index"]]
+        return dpo_loss(logps, ref[:, 0], ref[:, 1], beta=pc.beta, label_smoothing=pc.label_smoothing)
+    return simpo_loss(logps, beta=pc.beta, gamma=pc.simpo_gamma, label_smoothing=pc.label_smoothing)
+
+
+@torch.no_grad()
+def evaluate_preferences(forward: Forward, dataset: PreferenceDataset, objective: str, cfg: BastionConfig, *,
+                         reference: torch.Tensor | None, batch_size: int, seq_len: int, device: torch.device,
+                         autocast: Autocast, max_batches: int | None = None) -> dict[str, float]:
+    """Pair-weighted means of the loss, reward accuracy and margins over held-out pairs."""
+    sums: dict[str, float] = {}
+    pairs = 0
+    for i, batch in enumerate(dataset.batches(batch_size, seq_len, seed=0, epoch=0, shuffle=False)):
+        if max_batches is not None and i >= max_batches:
+            break
+        batch = {k: v.to(device) for k, v in batch.items()}
+        with autocast():
+            loss, stats = preference_batch_loss(forward, batch, objective, cfg, reference)
+        n = len(batch["index"])
+        for name, value in {"loss": loss, **stats}.items():
+            sums[name] = sums.get(name, 0.0) + float(value) * n
+        pairs += n
+    return {name: total / pairs for name, total in sums.items()} | {"pairs": float(pairs)}
+
+
+class PreferenceTask:
+    def __init__(self, cfg: BastionConfig, chat: ChatFormat):
+        ft, tc = cfg.finetune, cfg.train
+        roots = cfg.data.allowed_roots
+        self.cfg, self.objective = cfg, tc.objective
+        self.batch_size, self.seq_len = tc.batch_size, tc.seq_len
+        self.train = load_preferences(ft.train_file, chat, ft, roots)
+        self.val = load_preferences(ft.val_file, chat, ft, roots, what="finetune.val_file") if ft.val_file else None
+        self.has_val = self.val is not None
+        self.cursor = self.train.cursor(tc.batch_size, tc.seq_len, tc.seed)
+        if self.val is not None:
+            self.val.cursor(tc.batch_size, tc.seq_len, 0)
+        self.n_examples = len(self.train)
+        self.batches_per_epoch = self.cursor.batches_per_epoch
+        self.reference: torch.Tensor | None = None
+        self.val_reference: torch.Tensor | None = None
+
+    def describe(self) -> list[str]:
+        notes = [f"train: {self.train.report.describe()}" if self.train.report else ""]
+        if self.val is not None and self.val.report is not None:
+            notes.append(f"val: {self.val.report.describe()}")
+        return [n for n in notes if n]
+
+    def prepare_reference(self, forward: Forward, device: torch.device, autocast: Autocast) -> None:
+        """DPO: log-probs of every train and val pair under the starting weights. Call with
+        the model holding exactly those weights, in eval mode (no dropout)."""
+        if self.objective != "dpo":
+            return
+        kwargs = dict(batch_size=self.batch_size, seq_len=self.seq_len, device=device, autocast=autocast)
+        self.reference = reference_logprobs(forward, self.train, **kwargs)
+        if self.val is not None:
+            self.val_reference = reference_logprobs(forward, self.val, **kwargs)
+
+    def micro_batch_loss(self, forward: Forward, device: torch.device) -> tuple[torch.Tensor, int, Stats]:
+        batch = self.cursor.next_batch(device)
+        loss, stats = preference_batch_loss(forward, batch, self.objective, self.cfg, self.reference)
+        return loss, int(batch["num_tokens"]), stats
+
+    def evaluate(self, forward: Forward, autocast: Autocast, device: torch.device, max_batches: int) -> dict[str, float]:
+        assert self.val is not None
+        return evaluate_preferences(forward, self.val, self.objective, self.cfg, reference=self.val_reference,
+                                    batch_size=self.batch_size, seq_len=self.seq_len, device=device,
+                                    autocast=autocast, max_batches=max_batches)
+
+    @property
+    def epochs_done(self) -> float:
+        return self.cursor.epochs_done
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.cursor.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.cursor.load_state_dict(state)
+
+
+__all__ = ["CLMTask", "PreferenceTask", "SFTTask", "evaluate_preferences", "evaluate_sft", "preference_batch_loss",
+           "reference_logprobs", "sft_batch_loss"]

@@ -1,5 +1,11 @@
 """Shared fixtures: small prepared datasets and a tiny-model config for training tests."""
+import os
+
 import pytest
+
+# Nothing may be downloaded: transformers / peft / TRL are used on folders the tests write.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 from bastion.config import build_config
 from bastion.data import prepare_dataset

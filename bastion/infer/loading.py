@@ -89,24 +89,25 @@ def load_for_inference(path: str | Path, *, verify: bool = True, device: str | t
 
     ckpt = load_checkpoint(path, verify=verify, load_optimizer=False)
     config = config_from_checkpoint(ckpt)
-    model = Transformer(config.model)
+    with torch.device("meta"):
+        expected = Transformer(config.model).state_dict()  # names, shapes, dtypes; no memory
     adapters = {k: v for k, v in ckpt.model.items() if is_lora_name(k)}
     if adapters:
         from bastion.model.lora import apply_lora, load_lora_state_dict, merge_lora
 
         base = _lora_base(ckpt, verify)
-        check_against_model(base.model, model.state_dict(), base.directory / "model.safetensors")
-        model.load_state_dict(base.model)
+        check_against_model(base.model, expected, base.directory / "model.safetensors")
+        model = Transformer.from_state_dict(config.model, base.model).float()
         apply_lora(model, config.finetune.lora)
         load_lora_state_dict(model, adapters, ckpt.directory / "model.safetensors")
         merge_lora(model)
         for p in model.parameters():
             p.requires_grad_(True)
     else:
-        check_against_model(ckpt.model, model.state_dict(), ckpt.directory / "model.safetensors")
+        check_against_model(ckpt.model, expected, ckpt.directory / "model.safetensors")
         if config.checkpoint.reject_nonfinite:
             check_finite(ckpt.model, ckpt.directory)
-        model.load_state_dict(ckpt.model)
+        model = Transformer.from_state_dict(config.model, ckpt.model).float()
     model.to(device).eval()
     tokenizer = tokenizer_from_checkpoint(ckpt)
     return LoadedModel(model, tokenizer, config, ckpt.directory, chat_format_from_checkpoint(ckpt, tokenizer))

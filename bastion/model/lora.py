@@ -477,9 +477,9 @@ def merge_checkpoint(base_ckpt: str | Path, adapter: str | Path, out_dir: str | 
     config = _checkpoint_config(base)
     if config.model.vocab_size is None:
         raise CheckpointError(f"{base_dir}/config.yaml: model.vocab_size is not set")
-    model = Transformer(config.model)
     try:
-        model.load_state_dict(base.model, strict=True)
+        # Assigned, not copied (one copy of the weights in memory); the merge is done in float32.
+        model = Transformer.from_state_dict(config.model, base.model)
     except RuntimeError as exc:
         raise CheckpointError(f"{base_dir}: weights do not match its config.yaml ({str(exc)[:300]})") from None
     if manifest_sha256(base_dir) != base_sha:

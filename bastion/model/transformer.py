@@ -214,6 +214,22 @@ class Transformer(nn.Module):
             if name.endswith(("attention.wo.weight", "feed_forward.w2.weight")):
                 nn.init.normal_(p, mean=0.0, std=cfg.init_std / math.sqrt(2 * cfg.n_layer))
 
+    @classmethod
+    def from_state_dict(cls, cfg: ModelConfig, state: dict[str, torch.Tensor],
+                        device: torch.device | str | None = None) -> "Transformer":
+        """A model holding `state`'s tensors, built without a random init: parameters start
+        on the meta device and the given tensors are assigned, not copied, so loading costs
+        one copy of the weights instead of two (and no init time). strict: names and
+        shapes must match."""
+        with torch.device("meta"):
+            model = cls(cfg)
+        model.load_state_dict(state, strict=True, assign=True)
+        if cfg.tie_embeddings:
+            model.output.weight = model.tok_embeddings.weight
+        cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta, cfg.rope_scaling)
+        model.rope_cos, model.rope_sin = cos, sin
+        return model.to(device) if device is not None else model
+
     def _init_weights(self, module: nn.Module) -> None:
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, mean=0.0, std=self.cfg.init_std)

@@ -106,6 +106,8 @@ def load_start_point(cfg: BastionConfig) -> StartPoint:
     model_cfg = config_from_checkpoint(ckpt).model
     if model_cfg.vocab_size is None:
         raise CheckpointError(f"{directory}/config.yaml: model.vocab_size is not set")
+    with torch.device("meta"):
+        check_against_model(ckpt.model, Transformer(model_cfg).state_dict(), directory / "model.safetensors")
     if cfg.train.seq_len > model_cfg.max_seq_len:
         raise ConfigError(f"train.seq_len ({cfg.train.seq_len}) exceeds the max_seq_len ({model_cfg.max_seq_len}) "
                           f"of finetune.init_from {directory}")
@@ -156,10 +158,12 @@ def train(
 
     # Model and optimizer.
     torch.manual_seed(tc.seed)
-    model = Transformer(model_cfg).to(device)
-    if start is not None:
-        model.load_state_dict(start.checkpoint.model)
-        start.checkpoint.model.clear()  # the weights now live in the model; do not hold a second copy
+    if start is None:
+        model = Transformer(model_cfg).to(device)
+    else:
+        # The loaded tensors become the parameters (float32 master weights): one copy in memory.
+        model = Transformer.from_state_dict(model_cfg, start.checkpoint.model).to(device=device, dtype=torch.float32)
+        start.checkpoint.model = {}
         if isinstance(task, PreferenceTask):
             model.eval()  # the reference is the starting weights, without dropout
             task.prepare_reference(model, device, autocast)

@@ -20,10 +20,20 @@ def write_config(path, **sections):
 
 def test_help_for_every_command():
     for args in ([], ["config"], ["data"], ["data", "prepare"], ["train"], ["generate"], ["plot"], ["demo"],
-                 ["config", "validate"], ["config", "show"]):
+                 ["config", "validate"], ["config", "show"], ["merge"], ["import", "hf"], ["export", "hf"],
+                 ["export", "gguf"], ["export", "peft"], ["eval", "loss"], ["eval", "preferences"],
+                 ["eval", "generate"]):
         result = runner.invoke(app, [*args, "--help"])
         assert result.exit_code == 0, (args, result.output)
         assert "Usage" in result.output
+
+
+def test_shipped_configs_validate():
+    from pathlib import Path
+
+    for path in sorted((Path(__file__).parents[2] / "configs").glob("*.yaml")):
+        result = runner.invoke(app, ["config", "validate", str(path)])
+        assert result.exit_code == 0, (path, result.output)
 
 
 def test_config_validate_lists_every_problem(tmp_path):

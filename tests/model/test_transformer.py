@@ -205,3 +205,18 @@ def test_packed_rows_equal_separate_documents():
     assert torch.allclose(together[:, :7], alone_a, atol=1e-5)
     assert torch.allclose(together[:, 7:], alone_b, atol=1e-5)
     assert not torch.allclose(unmasked[:, 7:], alone_b, atol=1e-3)  # without segments b sees a
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_from_state_dict_assigns_without_copy_or_init(tie):
+    cfg = ModelConfig(vocab_size=100, d_model=32, n_layer=2, n_head=4, max_seq_len=64, tie_embeddings=tie, qkv_bias=True)
+    ref = Transformer(cfg)
+    state = {k: v.clone() for k, v in ref.state_dict().items()}
+    model = Transformer.from_state_dict(cfg, state)
+    assert model.layers[0].attention.wq.weight.data_ptr() == state["layers.0.attention.wq.weight"].data_ptr()
+    assert (model.output.weight is model.tok_embeddings.weight) == tie
+    assert all(p.requires_grad and p.device.type == "cpu" for p in model.parameters())
+    x = torch.randint(0, 100, (2, 12))
+    torch.testing.assert_close(model(x)[0], ref(x)[0], rtol=0, atol=0)  # rope tables rebuilt too
+    with pytest.raises(RuntimeError):
+        Transformer.from_state_dict(cfg, {k: v for k, v in state.items() if "wq" not in k})

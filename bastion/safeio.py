@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -55,6 +57,34 @@ def replace_file(path: Path, data: bytes) -> None:
 def make_private_dir(path: Path) -> None:
     path.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
     os.chmod(path, DIR_MODE)
+
+
+def write_dir_atomic(out_dir: Path, files: dict[str, bytes], *, replace: bool = False) -> Path:
+    """Write `files` into a private temp folder beside out_dir (0700, files 0600), fsync, and
+    rename it into place: readers see all of it or none. out_dir must not exist or be an
+    empty folder (callers check); with `replace`, an existing out_dir is swapped out."""
+    parent = out_dir.parent
+    parent.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=parent))
+    try:
+        os.chmod(tmp, DIR_MODE)
+        for name, data in files.items():
+            write_bytes(tmp / name, data)
+        fsync_dir(tmp)
+        if replace and out_dir.exists() and any(out_dir.iterdir()):
+            trash = parent / f".{out_dir.name}.trash-{os.getpid()}"
+            os.replace(out_dir, trash)
+            os.replace(tmp, out_dir)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            if out_dir.exists():
+                out_dir.rmdir()  # empty (checked by the caller): replace it
+            os.rename(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    fsync_dir(parent)
+    return out_dir
 
 
 def read_text_limited(path: Path, max_bytes: int, error: type[Exception], what: str) -> str:

@@ -414,6 +414,41 @@ class SFTDataset(_Planned):
         }
 
 
+def _read_examples(path: str | os.PathLike[str], cfg: Any, roots: Roots | Sequence[str], what: str,
+                   convert: Any) -> tuple[list[Any], LoadReport]:
+    """The shared reading loop: every line validated, every problem collected as file:line,
+    examples `convert(record)` finds too long (ChatTooLongError) dropped and counted,
+    reading stopped at cfg.max_examples. Once a line has failed, later lines are still
+    validated (`convert(record, validate_only=True)`) but not tokenized."""
+    p = _confined(path, roots, what)
+    report = LoadReport(str(p))
+    errors = _Errors(p)
+    examples: list[Any] = []
+    for lineno, record, problem in iter_jsonl(p, cfg.max_file_bytes):
+        if report.kept >= cfg.max_examples:
+            report.truncated = True
+            break
+        report.lines += 1
+        if problem is not None:
+            errors.add(lineno, problem)
+            continue
+        try:
+            example = convert(record, validate_only=errors.count > 0)
+        except ChatTooLongError:
+            report.dropped_too_long += 1
+            continue
+        except DataError as exc:
+            errors.add(lineno, str(exc))
+            continue
+        if example is not None:
+            examples.append(example)
+            report.kept += 1
+    errors.raise_if_any()
+    if not examples:
+        raise DataError(f"{p}: no usable examples ({report.dropped_too_long} longer than finetune.max_length = {cfg.max_length})")
+    return examples, report
+
+
 def load_sft(
     path: str | os.PathLike[str],
     chat: ChatFormat,
@@ -425,37 +460,17 @@ def load_sft(
     """Read, validate and tokenize a chat JSONL file into an SFTDataset. `cfg` is a
     FinetuneConfig (max_length, max_examples, max_file_bytes, pack, assistant_only_loss);
     `roots` is `data.allowed_roots`."""
-    p = _confined(path, roots, what)
-    report = LoadReport(str(p))
-    errors = _Errors(p)
-    examples: list[tuple[list[int], list[bool]]] = []
-    for lineno, record, problem in iter_jsonl(p, cfg.max_file_bytes):
-        if report.kept >= cfg.max_examples:
-            report.truncated = True
-            break
-        report.lines += 1
-        if problem is not None:
-            errors.add(lineno, problem)
-            continue
-        try:
-            messages = parse_chat_record(record)
-            if errors.count:
-                continue  # failing anyway: keep validating, skip tokenizing
-            ids, mask = chat.encode_conversation(messages)
-        except ChatTooLongError:
-            report.dropped_too_long += 1
-            continue
-        except DataError as exc:
-            errors.add(lineno, str(exc))
-            continue
+
+    def convert(record: Any, validate_only: bool) -> tuple[list[int], list[bool]] | None:
+        messages = parse_chat_record(record)
+        if validate_only:
+            return None
+        ids, mask = chat.encode_conversation(messages)
         if len(ids) > cfg.max_length:
-            report.dropped_too_long += 1
-            continue
-        examples.append((ids, mask))
-        report.kept += 1
-    errors.raise_if_any()
-    if not examples:
-        raise DataError(f"{p}: no usable examples ({report.dropped_too_long} longer than finetune.max_length = {cfg.max_length})")
+            raise ChatTooLongError("longer than finetune.max_length")
+        return ids, mask
+
+    examples, report = _read_examples(path, cfg, roots, what, convert)
     return SFTDataset(
         examples, pad_id=chat.tokenizer.pad_id, pack=cfg.pack, assistant_only_loss=cfg.assistant_only_loss, report=report
     )
@@ -577,41 +592,20 @@ def load_preferences(
     what: str = "finetune.train_file",
 ) -> PreferenceDataset:
     """Read, validate and tokenize a preference JSONL file (see the module docstring)."""
-    p = _confined(path, roots, what)
-    report = LoadReport(str(p))
-    errors = _Errors(p)
-    pairs = []
-    for lineno, record, problem in iter_jsonl(p, cfg.max_file_bytes):
-        if report.kept >= cfg.max_examples:
-            report.truncated = True
-            break
-        report.lines += 1
-        if problem is not None:
-            errors.add(lineno, problem)
-            continue
-        try:
-            parsed = parse_preference_record(record)
-            if errors.count:
-                continue
-            pair = tokenize_preference(chat, parsed, raw_strings=raw_strings)
-        except ChatTooLongError:
-            report.dropped_too_long += 1
-            continue
-        except DataError as exc:
-            errors.add(lineno, str(exc))
-            continue
+
+    def convert(record: Any, validate_only: bool) -> tuple | None:
+        parsed = parse_preference_record(record)
+        if validate_only:
+            return None
+        pair = tokenize_preference(chat, parsed, raw_strings=raw_strings)
         prompt, chosen, cmask, rejected, rmask = pair
         if len(prompt) + max(len(chosen), len(rejected)) > cfg.max_length:
-            report.dropped_too_long += 1
-            continue
+            raise ChatTooLongError("longer than finetune.max_length")
         if not any(cmask) or not any(rmask):
-            errors.add(lineno, "a response has no assistant tokens")
-            continue
-        pairs.append(pair)
-        report.kept += 1
-    errors.raise_if_any()
-    if not pairs:
-        raise DataError(f"{p}: no usable pairs ({report.dropped_too_long} longer than finetune.max_length = {cfg.max_length})")
+            raise DataError("a response has no assistant tokens")
+        return pair
+
+    pairs, report = _read_examples(path, cfg, roots, what, convert)
     return PreferenceDataset(pairs, pad_id=chat.tokenizer.pad_id, report=report)
 
 

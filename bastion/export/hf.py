@@ -22,8 +22,6 @@ import math
 import mmap
 import os
 import re
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -50,13 +48,7 @@ from bastion.model.hf import (
     model_config_from_hf_config,
     to_hf_state_dict,
 )
-from bastion.safeio import (
-    DIR_MODE,
-    fsync_dir,
-    read_json_limited,
-    read_text_limited,
-    write_bytes,
-)
+from bastion.safeio import read_json_limited, read_text_limited, write_dir_atomic
 
 MAX_CONFIG_JSON_BYTES = 1 * 2**20
 MAX_TOKENIZER_CONFIG_BYTES = 16 * 2**20
@@ -318,26 +310,6 @@ def load_model_checkpoint(path: str | Path) -> tuple[Checkpoint, ModelConfig]:
 
 # ---- writing an HF folder -----------------------------------------------------------------
 
-def _atomic_dir(out_dir: Path, files: dict[str, bytes]) -> Path:
-    """Write files into a private temp folder beside out_dir, then rename it into place."""
-    parent = out_dir.parent
-    parent.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=parent))
-    try:
-        os.chmod(tmp, DIR_MODE)
-        for name, data in files.items():
-            write_bytes(tmp / name, data)
-        fsync_dir(tmp)
-        if out_dir.exists():
-            out_dir.rmdir()  # an empty folder (checked before): replace it
-        os.rename(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    fsync_dir(parent)
-    return out_dir
-
-
 def _generation_config(ckpt: Checkpoint, ids: dict[str, int | None]) -> dict[str, Any]:
     out: dict[str, Any] = {"bos_token_id": ids["bos_token"], "eos_token_id": ids["eos_token"],
                            "pad_token_id": ids["pad_token"]}
@@ -393,7 +365,7 @@ def export_hf(ckpt_path: str | Path, out_dir: str | Path) -> Path:
         "tokenizer.json": ckpt.tokenizer_json.encode(),
         "tokenizer_config.json": json.dumps(tok_config, indent=2).encode(),
     }
-    return _atomic_dir(out_dir, files)
+    return write_dir_atomic(out_dir, files)
 
 
 __all__ = ["SUPPORTED_ARCHITECTURES", "export_hf", "import_hf", "load_model_checkpoint", "read_chat_template",

@@ -29,10 +29,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import re
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -62,7 +59,7 @@ from bastion.checkpoint.manifest import (
 from bastion.checkpoint.safetensors_check import check_finite, parse_header
 from bastion.config.schema import BastionConfig, LoraConfig
 from bastion.errors import CheckpointError, ConfigError
-from bastion.safeio import DIR_MODE, fsync_dir, write_bytes
+from bastion import safeio
 
 # Short target name -> the sub-module of a layer that holds it.
 TARGETS: dict[str, str] = {
@@ -271,28 +268,7 @@ def write_dir_atomic(out_dir: Path, files: dict[str, bytes], *, replaceable: boo
             if not (replaceable and (out_dir / ADAPTER_CONFIG).is_file() and (out_dir / MANIFEST).is_file()):
                 raise CheckpointError(f"{out_dir} already exists and is not an empty folder; choose a new one")
             replace = True
-    parent = out_dir.parent
-    parent.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=parent))
-    try:
-        os.chmod(tmp, DIR_MODE)
-        for name, data in files.items():
-            write_bytes(tmp / name, data)
-        fsync_dir(tmp)
-        if replace:
-            trash = parent / f".{out_dir.name}.trash-{os.getpid()}"
-            os.replace(out_dir, trash)
-            os.replace(tmp, out_dir)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            if out_dir.exists():
-                out_dir.rmdir()
-            os.rename(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    fsync_dir(parent)
-    return out_dir
+    return safeio.write_dir_atomic(out_dir, files, replace=replace)
 
 
 def save_adapter(model: nn.Module, cfg: LoraConfig, out_dir: str | Path, base_manifest_sha256: str) -> Path:

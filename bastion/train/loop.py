@@ -95,7 +95,10 @@ class StartPoint:
 def load_start_point(cfg: BastionConfig) -> StartPoint:
     path = cfg.finetune.init_from
     assert path is not None  # the config requires it for fine-tuning objectives
-    directory = resolve_checkpoint(path)
+    try:
+        directory = resolve_checkpoint(path)
+    except CheckpointError as exc:
+        raise CheckpointError(f"finetune.init_from: {exc}") from None
     sha = manifest_sha256(directory)
     ckpt = load_checkpoint(directory, verify=True, load_optimizer=False, reject_nonfinite=cfg.checkpoint.reject_nonfinite)
     if manifest_sha256(directory) != sha:

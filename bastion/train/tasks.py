@@ -114,13 +114,15 @@ def evaluate_sft(forward: Forward, dataset: SFTDataset, *, batch_size: int, seq_
     return {"loss": mean, "perplexity": math.exp(min(mean, 700.0)), "tokens": float(counted)}
 
 
-class SFTTask:
-    def __init__(self, cfg: BastionConfig, chat: ChatFormat):
+class _FileTask:
+    """A fine-tuning task over JSONL files: train (and optional val) data, walked by a cursor."""
+
+    def __init__(self, cfg: BastionConfig, chat: ChatFormat, load: Callable[..., Any]):
         ft, tc = cfg.finetune, cfg.train
         roots = cfg.data.allowed_roots
-        self.batch_size, self.seq_len, self.seed = tc.batch_size, tc.seq_len, tc.seed
-        self.train = load_sft(ft.train_file, chat, ft, roots)
-        self.val = load_sft(ft.val_file, chat, ft, roots, what="finetune.val_file") if ft.val_file else None
+        self.batch_size, self.seq_len = tc.batch_size, tc.seq_len
+        self.train = load(ft.train_file, chat, ft, roots)
+        self.val = load(ft.val_file, chat, ft, roots, what="finetune.val_file") if ft.val_file else None
         self.has_val = self.val is not None
         self.cursor = self.train.cursor(tc.batch_size, tc.seq_len, tc.seed)
         if self.val is not None:
@@ -134,15 +136,6 @@ class SFTTask:
             notes.append(f"val: {self.val.report.describe()}")
         return [n for n in notes if n]
 
-    def micro_batch_loss(self, forward: Forward, device: torch.device) -> tuple[torch.Tensor, int, Stats]:
-        batch = self.cursor.next_batch(device)
-        return sft_batch_loss(forward, batch, self.train.pack), int(batch["num_tokens"]), {}
-
-    def evaluate(self, forward: Forward, autocast: Autocast, device: torch.device, max_batches: int) -> dict[str, float]:
-        assert self.val is not None
-        return evaluate_sft(forward, self.val, batch_size=self.batch_size, seq_len=self.seq_len, device=device,
-                            autocast=autocast, max_batches=max_batches)
-
     @property
     def epochs_done(self) -> float:
         return self.cursor.epochs_done
@@ -152,6 +145,20 @@ class SFTTask:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.cursor.load_state_dict(state)
+
+
+class SFTTask(_FileTask):
+    def __init__(self, cfg: BastionConfig, chat: ChatFormat):
+        super().__init__(cfg, chat, load_sft)
+
+    def micro_batch_loss(self, forward: Forward, device: torch.device) -> tuple[torch.Tensor, int, Stats]:
+        batch = self.cursor.next_batch(device)
+        return sft_batch_loss(forward, batch, self.train.pack), int(batch["num_tokens"]), {}
+
+    def evaluate(self, forward: Forward, autocast: Autocast, device: torch.device, max_batches: int) -> dict[str, float]:
+        assert self.val is not None
+        return evaluate_sft(forward, self.val, batch_size=self.batch_size, seq_len=self.seq_len, device=device,
+                            autocast=autocast, max_batches=max_batches)
 
 
 # ---- preference alignment ------------------------------------------------------------------
@@ -203,28 +210,12 @@ def evaluate_preferences(forward: Forward, dataset: PreferenceDataset, objective
     return {name: total / pairs for name, total in sums.items()} | {"pairs": float(pairs)}
 
 
-class PreferenceTask:
+class PreferenceTask(_FileTask):
     def __init__(self, cfg: BastionConfig, chat: ChatFormat):
-        ft, tc = cfg.finetune, cfg.train
-        roots = cfg.data.allowed_roots
-        self.cfg, self.objective = cfg, tc.objective
-        self.batch_size, self.seq_len = tc.batch_size, tc.seq_len
-        self.train = load_preferences(ft.train_file, chat, ft, roots)
-        self.val = load_preferences(ft.val_file, chat, ft, roots, what="finetune.val_file") if ft.val_file else None
-        self.has_val = self.val is not None
-        self.cursor = self.train.cursor(tc.batch_size, tc.seq_len, tc.seed)
-        if self.val is not None:
-            self.val.cursor(tc.batch_size, tc.seq_len, 0)
-        self.n_examples = len(self.train)
-        self.batches_per_epoch = self.cursor.batches_per_epoch
+        super().__init__(cfg, chat, load_preferences)
+        self.cfg, self.objective = cfg, cfg.train.objective
         self.reference: torch.Tensor | None = None
         self.val_reference: torch.Tensor | None = None
-
-    def describe(self) -> list[str]:
-        notes = [f"train: {self.train.report.describe()}" if self.train.report else ""]
-        if self.val is not None and self.val.report is not None:
-            notes.append(f"val: {self.val.report.describe()}")
-        return [n for n in notes if n]
 
     def prepare_reference(self, forward: Forward, device: torch.device, autocast: Autocast) -> None:
         """DPO: log-probs of every train and val pair under the starting weights. Call with
@@ -246,16 +237,6 @@ class PreferenceTask:
         return evaluate_preferences(forward, self.val, self.objective, self.cfg, reference=self.val_reference,
                                     batch_size=self.batch_size, seq_len=self.seq_len, device=device,
                                     autocast=autocast, max_batches=max_batches)
-
-    @property
-    def epochs_done(self) -> float:
-        return self.cursor.epochs_done
-
-    def state_dict(self) -> dict[str, Any]:
-        return self.cursor.state_dict()
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.cursor.load_state_dict(state)
 
 
 __all__ = ["CLMTask", "PreferenceTask", "SFTTask", "evaluate_preferences", "evaluate_sft", "preference_batch_loss",

@@ -230,7 +230,7 @@ def test_finetune_config_errors(tmp_path):
 
 def test_finetune_refuses_bad_starts_and_files(ft, tmp_path):
     data = ft["root"] / "reverse.jsonl"
-    with pytest.raises(CheckpointError):
+    with pytest.raises(CheckpointError, match="finetune.init_from: checkpoint not found"):
         train(finetune_config(tmp_path / "missing", data, tmp_path / "r1"), quiet=True)
     # Data outside data.allowed_roots is refused by name.
     with pytest.raises(DataError, match="finetune.train_file"):

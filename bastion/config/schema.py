@@ -279,6 +279,48 @@ class GenerateConfig(Section):
         return self
 
 
+class RateLimitConfig(Section):
+    """Per API key token buckets; a request over either limit gets 429 with Retry-After."""
+
+    requests_per_minute: int | None = Field(default=60, ge=1, le=10_000_000, description="None = unlimited")
+    tokens_per_minute: int | None = Field(default=20_000, ge=1, le=10_000_000_000,
+                                          description="prompt + max completion tokens; None = unlimited")
+
+
+class ServeConfig(Section):
+    """`bastion serve`: an OpenAI-compatible HTTP API, locked down by default."""
+
+    host: str = Field(default="127.0.0.1", max_length=255, description="any other address requires API keys")
+    port: int = Field(default=8000, ge=0, le=65535)
+    model_name: str | None = Field(default=None, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/-]*$",
+                                   description="the id /v1/models reports (default: the checkpoint folder's name)")
+    api_keys_env: str = Field(default="BASTION_API_KEYS", pattern=r"^[A-Z_][A-Z0-9_]{0,63}$",
+                              description="environment variable with comma-separated API keys")
+    key_file: str | None = Field(default=None, max_length=4096,
+                                 description="JSON file of hashed keys (`bastion serve keys add`)")
+    metrics_key_env: str | None = Field(default=None, pattern=r"^[A-Z_][A-Z0-9_]{0,63}$",
+                                        description="if set, /metrics needs this variable's key instead of an API key")
+    require_keys_on_loopback: bool = Field(default=False, description="also require keys when bound to 127.0.0.1/::1")
+    rate_limit: RateLimitConfig = Field(default_factory=RateLimitConfig)
+    max_body_bytes: int = Field(default=1 * 2**20, ge=1024, le=64 * 2**20, description="larger requests get 413")
+    max_concurrency: int = Field(default=16, ge=1, le=4096, description="sequences decoded together (batch size)")
+    max_queue: int = Field(default=64, ge=0, le=100_000, description="waiting requests beyond the batch; more get 503")
+    max_n: int = Field(default=1, ge=1, le=16, description="completions per request (OpenAI's n)")
+    request_timeout_s: float = Field(default=120.0, gt=0.0, le=86_400.0)
+    shutdown_grace_s: float = Field(default=30.0, ge=0.0, le=3600.0, description="SIGTERM: time to finish in-flight requests")
+    output_filter: bool = Field(default=False, description="redact secrets / PII patterns from completions")
+    log_prompts: bool = Field(default=False, description="write prompt and completion text to the access log")
+    access_log: str | None = Field(default=None, max_length=4096, description="JSON-lines access log file (default: stderr)")
+    ssl_certfile: str | None = Field(default=None, max_length=4096)
+    ssl_keyfile: str | None = Field(default=None, max_length=4096)
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> "ServeConfig":
+        if (self.ssl_certfile is None) != (self.ssl_keyfile is None):
+            raise ValueError("set both serve.ssl_certfile and serve.ssl_keyfile, or neither")
+        return self
+
+
 class BastionConfig(Section):
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
@@ -286,6 +328,7 @@ class BastionConfig(Section):
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     generate: GenerateConfig = Field(default_factory=GenerateConfig)
+    serve: ServeConfig = Field(default_factory=ServeConfig)
     # Values that came from secret-looking environment variables; redacted whenever printed.
     _secret_values: set[str] = PrivateAttr(default_factory=set)
 

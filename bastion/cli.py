@@ -17,6 +17,7 @@ from bastion.checkpoint.cli import app as ckpt_app
 from bastion.errors import BastionError, ConfigError
 from bastion.eval.cli import app as eval_app
 from bastion.export.cli import export_app, import_app
+from bastion.serve.cli import serve_app
 
 err = Console(stderr=True)
 
@@ -49,6 +50,7 @@ app.add_typer(data_app, name="data")
 app.add_typer(eval_app, name="eval")
 app.add_typer(import_app, name="import")
 app.add_typer(export_app, name="export")
+app.add_typer(serve_app, name="serve")
 
 out = Console()
 

@@ -24,3 +24,11 @@ class CheckpointError(BastionError):
 
 class GenerationLimitError(BastionError):
     """A generation request exceeds a configured limit (max_new_tokens, prompt length...)."""
+
+
+class QueueFullError(BastionError):
+    """The generation engine's waiting queue is full (back-pressure): retry later, e.g. HTTP 503."""
+
+
+class EngineClosedError(BastionError):
+    """The generation engine is shut down (or stopped by a failure) and accepts no new requests."""

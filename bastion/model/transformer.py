@@ -123,6 +123,38 @@ class KVCache:
         self.v[layer][:, :, start_pos:end] = v
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
+    def rows(self, start: int, stop: int) -> "KVCache":
+        """A view of sequences [start, stop) sharing this cache's memory: one sequence of a
+        batch can be prefilled or decoded on its own (B=1) and its keys land in its row."""
+        if not 0 <= start < stop <= self.batch_size:
+            raise ValueError(f"rows [{start}, {stop}) are outside the cache's batch of {self.batch_size}")
+        view = KVCache.__new__(KVCache)
+        view.batch_size, view.max_len = stop - start, self.max_len
+        view.k = [k[start:stop] for k in self.k]
+        view.v = [v[start:stop] for v in self.v]
+        return view
+
+
+class _RowwiseUpdate:
+    """What `Attention` sees as its cache during `Transformer.decode_step`: row b writes its
+    one new key/value at its own position, and reads its cache row's first `length` positions
+    (the longest row's length; the attention mask hides each row's positions past its own)."""
+
+    def __init__(self, cache: KVCache, rows: torch.Tensor, positions: torch.Tensor, length: int,
+                 contiguous_from: int | None):
+        self.cache, self.rows, self.positions, self.length = cache, rows, positions, length
+        # Rows r0..r0+B-1 are read through a slice (a view) instead of a gather (a copy).
+        self.read = (slice(contiguous_from, contiguous_from + rows.numel()) if contiguous_from is not None
+                     else rows)
+
+    def update(self, layer: int, start_pos: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        k_cache, v_cache = self.cache.k[layer], self.cache.v[layer]
+        # k, v: [B, n_kv_head, 1, head_dim]; indexing dims 0 and 2 with [B] tensors picks
+        # [B, n_kv_head, head_dim], one position per row.
+        k_cache[self.rows, :, self.positions] = k[:, :, 0].to(k_cache.dtype)
+        v_cache[self.rows, :, self.positions] = v[:, :, 0].to(v_cache.dtype)
+        return k_cache[self.read, :, :self.length], v_cache[self.read, :, :self.length]
+
 
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
@@ -136,7 +168,8 @@ class Attention(nn.Module):
         self.resid_dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                cache: KVCache | None, layer: int, start_pos: int, mask: torch.Tensor | None = None) -> torch.Tensor:
+                cache: KVCache | _RowwiseUpdate | None, layer: int, start_pos: int,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
         k = self.wk(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
@@ -185,7 +218,8 @@ class Block(nn.Module):
         self.feed_forward = FeedForward(cfg)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                cache: KVCache | None, layer: int, start_pos: int, mask: torch.Tensor | None = None) -> torch.Tensor:
+                cache: KVCache | _RowwiseUpdate | None, layer: int, start_pos: int,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
         x = x + self.attention(self.attention_norm(x), cos, sin, cache, layer, start_pos, mask)
         return x + self.feed_forward(self.ffn_norm(x))
 
@@ -301,6 +335,48 @@ class Transformer(nn.Module):
             # (All targets == -100 gives nan, as F.cross_entropy does.)
             loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
         return logits, loss
+
+    def decode_step(self, tokens: list[int], cache: KVCache, rows: list[int], positions: list[int]) -> torch.Tensor:
+        """One new token for each of B independent sequences, each at its own position:
+        -> next-token logits [B, vocab]. Continuous batching (bastion/infer/engine.py) decodes
+        this way while sequences of different lengths join and leave the batch.
+
+        Sequence b lives in row rows[b] of `cache`, which holds its positions [0, positions[b]);
+        tokens[b] sits at positions[b]: RoPE rotates it by that position, and a per-row mask
+        lets it attend to its own row's positions [0, positions[b]] only.
+
+        The math is forward's (B=1, T=1 with a cache), but the matmuls run on the whole batch,
+        and BLAS picks its kernel (so its summation order) by batch size: a row's logits can
+        differ from decoding that sequence alone in the last float bits. For bit-identical
+        results regardless of the batch, decode each row alone with forward(cache=cache.rows(r, r + 1)).
+        """
+        B = len(tokens)
+        if not B or len(rows) != B or len(positions) != B:
+            raise ValueError(f"tokens, rows and positions must have the same non-zero length, got "
+                             f"{len(tokens)}, {len(rows)}, {len(positions)}")
+        if len(set(rows)) != B or not all(0 <= r < cache.batch_size for r in rows):
+            raise ValueError(f"rows must be distinct rows of the cache's batch of {cache.batch_size}, got {rows}")
+        if not all(0 <= p < min(cache.max_len, self.cfg.max_seq_len) for p in positions):
+            raise ValueError(f"positions must be in [0, {min(cache.max_len, self.cfg.max_seq_len)}), got {positions}")
+        device = self.tok_embeddings.weight.device
+        idx = torch.tensor(tokens, device=device).view(B, 1)
+        row_index = torch.tensor(rows, device=device)
+        pos = torch.tensor(positions, device=device)
+        length = max(positions) + 1
+        contiguous = rows[0] if list(rows) == list(range(rows[0], rows[0] + B)) else None
+        view = _RowwiseUpdate(cache, row_index, pos, length, contiguous)
+
+        cos = self.rope_cos[pos].view(B, 1, 1, -1)  # [B, 1, T=1, head_dim]: each row's own angle
+        sin = self.rope_sin[pos].view(B, 1, 1, -1)
+        keys = torch.arange(length, device=device)
+        mask = keys[None, :] <= pos[:, None]  # [B, length]: the row's own positions only
+        if self.cfg.sliding_window is not None:
+            mask &= keys[None, :] > pos[:, None] - self.cfg.sliding_window
+        mask = mask[:, None, None, :]  # [B, 1 (heads), 1 (query), length]
+        x = self.tok_embeddings(idx)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, view, i, 0, mask)
+        return self.output(self.norm(x))[:, -1]
 
     def num_params(self, exclude_embeddings: bool = False) -> int:
         """Parameter count (tied weights counted once). exclude_embeddings drops the token

@@ -1,0 +1,507 @@
+"""Continuous batching: many generation requests decoded together by one background thread.
+
+    engine = Engine(model, tokenizer, limits, max_batch_size=16, max_queue=64)
+    engine.start()
+    handle = engine.submit(prompt_ids, engine.params(len(prompt_ids), max_new_tokens=50))
+    for item in handle:          # text deltas (str), then one GenerationResult
+        ...
+    engine.shutdown(timeout=30)
+
+The engine holds one preallocated KV cache of `max_batch_size` rows ("slots"). Between decode
+steps, finished and cancelled requests leave their slots and waiting requests join: a joining
+request is prefilled on its own (batch of 1, written into its slot's cache row), then decodes
+with the others, one token per request per step, each at its own position. Requests beyond
+the free slots wait in a bounded queue; past `max_queue` of them, `submit` refuses with
+QueueFullError (back-pressure: the server answers 503 instead of queueing without limit).
+
+Text is produced exactly as `generate.stream` produces it (incremental detokenisation, text
+held back while it could be the start of a stop string), and sampling draws from one
+torch.Generator per request, seeded from the request's seed.
+
+Batch invariance. A request's output must not depend on what else is in the batch. BLAS
+chooses its matmul kernel, so its summation order, by the number of rows (on CPU MKL a
+1-row matmul is a gemv, 2+ rows a gemm, and even 4 vs 16 rows can differ): a row decoded in
+a batch gets logits that differ from decoding it alone in the last float bits, and a near-tie
+can then flip a greedy token or a sample. So by default (`batch_invariant=True`) each decode
+step runs every active request with the single-request computation (`forward` on its own cache
+row: B=1, attention over exactly its own length), and outputs are bit-identical to
+`generate()` whatever the batch. `batch_invariant=False` runs each step as one batched
+`Transformer.decode_step` (one matmul per weight for all rows, per-row RoPE positions and
+masks): more tokens per second, at the price of last-bit differences between batch
+compositions.
+"""
+from __future__ import annotations
+
+import asyncio
+import itertools
+import queue
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from bastion.config.schema import GenerateConfig
+from bastion.errors import EngineClosedError, GenerationLimitError, QueueFullError
+from bastion.infer.generate import GenerationResult, Tokenizer, _check_sampling, _emittable, check_request
+from bastion.infer.sampling import sample_next
+from bastion.model.transformer import Transformer
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """One request's generation settings; build it with `Engine.params` (validated, defaults
+    filled). `submit` checks it again, since a dataclass can also be built by hand."""
+
+    max_new_tokens: int
+    temperature: float
+    top_k: int | None
+    top_p: float
+    seed: int | None
+    stop: tuple[str, ...] = ()
+    stop_ids: tuple[int, ...] = ()
+
+
+class _IncrementalText:
+    """`generate.stream`'s detokenisation, fed one token at a time.
+
+    stream() keeps this state in a generator's locals; the engine advances many requests in
+    one loop, so here it lives in an object. The rules are the same: decode only the newest
+    tokens with the previous chunk as left context, keep a window that ends mid-character
+    (U+FFFD) pending, search stop strings only where a new match can end, and emit text only
+    up to the longest suffix that could still start a stop string.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, stop: list[str]):
+        self.tokenizer, self.stop = tokenizer, stop
+        self.ids: list[int] = []
+        self.text, self.pending = "", ""  # text: final; pending: an incomplete character
+        self.prefix = self.read = 0  # ids[prefix:read] are already in text, re-decoded as context
+        self.emitted = 0  # len(text) already handed out
+
+    def push(self, token_id: int) -> tuple[str, bool]:
+        """Add a token: (text that became final, whether a stop string completed)."""
+        ids = self.ids
+        ids.append(token_id)
+        known = self.tokenizer.decode(ids[self.prefix:self.read])
+        window = self.tokenizer.decode(ids[self.prefix:])
+        self.pending = window[len(known):]
+        searched = len(self.text)
+        if window.startswith(known) and not window.endswith("\ufffd"):
+            self.text, self.pending = self.text + self.pending, ""
+            self.prefix, self.read = self.read, len(ids)
+        full = self.text + self.pending
+        hits = [i for i in (full.find(s, max(0, searched - len(s) + 1)) for s in self.stop) if i >= 0]
+        if hits:
+            self.text, self.pending = full[:min(hits)], ""
+            return "", True
+        end = _emittable(self.text, self.stop)
+        if end <= self.emitted:
+            return "", False
+        delta, self.emitted = self.text[self.emitted:end], end
+        return delta, False
+
+    def close(self) -> str:
+        """Generation ended: the rest of the text (an incomplete character stays as U+FFFD)."""
+        self.text, self.pending = self.text + self.pending, ""
+        rest, self.emitted = self.text[self.emitted:], len(self.text)
+        return rest
+
+
+class _Sequence:
+    """One request inside the engine. Its decode state is touched only by the engine thread;
+    `slot`, `cancelled` and `done` change under the engine's lock."""
+
+    def __init__(self, handle: RequestHandle, prompt_ids: list[int], params: SamplingParams,
+                 end_ids: frozenset[int], tokenizer: Tokenizer):
+        self.handle, self.prompt_ids, self.params, self.end_ids = handle, prompt_ids, params, end_ids
+        self.text = _IncrementalText(tokenizer, list(params.stop))
+        self.generator: torch.Generator | None = None
+        self.slot = -1  # cache row while running
+        self.cancelled = False
+        self.done = False
+
+    @property
+    def position(self) -> int:
+        """Where the newest token (the next decode step's input) sits."""
+        return len(self.prompt_ids) + len(self.text.ids) - 1
+
+
+class RequestHandle:
+    """A submitted request: iterate it for text deltas (str) as they become final, then one
+    GenerationResult; the deltas concatenate to exactly result.text.
+
+    Submitted without `loop`: `for item in handle` (blocking). Submitted with `loop`:
+    `async for item in handle` on that loop (items arrive via call_soon_threadsafe; nothing
+    blocks the loop). If generation fails (e.g. out of memory) iteration raises the error.
+    A cancelled request ends with finish_reason "cancelled" and the text decoded so far.
+    """
+
+    def __init__(self, request_id: int, engine: Engine, loop: asyncio.AbstractEventLoop | None):
+        self.id = request_id
+        self._engine = engine
+        self._loop = loop
+        # asyncio.Queue binds to a loop on first use, so creating it off the loop is fine.
+        self._items: queue.SimpleQueue | asyncio.Queue = queue.SimpleQueue() if loop is None else asyncio.Queue()
+        self._seq: _Sequence | None = None
+        self._result: GenerationResult | None = None
+        self._finished = False  # the consumer took the last item
+
+    def cancel(self) -> None:
+        """Stop generating (client gone, timeout): a waiting request leaves the queue now, a
+        running one frees its slot before the next decode step. Idempotent, thread-safe."""
+        if self._seq is not None:
+            self._engine._cancel(self._seq)
+
+    def __iter__(self) -> RequestHandle:
+        if self._loop is not None:
+            raise TypeError("this request was submitted with loop=...: iterate it with `async for`")
+        return self
+
+    def __next__(self) -> str | GenerationResult:
+        if self._finished:
+            raise StopIteration
+        return self._take(self._items.get())
+
+    def __aiter__(self) -> RequestHandle:
+        if self._loop is None:
+            raise TypeError("submit(..., loop=asyncio.get_running_loop()) to iterate a request with `async for`")
+        return self
+
+    async def __anext__(self) -> str | GenerationResult:
+        if self._finished:
+            raise StopAsyncIteration
+        return self._take(await self._items.get())
+
+    def result(self, timeout: float | None = None) -> GenerationResult:
+        """Blocking: wait for the end (skipping the deltas) and return the GenerationResult.
+        Raises TimeoutError after `timeout` seconds (the request keeps running)."""
+        if self._loop is not None:
+            raise TypeError("this request was submitted with loop=...: iterate it with `async for`")
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self._result is None:
+            if self._finished:
+                raise RuntimeError(f"request {self.id} ended without a result")
+            wait = None if deadline is None else max(0.0, deadline - time.monotonic())
+            try:
+                item = self._items.get(timeout=wait)
+            except queue.Empty:
+                raise TimeoutError(f"request {self.id} did not finish within {timeout} s") from None
+            self._take(item)
+        return self._result
+
+    def _take(self, item: str | GenerationResult | BaseException) -> str | GenerationResult:
+        if isinstance(item, BaseException):
+            self._finished = True
+            raise item
+        if isinstance(item, GenerationResult):
+            self._finished, self._result = True, item
+        return item
+
+    def _deliver(self, item: str | GenerationResult | BaseException) -> None:
+        """Called from the engine thread (or cancel's caller): hand one item to the consumer."""
+        if self._loop is None:
+            self._items.put(item)
+            return
+        try:
+            self._loop.call_soon_threadsafe(self._items.put_nowait, item)
+        except RuntimeError:  # the loop is closed: nobody can read this request any more
+            if self._seq is not None:
+                self._seq.cancelled = True
+
+
+class Engine:
+    """Continuous-batching generation; see the module docstring.
+
+    `device`: where to run (default: the model's device); the model is moved there.
+    `threads`: intra-op CPU threads for the engine thread (torch.set_num_threads, which only
+    affects the calling thread's OpenMP team); None keeps torch's default. On CPU with few
+    cores, 1 can be several times faster for small models: a second OpenMP team (the main
+    thread's) oversubscribes the cores, so libgomp's idle workers sleep instead of spinning
+    and every small parallel region pays a wake-up.
+    The KV cache for `max_batch_size` full-length sequences is allocated here, up front.
+    `max_queue`: requests allowed to wait beyond the free slots (0: only free slots).
+    """
+
+    def __init__(self, model: Transformer, tokenizer: Tokenizer, limits: GenerateConfig, *,
+                 max_batch_size: int = 16, max_queue: int = 64, device: torch.device | str | None = None,
+                 batch_invariant: bool = True, threads: int | None = None):
+        if isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int) or max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be an integer >= 1, got {max_batch_size!r}")
+        if isinstance(max_queue, bool) or not isinstance(max_queue, int) or max_queue < 0:
+            raise ValueError(f"max_queue must be an integer >= 0, got {max_queue!r}")
+        if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+            raise ValueError(f"threads must be an integer >= 1 or None, got {threads!r}")
+        if device is not None:
+            model.to(device)
+        self.model, self.tokenizer, self.limits = model, tokenizer, limits
+        self.max_batch_size, self.max_queue, self.batch_invariant = max_batch_size, max_queue, batch_invariant
+        self.threads = threads
+        self.device = model.tok_embeddings.weight.device
+        self._context = model.cfg.max_seq_len
+        eos = getattr(tokenizer, "eos_id", None)
+        self._eos = frozenset() if eos is None else frozenset({eos})
+        # No request can be longer than the longest prompt plus the most new tokens allowed.
+        cache_len = min(self._context, (limits.max_prompt_tokens or self._context) + limits.max_new_tokens_ceiling)
+        self._cache = model.new_cache(max_batch_size, max_len=cache_len)
+        self._slot_cache = [self._cache.rows(i, i + 1) for i in range(max_batch_size)]
+
+        self._cond = threading.Condition()
+        self._waiting: deque[_Sequence] = deque()  # submitted, no slot yet
+        self._running: dict[int, _Sequence] = {}  # slot -> sequence (prefilling or decoding)
+        self._closed = False
+        self._deadline: float | None = None  # shutdown: cancel what is left after this time
+        self._thread: threading.Thread | None = None
+        self._was_training = model.training
+        self._ids = itertools.count()
+
+    # ---- requests -------------------------------------------------------------------------
+
+    def params(self, prompt_len: int, *, max_new_tokens: int | None = None, temperature: float | None = None,
+               top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
+               stop: list[str] | None = None, stop_ids: list[int] | None = None) -> SamplingParams:
+        """Validate a request of `prompt_len` tokens against the limits, as generate.stream
+        does (GenerationLimitError naming the parameter); None takes the limits' default."""
+        n_new = check_request(prompt_len, max_new_tokens, stop, self.limits, self._context)
+        temperature = self.limits.temperature if temperature is None else temperature
+        top_k = self.limits.top_k if top_k is None else top_k
+        top_p = self.limits.top_p if top_p is None else top_p
+        _check_sampling(temperature, top_k, top_p, seed)
+        return SamplingParams(max_new_tokens=n_new, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+                              stop=tuple(stop or ()), stop_ids=self._check_stop_ids(stop_ids))
+
+    def _check_stop_ids(self, stop_ids: object) -> tuple[int, ...]:
+        if stop_ids is None:
+            return ()
+        vocab = self.model.cfg.vocab_size or 0
+        if not isinstance(stop_ids, (list, tuple, set, frozenset)):
+            raise GenerationLimitError(f"stop_ids must be a list of token ids, got {type(stop_ids).__name__}")
+        for i in stop_ids:
+            if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < vocab:
+                raise GenerationLimitError(f"stop_ids must be token ids in [0, {vocab}), got {i!r}")
+        return tuple(dict.fromkeys(stop_ids))  # duplicates dropped, so at most vocab ids
+
+    def submit(self, prompt_ids: list[int], params: SamplingParams, *,
+               loop: asyncio.AbstractEventLoop | None = None) -> RequestHandle:
+        """Queue a request. Raises GenerationLimitError (bad prompt or params), QueueFullError
+        (max_queue requests already waiting beyond the free slots), EngineClosedError (after
+        shutdown). Pass `loop` (the running event loop) to iterate the handle with `async for`."""
+        vocab = self.model.cfg.vocab_size or 0
+        if not isinstance(prompt_ids, list) or not prompt_ids or any(
+                isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < vocab for i in prompt_ids):
+            raise GenerationLimitError(f"prompt ids must be a non-empty list of ids in [0, {vocab})")
+        if not isinstance(params, SamplingParams):
+            raise TypeError(f"params must be a SamplingParams (from Engine.params), got {type(params).__name__}")
+        # Checked again: nothing over a limit may reach the decode thread.
+        params = self.params(len(prompt_ids), max_new_tokens=params.max_new_tokens, temperature=params.temperature,
+                             top_k=params.top_k, top_p=params.top_p, seed=params.seed, stop=params.stop,
+                             stop_ids=params.stop_ids)
+        handle = RequestHandle(next(self._ids), self, loop)
+        seq = _Sequence(handle, list(prompt_ids), params, self._eos | frozenset(params.stop_ids), self.tokenizer)
+        handle._seq = seq
+        with self._cond:
+            if self._closed:
+                raise EngineClosedError("the generation engine is shut down and accepts no new requests")
+            free = self.max_batch_size - len(self._running)
+            if len(self._waiting) >= free + self.max_queue:
+                raise QueueFullError(f"the generation queue is full ({len(self._waiting) - free} requests waiting, "
+                                     f"max_queue={self.max_queue}); retry later")
+            self._waiting.append(seq)
+            self._cond.notify_all()
+        return handle
+
+    def _cancel(self, seq: _Sequence) -> None:
+        with self._cond:
+            if seq.done or seq.cancelled:
+                return
+            seq.cancelled = True  # a running one leaves at the engine thread's next step
+            waiting = seq in self._waiting
+            if waiting:
+                self._waiting.remove(seq)
+            self._cond.notify_all()
+        if waiting:
+            self._finish(seq, "cancelled")
+
+    @property
+    def stats(self) -> dict:
+        with self._cond:
+            return {"running": len(self._running), "waiting": len(self._waiting),
+                    "max_batch_size": self.max_batch_size, "max_queue": self.max_queue}
+
+    # ---- lifecycle ------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the one background thread that schedules and decodes (no-op if running)."""
+        with self._cond:
+            if self._closed:
+                raise EngineClosedError("the generation engine is shut down; build a new one")
+            if self._thread is not None:
+                return
+            self.model.eval()
+            self._thread = threading.Thread(target=self._run, name="bastion-engine", daemon=True)
+            self._thread.start()
+
+    def shutdown(self, timeout: float | None = None) -> None:
+        """Refuse new requests (EngineClosedError), let running and queued ones finish for up
+        to `timeout` seconds (None: until done), cancel the rest, and join the thread.
+        Blocks: from async code, run it in a thread (asyncio.to_thread)."""
+        with self._cond:
+            self._closed = True
+            if timeout is not None:
+                deadline = time.monotonic() + max(0.0, timeout)
+                self._deadline = deadline if self._deadline is None else min(self._deadline, deadline)
+            thread = self._thread
+            orphans: list[_Sequence] = []
+            if thread is None:  # never started: nothing will ever run the queue
+                orphans, self._waiting = list(self._waiting), deque()
+            self._cond.notify_all()
+        for seq in orphans:
+            self._finish(seq, "cancelled")
+        if thread is not None and thread is not threading.current_thread():
+            thread.join()
+            self.model.train(self._was_training)
+
+    def __enter__(self) -> Engine:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
+
+    # ---- the engine thread ----------------------------------------------------------------
+
+    def _run(self) -> None:
+        if self.threads is not None:
+            torch.set_num_threads(self.threads)
+        try:
+            # The whole thread runs the model only, so inference mode can span it.
+            with torch.inference_mode():
+                while (work := self._schedule()) is not None:
+                    retired, joining = work
+                    for seq in retired:
+                        self._finish(seq, "cancelled")
+                    for seq in joining:  # after the retired slots are wiped: a joiner may reuse one
+                        self._prefill(seq)
+                    if self._running:
+                        self._decode()
+        except BaseException as exc:  # a bug: fail every request rather than leave them hanging
+            with self._cond:
+                self._closed = True
+                left = list(self._waiting) + list(self._running.values())
+            for seq in left:
+                self._finish(seq, error=exc)
+            raise
+
+    def _schedule(self) -> tuple[list[_Sequence], list[_Sequence]] | None:
+        """Between steps, under the lock: take cancelled requests out, move waiting ones into
+        free slots. Returns (to retire, to prefill); None when shut down and idle. Sleeps
+        while there is nothing to do."""
+        with self._cond:
+            while True:
+                retired: list[_Sequence] = []
+                if self._deadline is not None and time.monotonic() >= self._deadline:
+                    # Shutdown's grace period is over: cancel everything left.
+                    for seq in itertools.chain(self._waiting, self._running.values()):
+                        seq.cancelled = True
+                    retired, self._waiting = list(self._waiting), deque()
+                for slot, seq in list(self._running.items()):
+                    if seq.cancelled:
+                        del self._running[slot]
+                        retired.append(seq)
+                joining = []
+                free = [slot for slot in range(self.max_batch_size) if slot not in self._running]
+                while self._waiting and free:
+                    seq = self._waiting.popleft()
+                    seq.slot = free.pop(0)
+                    self._running[seq.slot] = seq
+                    joining.append(seq)
+                if retired or self._running:
+                    return retired, joining
+                if self._closed:
+                    return None
+                self._cond.wait()
+
+    def _prefill(self, seq: _Sequence) -> None:
+        """The whole prompt in one forward of batch 1, into the sequence's cache row: exactly
+        what generate() computes, then the first token."""
+        p = seq.params
+        try:
+            seq.generator = torch.Generator(device=self.device)
+            if p.seed is None:
+                seq.generator.seed()
+            else:
+                seq.generator.manual_seed(p.seed)
+            idx = torch.tensor([seq.prompt_ids], device=self.device)
+            logits, _ = self.model(idx, cache=self._slot_cache[seq.slot], start_pos=0)
+            token = int(sample_next(logits[:, -1], p.temperature, p.top_k, p.top_p, seq.generator))
+        except Exception as exc:  # e.g. out of memory: this request fails, the engine goes on
+            self._finish(seq, error=exc)
+            return
+        self._advance(seq, token)
+
+    def _decode(self) -> None:
+        """One token for every running sequence."""
+        seqs = [self._running[slot] for slot in sorted(self._running)]
+        try:
+            if self.batch_invariant:
+                # Each row alone (B=1, attention over exactly its own cache length): the same
+                # computation as generate()'s decode step, so bit-identical whatever the batch.
+                logits = torch.cat([
+                    self.model(torch.tensor([[s.text.ids[-1]]], device=self.device),
+                               cache=self._slot_cache[s.slot], start_pos=s.position)[0][:, -1]
+                    for s in seqs])
+            else:
+                logits = self.model.decode_step([s.text.ids[-1] for s in seqs], self._cache,
+                                                [s.slot for s in seqs], [s.position for s in seqs])
+            # Per row: each request has its own temperature/top-k/top-p and its own generator.
+            tokens = torch.cat([sample_next(logits[i:i + 1], s.params.temperature, s.params.top_k, s.params.top_p,
+                                            s.generator) for i, s in enumerate(seqs)]).tolist()
+        except Exception as exc:
+            for seq in seqs:
+                self._finish(seq, error=exc)
+            return
+        for seq, token in zip(seqs, tokens):
+            self._advance(seq, token)
+
+    def _advance(self, seq: _Sequence, token: int) -> None:
+        """A sampled token: end (eos / stop id), text and stop strings, the length limit."""
+        if token in seq.end_ids:
+            self._finish(seq, "eos")
+            return
+        delta, stopped = seq.text.push(token)
+        if stopped:
+            self._finish(seq, "stop")
+            return
+        if delta:
+            seq.handle._deliver(delta)
+        if len(seq.text.ids) == seq.params.max_new_tokens:
+            self._finish(seq, "length")
+
+    def _finish(self, seq: _Sequence, reason: Literal["stop", "length", "eos", "cancelled"] | None = None, *,
+                error: BaseException | None = None) -> None:
+        """Release the sequence's slot (its cache row wiped) and hand out its last items. The
+        engine then keeps no reference to it."""
+        with self._cond:
+            if seq.done:
+                return
+            seq.done = True
+            if self._running.get(seq.slot) is seq:
+                del self._running[seq.slot]
+        if seq.slot >= 0:
+            # Wipe what it wrote: no request's keys/values outlive it (a batched decode_step
+            # reads past a row's own length, masked: stale values there must be finite zeros).
+            written = min(len(seq.prompt_ids) + len(seq.text.ids), self._cache.max_len)
+            for k, v in zip(self._cache.k, self._cache.v):
+                k[seq.slot, :, :written].zero_()
+                v[seq.slot, :, :written].zero_()
+        if error is not None:
+            seq.handle._deliver(error)
+            return
+        rest = seq.text.close()
+        if rest:
+            seq.handle._deliver(rest)
+        seq.handle._deliver(GenerationResult(text=seq.text.text, token_ids=list(seq.text.ids),
+                                             prompt_tokens=len(seq.prompt_ids), finish_reason=reason))
+

@@ -1,0 +1,468 @@
+"""The HTTP API: OpenAI-compatible routes over the continuous-batching engine, locked down.
+
+Order of checks for a generation request (each failure is an OpenAI-style JSON error):
+body size (413, before the body is read) -> API key (401) -> JSON / UTF-8 / schema (400,
+unknown fields included) -> model name (404) -> prompt and parameter limits (400) -> rate
+limit (429 + Retry-After) -> queue space (503 + Retry-After) -> generation, bounded by the
+request timeout (504) and cancelled as soon as the client goes away.
+
+Routes: /health (liveness, open), /ready, /v1/models, /v1/completions,
+/v1/chat/completions (both with SSE streaming), /metrics (Prometheus; a separate key when
+serve.metrics_key_env is set). Every route but /health needs a key whenever keys are
+configured - and they must be, unless the server only listens on loopback.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import math
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from bastion.config.schema import GenerateConfig, ServeConfig
+from bastion.data.finetune import check_conversation
+from bastion.errors import BastionError, DataError, GenerationLimitError, QueueFullError
+from bastion.infer.engine import Engine
+from bastion.infer.loading import LoadedModel
+from bastion.serve import protocol as P
+from bastion.serve.accesslog import AccessLog
+from bastion.serve.filters import OutputFilter, StreamFilter
+from bastion.serve.keys import KeyStore, bearer_token
+from bastion.serve.ratelimit import RateLimiter, RequestTooLarge
+
+OPEN_PATHS = {"/health"}
+
+
+class ApiError(Exception):
+    """An error answered as {"error": {...}} with `status` (and optional headers)."""
+
+    def __init__(self, status: int, message: str, kind: str, *, code: str | None = None, param: str | None = None,
+                 headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.message, self.kind, self.code, self.param = status, message, kind, code, param
+        self.headers = headers or {}
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(P.error_body(self.message, self.kind, param=self.param, code=self.code),
+                            status_code=self.status, headers=self.headers)
+
+
+class Metrics:
+    """Prometheus metrics in a registry of the app's own (no global state between servers)."""
+
+    def __init__(self, engine: Engine):
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("bastion_requests", "HTTP requests by route and status", ["route", "status"], registry=r)
+        self.rejections = Counter("bastion_rejections", "Requests refused, by reason", ["reason"], registry=r)
+        self.tokens = Counter("bastion_tokens", "Tokens processed", ["kind"], registry=r)
+        self.latency = Histogram("bastion_request_latency_seconds", "Request latency", ["route"], registry=r,
+                                 buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300))
+        self.ttft = Histogram("bastion_time_to_first_token_seconds", "Time to the first streamed token", registry=r,
+                              buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
+        queue = Gauge("bastion_queue_depth", "Requests waiting for a batch slot", registry=r)
+        running = Gauge("bastion_running", "Sequences being decoded", registry=r)
+        queue.set_function(lambda: engine.stats["waiting"])
+        running.set_function(lambda: engine.stats["running"])
+
+
+@dataclass
+class ServerState:
+    loaded: LoadedModel
+    cfg: ServeConfig
+    limits: GenerateConfig
+    engine: Engine
+    keys: KeyStore
+    limiter: RateLimiter
+    log: AccessLog
+    model_name: str
+    require_keys: bool
+    metrics: Metrics = field(init=False)
+    ready: bool = False
+
+    def __post_init__(self) -> None:
+        self.metrics = Metrics(self.engine)
+
+
+# ---- request plumbing ------------------------------------------------------------------------
+
+
+class Guard:
+    """Pure ASGI middleware in front of every route: body size (413, by Content-Length
+    before reading and by counting while reading, so a chunked or lying client cannot get
+    more in), the API key (401), then one access-log line and the request metrics when the
+    response has been sent completely (streams included)."""
+
+    def __init__(self, app: Any, state: ServerState):
+        self.app, self.state = app, state
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        state = self.state
+        start = time.perf_counter()
+        info: dict[str, Any] = {"key_id": None, "prompt_tokens": 0, "completion_tokens": 0}
+        scope.setdefault("state", {})["info"] = info
+        status: list[int] = []
+        limit = state.cfg.max_body_bytes
+        too_big = ApiError(413, f"request body over {limit} bytes", "invalid_request_error", code="body_too_large")
+
+        async def recorded_send(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                status.append(message["status"])
+            await send(message)
+
+        request = Request(scope)
+        try:
+            declared = request.headers.get("content-length")
+            if declared is not None and (not declared.isdigit() or int(declared) > limit):
+                raise too_big if declared.isdigit() else ApiError(400, "invalid Content-Length", "invalid_request_error")
+            if request.url.path not in OPEN_PATHS:
+                info["key_id"] = _authenticate(state, request)
+            replay = await _read_body(receive, limit, too_big)
+            await self.app(scope, replay, recorded_send)
+        except ApiError as exc:
+            info.setdefault("error", exc.code or exc.kind)
+            if not status:
+                await exc.response()(scope, receive, recorded_send)
+        finally:
+            code = status[0] if status else 499  # nothing sent: the client went away first
+            path = request.url.path
+            route = path if path in KNOWN_ROUTES else "other"
+            elapsed = time.perf_counter() - start
+            state.metrics.requests.labels(route, str(code)).inc()
+            state.metrics.latency.labels(route).observe(elapsed)
+            if code >= 400:
+                state.metrics.rejections.labels(str(info.get("error") or code)).inc()
+            state.log.write(request_id=info.get("request_id"), key_id=info["key_id"], method=scope.get("method"),
+                            path=path, status=code, latency_ms=round(elapsed * 1000, 2),
+                            prompt_tokens=info["prompt_tokens"], completion_tokens=info["completion_tokens"],
+                            finish_reason=info.get("finish_reason"), error=info.get("error"),
+                            prompt=info.get("prompt"), completion=info.get("completion"))
+
+
+async def _read_body(receive: Callable, limit: int, too_big: ApiError) -> Callable:
+    """Read the whole body first, counting (a chunked or lying client cannot get more than
+    `limit` bytes in; reading is async, so a slow client holds no worker), then hand the
+    app a receive that replays it and afterwards passes through (disconnect detection)."""
+    chunks, size, more = [], 0, True
+    while more:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return receive if not chunks else _replay(b"".join(chunks), receive)
+        body = message.get("body", b"")
+        size += len(body)
+        if size > limit:
+            raise too_big
+        chunks.append(body)
+        more = message.get("more_body", False)
+    return _replay(b"".join(chunks), receive)
+
+
+def _replay(body: bytes, receive: Callable) -> Callable:
+    sent = False
+
+    async def replay() -> dict:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replay
+
+
+def _authenticate(state: ServerState, request: Request) -> str:
+    """The caller's key id ("anonymous" when keys are not required)."""
+    token = bearer_token(request.headers.get("authorization"))
+    if request.url.path == "/metrics" and state.cfg.metrics_key_env:
+        if state.keys.authenticate_metrics(token):
+            return "metrics"
+        raise ApiError(401, "a valid metrics key is required", "authentication_error", code="invalid_api_key",
+                       headers={"WWW-Authenticate": "Bearer"})
+    if not state.require_keys:
+        return "anonymous"
+    key_id = state.keys.authenticate(token)
+    if key_id is None:
+        raise ApiError(401, "a valid API key is required (Authorization: Bearer ...)", "authentication_error",
+                       code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+    return key_id
+
+
+def _retry_after(seconds: float) -> dict[str, str]:
+    return {"Retry-After": str(max(1, math.ceil(seconds)))}
+
+
+# ---- the app ---------------------------------------------------------------------------------
+
+
+def create_app(state: ServerState) -> FastAPI:
+    """The FastAPI app over a started-or-startable ServerState (the engine starts with the app)."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        state.engine.start()
+        state.ready = True
+        try:
+            yield
+        finally:
+            state.ready = False
+            # uvicorn has stopped accepting and waited for in-flight requests (graceful
+            # shutdown); anything the engine still holds gets the rest of the grace period.
+            await asyncio.to_thread(state.engine.shutdown, state.cfg.shutdown_grace_s)
+
+    app = FastAPI(title="Bastion", version="1", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.add_middleware(Guard, state=state)
+    app.state.bastion = state
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, exc: ApiError) -> JSONResponse:
+        request.state.info["error"] = exc.code or exc.kind
+        return exc.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def bad_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0] if exc.errors() else {}
+        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body") or None
+        kind = first.get("type", "")
+        if kind == "json_invalid":
+            message = "the body is not valid JSON"
+        elif kind == "extra_forbidden":
+            message = f"unknown field '{where}'"
+        else:
+            message = f"{where or 'body'}: {first.get('msg', 'invalid')}"
+        request.state.info["error"] = "invalid_request"
+        return ApiError(400, message, "invalid_request_error", param=where, code=kind or None).response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return ApiError(exc.status_code, str(exc.detail), "invalid_request_error").response()
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
+        # Never a traceback to the client, never a prompt in the message.
+        request.state.info["error"] = type(exc).__name__
+        return ApiError(500, "internal error", "server_error").response()
+
+    @app.get("/health")
+    async def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/ready")
+    async def ready() -> JSONResponse:
+        ok = state.ready
+        return JSONResponse({"ready": ok, **state.engine.stats}, status_code=200 if ok else 503)
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        return {"object": "list", "data": [{"id": state.model_name, "object": "model", "created": 0,
+                                             "owned_by": "bastion"}]}
+
+    @app.post("/v1/completions")
+    async def completions(body: P.CompletionRequest, request: Request) -> Response:
+        prompt_ids = state.loaded.tokenizer.encode(body.prompt)
+        return await _generate(state, request, body, prompt_ids, chat=False, text=body.prompt)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: P.ChatRequest, request: Request) -> Response:
+        chat = state.loaded.chat
+        try:
+            # The same conversation rules as fine-tuning data: roles in order, ends with the user.
+            messages = check_conversation([m.plain() for m in body.messages], ends_with=("user", "tool"))
+            prompt_ids = chat.encode_prompt(messages)
+        except DataError as exc:
+            raise ApiError(400, f"messages: {exc}", "invalid_request_error", param="messages") from None
+        return await _generate(state, request, body, prompt_ids, chat=True,
+                               text=json.dumps([m.plain() for m in body.messages]))
+
+    return app
+
+
+KNOWN_ROUTES = {"/health", "/ready", "/metrics", "/v1/models", "/v1/completions", "/v1/chat/completions"}
+
+
+# ---- generation ------------------------------------------------------------------------------
+
+
+async def _generate(state: ServerState, request: Request, body: P._Sampling, prompt_ids: list[int], *, chat: bool,
+                    text: str) -> Response:
+    info = request.state.info
+    info["request_id"] = rid = P.new_id("chatcmpl" if chat else "cmpl")
+    if body.model != state.model_name:
+        raise ApiError(404, f"model '{body.model}' does not exist; this server serves '{state.model_name}'",
+                       "invalid_request_error", param="model", code="model_not_found")
+    if body.n > state.cfg.max_n:
+        raise ApiError(400, f"n is {body.n}, over this server's limit of {state.cfg.max_n}", "invalid_request_error",
+                       param="n")
+    limits = state.limits
+    if body.stop and len(body.stop) > limits.max_stop_strings:
+        raise ApiError(400, f"{len(body.stop)} stop strings, over the limit of {limits.max_stop_strings}",
+                       "invalid_request_error", param="stop")
+    budget = body.budget() if isinstance(body, P.ChatRequest) else body.max_tokens
+    stop_ids = state.loaded.chat.stop_ids if chat else None
+    try:
+        params = [state.engine.params(len(prompt_ids), max_new_tokens=budget, temperature=body.temperature,
+                                      top_p=body.top_p, seed=None if body.seed is None else body.seed + i,
+                                      stop=body.stop, stop_ids=stop_ids) for i in range(body.n)]
+    except GenerationLimitError as exc:
+        raise ApiError(400, str(exc), "invalid_request_error", code="limit_exceeded") from None
+    info["prompt_tokens"] = len(prompt_ids)
+    if state.cfg.log_prompts:
+        info["prompt"] = text
+    requested = len(prompt_ids) + sum(p.max_new_tokens for p in params)
+    try:
+        wait = state.limiter.check(info["key_id"], requested)
+    except RequestTooLarge as exc:
+        raise ApiError(400, str(exc), "invalid_request_error", code="rate_limit_too_large") from None
+    if wait is not None:
+        raise ApiError(429, "rate limit reached for this API key", "rate_limit_error", code="rate_limited",
+                       headers=_retry_after(wait))
+    loop = asyncio.get_running_loop()
+    handles = []
+    try:
+        for p in params:
+            handles.append(state.engine.submit(prompt_ids, p, loop=loop))
+    except (QueueFullError, BastionError) as exc:
+        for h in handles:
+            h.cancel()
+        state.limiter.refund(info["key_id"], requested)
+        raise ApiError(503, "server busy: the queue is full, retry later" if isinstance(exc, QueueFullError)
+                       else "server is shutting down", "server_error", code="overloaded", headers=_retry_after(1)) \
+            from None
+    state.metrics.tokens.labels("prompt").inc(len(prompt_ids))
+    if body.stream:
+        return StreamingResponse(_stream(state, request, body, handles, rid, chat, requested),
+                                 media_type="text/event-stream", headers={"Cache-Control": "no-store"})
+    return await _complete(state, request, body, handles, rid, chat, requested)
+
+
+async def _collect(handle: Any) -> Any:
+    result = None
+    async for item in handle:
+        result = item
+    return result
+
+
+async def _watch_disconnect(request: Request, handles: list[Any]) -> None:
+    while True:
+        if await request.is_disconnected():
+            for h in handles:
+                h.cancel()
+            return
+        await asyncio.sleep(0.25)
+
+
+async def _complete(state: ServerState, request: Request, body: P._Sampling, handles: list[Any], rid: str,
+                    chat: bool, requested: int) -> JSONResponse:
+    info = request.state.info
+    watcher = asyncio.create_task(_watch_disconnect(request, handles))
+    try:
+        results = await asyncio.wait_for(asyncio.gather(*(_collect(h) for h in handles)), state.cfg.request_timeout_s)
+    except asyncio.TimeoutError:
+        for h in handles:
+            h.cancel()
+        state.limiter.refund(info["key_id"], requested - info["prompt_tokens"])
+        raise ApiError(504, f"generation took longer than {state.cfg.request_timeout_s:g} s", "server_error",
+                       code="timeout") from None
+    finally:
+        watcher.cancel()
+    out_filter = OutputFilter(state.cfg.output_filter)
+    choices = [(out_filter.apply(r.text)[0], P.finish_reason(r.finish_reason)) for r in results]
+    completion_tokens = sum(len(r.token_ids) for r in results)
+    _account(state, info, requested, completion_tokens, choices[0][1], "".join(t for t, _ in choices))
+    build = P.chat_response if chat else P.completion_response
+    return JSONResponse(build(rid, state.model_name, choices, info["prompt_tokens"], completion_tokens))
+
+
+def _account(state: ServerState, info: dict, requested: int, completion_tokens: int, reason: str, text: str) -> None:
+    info["completion_tokens"] = completion_tokens
+    info["finish_reason"] = reason
+    if state.cfg.log_prompts:
+        info["completion"] = text
+    state.metrics.tokens.labels("completion").inc(completion_tokens)
+    # The bucket was charged for the whole budget up front; give back what was not generated.
+    state.limiter.refund(info["key_id"], max(0, requested - info["prompt_tokens"] - completion_tokens))
+
+
+def _sse(payload: dict | str) -> bytes:
+    data = payload if isinstance(payload, str) else json.dumps(payload, separators=(",", ":"))
+    return f"data: {data}\n\n".encode()
+
+
+async def _stream(state: ServerState, request: Request, body: P._Sampling, handles: list[Any], rid: str,
+                  chat: bool, requested: int) -> AsyncIterator[bytes]:
+    """SSE in OpenAI's format: one chunk per text delta per choice, a last chunk with the
+    finish reason, an optional usage chunk, then [DONE]. A client that disconnects makes
+    Starlette cancel this generator: the handles are cancelled and their slots freed."""
+    info = request.state.info
+    model = state.model_name
+    kind = "chat.completion.chunk" if chat else "text_completion"
+    started = time.perf_counter()
+    first = True
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(index: int, handle: Any) -> None:
+        try:
+            async for item in handle:
+                await queue.put((index, item))
+        finally:
+            await queue.put((index, None))
+
+    tasks = [asyncio.create_task(pump(i, h)) for i, h in enumerate(handles)]
+    filters = [StreamFilter(state.cfg.output_filter) for _ in handles]
+    completion_tokens, texts, open_count = 0, [""] * len(handles), len(handles)
+    reason = "stop"
+    deadline = started + state.cfg.request_timeout_s
+    try:
+        if chat:
+            for i in range(len(handles)):
+                yield _sse(P.chat_chunk(rid, model, i, {"role": "assistant", "content": ""}, None))
+        while open_count:
+            try:
+                index, item = await asyncio.wait_for(queue.get(), max(0.0, deadline - time.perf_counter()))
+            except asyncio.TimeoutError:
+                info["error"] = "timeout"
+                yield _sse(P.error_body(f"generation took longer than {state.cfg.request_timeout_s:g} s",
+                                        "server_error", code="timeout"))
+                return
+            if item is None:
+                open_count -= 1
+                continue
+            if isinstance(item, str):
+                delta = filters[index].feed(item)
+                if first:
+                    state.metrics.ttft.observe(time.perf_counter() - started)
+                    first = False
+            else:  # the GenerationResult: flush what the filter held back, then finish
+                delta = filters[index].flush()
+                completion_tokens += len(item.token_ids)
+                reason = P.finish_reason(item.finish_reason)
+            if delta:
+                texts[index] += delta
+                yield _sse(P.chat_chunk(rid, model, index, {"content": delta}, None) if chat
+                           else P.completion_chunk(rid, model, index, delta, None))
+            if not isinstance(item, str):
+                yield _sse(P.chat_chunk(rid, model, index, {}, reason) if chat
+                           else P.completion_chunk(rid, model, index, "", reason))
+        if body.stream_options is not None and body.stream_options.include_usage:
+            yield _sse(P.usage_chunk(rid, model, kind, info["prompt_tokens"], completion_tokens))
+        yield _sse("[DONE]")
+    finally:
+        for h in handles:
+            h.cancel()  # no-op for finished requests; frees the slot of an abandoned one
+        for t in tasks:
+            t.cancel()
+        _account(state, info, requested, completion_tokens, reason, "".join(texts))

@@ -1,0 +1,45 @@
+"""`bastion serve --checkpoint DIR` and `bastion serve keys add|list|revoke`."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from bastion.serve.keys_cli import keys_app
+
+serve_app = typer.Typer(help="Serve a checkpoint over an OpenAI-compatible HTTP API (keys, rate limits, TLS).")
+serve_app.add_typer(keys_app, name="keys")
+
+
+@serve_app.callback(invoke_without_command=True)
+def serve_cmd(
+    ctx: typer.Context,
+    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="Checkpoint folder, or a run folder (uses 'latest')."),
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML config; its serve: section holds the server settings."),
+    overrides: Optional[List[str]] = typer.Option(None, "--set", help="Override a value, e.g. --set serve.port=9000 (repeatable)."),
+    host: Optional[str] = typer.Option(None, "--host", help="Address to bind (default 127.0.0.1; any other needs API keys)."),
+    port: Optional[int] = typer.Option(None, "--port", help="TCP port (default 8000)."),
+    ssl_certfile: Optional[Path] = typer.Option(None, "--ssl-certfile", help="TLS certificate (PEM); serve HTTPS."),
+    ssl_keyfile: Optional[Path] = typer.Option(None, "--ssl-keyfile", help="TLS private key (PEM)."),
+    key_file: Optional[Path] = typer.Option(None, "--key-file", help="Hashed API key file from `bastion serve keys add`."),
+    device: str = typer.Option("cpu", "--device", help="cpu, cuda or mps."),
+    no_verify: bool = typer.Option(False, "--no-verify", help="Skip the checkpoint's SHA-256 manifest check (not recommended)."),
+) -> None:
+    """Serve /v1/completions, /v1/chat/completions, /v1/models, /health, /ready and /metrics.
+    Keys come from $BASTION_API_KEYS (comma-separated) or --key-file; they are required on
+    every route but /health when the server is reachable from another host."""
+    if ctx.invoked_subcommand is not None:
+        return
+    if checkpoint is None:
+        raise typer.BadParameter("--checkpoint is required", param_hint="--checkpoint")
+    from bastion.config import load_config
+    from bastion.serve.server import serve
+
+    sets = list(overrides or [])
+    for name, value in (("host", host), ("port", port), ("ssl_certfile", ssl_certfile), ("ssl_keyfile", ssl_keyfile),
+                        ("key_file", key_file)):
+        if value is not None:
+            sets.append(f"serve.{name}={value}")
+    cfg = load_config(config, sets)
+    serve(checkpoint, cfg, device=device, verify=not no_verify)

@@ -1,0 +1,152 @@
+"""OpenAI-compatible request and response shapes (the subset Bastion serves).
+
+Requests are strict: an unknown field is a 400 naming it (a client that sends
+`logit_bias` must learn it had no effect, not get silently different output), and every
+number is bounded here before the engine checks it against the model's limits.
+"""
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+MAX_STOP_STRINGS = 16  # hard schema cap; GenerateConfig.max_stop_strings is the configured one
+MAX_STOP_CHARS = 256
+MAX_PROMPT_CHARS = 4_000_000
+MAX_MESSAGES = 1024
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", hide_input_in_errors=True)
+
+
+class StreamOptions(_Strict):
+    include_usage: bool = False
+
+
+class _Sampling(_Strict):
+    model: str = Field(max_length=256)
+    max_tokens: int | None = Field(default=None, ge=1, le=1_000_000)
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    n: int = Field(default=1, ge=1, le=128)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
+    user: str | None = Field(default=None, max_length=256)
+    # Accepted only at their neutral values: anything else would be silently ignored.
+    presence_penalty: float | None = Field(default=None, ge=0.0, le=0.0)
+    frequency_penalty: float | None = Field(default=None, ge=0.0, le=0.0)
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_bounded(cls, value: str | list[str] | None) -> list[str] | None:
+        if value is None:
+            return None
+        stops = [value] if isinstance(value, str) else value
+        if len(stops) > MAX_STOP_STRINGS:
+            raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings")
+        if any(not s or len(s) > MAX_STOP_CHARS for s in stops):
+            raise ValueError(f"stop strings must be 1 to {MAX_STOP_CHARS} characters")
+        return stops
+
+
+class CompletionRequest(_Sampling):
+    prompt: str | list[str]
+    echo: Literal[False] = False
+    logprobs: None = None
+
+    @field_validator("prompt")
+    @classmethod
+    def _one_prompt(cls, value: str | list[str]) -> str:
+        if isinstance(value, list):
+            if len(value) != 1:
+                raise ValueError("send one prompt per request (a list of exactly one string)")
+            value = value[0]
+        if len(value) > MAX_PROMPT_CHARS:
+            raise ValueError(f"prompt is over {MAX_PROMPT_CHARS} characters")
+        return value
+
+
+class TextPart(_Strict):
+    type: Literal["text"]
+    text: str = Field(max_length=MAX_PROMPT_CHARS)
+
+
+class ChatMessage(_Strict):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart]
+    name: str | None = Field(default=None, max_length=64)
+    tool_call_id: str | None = Field(default=None, max_length=256)
+
+    @field_validator("content")
+    @classmethod
+    def _bounded(cls, value: str | list[TextPart]) -> str | list[TextPart]:
+        size = len(value) if isinstance(value, str) else sum(len(p.text) for p in value)
+        if size > MAX_PROMPT_CHARS:
+            raise ValueError(f"message content is over {MAX_PROMPT_CHARS} characters")
+        return value
+
+    def plain(self) -> dict[str, str]:
+        text = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+        return {"role": "system" if self.role == "developer" else self.role, "content": text}
+
+
+class ChatRequest(_Sampling):
+    messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
+    max_completion_tokens: int | None = Field(default=None, ge=1, le=1_000_000)
+
+    def budget(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+
+def finish_reason(engine_reason: str) -> str:
+    """Engine finish reasons -> OpenAI's: end of turn and stop strings are both "stop"."""
+    return "length" if engine_reason == "length" else "stop"
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:24]}"
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def completion_response(rid: str, model: str, choices: list[tuple[str, str]], prompt_tokens: int,
+                        completion_tokens: int) -> dict[str, Any]:
+    return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model,
+            "choices": [{"index": i, "text": text, "finish_reason": reason, "logprobs": None}
+                        for i, (text, reason) in enumerate(choices)],
+            "usage": usage(prompt_tokens, completion_tokens)}
+
+
+def chat_response(rid: str, model: str, choices: list[tuple[str, str]], prompt_tokens: int,
+                  completion_tokens: int) -> dict[str, Any]:
+    return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": model,
+            "choices": [{"index": i, "message": {"role": "assistant", "content": text}, "finish_reason": reason,
+                         "logprobs": None} for i, (text, reason) in enumerate(choices)],
+            "usage": usage(prompt_tokens, completion_tokens)}
+
+
+def completion_chunk(rid: str, model: str, index: int, text: str, reason: str | None) -> dict[str, Any]:
+    return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model,
+            "choices": [{"index": index, "text": text, "finish_reason": reason, "logprobs": None}]}
+
+
+def chat_chunk(rid: str, model: str, index: int, delta: dict[str, str], reason: str | None) -> dict[str, Any]:
+    return {"id": rid, "object": "chat.completion.chunk", "created": int(time.time()), "model": model,
+            "choices": [{"index": index, "delta": delta, "finish_reason": reason, "logprobs": None}]}
+
+
+def usage_chunk(rid: str, model: str, kind: str, prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
+    return {"id": rid, "object": kind, "created": int(time.time()), "model": model, "choices": [],
+            "usage": usage(prompt_tokens, completion_tokens)}
+
+
+def error_body(message: str, kind: str, *, param: str | None = None, code: str | None = None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}

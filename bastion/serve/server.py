@@ -1,0 +1,84 @@
+"""`bastion serve`: load a verified checkpoint, apply the bind / key policy, run uvicorn.
+
+Policy: the server binds 127.0.0.1 unless told otherwise, and refuses to listen on any
+other address without API keys (from serve.api_keys_env or serve.key_file). SIGTERM /
+Ctrl-C: uvicorn stops accepting connections and waits up to serve.shutdown_grace_s for
+in-flight requests; then the engine is shut down.
+"""
+from __future__ import annotations
+
+import ipaddress
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+from bastion.config.schema import BastionConfig
+from bastion.errors import ConfigError
+from bastion.infer.engine import Engine
+from bastion.infer.loading import load_for_inference
+from bastion.serve.accesslog import AccessLog
+from bastion.serve.app import ServerState, create_app
+from bastion.serve.keys import KeyStore
+from bastion.serve.ratelimit import RateLimiter
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a hostname: it may resolve to anything
+
+
+def build_state(checkpoint: str | Path, config: BastionConfig, *, device: str = "cpu", verify: bool = True,
+                environ: Mapping[str, str] = os.environ) -> ServerState:
+    """Everything the app needs, from the deployment's config (its serve: and generate:
+    sections; the checkpoint's own generate: section is not used). Refuses an unsafe bind
+    before loading any weights."""
+    cfg = config.serve
+    keys = KeyStore.from_config(cfg, environ=environ)
+    loopback = is_loopback(cfg.host)
+    if not loopback and not keys.has_keys:
+        raise ConfigError(f"serve.host is {cfg.host}, reachable from other machines, but no API keys are configured: "
+                          f"set {cfg.api_keys_env} or serve.key_file (`bastion serve keys add`)")
+    if cfg.require_keys_on_loopback and not keys.has_keys:
+        raise ConfigError("serve.require_keys_on_loopback is set but no API keys are configured")
+    for name in ("ssl_certfile", "ssl_keyfile"):
+        path = getattr(cfg, name)
+        if path is not None and not Path(path).is_file():
+            raise ConfigError(f"serve.{name}: {path} is not a file")
+    loaded = load_for_inference(checkpoint, verify=verify, device=device)
+    engine = Engine(loaded.model, loaded.tokenizer, config.generate, max_batch_size=cfg.max_concurrency,
+                    max_queue=cfg.max_queue)
+    where = loaded.directory  # RUN/checkpoints/step_N -> RUN; ROOT/step_N -> ROOT
+    name = cfg.model_name or (where.parent.parent.name if where.parent.name == "checkpoints" else where.parent.name)
+    return ServerState(loaded=loaded, cfg=cfg, limits=config.generate, engine=engine, keys=keys, limiter=RateLimiter(cfg.rate_limit),
+                       log=AccessLog(cfg.access_log, cfg.log_prompts), model_name=_safe_name(name),
+                       require_keys=keys.has_keys or not loopback)
+
+
+def _safe_name(name: str) -> str:
+    cleaned = "".join(c if c.isalnum() or c in "._-" else "-" for c in name).strip("-.") or "bastion"
+    return cleaned[:128]
+
+
+def serve(checkpoint: str | Path, config: BastionConfig, *, device: str = "cpu", verify: bool = True) -> None:
+    import uvicorn
+
+    cfg = config.serve
+    state = build_state(checkpoint, config, device=device, verify=verify)
+    app = create_app(state)
+    config = uvicorn.Config(app, host=cfg.host, port=cfg.port, ssl_certfile=cfg.ssl_certfile,
+                            ssl_keyfile=cfg.ssl_keyfile, timeout_graceful_shutdown=int(cfg.shutdown_grace_s) or None,
+                            access_log=False, server_header=False, date_header=True, log_level="warning",
+                            lifespan="on")
+
+    class GracefulServer(uvicorn.Server):
+        def handle_exit(self, sig, frame) -> None:  # type: ignore[no-untyped-def]
+            super().handle_exit(sig, frame)
+            # uvicorn re-raises the signal once shut down (the process then dies by it); a
+            # requested, completed shutdown exits with status 0 instead, as `bastion train` does.
+            getattr(self, "_captured_signals", []).clear()
+
+    GracefulServer(config).run()

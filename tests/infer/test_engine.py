@@ -1,0 +1,509 @@
+import asyncio
+import threading
+import time
+
+import pytest
+import torch
+
+from bastion.config.schema import GenerateConfig, ModelConfig
+from bastion.errors import EngineClosedError, GenerationLimitError, QueueFullError
+from bastion.infer import GenerationResult, generate, stream
+from bastion.infer.engine import Engine, SamplingParams
+from bastion.model import Transformer
+from bastion.tokenizer import BastionTokenizer
+
+TEXTS = [
+    "The quick brown fox jumps over the lazy dog. " * 3,
+    "Bastion trains small language models from raw text, safely.",
+    "Über café naïve façade — 東京 北京 上海 😀 🚀 emoji and CJK make multi-byte tokens.",
+    "def main():\n    return 42\n",
+]
+LIMITS = GenerateConfig(max_new_tokens=20, max_new_tokens_ceiling=100, temperature=0.0, top_k=None)
+PROMPTS = ["The quick", "def main():\n", "Über café naïve façade — 東京", "a", "The lazy dog jumps over the fox. The"]
+
+
+def tiny_model(init_std: float = 0.2, **cfg) -> Transformer:
+    torch.manual_seed(0)
+    settings = dict(vocab_size=300, d_model=64, n_layer=2, n_head=4, n_kv_head=2, max_seq_len=128, init_std=init_std)
+    return Transformer(ModelConfig(**{**settings, **cfg})).eval()
+
+
+@pytest.fixture(scope="module")
+def tok() -> BastionTokenizer:
+    return BastionTokenizer.train(TEXTS * 4, vocab_size=300, min_frequency=1)
+
+
+@pytest.fixture(scope="module")
+def model() -> Transformer:
+    # A large init: a random model's logits are far from uniform (varied text, clear argmaxes).
+    return tiny_model()
+
+
+class OutputHook:
+    """Edits (or watches) the model's logits, in whatever thread runs the model."""
+
+    def __init__(self, model, fn):
+        self.fn = fn
+        self.handle = model.output.register_forward_hook(lambda module, inputs, out: fn(out))
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.handle.remove()
+
+
+def ban_eos(model, tok):
+    def fn(out):
+        out = out.clone()
+        out[..., tok.eos_id] = float("-inf")
+        return out
+    return OutputHook(model, fn)
+
+
+def slow(model, seconds=0.005):
+    return OutputHook(model, lambda out: time.sleep(seconds))
+
+
+def ids(tok, text):
+    return tok.encode(text)
+
+
+def submit(engine, tok, prompt, loop=None, **kw):
+    prompt_ids = ids(tok, prompt)
+    return engine.submit(prompt_ids, engine.params(len(prompt_ids), **kw), loop=loop)
+
+
+def collect(handle):
+    *deltas, result = list(handle)
+    assert isinstance(result, GenerationResult)
+    assert all(isinstance(d, str) and d for d in deltas)
+    assert "".join(deltas) == result.text
+    return deltas, result
+
+
+def wait_for(predicate, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.001)
+
+
+def assert_idle(engine):
+    """No per-request state left, and every cache row wiped."""
+    assert engine.stats["running"] == engine.stats["waiting"] == 0
+    assert not engine._running and not engine._waiting
+    assert all(not k.any() and not v.any() for k, v in zip(engine._cache.k, engine._cache.v))
+
+
+# ---- model: rows of a cache, batched decode step -------------------------------------------
+
+@pytest.mark.parametrize("n_kv_head", [4, 2])
+def test_cache_row_view_is_bit_identical_to_own_cache(n_kv_head):
+    # The engine's batch-invariant mode rests on this: a sequence in row r of a big cache
+    # computes exactly what it computes in its own cache, as generate() uses.
+    model = tiny_model(n_kv_head=n_kv_head)
+    prompt = torch.randint(0, 300, (1, 11))
+    big, own = model.new_cache(3), model.new_cache(1, max_len=20)
+    with torch.inference_mode():
+        a, _ = model(prompt, cache=big.rows(2, 3))
+        b, _ = model(prompt, cache=own)
+        assert torch.equal(a, b)
+        for pos in range(11, 15):
+            a, _ = model(torch.tensor([[pos]]), cache=big.rows(2, 3), start_pos=pos)
+            b, _ = model(torch.tensor([[pos]]), cache=own, start_pos=pos)
+            assert torch.equal(a, b)
+    assert torch.equal(big.k[0][2, :, :15], own.k[0][0, :, :15])  # written through the view
+    assert not big.k[0][:2].any()
+    with pytest.raises(ValueError, match="outside"):
+        big.rows(2, 4)
+
+
+@pytest.mark.parametrize("cfg", [dict(), dict(n_kv_head=4), dict(sliding_window=5)])
+def test_decode_step_matches_rows_decoded_alone(cfg):
+    model = tiny_model(**cfg)
+    lens = [3, 9, 1, 14]
+    batched, alone = model.new_cache(4), model.new_cache(4)
+    with torch.inference_mode():
+        for r, n in enumerate(lens):
+            prompt = torch.randint(0, 300, (1, n))
+            model(prompt, cache=batched.rows(r, r + 1))
+            model(prompt, cache=alone.rows(r, r + 1))
+        for rows in ([3, 0, 1], [0, 1, 2, 3]):  # scattered rows (a gather), then a contiguous run
+            tokens, positions = [7 * r + 1 for r in rows], [lens[r] for r in rows]
+            out = model.decode_step(tokens, batched, rows, positions)
+            expected = torch.cat([model(torch.tensor([[t]]), cache=alone.rows(r, r + 1), start_pos=p)[0][:, -1]
+                                  for t, r, p in zip(tokens, rows, positions)])
+            torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+            for r in rows:
+                lens[r] += 1
+        torch.testing.assert_close(batched.k[1], alone.k[1], rtol=1e-5, atol=1e-5)
+
+
+def test_decode_step_checks_its_arguments():
+    model = tiny_model()
+    cache = model.new_cache(2)
+    with pytest.raises(ValueError, match="distinct"):
+        model.decode_step([1, 2], cache, [0, 0], [0, 0])
+    with pytest.raises(ValueError, match="distinct"):
+        model.decode_step([1], cache, [2], [0])
+    with pytest.raises(ValueError, match="positions"):
+        model.decode_step([1], cache, [0], [128])
+    with pytest.raises(ValueError, match="same non-zero length"):
+        model.decode_step([1, 2], cache, [0], [0])
+
+
+# ---- batch invariance -----------------------------------------------------------------------
+
+def run_engine(model, tok, requests, *, max_batch_size, staggered, **engine_kw):
+    """requests: (prompt, kwargs) pairs. Staggered: a request joins only after the previous
+    one has produced output, so requests join and leave the batch at different times."""
+    with Engine(model, tok, LIMITS, max_batch_size=max_batch_size, **engine_kw) as engine:
+        handles = []
+        for prompt, kw in requests:
+            handles.append(submit(engine, tok, prompt, **kw))
+            if staggered:
+                next(iter(handles[-1]))
+        results = [h.result(timeout=30) for h in handles]
+        assert_idle(engine)
+    return results
+
+
+GREEDY = [(p, dict(max_new_tokens=n)) for p, n in zip(PROMPTS, [20, 7, 33, 12, 3])]
+
+
+@pytest.mark.parametrize("init_std", [0.2, 0.02])  # 0.02: near-uniform logits, where near-ties are common
+def test_greedy_is_batch_invariant_and_equals_generate(tok, init_std):
+    model = tiny_model(init_std)
+    with ban_eos(model, tok):
+        expected = [generate(model, tok, p, limits=LIMITS, **kw) for p, kw in GREEDY]
+        for max_batch_size in (1, 2, 4):
+            for staggered in (False, True):
+                got = run_engine(model, tok, GREEDY, max_batch_size=max_batch_size, staggered=staggered)
+                assert got == expected, (max_batch_size, staggered)
+    assert [r.finish_reason for r in expected] == ["length"] * 5
+    assert [len(r.token_ids) for r in expected] == [20, 7, 33, 12, 3]
+
+
+def test_batched_decode_mode_gives_the_same_greedy_tokens(model, tok):
+    # batch_invariant=False batches the matmuls (last-bit differences): with this model's
+    # well-separated logits no token changes.
+    with ban_eos(model, tok):
+        expected = [generate(model, tok, p, limits=LIMITS, **kw).token_ids for p, kw in GREEDY]
+        got = run_engine(model, tok, GREEDY, max_batch_size=4, staggered=True, batch_invariant=False)
+    assert [r.token_ids for r in got] == expected
+
+
+def test_seeded_sampling_is_batch_invariant(model, tok):
+    requests = [
+        ("The quick", dict(temperature=1.0, top_k=None, top_p=1.0, seed=1, max_new_tokens=25)),
+        ("def main", dict(temperature=0.7, top_k=20, top_p=0.9, seed=2, max_new_tokens=30)),
+        ("Über", dict(temperature=1.5, top_k=None, top_p=0.5, seed=3, max_new_tokens=18)),
+        ("a", dict(max_new_tokens=22)),  # greedy, batched with the sampled ones
+        ("The quick", dict(temperature=1.0, top_k=None, top_p=1.0, seed=4, max_new_tokens=25)),
+    ]
+    with ban_eos(model, tok):
+        expected = [generate(model, tok, p, limits=LIMITS, **kw) for p, kw in requests]
+        for max_batch_size, staggered in ((1, False), (4, False), (3, True)):
+            assert run_engine(model, tok, requests, max_batch_size=max_batch_size, staggered=staggered) == expected
+    assert expected[0].token_ids != expected[4].token_ids  # the seed matters
+
+
+# ---- text, stops, finish reasons -------------------------------------------------------------
+
+@pytest.mark.parametrize("kw", [
+    dict(), dict(stop=["e", "o"]), dict(temperature=1.0, seed=11, max_new_tokens=60),
+    dict(temperature=1.0, seed=12, max_new_tokens=60, stop=["the", "東京"]),
+    dict(temperature=2.0, seed=5, max_new_tokens=40),  # random bytes: partial characters held back
+])
+def test_stream_deltas_equal_generate_stream(model, tok, kw):
+    with ban_eos(model, tok), Engine(model, tok, LIMITS, max_batch_size=3) as engine:
+        expected = list(stream(model, tok, "Über 東", limits=LIMITS, **kw))
+        handles = [submit(engine, tok, "Über 東", **kw) for _ in range(3)]
+        for h in handles:
+            deltas, result = collect(h)
+            assert [*deltas, result] == expected
+            assert not any(d.endswith("\ufffd") for d in deltas[:-1])
+
+
+def test_stop_strings_and_stop_ids(model, tok):
+    with ban_eos(model, tok), Engine(model, tok, LIMITS, max_batch_size=4) as engine:
+        full = submit(engine, tok, "The quick", max_new_tokens=40).result(timeout=10)
+        s = full.text[6:9]
+        stop_id = full.token_ids[5]
+        first = full.token_ids.index(stop_id)
+        by_string = submit(engine, tok, "The quick", max_new_tokens=40, stop=["never-appears", s])
+        by_id = submit(engine, tok, "The quick", max_new_tokens=40, stop_ids=[stop_id])
+        _, res = collect(by_string)
+        assert res.finish_reason == "stop" and res.text == full.text[:full.text.find(s)]
+        assert res == generate(model, tok, "The quick", limits=LIMITS, max_new_tokens=40, stop=["never-appears", s])
+        _, res = collect(by_id)
+        assert res.finish_reason == "eos" and res.token_ids == full.token_ids[:first]
+        assert res.text == tok.decode(full.token_ids[:first])
+
+
+def test_max_new_tokens_gives_length(model, tok):
+    with ban_eos(model, tok), Engine(model, tok, LIMITS, max_batch_size=2) as engine:
+        res = submit(engine, tok, "The quick", max_new_tokens=9).result(timeout=10)
+        default = submit(engine, tok, "The quick").result(timeout=10)
+    assert res.finish_reason == "length" and len(res.token_ids) == 9
+    assert res.prompt_tokens == len(ids(tok, "The quick"))
+    assert default.finish_reason == "length" and len(default.token_ids) == LIMITS.max_new_tokens
+
+
+def test_eos(model, tok):
+    def force_eos(out):  # every row's next token is eos
+        out = out.clone()
+        out[..., tok.eos_id] = out.max() + 1
+        return out
+
+    with Engine(model, tok, LIMITS, max_batch_size=2) as engine:
+        with OutputHook(model, force_eos):
+            res = submit(engine, tok, "The quick").result(timeout=10)
+        assert res == GenerationResult(text="", token_ids=[], prompt_tokens=2, finish_reason="eos")
+
+        calls = []
+
+        def eos_on_fourth_call(out):  # one request alone: prefill + 2 decode steps, then eos
+            calls.append(1)
+            return force_eos(out) if len(calls) >= 4 else ban_eos_logits(out)
+
+        def ban_eos_logits(out):
+            out = out.clone()
+            out[..., tok.eos_id] = float("-inf")
+            return out
+
+        with OutputHook(model, eos_on_fourth_call):
+            res = submit(engine, tok, "The quick").result(timeout=10)
+        assert res.finish_reason == "eos" and len(res.token_ids) == 3
+        assert tok.eos_id not in res.token_ids and res.text == tok.decode(res.token_ids)
+
+
+# ---- async -------------------------------------------------------------------------------------
+
+def test_async_iteration(model, tok):
+    kws = [dict(max_new_tokens=30), dict(temperature=1.0, seed=3, max_new_tokens=25, stop=["the"]), dict()]
+    with ban_eos(model, tok):
+        expected = [list(stream(model, tok, p, limits=LIMITS, **kw)) for p, kw in zip(PROMPTS, kws)]
+
+        async def main():
+            loop = asyncio.get_running_loop()
+            ticks = 0
+
+            async def ticker():  # runs only if nothing blocks the loop
+                nonlocal ticks
+                while True:
+                    ticks += 1
+                    await asyncio.sleep(0)
+
+            async def consume(engine, prompt, kw):
+                return [item async for item in submit(engine, tok, prompt, loop=loop, **kw)]
+
+            engine = Engine(model, tok, LIMITS, max_batch_size=2)
+            engine.start()
+            ticking = asyncio.create_task(ticker())
+            try:
+                got = await asyncio.gather(*(consume(engine, p, kw) for p, kw in zip(PROMPTS, kws)))
+            finally:
+                ticking.cancel()
+                await asyncio.to_thread(engine.shutdown)
+            return got, ticks
+
+        got, ticks = asyncio.run(main())
+    assert got == expected
+    assert ticks > 10
+
+
+def test_iteration_mode_must_match_submit(model, tok):
+    engine = Engine(model, tok, LIMITS, max_batch_size=1)
+    sync_handle = submit(engine, tok, "a")
+    with pytest.raises(TypeError, match="async for"):
+        sync_handle.__aiter__()
+    loop = asyncio.new_event_loop()
+    try:
+        async_handle = submit(engine, tok, "a", loop=loop)
+        with pytest.raises(TypeError, match="async for"):
+            iter(async_handle)
+    finally:
+        engine.shutdown()
+        loop.close()
+
+
+# ---- cancel, back-pressure, shutdown ------------------------------------------------------------
+
+def test_cancel_frees_the_slot_for_a_waiting_request(model, tok):
+    with ban_eos(model, tok), slow(model), Engine(model, tok, LIMITS, max_batch_size=1, max_queue=1) as engine:
+        long = submit(engine, tok, "The quick", max_new_tokens=100)
+        waiting = submit(engine, tok, "def main", max_new_tokens=5)
+        wait_for(lambda: engine.stats["running"] == 1 and long._seq.text.ids)
+        assert engine.stats["waiting"] == 1
+        long.cancel()
+        long.cancel()  # idempotent
+        result = long.result(timeout=10)
+        assert result.finish_reason == "cancelled" and 0 < len(result.token_ids) < 100
+        assert result.text == tok.decode(result.token_ids)
+        assert waiting.result(timeout=10).finish_reason == "length"
+        waiting.cancel()  # after the end: a no-op
+        assert_idle(engine)
+
+
+def test_cancel_while_waiting(model, tok):
+    engine = Engine(model, tok, LIMITS, max_batch_size=1, max_queue=2)  # not started: nothing runs
+    first, second = submit(engine, tok, "a"), submit(engine, tok, "b")
+    assert engine.stats == {"running": 0, "waiting": 2, "max_batch_size": 1, "max_queue": 2}
+    second.cancel()
+    assert engine.stats["waiting"] == 1
+    assert second.result(timeout=1) == GenerationResult(text="", token_ids=[], prompt_tokens=1,
+                                                        finish_reason="cancelled")
+    engine.start()
+    assert first.result(timeout=10).finish_reason in ("length", "eos")
+    engine.shutdown()
+    assert_idle(engine)
+
+
+def test_queue_full(model, tok):
+    engine = Engine(model, tok, LIMITS, max_batch_size=1, max_queue=2)
+    handles = [submit(engine, tok, "a") for _ in range(3)]  # one for the free slot + max_queue waiting
+    with pytest.raises(QueueFullError, match="max_queue=2"):
+        submit(engine, tok, "a")
+    handles[1].cancel()
+    handles.append(submit(engine, tok, "a"))  # room again
+    with pytest.raises(QueueFullError):
+        submit(engine, tok, "a")
+    engine.start()
+    assert all(h.result(timeout=10).finish_reason != "cancelled" for h in handles if h is not handles[1])
+    engine.shutdown()
+
+
+def test_queue_full_while_running(model, tok):
+    with ban_eos(model, tok), slow(model), Engine(model, tok, LIMITS, max_batch_size=2, max_queue=1) as engine:
+        running = [submit(engine, tok, "a", max_new_tokens=60) for _ in range(2)]
+        wait_for(lambda: engine.stats["running"] == 2)
+        queued = submit(engine, tok, "a", max_new_tokens=2)
+        with pytest.raises(QueueFullError):
+            submit(engine, tok, "a")
+        for h in running:
+            h.cancel()
+        assert queued.result(timeout=10).finish_reason == "length"
+
+
+def test_shutdown_finishes_in_flight_requests_and_refuses_new(model, tok):
+    engine = Engine(model, tok, LIMITS, max_batch_size=2, max_queue=8)
+    engine.start()
+    with ban_eos(model, tok):
+        handles = [submit(engine, tok, p, max_new_tokens=15) for p in PROMPTS]  # 2 running, 3 queued
+        engine.shutdown()
+        assert [h.result(timeout=1).finish_reason for h in handles] == ["length"] * 5
+    assert not engine._thread.is_alive()
+    with pytest.raises(EngineClosedError):
+        submit(engine, tok, "a")
+    with pytest.raises(EngineClosedError):
+        engine.start()
+    engine.shutdown()  # again: a no-op
+    assert_idle(engine)
+
+
+def test_shutdown_timeout_cancels_the_rest(model, tok):
+    engine = Engine(model, tok, LIMITS, max_batch_size=1, max_queue=4)
+    engine.start()
+    with ban_eos(model, tok), slow(model):
+        handles = [submit(engine, tok, "The quick", max_new_tokens=100) for _ in range(3)]
+        wait_for(lambda: handles[0]._seq.text.ids)
+        start = time.monotonic()
+        engine.shutdown(timeout=0.05)
+        assert time.monotonic() - start < 5
+    results = [h.result(timeout=1) for h in handles]
+    assert [r.finish_reason for r in results] == ["cancelled"] * 3
+    assert 0 < len(results[0].token_ids) < 100 and results[2].token_ids == []
+    assert_idle(engine)
+
+
+def test_shutdown_before_start_cancels_the_queue(model, tok):
+    engine = Engine(model, tok, LIMITS)
+    handle = submit(engine, tok, "a")
+    engine.shutdown()
+    assert handle.result(timeout=1).finish_reason == "cancelled"
+    with pytest.raises(EngineClosedError):
+        submit(engine, tok, "a")
+
+
+def test_a_failing_step_fails_its_requests_only(model, tok):
+    boom = threading.Event()
+
+    def fail(out):
+        if boom.is_set():
+            raise RuntimeError("device on fire")
+
+    with OutputHook(model, fail), Engine(model, tok, LIMITS, max_batch_size=2) as engine:
+        boom.set()
+        handle = submit(engine, tok, "The quick")
+        with pytest.raises(RuntimeError, match="device on fire"):
+            list(handle)
+        boom.clear()
+        assert submit(engine, tok, "The quick", max_new_tokens=3).result(timeout=10).finish_reason in ("length", "eos")
+        assert_idle(engine)
+
+
+def test_no_state_left_after_many_requests(model, tok):
+    with Engine(model, tok, LIMITS, max_batch_size=4, max_queue=200, threads=1) as engine:
+        handles = [submit(engine, tok, PROMPTS[i % 5], max_new_tokens=1 + i % 3) for i in range(200)]
+        results = [h.result(timeout=30) for h in handles]
+        assert all(r.finish_reason in ("length", "eos") for r in results)
+        assert_idle(engine)
+        assert engine._thread.is_alive()
+
+
+# ---- limits -----------------------------------------------------------------------------------
+
+def test_params_defaults_come_from_limits(model, tok):
+    engine = Engine(model, tok, GenerateConfig(max_new_tokens=7, temperature=0.5, top_k=3, top_p=0.9))
+    assert engine.params(4) == SamplingParams(max_new_tokens=7, temperature=0.5, top_k=3, top_p=0.9, seed=None)
+    p = engine.params(4, max_new_tokens=2, temperature=0, top_k=None, top_p=1.0, seed=5, stop=["x"], stop_ids=[3, 3, 1])
+    # None means "the default", as in generate(): top_k stays the limits' 3
+    assert p == SamplingParams(max_new_tokens=2, temperature=0, top_k=3, top_p=1.0, seed=5, stop=("x",),
+                               stop_ids=(3, 1))
+
+
+@pytest.mark.parametrize("prompt_len, kw, match", [
+    (5, dict(max_new_tokens=101), r"max_new_tokens \(101\) exceeds .*max_new_tokens_ceiling"),
+    (5, dict(max_new_tokens=0), "max_new_tokens must be >= 1"),
+    (0, dict(), "prompt is empty"),
+    (100, dict(max_new_tokens=29), r"exceeds the model's context size \(128\)"),
+    (5, dict(stop=["a"] * 9), "max_stop_strings"),
+    (5, dict(stop="stop"), "stop must be a list"),
+    (5, dict(temperature=-0.5), "temperature"),
+    (5, dict(top_k=0), "top_k"),
+    (5, dict(top_p=0.0), "top_p"),
+    (5, dict(seed=-1), "seed"),
+    (5, dict(stop_ids=5), "stop_ids"),
+    (5, dict(stop_ids=[300]), "stop_ids"),
+    (5, dict(stop_ids=[True]), "stop_ids"),
+])
+def test_limit_errors(model, tok, prompt_len, kw, match):
+    engine = Engine(model, tok, LIMITS)
+    with pytest.raises(GenerationLimitError, match=match):
+        engine.params(prompt_len, **kw)
+
+
+def test_submit_checks_prompt_and_hand_built_params(model, tok):
+    engine = Engine(model, tok, LIMITS)
+    ok = engine.params(3)
+    for prompt in ([], [300], [-1], [True], "abc"):
+        with pytest.raises(GenerationLimitError, match="prompt ids"):
+            engine.submit(prompt, ok)
+    too_long = SamplingParams(max_new_tokens=126, temperature=0.0, top_k=None, top_p=1.0, seed=None)
+    with pytest.raises(GenerationLimitError, match="max_new_tokens_ceiling"):
+        engine.submit([1, 2, 3], too_long)
+    with pytest.raises(GenerationLimitError, match="context size"):  # params made for a shorter prompt
+        engine.submit([1] * 40, engine.params(3, max_new_tokens=100))
+    with pytest.raises(GenerationLimitError, match="top_p"):
+        engine.submit([1, 2, 3], SamplingParams(max_new_tokens=3, temperature=1.0, top_k=None, top_p=2.0, seed=None))
+    with pytest.raises(TypeError, match="SamplingParams"):
+        engine.submit([1, 2, 3], {"max_new_tokens": 3})
+    assert engine.stats["waiting"] == 0
+
+
+@pytest.mark.parametrize("kw", [dict(max_batch_size=0), dict(max_queue=-1), dict(max_batch_size=True), dict(threads=0)])
+def test_engine_arguments_are_checked(model, tok, kw):
+    with pytest.raises(ValueError):
+        Engine(model, tok, LIMITS, **kw)

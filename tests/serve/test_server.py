@@ -1,0 +1,239 @@
+"""The server over real HTTP on loopback: the official openai client unchanged, and raw
+requests for every limit and refusal the server promises."""
+import json
+import socket
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+from serving import API_KEY, running
+
+from bastion.config import build_config
+from bastion.errors import ConfigError
+from bastion.serve.server import build_state
+
+ENV = {"BASTION_API_KEYS": API_KEY}
+AUTH = {"Authorization": f"Bearer {API_KEY}"}
+
+
+@pytest.fixture(scope="module")
+def server(serve_checkpoint):
+    with running(serve_checkpoint, environ=ENV, serve={"rate_limit": {"requests_per_minute": 10_000,
+                                                                       "tokens_per_minute": 10_000_000}}) as (url, state):
+        yield url, state
+
+
+def client(url, key=API_KEY):
+    return openai.OpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0, timeout=30)
+
+
+def test_openai_client_completions_and_chat(server):
+    url, state = server
+    c = client(url)
+    assert [m.id for m in c.models.list().data] == [state.model_name]
+    done = c.completions.create(model=state.model_name, prompt="reverse: a b", max_tokens=8, temperature=0)
+    assert done.object == "text_completion" and done.choices[0].finish_reason in ("stop", "length")
+    assert done.usage.prompt_tokens > 0 and 0 < done.usage.completion_tokens <= 8
+    assert done.usage.total_tokens == done.usage.prompt_tokens + done.usage.completion_tokens
+    chat = c.chat.completions.create(model=state.model_name, messages=[{"role": "user", "content": "greet kalomi"}],
+                                     max_tokens=8, temperature=0)
+    assert chat.choices[0].message.role == "assistant" and chat.usage.completion_tokens <= 8
+
+
+@pytest.mark.parametrize("kind", ["completions", "chat"])
+def test_streaming_matches_non_streaming(server, kind):
+    url, state = server
+    c = client(url)
+    if kind == "chat":
+        args = dict(model=state.model_name, messages=[{"role": "user", "content": "hello"}], max_tokens=12,
+                    temperature=0)
+        whole = c.chat.completions.create(**args)
+        chunks = list(c.chat.completions.create(**args, stream=True, stream_options={"include_usage": True}))
+        text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+        expected, reason = whole.choices[0].message.content, whole.choices[0].finish_reason
+    else:
+        args = dict(model=state.model_name, prompt="the quick", max_tokens=12, temperature=0)
+        whole = c.completions.create(**args)
+        chunks = list(c.completions.create(**args, stream=True, stream_options={"include_usage": True}))
+        text = "".join(ch.choices[0].text for ch in chunks if ch.choices)
+        expected, reason = whole.choices[0].text, whole.choices[0].finish_reason
+    assert text == expected
+    assert [ch.choices[0].finish_reason for ch in chunks if ch.choices and ch.choices[0].finish_reason] == [reason]
+    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+
+
+def test_every_route_but_health_needs_a_key(server):
+    url, _ = server
+    routes = [("GET", "/ready"), ("GET", "/metrics"), ("GET", "/v1/models"), ("POST", "/v1/completions"),
+              ("POST", "/v1/chat/completions"), ("GET", "/nope"), ("GET", "/openapi.json"), ("GET", "/docs")]
+    with httpx.Client(base_url=url) as h:
+        assert h.get("/health").status_code == 200
+        for method, path in routes:
+            for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": API_KEY},
+                            {"Authorization": f"Basic {API_KEY}"}):
+                r = h.request(method, path, headers=headers, json={})
+                assert r.status_code == 401, (method, path, headers, r.text)
+                assert r.json()["error"]["code"] == "invalid_api_key"
+        assert h.get("/ready", headers=AUTH).status_code == 200
+        assert h.get("/metrics", headers=AUTH).status_code == 200
+    with pytest.raises(openai.AuthenticationError):
+        client(url, key="bst_wrong").models.list()
+
+
+def post(url, path, body, headers=AUTH, **kw):
+    data = body if isinstance(body, (bytes, str)) else json.dumps(body)
+    return httpx.post(url + path, content=data, headers={"Content-Type": "application/json", **headers}, **kw)
+
+
+@pytest.mark.parametrize("body,status,match", [
+    (b"{not json", 400, "not valid JSON"),
+    (b'{"model": "x", "prompt": "\xff\xfe"}', 400, None),
+    ({"model": "M", "prompt": "hi", "logit_bias": {"1": 5}}, 400, "unknown field 'logit_bias'"),
+    ({"model": "M", "prompt": "hi", "max_tokens": 65}, 400, "max_new_tokens"),
+    ({"model": "M", "prompt": "hi", "max_tokens": 0}, 400, "max_tokens"),
+    ({"model": "M", "prompt": "hi", "n": 2}, 400, "n is 2"),
+    ({"model": "M", "prompt": "hi", "stop": ["a"] * 9}, 400, "stop strings"),
+    ({"model": "M", "prompt": "hi", "stop": ["x" * 300]}, 400, "stop"),
+    ({"model": "M", "prompt": "hi " * 200}, 400, "prompt"),
+    ({"model": "M", "prompt": "hi", "temperature": "hot"}, 400, "temperature"),
+    ({"model": "M", "prompt": "hi", "echo": True}, 400, "echo"),
+    ({"model": "other", "prompt": "hi"}, 404, "does not exist"),
+    ({"prompt": "hi"}, 400, "model"),
+    ([1, 2, 3], 400, None),
+    ("null", 400, None),
+])
+def test_bad_requests_are_4xx_with_a_clear_message(server, body, status, match):
+    url, state = server
+    if isinstance(body, dict) and body.get("model") == "M":
+        body = {**body, "model": state.model_name}
+    r = post(url, "/v1/completions", body)
+    assert r.status_code == status, r.text
+    if match:
+        assert match in r.json()["error"]["message"]
+
+
+def test_chat_message_problems_are_400(server):
+    url, state = server
+    for messages in ([], [{"role": "wizard", "content": "x"}], [{"role": "user"}],
+                     [{"role": "assistant", "content": "x"}, {"role": "assistant", "content": "y"}]):
+        r = post(url, "/v1/chat/completions", {"model": state.model_name, "messages": messages})
+        assert r.status_code == 400, (messages, r.text)
+
+
+def test_body_size_limit_is_413_declared_or_streamed(server):
+    url, state = server
+    big = json.dumps({"model": state.model_name, "prompt": "x" * (2 * 2**20)})
+    assert post(url, "/v1/completions", big).status_code == 413
+
+    def chunks():
+        yield b'{"model": "m", "prompt": "'
+        for _ in range(40):
+            yield b"y" * 65536
+        yield b'"}'
+
+    r = httpx.post(url + "/v1/completions", content=chunks(), headers={**AUTH, "Content-Type": "application/json"})
+    assert r.status_code == 413
+
+
+def test_metrics_count_requests_tokens_and_rejections(server):
+    url, state = server
+    post(url, "/v1/completions", {"model": state.model_name, "prompt": "hi", "max_tokens": 2})
+    post(url, "/v1/completions", b"{bad")
+    text = httpx.get(url + "/metrics", headers=AUTH).text
+    assert 'bastion_requests_total{route="/v1/completions",status="200"}' in text
+    assert 'bastion_tokens_total{kind="completion"}' in text
+    assert "bastion_rejections_total" in text and "bastion_queue_depth" in text
+    assert "bastion_request_latency_seconds_bucket" in text
+
+
+def test_disconnect_mid_stream_frees_the_slot_and_others_are_served(serve_checkpoint, long_prompt):
+    with running(serve_checkpoint, serve={"max_concurrency": 1, "max_queue": 0},
+                 generate={"max_new_tokens_ceiling": 100}) as (url, state):
+        body = {"model": state.model_name, "prompt": long_prompt, "max_tokens": 100, "stream": True, "temperature": 0}
+        with httpx.stream("POST", url + "/v1/completions", json=body, timeout=30) as r:
+            assert r.status_code == 200
+            next(r.iter_lines())  # one event, then the client goes away
+            assert state.engine.stats["running"] == 1
+        deadline = time.time() + 10
+        while state.engine.stats["running"] and time.time() < deadline:
+            time.sleep(0.05)
+        assert state.engine.stats["running"] == 0
+        r = post(url, "/v1/completions", {"model": state.model_name, "prompt": "b", "max_tokens": 4}, headers={})
+        assert r.status_code == 200
+
+
+def test_queue_full_is_503_with_retry_after(serve_checkpoint, long_prompt):
+    with running(serve_checkpoint, serve={"max_concurrency": 1, "max_queue": 0},
+                 generate={"max_new_tokens_ceiling": 100}) as (url, state):
+        body = {"model": state.model_name, "prompt": long_prompt, "max_tokens": 100, "stream": True, "temperature": 0}
+        with httpx.stream("POST", url + "/v1/completions", json=body, timeout=30) as r:
+            lines = r.iter_lines()  # kept: dropping the iterator would close the stream
+            next(lines)
+            assert state.engine.stats["running"] == 1
+            busy = post(url, "/v1/completions", {"model": state.model_name, "prompt": "b"}, headers={})
+            assert busy.status_code == 503 and int(busy.headers["Retry-After"]) >= 1
+            assert busy.json()["error"]["code"] == "overloaded"
+            assert 'bastion_rejections_total{reason="overloaded"}' in httpx.get(url + "/metrics").text
+
+
+def test_rate_limits_per_key(serve_checkpoint):
+    keys = {"BASTION_API_KEYS": f"{API_KEY},bst_other-key-0123456789abcdefghijklmnopqrstu"}
+    with running(serve_checkpoint, environ=keys, serve={"rate_limit": {"requests_per_minute": 3,
+                                                                       "tokens_per_minute": 100_000}}) as (url, state):
+        body = {"model": state.model_name, "prompt": "hi", "max_tokens": 1}
+        codes = [post(url, "/v1/completions", body).status_code for _ in range(5)]
+        assert codes[:3] == [200, 200, 200] and codes[3:] == [429, 429]
+        r = post(url, "/v1/completions", body)
+        assert r.status_code == 429 and 1 <= int(r.headers["Retry-After"]) <= 21
+        other = {"Authorization": "Bearer bst_other-key-0123456789abcdefghijklmnopqrstu"}
+        assert post(url, "/v1/completions", body, headers=other).status_code == 200  # its own bucket
+
+
+def test_token_rate_limit_and_oversized_request(serve_checkpoint):
+    with running(serve_checkpoint, environ=ENV, serve={"rate_limit": {"requests_per_minute": 1000,
+                                                                      "tokens_per_minute": 60}}) as (url, state):
+        r = post(url, "/v1/completions", {"model": state.model_name, "prompt": "hi", "max_tokens": 64})
+        assert r.status_code == 400  # can never fit in the bucket: not a 429 to retry forever
+        body = {"model": state.model_name, "prompt": "hi", "max_tokens": 20}
+        codes = [post(url, "/v1/completions", body).status_code for _ in range(4)]
+        assert 200 in codes and codes[-1] == 429
+
+
+def test_refuses_public_bind_without_keys(serve_checkpoint):
+    with pytest.raises(ConfigError, match="no API keys"):
+        build_state(serve_checkpoint, build_config({"serve": {"host": "0.0.0.0"}}), environ={})
+    state = build_state(serve_checkpoint, build_config({"serve": {"host": "0.0.0.0"}}), environ=ENV)
+    assert state.require_keys
+
+
+def test_slow_client_does_not_block_others(server):
+    url, state = server
+    host, port = url.removeprefix("http://").split(":")
+    slow = socket.create_connection((host, int(port)))
+    slow.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n"
+                 b"Authorization: Bearer " + API_KEY.encode() + b"\r\n\r\n{")  # ...and never the rest
+    try:
+        t0 = time.time()
+        r = post(url, "/v1/completions", {"model": state.model_name, "prompt": "hi", "max_tokens": 2})
+        assert r.status_code == 200 and time.time() - t0 < 10
+    finally:
+        slow.close()
+
+
+def test_concurrent_clients(server):
+    url, state = server
+    results = []
+
+    def one(i):
+        r = post(url, "/v1/completions", {"model": state.model_name, "prompt": f"n{i}", "max_tokens": 6,
+                                          "temperature": 0})
+        results.append(r.status_code)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(12)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results == [200] * 12

@@ -1,0 +1,127 @@
+"""The server as users run it: TLS, graceful shutdown of a `bastion serve` process on SIGTERM,
+access logs without prompt text, and a property-based fuzz run that never sees a 5xx."""
+import json
+import os
+import shutil
+import signal
+import ssl
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from serving import API_KEY, free_port, running
+
+AUTH = {"Authorization": f"Bearer {API_KEY}"}
+
+
+@pytest.fixture(scope="module")
+def tls_pair(tmp_path_factory):
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl not installed")
+    d = tmp_path_factory.mktemp("tls")
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1",
+                    "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(d / "key.pem"), "-out", str(d / "cert.pem")],
+                   check=True, capture_output=True)
+    return d / "cert.pem", d / "key.pem"
+
+
+def test_tls(serve_checkpoint, tls_pair):
+    with running(serve_checkpoint, ssl=tls_pair, environ={"BASTION_API_KEYS": API_KEY}) as (url, state):
+        assert url.startswith("https://")
+        r = httpx.get(url + "/v1/models", headers=AUTH, verify=ssl.create_default_context(cafile=str(tls_pair[0])))
+        assert r.status_code == 200 and r.json()["data"][0]["id"] == state.model_name
+        with pytest.raises(httpx.HTTPError):
+            httpx.get(url.replace("https", "http") + "/health", timeout=5)
+
+
+def test_access_log_has_no_prompt_text_unless_asked(serve_checkpoint, tmp_path):
+    for log_prompts in (False, True):
+        log = tmp_path / f"access-{log_prompts}.jsonl"
+        with running(serve_checkpoint, environ={"BASTION_API_KEYS": API_KEY},
+                     serve={"access_log": str(log), "log_prompts": log_prompts}) as (url, state):
+            httpx.post(url + "/v1/completions", headers=AUTH, json={"model": state.model_name,
+                                                                    "prompt": "SECRET-PROMPT-TEXT", "max_tokens": 3})
+            httpx.get(url + "/v1/models")  # 401
+        lines = [json.loads(x) for x in log.read_text().splitlines()]
+        done = [x for x in lines if x["path"] == "/v1/completions"][0]
+        assert done["status"] == 200 and done["prompt_tokens"] > 0 and done["key_id"].startswith("key_")
+        assert API_KEY not in log.read_text()
+        assert ("SECRET-PROMPT-TEXT" in log.read_text()) == log_prompts
+        assert [x["status"] for x in lines if x["path"] == "/v1/models"] == [401]
+        assert oct(log.stat().st_mode & 0o777) == "0o600"
+
+
+def test_sigterm_finishes_in_flight_requests_then_exits(serve_checkpoint, tmp_path):
+    port = free_port()
+    env = {**os.environ, "BASTION_API_KEYS": API_KEY}
+    proc = subprocess.Popen([sys.executable, "-m", "bastion.cli", "serve", "--checkpoint", str(serve_checkpoint),
+                             "--port", str(port), "--set", "generate.max_new_tokens_ceiling=120",
+                             "--set", "serve.shutdown_grace_s=20"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 60
+        while True:
+            try:
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.time() < deadline and proc.poll() is None, proc.stderr.read().decode()[-2000:]
+            time.sleep(0.2)
+        result = {}
+
+        def long_request():
+            r = httpx.post(url + "/v1/completions", headers=AUTH, timeout=60,
+                           json={"model": "tiny", "prompt": "a", "max_tokens": 120, "temperature": 0})
+            result["status"], result["body"] = r.status_code, r.json()
+
+        model = httpx.get(url + "/v1/models", headers=AUTH).json()["data"][0]["id"]
+        assert model == "tiny"
+        t = threading.Thread(target=long_request)
+        t.start()
+        time.sleep(0.3)
+        proc.send_signal(signal.SIGTERM)
+        t.join(60)
+        assert result["status"] == 200, result
+        assert proc.wait(60) == 0
+        with pytest.raises(httpx.HTTPError):
+            httpx.get(url + "/health", timeout=2)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+JSON = st.recursive(st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats(allow_nan=True)
+                    | st.text(max_size=40), lambda inner: st.lists(inner, max_size=4)
+                    | st.dictionaries(st.text(max_size=12), inner, max_size=4), max_leaves=12)
+FIELDS = ["model", "prompt", "messages", "max_tokens", "temperature", "top_p", "n", "stream", "stop", "seed",
+          "stream_options", "max_completion_tokens", "echo", "logprobs", "user"]
+
+
+@pytest.fixture(scope="module")
+def fuzz_server(serve_checkpoint):
+    with running(serve_checkpoint, environ={"BASTION_API_KEYS": API_KEY},
+                 serve={"rate_limit": {"requests_per_minute": None, "tokens_per_minute": None}},
+                 generate={"max_new_tokens": 2}) as (url, state):
+        yield url, state
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(path=st.sampled_from(["/v1/completions", "/v1/chat/completions"]),
+       body=st.one_of(JSON, st.dictionaries(st.sampled_from(FIELDS), JSON, max_size=6)),
+       raw=st.one_of(st.none(), st.binary(max_size=64)))
+def test_fuzz_never_5xx(fuzz_server, path, body, raw):
+    url, state = fuzz_server
+    if isinstance(body, dict) and "model" in body and isinstance(body["model"], str):
+        body["model"] = state.model_name
+    content = raw if raw is not None else json.dumps(body, allow_nan=True).encode()
+    r = httpx.post(url + path, content=content, headers={**AUTH, "Content-Type": "application/json"}, timeout=30)
+    assert r.status_code < 500, (body, r.text)
+    if r.status_code >= 400:
+        assert "error" in r.json()

@@ -306,6 +306,9 @@ class ServeConfig(Section):
     max_concurrency: int = Field(default=16, ge=1, le=4096, description="sequences decoded together (batch size)")
     max_queue: int = Field(default=64, ge=0, le=100_000, description="waiting requests beyond the batch; more get 503")
     max_n: int = Field(default=1, ge=1, le=16, description="completions per request (OpenAI's n)")
+    batch_mode: Literal["padded", "rowwise", "dynamic"] = Field(
+        default="padded", description="padded: batched and batch-invariant; rowwise: bit-equal to `bastion generate`, "
+                                      "no batching speed-up; dynamic: fastest, last-bit batch effects")
     request_timeout_s: float = Field(default=120.0, gt=0.0, le=86_400.0)
     shutdown_grace_s: float = Field(default=30.0, ge=0.0, le=3600.0, description="SIGTERM: time to finish in-flight requests")
     output_filter: bool = Field(default=False, description="redact secrets / PII patterns from completions")

@@ -20,15 +20,21 @@ torch.Generator per request, seeded from the request's seed.
 
 Batch invariance. A request's output must not depend on what else is in the batch. BLAS
 chooses its matmul kernel, so its summation order, by the number of rows (on CPU MKL a
-1-row matmul is a gemv, 2+ rows a gemm, and even 4 vs 16 rows can differ): a row decoded in
-a batch gets logits that differ from decoding it alone in the last float bits, and a near-tie
-can then flip a greedy token or a sample. So by default (`batch_invariant=True`) each decode
-step runs every active request with the single-request computation (`forward` on its own cache
-row: B=1, attention over exactly its own length), and outputs are bit-identical to
-`generate()` whatever the batch. `batch_invariant=False` runs each step as one batched
-`Transformer.decode_step` (one matmul per weight for all rows, per-row RoPE positions and
-masks): more tokens per second, at the price of last-bit differences between batch
-compositions.
+1-row matmul is a gemv, 2+ rows a gemm, and even 4 vs 16 rows can differ), and attention's
+reductions by the key length: a row decoded in a batch of another size gets logits that
+differ in the last float bits, and a near-tie can then flip a greedy token or a sample.
+Three modes:
+
+  * "padded" (default): every decode step is one batched `Transformer.decode_step` over
+    ALL `max_batch_size` cache rows (free slots padded) with the key length fixed at the
+    cache's length. The shapes never change, so a row's result depends only on that row:
+    outputs are bit-identical alone or batched, and 16 rows cost about 2x one row.
+  * "rowwise": each running request alone (B=1, its own length), exactly the computation
+    of `generate()` (bit-identical to it), with no batching speed-up.
+  * "dynamic": one batched step over the running rows only, key length = the longest:
+    fastest, but outputs may differ in the last bits with the batch's composition.
+
+Prefill is always one request at a time (B=1), which is the same in every mode.
 """
 from __future__ import annotations
 
@@ -227,17 +233,19 @@ class Engine:
 
     def __init__(self, model: Transformer, tokenizer: Tokenizer, limits: GenerateConfig, *,
                  max_batch_size: int = 16, max_queue: int = 64, device: torch.device | str | None = None,
-                 batch_invariant: bool = True, threads: int | None = None):
+                 mode: Literal["padded", "rowwise", "dynamic"] = "padded", threads: int | None = None):
         if isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int) or max_batch_size < 1:
             raise ValueError(f"max_batch_size must be an integer >= 1, got {max_batch_size!r}")
         if isinstance(max_queue, bool) or not isinstance(max_queue, int) or max_queue < 0:
             raise ValueError(f"max_queue must be an integer >= 0, got {max_queue!r}")
+        if mode not in ("padded", "rowwise", "dynamic"):
+            raise ValueError(f"mode must be padded, rowwise or dynamic, got {mode!r}")
         if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
             raise ValueError(f"threads must be an integer >= 1 or None, got {threads!r}")
         if device is not None:
             model.to(device)
         self.model, self.tokenizer, self.limits = model, tokenizer, limits
-        self.max_batch_size, self.max_queue, self.batch_invariant = max_batch_size, max_queue, batch_invariant
+        self.max_batch_size, self.max_queue, self.mode = max_batch_size, max_queue, mode
         self.threads = threads
         self.device = model.tok_embeddings.weight.device
         self._context = model.cfg.max_seq_len
@@ -445,9 +453,24 @@ class Engine:
         """One token for every running sequence."""
         seqs = [self._running[slot] for slot in sorted(self._running)]
         try:
-            if self.batch_invariant:
+            if self.mode == "padded":
+                # Fixed shapes (every slot, the whole cache length): free slots decode a dummy
+                # token at position 0 of their own row, which the next prefill overwrites.
+                tokens, positions = [0] * self.max_batch_size, [0] * self.max_batch_size
+                for s in seqs:
+                    tokens[s.slot], positions[s.slot] = s.text.ids[-1], s.position
+                every = self.model.decode_step(tokens, self._cache, list(range(self.max_batch_size)), positions,
+                                               key_length=self._cache.max_len)
+                logits = every[torch.tensor([s.slot for s in seqs], device=self.device)]
+                free = [slot for slot in range(self.max_batch_size) if slot not in self._running]
+                if free:  # keep free rows wiped: the dummy step wrote their position 0
+                    rows = torch.tensor(free, device=self.device)
+                    for k, v in zip(self._cache.k, self._cache.v):
+                        k[rows, :, 0] = 0
+                        v[rows, :, 0] = 0
+            elif self.mode == "rowwise":
                 # Each row alone (B=1, attention over exactly its own cache length): the same
-                # computation as generate()'s decode step, so bit-identical whatever the batch.
+                # computation as generate()'s decode step, so bit-identical to it.
                 logits = torch.cat([
                     self.model(torch.tensor([[s.text.ids[-1]]], device=self.device),
                                cache=self._slot_cache[s.slot], start_pos=s.position)[0][:, -1]

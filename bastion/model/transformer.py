@@ -336,7 +336,8 @@ class Transformer(nn.Module):
             loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
         return logits, loss
 
-    def decode_step(self, tokens: list[int], cache: KVCache, rows: list[int], positions: list[int]) -> torch.Tensor:
+    def decode_step(self, tokens: list[int], cache: KVCache, rows: list[int], positions: list[int],
+                    key_length: int | None = None) -> torch.Tensor:
         """One new token for each of B independent sequences, each at its own position:
         -> next-token logits [B, vocab]. Continuous batching (bastion/infer/engine.py) decodes
         this way while sequences of different lengths join and leave the batch.
@@ -348,7 +349,9 @@ class Transformer(nn.Module):
         The math is forward's (B=1, T=1 with a cache), but the matmuls run on the whole batch,
         and BLAS picks its kernel (so its summation order) by batch size: a row's logits can
         differ from decoding that sequence alone in the last float bits. For bit-identical
-        results regardless of the batch, decode each row alone with forward(cache=cache.rows(r, r + 1)).
+        results regardless of the batch, decode each row alone with forward(cache=cache.rows(r, r + 1)),
+        or keep the shapes fixed: always all rows of the cache and `key_length` = cache.max_len
+        (then a row's result depends on nothing but that row: see Engine's "padded" mode).
         """
         B = len(tokens)
         if not B or len(rows) != B or len(positions) != B:
@@ -362,7 +365,9 @@ class Transformer(nn.Module):
         idx = torch.tensor(tokens, device=device).view(B, 1)
         row_index = torch.tensor(rows, device=device)
         pos = torch.tensor(positions, device=device)
-        length = max(positions) + 1
+        length = max(positions) + 1 if key_length is None else key_length
+        if not max(positions) < length <= cache.max_len:
+            raise ValueError(f"key_length {key_length} must cover every position and fit the cache ({cache.max_len})")
         contiguous = rows[0] if list(rows) == list(range(rows[0], rows[0] + B)) else None
         view = _RowwiseUpdate(cache, row_index, pos, length, contiguous)
 

@@ -8,9 +8,18 @@ import torch
 from bastion.config.schema import GenerateConfig, ModelConfig
 from bastion.errors import EngineClosedError, GenerationLimitError, QueueFullError
 from bastion.infer import GenerationResult, generate, stream
-from bastion.infer.engine import Engine, SamplingParams
+from bastion.infer.engine import Engine as _Engine
+from bastion.infer.engine import SamplingParams
 from bastion.model import Transformer
 from bastion.tokenizer import BastionTokenizer
+
+
+
+def Engine(*args, mode="rowwise", **kw):  # noqa: N802 - stands in for the class
+    """Most tests compare with generate() bit for bit, which the "rowwise" mode guarantees;
+    the default "padded" mode is tested against itself (alone vs batched) below."""
+    return _Engine(*args, mode=mode, **kw)
+
 
 TEXTS = [
     "The quick brown fox jumps over the lazy dog. " * 3,
@@ -186,12 +195,39 @@ def test_greedy_is_batch_invariant_and_equals_generate(tok, init_std):
 
 
 def test_batched_decode_mode_gives_the_same_greedy_tokens(model, tok):
-    # batch_invariant=False batches the matmuls (last-bit differences): with this model's
+    # mode="dynamic" batches the matmuls (last-bit differences): with this model's
     # well-separated logits no token changes.
     with ban_eos(model, tok):
         expected = [generate(model, tok, p, limits=LIMITS, **kw).token_ids for p, kw in GREEDY]
-        got = run_engine(model, tok, GREEDY, max_batch_size=4, staggered=True, batch_invariant=False)
+        got = run_engine(model, tok, GREEDY, max_batch_size=4, staggered=True, mode="dynamic")
     assert [r.token_ids for r in got] == expected
+
+
+@pytest.mark.parametrize("init_std", [0.2, 0.02])
+def test_padded_mode_is_batch_invariant(tok, init_std):
+    """The default mode batches every step over all slots with fixed shapes: a request's
+    tokens are the same alone (the only one running) and batched with others that join and
+    leave at different times, greedy and seeded sampling alike."""
+    model = tiny_model(init_std)
+    requests = GREEDY + [("The quick", dict(temperature=1.0, top_k=None, seed=7, max_new_tokens=25)),
+                         ("Über", dict(temperature=0.8, top_p=0.9, seed=8, max_new_tokens=18))]
+    with ban_eos(model, tok):
+        alone = [run_engine(model, tok, [r], max_batch_size=4, staggered=False, mode="padded")[0] for r in requests]
+        for staggered in (False, True):
+            together = run_engine(model, tok, requests, max_batch_size=4, staggered=staggered, mode="padded")
+            assert together == alone, staggered
+    assert [len(r.token_ids) for r in alone[:5]] == [20, 7, 33, 12, 3]
+
+
+def test_padded_mode_streams_and_stops_like_the_others(model, tok):
+    with ban_eos(model, tok), _Engine(model, tok, LIMITS, max_batch_size=3) as engine:
+        assert engine.mode == "padded"
+        full = submit(engine, tok, "The quick", max_new_tokens=40).result(timeout=10)
+        cut = full.text[6:9]
+        deltas, res = collect(submit(engine, tok, "The quick", max_new_tokens=40, stop=[cut]))
+        assert "".join(deltas) == res.text == full.text[:full.text.find(cut)] and res.finish_reason == "stop"
+    with pytest.raises(ValueError, match="mode"):
+        _Engine(model, tok, LIMITS, mode="fast")
 
 
 def test_seeded_sampling_is_batch_invariant(model, tok):

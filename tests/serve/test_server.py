@@ -237,3 +237,50 @@ def test_concurrent_clients(server):
     for t in threads:
         t.join()
     assert results == [200] * 12
+
+
+def test_request_timeout_is_504_and_frees_the_slot(serve_checkpoint, long_prompt):
+    with running(serve_checkpoint, serve={"request_timeout_s": 0.05, "max_concurrency": 1},
+                 generate={"max_new_tokens_ceiling": 100}) as (url, state):
+        body = {"model": state.model_name, "prompt": long_prompt, "max_tokens": 100, "temperature": 0}
+        r = post(url, "/v1/completions", body, headers={})
+        assert r.status_code == 504 and r.json()["error"]["code"] == "timeout"
+        with httpx.stream("POST", url + "/v1/completions", json={**body, "stream": True}) as s:
+            events = [line for line in s.iter_lines() if line.startswith("data: ")]
+        assert '"code":"timeout"' in events[-1]
+        deadline = time.time() + 10
+        while state.engine.stats["running"] and time.time() < deadline:
+            time.sleep(0.05)
+        assert state.engine.stats["running"] == 0
+
+
+def test_metrics_can_have_a_key_of_its_own(serve_checkpoint):
+    metrics_key = "bst_metrics-key-0123456789abcdefghijklmnopq"
+    env = {**ENV, "BASTION_METRICS_KEY": metrics_key}
+    with running(serve_checkpoint, environ=env, serve={"metrics_key_env": "BASTION_METRICS_KEY"}) as (url, _):
+        assert httpx.get(url + "/metrics", headers=AUTH).status_code == 401  # an API key is not enough
+        assert httpx.get(url + "/metrics", headers={"Authorization": f"Bearer {metrics_key}"}).status_code == 200
+        assert httpx.get(url + "/v1/models", headers={"Authorization": f"Bearer {metrics_key}"}).status_code == 401
+
+
+def test_keys_cli_round_trip(serve_checkpoint, tmp_path):
+    from typer.testing import CliRunner
+
+    from bastion.cli import app
+
+    runner = CliRunner()
+    keys = tmp_path / "keys.json"
+    added = runner.invoke(app, ["serve", "keys", "add", "--key-file", str(keys), "--name", "alice"])
+    assert added.exit_code == 0, added.output
+    key = next(w for w in added.stdout.split() if w.startswith("bst_"))
+    assert key not in keys.read_text() and oct(keys.stat().st_mode & 0o777) == "0o600"
+    listed = runner.invoke(app, ["serve", "keys", "list", "--key-file", str(keys)])
+    assert "alice" in listed.output and key not in listed.output
+    with running(serve_checkpoint, serve={"key_file": str(keys)}) as (url, state):
+        h = {"Authorization": f"Bearer {key}"}
+        assert httpx.get(url + "/v1/models", headers=h).status_code == 200
+        assert runner.invoke(app, ["serve", "keys", "revoke", "--key-file", str(keys), "alice"]).exit_code == 0
+        deadline = time.time() + 15  # the key file is re-read when it changes
+        while httpx.get(url + "/v1/models", headers=h).status_code == 200 and time.time() < deadline:
+            time.sleep(0.5)
+        assert httpx.get(url + "/v1/models", headers=h).status_code == 401

@@ -125,3 +125,28 @@ def test_fuzz_never_5xx(fuzz_server, path, body, raw):
     assert r.status_code < 500, (body, r.text)
     if r.status_code >= 400:
         assert "error" in r.json()
+
+
+def test_output_filter_redacts_what_the_model_says(tmp_path):
+    """A tiny model fine-tuned to always answer with an email address: served plainly the
+    address leaves the server; with serve.output_filter it becomes <EMAIL>, streamed too."""
+    from helpers import finetune_config, make_base_checkpoint
+
+    from bastion.data.finetune_synthetic import write_jsonl
+    from bastion.train.loop import train
+
+    base = make_base_checkpoint(tmp_path / "base", texts=["mail me at bob.smith@example.com today please"] * 50)
+    reply = "Mail me at bob.smith@example.com today."
+    write_jsonl(tmp_path / "chat.jsonl", [{"messages": [{"role": "user", "content": f"question {i}"},
+                                                        {"role": "assistant", "content": reply}]} for i in range(64)])
+    run = train(finetune_config(base, tmp_path / "chat.jsonl", tmp_path / "run", max_steps=150), quiet=True)
+    ask = {"model": "run", "messages": [{"role": "user", "content": "question 7"}], "max_tokens": 40, "temperature": 0}
+    with running(run.checkpoint, environ={}) as (url, state):
+        plain = httpx.post(url + "/v1/chat/completions", json=ask).json()["choices"][0]["message"]["content"]
+    assert plain == reply
+    with running(run.checkpoint, environ={}, serve={"output_filter": True}) as (url, state):
+        filtered = httpx.post(url + "/v1/chat/completions", json=ask).json()["choices"][0]["message"]["content"]
+        with httpx.stream("POST", url + "/v1/chat/completions", json={**ask, "stream": True}) as r:
+            events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+        streamed = "".join(e["choices"][0]["delta"].get("content", "") for e in events if e["choices"])
+    assert filtered == streamed == "Mail me at <EMAIL> today."

@@ -51,7 +51,7 @@ import torch
 
 from bastion.config.schema import GenerateConfig
 from bastion.errors import EngineClosedError, GenerationLimitError, QueueFullError
-from bastion.infer.generate import GenerationResult, Tokenizer, _check_sampling, _emittable, check_request
+from bastion.infer.generate import GenerationResult, IncrementalText, Tokenizer, _check_sampling, check_request
 from bastion.infer.sampling import sample_next
 from bastion.model.transformer import Transformer
 
@@ -70,52 +70,6 @@ class SamplingParams:
     stop_ids: tuple[int, ...] = ()
 
 
-class _IncrementalText:
-    """`generate.stream`'s detokenisation, fed one token at a time.
-
-    stream() keeps this state in a generator's locals; the engine advances many requests in
-    one loop, so here it lives in an object. The rules are the same: decode only the newest
-    tokens with the previous chunk as left context, keep a window that ends mid-character
-    (U+FFFD) pending, search stop strings only where a new match can end, and emit text only
-    up to the longest suffix that could still start a stop string.
-    """
-
-    def __init__(self, tokenizer: Tokenizer, stop: list[str]):
-        self.tokenizer, self.stop = tokenizer, stop
-        self.ids: list[int] = []
-        self.text, self.pending = "", ""  # text: final; pending: an incomplete character
-        self.prefix = self.read = 0  # ids[prefix:read] are already in text, re-decoded as context
-        self.emitted = 0  # len(text) already handed out
-
-    def push(self, token_id: int) -> tuple[str, bool]:
-        """Add a token: (text that became final, whether a stop string completed)."""
-        ids = self.ids
-        ids.append(token_id)
-        known = self.tokenizer.decode(ids[self.prefix:self.read])
-        window = self.tokenizer.decode(ids[self.prefix:])
-        self.pending = window[len(known):]
-        searched = len(self.text)
-        if window.startswith(known) and not window.endswith("\ufffd"):
-            self.text, self.pending = self.text + self.pending, ""
-            self.prefix, self.read = self.read, len(ids)
-        full = self.text + self.pending
-        hits = [i for i in (full.find(s, max(0, searched - len(s) + 1)) for s in self.stop) if i >= 0]
-        if hits:
-            self.text, self.pending = full[:min(hits)], ""
-            return "", True
-        end = _emittable(self.text, self.stop)
-        if end <= self.emitted:
-            return "", False
-        delta, self.emitted = self.text[self.emitted:end], end
-        return delta, False
-
-    def close(self) -> str:
-        """Generation ended: the rest of the text (an incomplete character stays as U+FFFD)."""
-        self.text, self.pending = self.text + self.pending, ""
-        rest, self.emitted = self.text[self.emitted:], len(self.text)
-        return rest
-
-
 class _Sequence:
     """One request inside the engine. Its decode state is touched only by the engine thread;
     `slot`, `cancelled` and `done` change under the engine's lock."""
@@ -123,7 +77,7 @@ class _Sequence:
     def __init__(self, handle: RequestHandle, prompt_ids: list[int], params: SamplingParams,
                  end_ids: frozenset[int], tokenizer: Tokenizer):
         self.handle, self.prompt_ids, self.params, self.end_ids = handle, prompt_ids, params, end_ids
-        self.text = _IncrementalText(tokenizer, list(params.stop))
+        self.text = IncrementalText(tokenizer, list(params.stop))
         self.generator: torch.Generator | None = None
         self.slot = -1  # cache row while running
         self.cancelled = False

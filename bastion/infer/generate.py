@@ -97,6 +97,52 @@ def _emittable(text: str, stop: list[str]) -> int:
     return len(text)
 
 
+class IncrementalText:
+    """Incremental detokenisation, fed one token at a time (stream() and the engine share it).
+
+    Decoding the whole completion every step would be quadratic: as in vLLM, decode just the
+    newest tokens with the previous chunk as left context. Byte-level BPE splits characters
+    across tokens: a window ending in U+FFFD stops mid-character, so it stays pending until
+    the other bytes arrive. Stop strings are searched only where a new match can end, and
+    text is emitted only up to the longest suffix that could still start a stop string.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, stop: list[str]):
+        self.tokenizer, self.stop = tokenizer, stop
+        self.ids: list[int] = []
+        self.text, self.pending = "", ""  # text: final; pending: an incomplete character
+        self.prefix = self.read = 0  # ids[prefix:read] are already in text, re-decoded as context
+        self.emitted = 0  # len(text) already handed out
+
+    def push(self, token_id: int) -> tuple[str, bool]:
+        """Add a token: (text that became final, whether a stop string completed)."""
+        ids = self.ids
+        ids.append(token_id)
+        known = self.tokenizer.decode(ids[self.prefix:self.read])
+        window = self.tokenizer.decode(ids[self.prefix:])
+        self.pending = window[len(known):]
+        searched = len(self.text)
+        if window.startswith(known) and not window.endswith("\ufffd"):
+            self.text, self.pending = self.text + self.pending, ""
+            self.prefix, self.read = self.read, len(ids)
+        full = self.text + self.pending
+        hits = [i for i in (full.find(s, max(0, searched - len(s) + 1)) for s in self.stop) if i >= 0]
+        if hits:
+            self.text, self.pending = full[:min(hits)], ""
+            return "", True
+        end = _emittable(self.text, self.stop)
+        if end <= self.emitted:
+            return "", False
+        delta, self.emitted = self.text[self.emitted:end], end
+        return delta, False
+
+    def close(self) -> str:
+        """Generation ended: the rest of the text (an incomplete character stays as U+FFFD)."""
+        self.text, self.pending = self.text + self.pending, ""
+        rest, self.emitted = self.text[self.emitted:], len(self.text)
+        return rest
+
+
 def stream(model: Transformer, tokenizer: Tokenizer, prompt: str | list[int], *, limits: GenerateConfig,
            max_new_tokens: int | None = None, temperature: float | None = None, top_k: int | None = None,
            top_p: float | None = None, seed: int | None = None,
@@ -148,49 +194,28 @@ def _decode(model: Transformer, tokenizer: Tokenizer, prompt_ids: list[int], n_n
             cache = model.new_cache(1, max_len=len(prompt_ids) + n_new)
             logits, _ = model(torch.tensor([prompt_ids], device=device), cache=cache, start_pos=0)  # prefill
             next_id = int(sample_next(logits[:, -1], temperature, top_k, top_p, generator))
-        ids: list[int] = []
-        text, pending = "", ""  # text: final completion text; pending: an incomplete character
-        prefix = read = 0  # ids[prefix:read] are already in text, re-decoded as left context
-        emitted = 0  # len(text) already yielded
+        out = IncrementalText(tokenizer, stop)
         finish: Literal["stop", "length", "eos"] = "length"
         while True:
             if next_id in end_ids:
                 finish = "eos"
                 break
-            ids.append(next_id)
-            # Incremental detokenisation (as in vLLM): decode just the newest tokens, with the
-            # previous chunk as left context, instead of the whole completion each step
-            # (quadratic). Byte-level BPE splits characters across tokens: a window ending in
-            # U+FFFD stops mid-character, so it stays pending until the other bytes arrive.
-            known = tokenizer.decode(ids[prefix:read])
-            window = tokenizer.decode(ids[prefix:])
-            pending = window[len(known):]
-            searched = len(text)
-            if window.startswith(known) and not window.endswith("\ufffd"):
-                text, pending = text + pending, ""
-                prefix, read = read, len(ids)
-            # Earlier text was searched on earlier steps: a new match must end in the new text.
-            full = text + pending
-            hits = [i for i in (full.find(s, max(0, searched - len(s) + 1)) for s in stop) if i >= 0]
-            if hits:
-                text, finish = full[:min(hits)], "stop"
+            delta, stopped = out.push(next_id)
+            if stopped:
+                finish = "stop"
                 break
-            end = _emittable(text, stop)
-            if end > emitted:
-                yield text[emitted:end]
-                emitted = end
-            if len(ids) == n_new:
-                text += pending  # out of tokens: an incomplete character stays as U+FFFD
-                break
+            if delta:
+                yield delta
+            if len(out.ids) == n_new:
+                break  # out of tokens: an incomplete character stays as U+FFFD
             with torch.inference_mode():
-                pos = len(prompt_ids) + len(ids) - 1
+                pos = len(prompt_ids) + len(out.ids) - 1
                 logits, _ = model(torch.tensor([[next_id]], device=device), cache=cache, start_pos=pos)
                 next_id = int(sample_next(logits[:, -1], temperature, top_k, top_p, generator))
-        if finish == "eos":
-            text += pending
-        if len(text) > emitted:  # held back for a stop string that never completed
-            yield text[emitted:]
-        yield GenerationResult(text=text, token_ids=ids, prompt_tokens=len(prompt_ids), finish_reason=finish)
+        rest = out.close()
+        if rest:  # held back for a stop string that never completed, or a pending character
+            yield rest
+        yield GenerationResult(text=out.text, token_ids=out.ids, prompt_tokens=len(prompt_ids), finish_reason=finish)
     finally:
         model.train(was_training)
 

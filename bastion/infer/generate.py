@@ -36,7 +36,7 @@ class GenerationResult:
     text: str  # the completion only, cut before the stop string if one matched
     token_ids: list[int]  # completion ids (without eos; with a stop, up to the token that completed it)
     prompt_tokens: int
-    finish_reason: Literal["stop", "length", "eos"]
+    finish_reason: Literal["stop", "length", "eos", "cancelled"]  # cancelled: engine requests only
 
 
 def check_request(prompt_tokens: int, max_new_tokens: int | None, stop: list[str] | None,

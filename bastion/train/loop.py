@@ -31,6 +31,7 @@ from bastion.train.optim import build_optimizer, optimizer_from_tensors, optimiz
 from bastion.train.progress import TrainProgress
 from bastion.train.schedule import lr_at
 from bastion.train.signals import StopRequest
+from bastion.train.distributed import DistEnv, any_rank, barrier, init_distributed, mean_across_ranks, shutdown
 from bastion.train.tasks import CLMTask, PreferenceTask, SFTTask
 
 if TYPE_CHECKING:
@@ -132,7 +133,30 @@ def train(
     tc = cfg.train
     if tc.threads:
         torch.set_num_threads(tc.threads)
-    device = resolve_device(tc.device)
+    env, dist_device = init_distributed(tc.device)  # under torchrun: one data-parallel replica per process
+    try:
+        return _train(cfg, env, dist_device or resolve_device(tc.device), resume=resume,
+                      quiet=quiet or not env.main, should_stop=should_stop)
+    finally:
+        shutdown(env)
+
+
+class _NoMetrics:
+    """What ranks other than 0 log to: nothing (rank 0 writes metrics.jsonl and TensorBoard)."""
+
+    def log(self, kind: str, step: int, **values: float) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _train(cfg: BastionConfig, env: DistEnv, device: torch.device, *, resume: bool, quiet: bool,
+           should_stop: Callable[[int], bool] | None) -> TrainResult:
+    tc = cfg.train
+    if env.enabled and (tc.objective != "clm" or tc.dp.enabled):
+        raise ConfigError("distributed (torchrun) training supports train.objective clm without train.dp for now; "
+                          "run fine-tuning and DP-SGD in a single process")
     bf16 = use_bf16(tc.dtype, device)
     run_dir = Path(tc.out_dir)
     ckpt_root = run_dir / "checkpoints"
@@ -147,10 +171,11 @@ def train(
     if tc.objective == "clm":
         data_dir = Path(tc.data_dir)
         train_shards = TokenShards(data_dir, "train", verify=True)
-        task: CLMTask | SFTTask | PreferenceTask = CLMTask(cfg, train_shards, TokenShards(data_dir, "val", verify=True))
+        task: CLMTask | SFTTask | PreferenceTask = CLMTask(cfg, train_shards, TokenShards(data_dir, "val", verify=True),
+                                                           rank=env.rank, world=env.world)
         tokenizer_json = read_tokenizer_json(data_dir)
         model_cfg = model_config_for_data(cfg.model, train_shards.vocab_size)
-        micro_batches_per_epoch = task.n_examples / tc.batch_size
+        micro_batches_per_epoch = task.n_examples / (tc.batch_size * env.world)
     else:
         start = load_start_point(cfg)
         task = SFTTask(cfg, start.chat) if tc.objective == "sft" else PreferenceTask(cfg, start.chat)
@@ -186,9 +211,14 @@ def train(
     step, tokens_seen, val_loss, best_val = 0, 0, None, None
     if resume:
         step, tokens_seen, val_loss, best_val = _restore(ckpt_root, cfg, model, optimizer, task, dp, start)
-    make_private_dir(run_dir)
-    replace_file(run_dir / "config.yaml", to_yaml(cfg).encode())
+    if env.main:
+        make_private_dir(run_dir)
+        replace_file(run_dir / "config.yaml", to_yaml(cfg).encode())
+    barrier(env)
     notes = dp.start(run_dir, step) if dp is not None else []
+    if env.enabled:
+        notes.append(f"data-parallel (DDP) on {env.world} ranks, {device.type}: global batch "
+                     f"{tc.batch_size * env.world * tc.grad_accum} blocks of {tc.seq_len} tokens")
     if isinstance(task, (SFTTask, PreferenceTask)):
         notes += task.describe()
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -203,11 +233,24 @@ def train(
         if lora:
             run_state[BASE_SHA_KEY] = start.manifest_sha256
 
-    pusher = _start_pusher(cfg) if cfg.checkpoint.push_to else None
-    forward = torch.compile(model) if tc.compile else model
-    metrics = MetricsLogger(run_dir, resume_step=step if resume else None)
+    pusher = _start_pusher(cfg) if cfg.checkpoint.push_to and env.main else None
+    forward = model
+    if env.enabled:
+        from torch.nn.parallel import DistributedDataParallel
+
+        # Replicas start identical (DDP broadcasts rank 0's weights) and stay so: gradients
+        # are averaged across ranks in backward.
+        forward = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    forward = torch.compile(forward) if tc.compile else forward
+    metrics = MetricsLogger(run_dir, resume_step=step if resume else None) if env.main else _NoMetrics()
 
     def save(at_step: int) -> Path:
+        # Replicas are identical: rank 0 writes, the others wait until the commit is done.
+        path = _save(at_step) if env.main else ckpt_root / f"step_{at_step:08d}"
+        barrier(env)
+        return path
+
+    def _save(at_step: int) -> Path:
         opt_tensors, opt_meta = optimizer_to_tensors(optimizer)
         rng = {"torch_cpu": torch.get_rng_state()}
         if device.type == "cuda":
@@ -237,7 +280,8 @@ def train(
     def evaluate() -> dict[str, float]:
         model.eval()
         try:
-            return task.evaluate(forward, autocast, device, tc.eval_batches)
+            # The bare model on every rank (same batches, same result): no collectives needed.
+            return task.evaluate(forward if not env.enabled else model, autocast, device, tc.eval_batches)
         finally:
             model.train()
 
@@ -272,10 +316,13 @@ def train(
                 else:
                     step_loss = torch.zeros((), device=device)
                     step_tokens = 0
-                    for _ in range(tc.grad_accum):
-                        with autocast():
-                            loss, n_tokens, micro_stats = task.micro_batch_loss(forward, device)
-                        (loss / tc.grad_accum).backward()
+                    for micro in range(tc.grad_accum):
+                        # DDP all-reduces gradients in backward; only the last micro-batch needs it.
+                        sync = not env.enabled or micro == tc.grad_accum - 1
+                        with contextlib.nullcontext() if sync else forward.no_sync():
+                            with autocast():
+                                loss, n_tokens, micro_stats = task.micro_batch_loss(forward, device)
+                            (loss / tc.grad_accum).backward()
                         step_loss += loss.detach() / tc.grad_accum
                         step_tokens += n_tokens
                         for name, value in micro_stats.items():
@@ -285,9 +332,10 @@ def train(
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
+                step_tokens *= env.world  # every rank processed as many
                 tokens_seen += step_tokens
                 window_tokens += step_tokens
-                last_loss = step_loss.item()
+                last_loss = mean_across_ranks(step_loss, env).item()
                 losses.append(last_loss)
                 if not math.isfinite(last_loss) and step_tokens:
                     raise FloatingPointError(f"training loss became {last_loss} at step {step}; lower train.lr or check the data")
@@ -314,6 +362,8 @@ def train(
                     progress.note(f"step {step}: val loss {val_loss:.4f}{spent}")
                 if stop.requested is None and should_stop is not None and should_stop(step):
                     stop.requested = "callback"
+                if env.enabled and any_rank(stop.requested is not None, env, device) and stop.requested is None:
+                    stop.requested = "another rank"
                 if step % cfg.checkpoint.every_steps == 0 or step == total_steps or stop.requested:
                     last_ckpt = save(step)
                 if stop.requested:

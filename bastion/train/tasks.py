@@ -43,16 +43,22 @@ Stats = dict[str, torch.Tensor]
 class CLMTask:
     """Pretraining: random blocks of `seq_len` tokens from the prepared shards."""
 
-    def __init__(self, cfg: BastionConfig, train_shards: TokenShards, val_shards: TokenShards):
+    def __init__(self, cfg: BastionConfig, train_shards: TokenShards, val_shards: TokenShards, *,
+                 rank: int = 0, world: int = 1):
         tc = cfg.train
         self.batch_size, self.seq_len = tc.batch_size, tc.seq_len
+        self.rank, self.world = rank, world
         self.sampler = BlockSampler(train_shards, tc.seq_len, tc.seed)
         self.val_shards = val_shards
         self.has_val = val_shards.num_tokens > tc.seq_len
         self.n_examples = self.sampler.n_blocks
 
     def micro_batch_loss(self, forward: Forward, device: torch.device) -> tuple[torch.Tensor, int, Stats]:
-        x, y = self.sampler.batch(self.batch_size, device)
+        # Every rank walks the same order and takes its slice of the global batch: disjoint
+        # data, and the same batches as one process with batch_size * world.
+        blocks = self.sampler.next_blocks(self.batch_size * self.world)
+        mine = blocks[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
+        x, y = self.sampler.read_blocks(mine, device)
         _, loss = forward(x, y)
         return loss, x.numel(), {}
 

@@ -1,0 +1,81 @@
+"""Data-parallel training under torchrun: 2 CPU processes (gloo) on loopback give the loss
+curve of one process with the same global batch, and a checkpoint written by 2 ranks
+resumes on 1 (and on 2) with the same curve."""
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+import yaml
+from helpers import tiny_config
+
+from bastion.checkpoint import load_checkpoint
+from bastion.train import train
+
+
+def config(data_dir, out_dir, batch_size, **train_settings):
+    cfg = tiny_config(data_dir, out_dir, batch_size=batch_size, max_steps=12, eval_every=1000, log_every=1,
+                      **train_settings)
+    cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"dropout": 0.0}),  # same math on every side
+                                 "checkpoint": cfg.checkpoint.model_copy(update={"every_steps": 6, "keep_last": 3})})
+    return cfg
+
+
+def torchrun(cfg, tmp_path, nproc, *extra):
+    path = tmp_path / f"cfg-{nproc}-{len(list(tmp_path.iterdir()))}.yaml"
+    path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+           "-m", "bastion.cli", "train", "-c", str(path), "--quiet", *extra]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def losses(run_dir):
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows if r["kind"] == "train"}
+
+
+@pytest.fixture(scope="module")
+def single(arithmetic_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("single") / "run"
+    train(config(arithmetic_data, out, batch_size=8), quiet=True)
+    return out
+
+
+def test_ddp_matches_single_process_and_resumes_on_fewer_ranks(arithmetic_data, single, tmp_path):
+    out = tmp_path / "ddp"
+    torchrun(config(arithmetic_data, out, batch_size=4), tmp_path, 2)
+    one, two = losses(single), losses(out)
+    assert sorted(two) == list(range(1, 13))
+    assert [two[s] for s in range(1, 13)] == pytest.approx([one[s] for s in range(1, 13)], abs=1e-5)
+    assert (out / "checkpoints" / "step_00000012").is_dir()  # rank 0 wrote it, once
+    state = load_checkpoint(out / "checkpoints", load_optimizer=False).trainer_state
+    assert state["tokens_seen"] == 12 * 8 * 64
+
+    # Saved by 2 ranks at step 6, resumed by 1 process with the same global batch (8).
+    for nproc, batch in ((1, 8), (2, 4)):
+        resumed = tmp_path / f"resume-{nproc}"
+        shutil.copytree(out, resumed)
+        shutil.rmtree(resumed / "checkpoints" / "step_00000012")
+        (resumed / "checkpoints" / "latest").write_text("step_00000006")
+        cfg = config(arithmetic_data, resumed, batch_size=batch)
+        if nproc == 1:
+            train(cfg, resume=True, quiet=True)
+        else:
+            torchrun(cfg, tmp_path, 2, "--resume")
+        again = losses(resumed)
+        assert [again[s] for s in range(7, 13)] == pytest.approx([one[s] for s in range(7, 13)], abs=2e-4), nproc
+
+
+def test_distributed_refuses_what_it_does_not_support_yet(arithmetic_data, tmp_path):
+    cfg = config(arithmetic_data, tmp_path / "dp", batch_size=4)
+    cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"dp": cfg.train.dp.model_copy(
+        update={"enabled": True})})})
+    path = tmp_path / "dp.yaml"
+    path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                           "-m", "bastion.cli", "train", "-c", str(path), "--quiet"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and "single process" in proc.stderr

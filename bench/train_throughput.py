@@ -29,8 +29,7 @@ from bastion.train import train
 from bastion.train.batches import BlockSampler
 from bastion.train.metrics import read_metrics
 
-# Dense bf16 peak FLOP/s used for MFU, by substring of the CUDA device name.
-PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L4": 121e12, "A10G": 70e12, "4090": 165e12}
+from bastion.train.metrics import PEAK_BF16_FLOPS as PEAK_BF16  # noqa: E402 - MFU's denominators
 
 
 def prepare(workdir: Path, vocab_size: int) -> Path:

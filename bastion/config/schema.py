@@ -192,6 +192,8 @@ class TrainConfig(Section):
     seed: int = Field(default=1337, ge=0, le=2**31 - 1)
     threads: int | None = Field(default=None, ge=1, le=1024)
     dp: DPConfig = Field(default_factory=DPConfig)
+    parallel: Literal["ddp", "fsdp"] = Field(
+        default="ddp", description="under torchrun: ddp replicates the model, fsdp (FSDP2) shards it")
 
     @field_validator("lr")
     @classmethod

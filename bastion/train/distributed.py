@@ -10,6 +10,12 @@ batch (rank r: blocks [r*B, (r+1)*B) of the next N*B), so the ranks read disjoin
 ranks with batch B see exactly the batches one process with batch N*B would: the same loss
 curve, which is what makes a checkpoint written with N ranks resumable with M.
 
+`train.parallel: fsdp` shards parameters, gradients and optimizer state instead (FSDP2
+`fully_shard` on every transformer block and the root). Its checkpoints are the same
+format: every rank joins in gathering the full state (torch.distributed.checkpoint's
+state-dict API, full_state_dict on CPU: no DCP `.metadata` pickle is ever written), rank 0
+writes it, and a resume on any number of ranks - FSDP, DDP or one process - loads it.
+
 Checkpoints: replicas hold identical weights and optimizer state, so rank 0 writes the
 normal (atomic, manifest-verified, pickle-free) checkpoint and every rank waits at a barrier
 until it is committed. Logging, progress and the metrics file are rank 0's.
@@ -22,7 +28,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from bastion.errors import ConfigError
+from bastion.errors import CheckpointError, ConfigError
+from bastion.train.optim import tensors_to_state_dict
 
 
 @dataclass(frozen=True)
@@ -95,9 +102,86 @@ def any_rank(flag: bool, env: DistEnv, device: torch.device) -> bool:
     return bool(t.item())
 
 
+def shard_model(model: torch.nn.Module) -> None:
+    """FSDP2: each transformer block is one unit (its parameters all-gathered just before it
+    runs, freed after), the root holds the rest (embeddings, final norm, head)."""
+    from torch.distributed.fsdp import fully_shard
+
+    for block in model.layers:
+        fully_shard(block)
+    fully_shard(model)
+
+
+def _param_names(optimizer: torch.optim.Optimizer) -> list[str]:
+    # Our param groups carry the parameter names in order (Transformer.param_groups).
+    return [name for group in optimizer.param_groups for name in group["names"]]
+
+
+def full_training_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                        sharded: bool) -> tuple[dict[str, torch.Tensor], dict]:
+    """(model state dict, index-keyed optimizer state dict) of the whole model. Under FSDP a
+    collective: every rank must call it; only rank 0 gets the tensors (gathered to CPU)."""
+    if not sharded:
+        return model.state_dict(), optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    model_sd = get_model_state_dict(model, options=options)
+    by_name = get_optimizer_state_dict(model, optimizer, options=options)
+    names = _param_names(optimizer)
+    state = {i: by_name["state"][name] for i, name in enumerate(names) if name in by_name.get("state", {})}
+    groups, offset = [], 0
+    for group in optimizer.param_groups:
+        n = len(group["params"])
+        groups.append({**{k: v for k, v in group.items() if k != "params"}, "params": list(range(offset, offset + n))})
+        offset += n
+    return model_sd, {"state": state, "param_groups": groups}
+
+
+def _my_shard(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """This rank's piece of `full`, laid out like the FSDP2 parameter `like` (dim 0 split as
+    torch.chunk splits it). Every rank holds the whole checkpoint, so no communication."""
+    local = like.to_local()
+    mesh = like.device_mesh
+    rank, world = mesh.get_local_rank(), mesh.size()
+    chunks = torch.chunk(full, world, dim=0)
+    piece = chunks[rank] if rank < len(chunks) else full.new_empty((0, *full.shape[1:]))
+    if tuple(piece.shape) != tuple(local.shape):
+        raise CheckpointError(f"tensor of shape {tuple(full.shape)} does not shard like the model's {tuple(like.shape)}")
+    return piece
+
+
+def load_sharded_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, model_sd: dict[str, torch.Tensor],
+                       opt_tensors: dict[str, torch.Tensor], opt_meta: dict[str, str]) -> None:
+    """Load a full (unsharded) checkpoint, already checked against the model, into an FSDP
+    model and its optimizer: each rank copies in its own shard of every tensor."""
+    from torch.distributed.tensor import DTensor
+
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, param in params.items():
+            param.to_local().copy_(_my_shard(model_sd[name], param))
+    index_sd = tensors_to_state_dict(optimizer, opt_tensors, opt_meta)
+    names = _param_names(optimizer)
+    for i, slots in index_sd["state"].items():
+        if i >= len(names):
+            raise CheckpointError("optimizer state does not fit this model (more parameters than the model has)")
+        param = params[names[i]]
+        for key, value in slots.items():
+            if isinstance(param, DTensor) and value.shape == param.shape and value.dim() > 0:
+                slots[key] = DTensor.from_local(_my_shard(value, param).to(param.to_local().device).clone(),
+                                                param.device_mesh, param.placements, shape=param.shape,
+                                                stride=param.stride(), run_check=False)
+    try:
+        optimizer.load_state_dict(index_sd)
+    except (ValueError, KeyError, RuntimeError) as exc:
+        raise CheckpointError(f"optimizer state does not fit this model: {exc}") from None
+
+
 def shutdown(env: DistEnv) -> None:
     if env.enabled and dist.is_initialized():
         dist.destroy_process_group()
 
 
-__all__ = ["DistEnv", "any_rank", "barrier", "init_distributed", "mean_across_ranks", "shutdown"]
+__all__ = ["DistEnv", "any_rank", "barrier", "full_training_state", "init_distributed", "load_sharded_state",
+           "mean_across_ranks", "shard_model", "shutdown"]

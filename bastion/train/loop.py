@@ -26,12 +26,22 @@ from bastion.model import Transformer
 from bastion.model.lora import BASE_SHA_KEY, apply_lora, is_lora_name, load_lora_state_dict, lora_state_dict, manifest_sha256, save_adapter
 from bastion.safeio import make_private_dir, replace_file
 from bastion.tokenizer.chat import ChatFormat
-from bastion.train.metrics import MetricsLogger
-from bastion.train.optim import build_optimizer, optimizer_from_tensors, optimizer_to_tensors
+from bastion.train.metrics import MetricsLogger, peak_flops
+from bastion.train.optim import build_optimizer, optimizer_from_tensors, state_dict_to_tensors
 from bastion.train.progress import TrainProgress
 from bastion.train.schedule import lr_at
 from bastion.train.signals import StopRequest
-from bastion.train.distributed import DistEnv, any_rank, barrier, init_distributed, mean_across_ranks, shutdown
+from bastion.train.distributed import (
+    DistEnv,
+    any_rank,
+    barrier,
+    full_training_state,
+    init_distributed,
+    load_sharded_state,
+    mean_across_ranks,
+    shard_model,
+    shutdown,
+)
 from bastion.train.tasks import CLMTask, PreferenceTask, SFTTask
 
 if TYPE_CHECKING:
@@ -198,7 +208,10 @@ def _train(cfg: BastionConfig, env: DistEnv, device: torch.device, *, resume: bo
             model.train()
         if lora:
             apply_lora(model, cfg.finetune.lora)
-    optimizer = build_optimizer(model, tc, device)
+    sharded = env.enabled and tc.parallel == "fsdp"
+    if sharded:
+        shard_model(model)  # before the optimizer: it must hold the sharded parameters
+    optimizer = build_optimizer(model, tc, device, fused=False if sharded else None)
     total_steps = tc.max_steps or max(1, math.ceil(tc.epochs * micro_batches_per_epoch / tc.grad_accum))
     # DP-SGD (bastion/train/dp.py): when enabled it happens, or the run fails before step one.
     dp = None
@@ -210,14 +223,14 @@ def _train(cfg: BastionConfig, env: DistEnv, device: torch.device, *, resume: bo
 
     step, tokens_seen, val_loss, best_val = 0, 0, None, None
     if resume:
-        step, tokens_seen, val_loss, best_val = _restore(ckpt_root, cfg, model, optimizer, task, dp, start)
+        step, tokens_seen, val_loss, best_val = _restore(ckpt_root, cfg, model, optimizer, task, dp, start, sharded)
     if env.main:
         make_private_dir(run_dir)
         replace_file(run_dir / "config.yaml", to_yaml(cfg).encode())
     barrier(env)
     notes = dp.start(run_dir, step) if dp is not None else []
     if env.enabled:
-        notes.append(f"data-parallel (DDP) on {env.world} ranks, {device.type}: global batch "
+        notes.append(f"data-parallel ({'FSDP2' if sharded else 'DDP'}) on {env.world} ranks, {device.type}: global batch "
                      f"{tc.batch_size * env.world * tc.grad_accum} blocks of {tc.seq_len} tokens")
     if isinstance(task, (SFTTask, PreferenceTask)):
         notes += task.describe()
@@ -235,7 +248,7 @@ def _train(cfg: BastionConfig, env: DistEnv, device: torch.device, *, resume: bo
 
     pusher = _start_pusher(cfg) if cfg.checkpoint.push_to and env.main else None
     forward = model
-    if env.enabled:
+    if env.enabled and not sharded:
         from torch.nn.parallel import DistributedDataParallel
 
         # Replicas start identical (DDP broadcasts rank 0's weights) and stay so: gradients
@@ -245,13 +258,14 @@ def _train(cfg: BastionConfig, env: DistEnv, device: torch.device, *, resume: bo
     metrics = MetricsLogger(run_dir, resume_step=step if resume else None) if env.main else _NoMetrics()
 
     def save(at_step: int) -> Path:
-        # Replicas are identical: rank 0 writes, the others wait until the commit is done.
-        path = _save(at_step) if env.main else ckpt_root / f"step_{at_step:08d}"
+        # Every rank takes part in gathering the state (FSDP); rank 0 writes; all wait for the commit.
+        model_sd, opt_sd = full_training_state(model, optimizer, sharded)
+        path = _save(at_step, model_sd, opt_sd) if env.main else ckpt_root / f"step_{at_step:08d}"
         barrier(env)
         return path
 
-    def _save(at_step: int) -> Path:
-        opt_tensors, opt_meta = optimizer_to_tensors(optimizer)
+    def _save(at_step: int, model_sd: dict, opt_sd: dict) -> Path:
+        opt_tensors, opt_meta = state_dict_to_tensors(opt_sd, type(optimizer).__name__)
         rng = {"torch_cpu": torch.get_rng_state()}
         if device.type == "cuda":
             rng["torch_cuda"] = torch.cuda.get_rng_state(device)
@@ -266,7 +280,7 @@ def _train(cfg: BastionConfig, env: DistEnv, device: torch.device, *, resume: bo
         path = save_checkpoint(
             ckpt_root, at_step,
             # A LoRA run stores only its adapters: the base is init_from, pinned by its hash.
-            Checkpoint(model=lora_state_dict(model) if lora else model.state_dict(), trainer_state=state, config_yaml=to_yaml(cfg),
+            Checkpoint(model=lora_state_dict(model) if lora else model_sd, trainer_state=state, config_yaml=to_yaml(cfg),
                        tokenizer_json=tokenizer_json, optimizer=opt_tensors if cc.save_optimizer else None,
                        optimizer_meta=opt_meta, rng=rng),
             retention=Retention(cc.keep_last, cc.keep_best, cc.keep_every), max_shard_bytes=cc.max_shard_bytes,
@@ -285,6 +299,8 @@ def _train(cfg: BastionConfig, env: DistEnv, device: torch.device, *, resume: bo
         finally:
             model.train()
 
+    flops_per_token = model.flops_per_token(tc.seq_len)  # forward + backward, per trained token
+    peak = peak_flops(device)
     losses: list[float] = []
     val_metrics: dict[str, float] = {}
     last_loss = None
@@ -318,7 +334,7 @@ def _train(cfg: BastionConfig, env: DistEnv, device: torch.device, *, resume: bo
                     step_tokens = 0
                     for micro in range(tc.grad_accum):
                         # DDP all-reduces gradients in backward; only the last micro-batch needs it.
-                        sync = not env.enabled or micro == tc.grad_accum - 1
+                        sync = not env.enabled or sharded or micro == tc.grad_accum - 1
                         with contextlib.nullcontext() if sync else forward.no_sync():
                             with autocast():
                                 loss, n_tokens, micro_stats = task.micro_batch_loss(forward, device)
@@ -344,10 +360,15 @@ def _train(cfg: BastionConfig, env: DistEnv, device: torch.device, *, resume: bo
                     elapsed = time.perf_counter() - window_start
                     tps = window_tokens / elapsed if elapsed > 0 else 0.0
                     extra = {"epsilon": dp.epsilon()} if dp is not None else {k: float(v) for k, v in stats.items()}
+                    # Model FLOPs utilisation: achieved model FLOP/s over the devices' peak (known GPUs).
+                    mfu = flops_per_token * tps / (peak * env.world) if peak else None
+                    extra["model_tflops"] = flops_per_token * tps / 1e12
+                    if mfu is not None:
+                        extra["mfu"] = mfu
                     metrics.log("train", step, loss=last_loss, lr=lr, tokens=tokens_seen, tokens_per_s=tps,
                                 epoch=step * dp.sample_rate if dp is not None else task.epochs_done, **extra)
                     window_start, window_tokens = time.perf_counter(), 0
-                    progress.update(step, loss=last_loss, lr=lr, tokens_per_s=tps)
+                    progress.update(step, loss=last_loss, lr=lr, tokens_per_s=tps, mfu=mfu)
                 else:
                     progress.update(step)
                 if task.has_val and (step % tc.eval_every == 0 or step == total_steps):
@@ -391,7 +412,7 @@ def _start_pusher(cfg: BastionConfig):
 
 def _restore(ckpt_root: Path, cfg: BastionConfig, model: Transformer, optimizer: torch.optim.Optimizer,
              task: CLMTask | SFTTask | PreferenceTask, dp: PrivateTraining | None = None,
-             start: StartPoint | None = None) -> tuple[int, int, float | None, float | None]:
+             start: StartPoint | None = None, sharded: bool = False) -> tuple[int, int, float | None, float | None]:
     if not list_checkpoints(ckpt_root):
         raise CheckpointError(f"--resume: no checkpoint under {ckpt_root}")
     ckpt = load_checkpoint(ckpt_root, verify=True, reject_nonfinite=cfg.checkpoint.reject_nonfinite)
@@ -409,14 +430,19 @@ def _restore(ckpt_root: Path, cfg: BastionConfig, model: Transformer, optimizer:
     changed = sorted(k for k in current if saved_model.get(k) != current[k])
     if changed:
         raise CheckpointError(f"--resume: model config differs from the checkpoint in {', '.join('model.' + k for k in changed)}")
+    if ckpt.optimizer is None:
+        raise CheckpointError(f"{ckpt.directory}: has no optimizer state; exact resume needs checkpoint.save_optimizer")
     if cfg.finetune.lora.enabled:
         load_lora_state_dict(model, ckpt.model, ckpt.directory / "model.safetensors")
+        optimizer_from_tensors(optimizer, ckpt.optimizer, ckpt.optimizer_meta)
+    elif sharded:
+        with torch.device("meta"):
+            check_against_model(ckpt.model, Transformer(cfg.model).state_dict(), ckpt.directory)
+        load_sharded_state(model, optimizer, ckpt.model, ckpt.optimizer, ckpt.optimizer_meta)
     else:
         check_against_model(ckpt.model, model.state_dict(), ckpt.directory)
         model.load_state_dict(ckpt.model)
-    if ckpt.optimizer is None:
-        raise CheckpointError(f"{ckpt.directory}: has no optimizer state; exact resume needs checkpoint.save_optimizer")
-    optimizer_from_tensors(optimizer, ckpt.optimizer, ckpt.optimizer_meta)
+        optimizer_from_tensors(optimizer, ckpt.optimizer, ckpt.optimizer_meta)
     task.load_state_dict(state["sampler"])
     if "torch_cpu" in ckpt.rng:
         torch.set_rng_state(ckpt.rng["torch_cpu"])

@@ -1,6 +1,8 @@
 """Training metrics: one JSON object per line in metrics.jsonl, mirrored to TensorBoard."""
 from __future__ import annotations
 
+import torch
+
 import json
 import os
 from pathlib import Path
@@ -85,3 +87,16 @@ def plot_run(run_dir: str | Path, output: str | Path | None = None) -> Path:
     fig.savefig(output)
     plt.close(fig)
     return output
+
+
+# Dense bf16 peak FLOP/s per GPU, by substring of torch.cuda.get_device_name() (vendor specs).
+PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12, "A10G": 70e12,
+                   "4090": 165e12, "3090": 71e12}
+
+
+def peak_flops(device: torch.device) -> float | None:
+    """The device's dense bf16 peak, when it is a GPU this table knows (MFU is reported then)."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)

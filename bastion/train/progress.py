@@ -13,12 +13,13 @@ class TrainProgress:
             TextColumn("[bold]train"),
             BarColumn(),
             MofNCompleteColumn(),
-            TextColumn("loss {task.fields[loss]}  lr {task.fields[lr]}  {task.fields[tps]} tok/s"),
+            TextColumn("loss {task.fields[loss]}  lr {task.fields[lr]}  {task.fields[tps]} tok/s{task.fields[mfu]}"),
             TimeRemainingColumn(),
             console=self.console,
             disable=quiet,
         )
-        self._task = self._progress.add_task("train", total=total_steps, completed=start_step, loss="-", lr="-", tps="-")
+        self._task = self._progress.add_task("train", total=total_steps, completed=start_step, loss="-", lr="-", tps="-",
+                                              mfu="")
 
     def __enter__(self) -> "TrainProgress":
         self._progress.__enter__()
@@ -27,10 +28,12 @@ class TrainProgress:
     def __exit__(self, *exc: object) -> None:
         self._progress.__exit__(*exc)
 
-    def update(self, step: int, loss: float | None = None, lr: float | None = None, tokens_per_s: float | None = None) -> None:
+    def update(self, step: int, loss: float | None = None, lr: float | None = None, tokens_per_s: float | None = None,
+               mfu: float | None = None) -> None:
         fields = {}
         if loss is not None:
-            fields = {"loss": f"{loss:.4f}", "lr": f"{lr:.2e}", "tps": f"{tokens_per_s:,.0f}"}
+            fields = {"loss": f"{loss:.4f}", "lr": f"{lr:.2e}", "tps": f"{tokens_per_s:,.0f}",
+                      "mfu": f"  MFU {mfu:.1%}" if mfu is not None else ""}
         self._progress.update(self._task, completed=step, **fields)
 
     def note(self, message: str) -> None:

@@ -44,13 +44,16 @@ def single(arithmetic_data, tmp_path_factory):
     return out
 
 
-def test_ddp_matches_single_process_and_resumes_on_fewer_ranks(arithmetic_data, single, tmp_path):
-    out = tmp_path / "ddp"
-    torchrun(config(arithmetic_data, out, batch_size=4), tmp_path, 2)
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_two_ranks_match_one_process_and_resume_on_one_or_two(arithmetic_data, single, tmp_path, parallel):
+    out = tmp_path / parallel
+    torchrun(config(arithmetic_data, out, batch_size=4, parallel=parallel), tmp_path, 2)
     one, two = losses(single), losses(out)
     assert sorted(two) == list(range(1, 13))
     assert [two[s] for s in range(1, 13)] == pytest.approx([one[s] for s in range(1, 13)], abs=1e-5)
     assert (out / "checkpoints" / "step_00000012").is_dir()  # rank 0 wrote it, once
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["model_tflops"] > 0 for r in rows if r["kind"] == "train")  # MFU too, on known GPUs
     state = load_checkpoint(out / "checkpoints", load_optimizer=False).trainer_state
     assert state["tokens_seen"] == 12 * 8 * 64
 
@@ -60,7 +63,7 @@ def test_ddp_matches_single_process_and_resumes_on_fewer_ranks(arithmetic_data, 
         shutil.copytree(out, resumed)
         shutil.rmtree(resumed / "checkpoints" / "step_00000012")
         (resumed / "checkpoints" / "latest").write_text("step_00000006")
-        cfg = config(arithmetic_data, resumed, batch_size=batch)
+        cfg = config(arithmetic_data, resumed, batch_size=batch, parallel=parallel)
         if nproc == 1:
             train(cfg, resume=True, quiet=True)
         else:

@@ -192,6 +192,7 @@ class TrainConfig(Section):
     seed: int = Field(default=1337, ge=0, le=2**31 - 1)
     threads: int | None = Field(default=None, ge=1, le=1024)
     dp: DPConfig = Field(default_factory=DPConfig)
+    activation_checkpointing: bool = Field(default=False, description="recompute each block's activations in backward")
     parallel: Literal["ddp", "fsdp"] = Field(
         default="ddp", description="under torchrun: ddp replicates the model, fsdp (FSDP2) shards it")
 

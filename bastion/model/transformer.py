@@ -25,6 +25,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.utils.checkpoint
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -230,6 +231,7 @@ class Transformer(nn.Module):
         if cfg.vocab_size is None:
             raise ValueError("ModelConfig.vocab_size is not set; fill it from the tokenizer before building the model")
         self.cfg = cfg
+        self.activation_checkpointing = False  # set by the training loop (train.activation_checkpointing)
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
@@ -326,8 +328,14 @@ class Transformer(nn.Module):
             # tokens are contiguous, so row distance is document distance.
             local = sliding_window_mask(start_pos, T, window, idx.device)
             mask = local if mask is None else mask & local
+        recompute = self.activation_checkpointing and self.training and cache is None and torch.is_grad_enabled()
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, cache, i, start_pos, mask)
+            if recompute:
+                # Keep only each block's input; its activations are recomputed in backward
+                # (memory for compute: ~1/3 more FLOPs, activation memory down to one block's).
+                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, None, i, start_pos, mask, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, cache, i, start_pos, mask)
         logits = self.output(self.norm(x))
         loss = None
         if targets is not None:

@@ -208,6 +208,7 @@ def _train(cfg: BastionConfig, env: DistEnv, device: torch.device, *, resume: bo
             model.train()
         if lora:
             apply_lora(model, cfg.finetune.lora)
+    model.activation_checkpointing = tc.activation_checkpointing
     sharded = env.enabled and tc.parallel == "fsdp"
     if sharded:
         shard_model(model)  # before the optimizer: it must hold the sharded parameters

@@ -220,3 +220,20 @@ def test_from_state_dict_assigns_without_copy_or_init(tie):
     torch.testing.assert_close(model(x)[0], ref(x)[0], rtol=0, atol=0)  # rope tables rebuilt too
     with pytest.raises(RuntimeError):
         Transformer.from_state_dict(cfg, {k: v for k, v in state.items() if "wq" not in k})
+
+
+def test_activation_checkpointing_gives_the_same_loss_and_gradients():
+    cfg = ModelConfig(vocab_size=100, d_model=32, n_layer=3, n_head=4, max_seq_len=32)
+    torch.manual_seed(0)
+    model = Transformer(cfg).train()
+    x = torch.randint(0, 100, (2, 16))
+    grads = []
+    for recompute in (False, True):
+        model.activation_checkpointing = recompute
+        model.zero_grad()
+        _, loss = model(x, x)
+        loss.backward()
+        grads.append((loss.item(), [p.grad.clone() for p in model.parameters()]))
+    assert grads[0][0] == grads[1][0]
+    for a, b in zip(grads[0][1], grads[1][1]):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)

@@ -193,6 +193,8 @@ class TrainConfig(Section):
     threads: int | None = Field(default=None, ge=1, le=1024)
     dp: DPConfig = Field(default_factory=DPConfig)
     activation_checkpointing: bool = Field(default=False, description="recompute each block's activations in backward")
+    loss_chunk_tokens: int | None = Field(default=None, ge=64, le=1_048_576,
+                                          description="chunked cross-entropy: never materialise all logits at once")
     parallel: Literal["ddp", "fsdp"] = Field(
         default="ddp", description="under torchrun: ddp replicates the model, fsdp (FSDP2) shards it")
 
@@ -208,6 +210,9 @@ class TrainConfig(Section):
     def _has_length(self) -> "TrainConfig":
         if self.max_steps is None and self.epochs is None:
             raise ValueError("set train.max_steps or train.epochs")
+        if self.dp.enabled and (self.activation_checkpointing or self.loss_chunk_tokens):
+            # Opacus computes per-example gradients from hooks on each layer's forward.
+            raise ValueError("train.dp cannot be combined with activation_checkpointing or loss_chunk_tokens")
         return self
 
 

@@ -232,6 +232,7 @@ class Transformer(nn.Module):
             raise ValueError("ModelConfig.vocab_size is not set; fill it from the tokenizer before building the model")
         self.cfg = cfg
         self.activation_checkpointing = False  # set by the training loop (train.activation_checkpointing)
+        self.loss_chunk_tokens: int | None = None  # set by the training loop (train.loss_chunk_tokens)
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
@@ -336,6 +337,8 @@ class Transformer(nn.Module):
                 x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, None, i, start_pos, mask, use_reentrant=False)
             else:
                 x = layer(x, cos, sin, cache, i, start_pos, mask)
+        if targets is not None and self.loss_chunk_tokens and self.training and torch.is_grad_enabled():
+            return None, self._chunked_loss(x, targets, self.loss_chunk_tokens)
         logits = self.output(self.norm(x))
         loss = None
         if targets is not None:
@@ -343,6 +346,20 @@ class Transformer(nn.Module):
             # (All targets == -100 gives nan, as F.cross_entropy does.)
             loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
         return logits, loss
+
+    def _chunked_loss(self, x: torch.Tensor, targets: torch.Tensor, chunk: int) -> torch.Tensor:
+        """The same mean cross-entropy, without ever holding the [B*T, vocab] logits: the
+        head and the loss run `chunk` tokens at a time, each chunk recomputed in backward
+        (with a large vocabulary the logits are the biggest activation of the whole model)."""
+        h, t = x.reshape(-1, x.size(-1)), targets.reshape(-1)
+        total = torch.zeros((), device=x.device, dtype=torch.float32)
+        for start in range(0, h.size(0), chunk):
+            total = total + torch.utils.checkpoint.checkpoint(
+                self._loss_sum, h[start:start + chunk], t[start:start + chunk], use_reentrant=False)
+        return total / (t != -100).sum()  # all targets -100: nan, as F.cross_entropy gives
+
+    def _loss_sum(self, h: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(self.output(self.norm(h)).float(), t, ignore_index=-100, reduction="sum")
 
     def decode_step(self, tokens: list[int], cache: KVCache, rows: list[int], positions: list[int],
                     key_length: int | None = None) -> torch.Tensor:

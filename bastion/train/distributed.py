@@ -102,14 +102,18 @@ def any_rank(flag: bool, env: DistEnv, device: torch.device) -> bool:
     return bool(t.item())
 
 
-def shard_model(model: torch.nn.Module) -> None:
+def shard_model(model: torch.nn.Module, bf16: bool = False) -> None:
     """FSDP2: each transformer block is one unit (its parameters all-gathered just before it
-    runs, freed after), the root holds the rest (embeddings, final norm, head)."""
-    from torch.distributed.fsdp import fully_shard
+    runs, freed after), the root holds the rest (embeddings, final norm, head). With bf16,
+    parameters are gathered and used in bf16 (half the traffic) while the sharded master
+    weights, gradient reduction and optimizer stay float32."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 \
+        else MixedPrecisionPolicy()
     for block in model.layers:
-        fully_shard(block)
-    fully_shard(model)
+        fully_shard(block, mp_policy=policy)
+    fully_shard(model, mp_policy=policy)
 
 
 def _param_names(optimizer: torch.optim.Optimizer) -> list[str]:

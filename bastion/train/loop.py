@@ -209,9 +209,10 @@ def _train(cfg: BastionConfig, env: DistEnv, device: torch.device, *, resume: bo
         if lora:
             apply_lora(model, cfg.finetune.lora)
     model.activation_checkpointing = tc.activation_checkpointing
+    model.loss_chunk_tokens = tc.loss_chunk_tokens
     sharded = env.enabled and tc.parallel == "fsdp"
     if sharded:
-        shard_model(model)  # before the optimizer: it must hold the sharded parameters
+        shard_model(model, bf16)  # before the optimizer: it must hold the sharded parameters
     optimizer = build_optimizer(model, tc, device, fused=False if sharded else None)
     total_steps = tc.max_steps or max(1, math.ceil(tc.epochs * micro_batches_per_epoch / tc.grad_accum))
     # DP-SGD (bastion/train/dp.py): when enabled it happens, or the run fails before step one.

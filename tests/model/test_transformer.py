@@ -237,3 +237,26 @@ def test_activation_checkpointing_gives_the_same_loss_and_gradients():
     assert grads[0][0] == grads[1][0]
     for a, b in zip(grads[0][1], grads[1][1]):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+
+
+def test_chunked_cross_entropy_matches_the_full_loss():
+    cfg = ModelConfig(vocab_size=500, d_model=32, n_layer=2, n_head=4, max_seq_len=32)
+    torch.manual_seed(0)
+    model = Transformer(cfg).train()
+    x = torch.randint(0, 500, (3, 20))
+    y = x.clone()
+    y[0, :5] = -100  # ignored targets count in neither
+    results = []
+    for chunk in (None, 64, 7 * 10):
+        model.loss_chunk_tokens = chunk
+        model.zero_grad()
+        logits, loss = model(x, y)
+        loss.backward()
+        assert (logits is None) == (chunk is not None)
+        results.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
+    for loss, grads in results[1:]:
+        torch.testing.assert_close(loss, results[0][0], rtol=1e-6, atol=1e-6)
+        for a, b in zip(grads, results[0][1]):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    model.eval()
+    assert model(x, y)[0] is not None  # evaluation always returns logits

@@ -15,8 +15,8 @@ from bastion.train import train
 
 
 def config(data_dir, out_dir, batch_size, **train_settings):
-    cfg = tiny_config(data_dir, out_dir, batch_size=batch_size, max_steps=12, eval_every=1000, log_every=1,
-                      **train_settings)
+    cfg = tiny_config(data_dir, out_dir, batch_size=batch_size, **{"max_steps": 12, "eval_every": 1000, "log_every": 1,
+                                                                     **train_settings})
     cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"dropout": 0.0}),  # same math on every side
                                  "checkpoint": cfg.checkpoint.model_copy(update={"every_steps": 6, "keep_last": 3})})
     return cfg
@@ -72,6 +72,15 @@ def test_two_ranks_match_one_process_and_resume_on_one_or_two(arithmetic_data, s
             torchrun(cfg, tmp_path, 2, "--resume")
         again = losses(resumed)
         assert [again[s] for s in range(7, 13)] == pytest.approx([one[s] for s in range(7, 13)], abs=2e-4), nproc
+
+
+def test_fsdp_bf16_mixed_precision_trains(arithmetic_data, single, tmp_path):
+    """bf16 compute with float32 master weights and reductions: close to the float32 curve."""
+    out = tmp_path / "bf16"
+    torchrun(config(arithmetic_data, out, batch_size=4, parallel="fsdp", dtype="bfloat16", max_steps=6), tmp_path, 2)
+    one, half = losses(single), losses(out)
+    assert [half[s] for s in range(1, 7)] == pytest.approx([one[s] for s in range(1, 7)], abs=0.05)
+    assert half[6] < half[1]
 
 
 def test_distributed_refuses_what_it_does_not_support_yet(arithmetic_data, tmp_path):

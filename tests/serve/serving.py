@@ -22,7 +22,10 @@ def free_port() -> int:
 @contextlib.contextmanager
 def running(checkpoint, *, serve=None, generate=None, environ=None, ssl=None):
     """Start the app on 127.0.0.1:<free port> in a thread; yield (base_url, state)."""
-    settings = {"port": free_port(), **(serve or {})}
+    import tempfile
+
+    # The access log goes to a private temp file unless a test asks for one (stderr is noise here).
+    settings = {"port": free_port(), "access_log": str(tempfile.mkdtemp() + "/access.jsonl"), **(serve or {})}
     if ssl:
         settings.update(ssl_certfile=str(ssl[0]), ssl_keyfile=str(ssl[1]))
     config = build_config({"serve": settings, "generate": {"max_new_tokens": 16, "max_new_tokens_ceiling": 64,

@@ -143,7 +143,7 @@ def test_thread_safe_lines(tmp_path):
 SECRETS = {
     "email": "alice.smith@example.com",
     "github": "ghp_" + "aB3dE5fG7hJ9kL1mN3pQ5rS7tU9vW1xY3z5A",
-    "aws": "AKIAIOSFODNN7EXAMPL3",
+    "aws": "AKIAIOSFODNN7EXAMPL3",  # security-reviewed: a fake key (AWS docs example shape) the filter must catch
     "card": "4111 1111 1111 1111",
     "openai": "sk-proj-Ab3dEf5GhIj7KlMn9OpQr1StUv",
 }

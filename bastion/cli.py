@@ -52,7 +52,7 @@ app.add_typer(import_app, name="import")
 app.add_typer(export_app, name="export")
 app.add_typer(serve_app, name="serve")
 
-out = Console()
+out = Console(markup=False)  # paths and names are printed as they are, never read as markup
 
 SetOption = typer.Option(
     None, "--set", "-s", help="Override a config value, e.g. --set train.lr=3e-4 (repeatable; YAML scalar values)."
@@ -76,7 +76,7 @@ def config_validate(
         _load(file, overrides)
     except ConfigError as exc:
         if exc.problems:
-            err.print(f"[bold red]{file}: {len(exc.problems)} problem(s)[/]")
+            err.print(f"[bold red]{escape(str(file))}: {len(exc.problems)} problem(s)[/]")
             for loc, msg in exc.problems:
                 err.print(f"  {loc}: {msg}", markup=False, highlight=False)
             raise typer.Exit(2) from None

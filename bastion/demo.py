@@ -7,6 +7,7 @@ import sysconfig
 from pathlib import Path
 
 from rich.console import Console
+from rich.text import Text
 
 from bastion.config import build_config
 from bastion.data import prepare_dataset
@@ -72,7 +73,7 @@ def run_demo(out_dir: Path, steps: int = 600, quiet: bool = False, console: Cons
     loaded = load_for_inference(result.checkpoint)
     for prompt in PROMPTS:
         sample = generate(loaded.model, loaded.tokenizer, prompt, limits=loaded.config.generate, seed=0)
-        console.print(f"[bold cyan]{prompt!r}[/] -> ", end="")
+        console.print(Text(repr(prompt), style="bold cyan"), "-> ", end="")
         console.print(prompt + sample.text, markup=False, highlight=False)
         console.print()
 

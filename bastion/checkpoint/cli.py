@@ -14,7 +14,7 @@ from bastion.errors import BastionError
 
 app = typer.Typer(help="Checkpoints: verify, inspect, prune, convert, pack/unpack, push/pull/list.",
                   no_args_is_help=True)
-out = Console()  # a BastionError raised by any command is reported by bastion.cli (exit 2)
+out = Console(markup=False)  # plain text; a BastionError raised by any command is reported by bastion.cli (exit 2)
 
 
 def _safetensors_headers(directory: Path, manifest: dict) -> dict[str, dict]:

@@ -7,12 +7,13 @@ from typing import List, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 
 app = typer.Typer(help="Evaluate trained checkpoints: held-out loss, preference accuracy, generation rewards, "
                        "memorization audits.", no_args_is_help=True)
-out = Console()
+out = Console(markup=False)  # paths and names are printed as they are, never read as markup
 err = Console(stderr=True)
 
 
@@ -54,7 +55,7 @@ def memorization_cmd(
         try:
             replace_file(json_out, (json.dumps(report.to_dict(), indent=2) + "\n").encode())
         except OSError as exc:
-            err.print(f"[bold red]error:[/] cannot write {json_out}: {exc.strerror}", highlight=False)
+            err.print(f"[bold red]error:[/] cannot write {escape(str(json_out))}: {exc.strerror}", highlight=False)
             raise typer.Exit(2) from None
         out.print(f"wrote {json_out}")
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
-out = Console()
+out = Console(markup=False)  # paths and names are printed as they are, never read as markup
 
 import_app = typer.Typer(help="Import models from other formats (local folders only; nothing is downloaded).",
                          no_args_is_help=True)

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.text import Text
 from rich.markup import escape
 from rich.table import Table
 
@@ -14,7 +15,7 @@ keys_app = typer.Typer(
          "The key file stores SHA-256 digests only and must be mode 0600.",
     no_args_is_help=True,
 )
-out = Console()  # a BastionError (ConfigError) raised by a command is reported by bastion.cli (exit 2)
+out = Console(markup=False)  # plain text; a BastionError (ConfigError) raised by a command is reported by bastion.cli (exit 2)
 err = Console(stderr=True)
 
 _KEY_FILE_HELP = "Key file (JSON, mode 0600); serve.key_file in the config. Created by the first `add`."
@@ -52,7 +53,7 @@ def list_cmd(
     for col in ("id", "name", "created", "status"):
         table.add_column(col)
     for k in keys:
-        table.add_row(k["id"], escape(k["name"]), k["created"], "[red]revoked[/]" if k["revoked"] else "active")
+        table.add_row(k["id"], k["name"], k["created"], Text("revoked", style="red") if k["revoked"] else "active")
     out.print(table)
     active = sum(not k["revoked"] for k in keys)
     out.print(f"{len(keys)} keys, {active} active")

@@ -8,7 +8,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 class TrainProgress:
     def __init__(self, total_steps: int, start_step: int = 0, quiet: bool = False, console: Console | None = None):
         self.quiet = quiet
-        self.console = console or Console(stderr=True)
+        self.console = console or Console(stderr=True, markup=False)  # notes quote paths: plain text
         self._progress = Progress(
             TextColumn("[bold]train"),
             BarColumn(),

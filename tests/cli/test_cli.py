@@ -122,3 +122,15 @@ def test_generate_refuses_pickle_checkpoint(tmp_path):
 def test_console_script_runs():
     result = subprocess.run([sys.executable, "-m", "bastion.cli", "--help"], capture_output=True, text=True)
     assert result.returncode == 0 and "demo" in result.stdout
+
+
+def test_paths_with_brackets_print_as_they_are(tmp_path):
+    # rich would read "[x]" as markup and drop it (or fail on "[/x]"): paths print verbatim.
+    from helpers import make_base_checkpoint
+
+    ckpt = make_base_checkpoint(tmp_path / "run[bold]" / "a[/x]")
+    result = runner.invoke(app, ["ckpt", "verify", str(ckpt)])
+    assert result.exit_code == 0 and f"{ckpt}: OK" in result.output.replace("\n", "")
+    missing = tmp_path / "no[/such]"
+    result = runner.invoke(app, ["ckpt", "verify", str(missing)])
+    assert result.exit_code == 2 and "no[/such]" in result.output

@@ -102,8 +102,10 @@ def check_finite(tensors: dict[str, torch.Tensor], where: str | Path) -> None:
             raise CheckpointError(f"{where}: tensor {name!r} contains NaN or Inf")
 
 
-def check_against_model(tensors: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], where: str | Path) -> None:
-    """Names, shapes and dtypes of checkpoint tensors must be exactly what the model has."""
+def check_against_model(tensors: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], where: str | Path, *,
+                        exact_dtype: bool = True) -> None:
+    """Names, shapes and dtypes of checkpoint tensors must be exactly what the model has
+    (with exact_dtype=False any floating-point dtype is accepted: it is copied in)."""
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
     problems = []
@@ -115,7 +117,9 @@ def check_against_model(tensors: dict[str, torch.Tensor], expected: dict[str, to
         want, got = expected[name], tensors[name]
         if tuple(got.shape) != tuple(want.shape):
             problems.append(f"{name} has shape {tuple(got.shape)}, the config implies {tuple(want.shape)}")
-        elif got.dtype != want.dtype:
+        elif exact_dtype and got.dtype != want.dtype:
             problems.append(f"{name} has dtype {got.dtype}, the model uses {want.dtype}")
+        elif not exact_dtype and not got.is_floating_point():
+            problems.append(f"{name} has dtype {got.dtype}, not a floating-point type")
     if problems:
         raise CheckpointError(f"{where} does not match the model config: " + "; ".join(problems[:8]))

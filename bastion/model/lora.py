@@ -56,7 +56,7 @@ from bastion.checkpoint.manifest import (
     read_manifest,
     verify_directory,
 )
-from bastion.checkpoint.safetensors_check import check_finite, parse_header
+from bastion.checkpoint.safetensors_check import check_against_model, check_finite, parse_header
 from bastion.config.schema import BastionConfig, LoraConfig
 from bastion.errors import CheckpointError, ConfigError
 from bastion import safeio
@@ -181,21 +181,7 @@ def load_lora_state_dict(model: nn.Module, tensors: dict[str, torch.Tensor], whe
     expected = lora_state_dict(model)
     if not expected:
         raise CheckpointError(f"{where}: the model has no LoRA modules to load adapters into (apply_lora first)")
-    missing = sorted(set(expected) - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected))
-    problems = []
-    if missing:
-        problems.append(f"missing {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
-    if unexpected:
-        problems.append(f"unexpected {', '.join(unexpected[:5])}{' ...' if len(unexpected) > 5 else ''}")
-    for name in sorted(set(expected) & set(tensors)):
-        got, want = tensors[name], expected[name]
-        if tuple(got.shape) != tuple(want.shape):
-            problems.append(f"{name} has shape {tuple(got.shape)}, the model needs {tuple(want.shape)}")
-        elif not got.is_floating_point():
-            problems.append(f"{name} has dtype {got.dtype}, not a floating-point type")
-    if problems:
-        raise CheckpointError(f"{where}: adapter does not match the model: " + "; ".join(problems[:8]))
+    check_against_model(tensors, expected, where, exact_dtype=False)
     check_finite(tensors, where)
     with torch.no_grad():
         for name, param in expected.items():

@@ -30,7 +30,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from bastion.config.schema import GenerateConfig, ServeConfig
 from bastion.data.finetune import check_conversation
-from bastion.errors import BastionError, DataError, GenerationLimitError, QueueFullError
+from bastion.errors import DataError, EngineClosedError, GenerationLimitError, QueueFullError
 from bastion.infer.engine import Engine
 from bastion.infer.loading import LoadedModel
 from bastion.serve import protocol as P
@@ -335,12 +335,13 @@ async def _generate(state: ServerState, request: Request, body: P._Sampling, pro
     try:
         for p in params:
             handles.append(state.engine.submit(prompt_ids, p, loop=loop))
-    except (QueueFullError, BastionError) as exc:
+    except (QueueFullError, EngineClosedError) as exc:
         for h in handles:
             h.cancel()
         state.limiter.refund(info["key_id"], requested)
-        raise ApiError(503, "server busy: the queue is full, retry later" if isinstance(exc, QueueFullError)
-                       else "server is shutting down", "server_error", code="overloaded", headers=_retry_after(1)) \
+        full = isinstance(exc, QueueFullError)
+        raise ApiError(503, "server busy: the queue is full, retry later" if full else "server is shutting down",
+                       "server_error", code="overloaded" if full else "shutting_down", headers=_retry_after(1)) \
             from None
     state.metrics.tokens.labels("prompt").inc(len(prompt_ids))
     if body.stream:

@@ -252,7 +252,7 @@ def _shifted_labels(ids: np.ndarray, loss: np.ndarray) -> np.ndarray:
     return labels
 
 
-def _to_device(batch: dict[str, torch.Tensor], device: torch.device | str) -> dict[str, torch.Tensor]:
+def batch_to_device(batch: dict[str, torch.Tensor], device: torch.device | str) -> dict[str, torch.Tensor]:
     """Tensors to `device`; the `num_tokens` count stays on the CPU (reading it must not sync a GPU)."""
     dev = torch.device(device)
     if dev.type == "cuda":
@@ -672,7 +672,7 @@ class BatchCursor:
         self.position += 1
         if self.position == len(plan):
             self.epoch, self.position = self.epoch + 1, 0
-        return _to_device(self.dataset.collate(rows, self.seq_len), device)
+        return batch_to_device(self.dataset.collate(rows, self.seq_len), device)
 
     def _identity(self) -> dict[str, Any]:
         return {"kind": self.dataset.kind, "fingerprint": self.dataset.fingerprint(), "n_examples": len(self.dataset),

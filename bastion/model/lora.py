@@ -257,13 +257,19 @@ def write_dir_atomic(out_dir: Path, files: dict[str, bytes], *, replaceable: boo
     return safeio.write_dir_atomic(out_dir, files, replace=replace)
 
 
-def save_adapter(model: nn.Module, cfg: LoraConfig, out_dir: str | Path, base_manifest_sha256: str) -> Path:
+def save_adapter(model: nn.Module, cfg: LoraConfig, out_dir: str | Path, base_manifest_sha256: str, *,
+                 tensors: dict[str, torch.Tensor] | None = None) -> Path:
     """Write the model's adapters to `out_dir` (adapter.safetensors, adapter_config.json,
     MANIFEST.json), atomically; an existing adapter folder there is replaced, anything else
     non-empty is refused. `cfg` must describe the model's adapters; `base_manifest_sha256` is
-    `manifest_sha256(base checkpoint)`."""
+    `manifest_sha256(base checkpoint)`. `tensors`: the adapters already gathered (a sharded
+    model's own are pieces), checked against the model's names and shapes."""
     _check_sha(base_manifest_sha256, "base_manifest_sha256")
-    tensors = lora_state_dict(model)
+    expected = lora_state_dict(model)
+    if tensors is None:
+        tensors = expected
+    elif expected:
+        check_against_model(tensors, expected, out_dir, exact_dtype=False)
     if not tensors:
         raise CheckpointError("the model has no LoRA adapters to save (apply_lora first)")
     targets, rank, alpha = _model_lora_config(model)

@@ -47,6 +47,9 @@ class DistEnv:
         return self.rank == 0
 
 
+_control_group = None  # the CPU (gloo) process group beside NCCL; None: the default group is gloo
+
+
 def _int_env(name: str, default: int) -> int:
     value = os.environ.get(name)
     if value is None:
@@ -75,6 +78,9 @@ def init_distributed(device_name: str) -> tuple[DistEnv, torch.device | None]:
         device = torch.device("cpu")
     if not dist.is_initialized():
         dist.init_process_group("nccl" if use_cuda else "gloo", rank=env.rank, world_size=env.world)
+    global _control_group
+    # Small host-side agreements (stop requests) go over gloo; NCCL carries the tensors.
+    _control_group = dist.new_group(backend="gloo") if use_cuda else None
     return env, device
 
 
@@ -92,13 +98,37 @@ def mean_across_ranks(value: torch.Tensor, env: DistEnv) -> torch.Tensor:
     return total / env.world
 
 
-def any_rank(flag: bool, env: DistEnv, device: torch.device) -> bool:
+def sum_across_ranks(values: torch.Tensor, env_world: int) -> torch.Tensor:
+    """`values` summed over all ranks, in place (and returned). One process: unchanged."""
+    if env_world > 1:
+        dist.all_reduce(values, op=dist.ReduceOp.SUM)
+    return values
+
+
+def split_rows(batch: dict[str, torch.Tensor], rank: int, world: int) -> tuple[dict[str, torch.Tensor], bool]:
+    """This rank's contiguous, balanced share of a global batch's rows (scalars such as
+    `num_tokens` stay the global value), and whether the share is real. A rank left without
+    rows (a short last batch) gets the first row again, to be weighted 0: under FSDP every
+    forward is a collective, so every rank must run the same number of them."""
+    if world == 1:
+        return batch, True
+    rows = next(v.size(0) for v in batch.values() if v.dim() > 0)
+    start, end = rows * rank // world, rows * (rank + 1) // world
+    real = end > start
+    if not real:
+        start, end = 0, 1
+    return {k: v[start:end] if v.dim() > 0 else v for k, v in batch.items()}, real
+
+
+def any_rank(flag: bool, env: DistEnv) -> bool:
     """True on every rank if it is True on any (a stop request must stop all replicas at the
-    same step, or the others would wait forever in the next all-reduce)."""
+    same step, or the others would wait forever in the next all-reduce). Asked every step,
+    so it runs on the CPU (gloo) group: a GPU tensor here would make the host wait for the
+    GPU's queue to drain every step."""
     if not env.enabled:
         return flag
-    t = torch.tensor([1.0 if flag else 0.0], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    t = torch.tensor([1.0 if flag else 0.0])
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=_control_group)
     return bool(t.item())
 
 
@@ -158,13 +188,15 @@ def _my_shard(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 def load_sharded_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, model_sd: dict[str, torch.Tensor],
                        opt_tensors: dict[str, torch.Tensor], opt_meta: dict[str, str]) -> None:
     """Load a full (unsharded) checkpoint, already checked against the model, into an FSDP
-    model and its optimizer: each rank copies in its own shard of every tensor."""
+    model and its optimizer: each rank copies in its own shard of every tensor. `model_sd`
+    may name a subset of the parameters (a LoRA run's checkpoint: the adapters)."""
     from torch.distributed.tensor import DTensor
 
-    params = dict(model.named_parameters())
+    params = dict(model.named_parameters(remove_duplicate=False))  # a tied weight under each name
     with torch.no_grad():
-        for name, param in params.items():
-            param.to_local().copy_(_my_shard(model_sd[name], param))
+        for name, full in model_sd.items():
+            param = params[name]
+            param.to_local().copy_(_my_shard(full, param))
     index_sd = tensors_to_state_dict(optimizer, opt_tensors, opt_meta)
     names = _param_names(optimizer)
     for i, slots in index_sd["state"].items():
@@ -188,4 +220,4 @@ def shutdown(env: DistEnv) -> None:
 
 
 __all__ = ["DistEnv", "any_rank", "barrier", "full_training_state", "init_distributed", "load_sharded_state",
-           "mean_across_ranks", "shard_model", "shutdown"]
+           "mean_across_ranks", "shard_model", "shutdown", "split_rows", "sum_across_ranks"]

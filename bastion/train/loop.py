@@ -16,7 +16,7 @@ import yaml
 
 from bastion.checkpoint import Checkpoint, Retention, list_checkpoints, load_checkpoint, save_checkpoint
 from bastion.checkpoint.checkpoint import resolve_checkpoint
-from bastion.checkpoint.safetensors_check import check_against_model
+from bastion.checkpoint.safetensors_check import check_against_model, check_finite
 from bastion.config.load import to_yaml
 from bastion.config.schema import BastionConfig, ModelConfig
 from bastion.data.shards import TokenShards, read_tokenizer_json
@@ -164,9 +164,9 @@ class _NoMetrics:
 def _train(cfg: BastionConfig, env: DistEnv, device: torch.device, *, resume: bool, quiet: bool,
            should_stop: Callable[[int], bool] | None) -> TrainResult:
     tc = cfg.train
-    if env.enabled and (tc.objective != "clm" or tc.dp.enabled):
-        raise ConfigError("distributed (torchrun) training supports train.objective clm without train.dp for now; "
-                          "run fine-tuning and DP-SGD in a single process")
+    if env.enabled and tc.dp.enabled:
+        # Per-example clipping and the privacy accounting assume one process drawing the batches.
+        raise ConfigError("train.dp (DP-SGD) runs in a single process; launch it without torchrun")
     bf16 = use_bf16(tc.dtype, device)
     run_dir = Path(tc.out_dir)
     ckpt_root = run_dir / "checkpoints"
@@ -188,7 +188,7 @@ def _train(cfg: BastionConfig, env: DistEnv, device: torch.device, *, resume: bo
         micro_batches_per_epoch = task.n_examples / (tc.batch_size * env.world)
     else:
         start = load_start_point(cfg)
-        task = SFTTask(cfg, start.chat) if tc.objective == "sft" else PreferenceTask(cfg, start.chat)
+        task = (SFTTask if tc.objective == "sft" else PreferenceTask)(cfg, start.chat, rank=env.rank, world=env.world)
         tokenizer_json = start.checkpoint.tokenizer_json
         model_cfg = start.model_cfg
         micro_batches_per_epoch = task.batches_per_epoch
@@ -213,7 +213,7 @@ def _train(cfg: BastionConfig, env: DistEnv, device: torch.device, *, resume: bo
     sharded = env.enabled and tc.parallel == "fsdp"
     if sharded:
         shard_model(model, bf16)  # before the optimizer: it must hold the sharded parameters
-    optimizer = build_optimizer(model, tc, device, fused=False if sharded else None)
+    optimizer = build_optimizer(model, tc, device)
     total_steps = tc.max_steps or max(1, math.ceil(tc.epochs * micro_batches_per_epoch / tc.grad_accum))
     # DP-SGD (bastion/train/dp.py): when enabled it happens, or the run fails before step one.
     dp = None
@@ -268,6 +268,7 @@ def _train(cfg: BastionConfig, env: DistEnv, device: torch.device, *, resume: bo
 
     def _save(at_step: int, model_sd: dict, opt_sd: dict) -> Path:
         opt_tensors, opt_meta = state_dict_to_tensors(opt_sd, type(optimizer).__name__)
+        adapters = {name: t for name, t in model_sd.items() if is_lora_name(name)}
         rng = {"torch_cpu": torch.get_rng_state()}
         if device.type == "cuda":
             rng["torch_cuda"] = torch.cuda.get_rng_state(device)
@@ -282,13 +283,13 @@ def _train(cfg: BastionConfig, env: DistEnv, device: torch.device, *, resume: bo
         path = save_checkpoint(
             ckpt_root, at_step,
             # A LoRA run stores only its adapters: the base is init_from, pinned by its hash.
-            Checkpoint(model=lora_state_dict(model) if lora else model_sd, trainer_state=state, config_yaml=to_yaml(cfg),
+            Checkpoint(model=adapters if lora else model_sd, trainer_state=state, config_yaml=to_yaml(cfg),
                        tokenizer_json=tokenizer_json, optimizer=opt_tensors if cc.save_optimizer else None,
                        optimizer_meta=opt_meta, rng=rng),
             retention=Retention(cc.keep_last, cc.keep_best, cc.keep_every), max_shard_bytes=cc.max_shard_bytes,
         )
         if lora:  # the adapter alone, in its own verified folder (bastion merge / export peft)
-            save_adapter(model, cfg.finetune.lora, run_dir / "adapter", start.manifest_sha256)
+            save_adapter(model, cfg.finetune.lora, run_dir / "adapter", start.manifest_sha256, tensors=adapters)
         if pusher is not None:
             pusher.submit(path)  # returns at once; a worker thread uploads while training goes on
         return path
@@ -304,6 +305,7 @@ def _train(cfg: BastionConfig, env: DistEnv, device: torch.device, *, resume: bo
     flops_per_token = model.flops_per_token(tc.seq_len)  # forward + backward, per trained token
     peak = peak_flops(device)
     losses: list[float] = []
+    pending: list[tuple[int, torch.Tensor, int]] = []  # (step, loss on the device, tokens) not yet read
     val_metrics: dict[str, float] = {}
     last_loss = None
     last_ckpt: Path | None = None
@@ -350,18 +352,24 @@ def _train(cfg: BastionConfig, env: DistEnv, device: torch.device, *, resume: bo
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
-                step_tokens *= env.world  # every rank processed as many
-                tokens_seen += step_tokens
+                tokens_seen += step_tokens  # (tasks count the tokens of the global batch)
                 window_tokens += step_tokens
-                last_loss = mean_across_ranks(step_loss, env).item()
-                losses.append(last_loss)
-                if not math.isfinite(last_loss) and step_tokens:
-                    raise FloatingPointError(f"training loss became {last_loss} at step {step}; lower train.lr or check the data")
+                # The loss stays on the device until the next log step or checkpoint: reading
+                # it every step would make the host wait for the GPU each step.
+                pending.append((step, step_loss, step_tokens))
+                if stop.requested is None and should_stop is not None and should_stop(step):
+                    stop.requested = "callback"
+                if env.enabled and any_rank(stop.requested is not None, env) and stop.requested is None:
+                    stop.requested = "another rank"
+                log_due = step % tc.log_every == 0 or step == total_steps
+                save_due = step % cfg.checkpoint.every_steps == 0 or step == total_steps or bool(stop.requested)
+                if log_due or save_due:  # (never save weights a non-finite loss has touched)
+                    last_loss = _read_losses(pending, losses, env)
 
-                if step % tc.log_every == 0 or step == total_steps:
+                if log_due:
                     elapsed = time.perf_counter() - window_start
                     tps = window_tokens / elapsed if elapsed > 0 else 0.0
-                    extra = {"epsilon": dp.epsilon()} if dp is not None else {k: float(v) for k, v in stats.items()}
+                    extra = {"epsilon": dp.epsilon()} if dp is not None else _mean_stats(stats, env)
                     # Model FLOPs utilisation: achieved model FLOP/s over the devices' peak (known GPUs).
                     mfu = flops_per_token * tps / (peak * env.world) if peak else None
                     extra["model_tflops"] = flops_per_token * tps / 1e12
@@ -373,6 +381,7 @@ def _train(cfg: BastionConfig, env: DistEnv, device: torch.device, *, resume: bo
                     progress.update(step, loss=last_loss, lr=lr, tokens_per_s=tps, mfu=mfu)
                 else:
                     progress.update(step)
+                paused = time.perf_counter()  # validation and checkpoints are not training time
                 if task.has_val and (step % tc.eval_every == 0 or step == total_steps):
                     val_metrics = evaluate()
                     val_loss = val_metrics["loss"]
@@ -383,12 +392,9 @@ def _train(cfg: BastionConfig, env: DistEnv, device: torch.device, *, resume: bo
                         spent += (f", reward accuracy {val_metrics['reward_accuracy']:.3f}, "
                                   f"margin {val_metrics['reward_margin']:.3f}")
                     progress.note(f"step {step}: val loss {val_loss:.4f}{spent}")
-                if stop.requested is None and should_stop is not None and should_stop(step):
-                    stop.requested = "callback"
-                if env.enabled and any_rank(stop.requested is not None, env, device) and stop.requested is None:
-                    stop.requested = "another rank"
-                if step % cfg.checkpoint.every_steps == 0 or step == total_steps or stop.requested:
+                if save_due:
                     last_ckpt = save(step)
+                window_start += time.perf_counter() - paused
                 if stop.requested:
                     stopped_by = stop.requested
                     progress.note(f"{stopped_by}: saved {last_ckpt} at step {step}; continue with --resume")
@@ -403,6 +409,27 @@ def _train(cfg: BastionConfig, env: DistEnv, device: torch.device, *, resume: bo
     return TrainResult(run_dir, step, tokens_seen, last_loss, val_loss, last_ckpt, stopped_by, losses,
                        dp.epsilon() if dp is not None else None, val_metrics,
                        run_dir / "adapter" if lora and last_ckpt is not None else None)
+
+
+def _read_losses(pending: list[tuple[int, torch.Tensor, int]], losses: list[float], env: DistEnv) -> float:
+    """Move the pending steps' losses (averaged over ranks) to `losses`, in one transfer;
+    the newest. A non-finite loss of a step that trained on tokens stops the run."""
+    values = mean_across_ranks(torch.stack([loss.float() for _, loss, _ in pending]), env).tolist()
+    for (step, _, tokens), value in zip(pending, values):
+        if not math.isfinite(value) and tokens:
+            raise FloatingPointError(f"training loss became {value} at step {step}; lower train.lr or check the data")
+    losses.extend(values)
+    pending.clear()
+    return values[-1]
+
+
+def _mean_stats(stats: dict[str, torch.Tensor], env: DistEnv) -> dict[str, float]:
+    """The step's task statistics (reward accuracy, margins, ...) over the global batch:
+    each rank holds its share-weighted part, so the mean across ranks is the whole."""
+    if not stats:
+        return {}
+    values = mean_across_ranks(torch.stack([torch.as_tensor(v, dtype=torch.float32) for v in stats.values()]), env)
+    return dict(zip(stats, values.tolist()))
 
 
 def _start_pusher(cfg: BastionConfig):
@@ -434,13 +461,18 @@ def _restore(ckpt_root: Path, cfg: BastionConfig, model: Transformer, optimizer:
         raise CheckpointError(f"--resume: model config differs from the checkpoint in {', '.join('model.' + k for k in changed)}")
     if ckpt.optimizer is None:
         raise CheckpointError(f"{ckpt.directory}: has no optimizer state; exact resume needs checkpoint.save_optimizer")
-    if cfg.finetune.lora.enabled:
+    if sharded:
+        if cfg.finetune.lora.enabled:  # adapters only; the frozen base came from init_from
+            check_against_model(ckpt.model, lora_state_dict(model), ckpt.directory / "model.safetensors",
+                                exact_dtype=False)
+            check_finite(ckpt.model, ckpt.directory / "model.safetensors")
+        else:
+            with torch.device("meta"):
+                check_against_model(ckpt.model, Transformer(cfg.model).state_dict(), ckpt.directory)
+        load_sharded_state(model, optimizer, ckpt.model, ckpt.optimizer, ckpt.optimizer_meta)
+    elif cfg.finetune.lora.enabled:
         load_lora_state_dict(model, ckpt.model, ckpt.directory / "model.safetensors")
         optimizer_from_tensors(optimizer, ckpt.optimizer, ckpt.optimizer_meta)
-    elif sharded:
-        with torch.device("meta"):
-            check_against_model(ckpt.model, Transformer(cfg.model).state_dict(), ckpt.directory)
-        load_sharded_state(model, optimizer, ckpt.model, ckpt.optimizer, ckpt.optimizer_meta)
     else:
         check_against_model(ckpt.model, model.state_dict(), ckpt.directory)
         model.load_state_dict(ckpt.model)

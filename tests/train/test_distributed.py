@@ -74,6 +74,32 @@ def test_two_ranks_match_one_process_and_resume_on_one_or_two(arithmetic_data, s
         assert [again[s] for s in range(7, 13)] == pytest.approx([one[s] for s in range(7, 13)], abs=2e-4), nproc
 
 
+def test_two_nodes_rendezvous_over_tcp(arithmetic_data, single, tmp_path):
+    """Multi-node launch as the README shows it: two torchrun launchers ("nodes") of one
+    process each meet at a c10d rendezvous endpoint on loopback; same curve as one process."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cfg = config(arithmetic_data, tmp_path / "nodes", batch_size=4, max_steps=6)
+    path = tmp_path / "nodes.yaml"
+    path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    launchers = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=1",
+                                   "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=bastion-test",
+                                   "-m", "bastion.cli", "train", "-c", str(path), "--quiet"],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    try:
+        errors = [p.communicate(timeout=300)[1] for p in launchers]
+    finally:
+        for p in launchers:
+            if p.poll() is None:
+                p.kill()
+    assert [p.returncode for p in launchers] == [0, 0], errors[0][-2000:] + errors[1][-2000:]
+    one, two = losses(single), losses(tmp_path / "nodes")
+    assert [two[s] for s in range(1, 7)] == pytest.approx([one[s] for s in range(1, 7)], abs=1e-5)
+
+
 def test_fsdp_bf16_mixed_precision_trains(arithmetic_data, single, tmp_path):
     """bf16 compute with float32 master weights and reductions: close to the float32 curve."""
     out = tmp_path / "bf16"

@@ -47,6 +47,26 @@ def test_exact_resume_matches_uninterrupted_run(arithmetic_data, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_non_finite_loss_stops_the_run_before_any_checkpoint_holds_it(arithmetic_data, tmp_path, monkeypatch):
+    """Losses are read in batches (at log steps and checkpoints, not every step); a NaN at
+    step 3 is still reported as step 3, and no checkpoint after it is written."""
+    from bastion.train.tasks import CLMTask
+
+    original, calls = CLMTask.micro_batch_loss, []
+
+    def poisoned(self, forward, device):
+        loss, tokens, stats = original(self, forward, device)
+        calls.append(1)
+        return (loss * float("nan") if len(calls) == 3 else loss), tokens, stats
+
+    monkeypatch.setattr(CLMTask, "micro_batch_loss", poisoned)
+    cfg = tiny_config(arithmetic_data, tmp_path / "run", max_steps=20, log_every=10)
+    cfg = cfg.model_copy(update={"checkpoint": cfg.checkpoint.model_copy(update={"every_steps": 2, "keep_last": 5})})
+    with pytest.raises(FloatingPointError, match="at step 3;"):
+        train(cfg, quiet=True)
+    assert [p.name for p in list_checkpoints(tmp_path / "run" / "checkpoints")] == ["step_00000002"]
+
+
 def test_metrics_tensorboard_and_plot(arithmetic_data, tmp_path):
     run = tmp_path / "run"
     train(tiny_config(arithmetic_data, run, max_steps=20, eval_every=10, log_every=5), quiet=True)

@@ -7,7 +7,7 @@ TORCH_INDEX ?=
 BIN         := $(VENV)/bin
 STAMP       := $(VENV)/.bastion-installed
 
-.PHONY: install demo test test-all bench audit clean
+.PHONY: install demo test test-all bench gpu-wheels audit clean
 
 # torch goes in first, on its own: a resolve without it would pull a multi-GB CUDA build.
 $(STAMP): pyproject.toml constraints.txt
@@ -30,6 +30,16 @@ test-all: install
 
 bench: install
 	$(BIN)/python bench/train_throughput.py
+
+# Wheels (Python 3.12, x86-64) of the pinned packages a stock CUDA/PyTorch image tends to
+# lack, for machines without a registry: bench/gpu_check.sh installs .whl/ when present.
+GPU_WHEELS := pydantic pydantic_core annotated-types typing-inspection typing_extensions datasketch dill
+gpu-wheels: install
+	rm -rf .whl
+	for name in $(GPU_WHEELS); do \
+	  $(BIN)/python -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+	    --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+	    -d .whl -c constraints.txt $$name || exit 1; done
 
 # Known-vulnerability audit of every pinned dependency (torch included). Where the
 # vulnerability service cannot be reached, pip-audit lists the packages it skipped.

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -171,11 +172,17 @@ def train_cmd(
     resume: bool = typer.Option(False, "--resume", help="Continue the run in train.out_dir from its latest checkpoint."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
-    """Train a model on prepared data. Ctrl-C / SIGTERM finishes the step, saves, and exits 0."""
+    """Train or fine-tune as the config says (train.objective). Ctrl-C / SIGTERM finishes the step, saves, and exits 0.
+
+    Under torchrun (torchrun --nproc-per-node N -m bastion.cli train -c cfg.yaml) each process
+    is one data-parallel rank: train.parallel ddp or fsdp; see docs/distributed.md.
+    """
     from bastion.train import train
 
     cfg = _load(config, overrides)
     result = train(cfg, resume=resume, quiet=quiet)
+    if os.environ.get("RANK", "0") != "0":
+        return  # rank 0 reports for the run
     val = f", val loss {result.final_val_loss:.4f}" if result.final_val_loss is not None else ""
     if "reward_accuracy" in result.val_metrics:
         val += f", val reward accuracy {result.val_metrics['reward_accuracy']:.3f}"

@@ -6,7 +6,13 @@ interleaved round by round so machine noise hits both alike. Ours is the real tr
 loop (`bastion.train.train`, tokens/s as it logs them); theirs is a plain PyTorch loop.
 
     python bench/train_throughput.py                       # CPU defaults
-    python bench/train_throughput.py --device cuda --preset base --seq-len 1024 --batch-size 16 --dtype bfloat16
+    python bench/train_throughput.py --device cuda --preset base --model-vocab 50304 \
+        --seq-len 1024 --batch-size 16 --dtype bfloat16          # GPT-2 small class (~124M), MFU
+    bash bench/gpu_check.sh                                   # all the GPU runs, as one prepared script
+
+--model-vocab sizes the embedding and head beyond the small tokenizer trained here (the
+extra ids are simply never seen), so the model has GPT-2 small's shape and FLOPs and the
+MFU compares with the published anchors (llm.c, nanoGPT) for that model.
 """
 from __future__ import annotations
 
@@ -46,7 +52,8 @@ def prepare(workdir: Path, vocab_size: int) -> Path:
 
 def bench_config(args, data_dir: Path, out_dir: Path, steps: int):
     return build_config({
-        "model": {"preset": args.preset, "max_seq_len": max(args.seq_len, 128)},
+        "model": {"preset": args.preset, "max_seq_len": max(args.seq_len, 128),
+                  **({"vocab_size": args.model_vocab} if args.model_vocab else {})},
         "train": {"data_dir": str(data_dir), "out_dir": str(out_dir), "seq_len": args.seq_len,
                   "batch_size": args.batch_size, "max_steps": steps, "lr": 1e-3, "warmup_steps": 2,
                   "eval_every": 10**8, "log_every": 1, "dtype": args.dtype, "device": args.device,
@@ -79,7 +86,7 @@ def run_hf(args, data_dir: Path, round_no: int) -> float:
     """A plain loop: same batches, AdamW settings, clipping, autocast and loss as ours."""
     cfg = bench_config(args, data_dir, Path("unused"), 1)
     shards = TokenShards(data_dir, "train")
-    cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"vocab_size": shards.vocab_size})})
+    cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"vocab_size": args.model_vocab or shards.vocab_size})})
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     torch.manual_seed(0)
     model = hf_model(cfg).to(device).train()
@@ -112,7 +119,8 @@ def main() -> None:
     parser.add_argument("--preset", default="small")
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--vocab-size", type=int, default=8192)
+    parser.add_argument("--vocab-size", type=int, default=8192, help="tokenizer vocabulary trained on the bench data")
+    parser.add_argument("--model-vocab", type=int, help="model vocabulary (>= the tokenizer's; default: the tokenizer's)")
     parser.add_argument("--steps", type=int, default=8, help="timed steps per round")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps per round")
     parser.add_argument("--rounds", type=int, default=3)
@@ -131,7 +139,7 @@ def main() -> None:
             theirs.append(run_hf(args, data_dir, round_no))
             print(f"round {round_no}: bastion {ours[-1]:,.0f} tok/s   transformers {theirs[-1]:,.0f} tok/s", flush=True)
         cfg = bench_config(args, data_dir, workdir, 1)
-        model = Transformer(cfg.model.model_copy(update={"vocab_size": TokenShards(data_dir).vocab_size}))
+        model = Transformer(cfg.model.model_copy(update={"vocab_size": args.model_vocab or TokenShards(data_dir).vocab_size}))
 
     ours_tps, hf_tps = statistics.median(ours), statistics.median(theirs)
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU ({torch.get_num_threads()} threads)"

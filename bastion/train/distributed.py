@@ -151,16 +151,19 @@ def _param_names(optimizer: torch.optim.Optimizer) -> list[str]:
     return [name for group in optimizer.param_groups for name in group["names"]]
 
 
-def full_training_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                        sharded: bool) -> tuple[dict[str, torch.Tensor], dict]:
-    """(model state dict, index-keyed optimizer state dict) of the whole model. Under FSDP a
-    collective: every rank must call it; only rank 0 gets the tensors (gathered to CPU)."""
+def full_training_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, sharded: bool,
+                        with_optimizer: bool = True) -> tuple[dict[str, torch.Tensor], dict | None]:
+    """(model state dict, index-keyed optimizer state dict or None) of the whole model.
+    Under FSDP a collective: every rank must call it; only rank 0 gets the tensors
+    (gathered to CPU, where rank 0 then holds the whole state once)."""
     if not sharded:
-        return model.state_dict(), optimizer.state_dict()
+        return model.state_dict(), optimizer.state_dict() if with_optimizer else None
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
 
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     model_sd = get_model_state_dict(model, options=options)
+    if not with_optimizer:
+        return model_sd, None
     by_name = get_optimizer_state_dict(model, optimizer, options=options)
     names = _param_names(optimizer)
     state = {i: by_name["state"][name] for i, name in enumerate(names) if name in by_name.get("state", {})}

@@ -261,13 +261,13 @@ def _train(cfg: BastionConfig, env: DistEnv, device: torch.device, *, resume: bo
 
     def save(at_step: int) -> Path:
         # Every rank takes part in gathering the state (FSDP); rank 0 writes; all wait for the commit.
-        model_sd, opt_sd = full_training_state(model, optimizer, sharded)
+        model_sd, opt_sd = full_training_state(model, optimizer, sharded, with_optimizer=cfg.checkpoint.save_optimizer)
         path = _save(at_step, model_sd, opt_sd) if env.main else ckpt_root / f"step_{at_step:08d}"
         barrier(env)
         return path
 
-    def _save(at_step: int, model_sd: dict, opt_sd: dict) -> Path:
-        opt_tensors, opt_meta = state_dict_to_tensors(opt_sd, type(optimizer).__name__)
+    def _save(at_step: int, model_sd: dict, opt_sd: dict | None) -> Path:
+        opt_tensors, opt_meta = state_dict_to_tensors(opt_sd, type(optimizer).__name__) if opt_sd else (None, {})
         adapters = {name: t for name, t in model_sd.items() if is_lora_name(name)}
         rng = {"torch_cpu": torch.get_rng_state()}
         if device.type == "cuda":
@@ -284,8 +284,7 @@ def _train(cfg: BastionConfig, env: DistEnv, device: torch.device, *, resume: bo
             ckpt_root, at_step,
             # A LoRA run stores only its adapters: the base is init_from, pinned by its hash.
             Checkpoint(model=adapters if lora else model_sd, trainer_state=state, config_yaml=to_yaml(cfg),
-                       tokenizer_json=tokenizer_json, optimizer=opt_tensors if cc.save_optimizer else None,
-                       optimizer_meta=opt_meta, rng=rng),
+                       tokenizer_json=tokenizer_json, optimizer=opt_tensors, optimizer_meta=opt_meta, rng=rng),
             retention=Retention(cc.keep_last, cc.keep_best, cc.keep_every), max_shard_bytes=cc.max_shard_bytes,
         )
         if lora:  # the adapter alone, in its own verified folder (bastion merge / export peft)

@@ -90,7 +90,8 @@ def plot_run(run_dir: str | Path, output: str | Path | None = None) -> Path:
 
 
 # Dense bf16 peak FLOP/s per GPU, by substring of torch.cuda.get_device_name() (vendor specs).
-PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12, "A10G": 70e12,
+# More specific names come first (the first substring that matches wins).
+PEAK_BF16_FLOPS = {"H200": 989e12, "H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12, "A10G": 70e12,
                    "4090": 165e12, "3090": 71e12}
 
 

@@ -92,15 +92,23 @@ def test_two_ranks_follow_one_process(data, tmp_path, case):
         assert all((adapter.tensors[k] == ckpt.model[k]).all() for k in ckpt.model)
 
 
-def test_lora_fsdp_checkpoint_resumes_on_one_process(data, tmp_path):
+def test_lora_fsdp_checkpoint_resumes_on_one_process_and_on_two(data, tmp_path):
+    """Adapters gathered by 2 FSDP ranks at step 6 continue the same curve in one process,
+    and sharded again onto 2 ranks (each rank loading its slice of the adapters and of
+    their AdamW state)."""
     case = "dpo-fsdp-lora"
     torchrun(build(data, tmp_path / "two", case, batch_size=4), tmp_path)
     straight = metrics(tmp_path / "two")
-    resumed = tmp_path / "resumed"
-    shutil.copytree(tmp_path / "two", resumed)
-    shutil.rmtree(resumed / "checkpoints" / "step_00000012")
-    (resumed / "checkpoints" / "latest").write_text("step_00000006")
-    train(build(data, resumed, case, batch_size=8), resume=True, quiet=True)
-    again = metrics(resumed)
-    for step in range(7, STEPS + 1):
-        assert again[("train", step)]["loss"] == pytest.approx(straight[("train", step)]["loss"], abs=1e-4), step
+    for nproc in (1, 2):
+        resumed = tmp_path / f"resumed-{nproc}"
+        shutil.copytree(tmp_path / "two", resumed)
+        shutil.rmtree(resumed / "checkpoints" / "step_00000012")
+        (resumed / "checkpoints" / "latest").write_text("step_00000006")
+        if nproc == 1:
+            train(build(data, resumed, case, batch_size=8), resume=True, quiet=True)
+        else:
+            torchrun(build(data, resumed, case, batch_size=4), tmp_path, "--resume")
+        again = metrics(resumed)
+        for step in range(7, STEPS + 1):
+            assert again[("train", step)]["loss"] == pytest.approx(straight[("train", step)]["loss"], abs=1e-4), (nproc, step)
+        assert again[("val", STEPS)]["reward_accuracy"] == pytest.approx(straight[("val", STEPS)]["reward_accuracy"])

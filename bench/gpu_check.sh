@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Bastion's GPU checks as one prepared run (~8 minutes), for a machine lent for a short
+# Bastion's GPU checks as one prepared run (at most ~7 minutes), for a machine lent for a short
 # time: the CUDA paths of the training tests, then training throughput and MFU against
 # transformers' LlamaForCausalLM for a GPT-2-small-class model (~124M), eager and compiled.
 #
@@ -37,9 +37,10 @@ stage() {  # stage NAME SECONDS COMMAND...: run with a time limit, log to $OUT/N
 }
 
 # The training tests pick CUDA by themselves (train.device: auto): bf16 autocast, compile,
-# fused AdamW and pinned-memory batches on the GPU.
-stage tests 120 "$PY" -m pytest -q -x -p no:cacheprovider tests/train/test_train.py tests/model
+# fused AdamW and pinned-memory batches on the GPU. Written for the CPU: a test that needs
+# bit-exact repeats may meet CUDA's nondeterministic kernels; all run, failures are listed.
+stage tests 90 "$PY" -m pytest -q -p no:cacheprovider tests/train/test_train.py tests/model
 
 common=(--device cuda --preset base --model-vocab 50304 --seq-len 1024 --batch-size 16 --dtype bfloat16 --warmup 5)
-stage eager 150 "$PY" bench/train_throughput.py "${common[@]}" --rounds 2 --steps 20 --json "$OUT/eager.json"
-stage compile 240 "$PY" bench/train_throughput.py "${common[@]}" --rounds 1 --steps 30 --compile --json "$OUT/compile.json"
+stage eager 120 "$PY" bench/train_throughput.py "${common[@]}" --rounds 2 --steps 20 --json "$OUT/eager.json"
+stage compile 210 "$PY" bench/train_throughput.py "${common[@]}" --rounds 1 --steps 30 --compile --json "$OUT/compile.json"

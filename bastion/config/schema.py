@@ -185,6 +185,8 @@ class TrainConfig(Section):
     grad_clip: float | None = Field(default=1.0, gt=0.0, le=1e6)
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     compile: bool = False
+    tf32: bool = Field(default=True, description="CUDA: float32 matmuls and convolutions on TensorFloat-32 tensor "
+                                                 "cores (Ampere and newer); false for full float32 precision")
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     eval_every: int = Field(default=100, ge=1, le=100_000_000)
     eval_batches: int = Field(default=10, ge=1, le=100_000)

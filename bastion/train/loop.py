@@ -168,6 +168,8 @@ def _train(cfg: BastionConfig, env: DistEnv, device: torch.device, *, resume: bo
         # Per-example clipping and the privacy accounting assume one process drawing the batches.
         raise ConfigError("train.dp (DP-SGD) runs in a single process; launch it without torchrun")
     bf16 = use_bf16(tc.dtype, device)
+    if device.type == "cuda":  # what float32 matmuls run on (bf16 autocast ones are unaffected)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tc.tf32
     run_dir = Path(tc.out_dir)
     ckpt_root = run_dir / "checkpoints"
     if list_checkpoints(ckpt_root) and not resume:

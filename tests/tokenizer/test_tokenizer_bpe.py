@@ -147,7 +147,7 @@ def test_named_special_tokens(tok: BastionTokenizer) -> None:
     # A Hugging Face tokenizer names its own eos / pad; they must exist in the vocabulary.
     t = BastionTokenizer.from_json_str(tok.to_json_str(), eos_token=PAD_TOKEN, pad_token=EOS_TOKEN)
     assert (t.eos_id, t.pad_id) == (tok.pad_id, tok.eos_id)
-    with pytest.raises(DataError, match="<\|im_end\|>"):
+    with pytest.raises(DataError, match=r"<\|im_end\|>"):
         BastionTokenizer.from_json_str(tok.to_json_str(), eos_token="<|im_end|>")
     assert "<|endoftext|>" not in [tok.decode([i]) for i in tok.encode("a <|endoftext|> b")]
 

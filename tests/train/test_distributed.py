@@ -100,6 +100,17 @@ def test_two_nodes_rendezvous_over_tcp(arithmetic_data, single, tmp_path):
     assert [two[s] for s in range(1, 7)] == pytest.approx([one[s] for s in range(1, 7)], abs=1e-5)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_compiled_two_ranks_match_one_eager_process(arithmetic_data, single, tmp_path, parallel):
+    """train.compile under torchrun: the DDP-wrapped or FSDP2-sharded model compiles and
+    follows the eager single-process curve (~20-40 s of compiling per run on 2 cores)."""
+    out = tmp_path / f"compiled-{parallel}"
+    torchrun(config(arithmetic_data, out, batch_size=4, parallel=parallel, compile=True, max_steps=6), tmp_path, 2)
+    one, two = losses(single), losses(out)
+    assert [two[s] for s in range(1, 7)] == pytest.approx([one[s] for s in range(1, 7)], abs=1e-4)
+
+
 def test_fsdp_bf16_mixed_precision_trains(arithmetic_data, single, tmp_path):
     """bf16 compute with float32 master weights and reductions: close to the float32 curve."""
     out = tmp_path / "bf16"

@@ -562,7 +562,7 @@ def tokenize_preference(
     """(prompt_ids, chosen_ids, chosen_mask, rejected_ids, rejected_mask) of one record."""
     tok = chat.tokenizer
     if not record.is_chat and raw_strings:
-        prompt = tok.encode(record.prompt)
+        prompt = tok.encode_prompt(record.prompt)
         chosen = tok.encode(record.chosen) + [tok.eos_id]
         rejected = tok.encode(record.rejected) + [tok.eos_id]
         return prompt, chosen, [True] * len(chosen), rejected, [True] * len(rejected)

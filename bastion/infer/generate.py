@@ -157,7 +157,7 @@ def stream(model: Transformer, tokenizer: Tokenizer, prompt: str | list[int], *,
     refuse it before starting a streamed response.
     """
     if isinstance(prompt, str):
-        prompt_ids = tokenizer.encode(prompt)
+        prompt_ids = tokenizer.encode_prompt(prompt)
     elif isinstance(prompt, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in prompt):
         prompt_ids = list(prompt)
         vocab = model.cfg.vocab_size or 0

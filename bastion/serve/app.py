@@ -273,7 +273,7 @@ def create_app(state: ServerState) -> FastAPI:
 
     @app.post("/v1/completions")
     async def completions(body: P.CompletionRequest, request: Request) -> Response:
-        prompt_ids = state.loaded.tokenizer.encode(body.prompt)
+        prompt_ids = state.loaded.tokenizer.encode_prompt(body.prompt)
         return await _generate(state, request, body, prompt_ids, chat=False, text=body.prompt)
 
     @app.post("/v1/chat/completions")

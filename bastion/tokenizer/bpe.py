@@ -43,6 +43,10 @@ class BastionTokenizer:
         self.pad_id: int = tokenizer.token_to_id(pad_token)
         self.bos_id: int | None = tokenizer.token_to_id(bos_token) if bos_token else None
         self.vocab_size: int = tokenizer.get_vocab_size(with_added_tokens=True)
+        # Does the tokenizer's own post-processor begin every text with bos (Llama, Mistral)?
+        # Then the model saw bos first in training, and plain-text prompts start with it too.
+        starts = tokenizer.encode("a", add_special_tokens=True).ids[:1] if self.bos_id is not None else []
+        self.adds_bos: bool = starts == [self.bos_id]
 
     # ---- construction -------------------------------------------------------------
     @staticmethod
@@ -95,6 +99,12 @@ class BastionTokenizer:
     # ---- use ----------------------------------------------------------------------
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text, add_special_tokens=False).ids
+
+    def encode_prompt(self, text: str) -> list[int]:
+        """A plain-text prompt's ids: `encode(text)`, after bos when the tokenizer adds one
+        to every text (as transformers' `tokenizer(text)` does for Llama and Mistral)."""
+        ids = self.encode(text)
+        return [self.bos_id, *ids] if self.adds_bos else ids
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]

@@ -148,6 +148,41 @@ def test_bastion_tokenizer_checkpoint_loads_for_inference(tmp_path):
     assert read_chat_template(tmp_path / "ckpt") is None
 
 
+@pytest.mark.parametrize("adds_bos", [True, False])
+def test_plain_prompts_start_with_bos_when_the_tokenizer_adds_it(tmp_path, adds_bos):
+    """Llama / Mistral tokenizers put bos before every text (their post-processor); the
+    model expects it. A plain-text prompt gets it too, so greedy generation equals
+    transformers' generate() on tokenizer(text); a tokenizer without that post-processor
+    (Qwen2, Bastion's own) gets none."""
+    from tokenizers import processors
+
+    from bastion.config.schema import GenerateConfig
+    from bastion.infer.generate import generate
+    from bastion.infer.loading import load_for_inference
+
+    model = hf_model("llama")
+    folder = save_hf(model, tmp_path / "hf")
+    tok = write_tokenizer(folder)
+    if adds_bos:
+        bos = tok.token_to_id("<s>")
+        tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                           special_tokens=[("<s>", bos)])
+        tok.save(str(folder / "tokenizer.json"))
+    loaded = load_for_inference(import_hf(folder, tmp_path / "ckpt"))
+    text = "hello world"
+    ids = loaded.tokenizer.encode_prompt(text)
+    assert loaded.tokenizer.adds_bos is adds_bos
+    assert ids == tok.encode(text).ids  # what the tokenizer itself gives, specials included
+    assert (ids[0] == tok.token_to_id("<s>")) is adds_bos
+    ours = generate(loaded.model, loaded.tokenizer, text, max_new_tokens=8, temperature=0.0,
+                    limits=GenerateConfig())
+    with torch.no_grad():
+        theirs = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                                max_new_tokens=8, do_sample=False, eos_token_id=None,
+                                pad_token_id=tok.token_to_id("</s>"))[0, len(ids):].tolist()
+    assert ours.prompt_tokens == len(ids) and ours.token_ids and ours.token_ids == theirs[:len(ours.token_ids)]
+
+
 def test_name_map_round_trips():
     assert hf_name("layers.3.attention.wq") == "model.layers.3.self_attn.q_proj"
     assert hf_name("layers.0.feed_forward.w2.weight") == "model.layers.0.mlp.down_proj.weight"

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Bastion's GPU checks as one prepared run (at most ~7 minutes), for a machine lent for a short
+# Bastion's GPU checks as one prepared run (at most ~7.5 minutes), for a machine lent for a short
 # time: the CUDA paths of the training tests, then training throughput and MFU against
 # transformers' LlamaForCausalLM for a GPT-2-small-class model (~124M), eager and compiled.
 #
@@ -7,7 +7,7 @@
 #   bash bench/gpu_check.sh         # there, from the repository root (carry .whl)
 #
 # Results go to $OUT (default runs/gpu-check): env.txt, tests.log, eager.json / .log,
-# compile.json / .log. Each stage has its own time limit and a failed stage does not stop
+# profile.json / .log, compile.json / .log (8 files: what the device tool brings back). Each stage has its own time limit and a failed stage does not stop
 # the next, so one run always brings back whatever it could measure.
 set -u
 OUT=${OUT:-runs/gpu-check}
@@ -43,4 +43,6 @@ stage tests 90 "$PY" -m pytest -q -p no:cacheprovider tests/train/test_train.py 
 
 common=(--device cuda --preset base --model-vocab 50304 --seq-len 1024 --batch-size 16 --dtype bfloat16 --warmup 5)
 stage eager 120 "$PY" bench/train_throughput.py "${common[@]}" --rounds 2 --steps 20 --json "$OUT/eager.json"
-stage compile 210 "$PY" bench/train_throughput.py "${common[@]}" --rounds 1 --steps 30 --compile --json "$OUT/compile.json"
+# Where the eager step's time goes: top kernels and how busy the GPU is (the tuning lead).
+stage profile 60 "$PY" bench/profile_step.py "${common[@]}" --steps 3 --json "$OUT/profile.json"
+stage compile 180 "$PY" bench/train_throughput.py "${common[@]}" --rounds 1 --steps 30 --compile --json "$OUT/compile.json"

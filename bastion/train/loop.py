@@ -234,8 +234,10 @@ def _train(cfg: BastionConfig, env: DistEnv, device: torch.device, *, resume: bo
     barrier(env)
     notes = dp.start(run_dir, step) if dp is not None else []
     if env.enabled:
+        unit = f"blocks of {tc.seq_len} tokens" if tc.objective == "clm" else \
+            f"{'pairs' if isinstance(task, PreferenceTask) else 'rows'} of up to {tc.seq_len} tokens"
         notes.append(f"data-parallel ({'FSDP2' if sharded else 'DDP'}) on {env.world} ranks, {device.type}: global batch "
-                     f"{tc.batch_size * env.world * tc.grad_accum} blocks of {tc.seq_len} tokens")
+                     f"{tc.batch_size * env.world * tc.grad_accum} {unit}")
     if isinstance(task, (SFTTask, PreferenceTask)):
         notes += task.describe()
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)

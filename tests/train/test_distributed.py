@@ -182,3 +182,42 @@ def test_rank_killed_mid_save_leaves_committed_checkpoints_loadable(arithmetic_d
     resumed = cfg.model_copy(update={"train": cfg.train.model_copy(update={"max_steps": step + 2, "batch_size": 8})})
     result = train(resumed, resume=True, quiet=True)
     assert result.steps == step + 2
+
+
+def test_sigterm_to_one_rank_stops_every_rank_at_the_same_step(arithmetic_data, tmp_path):
+    """A preemption notice reaching one process (rank 1 here): the ranks agree on the stop
+    at the next step, rank 0 writes the checkpoint of that step, all exit 0 - and the run
+    resumes from it."""
+    import signal
+    import time
+
+    psutil = pytest.importorskip("psutil")
+    from bastion.checkpoint import list_checkpoints
+
+    out = tmp_path / "preempted"
+    cfg = config(arithmetic_data, out, batch_size=4)
+    cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"max_steps": 100_000})})
+    path = tmp_path / "preempted.yaml"
+    path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    launcher = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                                 "-m", "bastion.cli", "train", "-c", str(path), "--quiet"],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and not ((out / "metrics.jsonl").exists() and len(losses(out)) >= 3):
+            time.sleep(0.05)
+        rank1 = [c for c in psutil.Process(launcher.pid).children(recursive=True) if c.environ().get("RANK") == "1"]
+        assert rank1, "rank 1 not found"
+        rank1[0].send_signal(signal.SIGTERM)
+        _, err = launcher.communicate(timeout=120)
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+    assert launcher.returncode == 0, err[-2000:]
+    last_step = max(losses(out))
+    assert last_step < 100_000
+    newest = list_checkpoints(out / "checkpoints")[-1]
+    assert newest.name == f"step_{last_step:08d}"  # the step every rank stopped at, saved
+    resumed = cfg.model_copy(update={"train": cfg.train.model_copy(update={"max_steps": last_step + 2,
+                                                                             "batch_size": 8})})
+    assert train(resumed, resume=True, quiet=True).steps == last_step + 2

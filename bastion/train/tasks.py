@@ -189,7 +189,8 @@ class SFTTask(_FileTask):
         loss = sft_batch_loss(forward, batch_to_device(mine, device), self.train.pack)
         if self.world > 1:  # this rank's share of the global batch's counted tokens (counted on the CPU)
             counted = int((mine["labels"] != IGNORE_INDEX).sum()) if real else 0
-            loss = loss * (counted * self.world / int((full["labels"] != IGNORE_INDEX).sum()))
+            total = int((full["labels"] != IGNORE_INDEX).sum())  # (0: the loss is nan, as in one process)
+            loss = loss * (counted * self.world / max(total, 1))
         return loss, int(full["num_tokens"]), {}
 
     def evaluate(self, forward: Forward, autocast: Autocast, device: torch.device, max_batches: int) -> dict[str, float]:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -48,6 +49,7 @@ class DistEnv:
 
 
 _control_group = None  # the CPU (gloo) process group beside NCCL; None: the default group is gloo
+CONTROL_TIMEOUT = timedelta(hours=2)  # how long ranks wait for each other on the host (e.g. a checkpoint write)
 
 
 def _int_env(name: str, default: int) -> int:
@@ -77,16 +79,21 @@ def init_distributed(device_name: str) -> tuple[DistEnv, torch.device | None]:
     else:
         device = torch.device("cpu")
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo", rank=env.rank, world_size=env.world)
+        if use_cuda:  # bound to this rank's GPU: no guessing which device a barrier uses
+            dist.init_process_group("nccl", rank=env.rank, world_size=env.world, device_id=device)
+        else:
+            dist.init_process_group("gloo", rank=env.rank, world_size=env.world, timeout=CONTROL_TIMEOUT)
     global _control_group
-    # Small host-side agreements (stop requests) go over gloo; NCCL carries the tensors.
-    _control_group = dist.new_group(backend="gloo") if use_cuda else None
+    # Host-side agreements (stop requests, waiting for rank 0 to write a checkpoint) go over
+    # gloo with a long timeout: writing a large checkpoint can outlast NCCL's 10 minutes.
+    _control_group = dist.new_group(backend="gloo", timeout=CONTROL_TIMEOUT) if use_cuda else None
     return env, device
 
 
 def barrier(env: DistEnv) -> None:
+    """Every rank waits here for the others (on the host: gloo, CONTROL_TIMEOUT)."""
     if env.enabled:
-        dist.barrier()
+        dist.barrier(group=_control_group)
 
 
 def mean_across_ranks(value: torch.Tensor, env: DistEnv) -> torch.Tensor:

@@ -362,10 +362,14 @@ def _train(cfg: BastionConfig, env: DistEnv, device: torch.device, *, resume: bo
                 pending.append((step, step_loss, step_tokens))
                 if stop.requested is None and should_stop is not None and should_stop(step):
                     stop.requested = "callback"
-                if env.enabled and any_rank(stop.requested is not None, env) and stop.requested is None:
-                    stop.requested = "another rank"
+                # Read once: a signal landing after this line counts from the next step. Under
+                # torchrun only the agreed answer decides, so every rank stops at the same step
+                # (a rank stopping alone would leave the others waiting in a collective).
+                stopping_by = stop.requested
+                if env.enabled and any_rank(stopping_by is not None, env) and stopping_by is None:
+                    stopping_by = "another rank"
                 log_due = step % tc.log_every == 0 or step == total_steps
-                save_due = step % cfg.checkpoint.every_steps == 0 or step == total_steps or bool(stop.requested)
+                save_due = step % cfg.checkpoint.every_steps == 0 or step == total_steps or stopping_by is not None
                 if log_due or save_due:  # (never save weights a non-finite loss has touched)
                     last_loss = _read_losses(pending, losses, env)
 
@@ -398,8 +402,8 @@ def _train(cfg: BastionConfig, env: DistEnv, device: torch.device, *, resume: bo
                 if save_due:
                     last_ckpt = save(step)
                 window_start += time.perf_counter() - paused
-                if stop.requested:
-                    stopped_by = stop.requested
+                if stopping_by is not None:
+                    stopped_by = stopping_by
                     progress.note(f"{stopped_by}: saved {last_ckpt} at step {step}; continue with --resume")
                     break
     finally:

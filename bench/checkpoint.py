@@ -12,6 +12,9 @@ model, in one process, repetitions interleaved and medians reported:
    threads, file to file with fsync, as `zstd -T<n>` would) for the fp32 weights, the same
    weights cast to bf16, and the newer checkpoint (model + optimizer) as a delta against the
    one before it. Also: which bits one AdamW step actually flips.
+3. save memory: the peak memory a save adds on top of the state it writes (model + AdamW),
+   `save_checkpoint` (streams tensor by tensor) vs serializing each file to bytes first (as
+   it did before) vs `safetensors.torch.save_file`, each in its own process.
 
     python bench/checkpoint.py                  # ~3-4 minutes on a 2-core CPU
     python bench/checkpoint.py --json out.json
@@ -142,6 +145,57 @@ def bench_save_load(weights: dict[str, torch.Tensor], work: Path, reps: int) -> 
     return {"bytes": st.stat().st_size, "methods": rows, "sha256_seconds": statistics.median(hashing)}
 
 
+def save_memory_job(kind: str, ckpt_dir: Path, out: Path) -> None:
+    """(In a subprocess.) Load a checkpoint's model + AdamW tensors, save them, print the
+    save's peak memory above what the loaded tensors already held, and its time."""
+    def status(key: str) -> int:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key))
+
+    ckpt = load_checkpoint(ckpt_dir)
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset the peak (VmHWM) to now: loading's own peak must not count
+    before = status("VmRSS:")
+    start = time.perf_counter()
+    if kind == "bastion":
+        save_checkpoint(out, 1, ckpt)
+    elif kind == "in-memory":  # serialize every file to bytes first (save_checkpoint before 2026-11-29)
+        out.mkdir()
+        files = {"model.safetensors": safetensors.torch.save(unique_tensors(ckpt.model)),
+                 "optimizer.safetensors": safetensors.torch.save(ckpt.optimizer)}
+        for name, data in files.items():
+            (out / name).write_bytes(data)
+    else:  # the library's own file writer, the same two tensor files, no hashing
+        out.mkdir()
+        safetensors.torch.save_file(unique_tensors(ckpt.model), out / "model.safetensors")
+        safetensors.torch.save_file(ckpt.optimizer, out / "optimizer.safetensors")
+    seconds = time.perf_counter() - start
+    peak = status("VmHWM:") - before
+    print(json.dumps({"peak_bytes": max(peak, 0), "seconds": seconds}))
+
+
+def bench_save_memory(ckpt_dir: Path, work: Path, reps: int) -> dict:
+    """Peak memory of a save on top of the state itself: our streaming writer vs in-memory
+    serialization vs safetensors.torch.save_file, each in its own process (glibc told to
+    return large blocks at once, so RSS follows the buffers), alternating."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+    runs: dict[str, list[dict]] = {"bastion": [], "in-memory": [], "safetensors": []}
+    state = sum((ckpt_dir / f).stat().st_size for f in ("model.safetensors", "optimizer.safetensors"))
+    for _ in range(reps):
+        for kind in runs:
+            out = fresh(work / f"mem-{kind}")
+            proc = subprocess.run([sys.executable, __file__, "--save-memory-job", kind, str(ckpt_dir), str(out)],
+                                  capture_output=True, text=True, env=env, timeout=600, check=True)
+            runs[kind].append(json.loads(proc.stdout.strip().splitlines()[-1]))
+            fresh(out)
+    return {"state_bytes": state, **{kind: {"peak_bytes": statistics.median(r["peak_bytes"] for r in rows),
+                                            "seconds": statistics.median(r["seconds"] for r in rows)}
+                                     for kind, rows in runs.items()}}
+
+
 def zstd_files(src: Path, dst: Path, level: int, threads: int, decompress: bool = False) -> None:
     """Plain zstd, file to file, streaming, fsynced: what `zstd -T<threads> -<level>` does."""
     codec = zstandard.ZstdDecompressor() if decompress else zstandard.ZstdCompressor(level=level, threads=threads)
@@ -219,7 +273,11 @@ def main() -> None:
     parser.add_argument("--level", type=int, default=3, help="zstd level, both codecs")
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="compression threads, both codecs")
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--save-memory-job", nargs=3, metavar=("KIND", "CKPT", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.save_memory_job:
+        kind, ckpt_dir, out = args.save_memory_job
+        return save_memory_job(kind, Path(ckpt_dir), Path(out))
 
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
@@ -244,11 +302,12 @@ def main() -> None:
             "newer checkpoint, delta vs previous step": bench_pack(newer, work / "c", args, base=older, files=both),
         }
         flips = {name: bit_flips(older, newer, name) for name in both}
+        save_memory = bench_save_memory(newer, work, args.reps)
 
     result = {
         "device": f"CPU ({os.cpu_count()} cores), torch {torch.__version__}, zstandard {zstandard.__version__}",
         "preset": args.preset, "params": params, "train_steps": args.steps, "last_step_lr": step_lr, "level": args.level, "threads": args.threads,
-        "save_load": save_load, "compression": compression, "adamw_step_bit_flips": flips,
+        "save_load": save_load, "compression": compression, "adamw_step_bit_flips": flips, "save_memory": save_memory,
         "seconds": round(time.perf_counter() - started, 1),
     }
     print_tables(result)
@@ -279,6 +338,10 @@ def print_tables(r: dict) -> None:
         planes = " ".join(f"{k} {v:.1%}" for k, v in reversed(f["byte_plane_changed_fraction"].items()))
         print(f"  {name:24} changed {f['changed_fraction']:.1%}; bytes changed: {planes}; "
               f"{f['mean_bits_flipped']:.1f} bits/element, {f['flips_in_low_16_bits']:.0%} of flips in the low 16 bits")
+    m = r["save_memory"]
+    print(f"\nsave of model + AdamW state ({m['state_bytes'] / 1e6:.1f} MB): peak memory above the state, time")
+    for kind in ("bastion", "in-memory", "safetensors"):
+        print(f"  {kind:12} {m[kind]['peak_bytes'] / 1e6:8.1f} MB  {m[kind]['seconds']:6.3f} s")
     print(f"\ntotal {r['seconds']} s")
 
 

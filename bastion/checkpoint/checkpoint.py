@@ -21,7 +21,7 @@ import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import safetensors.torch
 import torch
@@ -35,9 +35,9 @@ from bastion.checkpoint.manifest import (
     read_manifest,
     verify_directory,
 )
-from bastion.checkpoint.safetensors_check import check_against_model, check_finite, parse_header
+from bastion.checkpoint.safetensors_check import TORCH_DTYPE, check_against_model, check_finite, parse_header
 from bastion.errors import CheckpointError
-from bastion.safeio import fsync_dir, make_private_dir, replace_file, write_bytes
+from bastion.safeio import fsync_dir, make_private_dir, open_private, replace_file, write_bytes
 
 LATEST = "latest"
 MODEL_FILE = "model.safetensors"
@@ -63,49 +63,94 @@ def step_dir_name(step: int) -> str:
     return f"step_{step:08d}"
 
 
-def _serialize(ckpt: Checkpoint, max_shard_bytes: int | None) -> dict[str, bytes]:
-    files = _model_files(ckpt.model, max_shard_bytes)
-    files["trainer_state.json"] = json.dumps(ckpt.trainer_state, indent=2, sort_keys=True).encode()
-    files["config.yaml"] = ckpt.config_yaml.encode()
-    files["tokenizer.json"] = ckpt.tokenizer_json.encode()
+TensorFile = tuple[dict[str, torch.Tensor], dict[str, str]]  # tensors, safetensors metadata
+
+
+def _serialize(ckpt: Checkpoint, max_shard_bytes: int | None) -> Iterator[tuple[str, bytes | TensorFile]]:
+    """The checkpoint's files, one at a time: small ones as bytes, tensor files as tensors
+    to stream (see _write_tensors)."""
+    yield from _model_files(ckpt.model, max_shard_bytes)
+    yield "trainer_state.json", json.dumps(ckpt.trainer_state, indent=2, sort_keys=True).encode()
+    yield "config.yaml", ckpt.config_yaml.encode()
+    yield "tokenizer.json", ckpt.tokenizer_json.encode()
     if ckpt.optimizer is not None:
-        files["optimizer.safetensors"] = _save_tensors(*_split_aliases(ckpt.optimizer), ckpt.optimizer_meta)
+        yield "optimizer.safetensors", _tensor_file(ckpt.optimizer, ckpt.optimizer_meta)
     if ckpt.rng:
-        files["rng.safetensors"] = _save_tensors(*_split_aliases(ckpt.rng))
-    return files
+        yield "rng.safetensors", _tensor_file(ckpt.rng)
 
 
 def _split_aliases(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Tensors that alias another (tied embeddings) are stored once: {name: stored name}."""
+    """Tensors that alias another (tied embeddings) are stored once: {name: stored name}.
+    Nothing is copied here (the writer moves one tensor at a time to the CPU)."""
     unique: dict[str, torch.Tensor] = {}
     aliases: dict[str, str] = {}
     seen: dict[tuple, str] = {}
     for name, tensor in tensors.items():
-        tensor = tensor.detach().to("cpu")
-        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape), tensor.dtype)
+        tensor = tensor.detach()
+        key = (tensor.device, tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape),
+               tensor.stride(), tensor.dtype)
         if key in seen and tensor.numel():
             aliases[name] = seen[key]
             continue
         seen[key] = name
-        unique[name] = tensor.contiguous()
+        unique[name] = tensor
     return unique, aliases
 
 
-def _save_tensors(unique: dict[str, torch.Tensor], aliases: dict[str, str] | None = None,
-                  metadata: dict[str, str] | None = None) -> bytes:
+def _tensor_file(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> TensorFile:
+    unique, aliases = _split_aliases(tensors)
     meta = dict(metadata or {})
     if aliases:
         meta["aliases"] = json.dumps(aliases, sort_keys=True)
-    return safetensors.torch.save(unique, metadata=meta or None)
+    return unique, meta
 
 
-def _model_files(model: dict[str, torch.Tensor], max_shard_bytes: int | None) -> dict[str, bytes]:
+SAFETENSORS_DTYPE = {dtype: name for name, dtype in TORCH_DTYPE.items()}
+
+
+def _write_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> tuple[int, str]:
+    """Write a safetensors file at `path` (new, owner-only, fsynced) tensor by tensor: each
+    is copied to the CPU on its own, so a save never holds a second copy of the whole state
+    (nor, from a GPU, a first one). Returns the (size, SHA-256) of the bytes written.
+
+    Layout as the safetensors library writes it: 8-byte little-endian header length, JSON
+    header padded with spaces to 8 bytes, then the tensors back to back, wider dtypes first
+    (so every tensor starts at a multiple of its item size), then by name."""
+    order = sorted(tensors, key=lambda n: (-tensors[n].element_size(), n))
+    header: dict[str, Any] = {"__metadata__": metadata} if metadata else {}
+    offset = 0
+    for name in order:
+        tensor = tensors[name]
+        if tensor.dtype not in SAFETENSORS_DTYPE:
+            raise CheckpointError(f"{path.name}: tensor {name!r} has dtype {tensor.dtype}, which checkpoints do not store")
+        nbytes = tensor.numel() * tensor.element_size()
+        header[name] = {"dtype": SAFETENSORS_DTYPE[tensor.dtype], "shape": list(tensor.shape),
+                        "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)
+    digest = hashlib.sha256()
+    with open_private(path) as fh:
+        for piece in (len(head).to_bytes(8, "little"), head):
+            fh.write(piece)
+            digest.update(piece)
+        for name in order:
+            raw = tensors[name].detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
+            fh.write(raw.data)
+            digest.update(raw.data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    return 8 + len(head) + offset, digest.hexdigest()
+
+
+def _model_files(model: dict[str, torch.Tensor], max_shard_bytes: int | None) -> Iterator[tuple[str, bytes | TensorFile]]:
     """model.safetensors, or above max_shard_bytes Hugging Face-style shards
     model-00001-of-0000N.safetensors plus model.safetensors.index.json (weight map, aliases)."""
     unique, aliases = _split_aliases(model)
     total = sum(t.numel() * t.element_size() for t in unique.values())
     if max_shard_bytes is None or total <= max_shard_bytes:
-        return {MODEL_FILE: _save_tensors(unique, aliases)}
+        yield MODEL_FILE, _tensor_file(model)
+        return
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
     for name, tensor in unique.items():
@@ -115,14 +160,13 @@ def _model_files(model: dict[str, torch.Tensor], max_shard_bytes: int | None) ->
             size = 0
         shards[-1][name] = tensor
         size += nbytes
-    files, weight_map = {}, {}
+    weight_map = {}
     for i, shard in enumerate(shards, start=1):
         fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        files[fname] = _save_tensors(shard)
+        yield fname, (shard, {})
         weight_map.update({name: fname for name in shard})
     index = {"metadata": {"total_size": total}, "weight_map": weight_map, "aliases": aliases}
-    files[MODEL_INDEX] = json.dumps(index, indent=2, sort_keys=True).encode()
-    return files
+    yield MODEL_INDEX, json.dumps(index, indent=2, sort_keys=True).encode()
 
 
 def save_checkpoint(root: str | Path, step: int, ckpt: Checkpoint, keep_last: int | None = None,
@@ -136,10 +180,18 @@ def save_checkpoint(root: str | Path, step: int, ckpt: Checkpoint, keep_last: in
     if tmp.exists():
         shutil.rmtree(tmp)
     make_private_dir(tmp)
-    files = _serialize(ckpt, max_shard_bytes)
-    for name, data in files.items():
-        write_bytes(tmp / name, data)
-    write_bytes(tmp / MANIFEST, manifest_bytes(build_manifest(files)))
+    files: dict[str, bytes | tuple[int, str]] = {}
+    try:
+        for name, content in _serialize(ckpt, max_shard_bytes):
+            if isinstance(content, bytes):
+                write_bytes(tmp / name, content)
+                files[name] = content
+            else:
+                files[name] = _write_tensors(tmp / name, *content)
+        write_bytes(tmp / MANIFEST, manifest_bytes(build_manifest(files)))
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # never committed; earlier checkpoints untouched
+        raise
     fsync_dir(tmp)
     if final.exists():
         # Re-saving a step: swap atomically. If we die between the two renames, `latest`

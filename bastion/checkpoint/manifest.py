@@ -18,12 +18,16 @@ MAX_MANIFEST_BYTES = 1 * 2**20
 PICKLE_SUFFIXES = {".pt", ".pth", ".bin", ".pkl", ".pickle", ".ckpt"}
 
 
-def build_manifest(files: dict[str, bytes | Path]) -> dict[str, Any]:
-    """Manifest for files given as in-memory bytes or on-disk paths (hashed streaming)."""
+def build_manifest(files: dict[str, bytes | Path | tuple[int, str]]) -> dict[str, Any]:
+    """Manifest for files given as in-memory bytes, on-disk paths (hashed streaming), or the
+    (size, sha256) their writer computed while writing them."""
     entries = {}
     for name, content in sorted(files.items()):
         if isinstance(content, Path):
             entries[name] = {"size": content.stat().st_size, "sha256": sha256_file(content)}
+        elif isinstance(content, tuple):
+            size, sha = content
+            entries[name] = {"size": size, "sha256": sha}
         else:
             entries[name] = {"size": len(content), "sha256": hashlib.sha256(content).hexdigest()}
     return {

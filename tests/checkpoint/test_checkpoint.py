@@ -37,6 +37,50 @@ def test_round_trip_restores_tensors_aliases_and_state(tmp_path):
     assert b"pickle" not in (path / "model.safetensors").read_bytes()[:200]
 
 
+def test_tensor_files_are_streamed_in_standard_safetensors_layout(tmp_path):
+    """The writer streams tensor by tensor; its files are what the safetensors library
+    reads (every dtype, empty and 0-d tensors, non-contiguous views, metadata), every
+    tensor starts at a multiple of its item size, and the manifest hashes the bytes written."""
+    import hashlib
+
+    import safetensors.torch
+
+    from bastion.checkpoint.safetensors_check import parse_header
+
+    base = torch.randn(6, 5)
+    model = {
+        "a.f32": base, "a.t": base.t(), "b.bf16": torch.randn(7, dtype=torch.bfloat16),
+        "c.f16": torch.randn(3, 3).half(), "d.i64": torch.arange(5), "e.bool": torch.tensor([True, False, True]),
+        "f.empty": torch.empty(0, 4), "g.scalar": torch.tensor(2.5), "h.i8": torch.tensor([-1, 2], dtype=torch.int8),
+    }
+    ckpt = make_ckpt()
+    ckpt.model = model
+    path = save_checkpoint(tmp_path, 1, ckpt)
+    data = (path / "model.safetensors").read_bytes()
+    header, _ = parse_header(data, "model.safetensors")
+    for name, info in header.items():
+        assert info["data_offsets"][0] % model[name].element_size() == 0, name
+    theirs = safetensors.torch.load(data)
+    assert theirs.keys() == model.keys()
+    assert all(torch.equal(theirs[k], v) and theirs[k].dtype == v.dtype for k, v in model.items())
+    manifest = json.loads((path / "MANIFEST.json").read_text())
+    for name, entry in manifest["files"].items():
+        content = (path / name).read_bytes()
+        assert entry == {"size": len(content), "sha256": hashlib.sha256(content).hexdigest()}
+    assert safetensors.torch.load_file(path / "optimizer.safetensors").keys() == ckpt.optimizer.keys()
+
+
+def test_a_tensor_the_format_cannot_hold_is_refused_and_nothing_is_committed(tmp_path):
+    save_checkpoint(tmp_path, 1, make_ckpt())
+    bad = make_ckpt()
+    bad.model["z.complex"] = torch.zeros(2, dtype=torch.complex64)
+    with pytest.raises(CheckpointError, match="z.complex"):
+        save_checkpoint(tmp_path, 2, bad)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_00000001"]
+    assert load_checkpoint(tmp_path).directory.name == "step_00000001"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step_00000001"]  # no half-written folder left
+
+
 def test_owner_only_permissions(tmp_path):
     path = save_checkpoint(tmp_path / "ck", 1, make_ckpt())
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o700

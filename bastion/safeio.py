@@ -8,7 +8,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Callable
 
 FILE_MODE = 0o600
 DIR_MODE = 0o700
@@ -59,17 +59,23 @@ def make_private_dir(path: Path) -> None:
     os.chmod(path, DIR_MODE)
 
 
-def write_dir_atomic(out_dir: Path, files: dict[str, bytes], *, replace: bool = False) -> Path:
+def write_dir_atomic(out_dir: Path, files: dict[str, bytes | Callable[[Path], object]], *,
+                     replace: bool = False) -> Path:
     """Write `files` into a private temp folder beside out_dir (0700, files 0600), fsync, and
     rename it into place: readers see all of it or none. out_dir must not exist or be an
-    empty folder (callers check); with `replace`, an existing out_dir is swapped out."""
+    empty folder (callers check); with `replace`, an existing out_dir is swapped out. A file
+    given as a function is written by calling it with its path (a large file streamed by
+    its writer, which must create it private and fsync it)."""
     parent = out_dir.parent
     parent.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=parent))
     try:
         os.chmod(tmp, DIR_MODE)
         for name, data in files.items():
-            write_bytes(tmp / name, data)
+            if callable(data):
+                data(tmp / name)
+            else:
+                write_bytes(tmp / name, data)
         fsync_dir(tmp)
         if replace and out_dir.exists() and any(out_dir.iterdir()):
             trash = parent / f".{out_dir.name}.trash-{os.getpid()}"

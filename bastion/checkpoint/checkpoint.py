@@ -68,7 +68,7 @@ TensorFile = tuple[dict[str, torch.Tensor], dict[str, str]]  # tensors, safetens
 
 def _serialize(ckpt: Checkpoint, max_shard_bytes: int | None) -> Iterator[tuple[str, bytes | TensorFile]]:
     """The checkpoint's files, one at a time: small ones as bytes, tensor files as tensors
-    to stream (see _write_tensors)."""
+    to stream (see write_safetensors)."""
     yield from _model_files(ckpt.model, max_shard_bytes)
     yield "trainer_state.json", json.dumps(ckpt.trainer_state, indent=2, sort_keys=True).encode()
     yield "config.yaml", ckpt.config_yaml.encode()
@@ -108,7 +108,7 @@ def _tensor_file(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | No
 SAFETENSORS_DTYPE = {dtype: name for name, dtype in TORCH_DTYPE.items()}
 
 
-def _write_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> tuple[int, str]:
+def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> tuple[int, str]:
     """Write a safetensors file at `path` (new, owner-only, fsynced) tensor by tensor: each
     is copied to the CPU on its own, so a save never holds a second copy of the whole state
     (nor, from a GPU, a first one). Returns the (size, SHA-256) of the bytes written.
@@ -187,7 +187,7 @@ def save_checkpoint(root: str | Path, step: int, ckpt: Checkpoint, keep_last: in
                 write_bytes(tmp / name, content)
                 files[name] = content
             else:
-                files[name] = _write_tensors(tmp / name, *content)
+                files[name] = write_safetensors(tmp / name, *content)
         write_bytes(tmp / MANIFEST, manifest_bytes(build_manifest(files)))
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)  # never committed; earlier checkpoints untouched

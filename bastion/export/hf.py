@@ -34,6 +34,7 @@ from bastion.checkpoint.checkpoint import (
     load_checkpoint,
     resolve_checkpoint,
     save_checkpoint,
+    write_safetensors,
 )
 from bastion.checkpoint.manifest import read_manifest
 from bastion.checkpoint.safetensors_check import TORCH_DTYPE, parse_header
@@ -333,8 +334,6 @@ def export_hf(ckpt_path: str | Path, out_dir: str | Path) -> Path:
     with zero o_proj biases), MistralForCausalLM with a sliding window, Qwen2ForCausalLM with
     both or for a checkpoint imported from Qwen2 (see `hf_model_type`). Atomic (temp folder
     + rename); files 0600, folder 0700. Refuses an existing non-empty out_dir."""
-    import safetensors.torch
-
     out_dir = Path(out_dir)
     _check_out_dir(out_dir, "export folder")
     ckpt, cfg = load_model_checkpoint(ckpt_path)
@@ -361,7 +360,8 @@ def export_hf(ckpt_path: str | Path, out_dir: str | Path) -> Path:
     files = {
         "config.json": json.dumps(hf_config, indent=2).encode(),
         "generation_config.json": json.dumps(_generation_config(ckpt, ids), indent=2).encode(),
-        "model.safetensors": safetensors.torch.save(hf_state, metadata={"format": "pt"}),
+        # Streamed tensor by tensor: exporting never holds a second copy of the weights.
+        "model.safetensors": lambda path: write_safetensors(path, hf_state, {"format": "pt"}),
         "tokenizer.json": ckpt.tokenizer_json.encode(),
         "tokenizer_config.json": json.dumps(tok_config, indent=2).encode(),
     }

@@ -134,6 +134,8 @@ def generate_cmd(
     temperature: float = typer.Option(0.0, "--temperature", min=0.0, max=100.0, help="0 = greedy (reproducible)."),
     seed: int = typer.Option(0, "--seed", help="Sampling seed of the first prompt (prompt i uses seed + i)."),
     max_prompts: int = typer.Option(10_000, "--max-prompts", min=1, max=1_000_000, help="Read at most this many prompts."),
+    batch_size: int = typer.Option(8, "--batch-size", min=1, max=256, help="Prompts decoded together (the result "
+                                   "does not depend on it; more is faster until memory runs out)."),
     device: str = DeviceOption,
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the results as JSON here (mode 0600)."),
 ) -> None:
@@ -143,7 +145,8 @@ def generate_cmd(
 
     parsed = [parse_reward(spec) for spec in rewards]
     result = eval_generate(checkpoint, file, parsed, roots=roots or ["."], max_new_tokens=max_new_tokens,
-                           temperature=temperature, seed=seed, max_prompts=max_prompts, device=device)
+                           temperature=temperature, seed=seed, max_prompts=max_prompts, device=device,
+                           batch_size=batch_size)
     _table(f"generation rewards over {result.n} prompts: {file}", result.mean)
     for sample in result.samples:
         out.print(repr(sample["completion"]), highlight=False)

@@ -22,9 +22,9 @@ from typing import Any
 import torch
 
 from bastion.data.finetune import _confined, check_conversation, iter_jsonl, load_preferences, load_sft
-from bastion.errors import DataError
+from bastion.errors import DataError, GenerationLimitError
 from bastion.eval.rewards import Reward
-from bastion.infer.generate import generate
+from bastion.infer.engine import Engine
 from bastion.infer.loading import LoadedModel, load_for_inference
 from bastion.train.tasks import evaluate_preferences, evaluate_sft, reference_logprobs
 
@@ -113,21 +113,35 @@ def read_prompts(file: str | Path, roots: Sequence[str], max_bytes: int, max_rec
 
 def eval_generate(checkpoint: str | Path, file: str | Path, rewards: list[Reward], *, roots: Sequence[str] = (".",),
                   max_new_tokens: int | None = None, temperature: float = 0.0, seed: int = 0,
-                  max_prompts: int = 10_000, device: str = "cpu", keep_samples: int = 5) -> GenerationEval:
-    """Generate a completion per prompt and score it with every reward."""
+                  max_prompts: int = 10_000, device: str = "cpu", keep_samples: int = 5,
+                  batch_size: int = 8) -> GenerationEval:
+    """Generate a completion per prompt and score it with every reward. Prompts run
+    `batch_size` at a time through the continuous-batching engine in its batch-invariant
+    mode: a prompt's completion does not depend on `batch_size` or on its neighbours
+    (prompt i samples with seed + i)."""
     loaded = load_for_inference(checkpoint, device=device)
     records = read_prompts(file, roots, loaded.config.finetune.max_file_bytes, max_prompts)
-    totals = {r.name: 0.0 for r in rewards}
-    samples = []
+    engine = Engine(loaded.model, loaded.tokenizer, loaded.config.generate, max_batch_size=batch_size,
+                    max_queue=len(records), mode="padded")
+    requests = []  # every prompt checked against the limits before any is generated
     for i, record in enumerate(records):
         if "messages" in record:
             assert loaded.chat is not None
-            prompt: str | list[int] = loaded.chat.encode_prompt(record["messages"])
-            stop_ids = loaded.chat.stop_ids
+            prompt_ids, stop_ids = loaded.chat.encode_prompt(record["messages"]), loaded.chat.stop_ids
         else:
-            prompt, stop_ids = record["prompt"], None
-        result = generate(loaded.model, loaded.tokenizer, prompt, limits=loaded.config.generate,
-                          max_new_tokens=max_new_tokens, temperature=temperature, seed=seed + i, stop_ids=stop_ids)
+            prompt_ids, stop_ids = loaded.tokenizer.encode_prompt(record["prompt"]), None
+        try:
+            params = engine.params(len(prompt_ids), max_new_tokens=max_new_tokens, temperature=temperature,
+                                   seed=seed + i, stop_ids=stop_ids)
+        except GenerationLimitError as exc:
+            raise GenerationLimitError(f"{file}: prompt {i + 1}: {exc}") from None
+        requests.append((prompt_ids, params))
+    with engine:
+        handles = [engine.submit(prompt_ids, params) for prompt_ids, params in requests]
+        results = [handle.result() for handle in handles]
+    totals = {r.name: 0.0 for r in rewards}
+    samples = []
+    for record, result in zip(records, results):
         scores = {r.name: r(result.text, record) for r in rewards}
         for name, score in scores.items():
             totals[name] += score

@@ -314,6 +314,8 @@ class ServeConfig(Section):
     rate_limit: RateLimitConfig = Field(default_factory=RateLimitConfig)
     max_body_bytes: int = Field(default=1 * 2**20, ge=1024, le=64 * 2**20, description="larger requests get 413")
     max_concurrency: int = Field(default=16, ge=1, le=4096, description="sequences decoded together (batch size)")
+    threads: int | None = Field(default=None, ge=1, le=1024, description="CPU threads of the decoding thread (default: "
+                                "torch's); 1 is often fastest for small models on few cores")
     max_queue: int = Field(default=64, ge=0, le=100_000, description="waiting requests beyond the batch; more get 503")
     max_n: int = Field(default=1, ge=1, le=16, description="completions per request (OpenAI's n)")
     batch_mode: Literal["padded", "rowwise", "dynamic"] = Field(

@@ -136,6 +136,8 @@ def generate_cmd(
     max_prompts: int = typer.Option(10_000, "--max-prompts", min=1, max=1_000_000, help="Read at most this many prompts."),
     batch_size: int = typer.Option(8, "--batch-size", min=1, max=256, help="Prompts decoded together (the result "
                                    "does not depend on it; more is faster until memory runs out)."),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, max=1024, help="CPU threads for decoding "
+                                          "(default: torch's; 1 is often fastest for small models on few cores)."),
     device: str = DeviceOption,
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the results as JSON here (mode 0600)."),
 ) -> None:
@@ -146,7 +148,7 @@ def generate_cmd(
     parsed = [parse_reward(spec) for spec in rewards]
     result = eval_generate(checkpoint, file, parsed, roots=roots or ["."], max_new_tokens=max_new_tokens,
                            temperature=temperature, seed=seed, max_prompts=max_prompts, device=device,
-                           batch_size=batch_size)
+                           batch_size=batch_size, threads=threads)
     _table(f"generation rewards over {result.n} prompts: {file}", result.mean)
     for sample in result.samples:
         out.print(repr(sample["completion"]), highlight=False)

@@ -114,15 +114,16 @@ def read_prompts(file: str | Path, roots: Sequence[str], max_bytes: int, max_rec
 def eval_generate(checkpoint: str | Path, file: str | Path, rewards: list[Reward], *, roots: Sequence[str] = (".",),
                   max_new_tokens: int | None = None, temperature: float = 0.0, seed: int = 0,
                   max_prompts: int = 10_000, device: str = "cpu", keep_samples: int = 5,
-                  batch_size: int = 8) -> GenerationEval:
+                  batch_size: int = 8, threads: int | None = None) -> GenerationEval:
     """Generate a completion per prompt and score it with every reward. Prompts run
     `batch_size` at a time through the continuous-batching engine in its batch-invariant
     mode: a prompt's completion does not depend on `batch_size` or on its neighbours
-    (prompt i samples with seed + i)."""
+    (prompt i samples with seed + i). `threads`: the decoding thread's CPU threads (None:
+    torch's default; 1 is often fastest for small models on few cores)."""
     loaded = load_for_inference(checkpoint, device=device)
     records = read_prompts(file, roots, loaded.config.finetune.max_file_bytes, max_prompts)
     engine = Engine(loaded.model, loaded.tokenizer, loaded.config.generate, max_batch_size=batch_size,
-                    max_queue=len(records), mode="padded")
+                    max_queue=len(records), mode="padded", threads=threads)
     requests = []  # every prompt checked against the limits before any is generated
     for i, record in enumerate(records):
         if "messages" in record:

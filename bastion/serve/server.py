@@ -50,7 +50,7 @@ def build_state(checkpoint: str | Path, config: BastionConfig, *, device: str = 
             raise ConfigError(f"serve.{name}: {path} is not a file")
     loaded = load_for_inference(checkpoint, verify=verify, device=device)
     engine = Engine(loaded.model, loaded.tokenizer, config.generate, max_batch_size=cfg.max_concurrency,
-                    max_queue=cfg.max_queue, mode=cfg.batch_mode)
+                    max_queue=cfg.max_queue, mode=cfg.batch_mode, threads=cfg.threads)
     where = loaded.directory  # RUN/checkpoints/step_N -> RUN; ROOT/step_N -> ROOT
     name = cfg.model_name or (where.parent.parent.name if where.parent.name == "checkpoints" else where.parent.name)
     return ServerState(loaded=loaded, cfg=cfg, limits=config.generate, engine=engine, keys=keys, limiter=RateLimiter(cfg.rate_limit),

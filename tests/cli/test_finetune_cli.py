@@ -47,7 +47,7 @@ def test_finetune_workflow(tmp_path, monkeypatch):
     assert result.exit_code == 0 and "reward_accuracy" in result.output, result.output
     result = runner.invoke(app, ["eval", "generate", "--checkpoint", "run", "--file", "prompts.jsonl",
                                  "--reward", "exact", "--reward", "regex:<r>.*</r>", "--max-new-tokens", "12",
-                                 "--json", "gen.json"])
+                                 "--batch-size", "4", "--threads", "1", "--json", "gen.json"])
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "gen.json").read_text())
     assert report["prompts"] == 1 and set(report["mean"]) == {"exact", "regex:<r>.*</r>"}

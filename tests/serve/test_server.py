@@ -284,3 +284,11 @@ def test_keys_cli_round_trip(serve_checkpoint, tmp_path):
         while httpx.get(url + "/v1/models", headers=h).status_code == 200 and time.time() < deadline:
             time.sleep(0.5)
         assert httpx.get(url + "/v1/models", headers=h).status_code == 401
+
+
+def test_serve_threads_reach_the_engine_and_are_bounded(serve_checkpoint):
+    state = build_state(serve_checkpoint, build_config({"serve": {"threads": 1}}))
+    assert state.engine.threads == 1
+    assert build_state(serve_checkpoint, build_config({})).engine.threads is None
+    with pytest.raises(ConfigError, match="serve.threads"):
+        build_config({"serve": {"threads": 0}})

@@ -148,14 +148,11 @@ def bench_save_load(weights: dict[str, torch.Tensor], work: Path, reps: int) -> 
 def save_memory_job(kind: str, ckpt_dir: Path, out: Path) -> None:
     """(In a subprocess.) Load a checkpoint's model + AdamW tensors, save them, print the
     save's peak memory above what the loaded tensors already held, and its time."""
-    def status(key: str) -> int:
-        with open("/proc/self/status") as f:
-            return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key))
+    from memstat import reset_peak, status_bytes
 
     ckpt = load_checkpoint(ckpt_dir)
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # reset the peak (VmHWM) to now: loading's own peak must not count
-    before = status("VmRSS:")
+    reset_peak()  # loading's own peak must not count
+    before = status_bytes("VmRSS")
     start = time.perf_counter()
     if kind == "bastion":
         save_checkpoint(out, 1, ckpt)
@@ -170,7 +167,7 @@ def save_memory_job(kind: str, ckpt_dir: Path, out: Path) -> None:
         safetensors.torch.save_file(unique_tensors(ckpt.model), out / "model.safetensors")
         safetensors.torch.save_file(ckpt.optimizer, out / "optimizer.safetensors")
     seconds = time.perf_counter() - start
-    peak = status("VmHWM:") - before
+    peak = status_bytes("VmHWM") - before
     print(json.dumps({"peak_bytes": max(peak, 0), "seconds": seconds}))
 
 

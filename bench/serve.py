@@ -180,11 +180,9 @@ async def load(url: str, model: str, clients: int, requests: int, tokens: int) -
 
 
 def rss_mib() -> float:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
+    from memstat import status_bytes  # bench/ is on sys.path when this runs as a script
+
+    return status_bytes("VmRSS") / 2**20
 
 
 def main() -> None:

@@ -44,14 +44,6 @@ JOBS = {
 DISTRIBUTED = {"ddp-2": "ddp", "fsdp-2": "fsdp"}
 
 
-def rss_bytes() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
 def config(args: argparse.Namespace, data_dir: Path, out: Path, **train_settings):
     from bastion.config import build_config
 
@@ -83,7 +75,10 @@ def job(args: argparse.Namespace) -> None:
     cuda = args.device == "cuda"
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    before = rss_bytes()
+    sys.path.insert(0, str(Path(__file__).parent))
+    from memstat import status_bytes
+
+    before = status_bytes("VmRSS")
 
     def peak() -> int:
         if cuda:

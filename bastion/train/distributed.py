@@ -97,17 +97,15 @@ def barrier(env: DistEnv) -> None:
 
 
 def mean_across_ranks(value: torch.Tensor, env: DistEnv) -> torch.Tensor:
-    """The mean of a scalar over all ranks (the loss every rank reports)."""
+    """The mean of `value` over all ranks (the loss every rank reports); `value` is untouched."""
     if not env.enabled:
         return value
-    total = value.detach().clone()
-    dist.all_reduce(total, op=dist.ReduceOp.SUM)
-    return total / env.world
+    return sum_across_ranks(value.detach().clone(), env.world) / env.world
 
 
-def sum_across_ranks(values: torch.Tensor, env_world: int) -> torch.Tensor:
-    """`values` summed over all ranks, in place (and returned). One process: unchanged."""
-    if env_world > 1:
+def sum_across_ranks(values: torch.Tensor, world: int) -> torch.Tensor:
+    """`values` summed over all `world` ranks, in place (and returned). One process: unchanged."""
+    if world > 1:
         dist.all_reduce(values, op=dist.ReduceOp.SUM)
     return values
 

@@ -11,6 +11,7 @@ from rich.text import Text
 
 from bastion.config import build_config
 from bastion.data import prepare_dataset
+from bastion.data.cli import print_report
 from bastion.data.shards import TokenShards
 from bastion.errors import BastionError
 from bastion.eval import unigram_cross_entropy
@@ -59,10 +60,7 @@ def run_demo(out_dir: Path, steps: int = 600, quiet: bool = False, console: Cons
     cfg = demo_config(out_dir, steps)
 
     console.rule("1. data: the Python standard library")
-    report = prepare_dataset(cfg.data)
-    from bastion.cli import print_report
-
-    print_report(report)
+    print_report(prepare_dataset(cfg.data), console)
     baseline = unigram_cross_entropy(TokenShards(cfg.train.data_dir, "train"), TokenShards(cfg.train.data_dir, "val"))
 
     console.rule(f"2. train: '{'mini'}' model, {steps} steps")

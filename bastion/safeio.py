@@ -1,10 +1,11 @@
 """File primitives every stage shares: owner-only permissions, no symlink following,
-fsync, atomic rename, streaming SHA-256."""
+fsync, atomic rename, streaming SHA-256, bounded JSON."""
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -12,6 +13,13 @@ from typing import Any, BinaryIO, Callable
 
 FILE_MODE = 0o600
 DIR_MODE = 0o700
+# A SHA-256 digest as Bastion writes it everywhere (manifests, key files, adapter configs).
+SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+
+
+def is_sha256(value: Any) -> bool:
+    """Whether `value` is a SHA-256 digest: 64 lower-case hex characters."""
+    return isinstance(value, str) and SHA256_HEX.fullmatch(value) is not None
 
 
 def sha256_file(path: Path, chunk: int = 4 * 2**20) -> str:
@@ -111,6 +119,19 @@ def read_text_limited(path: Path, max_bytes: int, error: type[Exception], what: 
         raise error(f"{what} {path} is not valid UTF-8 (byte {exc.start})") from None
 
 
+def parse_json(data: bytes | str, error: type[Exception], where: str) -> Any:
+    """JSON from bytes or text a file or request supplied; every failure (not UTF-8, not
+    JSON, nested too deeply for the parser) is one `error` naming `where`."""
+    try:
+        return json.loads(data)
+    except UnicodeDecodeError as exc:
+        raise error(f"{where}: not valid UTF-8 (byte {exc.start})") from None
+    except json.JSONDecodeError as exc:
+        raise error(f"{where}: not valid JSON ({exc})") from None
+    except RecursionError:
+        raise error(f"{where}: JSON nested too deeply") from None
+
+
 def read_json_limited(path: Path, max_bytes: int, error: type[Exception], what: str) -> Any:
     """Parsed JSON of a size-limited regular file; errors as in `read_text_limited`."""
     text = read_text_limited(path, max_bytes, error, what)
@@ -118,3 +139,5 @@ def read_json_limited(path: Path, max_bytes: int, error: type[Exception], what: 
         return json.loads(text)
     except json.JSONDecodeError as exc:
         raise error(f"{what} {path} is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise error(f"{what} {path} is nested too deeply") from None

@@ -13,11 +13,14 @@ to be identical across batch sizes.
 from __future__ import annotations
 
 import argparse
+import sys
 import json
 import statistics
 import tempfile
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # synthetic data: test fixtures
 
 
 def build(work: Path, args: argparse.Namespace) -> tuple[Path, Path]:
@@ -26,7 +29,7 @@ def build(work: Path, args: argparse.Namespace) -> tuple[Path, Path]:
     from bastion.checkpoint import Checkpoint, save_checkpoint
     from bastion.config import build_config
     from bastion.config.load import to_yaml
-    from bastion.data.finetune_synthetic import held_out_reverse_prompts, reverse_chat_records, write_jsonl
+    from synthetic.chat import held_out_reverse_prompts, reverse_chat_records, write_jsonl
     from bastion.model import Transformer
     from bastion.tokenizer import BastionTokenizer
 

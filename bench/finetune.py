@@ -34,6 +34,8 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # synthetic data: test fixtures
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything is built here; nothing is downloaded
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
@@ -50,8 +52,8 @@ def prepare(work: Path, args: argparse.Namespace) -> None:
     from bastion.checkpoint import Checkpoint, save_checkpoint
     from bastion.config import build_config
     from bastion.config.load import to_yaml
-    from bastion.data.finetune_synthetic import greeting_preference_records, reverse_chat_records, write_jsonl
-    from bastion.export.hf import export_hf
+    from synthetic.chat import greeting_preference_records, reverse_chat_records, write_jsonl
+    from bastion.interop.hf import export_hf
     from bastion.model import Transformer
     from bastion.tokenizer import BastionTokenizer
     from bastion.tokenizer.chat import DEFAULT_CHAT_TEMPLATE
@@ -128,12 +130,12 @@ def job_hf_sft(work: Path, args: argparse.Namespace) -> dict:
     from transformers import AutoModelForCausalLM
 
     from bastion.data.finetune import load_sft
-    from bastion.infer.loading import chat_format_from_checkpoint, tokenizer_from_checkpoint
+    from bastion.checkpoint.contents import checkpoint_chat, checkpoint_tokenizer
     from bastion.checkpoint import load_checkpoint
 
     cfg = bastion_config(work, args, "sft", "unused")
     base = load_checkpoint(work / "base", load_optimizer=False)
-    chat = chat_format_from_checkpoint(base, tokenizer_from_checkpoint(base))
+    chat = checkpoint_chat(base, checkpoint_tokenizer(base))
     data = load_sft(cfg.finetune.train_file, chat, cfg.finetune, cfg.data.allowed_roots)
     cursor = data.cursor(args.batch_size, 128, seed=0)
     device = torch.device(args.device)

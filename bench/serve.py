@@ -17,6 +17,7 @@ text is disabled on both sides, as `min_new_tokens` does for transformers):
 from __future__ import annotations
 
 import argparse
+import sys
 import asyncio
 import os
 import statistics
@@ -24,6 +25,8 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # synthetic data: test fixtures
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -46,8 +49,8 @@ def build(work: Path, args: argparse.Namespace) -> Path:
     from bastion.checkpoint import Checkpoint, save_checkpoint
     from bastion.config import build_config
     from bastion.config.load import to_yaml
-    from bastion.data.finetune_synthetic import reverse_chat_records
-    from bastion.export.hf import export_hf
+    from synthetic.chat import reverse_chat_records
+    from bastion.interop.hf import export_hf
     from bastion.model import Transformer
     from bastion.tokenizer import BastionTokenizer
 

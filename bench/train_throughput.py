@@ -32,7 +32,7 @@ from bastion.data import prepare_dataset
 from bastion.data.shards import TokenShards
 from bastion.model import Transformer
 from bastion.train import train
-from bastion.train.batches import BlockSampler
+from bastion.data.batches import BlockSampler
 from bastion.train.metrics import read_metrics
 
 from bastion.train.metrics import PEAK_BF16_FLOPS as PEAK_BF16  # noqa: E402 - MFU's denominators

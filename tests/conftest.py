@@ -9,7 +9,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 from bastion.config import build_config
 from bastion.data import prepare_dataset
-from bastion.data.synthetic import arithmetic_documents, write_corpus
+from synthetic.corpus import arithmetic_documents, write_corpus
 
 
 @pytest.fixture(scope="session")
@@ -26,7 +26,7 @@ def arithmetic_data(tmp_path_factory):
 @pytest.fixture(scope="session")
 def grammar_data(tmp_path_factory):
     """A prepared corpus of the synthetic agreement grammar ("the cats chase the dog.")."""
-    from bastion.data.synthetic import grammar_documents
+    from synthetic.corpus import grammar_documents
 
     root = tmp_path_factory.mktemp("grammar")
     write_corpus(root / "src", grammar_documents(1500, seed=0), name="grammar")

@@ -19,6 +19,7 @@ import math
 import os
 import re
 import shutil
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -37,7 +38,7 @@ from bastion.checkpoint.manifest import (
 )
 from bastion.checkpoint.safetensors_check import TORCH_DTYPE, check_against_model, check_finite, parse_header
 from bastion.errors import CheckpointError
-from bastion.safeio import fsync_dir, make_private_dir, open_private, replace_file, write_bytes
+from bastion.safeio import fsync_dir, make_private_dir, open_private, parse_json, replace_file, write_bytes
 
 LATEST = "latest"
 MODEL_FILE = "model.safetensors"
@@ -232,10 +233,13 @@ class Retention:
 
 
 def _val_loss(path: Path) -> float:
+    """A checkpoint's recorded validation loss; inf when it has none or cannot be read (such
+    a checkpoint is never kept for being the best)."""
     try:
-        value = json.loads((path / "trainer_state.json").read_text(encoding="utf-8")).get("val_loss")
+        data = read_checkpoint_file(path, "trainer_state.json", MAX_JSON_BYTES)
+        value = parse_json(data or b"{}", CheckpointError, str(path)).get("val_loss")
         return float(value) if value is not None else math.inf
-    except (OSError, ValueError, AttributeError, TypeError):
+    except (CheckpointError, OSError, ValueError, AttributeError, TypeError):
         return math.inf
 
 
@@ -311,6 +315,41 @@ def verify_checkpoint(path: str | Path) -> dict[str, Any]:
     return manifest
 
 
+def read_listed(directory: Path, listed: dict[str, Any], name: str, *, verify: bool = True,
+                max_bytes: int | None = None) -> bytes:
+    """The bytes of `name`, a file the manifest `listed` names: never through a symlink,
+    never more bytes than the manifest declares, and (with verify) the SHA-256 checked on
+    exactly the bytes returned, so what was hashed is what gets parsed."""
+    if name not in listed:
+        raise CheckpointError(f"{directory}: {name} is missing from the manifest")
+    size = listed[name]["size"]
+    path = directory / name
+    if max_bytes is not None and size > max_bytes:
+        raise CheckpointError(f"{path}: {size} bytes, over the limit of {max_bytes}")
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: listed in {MANIFEST} but missing") from None
+    except OSError:
+        raise CheckpointError(f"{path}: not a regular file") from None
+    with os.fdopen(fd, "rb") as fh:
+        if not stat.S_ISREG(os.fstat(fh.fileno()).st_mode):
+            raise CheckpointError(f"{path}: not a regular file")
+        data = fh.read(size + 1)
+    if len(data) != size:
+        raise CheckpointError(f"{path}: size does not match manifest ({size})")
+    if verify and hashlib.sha256(data).hexdigest() != listed[name]["sha256"]:
+        raise CheckpointError(f"{path}: SHA-256 does not match manifest (file modified or corrupt)")
+    return data
+
+
+def read_checkpoint_file(directory: Path, name: str, max_bytes: int) -> bytes | None:
+    """One file of a checkpoint (or adapter) folder, verified against its manifest; None if
+    the manifest does not list it. For the small files a command needs alone."""
+    listed = read_manifest(directory)["files"]
+    return read_listed(directory, listed, name, max_bytes=max_bytes) if name in listed else None
+
+
 def load_checkpoint(path: str | Path, verify: bool = True, load_optimizer: bool = True, *,
                     expect: dict[str, torch.Tensor] | None = None, reject_nonfinite: bool = False) -> Checkpoint:
     """Load a checkpoint. With verify (the default) every file's size and SHA-256 must match
@@ -326,12 +365,7 @@ def load_checkpoint(path: str | Path, verify: bool = True, load_optimizer: bool 
     listed = manifest["files"]
 
     def read(name: str) -> bytes:
-        if name not in listed:
-            raise CheckpointError(f"{directory}: {name} is missing from the manifest")
-        data = (directory / name).read_bytes()
-        if verify and hashlib.sha256(data).hexdigest() != listed[name]["sha256"]:
-            raise CheckpointError(f"{directory / name}: SHA-256 does not match manifest (file modified or corrupt)")
-        return data
+        return read_listed(directory, listed, name, verify=verify)
 
     model = _load_model(directory, listed, read)
     if expect is not None:
@@ -342,15 +376,18 @@ def load_checkpoint(path: str | Path, verify: bool = True, load_optimizer: bool 
     if load_optimizer and "optimizer.safetensors" in listed:
         optimizer, optimizer_meta = _load_tensors(directory / "optimizer.safetensors", read("optimizer.safetensors"))
     rng = _load_tensors(directory / "rng.safetensors", read("rng.safetensors"))[0] if "rng.safetensors" in listed else {}
+    trainer_state = parse_json(read("trainer_state.json"), CheckpointError, f"{directory / 'trainer_state.json'}")
+    if not isinstance(trainer_state, dict):
+        raise CheckpointError(f"{directory / 'trainer_state.json'}: not a JSON object")
     try:
-        trainer_state = json.loads(read("trainer_state.json"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{directory / 'trainer_state.json'}: invalid JSON ({exc})") from None
+        config_yaml, tokenizer_json = read("config.yaml").decode("utf-8"), read("tokenizer.json").decode("utf-8")
+    except UnicodeDecodeError:
+        raise CheckpointError(f"{directory}: config.yaml or tokenizer.json is not valid UTF-8") from None
     return Checkpoint(
         model=model,
         trainer_state=trainer_state,
-        config_yaml=read("config.yaml").decode("utf-8"),
-        tokenizer_json=read("tokenizer.json").decode("utf-8"),
+        config_yaml=config_yaml,
+        tokenizer_json=tokenizer_json,
         optimizer=optimizer,
         optimizer_meta=optimizer_meta,
         rng=rng,
@@ -362,12 +399,11 @@ def _load_model(directory: Path, listed: dict, read) -> dict[str, torch.Tensor]:
     if MODEL_INDEX not in listed:
         return _load_tensors(directory / MODEL_FILE, read(MODEL_FILE))[0]
     where = directory / MODEL_INDEX
-    try:
-        index = json.loads(read(MODEL_INDEX))
-        weight_map, aliases = index["weight_map"], index.get("aliases", {})
-        assert isinstance(weight_map, dict) and isinstance(aliases, dict)
-    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AssertionError):
-        raise CheckpointError(f"{where}: malformed shard index") from None
+    index = parse_json(read(MODEL_INDEX), CheckpointError, f"{where}")
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    aliases = index.get("aliases", {}) if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not isinstance(aliases, dict):
+        raise CheckpointError(f"{where}: malformed shard index")
     shard_names = sorted(set(weight_map.values()))
     for name in shard_names:
         if not isinstance(name, str) or not SHARD_FILE.match(name) or name not in listed:
@@ -399,10 +435,10 @@ def _apply_aliases(tensors: dict[str, torch.Tensor], aliases: str | None, where:
     if not aliases:
         return tensors
     try:
-        for name, target in json.loads(aliases).items():
+        for name, target in parse_json(aliases, CheckpointError, f"{where}").items():
             if name in tensors:
                 raise KeyError(name)
             tensors[name] = tensors[target]
-    except (json.JSONDecodeError, KeyError, AttributeError, TypeError):
+    except (CheckpointError, KeyError, AttributeError, TypeError):
         raise CheckpointError(f"{where}: malformed 'aliases' metadata") from None
     return tensors

@@ -56,11 +56,12 @@ def inspect(
 ) -> None:
     """Show a checkpoint's manifest, training state and tensors (after verifying it)."""
     from bastion.checkpoint import resolve_checkpoint, verify_checkpoint
+    from bastion.checkpoint.contents import read_trainer_state
 
     directory = resolve_checkpoint(path)
     manifest = verify_checkpoint(directory)
     headers = _safetensors_headers(directory, manifest)
-    state = json.loads((directory / "trainer_state.json").read_text()) if "trainer_state.json" in manifest["files"] else {}
+    state = read_trainer_state(directory)
     summary = {
         "path": str(directory), "format_version": manifest["format_version"],
         "bastion_version": manifest.get("bastion_version"), "created_unix": manifest.get("created_unix"),
@@ -206,6 +207,7 @@ def list_cmd(
 ) -> None:
     """List checkpoints (local: with step, size and validation loss; stores: names)."""
     from bastion.checkpoint import list_checkpoints, resolve_checkpoint
+    from bastion.checkpoint.contents import read_trainer_state
 
     if "://" in location:
         store = _store(location, endpoint_url, allow_http)
@@ -220,7 +222,10 @@ def list_cmd(
     for col in ("checkpoint", "step", "bytes", "val loss", ""):
         table.add_column(col)
     for ckpt in found:
-        state = json.loads((ckpt / "trainer_state.json").read_text()) if (ckpt / "trainer_state.json").exists() else {}
+        try:
+            state = read_trainer_state(ckpt)
+        except BastionError:
+            state = {}  # a damaged checkpoint is still listed (`ckpt verify` says what is wrong)
         size = sum(p.stat().st_size for p in ckpt.iterdir())
         val = state.get("val_loss")
         table.add_row(str(ckpt), str(state.get("step", "")), f"{size:,}", f"{val:.4f}" if val is not None else "",

@@ -50,15 +50,11 @@ import zstandard
 
 import bastion
 from bastion.checkpoint.checkpoint import resolve_checkpoint
-from bastion.checkpoint.manifest import (
-    MANIFEST,
-    MAX_MANIFEST_BYTES,
-    read_manifest,
-    verify_directory,
-)
+from bastion.checkpoint.manifest import MANIFEST, read_manifest_bytes, verify_directory
 from bastion.errors import CheckpointError
 from bastion.safeio import (
     fsync_dir,
+    is_sha256,
     make_private_dir,
     open_private,
     read_json_limited,
@@ -70,7 +66,6 @@ PACK = "PACK.json"
 FORMAT = "bastion-pack"
 FORMAT_VERSION = 1
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,200}$")  # plain names: no separators, no leading dot
-SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 PLANES = {"F16": 2, "BF16": 2, "F32": 4, "F64": 8}  # other dtypes (ints, bool, fp8) stay one plane
 SHARD_SUFFIX = re.compile(r"-\d{5}-of-\d{5}(?=\.safetensors$)")  # model-00001-of-00003.safetensors
 SMALL_TENSOR = 4096  # smaller tensors ride along in the surrounding plain section
@@ -142,7 +137,7 @@ def pack_checkpoint(src: str | Path, dst: str | Path, *, base: str | Path | None
         raise CheckpointError(f"zstd level must be an integer in -7..22, got {level!r}")
     _check_chunk_bytes(chunk_bytes, "chunk_bytes")
     src = resolve_checkpoint(src)
-    manifest, manifest_raw = _read_manifest_bytes(src)
+    manifest, manifest_raw = read_manifest_bytes(src)
     verify_directory(src, manifest, hash_files=False)
     for name in manifest["files"]:
         if not NAME_RE.match(name):
@@ -162,7 +157,7 @@ def pack_checkpoint(src: str | Path, dst: str | Path, *, base: str | Path | None
             base_index: dict[tuple[str, str], tuple[_Ref, int]] = {}
             if base is not None:
                 base_dir = resolve_checkpoint(base)
-                base_manifest, base_raw = _read_manifest_bytes(base_dir)
+                base_manifest, base_raw = read_manifest_bytes(base_dir)
                 verify_directory(base_dir, base_manifest, hash_files=True)  # its bits go into every delta
                 pack["base_manifest_sha256"] = report.base_manifest_sha256 = hashlib.sha256(base_raw).hexdigest()
                 for name in base_manifest["files"]:
@@ -319,7 +314,7 @@ def verify_packed(packed: str | Path) -> dict[str, Any]:
     MANIFEST.json, every blob present with its declared size and SHA-256, nothing else in the
     directory. Returns PACK.json's content."""
     packed = Path(packed)
-    pack, _ = _read_pack(packed)
+    pack, _, _ = _read_pack(packed)
     _verify_blobs(packed, pack)
     return pack
 
@@ -330,9 +325,8 @@ def unpack_checkpoint(packed: str | Path, dst: str | Path, *, base: str | Path |
     pack needs `base`: the very checkpoint it was packed against (same MANIFEST.json bytes).
     The result is checked against the original manifest before it appears at `dst`."""
     packed, dst = Path(packed), Path(dst)
-    pack, manifest_raw = _read_pack(packed)
+    pack, manifest, manifest_raw = _read_pack(packed)
     _verify_blobs(packed, pack)
-    manifest = json.loads(manifest_raw)
     chunk_bytes = pack["codec"]["chunk_bytes"]
     tmp = _temp_dir(dst)
     try:
@@ -344,7 +338,7 @@ def unpack_checkpoint(packed: str | Path, dst: str | Path, *, base: str | Path |
                     raise CheckpointError(f"{packed}: packed as a delta against base checkpoint with MANIFEST.json "
                                           f"sha256 {expected}; pass that checkpoint as base")
                 base_dir = resolve_checkpoint(base)
-                base_manifest, base_raw = _read_manifest_bytes(base_dir)
+                base_manifest, base_raw = read_manifest_bytes(base_dir)
                 actual = hashlib.sha256(base_raw).hexdigest()
                 if actual != expected:
                     raise CheckpointError(f"{base_dir}: wrong base checkpoint for {packed}: its MANIFEST.json sha256 is "
@@ -438,15 +432,15 @@ def _decompress(dctx: zstandard.ZstdDecompressor, frame: bytes, size: int, where
     return data
 
 
-def _read_pack(packed: Path) -> tuple[dict, bytes]:
-    """PACK.json validated as hostile input, and the MANIFEST.json bytes it belongs to."""
+def _read_pack(packed: Path) -> tuple[dict, dict, bytes]:
+    """PACK.json validated as hostile input, and the MANIFEST.json (parsed, and its bytes) it belongs to."""
     if packed.is_symlink() or not packed.is_dir():
         raise CheckpointError(f"{packed}: not a packed checkpoint directory")
     where = packed / PACK
     if not where.exists():
         raise CheckpointError(f"{packed}: no {PACK}; not a packed checkpoint")
     pack = read_json_limited(where, MAX_PACK_JSON_BYTES, CheckpointError, "pack index")
-    manifest, manifest_raw = _read_manifest_bytes(packed)
+    manifest, manifest_raw = read_manifest_bytes(packed)
 
     def check(ok: bool, message: str) -> None:
         if not ok:
@@ -462,7 +456,7 @@ def _read_pack(packed: Path) -> tuple[dict, bytes]:
     check(pack.get("manifest_sha256") == hashlib.sha256(manifest_raw).hexdigest(),
           f"does not belong to the {MANIFEST} beside it (sha256 mismatch)")
     base_id = pack.get("base_manifest_sha256")
-    check(base_id is None or (isinstance(base_id, str) and bool(SHA256_RE.match(base_id))), "malformed base_manifest_sha256")
+    check(base_id is None or is_sha256(base_id), "malformed base_manifest_sha256")
     files = pack.get("files")
     check(isinstance(files, dict) and set(files) == set(manifest["files"]), f"files differ from those in {MANIFEST}")
     blobs = set()
@@ -475,8 +469,7 @@ def _read_pack(packed: Path) -> tuple[dict, bytes]:
         check(isinstance(blob, dict) and isinstance(blob.get("name"), str) and bool(NAME_RE.match(blob["name"]))
               and blob["name"].endswith(".zst") and blob["name"] not in blobs, f"unsafe or duplicate blob name for {name!r}")
         blobs.add(blob["name"])
-        check(_is_int(blob.get("size")) and blob["size"] >= 0 and isinstance(blob.get("sha256"), str)
-              and bool(SHA256_RE.match(blob["sha256"])), f"malformed blob entry for {name!r}")
+        check(_is_int(blob.get("size")) and blob["size"] >= 0 and is_sha256(blob.get("sha256")), f"malformed blob entry for {name!r}")
         sections = meta.get("sections")
         check(isinstance(sections, list), f"sections of {name!r} missing")
         total = compressed = 0
@@ -501,7 +494,7 @@ def _read_pack(packed: Path) -> tuple[dict, bytes]:
             compressed += sum(frames)
         check(total == entry["size"], f"sections of {name!r} cover {total} bytes, the file has {entry['size']}")
         check(compressed == blob["size"], f"frames of {name!r} add up to {compressed} bytes, its blob is {blob['size']}")
-    return pack, manifest_raw
+    return pack, manifest, manifest_raw
 
 
 def _verify_blobs(packed: Path, pack: dict) -> None:
@@ -552,21 +545,6 @@ class _Pipeline:
             for _, future in self.pending:
                 future.cancel()
             self.pool.shutdown(wait=True)  # before the caller closes the files the jobs read
-
-
-def _read_manifest_bytes(directory: Path) -> tuple[dict, bytes]:
-    """The validated manifest and the exact bytes it was parsed from."""
-    manifest = read_manifest(directory)
-    fd = os.open(directory / MANIFEST, os.O_RDONLY | os.O_NOFOLLOW)
-    with os.fdopen(fd, "rb") as fh:
-        raw = fh.read(MAX_MANIFEST_BYTES + 1)
-    try:
-        same = json.loads(raw) == manifest
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        same = False
-    if not same:
-        raise CheckpointError(f"{directory / MANIFEST}: changed while being read")
-    return manifest, raw
 
 
 def _pread(fd: int, offset: int, n: int, where: Any) -> bytes:

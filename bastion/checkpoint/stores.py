@@ -16,7 +16,6 @@ from __future__ import annotations
 import collections
 import hashlib
 import ipaddress
-import json
 import logging
 import os
 import re
@@ -31,6 +30,13 @@ from typing import Any
 from urllib.parse import unquote, urlsplit
 
 from bastion.checkpoint import resolve_checkpoint, verify_checkpoint
+from bastion.checkpoint.manifest import (
+    MANIFEST,
+    MAX_MANIFEST_BYTES,
+    parse_manifest,
+    read_manifest_bytes,
+    verify_directory,
+)
 from bastion.errors import CheckpointError
 from bastion.safeio import (
     FILE_MODE,
@@ -44,15 +50,11 @@ from bastion.safeio import (
 
 log = logging.getLogger(__name__)
 
-MANIFEST = "MANIFEST.json"
 LATEST = "latest"
-MAX_MANIFEST_BYTES = 1 * 2**20
 DEFAULT_MAX_BYTES = 1 * 2**40  # refuse pulls declaring more than 1 TiB unless asked
 CHUNK = 1 * 2**20
 _STEP = re.compile(r"step_(\d{8,})")
 _NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}")
-_FILE = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,254}")
-_SHA256 = re.compile(r"[0-9a-f]{64}")
 _BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
 
 
@@ -78,25 +80,6 @@ def _sort_key(name: str) -> tuple[int, int, str]:
     """Named checkpoints first (alphabetical), then step_ checkpoints by step."""
     match = _STEP.fullmatch(name)
     return (1, int(match.group(1)), name) if match else (0, 0, name)
-
-
-def _parse_manifest(raw: bytes, where: str) -> dict[str, dict[str, Any]]:
-    """The `files` table of a pulled manifest, every entry checked before anything is written
-    (the full format check is `verify_checkpoint` on the finished download)."""
-    try:
-        manifest = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise CheckpointError(f"{where}/{MANIFEST}: not valid JSON") from None
-    files = manifest.get("files") if isinstance(manifest, dict) else None
-    if not isinstance(files, dict) or not files:
-        raise CheckpointError(f"{where}/{MANIFEST}: lists no files")
-    for file, entry in files.items():
-        if not _FILE.fullmatch(file) or ".." in file or file == MANIFEST or file.endswith(".partial"):
-            raise CheckpointError(f"{where}/{MANIFEST}: unsafe file name {file!r:.80}")
-        size = entry.get("size") if isinstance(entry, dict) else None
-        if type(size) is not int or size < 0 or not _SHA256.fullmatch(str(entry.get("sha256"))):
-            raise CheckpointError(f"{where}/{MANIFEST}: malformed entry for {file}")
-    return files
 
 
 def _write_chunks(path: Path, chunks: Iterator[bytes], limit: int, truncate: bool) -> int:
@@ -169,10 +152,8 @@ class Store(ABC):
         files, then MANIFEST.json, then (unless set_latest=False) the `latest` pointer."""
         directory = resolve_checkpoint(local_ckpt_dir)
         name = validate_name(directory.name if name is None else name)
-        manifest = verify_checkpoint(directory)
-        manifest_raw = (directory / MANIFEST).read_bytes()
-        if _parse_manifest(manifest_raw, str(directory)) != manifest["files"]:
-            raise CheckpointError(f"{directory / MANIFEST}: changed while being pushed")
+        manifest, manifest_raw = read_manifest_bytes(directory)  # the bytes uploaded are the bytes verified
+        verify_directory(directory, manifest)
         handle = self._begin(name)
         try:
             for file, entry in sorted(manifest["files"].items()):
@@ -203,7 +184,7 @@ class Store(ABC):
         raw = self._get_manifest(name)
         if raw is None:
             raise CheckpointError(f"checkpoint {name} not found in {self} (absent, or an incomplete push)")
-        files = _parse_manifest(raw, f"{self}/{name}")
+        files = parse_manifest(raw, f"{self}/{name}/{MANIFEST}")["files"]
         total = sum(entry["size"] for entry in files.values())
         if total > max_bytes:
             raise CheckpointError(f"checkpoint {name} declares {total} bytes, over the limit of {max_bytes} (max_bytes)")

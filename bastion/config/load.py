@@ -14,6 +14,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
+from bastion.config.presets import PRESETS
 from bastion.config.schema import BastionConfig
 from bastion.errors import ConfigError
 
@@ -110,8 +111,6 @@ def apply_override(data: dict[str, Any], override: str) -> None:
 def _expand_model_preset(data: dict[str, Any]) -> None:
     model = data.get("model")
     if isinstance(model, dict) and "preset" in model:
-        from bastion.model.presets import PRESETS
-
         name = model.pop("preset")
         if name not in PRESETS:
             raise ConfigError(
@@ -121,13 +120,17 @@ def _expand_model_preset(data: dict[str, Any]) -> None:
         data["model"] = {**PRESETS[name], **model}
 
 
-def build_config(data: dict[str, Any], overrides: list[str] | tuple[str, ...] = (), source: str = "config") -> BastionConfig:
-    """Validate a raw mapping (already read from YAML) into a BastionConfig."""
+def build_config(data: dict[str, Any], overrides: list[str] | tuple[str, ...] = (), source: str = "config", *,
+                 interpolate_env: bool = True) -> BastionConfig:
+    """Validate a raw mapping (already read from YAML) into a BastionConfig. A config stored
+    in a checkpoint is built with interpolate_env=False: its `${VAR}` text stays text, so a
+    checkpoint from elsewhere can never pull a value out of this machine's environment."""
     secrets: set[str] = set()
     data = dict(data)
     for override in overrides:
         apply_override(data, override)
-    data = interpolate(data, secrets)
+    if interpolate_env:
+        data = interpolate(data, secrets)
     _expand_model_preset(data)
     try:
         config = BastionConfig.model_validate(data)

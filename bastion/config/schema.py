@@ -166,7 +166,8 @@ class DPConfig(Section):
 
 
 class TrainConfig(Section):
-    objective: Literal["clm", "sft", "dpo", "simpo"] = "clm"
+    objective: str = Field(default="clm", pattern=r"^[a-z][a-z0-9_]{0,31}$",
+                           description="clm (pretraining), sft, dpo, simpo: the registered tasks, bastion/train/tasks/")
     data_dir: str = "data/prepared"
     out_dir: str = "runs/default"
     run_name: str = Field(default="run", min_length=1, max_length=128)
@@ -350,16 +351,16 @@ class BastionConfig(Section):
     @model_validator(mode="after")
     def _objective_has_inputs(self) -> "BastionConfig":
         objective, ft = self.train.objective, self.finetune
+        # clm pretrains from the prepared token shards; every other objective fine-tunes.
         if objective == "clm":
             if ft.lora.enabled:
-                raise ValueError("finetune.lora.enabled needs train.objective sft, dpo or simpo")
+                raise ValueError("finetune.lora.enabled needs train.objective sft, dpo, simpo or another fine-tuning objective")
             return self
         if ft.init_from is None:
             raise ValueError(f"train.objective {objective} needs finetune.init_from: a checkpoint from "
                              "`bastion train` or `bastion import hf`")
         if ft.train_file is None:
-            kind = "chat" if objective == "sft" else "preference"
-            raise ValueError(f"train.objective {objective} needs finetune.train_file ({kind} JSONL)")
+            raise ValueError(f"train.objective {objective} needs finetune.train_file (its training JSONL)")
         if self.train.dp.enabled:
             raise ValueError("train.dp (DP-SGD) is available for train.objective clm only")
         return self

@@ -38,7 +38,7 @@ has label -100, so nothing predicts across examples. Padding is `pad_id` with la
     can run as one batch of 2B rows (`sequence_logprobs`).
 
 Order and resume. `plan(batch_size, seq_len, seed, epoch)` is a pure function of its
-arguments and the data; `BatchCursor` walks plans epoch after epoch, and its state
+arguments and the data; `BatchCursor` (bastion/data/batches.py) walks plans epoch after epoch, and its state
 (epoch, position, plus a fingerprint of the data and settings) restores it exactly.
 """
 from __future__ import annotations
@@ -46,18 +46,18 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from bastion.errors import DataError
 from bastion.safepath import Roots
-from bastion.tokenizer.chat import ChatFormat, ChatTooLongError, check_messages
+from bastion.data.batches import BatchCursor
+from bastion.tokenizer.chat import ChatFormat, ChatTooLongError, check_conversation
 
 IGNORE_INDEX = -100
 MAX_LISTED_ERRORS = 20
@@ -114,30 +114,6 @@ def iter_jsonl(path: Path, max_bytes: int) -> Iterator[tuple[int, Any, str | Non
                 yield lineno, None, "JSON nested too deeply"
                 continue
             yield lineno, value, None
-
-
-def check_conversation(messages: Any, *, ends_with: tuple[str, ...], starts_after: str | None = None) -> list[dict[str, str]]:
-    """Validated plain copies of `messages` (see the module docstring for the rules).
-    `starts_after` checks a continuation: the role of the message before the first one."""
-    msgs = check_messages(messages, where="messages")
-    if not msgs:
-        raise DataError("no messages")
-    prev = starts_after
-    allowed_after = {"user": (None, "system", "assistant"), "assistant": ("user", "tool"), "tool": ("assistant", "tool")}
-    for i, m in enumerate(msgs):
-        role = m["role"]
-        if not m["content"].strip():
-            raise DataError(f"message {i} ({role}) has empty content")
-        if role == "system":
-            if i != 0 or starts_after is not None:
-                raise DataError(f"message {i}: a system message may only come first")
-        elif prev not in allowed_after[role]:
-            after = "the start" if prev is None else f"a {prev} message"
-            raise DataError(f"message {i}: roles out of order ({role} after {after})")
-        prev = role
-    if msgs[-1]["role"] not in ends_with:
-        raise DataError(f"the last message is {msgs[-1]['role']}; expected {' or '.join(ends_with)}")
-    return msgs
 
 
 def parse_chat_record(record: Any) -> list[dict[str, str]]:
@@ -217,10 +193,6 @@ class _Errors:
             )
 
 
-def _confined(path: str | os.PathLike[str], roots: Roots | Sequence[str], what: str) -> Path:
-    return Roots(roots).confine(path, what, must_exist=True)
-
-
 # ---- flat example storage -------------------------------------------------------------------
 
 
@@ -250,14 +222,6 @@ def _shifted_labels(ids: np.ndarray, loss: np.ndarray) -> np.ndarray:
     labels = np.full(len(ids), IGNORE_INDEX, dtype=np.int64)
     labels[:-1] = np.where(loss[1:], ids[1:], IGNORE_INDEX)
     return labels
-
-
-def batch_to_device(batch: dict[str, torch.Tensor], device: torch.device | str) -> dict[str, torch.Tensor]:
-    """Tensors to `device`; the `num_tokens` count stays on the CPU (reading it must not sync a GPU)."""
-    dev = torch.device(device)
-    if dev.type == "cuda":
-        return {k: v if k == "num_tokens" else v.pin_memory().to(dev, non_blocking=True) for k, v in batch.items()}
-    return {k: v if k == "num_tokens" else v.to(dev) for k, v in batch.items()}
 
 
 class _Planned:
@@ -420,7 +384,7 @@ def _read_examples(path: str | os.PathLike[str], cfg: Any, roots: Roots | Sequen
     examples `convert(record)` finds too long (ChatTooLongError) dropped and counted,
     reading stopped at cfg.max_examples. Once a line has failed, later lines are still
     validated (`convert(record, validate_only=True)`) but not tokenized."""
-    p = _confined(path, roots, what)
+    p = Roots(roots).confine(path, what, must_exist=True)
     report = LoadReport(str(p))
     errors = _Errors(p)
     examples: list[Any] = []
@@ -607,90 +571,3 @@ def load_preferences(
 
     pairs, report = _read_examples(path, cfg, roots, what, convert)
     return PreferenceDataset(pairs, pad_id=chat.tokenizer.pad_id, report=report)
-
-
-class SequenceLogprobs(NamedTuple):
-    chosen: torch.Tensor  # [B] summed log-probability of the chosen response tokens
-    rejected: torch.Tensor  # [B]
-    chosen_tokens: torch.Tensor  # [B] how many tokens were summed (SimPO divides by it)
-    rejected_tokens: torch.Tensor  # [B]
-
-
-def sequence_logprobs(model: torch.nn.Module, batch: Mapping[str, torch.Tensor]) -> SequenceLogprobs:
-    """Summed response log-probabilities of a preference batch, with chosen and rejected run
-    as one forward pass of 2B rows. Gradients flow unless called under torch.no_grad()
-    (as for the DPO reference model)."""
-    ids = torch.cat([batch["chosen_ids"], batch["rejected_ids"]])
-    labels = torch.cat([batch["chosen_labels"], batch["rejected_labels"]])
-    out = model(ids)
-    logits = out[0] if isinstance(out, (tuple, list)) else out
-    token_logp = -F.cross_entropy(
-        logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="none"
-    ).view_as(labels)
-    counted = labels != IGNORE_INDEX
-    sums = (token_logp * counted).sum(-1)
-    counts = counted.sum(-1)
-    b = batch["chosen_ids"].size(0)
-    return SequenceLogprobs(sums[:b], sums[b:], counts[:b], counts[b:])
-
-
-# ---- cursor ---------------------------------------------------------------------------------
-
-
-class BatchCursor:
-    """Walks a dataset's per-epoch plans: `next_batch()` returns the batch at (epoch,
-    position) and advances; `state_dict()`/`load_state_dict()` resume exactly (refusing a
-    different dataset or batch settings)."""
-
-    def __init__(self, dataset: _Planned, batch_size: int, seq_len: int, seed: int, shuffle: bool = True):
-        self.dataset, self.batch_size, self.seq_len, self.seed, self.shuffle = dataset, batch_size, seq_len, seed, shuffle
-        self.epoch = 0
-        self.position = 0
-        self._plan: list[list[list[int]]] | None = None
-        self._plan_epoch = -1
-        self.current_plan()  # validates seq_len against the data now, not at the first step
-
-    def current_plan(self) -> list[list[list[int]]]:
-        if self._plan_epoch != self.epoch:
-            self._plan = self.dataset.plan(self.batch_size, self.seq_len, self.seed, self.epoch, self.shuffle)
-            self._plan_epoch = self.epoch
-        assert self._plan is not None
-        return self._plan
-
-    @property
-    def batches_per_epoch(self) -> int:
-        """Batches in the current epoch (packing can change it slightly between epochs)."""
-        return len(self.current_plan())
-
-    @property
-    def epochs_done(self) -> float:
-        return self.epoch + self.position / self.batches_per_epoch
-
-    def next_batch(self, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
-        plan = self.current_plan()
-        rows = plan[self.position]
-        self.position += 1
-        if self.position == len(plan):
-            self.epoch, self.position = self.epoch + 1, 0
-        return batch_to_device(self.dataset.collate(rows, self.seq_len), device)
-
-    def _identity(self) -> dict[str, Any]:
-        return {"kind": self.dataset.kind, "fingerprint": self.dataset.fingerprint(), "n_examples": len(self.dataset),
-                "batch_size": self.batch_size, "seq_len": self.seq_len, "seed": self.seed, "shuffle": self.shuffle}
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "position": self.position, **self._identity()}
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        mine = self._identity()
-        changed = [k for k, v in mine.items() if state.get(k) != v]
-        if changed:
-            raise DataError(
-                "the fine-tuning data or batch settings changed since the checkpoint was written "
-                f"({', '.join(changed)} differ); exact resume needs the same data and settings"
-            )
-        epoch, position = int(state["epoch"]), int(state["position"])
-        self.epoch, self.position = epoch, 0
-        if not 0 <= position < self.batches_per_epoch:
-            raise DataError(f"resume position {position} is outside epoch {epoch} ({self.batches_per_epoch} batches)")
-        self.position = position

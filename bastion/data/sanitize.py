@@ -187,7 +187,7 @@ def _after_digit_group(text: str, start: int) -> bool:
     return i < 0 or not (text[i].isalnum() or text[i] == "_")
 
 
-def _card_brand_ok(digits: str) -> bool:
+def card_brand_ok(digits: str) -> bool:
     """Known issuer prefix (IIN) with a length that issuer uses."""
     n = len(digits)
     p2, p3, p4, p6 = int(digits[:2]), int(digits[:3]), int(digits[:4]), int(digits[:6])
@@ -655,7 +655,7 @@ class Redactor:
         if cfg.credit_cards:
             for m in _CARD.finditer(text, ws, we):
                 digits = m.group().replace(" ", "").replace("-", "")
-                if (13 <= len(digits) <= 19 and _card_brand_ok(digits) and luhn_ok(digits)
+                if (13 <= len(digits) <= 19 and card_brand_ok(digits) and luhn_ok(digits)
                         and not _after_digit_group(text, m.start())):
                     out.append(Finding(CREDIT_CARD, m.start(), m.end()))
         if cfg.national_ids:

@@ -21,12 +21,17 @@ from typing import Any
 
 import torch
 
-from bastion.data.finetune import _confined, check_conversation, iter_jsonl, load_preferences, load_sft
+from bastion.data.finetune import iter_jsonl, load_preferences, load_sft
 from bastion.errors import DataError, GenerationLimitError
 from bastion.eval.rewards import Reward
 from bastion.infer.engine import Engine
 from bastion.infer.loading import LoadedModel, load_for_inference
-from bastion.train.tasks import evaluate_preferences, evaluate_sft, reference_logprobs
+from bastion.safepath import Roots
+from bastion.tokenizer.chat import check_conversation
+from bastion.train.tasks.dpo import dpo_pair_loss
+from bastion.train.tasks.preference import evaluate_preferences, reference_logprobs
+from bastion.train.tasks.sft import evaluate_sft
+from bastion.train.tasks.simpo import simpo_pair_loss
 
 
 def _max_len(loaded: LoadedModel, seq_len: int | None) -> int:
@@ -71,8 +76,9 @@ def eval_preferences(checkpoint: str | Path, file: str | Path, *, reference: str
             raise DataError(f"reference {reference} has a different tokenizer than {checkpoint}")
         ref = reference_logprobs(ref_model.model, data, **kwargs)
         del ref_model
-    objective = "dpo" if ref is not None else "simpo"
-    out = evaluate_preferences(loaded.model, data, objective, cfg, reference=ref, **kwargs)
+    pc = cfg.finetune.preference
+    loss = dpo_pair_loss(pc, ref) if ref is not None else simpo_pair_loss(pc)
+    out = evaluate_preferences(loaded.model, data, loss, **kwargs)
     return out | {"beta": cfg.finetune.preference.beta}
 
 
@@ -86,7 +92,7 @@ class GenerationEval:
 def read_prompts(file: str | Path, roots: Sequence[str], max_bytes: int, max_records: int) -> list[dict[str, Any]]:
     """Records with "messages" (a chat ending in a user turn) or "prompt" (text), plus any
     fields rewards read ("answer"). Every bad line is reported as file:line."""
-    path = _confined(file, roots, "--file")
+    path = Roots(roots).confine(file, "--file", must_exist=True)
     records, problems = [], []
     for lineno, record, problem in iter_jsonl(path, max_bytes):
         if len(records) >= max_records:

@@ -1,5 +1,4 @@
-"""Decoder-only transformer (Llama architecture) and its named presets."""
-from bastion.model.presets import PRESETS, model_config
+"""Decoder-only transformer (Llama architecture); named shapes are in bastion/config/presets.py."""
 from bastion.model.transformer import KVCache, RMSNorm, Transformer
 
-__all__ = ["KVCache", "PRESETS", "RMSNorm", "Transformer", "model_config"]
+__all__ = ["KVCache", "RMSNorm", "Transformer"]

@@ -18,48 +18,20 @@ keys are the base keys plus two per wrapped module:
 No state-dict hooks are needed, and `merge_lora` puts the same Parameters back into a plain
 nn.Linear, so the merged model's state dict is exactly a base state dict.
 
-Adapters are saved on their own (`save_adapter`): a folder with adapter.safetensors,
-adapter_config.json (rank, alpha, dropout, targets, and the SHA-256 of the base checkpoint's
-MANIFEST.json, so an adapter is never applied to a base it was not trained on) and a
-MANIFEST.json that `load_adapter` verifies, written atomically like checkpoints.
-`merge_checkpoint` folds an adapter into its base and writes a normal Bastion checkpoint.
+This module is the layers only. Adapters as files (adapter folders, loading them onto a
+model, merging them into their base checkpoint) are bastion/adapters/.
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import re
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 
-import safetensors.torch
 import torch
 import torch.nn.functional as F
-import yaml
-from pydantic import ValidationError
-from safetensors import SafetensorError
 from torch import nn
 
-import bastion
-from bastion.checkpoint.checkpoint import (
-    Checkpoint,
-    load_checkpoint,
-    resolve_checkpoint,
-    save_checkpoint,
-)
-from bastion.checkpoint.manifest import (
-    MANIFEST,
-    build_manifest,
-    manifest_bytes,
-    read_manifest,
-    verify_directory,
-)
-from bastion.checkpoint.safetensors_check import check_against_model, check_finite, parse_header
-from bastion.config.schema import BastionConfig, LoraConfig
-from bastion.errors import CheckpointError, ConfigError
-from bastion import safeio
+from bastion.config.schema import LoraConfig
+from bastion.errors import ConfigError
 
 # Short target name -> the sub-module of a layer that holds it.
 TARGETS: dict[str, str] = {
@@ -67,14 +39,6 @@ TARGETS: dict[str, str] = {
     "w1": "feed_forward", "w2": "feed_forward", "w3": "feed_forward",
 }
 LORA_SUFFIXES = (".lora_A", ".lora_B")
-ADAPTER_FILE = "adapter.safetensors"
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_FORMAT = "bastion-lora-adapter"
-ADAPTER_FORMAT_VERSION = 1
-# trainer_state.json key under which a LoRA training run records its base checkpoint.
-BASE_SHA_KEY = "lora_base_manifest_sha256"
-MAX_ADAPTER_CONFIG_BYTES = 1 * 2**20
-_SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _MODULE = re.compile(r"^layers\.(\d+)\.(attention|feed_forward)\.(w[qkvo123])$")
 
 
@@ -175,17 +139,23 @@ def is_lora_name(name: str) -> bool:
     return name.endswith(LORA_SUFFIXES)
 
 
-def load_lora_state_dict(model: nn.Module, tensors: dict[str, torch.Tensor], where: str | Path = "adapter") -> None:
-    """Copy adapter tensors into a LoRA-wrapped model: the names must be exactly the model's
-    adapter names, shapes equal, values finite floats. CheckpointError otherwise."""
-    expected = lora_state_dict(model)
-    if not expected:
-        raise CheckpointError(f"{where}: the model has no LoRA modules to load adapters into (apply_lora first)")
-    check_against_model(tensors, expected, where, exact_dtype=False)
-    check_finite(tensors, where)
-    with torch.no_grad():
-        for name, param in expected.items():
-            param.copy_(tensors[name])
+def lora_module_name(tensor_name: str) -> str | None:
+    """"layers.3.attention.wq.lora_A" -> "layers.3.attention.wq"; None unless the name is an
+    adapter tensor of a module LoRA can wrap."""
+    module, _, suffix = tensor_name.rpartition(".")
+    return module if "." + suffix in LORA_SUFFIXES and _MODULE.match(module) else None
+
+
+def lora_settings(model: nn.Module) -> tuple[set[str], int, float] | None:
+    """(target short names, rank, alpha) of the model's LoRA modules; None without any."""
+    modules = lora_modules(model)
+    if not modules:
+        return None
+    ranks = {m.rank for m in modules.values()}
+    alphas = {m.alpha for m in modules.values()}
+    if len(ranks) != 1 or len(alphas) != 1:
+        raise ValueError("the model's LoRA modules disagree on rank / alpha")
+    return {_MODULE.match(n).group(3) for n in modules}, ranks.pop(), alphas.pop()
 
 
 def merge_lora(model: nn.Module) -> list[str]:
@@ -201,278 +171,5 @@ def merge_lora(model: nn.Module) -> list[str]:
     return merged
 
 
-# ---- adapter folders ----------------------------------------------------------------------
-
-def manifest_sha256(ckpt_path: str | Path) -> str:
-    """SHA-256 of a checkpoint's MANIFEST.json: identifies the exact base an adapter was
-    trained on (the manifest hashes every file, so it changes whenever any weight does).
-    Accepts what `resolve_checkpoint` accepts."""
-    path = resolve_checkpoint(ckpt_path) / MANIFEST
-    if path.is_symlink() or not path.is_file():
-        raise CheckpointError(f"{path}: not a regular file")
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def _check_sha(value: Any, what: str) -> str:
-    if not isinstance(value, str) or not _SHA256.match(value):
-        raise CheckpointError(f"{what} must be a SHA-256 hex digest (64 lowercase hex characters)")
-    return value
-
-
-@dataclass
-class Adapter:
-    """A verified adapter folder: its LoRA settings, tensors and the base it belongs to."""
-
-    config: LoraConfig
-    tensors: dict[str, torch.Tensor]
-    base_manifest_sha256: str
-    manifest_sha256: str
-    directory: Path
-
-
-def _model_lora_config(model: nn.Module) -> tuple[set[str], int, float]:
-    modules = lora_modules(model)
-    ranks = {m.rank for m in modules.values()}
-    alphas = {m.alpha for m in modules.values()}
-    if len(ranks) != 1 or len(alphas) != 1:
-        raise CheckpointError("the model's LoRA modules disagree on rank / alpha")
-    return {_MODULE.match(n).group(3) for n in modules}, ranks.pop(), alphas.pop()
-
-
-def write_dir_atomic(out_dir: Path, files: dict[str, bytes], *, replaceable: bool = False) -> Path:
-    """Write `files` into a private temp folder beside out_dir, fsync, and rename it into
-    place. out_dir must not exist or be empty - or, with `replaceable`, already be a Bastion
-    adapter folder, which is then swapped out atomically."""
-    out_dir = Path(out_dir)
-    if out_dir.is_symlink():
-        raise CheckpointError(f"{out_dir}: is a symbolic link; choose a real folder")
-    replace = False
-    if out_dir.exists():
-        if not out_dir.is_dir():
-            raise CheckpointError(f"{out_dir} exists and is not a folder")
-        if any(out_dir.iterdir()):
-            if not (replaceable and (out_dir / ADAPTER_CONFIG).is_file() and (out_dir / MANIFEST).is_file()):
-                raise CheckpointError(f"{out_dir} already exists and is not an empty folder; choose a new one")
-            replace = True
-    return safeio.write_dir_atomic(out_dir, files, replace=replace)
-
-
-def save_adapter(model: nn.Module, cfg: LoraConfig, out_dir: str | Path, base_manifest_sha256: str, *,
-                 tensors: dict[str, torch.Tensor] | None = None) -> Path:
-    """Write the model's adapters to `out_dir` (adapter.safetensors, adapter_config.json,
-    MANIFEST.json), atomically; an existing adapter folder there is replaced, anything else
-    non-empty is refused. `cfg` must describe the model's adapters; `base_manifest_sha256` is
-    `manifest_sha256(base checkpoint)`. `tensors`: the adapters already gathered (a sharded
-    model's own are pieces), checked against the model's names and shapes."""
-    _check_sha(base_manifest_sha256, "base_manifest_sha256")
-    expected = lora_state_dict(model)
-    if tensors is None:
-        tensors = expected
-    elif expected:
-        check_against_model(tensors, expected, out_dir, exact_dtype=False)
-    if not tensors:
-        raise CheckpointError("the model has no LoRA adapters to save (apply_lora first)")
-    targets, rank, alpha = _model_lora_config(model)
-    if targets != set(cfg.target_modules) or rank != cfg.rank or alpha != float(cfg.alpha):
-        raise CheckpointError(f"LoRA config (targets {sorted(cfg.target_modules)}, rank {cfg.rank}, alpha {cfg.alpha}) "
-                              f"does not describe the model's adapters (targets {sorted(targets)}, rank {rank}, alpha {alpha})")
-    meta = {
-        "format": ADAPTER_FORMAT,
-        "format_version": ADAPTER_FORMAT_VERSION,
-        "bastion_version": bastion.__version__,
-        "rank": cfg.rank,
-        "alpha": float(cfg.alpha),
-        "dropout": float(cfg.dropout),
-        "target_modules": list(dict.fromkeys(cfg.target_modules)),
-        "base_manifest_sha256": base_manifest_sha256,
-    }
-    files = {
-        ADAPTER_FILE: safetensors.torch.save({k: v.to("cpu").contiguous() for k, v in tensors.items()}),
-        ADAPTER_CONFIG: (json.dumps(meta, indent=2, sort_keys=True) + "\n").encode(),
-    }
-    files[MANIFEST] = manifest_bytes(build_manifest(files))
-    return write_dir_atomic(Path(out_dir), files, replaceable=True)
-
-
-def read_adapter(adapter_dir: str | Path) -> Adapter:
-    """Read and verify an adapter folder: manifest (sizes, SHA-256, no extra files, no links),
-    adapter_config.json, a strictly validated safetensors file of finite float tensors whose
-    names are LoRA names. Each file is read once; the bytes hashed are the bytes parsed."""
-    directory = Path(adapter_dir)
-    if not directory.is_dir() or directory.is_symlink():
-        raise CheckpointError(f"adapter folder not found (or not a real folder): {directory}")
-    manifest = read_manifest(directory)
-    verify_directory(directory, manifest, hash_files=False)
-    listed = manifest["files"]
-    if set(listed) != {ADAPTER_FILE, ADAPTER_CONFIG}:
-        raise CheckpointError(f"{directory}: not a LoRA adapter folder (expected {ADAPTER_FILE} and {ADAPTER_CONFIG})")
-
-    def read(name: str) -> bytes:
-        data = (directory / name).read_bytes()
-        if hashlib.sha256(data).hexdigest() != listed[name]["sha256"]:
-            raise CheckpointError(f"{directory / name}: SHA-256 does not match manifest (file modified or corrupt)")
-        return data
-
-    if listed[ADAPTER_CONFIG]["size"] > MAX_ADAPTER_CONFIG_BYTES:
-        raise CheckpointError(f"{directory / ADAPTER_CONFIG}: over {MAX_ADAPTER_CONFIG_BYTES} bytes")
-    try:
-        meta = json.loads(read(ADAPTER_CONFIG))
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise CheckpointError(f"{directory / ADAPTER_CONFIG}: invalid JSON") from None
-    if not isinstance(meta, dict) or meta.get("format") != ADAPTER_FORMAT:
-        raise CheckpointError(f"{directory / ADAPTER_CONFIG}: not a {ADAPTER_FORMAT} config")
-    if meta.get("format_version") != ADAPTER_FORMAT_VERSION:
-        raise CheckpointError(f"{directory / ADAPTER_CONFIG}: format version {meta.get('format_version')!r} "
-                              f"is not supported (expected {ADAPTER_FORMAT_VERSION})")
-    base_sha = _check_sha(meta.get("base_manifest_sha256"), f"{directory / ADAPTER_CONFIG}: base_manifest_sha256")
-    try:
-        cfg = LoraConfig(enabled=True, rank=meta.get("rank"), alpha=meta.get("alpha"), dropout=meta.get("dropout"),
-                         target_modules=meta.get("target_modules"))
-    except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
-        raise CheckpointError(f"{directory / ADAPTER_CONFIG}: invalid LoRA settings: {problems}") from None
-
-    data = read(ADAPTER_FILE)
-    parse_header(data, directory / ADAPTER_FILE)
-    try:
-        tensors = safetensors.torch.load(data)
-    except (SafetensorError, ValueError, RuntimeError) as exc:
-        raise CheckpointError(f"{directory / ADAPTER_FILE}: not a valid safetensors file ({exc})") from None
-    for name, tensor in tensors.items():
-        m = _MODULE.match(name.rpartition(".")[0])
-        if not is_lora_name(name) or m is None or m.group(3) not in cfg.target_modules:
-            raise CheckpointError(f"{directory / ADAPTER_FILE}: unexpected tensor {name[:120]!r}")
-        if not tensor.is_floating_point():
-            raise CheckpointError(f"{directory / ADAPTER_FILE}: tensor {name!r} is not floating point")
-    if not tensors:
-        raise CheckpointError(f"{directory / ADAPTER_FILE}: holds no adapter tensors")
-    check_finite(tensors, directory / ADAPTER_FILE)
-    own_sha = hashlib.sha256((directory / MANIFEST).read_bytes()).hexdigest()
-    return Adapter(config=cfg, tensors=tensors, base_manifest_sha256=base_sha, manifest_sha256=own_sha,
-                   directory=directory)
-
-
-def _check_base(recorded: str, base_manifest_sha256: str, where: str | Path) -> None:
-    if recorded != base_manifest_sha256:
-        raise CheckpointError(f"{where}: adapter was trained on base checkpoint with MANIFEST sha256 "
-                              f"{recorded[:16]}..., not this one ({base_manifest_sha256[:16]}...); "
-                              "refusing to apply it to a different base")
-
-
-def _attach(model: nn.Module, cfg: LoraConfig, tensors: dict[str, torch.Tensor], where: str | Path) -> None:
-    """Wrap the model as `cfg` says (or check an existing wrapping matches) and load tensors."""
-    if lora_modules(model):
-        targets, rank, alpha = _model_lora_config(model)
-        if targets != set(cfg.target_modules) or rank != cfg.rank or alpha != float(cfg.alpha):
-            raise CheckpointError(f"{where}: the model's LoRA modules (targets {sorted(targets)}, rank {rank}, "
-                                  f"alpha {alpha}) differ from the adapter's ({sorted(cfg.target_modules)}, "
-                                  f"rank {cfg.rank}, alpha {cfg.alpha})")
-    else:
-        apply_lora(model, cfg)
-    load_lora_state_dict(model, tensors, where)
-
-
-def load_adapter(model: nn.Module, adapter_dir: str | Path, base_manifest_sha256: str) -> LoraConfig:
-    """Verify an adapter folder, refuse it unless it was trained on the base whose manifest
-    hash is given, wrap the model (unless it already carries matching LoRA modules) and load
-    the adapter. The model must hold that base's weights. Returns the adapter's LoraConfig."""
-    _check_sha(base_manifest_sha256, "base_manifest_sha256")
-    adapter = read_adapter(adapter_dir)
-    _check_base(adapter.base_manifest_sha256, base_manifest_sha256, adapter.directory)
-    _attach(model, adapter.config, adapter.tensors, adapter.directory / ADAPTER_FILE)
-    return adapter.config
-
-
-# ---- merging into a checkpoint ------------------------------------------------------------
-
-def _checkpoint_config(ckpt: Checkpoint) -> BastionConfig:
-    from bastion.config.load import build_config
-
-    try:
-        raw = yaml.safe_load(ckpt.config_yaml) or {}
-    except yaml.YAMLError:
-        raise CheckpointError(f"{ckpt.directory}/config.yaml: invalid YAML") from None
-    if not isinstance(raw, dict):
-        raise CheckpointError(f"{ckpt.directory}/config.yaml: not a mapping")
-    return build_config(raw, source=f"{ckpt.directory}/config.yaml")
-
-
-def _attach_from_training_checkpoint(model: nn.Module, path: Path, base_sha: str,
-                                     base_state: dict[str, torch.Tensor]) -> str:
-    """Adapters from a LoRA training checkpoint: its model tensors are the LoRA ones, plus
-    optionally the (frozen) base weights, which must then equal the base's. The run must have
-    recorded its base (trainer_state[BASE_SHA_KEY]), unless those full base weights prove it."""
-    directory = resolve_checkpoint(path)
-    own_sha = manifest_sha256(directory)
-    ckpt = load_checkpoint(directory, load_optimizer=False)
-    lora_cfg = _checkpoint_config(ckpt).finetune.lora
-    if not lora_cfg.enabled:
-        raise CheckpointError(f"{directory}: not a LoRA run (finetune.lora.enabled is false in its config.yaml)")
-    tensors = {k: v for k, v in ckpt.model.items() if is_lora_name(k)}
-    others = {k: v for k, v in ckpt.model.items() if not is_lora_name(k)}
-    recorded = ckpt.trainer_state.get(BASE_SHA_KEY)
-    if recorded is not None:
-        _check_base(_check_sha(recorded, f"{directory}/trainer_state.json: {BASE_SHA_KEY}"), base_sha, directory)
-    elif not others:
-        raise CheckpointError(f"{directory}: does not record which base checkpoint it was trained on "
-                              f"(trainer_state {BASE_SHA_KEY}); refusing to merge it")
-    if others:
-        same = set(others) == set(base_state) and all(
-            others[k].shape == base_state[k].shape and torch.equal(others[k].to(base_state[k].dtype), base_state[k])
-            for k in others)
-        if not same:
-            raise CheckpointError(f"{directory}: its base weights differ from the base checkpoint's "
-                                  "(a different base, or base weights that were not frozen)")
-    _attach(model, lora_cfg, tensors, directory)
-    return own_sha
-
-
-def merge_checkpoint(base_ckpt: str | Path, adapter: str | Path, out_dir: str | Path) -> Path:
-    """Fold an adapter into its base and write a normal Bastion checkpoint (step 0) under
-    out_dir: merged weights in the base's dtypes, the base's config.yaml with LoRA disabled,
-    its tokenizer, chat template and special tokens. `adapter` is an adapter folder
-    (`save_adapter`) or a LoRA training checkpoint / run dir. Refuses an adapter trained on
-    another base and a non-empty out_dir. Returns the checkpoint directory."""
-    from bastion.config.load import to_yaml
-    from bastion.model.transformer import Transformer
-
-    out_dir = Path(out_dir)
-    if out_dir.is_symlink() or (out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir()))):
-        raise CheckpointError(f"output {out_dir} already exists and is not an empty folder; choose a new one")
-    base_dir = resolve_checkpoint(base_ckpt)
-    base_sha = manifest_sha256(base_dir)
-    base = load_checkpoint(base_dir, load_optimizer=False)
-    config = _checkpoint_config(base)
-    if config.model.vocab_size is None:
-        raise CheckpointError(f"{base_dir}/config.yaml: model.vocab_size is not set")
-    try:
-        # Assigned, not copied (one copy of the weights in memory); the merge is done in float32.
-        model = Transformer.from_state_dict(config.model, base.model)
-    except RuntimeError as exc:
-        raise CheckpointError(f"{base_dir}: weights do not match its config.yaml ({str(exc)[:300]})") from None
-    if manifest_sha256(base_dir) != base_sha:
-        raise CheckpointError(f"{base_dir}: MANIFEST.json changed while merging")
-
-    adapter_path = Path(adapter)
-    if (adapter_path / ADAPTER_CONFIG).exists():
-        loaded = read_adapter(adapter_path)
-        _check_base(loaded.base_manifest_sha256, base_sha, loaded.directory)
-        _attach(model, loaded.config, loaded.tensors, loaded.directory / ADAPTER_FILE)
-        adapter_sha = loaded.manifest_sha256
-    else:
-        adapter_sha = _attach_from_training_checkpoint(model, adapter_path, base_sha, base.model)
-    merge_lora(model)
-
-    state = {k: v.detach().to(base.model[k].dtype) for k, v in model.state_dict().items()}
-    config.finetune.lora.enabled = False
-    trainer_state: dict[str, Any] = {k: base.trainer_state[k] for k in ("chat_template", "special_tokens", "imported_from")
-                                     if k in base.trainer_state}
-    trainer_state.update(step=0, merged_lora={"base_manifest_sha256": base_sha, "adapter_manifest_sha256": adapter_sha})
-    merged = Checkpoint(model=state, trainer_state=trainer_state, config_yaml=to_yaml(config),
-                        tokenizer_json=base.tokenizer_json)
-    return save_checkpoint(out_dir, 0, merged)
-
-
-__all__ = ["ADAPTER_CONFIG", "ADAPTER_FILE", "BASE_SHA_KEY", "Adapter", "LoRALinear", "apply_lora", "is_lora_name",
-           "load_adapter", "load_lora_state_dict", "lora_modules", "lora_state_dict", "manifest_sha256", "merge_checkpoint",
-           "merge_lora", "read_adapter", "save_adapter"]
+__all__ = ["LORA_SUFFIXES", "LoRALinear", "TARGETS", "apply_lora", "is_lora_name", "lora_module_name", "lora_modules",
+           "lora_settings", "lora_state_dict", "merge_lora"]

@@ -29,7 +29,6 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from bastion.config.schema import GenerateConfig, ServeConfig
-from bastion.data.finetune import check_conversation
 from bastion.errors import DataError, EngineClosedError, GenerationLimitError, QueueFullError
 from bastion.infer.engine import Engine
 from bastion.infer.loading import LoadedModel
@@ -38,6 +37,7 @@ from bastion.serve.accesslog import AccessLog
 from bastion.serve.filters import OutputFilter, StreamFilter
 from bastion.serve.keys import KeyStore, bearer_token
 from bastion.serve.ratelimit import RateLimiter, RequestTooLarge
+from bastion.tokenizer.chat import check_conversation
 
 OPEN_PATHS = {"/health"}
 

@@ -38,7 +38,7 @@ from typing import Any
 
 from bastion.config.schema import ServeConfig
 from bastion.errors import ConfigError
-from bastion.safeio import replace_file
+from bastion.safeio import is_sha256, replace_file
 
 KEY_PREFIX = "bst_"
 KEY_FORMAT = "bastion-api-keys"
@@ -50,7 +50,6 @@ MAX_PRESENTED_CHARS = 4096  # a longer Authorization value is never a key: not e
 
 NAME_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
 ID_RE = re.compile(r"key_[0-9a-f]{8}")
-_SHA256_RE = re.compile(r"[0-9a-f]{64}")
 # RFC 6750 b64token: what a Bearer header can carry, so also what keys from the environment
 # must consist of (bst_ keys, hex, base64 from `openssl rand -base64 32` all fit).
 _TOKEN_RE = re.compile(r"[A-Za-z0-9._~+/-]+=*")
@@ -159,7 +158,7 @@ def _validate_doc(doc: Any, path: Path) -> list[dict[str, Any]]:
         if not isinstance(entry, dict) or set(entry) != {"id", "name", "sha256", "created", "revoked"}:
             raise bad(f"{where} must have exactly the fields id, name, sha256, created, revoked")
         digest, kid, name = entry["sha256"], entry["id"], entry["name"]
-        if not isinstance(digest, str) or not _SHA256_RE.fullmatch(digest):
+        if not is_sha256(digest):
             raise bad(f"{where}.sha256 must be 64 lower-case hex digits")
         if kid != _id_of_digest(digest):
             raise bad(f"{where}.id {kid!r} does not match its sha256")

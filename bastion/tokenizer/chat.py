@@ -271,6 +271,34 @@ def check_messages(messages: Any, where: str = "conversation") -> list[dict[str,
     return out
 
 
+def check_conversation(messages: Any, *, ends_with: tuple[str, ...], starts_after: str | None = None) -> list[dict[str, str]]:
+    """Validated plain copies of `messages`, in an order a conversation can have: an
+    optional system message first, then user; a user message is followed by an assistant
+    one; an assistant message by a user or tool message; a tool message by a tool or
+    assistant one; contents non-empty. The last message's role must be in `ends_with`.
+    `starts_after` checks a continuation: the role of the message before the first one."""
+    msgs = check_messages(messages, where="messages")
+    if not msgs:
+        raise DataError("no messages")
+    prev = starts_after
+    allowed_after = {"user": (None, "system", "assistant"), "assistant": ("user", "tool"), "tool": ("assistant", "tool")}
+    for i, m in enumerate(msgs):
+        role = m["role"]
+        if not m["content"].strip():
+            raise DataError(f"message {i} ({role}) has empty content")
+        if role == "system":
+            if i != 0 or starts_after is not None:
+                raise DataError(f"message {i}: a system message may only come first")
+        elif prev not in allowed_after[role]:
+            after = "the start" if prev is None else f"a {prev} message"
+            raise DataError(f"message {i}: roles out of order ({role} after {after})")
+        prev = role
+    if msgs[-1]["role"] not in ends_with:
+        raise DataError(f"the last message is {msgs[-1]['role']}; expected {' or '.join(ends_with)}")
+    return msgs
+
+
+
 # ---- ChatFormat -----------------------------------------------------------------------------
 
 

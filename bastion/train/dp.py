@@ -114,7 +114,8 @@ def _epsilon(history: list[tuple[float, float, int]], delta: float) -> float:
 
 
 class PrivateTraining:
-    """DP-SGD state for one run: sampling, clipping + noise, accounting. Used by `train()`:
+    """DP-SGD state for one run: sampling, clipping + noise, accounting. `PrivateStep` (below)
+    drives it for the training loop:
 
         dp = PrivateTraining(model, tc, n_examples=..., total_steps=...)   # before the first step
         dp.start(run_dir, step)             # secret key; refuses a plan that overspends epsilon
@@ -290,3 +291,51 @@ class PrivateTraining:
         # changed max_steps must not silently re-derive a different sigma mid-run.
         if not self.explicit_noise:
             self.noise_multiplier = saved_sigma
+
+
+class PrivateStep:
+    """The training loop's step strategy under DP-SGD (see bastion/train/steps.py): the task's
+    loss on this step's Poisson batch, then `privatize`. Only tasks with `supports_dp`."""
+
+    def __init__(self, model: nn.Module, tc: TrainConfig, task: Any, forward: Any, autocast: Any,
+                 device: torch.device, total_steps: int):
+        if not task.supports_dp:
+            raise ConfigError(f"train.dp (DP-SGD) is not available for train.objective {task.objective}")
+        self.dp = PrivateTraining(model, tc, n_examples=task.n_examples, total_steps=total_steps)
+        self.task, self.forward, self.autocast, self.device = task, forward, autocast, device
+
+    def __call__(self, step: int) -> tuple[torch.Tensor, int, dict[str, torch.Tensor]]:
+        # A Poisson batch of varying size (possibly empty: then the step is noise only).
+        examples = self.dp.sample(step)
+        with self.autocast():
+            loss, tokens = self.task.examples_loss(self.forward, examples, self.device)
+        if loss is None:
+            loss = torch.full((), math.nan, device=self.device)  # no tokens: the loop does not count it
+        else:
+            loss.backward()
+        self.dp.privatize(step, len(examples))  # per-example clip + noise replace the gradients
+        return loss.detach(), tokens, {}
+
+    def start(self, run_dir: Path, step: int) -> list[str]:
+        return self.dp.start(run_dir, step)
+
+    def epochs(self, step: int) -> float:
+        return step * self.dp.sample_rate
+
+    def log_values(self, stats: dict[str, torch.Tensor]) -> dict[str, float]:
+        return {"epsilon": self.dp.epsilon()}
+
+    def summary(self) -> str:
+        return f", epsilon {self.dp.epsilon():.3f} (delta {self.dp.delta:.3g})"
+
+    def epsilon(self) -> float | None:
+        return self.dp.epsilon()
+
+    def checkpoint_state(self) -> dict[str, Any]:
+        return {"dp": self.dp.state_dict()}
+
+    def restore(self, state: dict[str, Any], step: int) -> None:
+        if "dp" not in state:
+            raise CheckpointError("--resume: train.dp.enabled is set but the checkpoint was trained without DP; "
+                                  "steps already taken are not private, so start a new run")
+        self.dp.load_state_dict(state["dp"], step)

@@ -1,12 +1,12 @@
 """Training metrics: one JSON object per line in metrics.jsonl, mirrored to TensorBoard."""
 from __future__ import annotations
 
-import torch
-
 import json
 import os
 from pathlib import Path
 from typing import Any
+
+import torch
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -38,6 +38,16 @@ class MetricsLogger:
         self._file.close()
         if self._writer is not None:
             self._writer.close()
+
+
+class NoMetrics:
+    """What ranks other than 0 log to: nothing (rank 0 writes metrics.jsonl and TensorBoard)."""
+
+    def log(self, kind: str, step: int, **values: float) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:

@@ -8,7 +8,7 @@ import yaml
 from typer.testing import CliRunner
 
 from bastion.cli import app
-from bastion.data.synthetic import arithmetic_documents, write_corpus
+from synthetic.corpus import arithmetic_documents, write_corpus
 
 runner = CliRunner()
 

@@ -7,7 +7,7 @@ from helpers import make_base_checkpoint
 from typer.testing import CliRunner
 
 from bastion.cli import app
-from bastion.data.finetune_synthetic import greeting_preference_records, reverse_chat_records, write_jsonl
+from synthetic.chat import greeting_preference_records, reverse_chat_records, write_jsonl
 
 runner = CliRunner()
 

@@ -12,7 +12,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
 from bastion.config.schema import DataConfig
 from bastion.data import PrepareReport, TokenShards, prepare_dataset, read_index
-from bastion.data.synthetic import arithmetic_documents, write_corpus
+from synthetic.corpus import arithmetic_documents, write_corpus
 from bastion.errors import DataError
 from bastion.tokenizer import BastionTokenizer
 

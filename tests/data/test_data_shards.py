@@ -9,7 +9,7 @@ import pytest
 
 from bastion.config.schema import DataConfig
 from bastion.data import TokenShards, prepare_dataset, read_index
-from bastion.data.synthetic import grammar_documents, write_corpus
+from synthetic.corpus import grammar_documents, write_corpus
 from bastion.errors import DataError
 
 

@@ -17,9 +17,8 @@ from bastion.data.finetune import (
     SFTDataset,
     load_preferences,
     load_sft,
-    sequence_logprobs,
 )
-from bastion.data.finetune_synthetic import (
+from synthetic.chat import (
     greeting_preference_records,
     held_out_greeting_prompts,
     held_out_reverse_prompts,
@@ -204,7 +203,7 @@ def test_unpacked_batches_pad_to_the_longest() -> None:
 
 
 def test_packed_loss_equals_separate_examples(tmp_path, chat, tok) -> None:
-    from bastion.model.presets import model_config
+    from bastion.config.presets import model_config
     from bastion.model.transformer import Transformer
 
     torch.manual_seed(0)
@@ -317,8 +316,9 @@ def test_bad_preference_records(tmp_path, chat) -> None:
 
 
 def test_sequence_logprobs_sums_response_tokens(tmp_path, chat, tok) -> None:
-    from bastion.model.presets import model_config
+    from bastion.config.presets import model_config
     from bastion.model.transformer import Transformer
+    from bastion.train.tasks.preference import sequence_logprobs
 
     torch.manual_seed(0)
     model = Transformer(model_config("tiny", vocab_size=tok.vocab_size, max_seq_len=128)).eval()

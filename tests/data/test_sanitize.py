@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from bastion.config.schema import SanitizeConfig
-from bastion.data import pii_synthetic as syn
+from synthetic import pii as syn
 from bastion.data.sanitize import (
     CATEGORIES,
     Finding,

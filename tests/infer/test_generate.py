@@ -5,7 +5,8 @@ from bastion.config.schema import GenerateConfig
 from bastion.errors import GenerationLimitError
 from bastion.infer import GenerationResult, check_request, generate, stream
 from bastion.infer.generate import _emittable
-from bastion.model import Transformer, model_config
+from bastion.config.presets import model_config
+from bastion.model import Transformer
 from bastion.tokenizer import BastionTokenizer
 
 CORPUS = [

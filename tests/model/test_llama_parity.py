@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from bastion.model import Transformer, model_config
+from bastion.config.presets import model_config
+from bastion.model import Transformer
 
 transformers = pytest.importorskip("transformers")
 

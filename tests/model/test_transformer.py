@@ -3,7 +3,8 @@ import torch
 import torch.nn.functional as F
 
 from bastion.config.schema import ModelConfig
-from bastion.model import KVCache, Transformer, model_config
+from bastion.config.presets import model_config
+from bastion.model import KVCache, Transformer
 
 V = 97
 
@@ -188,7 +189,7 @@ def test_num_params_and_flops():
 
 def test_packed_rows_equal_separate_documents():
     """segment_ids: packing two documents in one row gives exactly their separate logits."""
-    from bastion.model.presets import model_config
+    from bastion.config.presets import model_config
     from bastion.model.transformer import Transformer, positions_within_segments
 
     torch.manual_seed(0)

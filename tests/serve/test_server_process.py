@@ -132,7 +132,7 @@ def test_output_filter_redacts_what_the_model_says(tmp_path):
     address leaves the server; with serve.output_filter it becomes <EMAIL>, streamed too."""
     from helpers import finetune_config, make_base_checkpoint
 
-    from bastion.data.finetune_synthetic import write_jsonl
+    from synthetic.chat import write_jsonl
     from bastion.train.loop import train
 
     base = make_base_checkpoint(tmp_path / "base", texts=["mail me at bob.smith@example.com today please"] * 50)

@@ -12,8 +12,9 @@ import yaml
 from helpers import finetune_config, make_base_checkpoint
 
 from bastion.checkpoint import load_checkpoint
-from bastion.data.finetune_synthetic import greeting_preference_records, reverse_chat_records, write_jsonl
-from bastion.model.lora import is_lora_name, read_adapter
+from synthetic.chat import greeting_preference_records, reverse_chat_records, write_jsonl
+from bastion.adapters import read_adapter
+from bastion.model.lora import is_lora_name
 from bastion.train import train
 
 STEPS = 12

@@ -11,7 +11,7 @@ from helpers import tiny_config
 from bastion.checkpoint import load_checkpoint
 from bastion.errors import CheckpointError, ConfigError
 from bastion.model import Transformer
-from bastion.model.presets import model_config
+from bastion.config.presets import model_config
 from bastion.train import train
 from bastion.train.dp import KEY_FILE, PrivateTraining, _epsilon
 from bastion.train.metrics import read_metrics

@@ -14,7 +14,7 @@ from helpers import finetune_config, make_base_checkpoint
 from bastion.checkpoint import load_checkpoint
 from bastion.config import build_config
 from bastion.config.schema import GenerateConfig
-from bastion.data.finetune_synthetic import (
+from synthetic.chat import (
     RUDE,
     greeting_preference_records,
     held_out_greeting_prompts,
@@ -27,7 +27,8 @@ from bastion.eval.finetune import eval_generate, eval_preferences
 from bastion.eval.rewards import parse_reward
 from bastion.infer.generate import generate_chat
 from bastion.infer.loading import load_for_inference
-from bastion.model.lora import ADAPTER_CONFIG, is_lora_name, merge_checkpoint
+from bastion.adapters import ADAPTER_CONFIG, merge_checkpoint
+from bastion.model.lora import is_lora_name
 from bastion.train.loop import train
 
 REVERSE_FORMAT = r"<r>[a-j]( [a-j])*</r>"

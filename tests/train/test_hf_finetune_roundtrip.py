@@ -13,10 +13,10 @@ transformers = pytest.importorskip("transformers")
 from helpers import finetune_config  # noqa: E402
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers  # noqa: E402
 
-from bastion.data.finetune_synthetic import reverse_chat_records, write_jsonl  # noqa: E402
-from bastion.export import export_hf, import_hf  # noqa: E402
+from synthetic.chat import reverse_chat_records, write_jsonl  # noqa: E402
+from bastion.interop import export_hf, import_hf  # noqa: E402
 from bastion.infer.loading import load_for_inference  # noqa: E402
-from bastion.model.lora import merge_checkpoint  # noqa: E402
+from bastion.adapters import merge_checkpoint  # noqa: E402
 from bastion.train.loop import train  # noqa: E402
 
 CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + "

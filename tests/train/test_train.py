@@ -50,7 +50,7 @@ def test_exact_resume_matches_uninterrupted_run(arithmetic_data, tmp_path):
 def test_non_finite_loss_stops_the_run_before_any_checkpoint_holds_it(arithmetic_data, tmp_path, monkeypatch):
     """Losses are read in batches (at log steps and checkpoints, not every step); a NaN at
     step 3 is still reported as step 3, and no checkpoint after it is written."""
-    from bastion.train.tasks import CLMTask
+    from bastion.train.tasks.clm import CLMTask
 
     original, calls = CLMTask.micro_batch_loss, []
 
@@ -177,7 +177,7 @@ SUBJECTS = ["the cat", "the big cats", "the children", "the red fox", "the quiet
 
 
 def grammatical_fraction(checkpoint) -> float:
-    from bastion.data.synthetic import is_grammatical
+    from synthetic.corpus import is_grammatical
     from bastion.infer import generate
     from bastion.infer.loading import load_for_inference
 

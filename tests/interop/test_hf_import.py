@@ -14,8 +14,8 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from bastion.checkpoint import load_checkpoint
 from bastion.errors import CheckpointError
-from bastion.export import import_hf, read_chat_template, read_special_tokens
-from bastion.export.hf import load_model_checkpoint
+from bastion.checkpoint.contents import load_full_model, read_trainer_state, special_tokens
+from bastion.interop import import_hf
 from bastion.model import Transformer
 from bastion.model.hf import (
     bastion_name,
@@ -68,7 +68,8 @@ def save_hf(model, folder, **kwargs):
 
 
 def our_logits(ckpt_dir, ids, **kw):
-    ckpt, cfg = load_model_checkpoint(ckpt_dir)
+    ckpt, config = load_full_model(ckpt_dir)
+    cfg = config.model
     model = Transformer(cfg).eval()
     model.load_state_dict(ckpt.model)
     with torch.no_grad():
@@ -111,8 +112,8 @@ def test_logits_match_transformers(tmp_path, case):
         assert (torch.cat(steps, dim=1) - theirs).abs().max().item() <= 1e-4
     state = load_checkpoint(out).trainer_state
     assert state["step"] == 0 and state["imported_from"] == arch
-    assert read_chat_template(out) == TEMPLATE
-    assert read_special_tokens(tmp_path / "ckpt") == {"bos_token": "<s>", "eos_token": "</s>", "pad_token": None}
+    assert read_trainer_state(out)["chat_template"] == TEMPLATE
+    assert special_tokens(read_trainer_state(tmp_path / "ckpt")) == {"bos_token": "<s>", "eos_token": "</s>", "pad_token": None}
 
 
 def test_sharded_folder_and_sliding_window_with_packing(tmp_path):
@@ -122,7 +123,7 @@ def test_sharded_folder_and_sliding_window_with_packing(tmp_path):
     write_tokenizer(folder, chat_template=None)
     (folder / "chat_template.jinja").write_text("{{ messages[0]['content'] }}")  # where transformers v5 saves it
     out = import_hf(folder, tmp_path / "ckpt")
-    assert read_chat_template(out) == "{{ messages[0]['content'] }}"
+    assert read_trainer_state(out)["chat_template"] == "{{ messages[0]['content'] }}"
     a = torch.randint(0, 300, (1, 12), generator=torch.Generator().manual_seed(2))
     b = torch.randint(0, 300, (1, 9), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
@@ -145,7 +146,7 @@ def test_bastion_tokenizer_checkpoint_loads_for_inference(tmp_path):
     ids = torch.tensor([loaded.tokenizer.encode("hello world")])
     with torch.no_grad():
         assert (loaded.model(ids)[0] - model(ids).logits).abs().max().item() <= 1e-4
-    assert read_chat_template(tmp_path / "ckpt") is None
+    assert "chat_template" not in read_trainer_state(tmp_path / "ckpt")
 
 
 @pytest.mark.parametrize("adds_bos", [True, False])

@@ -21,9 +21,9 @@ from typing import Any
 
 import safetensors.torch
 
+from bastion.adapters.folder import read_adapter, write_new_dir
 from bastion.errors import CheckpointError
 from bastion.model.hf import HF_MODULE_NAMES, hf_name
-from bastion.model.lora import read_adapter, write_dir_atomic
 
 PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"
@@ -80,7 +80,7 @@ def export_peft(adapter_dir: str | Path, out_dir: str | Path, *, base_model_name
         PEFT_CONFIG: (json.dumps(config, indent=2) + "\n").encode(),
         PEFT_WEIGHTS: safetensors.torch.save(tensors, metadata={"format": "pt"}),
     }
-    return write_dir_atomic(Path(out_dir), files)
+    return write_new_dir(out_dir, files)
 
 
 __all__ = ["export_peft", "peft_config", "peft_tensor_name"]

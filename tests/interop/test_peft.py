@@ -16,15 +16,12 @@ from bastion.checkpoint import Checkpoint, save_checkpoint
 from bastion.config import build_config, to_yaml
 from bastion.config.schema import LoraConfig
 from bastion.errors import CheckpointError
-from bastion.export import export_hf
-from bastion.export.peft import export_peft
+from bastion.interop import export_hf
+from bastion.interop.peft import export_peft
 from bastion.model import Transformer
-from bastion.model.lora import (
-    apply_lora,
-    lora_state_dict,
-    manifest_sha256,
-    save_adapter,
-)
+from bastion.adapters import save_adapter
+from bastion.checkpoint.contents import manifest_sha256
+from bastion.model.lora import apply_lora, lora_state_dict
 from bastion.tokenizer import BastionTokenizer
 
 # transformers' own deprecation notice, raised inside PeftModel.from_pretrained

@@ -1,4 +1,4 @@
-"""`bastion import hf DIR OUT` and `bastion export hf|gguf CKPT OUT` (registered in bastion/cli.py).
+"""`bastion import hf DIR OUT` and `bastion export hf|gguf|peft ...` (registered in bastion/cli.py).
 
 Errors are bastion.errors exceptions; the root CLI prints them as one line (exit 2)."""
 from __future__ import annotations
@@ -13,7 +13,7 @@ out = Console(markup=False)  # paths and names are printed as they are, never re
 
 import_app = typer.Typer(help="Import models from other formats (local folders only; nothing is downloaded).",
                          no_args_is_help=True)
-export_app = typer.Typer(help="Export a checkpoint for other tools: Hugging Face transformers, llama.cpp (GGUF).",
+export_app = typer.Typer(help="Export a checkpoint for other tools: Hugging Face transformers, llama.cpp (GGUF), PEFT adapters.",
                          no_args_is_help=True)
 
 
@@ -29,10 +29,11 @@ def import_hf_cmd(
 ) -> None:
     """Convert a Llama / Mistral / Qwen2 safetensors folder into a verified Bastion checkpoint.
     Refuses remote code (auto_map), other architectures and pickle weights."""
-    from bastion.export.hf import import_hf, read_chat_template
+    from bastion.checkpoint.contents import read_trainer_state
+    from bastion.interop.hf import import_hf
 
     path = import_hf(hf_dir, out_dir)
-    note = " (chat template kept)" if read_chat_template(path) is not None else ""
+    note = " (chat template kept)" if "chat_template" in read_trainer_state(path) else ""
     out.print(f"imported {hf_dir} -> {path}{note}", highlight=False)
 
 
@@ -42,7 +43,7 @@ def export_hf_cmd(
     out_dir: Path = typer.Argument(..., help="New folder for the Hugging Face model."),
 ) -> None:
     """Write a folder that transformers' AutoModelForCausalLM / AutoTokenizer load (offline)."""
-    from bastion.export.hf import export_hf
+    from bastion.interop.hf import export_hf
 
     path = export_hf(ckpt, out_dir)
     out.print(f"exported {ckpt} -> {path}", highlight=False)
@@ -56,7 +57,7 @@ def export_gguf_cmd(
     force: bool = typer.Option(False, "--force", help="Replace an existing file."),
 ) -> None:
     """Write one GGUF file (llama architecture, byte-level BPE vocabulary) for llama.cpp."""
-    from bastion.export.gguf import export_gguf
+    from bastion.interop.gguf import export_gguf
 
     path = export_gguf(ckpt, out_path, dtype=dtype.value, overwrite=force)
     out.print(f"exported {ckpt} -> {path} ({dtype.value})", highlight=False)
@@ -70,7 +71,7 @@ def export_peft_cmd(
 ) -> None:
     """Write the adapter in PEFT's format, for `PeftModel.from_pretrained(model, OUT_DIR)` on the
     base exported with `bastion export hf`."""
-    from bastion.export.peft import export_peft
+    from bastion.interop.peft import export_peft
 
     path = export_peft(adapter, out_dir, base_model_name_or_path=base_model)
     out.print(f"exported {adapter} -> {path}", highlight=False)

@@ -33,11 +33,11 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from tokenizers import Tokenizer
 
 from bastion.config.schema import ModelConfig
 from bastion.errors import BastionError, CheckpointError
-from bastion.export.hf import _special_tokens, load_model_checkpoint
+from bastion.checkpoint.contents import load_full_model
+from bastion.interop.hf import exported_special_tokens
 from bastion.model.transformer import rope_inv_freq
 
 # Pre-tokenizer split patterns llama.cpp recognises by name (tokenizer.ggml.pre).
@@ -183,13 +183,12 @@ def export_gguf(ckpt_path: str | Path, out_path: str | Path, dtype: Literal["f16
     out_path = Path(out_path)
     if out_path.is_symlink() or out_path.is_dir() or (out_path.exists() and not overwrite):
         raise CheckpointError(f"{out_path} already exists; choose a new file name")
-    ckpt, cfg = load_model_checkpoint(ckpt_path)
+    ckpt, config = load_full_model(ckpt_path)
+    cfg = config.model
     where = str(ckpt.directory)
-    specials = _special_tokens(ckpt.trainer_state)
+    specials, ids = exported_special_tokens(ckpt)
     vocab = _tokenizer_fields(ckpt.tokenizer_json, cfg.vocab_size, where)
     tensors = _tensors(ckpt.model, cfg, dtype)
-    backend = Tokenizer.from_str(ckpt.tokenizer_json)
-    ids = {k: (backend.token_to_id(v) if v is not None else None) for k, v in specials.items()}
 
     out_path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{out_path.name}.tmp-", dir=out_path.parent)  # 0600, O_EXCL

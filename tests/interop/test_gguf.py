@@ -13,7 +13,7 @@ gguf = pytest.importorskip("gguf")
 from bastion.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from bastion.config import build_config, to_yaml
 from bastion.errors import CheckpointError
-from bastion.export.gguf import export_gguf, gguf_tensor_name, permute_qk, unpermute_qk
+from bastion.interop.gguf import export_gguf, gguf_tensor_name, permute_qk, unpermute_qk
 from bastion.model import Transformer
 from bastion.model.transformer import apply_rope, rope_tables
 from bastion.tokenizer import BastionTokenizer

@@ -12,11 +12,10 @@ Where the chat template and special tokens live: an imported checkpoint keeps th
 tokenizer's `chat_template` and its bos / eos / pad token strings in trainer_state.json
 (keys "chat_template" and "special_tokens"): a checkpoint file the manifest already hashes,
 free-form JSON (any template text is stored verbatim), and no schema change to config.yaml.
-`read_chat_template(ckpt)` and `read_special_tokens(ckpt)` read them back, verified.
+bastion/checkpoint/contents.py reads them back.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import mmap
@@ -26,20 +25,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from tokenizers import Tokenizer
 
-from bastion.checkpoint.checkpoint import (
-    Checkpoint,
-    load_checkpoint,
-    resolve_checkpoint,
-    save_checkpoint,
-    write_safetensors,
-)
-from bastion.checkpoint.manifest import read_manifest
+from bastion.checkpoint.checkpoint import Checkpoint, save_checkpoint, write_safetensors
+from bastion.checkpoint.contents import checkpoint_tokenizer, load_full_model, special_tokens
 from bastion.checkpoint.safetensors_check import TORCH_DTYPE, parse_header
 from bastion.config.load import build_config, to_yaml
-from bastion.config.schema import ModelConfig
+from bastion.config.schema import GenerateConfig
 from bastion.errors import CheckpointError
 from bastion.model.hf import (
     SUPPORTED_ARCHITECTURES,
@@ -241,90 +233,24 @@ def import_hf(hf_dir: str | Path, out_dir: str | Path) -> Path:
     return save_checkpoint(out_dir, 0, ckpt)
 
 
-# ---- reading a Bastion checkpoint ---------------------------------------------------------
-
-def _read_verified(directory: Path, name: str, max_bytes: int) -> bytes | None:
-    """One small checkpoint file, checked against MANIFEST.json (None if not listed)."""
-    listed = read_manifest(directory)["files"]
-    if name not in listed:
-        return None
-    entry = listed[name]
-    if entry["size"] > max_bytes:
-        raise CheckpointError(f"{directory / name}: {entry['size']} bytes, over {max_bytes}")
-    path = directory / name
-    if path.is_symlink() or not path.is_file():
-        raise CheckpointError(f"{path}: not a regular file")
-    data = path.read_bytes()
-    if hashlib.sha256(data).hexdigest() != entry["sha256"]:
-        raise CheckpointError(f"{path}: SHA-256 does not match manifest (file modified or corrupt)")
-    return data
-
-
-def _trainer_state(ckpt_dir: str | Path) -> dict[str, Any]:
-    directory = resolve_checkpoint(ckpt_dir)
-    data = _read_verified(directory, "trainer_state.json", 64 * 2**20)
-    if data is None:
-        return {}
-    try:
-        state = json.loads(data)
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise CheckpointError(f"{directory / 'trainer_state.json'}: invalid JSON") from None
-    return state if isinstance(state, dict) else {}
-
-
-def read_chat_template(ckpt_dir: str | Path) -> str | None:
-    """The chat template stored with a checkpoint (imported from tokenizer_config.json /
-    chat_template.jinja), or None. Accepts what `resolve_checkpoint` accepts; the file is
-    verified against the manifest."""
-    template = _trainer_state(ckpt_dir).get("chat_template")
-    return template if isinstance(template, str) else None
-
-
-def read_special_tokens(ckpt_dir: str | Path) -> dict[str, str | None]:
-    """{"bos_token", "eos_token", "pad_token"} strings of a checkpoint's tokenizer: those
-    recorded at import, else Bastion's own (<|endoftext|> eos, <|pad|> pad, no bos)."""
-    return _special_tokens(_trainer_state(ckpt_dir))
-
-
-def _special_tokens(trainer_state: dict[str, Any]) -> dict[str, str | None]:
-    stored = trainer_state.get("special_tokens")
-    if isinstance(stored, dict):
-        return {k: stored.get(k) if isinstance(stored.get(k), str) else None for k in BASTION_SPECIALS}
-    return dict(BASTION_SPECIALS)
-
-
-def load_model_checkpoint(path: str | Path) -> tuple[Checkpoint, ModelConfig]:
-    """A verified checkpoint (no optimizer) and its model config."""
-    ckpt = load_checkpoint(path, load_optimizer=False)
-    if any(name.endswith((".lora_A", ".lora_B")) for name in ckpt.model):
-        raise CheckpointError(f"{ckpt.directory}: holds LoRA adapters only; fold them into the base first with "
-                              "`bastion merge BASE RUN OUT` (or export the adapter with `bastion export peft`)")
-    try:
-        raw = yaml.safe_load(ckpt.config_yaml) or {}
-    except yaml.YAMLError:
-        raise CheckpointError(f"{ckpt.directory}/config.yaml: invalid YAML") from None
-    config = build_config(raw, source=f"{ckpt.directory}/config.yaml")
-    if config.model.vocab_size is None:
-        raise CheckpointError(f"{ckpt.directory}/config.yaml: model.vocab_size is not set")
-    return ckpt, config.model
-
-
 # ---- writing an HF folder -----------------------------------------------------------------
 
-def _generation_config(ckpt: Checkpoint, ids: dict[str, int | None]) -> dict[str, Any]:
+def exported_special_tokens(ckpt: Checkpoint) -> tuple[dict[str, str | None], dict[str, int | None]]:
+    """The bos / eos / pad token strings an exported model declares, and their ids: those
+    the checkpoint records (a recorded token missing from the vocabulary is left out)."""
+    tokenizer = checkpoint_tokenizer(ckpt)  # validates the tokenizer and its specials
+    specials = special_tokens(ckpt.trainer_state)
+    ids = {key: tokenizer.token_to_id(token) if token is not None else None for key, token in specials.items()}
+    return {key: token if ids[key] is not None else None for key, token in specials.items()}, ids
+
+
+def _generation_config(gen: GenerateConfig, ids: dict[str, int | None]) -> dict[str, Any]:
     out: dict[str, Any] = {"bos_token_id": ids["bos_token"], "eos_token_id": ids["eos_token"],
                            "pad_token_id": ids["pad_token"]}
-    try:
-        gen = (yaml.safe_load(ckpt.config_yaml) or {}).get("generate") or {}
-    except (yaml.YAMLError, AttributeError):
-        gen = {}
-    temperature = gen.get("temperature")
-    if isinstance(temperature, (int, float)) and temperature > 0:
-        out.update(do_sample=True, temperature=temperature)
-        if isinstance(gen.get("top_k"), int):
-            out["top_k"] = gen["top_k"]
-        if isinstance(gen.get("top_p"), (int, float)):
-            out["top_p"] = gen["top_p"]
+    if gen.temperature > 0:
+        out.update(do_sample=True, temperature=gen.temperature, top_p=gen.top_p)
+        if gen.top_k is not None:
+            out["top_k"] = gen.top_k
     return out
 
 
@@ -336,13 +262,9 @@ def export_hf(ckpt_path: str | Path, out_dir: str | Path) -> Path:
     + rename); files 0600, folder 0700. Refuses an existing non-empty out_dir."""
     out_dir = Path(out_dir)
     _check_out_dir(out_dir, "export folder")
-    ckpt, cfg = load_model_checkpoint(ckpt_path)
-    tokenizer = Tokenizer.from_str(ckpt.tokenizer_json)
-    specials = _special_tokens(ckpt.trainer_state)
-    ids = {k: (tokenizer.token_to_id(v) if v is not None else None) for k, v in specials.items()}
-    for key, value in specials.items():
-        if value is not None and ids[key] is None:
-            specials[key] = None  # recorded token absent from the vocabulary: leave it out
+    ckpt, config = load_full_model(ckpt_path)
+    cfg = config.model
+    specials, ids = exported_special_tokens(ckpt)
     model_type = hf_model_type(cfg, prefer=ckpt.trainer_state.get("imported_from"))
     hf_config = hf_config_from_model_config(cfg, bos_token_id=ids["bos_token"], eos_token_id=ids["eos_token"],
                                             pad_token_id=ids["pad_token"], model_type=model_type)
@@ -359,7 +281,7 @@ def export_hf(ckpt_path: str | Path, out_dir: str | Path) -> Path:
         tok_config["chat_template"] = template
     files = {
         "config.json": json.dumps(hf_config, indent=2).encode(),
-        "generation_config.json": json.dumps(_generation_config(ckpt, ids), indent=2).encode(),
+        "generation_config.json": json.dumps(_generation_config(config.generate, ids), indent=2).encode(),
         # Streamed tensor by tensor: exporting never holds a second copy of the weights.
         "model.safetensors": lambda path: write_safetensors(path, hf_state, {"format": "pt"}),
         "tokenizer.json": ckpt.tokenizer_json.encode(),
@@ -368,5 +290,5 @@ def export_hf(ckpt_path: str | Path, out_dir: str | Path) -> Path:
     return write_dir_atomic(out_dir, files)
 
 
-__all__ = ["SUPPORTED_ARCHITECTURES", "export_hf", "import_hf", "load_model_checkpoint", "read_chat_template",
-           "read_safetensors", "read_special_tokens"]
+__all__ = ["SUPPORTED_ARCHITECTURES", "export_hf", "exported_special_tokens", "import_hf", "read_safetensors"]
+

@@ -15,7 +15,8 @@ from typer.testing import CliRunner
 from bastion.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from bastion.config import build_config, to_yaml
 from bastion.errors import CheckpointError
-from bastion.export import export_hf, import_hf, read_chat_template
+from bastion.checkpoint.contents import read_trainer_state
+from bastion.interop import export_hf, import_hf
 from bastion.model import Transformer
 from bastion.tokenizer import BastionTokenizer
 
@@ -127,7 +128,7 @@ def test_export_of_an_import_keeps_chat_template_and_specials(tmp_path):
     hf_tok = transformers.AutoTokenizer.from_pretrained(out, local_files_only=True)
     assert hf_tok.eos_token == "</s>" and hf_tok.bos_token == "<s>" and hf_tok.pad_token is None
     assert hf_tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False) == "<s>hi</s>"
-    assert read_chat_template(import_hf(out, tmp_path / "again")) == template
+    assert read_trainer_state(import_hf(out, tmp_path / "again"))["chat_template"] == template
     config = json.loads((out / "config.json").read_text())
     assert (config["bos_token_id"], config["eos_token_id"]) == (tok.token_to_id("<s>"), tok.token_to_id("</s>"))
 
@@ -136,7 +137,7 @@ def test_cli_commands(tmp_path, tokenizer):
     import typer
 
     from bastion.cli import _BastionGroup
-    from bastion.export.cli import export_app, import_app
+    from bastion.interop.cli import export_app, import_app
 
     app = typer.Typer(cls=_BastionGroup)
     app.add_typer(import_app, name="import")

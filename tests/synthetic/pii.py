@@ -10,7 +10,7 @@ Span conventions match what `Redactor.find` reports: an assignment secret is its
 (inside the quotes), a URL password is the password only, a PEM block is BEGIN..END inclusive,
 an IP address excludes any port or /prefix.
 
-`python -m bastion.data.pii_synthetic --report` prints the per-category precision/recall table and
+`python tests/synthetic/pii.py --report` prints the per-category precision/recall table and
 the throughput figures used in docs/data-hygiene.md. Generated data is not real data: the
 numbers say the detectors work on the formats planted here, not what they miss in the wild.
 """
@@ -345,9 +345,9 @@ def url_with_password(rng: random.Random, b: _Builder) -> None:
 
 def is_card_shaped(digits: str) -> bool:
     """Passes every check a card number can be given (length, issuer prefix, Luhn)."""
-    from bastion.data.sanitize import _card_brand_ok
+    from bastion.data.sanitize import card_brand_ok
 
-    return 13 <= len(digits) <= 19 and _card_brand_ok(digits) and luhn_ok(digits)
+    return 13 <= len(digits) <= 19 and card_brand_ok(digits) and luhn_ok(digits)
 
 
 def _non_card_integer(rng: random.Random) -> str:
@@ -773,7 +773,7 @@ def report(n: int = 2000, seed: int = 0) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m bastion.data.pii_synthetic", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python tests/synthetic/pii.py", description=__doc__.split("\n")[0])
     ap.add_argument("--report", action="store_true", help="print precision/recall and throughput (markdown)")
     ap.add_argument("--n", type=int, default=2000)
     ap.add_argument("--seed", type=int, default=0)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 import re
 
-from bastion.data.synthetic import (
+from synthetic.corpus import (
     arithmetic_documents,
     grammar_documents,
     held_out_arithmetic,

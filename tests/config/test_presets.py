@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from bastion.model import PRESETS, Transformer, model_config
+from bastion.config.presets import PRESETS, model_config
+from bastion.model import Transformer
 
 
 def analytic_params(cfg) -> int:

@@ -1,0 +1,44 @@
+"""`bastion generate` (registered in bastion/cli.py)."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+
+def generate_cmd(
+    checkpoint: Path = typer.Option(..., "--checkpoint", help="Checkpoint folder, or a run/checkpoints folder (uses 'latest')."),
+    prompt: str = typer.Option(..., "--prompt", "-p", help="Text to continue."),
+    max_new_tokens: Optional[int] = typer.Option(None, help="Tokens to generate (default generate.max_new_tokens; above the ceiling is an error)."),
+    temperature: Optional[float] = typer.Option(None, help="0 = greedy; higher = more random."),
+    top_k: Optional[int] = typer.Option(None, help="Sample only among the k most likely tokens."),
+    top_p: Optional[float] = typer.Option(None, help="Nucleus sampling: smallest set with this total probability."),
+    seed: Optional[int] = typer.Option(None, help="Random seed for reproducible sampling."),
+    stop: Optional[List[str]] = typer.Option(None, "--stop", help="Stop when this string appears (repeatable)."),
+    chat: bool = typer.Option(False, "--chat", help="Send the prompt as a user message through the model's chat "
+                              "template and stop at its end of turn (fine-tuned / imported chat models)."),
+    no_verify: bool = typer.Option(False, "--no-verify", help="Skip the SHA-256 manifest check (not recommended)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+) -> None:
+    """Continue a prompt (or answer it, with --chat) with a trained checkpoint (verified before loading)."""
+    from bastion.infer import generate
+    from bastion.infer.loading import load_for_inference
+
+    loaded = load_for_inference(checkpoint, verify=not no_verify)
+    model_input, stop_ids = prompt, None
+    if chat:
+        model_input = loaded.chat.encode_prompt([{"role": "user", "content": prompt}])
+        stop_ids = loaded.chat.stop_ids
+    result = generate(
+        loaded.model, loaded.tokenizer, model_input, limits=loaded.config.generate,
+        max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, stop=stop,
+        stop_ids=stop_ids,
+    )
+    if as_json:
+        print(json.dumps({"prompt": prompt, "completion": result.text, "finish_reason": result.finish_reason,
+                          "prompt_tokens": result.prompt_tokens, "completion_tokens": len(result.token_ids)}))
+    else:
+        sys.stdout.write((result.text if chat else prompt + result.text) + "\n")

@@ -1,0 +1,14 @@
+"""Training objectives, one file each, registered by their `train.objective` name.
+
+    clm     pretraining: token shards, next-token loss on every token        clm.py
+    sft     chat JSONL: next-token loss on assistant tokens                  sft.py
+    dpo     preference JSONL: sigmoid DPO against reference log-probs        dpo.py
+    simpo   preference JSONL: SimPO, reference-free                          simpo.py
+
+To add an objective: a new file here with a `Task` subclass (base.py) and its loss,
+decorated with `@register_task`, and its import below.
+"""
+from bastion.train.tasks.base import TASKS, Task, register_task, task_class
+from bastion.train.tasks import clm, dpo, sft, simpo  # noqa: E402,F401  (each registers its task)
+
+__all__ = ["TASKS", "Task", "register_task", "task_class"]

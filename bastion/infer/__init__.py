@@ -1,5 +1,7 @@
 """Generation: request limits, sampling, KV-cached decoding and streaming."""
-from bastion.infer.generate import GenerationResult, check_request, generate, generate_chat, stream
+from bastion.infer.generate import (GenerationResult, SamplingParams, check_request, generate, generate_chat,
+                                    sampling_params, stream)
 from bastion.infer.sampling import sample_next
 
-__all__ = ["GenerationResult", "check_request", "generate", "generate_chat", "sample_next", "stream"]
+__all__ = ["GenerationResult", "SamplingParams", "check_request", "generate", "generate_chat", "sample_next",
+           "sampling_params", "stream"]

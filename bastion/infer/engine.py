@@ -14,9 +14,10 @@ with the others, one token per request per step, each at its own position. Reque
 the free slots wait in a bounded queue; past `max_queue` of them, `submit` refuses with
 QueueFullError (back-pressure: the server answers 503 instead of queueing without limit).
 
-Text is produced exactly as `generate.stream` produces it (incremental detokenisation, text
-held back while it could be the start of a stop string), and sampling draws from one
-torch.Generator per request, seeded from the request's seed.
+Each request is a `generate.SequenceState`, as in `generate.stream`: the same prefill, the
+same sampling (one torch.Generator per request, seeded from the request's seed), the same
+`advance` deciding eos / stop / length and producing the text deltas. The engine only adds
+the scheduling and, in the batched modes, the batched decode step.
 
 Batch invariance. A request's output must not depend on what else is in the batch. BLAS
 chooses its matmul kernel, so its summation order, by the number of rows (on CPU MKL a
@@ -29,8 +30,9 @@ Three modes:
     ALL `max_batch_size` cache rows (free slots padded) with the key length fixed at the
     cache's length. The shapes never change, so a row's result depends only on that row:
     outputs are bit-identical alone or batched, and 16 rows cost about 2x one row.
-  * "rowwise": each running request alone (B=1, its own length), exactly the computation
-    of `generate()` (bit-identical to it), with no batching speed-up.
+  * "rowwise": each running request alone (B=1, its own length) through
+    `SequenceState.decode`, the very step `generate()` takes (bit-identical to it), with no
+    batching speed-up.
   * "dynamic": one batched step over the running rows only, key length = the longest:
     fastest, but outputs may differ in the last bits with the batch's composition.
 
@@ -44,49 +46,28 @@ import queue
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import asdict
 from typing import Literal
 
 import torch
 
 from bastion.config.schema import GenerateConfig
 from bastion.errors import EngineClosedError, GenerationLimitError, QueueFullError
-from bastion.infer.generate import GenerationResult, IncrementalText, Tokenizer, _check_sampling, check_request
-from bastion.infer.sampling import sample_next
+from bastion.infer.generate import (FinishReason, GenerationResult, SamplingParams, SequenceState, Tokenizer,
+                                    sampling_params)
 from bastion.model.transformer import Transformer
 
 
-@dataclass(frozen=True)
-class SamplingParams:
-    """One request's generation settings; build it with `Engine.params` (validated, defaults
-    filled). `submit` checks it again, since a dataclass can also be built by hand."""
-
-    max_new_tokens: int
-    temperature: float
-    top_k: int | None
-    top_p: float
-    seed: int | None
-    stop: tuple[str, ...] = ()
-    stop_ids: tuple[int, ...] = ()
-
-
-class _Sequence:
+class _Sequence(SequenceState):
     """One request inside the engine. Its decode state is touched only by the engine thread;
     `slot`, `cancelled` and `done` change under the engine's lock."""
 
-    def __init__(self, handle: RequestHandle, prompt_ids: list[int], params: SamplingParams,
-                 end_ids: frozenset[int], tokenizer: Tokenizer):
-        self.handle, self.prompt_ids, self.params, self.end_ids = handle, prompt_ids, params, end_ids
-        self.text = IncrementalText(tokenizer, list(params.stop))
-        self.generator: torch.Generator | None = None
+    def __init__(self, handle: RequestHandle, prompt_ids: list[int], params: SamplingParams, tokenizer: Tokenizer):
+        super().__init__(prompt_ids, params, tokenizer)
+        self.handle = handle
         self.slot = -1  # cache row while running
         self.cancelled = False
         self.done = False
-
-    @property
-    def position(self) -> int:
-        """Where the newest token (the next decode step's input) sits."""
-        return len(self.prompt_ids) + len(self.text.ids) - 1
 
 
 class RequestHandle:
@@ -203,8 +184,6 @@ class Engine:
         self.threads = threads
         self.device = model.tok_embeddings.weight.device
         self._context = model.cfg.max_seq_len
-        eos = getattr(tokenizer, "eos_id", None)
-        self._eos = frozenset() if eos is None else frozenset({eos})
         # No request can be longer than the longest prompt plus the most new tokens allowed.
         cache_len = min(self._context, (limits.max_prompt_tokens or self._context) + limits.max_new_tokens_ceiling)
         self._cache = model.new_cache(max_batch_size, max_len=cache_len)
@@ -224,26 +203,12 @@ class Engine:
     def params(self, prompt_len: int, *, max_new_tokens: int | None = None, temperature: float | None = None,
                top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
                stop: list[str] | None = None, stop_ids: list[int] | None = None) -> SamplingParams:
-        """Validate a request of `prompt_len` tokens against the limits, as generate.stream
-        does (GenerationLimitError naming the parameter); None takes the limits' default."""
-        n_new = check_request(prompt_len, max_new_tokens, stop, self.limits, self._context)
-        temperature = self.limits.temperature if temperature is None else temperature
-        top_k = self.limits.top_k if top_k is None else top_k
-        top_p = self.limits.top_p if top_p is None else top_p
-        _check_sampling(temperature, top_k, top_p, seed)
-        return SamplingParams(max_new_tokens=n_new, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
-                              stop=tuple(stop or ()), stop_ids=self._check_stop_ids(stop_ids))
-
-    def _check_stop_ids(self, stop_ids: object) -> tuple[int, ...]:
-        if stop_ids is None:
-            return ()
-        vocab = self.model.cfg.vocab_size or 0
-        if not isinstance(stop_ids, (list, tuple, set, frozenset)):
-            raise GenerationLimitError(f"stop_ids must be a list of token ids, got {type(stop_ids).__name__}")
-        for i in stop_ids:
-            if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < vocab:
-                raise GenerationLimitError(f"stop_ids must be token ids in [0, {vocab}), got {i!r}")
-        return tuple(dict.fromkeys(stop_ids))  # duplicates dropped, so at most vocab ids
+        """Validate a request of `prompt_len` tokens against the limits with
+        `generate.sampling_params`, as generate.stream does (GenerationLimitError naming the
+        parameter); None takes the limits' default."""
+        return sampling_params(self.limits, self._context, prompt_len, vocab_size=self.model.cfg.vocab_size or 0,
+                               max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                               seed=seed, stop=stop, stop_ids=stop_ids)
 
     def submit(self, prompt_ids: list[int], params: SamplingParams, *,
                loop: asyncio.AbstractEventLoop | None = None) -> RequestHandle:
@@ -257,11 +222,9 @@ class Engine:
         if not isinstance(params, SamplingParams):
             raise TypeError(f"params must be a SamplingParams (from Engine.params), got {type(params).__name__}")
         # Checked again: nothing over a limit may reach the decode thread.
-        params = self.params(len(prompt_ids), max_new_tokens=params.max_new_tokens, temperature=params.temperature,
-                             top_k=params.top_k, top_p=params.top_p, seed=params.seed, stop=params.stop,
-                             stop_ids=params.stop_ids)
+        params = self.params(len(prompt_ids), **asdict(params))
         handle = RequestHandle(next(self._ids), self, loop)
-        seq = _Sequence(handle, list(prompt_ids), params, self._eos | frozenset(params.stop_ids), self.tokenizer)
+        seq = _Sequence(handle, list(prompt_ids), params, self.tokenizer)
         handle._seq = seq
         with self._cond:
             if self._closed:
@@ -386,18 +349,10 @@ class Engine:
                 self._cond.wait()
 
     def _prefill(self, seq: _Sequence) -> None:
-        """The whole prompt in one forward of batch 1, into the sequence's cache row: exactly
-        what generate() computes, then the first token."""
-        p = seq.params
+        """The prompt into the sequence's cache row, exactly as generate() does, then the
+        first token."""
         try:
-            seq.generator = torch.Generator(device=self.device)
-            if p.seed is None:
-                seq.generator.seed()
-            else:
-                seq.generator.manual_seed(p.seed)
-            idx = torch.tensor([seq.prompt_ids], device=self.device)
-            logits, _ = self.model(idx, cache=self._slot_cache[seq.slot], start_pos=0)
-            token = int(sample_next(logits[:, -1], p.temperature, p.top_k, p.top_p, seq.generator))
+            token = seq.sample(seq.prefill(self.model, self._slot_cache[seq.slot]))
         except Exception as exc:  # e.g. out of memory: this request fails, the engine goes on
             self._finish(seq, error=exc)
             return
@@ -423,18 +378,14 @@ class Engine:
                         k[rows, :, 0] = 0
                         v[rows, :, 0] = 0
             elif self.mode == "rowwise":
-                # Each row alone (B=1, attention over exactly its own cache length): the same
-                # computation as generate()'s decode step, so bit-identical to it.
-                logits = torch.cat([
-                    self.model(torch.tensor([[s.text.ids[-1]]], device=self.device),
-                               cache=self._slot_cache[s.slot], start_pos=s.position)[0][:, -1]
-                    for s in seqs])
+                # Each row alone (B=1, attention over exactly its own cache length): generate()'s
+                # own decode step, so bit-identical to it.
+                logits = torch.cat([s.decode(self.model, self._slot_cache[s.slot]) for s in seqs])
             else:
                 logits = self.model.decode_step([s.text.ids[-1] for s in seqs], self._cache,
                                                 [s.slot for s in seqs], [s.position for s in seqs])
             # Per row: each request has its own temperature/top-k/top-p and its own generator.
-            tokens = torch.cat([sample_next(logits[i:i + 1], s.params.temperature, s.params.top_k, s.params.top_p,
-                                            s.generator) for i, s in enumerate(seqs)]).tolist()
+            tokens = [s.sample(logits[i:i + 1]) for i, s in enumerate(seqs)]
         except Exception as exc:
             for seq in seqs:
                 self._finish(seq, error=exc)
@@ -443,20 +394,14 @@ class Engine:
             self._advance(seq, token)
 
     def _advance(self, seq: _Sequence, token: int) -> None:
-        """A sampled token: end (eos / stop id), text and stop strings, the length limit."""
-        if token in seq.end_ids:
-            self._finish(seq, "eos")
-            return
-        delta, stopped = seq.text.push(token)
-        if stopped:
-            self._finish(seq, "stop")
-            return
+        """A sampled token: its text delta out, and the end if `SequenceState.advance` says so."""
+        delta, finish = seq.advance(token)
         if delta:
             seq.handle._deliver(delta)
-        if len(seq.text.ids) == seq.params.max_new_tokens:
-            self._finish(seq, "length")
+        if finish is not None:
+            self._finish(seq, finish)
 
-    def _finish(self, seq: _Sequence, reason: Literal["stop", "length", "eos", "cancelled"] | None = None, *,
+    def _finish(self, seq: _Sequence, reason: FinishReason | None = None, *,
                 error: BaseException | None = None) -> None:
         """Release the sequence's slot (its cache row wiped) and hand out its last items. The
         engine then keeps no reference to it."""
@@ -476,9 +421,8 @@ class Engine:
         if error is not None:
             seq.handle._deliver(error)
             return
-        rest = seq.text.close()
+        rest, result = seq.finish(reason)
         if rest:
             seq.handle._deliver(rest)
-        seq.handle._deliver(GenerationResult(text=seq.text.text, token_ids=list(seq.text.ids),
-                                             prompt_tokens=len(seq.prompt_ids), finish_reason=reason))
+        seq.handle._deliver(result)
 

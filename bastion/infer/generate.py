@@ -2,6 +2,8 @@
 
 Every request is checked against `GenerateConfig` before any compute: a request over a limit
 is refused with `GenerationLimitError` naming the parameter, never silently cut short.
+`sampling_params` is that check and `SequenceState` the per-token decode logic, for
+`generate()`/`stream()` here and for the continuous-batching engine (engine.py) alike.
 """
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ import torch
 from bastion.config.schema import GenerateConfig
 from bastion.errors import GenerationLimitError
 from bastion.infer.sampling import sample_next
-from bastion.model.transformer import Transformer
+from bastion.model.transformer import KVCache, Transformer
 
 if TYPE_CHECKING:
     from bastion.tokenizer.chat import ChatFormat
@@ -31,12 +33,15 @@ class Tokenizer(Protocol):
     def decode(self, ids: list[int]) -> str: ...
 
 
+FinishReason = Literal["stop", "length", "eos", "cancelled"]  # cancelled: engine requests only
+
+
 @dataclass(frozen=True)
 class GenerationResult:
     text: str  # the completion only, cut before the stop string if one matched
     token_ids: list[int]  # completion ids (without eos; with a stop, up to the token that completed it)
     prompt_tokens: int
-    finish_reason: Literal["stop", "length", "eos", "cancelled"]  # cancelled: engine requests only
+    finish_reason: FinishReason
 
 
 def check_request(prompt_tokens: int, max_new_tokens: int | None, stop: list[str] | None,
@@ -75,7 +80,32 @@ def check_request(prompt_tokens: int, max_new_tokens: int | None, stop: list[str
     return n
 
 
-def _check_sampling(temperature: float, top_k: int | None, top_p: float, seed: int | None) -> None:
+@dataclass(frozen=True)
+class SamplingParams:
+    """One request's generation settings, validated and with defaults filled: build it with
+    `sampling_params` (or `Engine.params`). `Engine.submit` checks it again, since a
+    dataclass can also be built by hand."""
+
+    max_new_tokens: int
+    temperature: float
+    top_k: int | None
+    top_p: float
+    seed: int | None
+    stop: tuple[str, ...] = ()
+    stop_ids: tuple[int, ...] = ()
+
+
+def sampling_params(limits: GenerateConfig, context_size: int, prompt_len: int, *, vocab_size: int,
+                    max_new_tokens: int | None = None, temperature: float | None = None, top_k: int | None = None,
+                    top_p: float | None = None, seed: int | None = None, stop: list[str] | None = None,
+                    stop_ids: list[int] | None = None) -> SamplingParams:
+    """The one check of a request's settings, for generate() and the engine alike: the length
+    limits (`check_request`), then the sampling bounds, with None taking `limits`' default.
+    Raises GenerationLimitError naming the parameter."""
+    n_new = check_request(prompt_len, max_new_tokens, stop, limits, context_size)
+    temperature = limits.temperature if temperature is None else temperature
+    top_k = limits.top_k if top_k is None else top_k
+    top_p = limits.top_p if top_p is None else top_p
     # Same bounds as GenerateConfig, re-checked because per-request values bypass the schema.
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) \
             or not math.isfinite(temperature) or not 0 <= temperature <= 100:
@@ -86,6 +116,13 @@ def _check_sampling(temperature: float, top_k: int | None, top_p: float, seed: i
         raise GenerationLimitError(f"top_p must be a number in (0, 1], got {top_p!r}")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63):
         raise GenerationLimitError(f"seed must be an integer in [0, 2**63), got {seed!r}")
+    if stop_ids is not None and not isinstance(stop_ids, (list, tuple, set, frozenset)):
+        raise GenerationLimitError(f"stop_ids must be a list of token ids, got {type(stop_ids).__name__}")
+    for i in stop_ids or ():
+        if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < vocab_size:
+            raise GenerationLimitError(f"stop_ids must be token ids in [0, {vocab_size}), got {i!r}")
+    return SamplingParams(max_new_tokens=n_new, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+                          stop=tuple(stop or ()), stop_ids=tuple(dict.fromkeys(stop_ids or ())))  # no duplicates
 
 
 def _emittable(text: str, stop: list[str]) -> int:
@@ -143,6 +180,66 @@ class IncrementalText:
         return rest
 
 
+class SequenceState:
+    """One sequence being decoded, B=1 (generate() and the engine share it, so they cannot
+    drift apart): prefill, sample, and `advance`, the one place that decides eos / stop id,
+    stop string and length, and produces the text deltas."""
+
+    def __init__(self, prompt_ids: list[int], params: SamplingParams, tokenizer: Tokenizer):
+        self.prompt_ids, self.params = prompt_ids, params
+        eos = getattr(tokenizer, "eos_id", None)
+        self.end_ids = frozenset(params.stop_ids) | (frozenset() if eos is None else frozenset({eos}))
+        self.text = IncrementalText(tokenizer, list(params.stop))
+        self.generator: torch.Generator | None = None  # made by prefill, on the model's device
+
+    @property
+    def position(self) -> int:
+        """Where the newest token (the next decode step's input) sits."""
+        return len(self.prompt_ids) + len(self.text.ids) - 1
+
+    def prefill(self, model: Transformer, cache: KVCache) -> torch.Tensor:
+        """The whole prompt in one forward of batch 1 into `cache` (a fresh one, or one row):
+        the logits [1, V] for the first token. Seeds the sequence's generator."""
+        device = model.tok_embeddings.weight.device
+        self.generator = torch.Generator(device=device)
+        if self.params.seed is None:
+            self.generator.seed()
+        else:
+            self.generator.manual_seed(self.params.seed)
+        logits, _ = model(torch.tensor([self.prompt_ids], device=device), cache=cache, start_pos=0)
+        return logits[:, -1]
+
+    def decode(self, model: Transformer, cache: KVCache) -> torch.Tensor:
+        """One decode step of batch 1, attention over exactly this sequence's cache length:
+        the logits [1, V] after the newest token."""
+        idx = torch.tensor([[self.text.ids[-1]]], device=model.tok_embeddings.weight.device)
+        logits, _ = model(idx, cache=cache, start_pos=self.position)
+        return logits[:, -1]
+
+    def sample(self, logits: torch.Tensor) -> int:
+        """logits [1, V] -> the next token, with this request's settings and generator."""
+        p = self.params
+        return int(sample_next(logits, p.temperature, p.top_k, p.top_p, self.generator))
+
+    def advance(self, token: int) -> tuple[str, FinishReason | None]:
+        """A sampled token: (text that became final, why generation ends or None)."""
+        if token in self.end_ids:
+            return "", "eos"
+        delta, stopped = self.text.push(token)
+        if stopped:
+            return "", "stop"
+        if len(self.text.ids) == self.params.max_new_tokens:
+            return delta, "length"  # out of tokens: an incomplete character stays as U+FFFD
+        return delta, None
+
+    def finish(self, reason: FinishReason) -> tuple[str, GenerationResult]:
+        """The end: (the rest of the text, held back for a stop string that never completed
+        or a pending character; the GenerationResult)."""
+        rest = self.text.close()
+        return rest, GenerationResult(text=self.text.text, token_ids=list(self.text.ids),
+                                      prompt_tokens=len(self.prompt_ids), finish_reason=reason)
+
+
 def stream(model: Transformer, tokenizer: Tokenizer, prompt: str | list[int], *, limits: GenerateConfig,
            max_new_tokens: int | None = None, temperature: float | None = None, top_k: int | None = None,
            top_p: float | None = None, seed: int | None = None,
@@ -156,66 +253,42 @@ def stream(model: Transformer, tokenizer: Tokenizer, prompt: str | list[int], *,
     The request is validated here, at call time (not on first iteration), so a server can
     refuse it before starting a streamed response.
     """
+    vocab = model.cfg.vocab_size or 0
     if isinstance(prompt, str):
         prompt_ids = tokenizer.encode_prompt(prompt)
     elif isinstance(prompt, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in prompt):
         prompt_ids = list(prompt)
-        vocab = model.cfg.vocab_size or 0
         if not prompt_ids or any(not 0 <= i < vocab for i in prompt_ids):
             raise GenerationLimitError(f"prompt ids must be a non-empty list of ids in [0, {vocab})")
     else:
         raise TypeError(f"prompt must be a string or a list of token ids, got {type(prompt).__name__}")
-    n_new = check_request(len(prompt_ids), max_new_tokens, stop, limits, model.cfg.max_seq_len)
-    temperature = limits.temperature if temperature is None else temperature
-    top_k = limits.top_k if top_k is None else top_k
-    top_p = limits.top_p if top_p is None else top_p
-    _check_sampling(temperature, top_k, top_p, seed)
-    return _decode(model, tokenizer, prompt_ids, n_new, temperature, top_k, top_p, seed, list(stop or []),
-                   set(stop_ids or ()))
+    params = sampling_params(limits, model.cfg.max_seq_len, len(prompt_ids), vocab_size=vocab,
+                             max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                             seed=seed, stop=stop, stop_ids=stop_ids)
+    return _decode(model, SequenceState(prompt_ids, params, tokenizer))
 
 
-def _decode(model: Transformer, tokenizer: Tokenizer, prompt_ids: list[int], n_new: int, temperature: float,
-            top_k: int | None, top_p: float, seed: int | None, stop: list[str],
-            stop_ids: set[int]) -> Iterator[str | GenerationResult]:
-    end_ids = stop_ids | ({tokenizer.eos_id} if getattr(tokenizer, "eos_id", None) is not None else set())
-    device = model.tok_embeddings.weight.device
-    generator = torch.Generator(device=device)
-    if seed is None:
-        generator.seed()
-    else:
-        generator.manual_seed(seed)
-
+def _decode(model: Transformer, seq: SequenceState) -> Iterator[str | GenerationResult]:
     was_training = model.training
     model.eval()
     try:
         # inference_mode wraps each model step, not the whole loop: a `with` spanning the
         # yields would leave inference mode switched on in the caller's code between items.
         with torch.inference_mode():
-            cache = model.new_cache(1, max_len=len(prompt_ids) + n_new)
-            logits, _ = model(torch.tensor([prompt_ids], device=device), cache=cache, start_pos=0)  # prefill
-            next_id = int(sample_next(logits[:, -1], temperature, top_k, top_p, generator))
-        out = IncrementalText(tokenizer, stop)
-        finish: Literal["stop", "length", "eos"] = "length"
+            cache = model.new_cache(1, max_len=len(seq.prompt_ids) + seq.params.max_new_tokens)
+            token = seq.sample(seq.prefill(model, cache))
         while True:
-            if next_id in end_ids:
-                finish = "eos"
-                break
-            delta, stopped = out.push(next_id)
-            if stopped:
-                finish = "stop"
-                break
+            delta, finish = seq.advance(token)
             if delta:
                 yield delta
-            if len(out.ids) == n_new:
-                break  # out of tokens: an incomplete character stays as U+FFFD
+            if finish is not None:
+                break
             with torch.inference_mode():
-                pos = len(prompt_ids) + len(out.ids) - 1
-                logits, _ = model(torch.tensor([[next_id]], device=device), cache=cache, start_pos=pos)
-                next_id = int(sample_next(logits[:, -1], temperature, top_k, top_p, generator))
-        rest = out.close()
-        if rest:  # held back for a stop string that never completed, or a pending character
+                token = seq.sample(seq.decode(model, cache))
+        rest, result = seq.finish(finish)
+        if rest:
             yield rest
-        yield GenerationResult(text=out.text, token_ids=out.ids, prompt_tokens=len(prompt_ids), finish_reason=finish)
+        yield result
     finally:
         model.train(was_training)
 

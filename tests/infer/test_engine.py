@@ -278,6 +278,26 @@ def test_stop_strings_and_stop_ids(model, tok):
         assert res.text == tok.decode(full.token_ids[:first])
 
 
+@pytest.mark.parametrize("sampling", [dict(), dict(temperature=1.0, top_k=40, top_p=0.95, seed=21)],
+                         ids=["greedy", "sampled"])
+def test_rowwise_equals_generate_with_stop_strings_and_stop_ids(model, tok, sampling):
+    # generate() and the rowwise engine share SequenceState: the same items, in the same
+    # order, however a request ends (stop id, stop string, length), batched with the others.
+    with ban_eos(model, tok):
+        full = generate(model, tok, "The quick", limits=LIMITS, max_new_tokens=40, **sampling)
+        unused = next(i for i in range(2, tok.vocab_size) if i not in full.token_ids)
+        requests = [dict(max_new_tokens=40, stop_ids=[full.token_ids[6]]),
+                    dict(max_new_tokens=40, stop=["never-appears", full.text[5:8]]),
+                    dict(max_new_tokens=40, stop=[full.text[9:11]], stop_ids=[full.token_ids[4]]),
+                    dict(max_new_tokens=40, stop=["never-appears"], stop_ids=[unused])]
+        expected = [list(stream(model, tok, "The quick", limits=LIMITS, **kw, **sampling)) for kw in requests]
+        with Engine(model, tok, LIMITS, max_batch_size=4) as engine:
+            handles = [submit(engine, tok, "The quick", **kw, **sampling) for kw in requests]
+            assert [list(h) for h in handles] == expected
+    assert [items[-1].finish_reason for items in expected] in (["eos", "stop", "eos", "length"],
+                                                               ["eos", "stop", "stop", "length"])
+
+
 def test_max_new_tokens_gives_length(model, tok):
     with ban_eos(model, tok), Engine(model, tok, LIMITS, max_batch_size=2) as engine:
         res = submit(engine, tok, "The quick", max_new_tokens=9).result(timeout=10)

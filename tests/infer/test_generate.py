@@ -1,9 +1,11 @@
+import dataclasses
+
 import pytest
 import torch
 
 from bastion.config.schema import GenerateConfig
 from bastion.errors import GenerationLimitError
-from bastion.infer import GenerationResult, check_request, generate, stream
+from bastion.infer import GenerationResult, SamplingParams, check_request, generate, sampling_params, stream
 from bastion.infer.generate import _emittable
 from bastion.config.presets import model_config
 from bastion.model import Transformer
@@ -203,6 +205,42 @@ def test_every_limit_raises(args, limits, match):
 def test_generate_enforces_limits(model, tok, kw, match):
     with pytest.raises(GenerationLimitError, match=match):
         generate(model, tok, "The quick", limits=LIMITS, **kw)
+
+
+def test_sampling_params_fills_defaults_from_limits():
+    limits = GenerateConfig(max_new_tokens=7, max_new_tokens_ceiling=50, temperature=0.5, top_k=3, top_p=0.9)
+    assert sampling_params(limits, 128, 4, vocab_size=300) == SamplingParams(
+        max_new_tokens=7, temperature=0.5, top_k=3, top_p=0.9, seed=None, stop=(), stop_ids=())
+    p = sampling_params(limits, 128, 4, vocab_size=300, max_new_tokens=50, temperature=0, top_k=None, top_p=1,
+                        seed=2**63 - 1, stop=["a", "b"], stop_ids=[7, 3, 7])
+    assert p == SamplingParams(max_new_tokens=50, temperature=0, top_k=3, top_p=1, seed=2**63 - 1, stop=("a", "b"),
+                               stop_ids=(7, 3))  # top_k None: the default; stop ids without duplicates
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        p.temperature = 1.0
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(max_new_tokens=101), r"max_new_tokens \(101\) exceeds"),
+    (dict(max_new_tokens=True), "max_new_tokens must be an integer"),
+    (dict(temperature=-0.5), "temperature"), (dict(temperature=float("nan")), "temperature"),
+    (dict(temperature=100.5), "temperature"), (dict(temperature=True), "temperature"),
+    (dict(temperature="1"), "temperature"),
+    (dict(top_k=0), "top_k"), (dict(top_k=2.0), "top_k"), (dict(top_k=True), "top_k"),
+    (dict(top_p=0.0), "top_p"), (dict(top_p=1.1), "top_p"), (dict(top_p=False), "top_p"),
+    (dict(seed=-1), "seed"), (dict(seed=2**63), "seed"), (dict(seed=1.0), "seed"), (dict(seed=True), "seed"),
+    (dict(stop="x"), "stop must be a list"), (dict(stop=[""]), r"stop\[0\]"), (dict(stop=["a"] * 9), "max_stop_strings"),
+    (dict(stop_ids=5), "stop_ids"), (dict(stop_ids=[300]), "stop_ids"), (dict(stop_ids=[-1]), "stop_ids"),
+    (dict(stop_ids=[True]), "stop_ids"),
+])
+def test_sampling_params_refuses_each_bad_setting(kw, match):
+    limits = GenerateConfig(max_new_tokens=10, max_new_tokens_ceiling=100)
+    with pytest.raises(GenerationLimitError, match=match):
+        sampling_params(limits, 128, 5, vocab_size=300, **kw)
+
+
+def test_generate_checks_stop_ids(model, tok):
+    with pytest.raises(GenerationLimitError, match="stop_ids"):
+        generate(model, tok, "The quick", limits=LIMITS, stop_ids=[tok.vocab_size])
 
 
 def test_generate_rejects_empty_and_oversized_prompts(model, tok):

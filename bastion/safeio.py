@@ -7,6 +7,7 @@ import json
 import os
 import re
 import shutil
+import stat
 import tempfile
 from pathlib import Path
 from typing import Any, BinaryIO, Callable
@@ -99,6 +100,22 @@ def write_dir_atomic(out_dir: Path, files: dict[str, bytes | Callable[[Path], ob
         raise
     fsync_dir(parent)
     return out_dir
+
+
+def read_regular(path: Path, max_bytes: int, error: type[Exception]) -> bytes:
+    """At most max_bytes + 1 bytes of `path` (the caller compares the length with what it
+    expects), opened without following a symlink and refused unless it is a regular file:
+    the bytes read are those of the file checked, not of whatever a link points to."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except FileNotFoundError:
+        raise error(f"{path}: missing") from None
+    except OSError:
+        raise error(f"{path}: not a regular file") from None
+    with os.fdopen(fd, "rb") as fh:
+        if not stat.S_ISREG(os.fstat(fh.fileno()).st_mode):
+            raise error(f"{path}: not a regular file")
+        return fh.read(max_bytes + 1)
 
 
 def read_text_limited(path: Path, max_bytes: int, error: type[Exception], what: str) -> str:

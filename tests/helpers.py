@@ -47,3 +47,40 @@ def finetune_config(init_from, train_file, out_dir, *, objective="sft", val_file
         finetune["preference"] = preference
     return build_config({"train": settings, "finetune": finetune, "data": {"allowed_roots": list(roots)},
                          "checkpoint": {"every_steps": 1000, "keep_last": 2}})
+
+
+# ---- LoRA tests (tests/model/test_lora.py, tests/adapters/) ------------------------------
+
+LORA_TARGETS = ["wq", "wk", "wv", "wo", "w1", "w2", "w3"]
+
+
+def lora_test_config(**model):
+    settings = {"vocab_size": 97, "n_layer": 2, "n_head": 4, "n_kv_head": 2, "d_model": 32, "d_ff": 48,
+                "max_seq_len": 32, "dropout": 0.0, **model}
+    return build_config({"model": settings, "train": {"seq_len": 32}})
+
+
+def lora_test_model(seed=0, **model):
+    import torch
+
+    from bastion.model import Transformer
+
+    torch.manual_seed(seed)
+    return Transformer(lora_test_config(**model).model)
+
+
+def randomize_adapters(model, seed=1):
+    import torch
+
+    from bastion.model.lora import lora_state_dict
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for t in lora_state_dict(model).values():
+            t.copy_(torch.randn(t.shape, generator=g) * 0.1)
+
+
+def lora_test_ids(seed=3, T=16):
+    import torch
+
+    return torch.randint(0, 97, (2, T), generator=torch.Generator().manual_seed(seed))

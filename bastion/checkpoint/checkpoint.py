@@ -19,7 +19,6 @@ import math
 import os
 import re
 import shutil
-import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -38,7 +37,7 @@ from bastion.checkpoint.manifest import (
 )
 from bastion.checkpoint.safetensors_check import TORCH_DTYPE, check_against_model, check_finite, parse_header
 from bastion.errors import CheckpointError
-from bastion.safeio import fsync_dir, make_private_dir, open_private, parse_json, replace_file, write_bytes
+from bastion.safeio import fsync_dir, make_private_dir, open_private, parse_json, read_regular, replace_file, write_bytes
 
 LATEST = "latest"
 MODEL_FILE = "model.safetensors"
@@ -326,16 +325,7 @@ def read_listed(directory: Path, listed: dict[str, Any], name: str, *, verify: b
     path = directory / name
     if max_bytes is not None and size > max_bytes:
         raise CheckpointError(f"{path}: {size} bytes, over the limit of {max_bytes}")
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: listed in {MANIFEST} but missing") from None
-    except OSError:
-        raise CheckpointError(f"{path}: not a regular file") from None
-    with os.fdopen(fd, "rb") as fh:
-        if not stat.S_ISREG(os.fstat(fh.fileno()).st_mode):
-            raise CheckpointError(f"{path}: not a regular file")
-        data = fh.read(size + 1)
+    data = read_regular(path, size, CheckpointError)
     if len(data) != size:
         raise CheckpointError(f"{path}: size does not match manifest ({size})")
     if verify and hashlib.sha256(data).hexdigest() != listed[name]["sha256"]:

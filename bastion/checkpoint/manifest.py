@@ -9,16 +9,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
-import stat
 import time
 from pathlib import Path
 from typing import Any
 
 import bastion
 from bastion.errors import CheckpointError
-from bastion.safeio import is_sha256, parse_json, sha256_file
+from bastion.safeio import is_sha256, parse_json, read_regular, sha256_file
 
 MANIFEST = "MANIFEST.json"
 FORMAT = "bastion-checkpoint"
@@ -87,14 +85,7 @@ def read_manifest_bytes(directory: Path) -> tuple[dict[str, Any], bytes]:
     path = Path(directory) / MANIFEST
     if not path.exists() and not path.is_symlink():
         raise CheckpointError(f"{directory}: no {MANIFEST}; not a Bastion checkpoint (or an incomplete one)")
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
-    except OSError:
-        raise CheckpointError(f"{path}: not a regular file") from None
-    with os.fdopen(fd, "rb") as fh:
-        if not stat.S_ISREG(os.fstat(fh.fileno()).st_mode):
-            raise CheckpointError(f"{path}: not a regular file")
-        raw = fh.read(MAX_MANIFEST_BYTES + 1)
+    raw = read_regular(path, MAX_MANIFEST_BYTES, CheckpointError)
     return parse_manifest(raw, path), raw
 
 

@@ -15,34 +15,10 @@ from bastion.config.schema import LoraConfig
 from bastion.errors import CheckpointError
 from bastion.model import Transformer
 from bastion.model.lora import apply_lora, lora_state_dict
-
-ALL = ["wq", "wk", "wv", "wo", "w1", "w2", "w3"]
-
-
-def make_config(**model):
-    settings = {"vocab_size": 97, "n_layer": 2, "n_head": 4, "n_kv_head": 2, "d_model": 32, "d_ff": 48,
-                "max_seq_len": 32, "dropout": 0.0, **model}
-    return build_config({"model": settings, "train": {"seq_len": 32}})
-
-
-def make_model(seed=0, **model):
-    torch.manual_seed(seed)
-    return Transformer(make_config(**model).model)
-
-
-def randomize_adapters(model, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for t in lora_state_dict(model).values():
-            t.copy_(torch.randn(t.shape, generator=g) * 0.1)
-
-
-def ids(seed=3, T=16):
-    return torch.randint(0, 97, (2, T), generator=torch.Generator().manual_seed(seed))
-
+from helpers import LORA_TARGETS, lora_test_config, lora_test_ids, lora_test_model, randomize_adapters
 
 def save_base(root, seed=0, **model):
-    config = make_config(**model)
+    config = lora_test_config(**model)
     torch.manual_seed(seed)
     net = Transformer(config.model)
     ckpt = Checkpoint(model=net.state_dict(), trainer_state={"step": 5, "special_tokens": {"eos_token": "<e>"}},
@@ -51,7 +27,7 @@ def save_base(root, seed=0, **model):
 
 
 def test_load_lora_state_dict_is_strict():
-    model = make_model()
+    model = lora_test_model()
     apply_lora(model, LoraConfig(enabled=True, rank=4))
     good = {k: v.clone() for k, v in lora_state_dict(model).items()}
     for bad in (
@@ -78,11 +54,11 @@ def test_adapter_round_trip_and_base_binding(tmp_path):
     meta = json.loads((out / "adapter_config.json").read_text())
     assert meta["base_manifest_sha256"] == sha and meta["rank"] == 4 and meta["target_modules"] == ["wq", "wo", "w3"]
 
-    fresh = make_model().eval()  # same seed: the base weights
+    fresh = lora_test_model().eval()  # same seed: the base weights
     loaded_cfg = load_adapter(fresh, out, sha)
     assert loaded_cfg.target_modules == cfg.target_modules and loaded_cfg.dropout == 0.05
     base.eval()
-    torch.testing.assert_close(fresh(ids())[0], base(ids())[0], rtol=0, atol=0)
+    torch.testing.assert_close(fresh(lora_test_ids())[0], base(lora_test_ids())[0], rtol=0, atol=0)
     # re-saving over an adapter folder replaces it; over anything else is refused
     save_adapter(base, cfg, out, sha)
     (tmp_path / "other").mkdir()
@@ -93,9 +69,9 @@ def test_adapter_round_trip_and_base_binding(tmp_path):
     # wrong base refused
     other_dir, _ = save_base(tmp_path / "other_base", seed=1)
     with pytest.raises(CheckpointError, match="different base"):
-        load_adapter(make_model(seed=1), out, manifest_sha256(other_dir))
+        load_adapter(lora_test_model(seed=1), out, manifest_sha256(other_dir))
     # config mismatching an already-wrapped model refused
-    wrapped = make_model()
+    wrapped = lora_test_model()
     apply_lora(wrapped, LoraConfig(rank=2, target_modules=["wq", "wo", "w3"]))
     with pytest.raises(CheckpointError, match="differ"):
         load_adapter(wrapped, out, sha)
@@ -104,21 +80,21 @@ def test_adapter_round_trip_and_base_binding(tmp_path):
     data[-1] ^= 1
     (out / "adapter.safetensors").write_bytes(bytes(data))
     with pytest.raises(CheckpointError, match="SHA-256"):
-        load_adapter(make_model(), out, sha)
+        load_adapter(lora_test_model(), out, sha)
     (out / "extra.json").write_text("{}")
     with pytest.raises(CheckpointError, match="extra file"):
-        load_adapter(make_model(), out, sha)
+        load_adapter(lora_test_model(), out, sha)
 
 
 def test_merge_checkpoint_from_adapter_folder_and_training_checkpoint(tmp_path):
     base_dir, base = save_base(tmp_path / "base", qkv_bias=True)
     sha = manifest_sha256(base_dir)
-    cfg = LoraConfig(enabled=True, rank=4, alpha=8, target_modules=ALL)
+    cfg = LoraConfig(enabled=True, rank=4, alpha=8, target_modules=LORA_TARGETS)
     apply_lora(base, cfg)
     randomize_adapters(base)
     base.eval()
     with torch.no_grad():
-        expected = base(ids())[0]
+        expected = base(lora_test_ids())[0]
     adapter = save_adapter(base, cfg, tmp_path / "adapter", sha)
 
     merged_dir = merge_checkpoint(base_dir, adapter, tmp_path / "merged")
@@ -130,12 +106,12 @@ def test_merge_checkpoint_from_adapter_folder_and_training_checkpoint(tmp_path):
     plain = Transformer(config.model).eval()
     plain.load_state_dict(ckpt.model, strict=True)
     with torch.no_grad():
-        assert (plain(ids())[0] - expected).abs().max().item() <= 1e-5
+        assert (plain(lora_test_ids())[0] - expected).abs().max().item() <= 1e-5
     with pytest.raises(CheckpointError, match="not an empty folder"):
         merge_checkpoint(base_dir, adapter, tmp_path / "merged")
 
     # a LoRA training checkpoint: full state dict (base + adapters), base recorded in trainer_state
-    run_config = make_config(qkv_bias=True)
+    run_config = lora_test_config(qkv_bias=True)
     run_config.finetune.lora = cfg
     run_config.train.objective = "sft"  # LoRA is a fine-tuning setting
     run_config.finetune.init_from, run_config.finetune.train_file = str(base_dir), "train.jsonl"

@@ -4,46 +4,20 @@ import torch
 from pydantic import ValidationError
 from torch import nn
 
-from bastion.config import build_config
 from bastion.config.schema import LoraConfig
 from bastion.errors import ConfigError
-from bastion.model import Transformer
 from bastion.model.lora import LoRALinear, apply_lora, lora_state_dict, merge_lora
+from helpers import LORA_TARGETS, lora_test_ids, lora_test_model, randomize_adapters
 
-ALL = ["wq", "wk", "wv", "wo", "w1", "w2", "w3"]
-
-
-def make_config(**model):
-    settings = {"vocab_size": 97, "n_layer": 2, "n_head": 4, "n_kv_head": 2, "d_model": 32, "d_ff": 48,
-                "max_seq_len": 32, "dropout": 0.0, **model}
-    return build_config({"model": settings, "train": {"seq_len": 32}})
-
-
-def make_model(seed=0, **model):
-    torch.manual_seed(seed)
-    return Transformer(make_config(**model).model)
-
-
-def randomize_adapters(model, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for t in lora_state_dict(model).values():
-            t.copy_(torch.randn(t.shape, generator=g) * 0.1)
-
-
-def ids(seed=3, T=16):
-    return torch.randint(0, 97, (2, T), generator=torch.Generator().manual_seed(seed))
-
-
-@pytest.mark.parametrize("targets", [["wq", "wk", "wv", "wo"], ALL])
+@pytest.mark.parametrize("targets", [["wq", "wk", "wv", "wo"], LORA_TARGETS])
 def test_wrapped_model_starts_identical_and_keeps_base_names(targets):
-    model = make_model(qkv_bias=True).eval()
+    model = lora_test_model(qkv_bias=True).eval()
     base_state = {k: v.clone() for k, v in model.state_dict().items()}
-    before = model(ids())[0]
+    before = model(lora_test_ids())[0]
     wrapped = apply_lora(model, LoraConfig(enabled=True, rank=4, alpha=8, target_modules=targets))
     assert len(wrapped) == 2 * len(targets) and wrapped[0].startswith("layers.0.")
     assert isinstance(model.layers[1].attention.wq, LoRALinear)
-    torch.testing.assert_close(model(ids())[0], before, rtol=0, atol=0)
+    torch.testing.assert_close(model(lora_test_ids())[0], before, rtol=0, atol=0)
     state = model.state_dict()
     lora_keys = {k for k in state if k.endswith((".lora_A", ".lora_B"))}
     assert set(state) - lora_keys == set(base_state)  # base keys unchanged (incl. wq.bias)
@@ -56,7 +30,7 @@ def test_wrapped_model_starts_identical_and_keeps_base_names(targets):
 
 
 def test_only_lora_params_train():
-    model = make_model(tie_embeddings=False, qkv_bias=True)
+    model = lora_test_model(tie_embeddings=False, qkv_bias=True)
     cfg = LoraConfig(enabled=True, rank=4, alpha=16, dropout=0.1, target_modules=["wq", "wv", "w2"])
     apply_lora(model, cfg)
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
@@ -68,7 +42,7 @@ def test_only_lora_params_train():
     opt = torch.optim.AdamW(groups, lr=1e-2)
     model.train()
     for step in range(3):
-        x = ids(seed=step)
+        x = lora_test_ids(seed=step)
         _, loss = model(x, x)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -82,26 +56,26 @@ def test_only_lora_params_train():
 
 
 def test_merge_equals_base_plus_adapter():
-    model = make_model(qkv_bias=True).eval()
+    model = lora_test_model(qkv_bias=True).eval()
     base_keys = set(model.state_dict())
-    apply_lora(model, LoraConfig(enabled=True, rank=8, alpha=16, target_modules=ALL))
+    apply_lora(model, LoraConfig(enabled=True, rank=8, alpha=16, target_modules=LORA_TARGETS))
     randomize_adapters(model)
     with torch.no_grad():
-        expected = model(ids())[0]
+        expected = model(lora_test_ids())[0]
         merged = merge_lora(model)
         assert len(merged) == 14
-        got = model(ids())[0]
+        got = model(lora_test_ids())[0]
     assert (got - expected).abs().max().item() <= 1e-5
     assert not any(isinstance(m, LoRALinear) for m in model.modules())
     assert type(model.layers[0].attention.wq) is nn.Linear
     assert set(model.state_dict()) == base_keys
-    assert (expected - make_model(qkv_bias=True).eval()(ids())[0]).abs().max() > 1e-3  # adapter mattered
+    assert (expected - lora_test_model(qkv_bias=True).eval()(lora_test_ids())[0]).abs().max() > 1e-3  # adapter mattered
 
 
 def test_unknown_or_repeated_target_refused():
     with pytest.raises(ValidationError, match="unknown LoRA target"):
         LoraConfig(target_modules=["wq", "q_proj"])
-    model = make_model()
+    model = lora_test_model()
     with pytest.raises(ConfigError, match="unknown module"):
         apply_lora(model, LoraConfig.model_construct(rank=4, alpha=8.0, dropout=0.0, target_modules=["wq", "q_proj"]))
     assert not any(isinstance(m, LoRALinear) for m in model.modules())

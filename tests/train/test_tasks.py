@@ -13,6 +13,7 @@ from bastion.data.batches import batch_to_device
 from bastion.data.finetune import IGNORE_INDEX
 from bastion.errors import ConfigError
 from bastion.train import train
+from bastion.train.metrics import read_metrics
 from bastion.train.tasks import TASKS, register_task, task_class
 from bastion.train.tasks.sft import SFTTask
 from helpers import finetune_config, make_base_checkpoint
@@ -50,8 +51,8 @@ def chat_data(tmp_path_factory):
 def test_a_test_registered_objective_trains_checkpoints_and_resumes(toy_objective, chat_data, tmp_path):
     cfg = finetune_config(chat_data["base"], chat_data["train"], tmp_path / "run", objective=toy_objective,
                           val_file=chat_data["val"], max_steps=30, eval_every=30, log_every=5)
-    first = train(cfg.model_copy(update={"train": cfg.train.model_copy(update={"max_steps": 20})}), quiet=True)
-    assert first.steps == 20 and first.losses[-1] < first.losses[0]
+    first = train(cfg, quiet=True, should_stop=lambda step: step == 20)  # stopped as a signal would
+    assert first.steps == 20 and first.stopped_by == "callback" and first.losses[-1] < first.losses[0]
     state = load_checkpoint(first.checkpoint, load_optimizer=False).trainer_state
     assert state["objective"] == toy_objective and state["step"] == 20
 
@@ -61,6 +62,8 @@ def test_a_test_registered_objective_trains_checkpoints_and_resumes(toy_objectiv
     assert resumed.steps == straight.steps == 30
     assert resumed.losses == pytest.approx(straight.losses[20:], rel=1e-5)  # exact resume of the toy task too
     assert resumed.val_metrics["loss"] == pytest.approx(straight.val_metrics["loss"], rel=1e-5)
+    logged = [r for r in read_metrics(tmp_path / "b" / "metrics.jsonl") if r["kind"] == "train"]
+    assert logged and all(r["counted"] > 0 for r in logged)  # the task's own statistics reach the log
 
 
 def test_unknown_objectives_are_refused_with_the_registered_names(toy_objective, chat_data, tmp_path):

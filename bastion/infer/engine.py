@@ -52,9 +52,9 @@ from typing import Literal
 import torch
 
 from bastion.config.schema import GenerateConfig
-from bastion.errors import EngineClosedError, GenerationLimitError, QueueFullError
+from bastion.errors import EngineClosedError, QueueFullError
 from bastion.infer.generate import (FinishReason, GenerationResult, SamplingParams, SequenceState, Tokenizer,
-                                    sampling_params)
+                                    check_prompt_ids, sampling_params)
 from bastion.model.transformer import Transformer
 
 
@@ -215,16 +215,13 @@ class Engine:
         """Queue a request. Raises GenerationLimitError (bad prompt or params), QueueFullError
         (max_queue requests already waiting beyond the free slots), EngineClosedError (after
         shutdown). Pass `loop` (the running event loop) to iterate the handle with `async for`."""
-        vocab = self.model.cfg.vocab_size or 0
-        if not isinstance(prompt_ids, list) or not prompt_ids or any(
-                isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < vocab for i in prompt_ids):
-            raise GenerationLimitError(f"prompt ids must be a non-empty list of ids in [0, {vocab})")
+        prompt_ids = check_prompt_ids(prompt_ids, self.model.cfg.vocab_size or 0)
         if not isinstance(params, SamplingParams):
             raise TypeError(f"params must be a SamplingParams (from Engine.params), got {type(params).__name__}")
         # Checked again: nothing over a limit may reach the decode thread.
         params = self.params(len(prompt_ids), **asdict(params))
         handle = RequestHandle(next(self._ids), self, loop)
-        seq = _Sequence(handle, list(prompt_ids), params, self.tokenizer)
+        seq = _Sequence(handle, prompt_ids, params, self.tokenizer)
         handle._seq = seq
         with self._cond:
             if self._closed:

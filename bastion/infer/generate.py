@@ -80,6 +80,14 @@ def check_request(prompt_tokens: int, max_new_tokens: int | None, stop: list[str
     return n
 
 
+def check_prompt_ids(prompt_ids: object, vocab_size: int) -> list[int]:
+    """A copy of `prompt_ids` if it is a non-empty list of token ids in [0, vocab_size)."""
+    if not isinstance(prompt_ids, list) or not prompt_ids or any(
+            isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < vocab_size for i in prompt_ids):
+        raise GenerationLimitError(f"prompt ids must be a non-empty list of ids in [0, {vocab_size})")
+    return list(prompt_ids)
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """One request's generation settings, validated and with defaults filled: build it with
@@ -256,10 +264,8 @@ def stream(model: Transformer, tokenizer: Tokenizer, prompt: str | list[int], *,
     vocab = model.cfg.vocab_size or 0
     if isinstance(prompt, str):
         prompt_ids = tokenizer.encode_prompt(prompt)
-    elif isinstance(prompt, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in prompt):
-        prompt_ids = list(prompt)
-        if not prompt_ids or any(not 0 <= i < vocab for i in prompt_ids):
-            raise GenerationLimitError(f"prompt ids must be a non-empty list of ids in [0, {vocab})")
+    elif isinstance(prompt, list):
+        prompt_ids = check_prompt_ids(prompt, vocab)
     else:
         raise TypeError(f"prompt must be a string or a list of token ids, got {type(prompt).__name__}")
     params = sampling_params(limits, model.cfg.max_seq_len, len(prompt_ids), vocab_size=vocab,

@@ -12,8 +12,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from bastion.infer.generate import MAX_STOP_CHARS
+
 MAX_STOP_STRINGS = 16  # hard schema cap; GenerateConfig.max_stop_strings is the configured one
-MAX_STOP_CHARS = 256
 MAX_PROMPT_CHARS = 4_000_000
 MAX_MESSAGES = 1024
 

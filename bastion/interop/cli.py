@@ -42,7 +42,8 @@ def export_hf_cmd(
     ckpt: Path = typer.Argument(..., help="Checkpoint folder (or a folder with 'latest', or a run folder)."),
     out_dir: Path = typer.Argument(..., help="New folder for the Hugging Face model."),
 ) -> None:
-    """Write a folder that transformers' AutoModelForCausalLM / AutoTokenizer load (offline)."""
+    """Write a folder that transformers' AutoModelForCausalLM / AutoTokenizer load (offline), with the
+    chat template the model was trained with."""
     from bastion.interop.hf import export_hf
 
     path = export_hf(ckpt, out_dir)
@@ -56,7 +57,7 @@ def export_gguf_cmd(
     dtype: GGUFDType = typer.Option(GGUFDType.f16, "--dtype", help="Storage type of the weight matrices."),
     force: bool = typer.Option(False, "--force", help="Replace an existing file."),
 ) -> None:
-    """Write one GGUF file (llama architecture, byte-level BPE vocabulary) for llama.cpp."""
+    """Write one GGUF file (llama architecture, byte-level BPE vocabulary, chat template) for llama.cpp."""
     from bastion.interop.gguf import export_gguf
 
     path = export_gguf(ckpt, out_path, dtype=dtype.value, overwrite=force)

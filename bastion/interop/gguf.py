@@ -21,7 +21,14 @@ whole context, so outputs agree with Bastion only for sequences up to the window
 
 The tokenizer must be byte-level BPE (Bastion's own, GPT-2, Llama 3, Qwen2 style): it is
 stored as tokenizer.ggml.model "gpt2" with tokens, merges, token types, and the bos / eos /
-pad ids. (Bastion's tokenizer also NFC-normalises text; llama.cpp does not.)
+pad ids. Bastion's tokenizer also NFC-normalises text, which llama.cpp does not, and nothing
+in GGUF can say so for a BPE vocabulary: llama.cpp reads tokenizer.ggml.precompiled_charsmap
+only for SentencePiece/UGM vocabularies, and the full tokenizer.huggingface.json key only
+copies tokenizer.json for other programs (llama.cpp ignores it). So no normaliser is
+declared; docs/finetuning.md tells users to NFC-normalise prompts themselves.
+
+tokenizer.chat_template is the template the model was trained with: the recorded one, or
+Bastion's built-in template (`contents.chat_template`), never left out.
 """
 from __future__ import annotations
 
@@ -34,16 +41,18 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from bastion.config.schema import ModelConfig
+from bastion.checkpoint.checkpoint import Checkpoint
+from bastion.checkpoint.contents import chat_template, load_full_model
+from bastion.config.load import REDACTED
+from bastion.config.schema import BastionConfig, ModelConfig, TrainConfig
 from bastion.errors import BastionError, CheckpointError
-from bastion.checkpoint.contents import load_full_model
-from bastion.interop.hf import exported_special_tokens
+from bastion.interop.hf import QWEN2_SPLIT_REGEX, exported_special_tokens
 from bastion.model.transformer import rope_inv_freq
 
 # Pre-tokenizer split patterns llama.cpp recognises by name (tokenizer.ggml.pre).
 _KNOWN_PRE = {
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+": "llama-bpe",
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+": "qwen2",
+    QWEN2_SPLIT_REGEX: "qwen2",
 }
 TOKEN_NORMAL, TOKEN_CONTROL, TOKEN_USER_DEFINED, TOKEN_UNUSED = 1, 3, 4, 5
 
@@ -82,6 +91,19 @@ def gguf_tensor_name(ours: str) -> str:
     if module not in names:
         raise KeyError(f"no GGUF name for {ours!r}")
     return f"blk.{block}.{names[module]}.{suffix}"
+
+
+def model_name(ckpt: Checkpoint, config: BastionConfig) -> str:
+    """general.name: the run's name. train.run_name when the run chose one (not the default,
+    not a redacted secret): the user's own label, the same for every folder the run's
+    checkpoints are copied to. Else the run folder's name (RUN for RUN/checkpoints/step_N,
+    ROOT for ROOT/step_N), which is also what `bastion serve` reports."""
+    chosen = config.train.run_name
+    if chosen != TrainConfig.model_fields["run_name"].default and REDACTED not in chosen:
+        return chosen
+    where = Path(ckpt.directory).absolute()
+    run_dir = where.parent.parent if where.parent.name == "checkpoints" else where.parent
+    return run_dir.name or "bastion"
 
 
 def _tokenizer_fields(tokenizer_json: str, vocab_size: int, where: str) -> dict[str, Any]:
@@ -196,7 +218,7 @@ def export_gguf(ckpt_path: str | Path, out_path: str | Path, dtype: Literal["f16
     tmp = Path(tmp_name)
     try:
         writer = gguf.GGUFWriter(tmp, "llama")
-        _metadata(writer, gguf, cfg, dtype, name=Path(where).parent.name or "bastion")
+        _metadata(writer, gguf, cfg, dtype, name=model_name(ckpt, config))
         writer.add_tokenizer_model("gpt2")
         writer.add_tokenizer_pre(vocab["pre"])
         writer.add_token_list(vocab["tokens"])
@@ -209,9 +231,7 @@ def export_gguf(ckpt_path: str | Path, out_path: str | Path, dtype: Literal["f16
         if ids["pad_token"] is not None:
             writer.add_pad_token_id(ids["pad_token"])
         writer.add_add_bos_token(_adds_bos(vocab["post"], specials["bos_token"]))
-        template = ckpt.trainer_state.get("chat_template")
-        if isinstance(template, str):
-            writer.add_chat_template(template)
+        writer.add_chat_template(chat_template(ckpt.trainer_state))
         for name, array in tensors.items():
             writer.add_tensor(name, array)
         writer.write_header_to_file()

@@ -28,20 +28,28 @@ import torch
 from tokenizers import Tokenizer
 
 from bastion.checkpoint.checkpoint import Checkpoint, save_checkpoint, write_safetensors
-from bastion.checkpoint.contents import checkpoint_tokenizer, load_full_model, special_tokens
+from bastion.checkpoint.contents import (
+    chat_template,
+    checkpoint_chat,
+    checkpoint_tokenizer,
+    load_full_model,
+    special_tokens,
+)
 from bastion.checkpoint.safetensors_check import TORCH_DTYPE, parse_header
 from bastion.config.load import build_config, to_yaml
-from bastion.config.schema import GenerateConfig
+from bastion.config.schema import BastionConfig, GenerateConfig
 from bastion.errors import CheckpointError
 from bastion.model.hf import (
     SUPPORTED_ARCHITECTURES,
     from_hf_state_dict,
+    has_zero_o_proj_bias,
     hf_config_from_model_config,
     hf_model_type,
     model_config_from_hf_config,
     to_hf_state_dict,
 )
 from bastion.safeio import read_json_limited, read_text_limited, write_dir_atomic
+from bastion.tokenizer import BastionTokenizer
 
 MAX_CONFIG_JSON_BYTES = 1 * 2**20
 MAX_TOKENIZER_CONFIG_BYTES = 16 * 2**20
@@ -53,6 +61,9 @@ SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,200}$")
 PICKLE_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "model.pth",
                   "consolidated.00.pth", "tf_model.h5", "flax_model.msgpack")
 BASTION_SPECIALS = {"bos_token": None, "eos_token": "<|endoftext|>", "pad_token": "<|pad|>"}
+# Qwen2's split regex: what transformers' Qwen2Tokenizer (and llama.cpp's "qwen2" pre-tokenizer) use.
+QWEN2_SPLIT_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                     r"|\s*[\r\n]+|\s+(?!\S)|\s+")
 
 
 # ---- reading an HF folder -----------------------------------------------------------------
@@ -235,60 +246,101 @@ def import_hf(hf_dir: str | Path, out_dir: str | Path) -> Path:
 
 # ---- writing an HF folder -----------------------------------------------------------------
 
-def exported_special_tokens(ckpt: Checkpoint) -> tuple[dict[str, str | None], dict[str, int | None]]:
+def exported_special_tokens(ckpt: Checkpoint, tokenizer: BastionTokenizer | None = None
+                            ) -> tuple[dict[str, str | None], dict[str, int | None]]:
     """The bos / eos / pad token strings an exported model declares, and their ids: those
-    the checkpoint records (a recorded token missing from the vocabulary is left out)."""
-    tokenizer = checkpoint_tokenizer(ckpt)  # validates the tokenizer and its specials
+    the checkpoint records (a recorded token missing from the vocabulary is left out).
+    `tokenizer`: the checkpoint's, if the caller already has it."""
+    tokenizer = tokenizer or checkpoint_tokenizer(ckpt)  # validates the tokenizer and its specials
     specials = special_tokens(ckpt.trainer_state)
     ids = {key: tokenizer.token_to_id(token) if token is not None else None for key, token in specials.items()}
     return {key: token if ids[key] is not None else None for key, token in specials.items()}, ids
 
 
-def _generation_config(gen: GenerateConfig, ids: dict[str, int | None]) -> dict[str, Any]:
-    out: dict[str, Any] = {"bos_token_id": ids["bos_token"], "eos_token_id": ids["eos_token"],
-                           "pad_token_id": ids["pad_token"]}
+def qwen2_tokenizer_rebuilds(tokenizer_json: str) -> bool:
+    """Whether transformers' Qwen2Tokenizer gives this tokenizer's ids. AutoTokenizer uses it
+    for every model_type "qwen2" folder and keeps only tokenizer.json's vocab, merges and
+    post-processor, imposing NFC, Qwen2's split regex, byte-level BPE and decoder."""
+    tok = json.loads(tokenizer_json)
+    pre, model = tok.get("pre_tokenizer") or {}, tok.get("model") or {}
+    steps = (pre.get("pretokenizers") or []) if pre.get("type") == "Sequence" else []
+    split = {"type": "Split", "pattern": {"Regex": QWEN2_SPLIT_REGEX}, "behavior": "Isolated", "invert": False}
+    byte_level = len(steps) == 2 and steps[1].get("type") == "ByteLevel" and steps[1].get("use_regex") is False \
+        and not steps[1].get("add_prefix_space")
+    plain_bpe = model.get("type") == "BPE" and model.get("dropout") is None and not any(
+        model.get(key) for key in ("byte_fallback", "ignore_merges", "continuing_subword_prefix", "end_of_word_suffix"))
+    return tok.get("normalizer") == {"type": "NFC"} and bool(steps) and steps[0] == split and byte_level \
+        and plain_bpe and (tok.get("decoder") or {}).get("type") == "ByteLevel"
+
+
+def _model_type(ckpt: Checkpoint, config: BastionConfig) -> str:
+    """`hf_model_type`, keeping Qwen2 for a model imported from it only while transformers'
+    Qwen2Tokenizer still reproduces its tokenizer (else AutoTokenizer's ids would differ)."""
+    imported_qwen2 = ckpt.trainer_state.get("imported_from") == "qwen2"
+    keep_qwen2 = imported_qwen2 and qwen2_tokenizer_rebuilds(ckpt.tokenizer_json)
+    return hf_model_type(config.model, prefer="qwen2" if keep_qwen2 else None)
+
+
+def _generation_config(gen: GenerateConfig, ids: dict[str, int | None], stop_ids: list[int]) -> dict[str, Any]:
+    """generation_config.json: what `bastion generate` and `bastion serve` do with this
+    checkpoint when a request sets nothing, so that a plain `model.generate()` does the same.
+    That is the checkpoint's own `generate:` section - by Bastion's defaults sampling at
+    temperature 0.8 with top_k 50, greedy when its temperature is 0 - its max_new_tokens,
+    and stopping at the chat format's end-of-turn ids (`ChatFormat.stop_ids`: eos, plus
+    <|im_end|> and the like where the template uses them)."""
+    out: dict[str, Any] = {"bos_token_id": ids["bos_token"], "pad_token_id": ids["pad_token"],
+                           "eos_token_id": stop_ids if len(stop_ids) > 1 else stop_ids[0],
+                           "max_new_tokens": gen.max_new_tokens, "do_sample": gen.temperature > 0}
     if gen.temperature > 0:
-        out.update(do_sample=True, temperature=gen.temperature, top_p=gen.top_p)
-        if gen.top_k is not None:
-            out["top_k"] = gen.top_k
+        # Bastion's top_k None means no cut; transformers fills an unset top_k with 50 and reads 0 as no cut.
+        out.update(temperature=gen.temperature, top_k=gen.top_k or 0, top_p=gen.top_p)
     return out
+
+
+def _tokenizer_config(ckpt: Checkpoint, config: BastionConfig, tokenizer: BastionTokenizer,
+                      specials: dict[str, str | None]) -> dict[str, Any]:
+    return {
+        # transformers loads tokenizer.json as written with this class, except for model_type
+        # qwen2, which `_model_type` picks only when Qwen2Tokenizer rebuilds the same tokenizer.
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": specials["bos_token"], "eos_token": specials["eos_token"], "pad_token": specials["pad_token"],
+        "unk_token": None,  # else Qwen2Tokenizer adds "<|endoftext|>" as an unknown token when the vocabulary lacks it
+        "model_max_length": config.model.max_seq_len, "clean_up_tokenization_spaces": False,
+        "add_bos_token": tokenizer.adds_bos, "add_eos_token": False,
+        # The template the model was trained with, Bastion's built-in one when none is recorded:
+        # apply_chat_template then gives ChatFormat's ids (docs/finetuning.md says where they differ).
+        "chat_template": chat_template(ckpt.trainer_state),
+    }
 
 
 def export_hf(ckpt_path: str | Path, out_dir: str | Path) -> Path:
     """Write a Hugging Face folder (config.json, model.safetensors, generation_config.json,
-    tokenizer.json, tokenizer_config.json): LlamaForCausalLM (qkv biases as attention_bias
-    with zero o_proj biases), MistralForCausalLM with a sliding window, Qwen2ForCausalLM with
-    both or for a checkpoint imported from Qwen2 (see `hf_model_type`). Atomic (temp folder
-    + rename); files 0600, folder 0700. Refuses an existing non-empty out_dir."""
+    tokenizer.json, tokenizer_config.json with the chat template) in the architecture
+    `hf_model_type` picks: Llama (qkv biases as attention_bias with zero o_proj biases),
+    Mistral (sliding window), SmolLM3 (sliding window and qkv biases), or Qwen2 for a model
+    imported from it. Atomic (temp folder + rename); files 0600, folder 0700. Refuses an
+    existing non-empty out_dir."""
     out_dir = Path(out_dir)
     _check_out_dir(out_dir, "export folder")
     ckpt, config = load_full_model(ckpt_path)
     cfg = config.model
-    specials, ids = exported_special_tokens(ckpt)
-    model_type = hf_model_type(cfg, prefer=ckpt.trainer_state.get("imported_from"))
+    tokenizer = checkpoint_tokenizer(ckpt)
+    specials, ids = exported_special_tokens(ckpt, tokenizer)
+    model_type = _model_type(ckpt, config)
     hf_config = hf_config_from_model_config(cfg, bos_token_id=ids["bos_token"], eos_token_id=ids["eos_token"],
                                             pad_token_id=ids["pad_token"], model_type=model_type)
     state = {k: v.detach().to(torch.float32).contiguous() for k, v in ckpt.model.items()}
-    hf_state = to_hf_state_dict(state, cfg, o_proj_bias=model_type == "llama" and cfg.qkv_bias)
-    tok_config: dict[str, Any] = {
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        "bos_token": specials["bos_token"], "eos_token": specials["eos_token"], "pad_token": specials["pad_token"],
-        "model_max_length": cfg.max_seq_len, "clean_up_tokenization_spaces": False,
-        "add_bos_token": False, "add_eos_token": False,
-    }
-    template = ckpt.trainer_state.get("chat_template")
-    if isinstance(template, str):
-        tok_config["chat_template"] = template
+    hf_state = to_hf_state_dict(state, cfg, o_proj_bias=has_zero_o_proj_bias(model_type, cfg))
+    stop_ids = checkpoint_chat(ckpt, tokenizer).stop_ids
     files = {
         "config.json": json.dumps(hf_config, indent=2).encode(),
-        "generation_config.json": json.dumps(_generation_config(config.generate, ids), indent=2).encode(),
+        "generation_config.json": json.dumps(_generation_config(config.generate, ids, stop_ids), indent=2).encode(),
         # Streamed tensor by tensor: exporting never holds a second copy of the weights.
         "model.safetensors": lambda path: write_safetensors(path, hf_state, {"format": "pt"}),
         "tokenizer.json": ckpt.tokenizer_json.encode(),
-        "tokenizer_config.json": json.dumps(tok_config, indent=2).encode(),
+        "tokenizer_config.json": json.dumps(_tokenizer_config(ckpt, config, tokenizer, specials), indent=2).encode(),
     }
     return write_dir_atomic(out_dir, files)
 
 
 __all__ = ["SUPPORTED_ARCHITECTURES", "export_hf", "exported_special_tokens", "import_hf", "read_safetensors"]
-

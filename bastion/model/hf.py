@@ -1,4 +1,4 @@
-"""Bastion <-> Hugging Face (Llama / Mistral / Qwen2) names, tensors and configs.
+"""Bastion <-> Hugging Face (Llama / Mistral / Qwen2 / SmolLM3) names, tensors and configs.
 
 Our `Transformer` is the Llama architecture with different parameter names; converting is
 pure renaming (no transposes: both store nn.Linear weights as [out, in]):
@@ -112,7 +112,7 @@ def expected_bastion_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
 def to_hf_state_dict(state: dict[str, torch.Tensor], cfg: ModelConfig, *,
                      o_proj_bias: bool = False) -> dict[str, torch.Tensor]:
     """Our state dict -> HF names. Tied models get no lm_head.weight (HF ties it on load).
-    o_proj_bias adds zero o_proj biases (for LlamaForCausalLM with attention_bias=True)."""
+    o_proj_bias adds zero o_proj biases (Llama / SmolLM3 with attention_bias=True: `has_zero_o_proj_bias`)."""
     out: dict[str, torch.Tensor] = {}
     for name, tensor in state.items():
         if name == "output.weight" and cfg.tie_embeddings:
@@ -190,7 +190,9 @@ SUPPORTED_ARCHITECTURES = {
     "llama": "LlamaForCausalLM",
     "mistral": "MistralForCausalLM",
     "qwen2": "Qwen2ForCausalLM",
+    "smollm3": "SmolLM3ForCausalLM",  # only with RoPE on every layer: what `export hf` writes for window + qkv bias
 }
+_DEFAULT_ROPE_THETA = {"smollm3": 2_000_000.0}  # transformers' default when config.json has none
 # config.json keys whose other values change what the weights compute: the values Bastion
 # reproduces (a missing key means transformers' default, which is the first one).
 _SUPPORTED_VALUES = {
@@ -233,18 +235,36 @@ def _scaling_config(scaling: dict[str, Any], where: str) -> RopeScalingConfig:
         raise CheckpointError(f"{where}: invalid rope scaling parameters: {_one_line(exc)}") from None
 
 
+def _rope_on_every_layer(hf: dict[str, Any], where: str) -> None:
+    """SmolLM3 leaves RoPE out of some layers (no_rope_layers: 0; by default every
+    no_rope_layer_interval-th layer). Bastion applies RoPE on every layer: refuse the others."""
+    n_layer = hf.get("num_hidden_layers") or 0
+    flags = hf.get("no_rope_layers")
+    if flags is None:
+        interval = hf.get("no_rope_layer_interval", 4)
+        if not isinstance(interval, int) or interval < 1:
+            raise CheckpointError(f"{where}: no_rope_layer_interval must be a positive integer")
+        flags = [int((i + 1) % interval != 0) for i in range(n_layer)]
+    if not isinstance(flags, list) or any(flag != 1 for flag in flags):
+        raise CheckpointError(f"{where}: layers without RoPE (no_rope_layers) are not supported "
+                              "(Bastion applies RoPE on every layer)")
+
+
 def _sliding_window(hf: dict[str, Any], model_type: str, where: str) -> int | None:
-    """Mistral: `sliding_window` applies to every layer. Qwen2: only with use_sliding_window,
-    and then per layer (layer_types, or layers >= max_window_layers); Bastion has one window
-    for all layers, so a mix is refused. Llama has none."""
+    """Mistral: `sliding_window` applies to every layer. Qwen2 and SmolLM3: only with
+    use_sliding_window, and then per layer (layer_types; without it, Qwen2 slides the layers
+    >= max_window_layers and SmolLM3 only its layers without RoPE, which Bastion refuses);
+    Bastion has one window for all layers, so a mix is refused. Llama has none."""
     if model_type == "mistral":
         if hf.get("layer_types") is not None and set(hf["layer_types"]) != {"sliding_attention"}:
             raise CheckpointError(f"{where}: per-layer attention types (layer_types) are not supported")
         return hf.get("sliding_window")
-    if model_type != "qwen2" or not hf.get("use_sliding_window") or hf.get("sliding_window") is None:
+    if model_type not in ("qwen2", "smollm3") or not hf.get("use_sliding_window") or hf.get("sliding_window") is None:
         return None
     n_layer = hf.get("num_hidden_layers") or 0
     types = hf.get("layer_types")
+    if types is None and model_type == "smollm3":
+        return None
     if types is None:
         first = hf.get("max_window_layers", 28)
         types = ["sliding_attention" if i >= first else "full_attention" for i in range(n_layer)]
@@ -284,8 +304,10 @@ def model_config_from_hf_config(hf: dict[str, Any], where: str = "config.json") 
         qkv_bias = True
     else:
         qkv_bias = bool(hf.get("attention_bias", False))
-    # Llama's attention_bias also adds an o_proj bias; we accept it only when all zeros
-    # (from_hf_state_dict checks), which is what our own export writes.
+    # Llama's and SmolLM3's attention_bias also adds an o_proj bias; we accept it only when
+    # all zeros (from_hf_state_dict checks), which is what our own export writes.
+    if model_type == "smollm3":
+        _rope_on_every_layer(hf, where)
 
     sliding = _sliding_window(hf, model_type, where)
 
@@ -305,9 +327,9 @@ def model_config_from_hf_config(hf: dict[str, Any], where: str = "config.json") 
         "d_model": hf["hidden_size"],
         "d_ff": hf["intermediate_size"],
         "max_seq_len": hf.get("max_position_embeddings") or 2048,
-        "rope_theta": theta if theta is not None else 10_000.0,
+        "rope_theta": theta if theta is not None else _DEFAULT_ROPE_THETA.get(model_type, 10_000.0),
         "norm_eps": hf.get("rms_norm_eps", 1e-6),
-        "tie_embeddings": bool(hf.get("tie_word_embeddings", False)),  # False: all three classes' default
+        "tie_embeddings": bool(hf.get("tie_word_embeddings", model_type == "smollm3")),  # the classes' defaults
         "qkv_bias": qkv_bias,
         "dropout": 0.0,
         "rope_scaling": _scaling_config(scaling, where) if scaling else None,
@@ -326,29 +348,39 @@ def _one_line(exc: ValidationError) -> str:
 
 
 def hf_model_type(cfg: ModelConfig, prefer: str | None = None) -> str:
-    """Which HF architecture computes exactly what `cfg` does:
+    """Which HF architecture computes exactly what `cfg` does and loads the exported
+    tokenizer.json as written:
 
-    * "mistral" when there is a sliding window (and no qkv bias),
-    * "qwen2" when there is a sliding window and qkv biases (Qwen2's opt-in window, every layer),
-    * "llama" otherwise - with qkv biases too, as `attention_bias=True` plus all-zero o_proj
-      biases. Not Qwen2: transformers v5's AutoTokenizer replaces the pre-tokenizer of any
-      model_type "qwen2" folder with Qwen2's own regex, so a non-Qwen tokenizer.json would
-      give different ids there. `prefer="qwen2"` (a checkpoint imported from Qwen2, whose
-      tokenizer is Qwen's) keeps Qwen2 when the model fits it.
+    * "qwen2" for qkv biases (with or without Qwen2's opt-in window on every layer), only
+      when `prefer="qwen2"`. transformers v5's AutoTokenizer loads every model_type "qwen2"
+      folder as Qwen2Tokenizer, which rebuilds the tokenizer from its vocab and merges with
+      Qwen2's own normaliser and split regex, whatever tokenizer_config.json says (qwen2 is
+      in its MODELS_WITH_INCORRECT_HUB_TOKENIZER_CLASS). Callers prefer it only for a model
+      imported from Qwen2 whose tokenizer Qwen2Tokenizer rebuilds exactly (interop/hf.py).
+    * "mistral" for a sliding window without qkv biases,
+    * "smollm3" for a sliding window with qkv biases: SmolLM3 with RoPE on every layer, every
+      layer sliding, `attention_bias=True` plus all-zero o_proj biases (transformers >= 4.53),
+    * "llama" otherwise - with qkv biases as `attention_bias=True` plus all-zero o_proj biases.
     """
-    if cfg.sliding_window is not None:
-        return "qwen2" if cfg.qkv_bias else "mistral"
     if prefer == "qwen2" and cfg.qkv_bias:
         return "qwen2"
+    if cfg.sliding_window is not None:
+        return "smollm3" if cfg.qkv_bias else "mistral"
     return "llama"
+
+
+def has_zero_o_proj_bias(model_type: str, cfg: ModelConfig) -> bool:
+    """Whether `model_type`'s attention_bias gives HF an o_proj bias Bastion lacks (export it
+    as zeros: `to_hf_state_dict(..., o_proj_bias=True)`)."""
+    return model_type in ("llama", "smollm3") and cfg.qkv_bias
 
 
 def hf_config_from_model_config(cfg: ModelConfig, *, bos_token_id: int | None = None,
                                 eos_token_id: int | None = None, pad_token_id: int | None = None,
                                 torch_dtype: str = "float32", model_type: str | None = None) -> dict[str, Any]:
     """Our ModelConfig -> a config.json dict; the architecture is `hf_model_type(cfg)` unless
-    model_type is given. With "llama" and qkv_bias, attention_bias=True also gives HF an
-    o_proj bias: export it as zeros (`to_hf_state_dict(..., o_proj_bias=True)`)."""
+    model_type is given. With "llama" or "smollm3" and qkv_bias, attention_bias=True also gives
+    HF an o_proj bias: export it as zeros (`has_zero_o_proj_bias`)."""
     if cfg.vocab_size is None:
         raise CheckpointError("model.vocab_size is not set")
     model_type = model_type or hf_model_type(cfg)
@@ -395,7 +427,15 @@ def hf_config_from_model_config(cfg: ModelConfig, *, bos_token_id: int | None = 
     elif model_type == "mistral":
         out["sliding_window"] = cfg.sliding_window
     elif model_type == "qwen2":
-        sliding = cfg.sliding_window is not None
-        out.update(use_sliding_window=sliding, sliding_window=cfg.sliding_window, max_window_layers=0,
-                   layer_types=["sliding_attention" if sliding else "full_attention"] * cfg.n_layer)
+        out.update(use_sliding_window=cfg.sliding_window is not None, sliding_window=cfg.sliding_window,
+                   max_window_layers=0, layer_types=_layer_types(cfg))
+    elif model_type == "smollm3":
+        out.update(attention_bias=cfg.qkv_bias, mlp_bias=False, no_rope_layers=[1] * cfg.n_layer,
+                   use_sliding_window=cfg.sliding_window is not None, sliding_window=cfg.sliding_window,
+                   layer_types=_layer_types(cfg))
     return out
+
+
+def _layer_types(cfg: ModelConfig) -> list[str]:
+    """One attention type for every layer: Bastion's window, when set, applies to all."""
+    return ["sliding_attention" if cfg.sliding_window is not None else "full_attention"] * cfg.n_layer

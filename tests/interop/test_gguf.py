@@ -10,11 +10,10 @@ import torch
 
 gguf = pytest.importorskip("gguf")
 
-from bastion.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
-from bastion.config import build_config, to_yaml
+import exports
+from bastion.checkpoint import load_checkpoint
 from bastion.errors import CheckpointError
 from bastion.interop.gguf import export_gguf, gguf_tensor_name, permute_qk, unpermute_qk
-from bastion.model import Transformer
 from bastion.model.transformer import apply_rope, rope_tables
 from bastion.tokenizer import BastionTokenizer
 
@@ -27,18 +26,9 @@ def tokenizer():
     return BastionTokenizer.train(TEXT, vocab_size=300)
 
 
-def make_checkpoint(root, tokenizer, trainer_state=None, tokenizer_json=None, **model):
-    torch.manual_seed(0)
-    settings = {"vocab_size": 320, "n_layer": 2, "n_head": 4, "n_kv_head": 2, "d_model": 64, "d_ff": 96,
-                "max_seq_len": 64, **model}
-    config = build_config({"model": settings, "train": {"seq_len": 64}})
-    net = Transformer(config.model)
-    with torch.no_grad():
-        for p in net.parameters():
-            p.add_(torch.randn_like(p) * 0.2)
-    ckpt = Checkpoint(model=net.state_dict(), trainer_state={"step": 1, **(trainer_state or {})},
-                      config_yaml=to_yaml(config), tokenizer_json=tokenizer_json or tokenizer.to_json_str())
-    return save_checkpoint(root, 1, ckpt)
+def make_checkpoint(root, tokenizer, **kwargs):
+    """A checkpoint whose model has 20 padded vocabulary rows beyond the tokenizer's 300."""
+    return exports.make_checkpoint(root, tokenizer, **{"vocab_size": 320, **kwargs})[0]
 
 
 def fields(reader):
@@ -164,7 +154,19 @@ def test_refusals_leave_no_file(tmp_path, tokenizer):
     metaspace.decoder = decoders.Metaspace()
     metaspace.train_from_iterator(TEXT, trainers.BpeTrainer(vocab_size=100, special_tokens=["<|endoftext|>", "<|pad|>"],
                                                             show_progress=False))
-    other = make_checkpoint(tmp_path / "run2", tokenizer, tokenizer_json=metaspace.to_str())
+    other = make_checkpoint(tmp_path / "run2", BastionTokenizer(metaspace))
     with pytest.raises(CheckpointError, match="byte-level"):
         export_gguf(other, tmp_path / "c.gguf")
     assert sorted(p.name for p in tmp_path.iterdir() if p.is_file()) == ["b.gguf"]
+
+
+@pytest.mark.parametrize("run_name, root, expected", [
+    ("sft-chat-v2", "out/checkpoints", "sft-chat-v2"),  # a name the run chose wins over its folder
+    ("run", "my-sft/checkpoints", "my-sft"),  # the default name: the run folder (RUN/checkpoints/step_N)
+    ("run", "merged", "merged"),  # a checkpoint root (ROOT/step_N): the root's name
+    ("***REDACTED***", "my-sft/checkpoints", "my-sft"),  # a redacted secret is no name
+])
+def test_general_name_is_the_runs_name(tmp_path, tokenizer, run_name, root, expected):
+    ckpt_dir = make_checkpoint(tmp_path / root, tokenizer, sections={"train": {"seq_len": 64, "run_name": run_name}})
+    meta = fields(gguf.GGUFReader(export_gguf(tmp_path / root, tmp_path / "m.gguf", dtype="f32")))
+    assert ckpt_dir.parent == tmp_path / root and meta["general.name"] == expected

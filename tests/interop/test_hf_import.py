@@ -272,6 +272,25 @@ def test_refuses_qwen2_partial_sliding_window(tmp_path):
     assert model_config_from_hf_config(config).sliding_window is None
 
 
+def test_smollm3_only_with_rope_on_every_layer(tmp_path):
+    """SmolLM3 is what `export hf` writes for a sliding window with qkv biases; real SmolLM3
+    models leave RoPE out of every 4th layer, which Bastion cannot compute."""
+    config = transformers.SmolLM3Config(hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
+                                        num_key_value_heads=2, vocab_size=300).to_dict()
+    with pytest.raises(CheckpointError, match="no_rope_layers"):
+        model_config_from_hf_config(config)
+    config.update(no_rope_layers=[1] * 4, attention_bias=True, use_sliding_window=True, sliding_window=8,
+                  layer_types=["sliding_attention"] * 4)
+    cfg = model_config_from_hf_config(config)
+    assert (cfg.qkv_bias, cfg.sliding_window, cfg.tie_embeddings) == (True, 8, True)
+    config["layer_types"] = ["full_attention", "sliding_attention"] * 2
+    with pytest.raises(CheckpointError, match="some layers only"):
+        model_config_from_hf_config(config)
+    del config["tie_word_embeddings"], config["layer_types"]  # SmolLM3's defaults: tied, windows on NoPE layers only
+    cfg = model_config_from_hf_config(config)
+    assert cfg.tie_embeddings and cfg.sliding_window is None
+
+
 def test_refuses_pickle_only_folder(folder, tmp_path):
     (folder / "model.safetensors").unlink()
     (folder / "pytorch_model.bin").write_bytes(b"not even read")

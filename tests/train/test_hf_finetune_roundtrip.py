@@ -11,10 +11,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 transformers = pytest.importorskip("transformers")
 
 from helpers import finetune_config  # noqa: E402
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers  # noqa: E402
+from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers  # noqa: E402
 
 from synthetic.chat import reverse_chat_records, write_jsonl  # noqa: E402
 from bastion.interop import export_hf, import_hf  # noqa: E402
+from bastion.interop.hf import QWEN2_SPLIT_REGEX  # noqa: E402
 from bastion.infer.loading import load_for_inference  # noqa: E402
 from bastion.adapters import merge_checkpoint  # noqa: E402
 from bastion.train.loop import train  # noqa: E402
@@ -26,8 +27,10 @@ SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
 def qwen_folder(folder):
     folder.mkdir()
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok = Tokenizer(models.BPE())  # Qwen2's tokenizer pipeline, so the export stays Qwen2 (see hf_model_type)
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(QWEN2_SPLIT_REGEX), behavior="isolated"),
+                                                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     tok.decoder = decoders.ByteLevel()
     texts = [json.dumps(r) for r in reverse_chat_records(200, seed=9)]
     tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=320, special_tokens=SPECIALS, show_progress=False,

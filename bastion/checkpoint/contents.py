@@ -37,8 +37,8 @@ import yaml
 
 from bastion.checkpoint.checkpoint import Checkpoint, load_checkpoint, read_checkpoint_file, resolve_checkpoint
 from bastion.checkpoint.manifest import manifest_sha256 as _manifest_file_sha256
-from bastion.config.load import build_config
-from bastion.config.schema import BastionConfig, ModelConfig
+from bastion.config.load import REDACTED, build_config
+from bastion.config.schema import BastionConfig, ModelConfig, TrainConfig
 from bastion.errors import CheckpointError
 from bastion.safeio import is_sha256, parse_json
 from bastion.tokenizer import EOS_TOKEN, PAD_TOKEN, BastionTokenizer
@@ -150,6 +150,19 @@ def checkpoint_chat(ckpt: Checkpoint, tokenizer: BastionTokenizer) -> ChatFormat
                       bos_token=tokenizer.bos_token, eos_token=tokenizer.eos_token)
 
 
+def model_name(directory: Path, config: BastionConfig) -> str:
+    """A checkpoint's model name (GGUF general.name, the id `bastion serve` reports): the
+    run's train.run_name when the run chose one (not the default, not a redacted secret) -
+    the user's own label, the same wherever the checkpoint is copied - else the run folder's
+    name (RUN for RUN/checkpoints/step_N, ROOT for ROOT/step_N)."""
+    chosen = config.train.run_name
+    if chosen != TrainConfig.model_fields["run_name"].default and REDACTED not in chosen:
+        return chosen
+    where = Path(directory).absolute()
+    run_dir = where.parent.parent if where.parent.name == "checkpoints" else where.parent
+    return run_dir.name or "bastion"
+
+
 def lora_base(ckpt: Checkpoint) -> Path:
     """The base checkpoint of a LoRA run's checkpoint: the one recorded in trainer_state
     "init_from", refused unless it still exists and its MANIFEST.json hash is the one
@@ -182,5 +195,5 @@ def load_full_model(path: str | Path, *, what: str = "checkpoint", verify: bool 
 
 __all__ = ["BASE_SHA_KEY", "TOKENIZER_STATE_KEYS", "adapters_only", "chat_template", "checkpoint_chat",
            "checkpoint_config", "checkpoint_tokenizer", "load_full_model", "lora_base", "manifest_sha256",
-           "checkpoint_model_config", "parse_trainer_state", "read_trainer_state", "refuse_adapters_only", "special_tokens",
+           "checkpoint_model_config", "model_name", "parse_trainer_state", "read_trainer_state", "refuse_adapters_only", "special_tokens",
            "tokenizer_state"]

@@ -304,7 +304,7 @@ class ServeConfig(Section):
     host: str = Field(default="127.0.0.1", max_length=255, description="any other address requires API keys")
     port: int = Field(default=8000, ge=0, le=65535)
     model_name: str | None = Field(default=None, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/-]*$",
-                                   description="the id /v1/models reports (default: the checkpoint folder's name)")
+                                   description="the id /v1/models reports (default: the run's train.run_name if set, else its folder's name)")
     api_keys_env: str = Field(default="BASTION_API_KEYS", pattern=r"^[A-Z_][A-Z0-9_]{0,63}$",
                               description="environment variable with comma-separated API keys")
     key_file: str | None = Field(default=None, max_length=4096,

@@ -41,10 +41,8 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from bastion.checkpoint.checkpoint import Checkpoint
-from bastion.checkpoint.contents import chat_template, load_full_model
-from bastion.config.load import REDACTED
-from bastion.config.schema import BastionConfig, ModelConfig, TrainConfig
+from bastion.checkpoint.contents import chat_template, load_full_model, model_name
+from bastion.config.schema import ModelConfig
 from bastion.errors import BastionError, CheckpointError
 from bastion.interop.hf import QWEN2_SPLIT_REGEX, exported_special_tokens
 from bastion.model.transformer import rope_inv_freq
@@ -91,19 +89,6 @@ def gguf_tensor_name(ours: str) -> str:
     if module not in names:
         raise KeyError(f"no GGUF name for {ours!r}")
     return f"blk.{block}.{names[module]}.{suffix}"
-
-
-def model_name(ckpt: Checkpoint, config: BastionConfig) -> str:
-    """general.name: the run's name. train.run_name when the run chose one (not the default,
-    not a redacted secret): the user's own label, the same for every folder the run's
-    checkpoints are copied to. Else the run folder's name (RUN for RUN/checkpoints/step_N,
-    ROOT for ROOT/step_N), which is also what `bastion serve` reports."""
-    chosen = config.train.run_name
-    if chosen != TrainConfig.model_fields["run_name"].default and REDACTED not in chosen:
-        return chosen
-    where = Path(ckpt.directory).absolute()
-    run_dir = where.parent.parent if where.parent.name == "checkpoints" else where.parent
-    return run_dir.name or "bastion"
 
 
 def _tokenizer_fields(tokenizer_json: str, vocab_size: int, where: str) -> dict[str, Any]:
@@ -218,7 +203,7 @@ def export_gguf(ckpt_path: str | Path, out_path: str | Path, dtype: Literal["f16
     tmp = Path(tmp_name)
     try:
         writer = gguf.GGUFWriter(tmp, "llama")
-        _metadata(writer, gguf, cfg, dtype, name=model_name(ckpt, config))
+        _metadata(writer, gguf, cfg, dtype, name=model_name(ckpt.directory, config))
         writer.add_tokenizer_model("gpt2")
         writer.add_tokenizer_pre(vocab["pre"])
         writer.add_token_list(vocab["tokens"])

@@ -60,7 +60,6 @@ MAX_SHARDS = 10_000
 SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,200}$")
 PICKLE_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "model.pth",
                   "consolidated.00.pth", "tf_model.h5", "flax_model.msgpack")
-BASTION_SPECIALS = {"bos_token": None, "eos_token": "<|endoftext|>", "pad_token": "<|pad|>"}
 # Qwen2's split regex: what transformers' Qwen2Tokenizer (and llama.cpp's "qwen2" pre-tokenizer) use.
 QWEN2_SPLIT_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
                      r"|\s*[\r\n]+|\s+(?!\S)|\s+")

@@ -12,6 +12,7 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
+from bastion.checkpoint.contents import model_name
 from bastion.config.schema import BastionConfig
 from bastion.errors import ConfigError
 from bastion.infer.engine import Engine
@@ -51,8 +52,7 @@ def build_state(checkpoint: str | Path, config: BastionConfig, *, device: str = 
     loaded = load_for_inference(checkpoint, verify=verify, device=device)
     engine = Engine(loaded.model, loaded.tokenizer, config.generate, max_batch_size=cfg.max_concurrency,
                     max_queue=cfg.max_queue, mode=cfg.batch_mode, threads=cfg.threads)
-    where = loaded.directory  # RUN/checkpoints/step_N -> RUN; ROOT/step_N -> ROOT
-    name = cfg.model_name or (where.parent.parent.name if where.parent.name == "checkpoints" else where.parent.name)
+    name = cfg.model_name or model_name(loaded.directory, loaded.config)
     return ServerState(loaded=loaded, cfg=cfg, limits=config.generate, engine=engine, keys=keys, limiter=RateLimiter(cfg.rate_limit),
                        log=AccessLog(cfg.access_log, cfg.log_prompts), model_name=_safe_name(name),
                        require_keys=keys.has_keys or not loopback)

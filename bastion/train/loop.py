@@ -143,12 +143,17 @@ def train(
     tc = cfg.train
     if tc.threads:
         torch.set_num_threads(tc.threads)
-    env, dist_device = init_distributed(tc.device)  # under torchrun: one data-parallel replica per process
-    try:
-        return _train(cfg, env, dist_device or resolve_device(tc.device), resume=resume,
-                      quiet=quiet or not env.main, should_stop=should_stop)
-    finally:
-        shutdown(env)
+    # Signals are caught from before the process group exists until after it is gone. Under
+    # torchrun a SIGTERM that killed one rank by the default action (while it joined the group,
+    # built the model, or shut down) made torchrun tear down the others mid-collective and fail
+    # the run; caught, it is a stop request the ranks agree on after the next step, as in training.
+    with StopRequest() as stop:
+        env, dist_device = init_distributed(tc.device)  # under torchrun: one data-parallel replica per process
+        try:
+            return _train(cfg, env, dist_device or resolve_device(tc.device), stop, resume=resume,
+                          quiet=quiet or not env.main, should_stop=should_stop)
+        finally:
+            shutdown(env)
 
 
 class _NoMetrics:
@@ -161,7 +166,7 @@ class _NoMetrics:
         pass
 
 
-def _train(cfg: BastionConfig, env: DistEnv, device: torch.device, *, resume: bool, quiet: bool,
+def _train(cfg: BastionConfig, env: DistEnv, device: torch.device, stop: StopRequest, *, resume: bool, quiet: bool,
            should_stop: Callable[[int], bool] | None) -> TrainResult:
     tc = cfg.train
     if env.enabled and tc.dp.enabled:
@@ -317,7 +322,7 @@ def _train(cfg: BastionConfig, env: DistEnv, device: torch.device, *, resume: bo
     progress = TrainProgress(total_steps, start_step=step, quiet=quiet)
     window_start, window_tokens = time.perf_counter(), 0
     try:
-        with StopRequest() as stop, progress:
+        with progress:
             for note in notes:
                 progress.note(note)
             while step < total_steps:

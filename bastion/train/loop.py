@@ -72,8 +72,10 @@ def train(cfg: BastionConfig, *, resume: bool = False, quiet: bool = False,
     early the way a signal does: finish the step, checkpoint, return."""
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
-    # Signals are caught from here on: a stop request during start-up (loading, the process
-    # group, a DPO reference) is honoured at the first step instead of killing one rank.
+    # Signals are caught from before the process group exists until after it is gone. Under
+    # torchrun a SIGTERM that killed one rank by the default action (while it joined the group,
+    # built the model, or shut down) made torchrun tear down the others mid-collective and fail
+    # the run; caught, it is a stop request the ranks agree on after the next step, as in training.
     with StopRequest() as stop:
         env, dist_device = init_distributed(cfg.train.device)  # under torchrun: one data-parallel replica per process
         try:

@@ -37,6 +37,37 @@ def losses(run_dir):
     return {r["step"]: r["loss"] for r in rows if r["kind"] == "train"}
 
 
+def rank_process(launcher, rank):
+    """The process of `rank` under a torchrun launcher, or None (not started yet)."""
+    import psutil
+
+    for child in psutil.Process(launcher.pid).children(recursive=True):
+        try:
+            if child.environ().get("RANK") == str(rank):
+                return child
+        except psutil.Error:  # exiting, or not yet exec'd
+            pass
+    return None
+
+
+def kill_tree(launcher):
+    """SIGKILL a torchrun launcher and its ranks: killed alone, the launcher leaves its ranks
+    training on as orphans (max_steps 100_000 below) that slow every later test."""
+    import psutil
+
+    try:
+        ranks = psutil.Process(launcher.pid).children(recursive=True)
+    except psutil.Error:
+        ranks = []
+    for rank in ranks:
+        try:
+            rank.kill()
+        except psutil.Error:
+            pass
+    launcher.kill()
+    launcher.wait()
+
+
 @pytest.fixture(scope="module")
 def single(arithmetic_data, tmp_path_factory):
     out = tmp_path_factory.mktemp("single") / "run"
@@ -172,7 +203,7 @@ def test_rank_killed_mid_save_leaves_committed_checkpoints_loadable(arithmetic_d
         launcher.wait(60)
     finally:
         if launcher.poll() is None:
-            launcher.kill()
+            kill_tree(launcher)
     committed = list_checkpoints(out / "checkpoints")
     assert committed
     for ckpt in committed:
@@ -191,29 +222,36 @@ def test_sigterm_to_one_rank_stops_every_rank_at_the_same_step(arithmetic_data, 
     import signal
     import time
 
-    psutil = pytest.importorskip("psutil")
+    pytest.importorskip("psutil")
     from bastion.checkpoint import list_checkpoints
+    from bastion.train.metrics import read_metrics
 
     out = tmp_path / "preempted"
     cfg = config(arithmetic_data, out, batch_size=4)
     cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"max_steps": 100_000})})
     path = tmp_path / "preempted.yaml"
     path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
-    launcher = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-                                 "-m", "bastion.cli", "train", "-c", str(path), "--quiet"],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    log = tmp_path / "torchrun.log"  # a file, not a pipe nobody reads while we wait: it never fills
+    with log.open("w") as stderr:
+        launcher = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                     "--nproc-per-node=2", "-m", "bastion.cli", "train", "-c", str(path), "--quiet"],
+                                    stdout=subprocess.DEVNULL, stderr=stderr)
     try:
-        deadline = time.time() + 120
-        while time.time() < deadline and not ((out / "metrics.jsonl").exists() and len(losses(out)) >= 3):
+        # Signal only once training is under way, however long a loaded machine takes to get
+        # there (a signal sent at a fixed deadline instead tests whatever phase it lands in).
+        deadline = time.time() + 900
+        while sum(r["kind"] == "train" for r in read_metrics(out / "metrics.jsonl")) < 3:
+            assert launcher.poll() is None, "the run ended before step 3:\n" + log.read_text()[-2000:]
+            assert time.time() < deadline, "no 3 steps in 15 minutes:\n" + log.read_text()[-2000:]
             time.sleep(0.05)
-        rank1 = [c for c in psutil.Process(launcher.pid).children(recursive=True) if c.environ().get("RANK") == "1"]
-        assert rank1, "rank 1 not found"
-        rank1[0].send_signal(signal.SIGTERM)
-        _, err = launcher.communicate(timeout=120)
+        rank1 = rank_process(launcher, 1)
+        assert rank1 is not None, "rank 1 not found"
+        rank1.send_signal(signal.SIGTERM)
+        launcher.wait(timeout=900)
     finally:
         if launcher.poll() is None:
-            launcher.kill()
-    assert launcher.returncode == 0, err[-2000:]
+            kill_tree(launcher)
+    assert launcher.returncode == 0, log.read_text()[-2000:]
     last_step = max(losses(out))
     assert last_step < 100_000
     newest = list_checkpoints(out / "checkpoints")[-1]

@@ -150,15 +150,23 @@ def test_sigterm_finishes_step_saves_and_exits_zero(arithmetic_data, tmp_path):
     cfg = tiny_config(arithmetic_data, run, max_steps=400)
     cfg_path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "bastion.cli", "train", "-c", str(cfg_path), "--quiet"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
-    metrics = run / "metrics.jsonl"
-    deadline = time.time() + 60
-    while time.time() < deadline and (not metrics.exists() or len(train_losses(run)) < 5):
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)
-    output, _ = proc.communicate(timeout=60)
-    assert proc.returncode == 0, output
+    log = tmp_path / "train.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "bastion.cli", "train", "-c", str(cfg_path), "--quiet"],
+                                stdout=out, stderr=subprocess.STDOUT, env=env)
+    try:
+        # Signal only once training is under way, however slow the machine (polling a
+        # condition, not a fixed wait); fail with the log if it never gets there.
+        deadline = time.time() + 900
+        while not ((run / "metrics.jsonl").exists() and len(train_losses(run)) >= 5):
+            assert proc.poll() is None and time.time() < deadline, log.read_text()
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=900)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, log.read_text()
     stopped_at = len(train_losses(run))
     assert 5 <= stopped_at < 400
     assert list_checkpoints(run / "checkpoints")[-1].name == f"step_{stopped_at:08d}"

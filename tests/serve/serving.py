@@ -20,8 +20,10 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def running(checkpoint, *, serve=None, generate=None, environ=None, ssl=None):
-    """Start the app on 127.0.0.1:<free port> in a thread; yield (base_url, state)."""
+def running(checkpoint, *, serve=None, generate=None, environ=None, ssl=None, step_seconds=None):
+    """Start the app on 127.0.0.1:<free port> in a thread; yield (base_url, state).
+    `step_seconds`: every model forward takes at least this long, so a long request stays
+    in flight for seconds whatever the machine's speed (slot, queue, timeout tests)."""
     import tempfile
 
     # The access log goes to a private temp file unless a test asks for one (stderr is noise here).
@@ -31,6 +33,8 @@ def running(checkpoint, *, serve=None, generate=None, environ=None, ssl=None):
     config = build_config({"serve": settings, "generate": {"max_new_tokens": 16, "max_new_tokens_ceiling": 64,
                                                              **(generate or {})}})
     state = build_state(checkpoint, config, environ=environ if environ is not None else {})
+    if step_seconds:
+        state.engine.model.register_forward_pre_hook(lambda module, args: time.sleep(step_seconds))
     server = uvicorn.Server(uvicorn.Config(create_app(state), host="127.0.0.1", port=settings["port"],
                                            log_level="warning", lifespan="on", ssl_certfile=settings.get("ssl_certfile"),
                                            ssl_keyfile=settings.get("ssl_keyfile"), timeout_graceful_shutdown=5))

@@ -150,7 +150,7 @@ def test_metrics_count_requests_tokens_and_rejections(server):
 
 def test_disconnect_mid_stream_frees_the_slot_and_others_are_served(serve_checkpoint, long_prompt):
     with running(serve_checkpoint, serve={"max_concurrency": 1, "max_queue": 0},
-                 generate={"max_new_tokens_ceiling": 100}) as (url, state):
+                 generate={"max_new_tokens_ceiling": 100}, step_seconds=0.05) as (url, state):
         body = {"model": state.model_name, "prompt": long_prompt, "max_tokens": 100, "stream": True, "temperature": 0}
         with httpx.stream("POST", url + "/v1/completions", json=body, timeout=30) as r:
             assert r.status_code == 200
@@ -166,7 +166,7 @@ def test_disconnect_mid_stream_frees_the_slot_and_others_are_served(serve_checkp
 
 def test_queue_full_is_503_with_retry_after(serve_checkpoint, long_prompt):
     with running(serve_checkpoint, serve={"max_concurrency": 1, "max_queue": 0},
-                 generate={"max_new_tokens_ceiling": 100}) as (url, state):
+                 generate={"max_new_tokens_ceiling": 100}, step_seconds=0.05) as (url, state):
         body = {"model": state.model_name, "prompt": long_prompt, "max_tokens": 100, "stream": True, "temperature": 0}
         with httpx.stream("POST", url + "/v1/completions", json=body, timeout=30) as r:
             lines = r.iter_lines()  # kept: dropping the iterator would close the stream
@@ -241,7 +241,7 @@ def test_concurrent_clients(server):
 
 def test_request_timeout_is_504_and_frees_the_slot(serve_checkpoint, long_prompt):
     with running(serve_checkpoint, serve={"request_timeout_s": 0.05, "max_concurrency": 1},
-                 generate={"max_new_tokens_ceiling": 100}) as (url, state):
+                 generate={"max_new_tokens_ceiling": 100}, step_seconds=0.05) as (url, state):
         body = {"model": state.model_name, "prompt": long_prompt, "max_tokens": 100, "temperature": 0}
         r = post(url, "/v1/completions", body, headers={})
         assert r.status_code == 504 and r.json()["error"]["code"] == "timeout"

@@ -33,13 +33,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from bastion.checkpoint.checkpoint import Checkpoint, load_checkpoint, read_checkpoint_file, resolve_checkpoint
 from bastion.checkpoint.manifest import manifest_sha256 as _manifest_file_sha256
-from bastion.config.load import REDACTED, build_config
+from bastion.config.load import REDACTED, build_config, parse_yaml
 from bastion.config.schema import BastionConfig, ModelConfig, TrainConfig
-from bastion.errors import CheckpointError
+from bastion.errors import CheckpointError, ConfigError
 from bastion.safeio import is_sha256, parse_json
 from bastion.tokenizer import EOS_TOKEN, PAD_TOKEN, BastionTokenizer
 from bastion.tokenizer.chat import DEFAULT_CHAT_TEMPLATE, ChatFormat
@@ -81,9 +79,9 @@ def checkpoint_config(ckpt: Checkpoint) -> BastionConfig:
     if len(ckpt.config_yaml) > MAX_CONFIG_YAML_BYTES:
         raise CheckpointError(f"{where}: over {MAX_CONFIG_YAML_BYTES} bytes")
     try:
-        raw = yaml.safe_load(ckpt.config_yaml) or {}
-    except (yaml.YAMLError, RecursionError):
-        raise CheckpointError(f"{where}: invalid YAML") from None
+        raw = parse_yaml(ckpt.config_yaml, where) or {}
+    except ConfigError as exc:
+        raise CheckpointError(str(exc)) from None
     if not isinstance(raw, dict):
         raise CheckpointError(f"{where}: not a mapping")
     return build_config(raw, source=where, interpolate_env=False)

@@ -8,7 +8,6 @@ dtypes that match what the config says, optionally no NaN/Inf.
 """
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any
@@ -16,6 +15,7 @@ from typing import Any
 import torch
 
 from bastion.errors import CheckpointError
+from bastion.safeio import parse_json
 
 MAX_HEADER_BYTES = 100 * 2**20  # the safetensors reference limit
 ITEM_SIZE = {
@@ -52,11 +52,10 @@ def parse_header(data: bytes | memoryview, where: str | Path = "<bytes>") -> tup
     if 8 + header_len > total:
         raise CheckpointError(f"{where}: header declares {header_len} bytes but the file has {total - 8} after the length")
     try:
-        header = json.loads(bytes(data[8 : 8 + header_len]).decode("utf-8"), object_pairs_hook=_no_duplicates)
+        header = parse_json(bytes(data[8 : 8 + header_len]), CheckpointError, "header",
+                            object_pairs_hook=_no_duplicates)
     except CheckpointError as exc:
         raise CheckpointError(f"{where}: {exc}") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{where}: header is not valid UTF-8 JSON ({exc})") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{where}: header is not a JSON object")
     metadata = header.pop("__metadata__", None) or {}

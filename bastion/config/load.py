@@ -26,8 +26,62 @@ _ENV_REF = re.compile(r"\$\$\{|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-(.*?))?\}")
 _URL_PASSWORD = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)(?P<user>[^:/@\s]+):(?P<pw>[^@/\s]+)@", re.I)
 
 
+MAX_YAML_DEPTH = 32  # a Bastion config is 3 levels deep
+MAX_YAML_NODES = 10_000  # nodes as if every alias were expanded (a config has a few hundred)
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """PyYAML's safe loader with its nesting and its size bounded while the document is
+    composed, before anything is built: a deeply nested document or an alias bomb (a few
+    hundred bytes whose aliases expand to billions of nodes) stops at the limit."""
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._depth = self._nodes = 0
+        self._expanded: dict[int, int] = {}  # id(node) -> nodes it stands for
+
+    def _count(self, n: int) -> None:
+        self._nodes += n
+        if self._nodes > MAX_YAML_NODES:
+            raise _TooBig(f"more than {MAX_YAML_NODES} nodes (aliases expanded)")
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            node = super().compose_node(parent, index)
+            self._count(self._expanded.get(id(node), 1))  # an alias costs what it stands for
+            return node
+        self._depth += 1
+        if self._depth > MAX_YAML_DEPTH:
+            raise _TooBig(f"nested more than {MAX_YAML_DEPTH} levels deep")
+        start = self._nodes
+        self._count(1)
+        node = super().compose_node(parent, index)
+        self._depth -= 1
+        self._expanded[id(node)] = self._nodes - start
+        return node
+
+
+class _TooBig(yaml.YAMLError):
+    pass
+
+
+def parse_yaml(text: str, where: str) -> Any:
+    """A YAML document from a file, a checkpoint or the command line: the safe loader (no
+    Python object tags), nesting and expanded size bounded. ConfigError naming `where`."""
+    try:
+        return yaml.load(text, Loader=_BoundedLoader)  # security-reviewed: a SafeLoader subclass
+    except _TooBig as exc:
+        raise ConfigError(f"{where} is too large to load: {exc}") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"{where} is not valid YAML{at}: {getattr(exc, 'problem', exc)}") from None
+    except RecursionError:  # (cannot happen below MAX_YAML_DEPTH; the last line of defence)
+        raise ConfigError(f"{where} is nested too deeply") from None
+
+
 def read_yaml(path: str | Path) -> dict[str, Any]:
-    """Read a YAML mapping with a size limit and the safe loader (no Python object tags)."""
+    """Read a YAML mapping with a size limit and the bounded safe loader."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
@@ -35,13 +89,10 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     if size > MAX_CONFIG_BYTES:
         raise ConfigError(f"config file {path} is {size} bytes, over the {MAX_CONFIG_BYTES}-byte limit")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
         raise ConfigError(f"config file {path} is not valid UTF-8 (byte {exc.start})") from None
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise ConfigError(f"config file {path} is not valid YAML{where}: {getattr(exc, 'problem', exc)}") from None
+    data = parse_yaml(text, f"config file {path}")
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -79,8 +130,8 @@ def interpolate(node: Any, secrets: set[str], env: dict[str, str] | None = None,
     # A whole-string reference may hold a number or bool: parse it as a YAML scalar.
     if result != node and _ENV_REF.fullmatch(node) and result not in secrets:
         try:
-            parsed = yaml.safe_load(result)
-        except yaml.YAMLError:
+            parsed = parse_yaml(result, f"{path}: environment variable")
+        except ConfigError:
             return result
         if isinstance(parsed, (int, float, bool)):
             return parsed
@@ -96,8 +147,8 @@ def apply_override(data: dict[str, Any], override: str) -> None:
     if not keys or any(not k for k in keys):
         raise ConfigError(f"override {override!r} has an empty key")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
+        value = parse_yaml(raw, "override") if raw.strip() else ""
+    except ConfigError:
         value = raw
     node = data
     for key in keys[:-1]:

@@ -44,7 +44,6 @@ arguments and the data; `BatchCursor` (bastion/data/batches.py) walks plans epoc
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -58,6 +57,7 @@ from bastion.errors import DataError
 from bastion.safepath import Roots
 from bastion.data.batches import BatchCursor
 from bastion.tokenizer.chat import ChatFormat, ChatTooLongError, check_conversation
+from bastion.safeio import parse_json
 
 IGNORE_INDEX = -100
 MAX_LISTED_ERRORS = 20
@@ -106,12 +106,9 @@ def iter_jsonl(path: Path, max_bytes: int) -> Iterator[tuple[int, Any, str | Non
             if not line.strip():
                 continue
             try:
-                value = json.loads(line)
-            except json.JSONDecodeError as exc:
-                yield lineno, None, f"not valid JSON ({exc.msg} at column {exc.colno})"
-                continue
-            except RecursionError:
-                yield lineno, None, "JSON nested too deeply"
+                value = parse_json(raw, DataError, "line")
+            except DataError as exc:
+                yield lineno, None, str(exc).removeprefix("line: ")
                 continue
             yield lineno, value, None
 

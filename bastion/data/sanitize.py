@@ -24,7 +24,6 @@ from __future__ import annotations
 import base64
 import binascii
 import ipaddress
-import json
 import math
 import re
 import threading
@@ -34,6 +33,7 @@ from typing import NamedTuple
 
 from bastion.config.schema import SanitizeConfig
 from bastion.errors import DataError
+from bastion.safeio import parse_json
 
 EMAIL = "EMAIL"
 PHONE = "PHONE"
@@ -401,8 +401,8 @@ def _find_all(haystack: str, needle: str) -> Iterator[int]:
 def _jwt_ok(header: str) -> bool:
     """The first segment decodes (base64url) to a JSON object with an "alg" member."""
     try:
-        decoded = json.loads(base64.urlsafe_b64decode(header + "=" * (-len(header) % 4)))
-    except (binascii.Error, ValueError, UnicodeDecodeError):
+        decoded = parse_json(base64.urlsafe_b64decode(header + "=" * (-len(header) % 4)), ValueError, "jwt")
+    except (binascii.Error, ValueError):
         return False
     return isinstance(decoded, dict) and "alg" in decoded
 

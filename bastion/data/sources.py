@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import fnmatch
 import glob
-import json
 import os
 import unicodedata
 from collections.abc import Iterable, Iterator, Sequence
@@ -36,6 +35,7 @@ from bastion.data.archives import (
 )
 from bastion.errors import DataError
 from bastion.safepath import PathLike, Roots, check_path_text
+from bastion.safeio import parse_json
 
 TEXT_SUFFIXES = (".txt", ".md")
 RECORD_SUFFIXES = (".jsonl", ".parquet")
@@ -278,10 +278,7 @@ def _jsonl_documents(lines: Iterable[bytes], where: str, field: str) -> Iterator
             line = line.removeprefix("\ufeff")
         if not line.strip():
             continue
-        try:
-            obj = json.loads(line)
-        except (json.JSONDecodeError, RecursionError) as exc:
-            raise DataError(f"{loc}: invalid JSON ({exc})") from None
+        obj = parse_json(line, DataError, f"{loc}: invalid JSON")
         if not isinstance(obj, dict):
             raise DataError(f"{loc}: expected a JSON object, got {type(obj).__name__}")
         if field not in obj:

@@ -32,7 +32,6 @@ Bastion's built-in template (`contents.chat_template`), never left out.
 """
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 from pathlib import Path
@@ -46,6 +45,7 @@ from bastion.config.schema import ModelConfig
 from bastion.errors import BastionError, CheckpointError
 from bastion.interop.hf import QWEN2_SPLIT_REGEX, exported_special_tokens
 from bastion.model.transformer import rope_inv_freq
+from bastion.safeio import parse_json
 
 # Pre-tokenizer split patterns llama.cpp recognises by name (tokenizer.ggml.pre).
 _KNOWN_PRE = {
@@ -92,7 +92,7 @@ def gguf_tensor_name(ours: str) -> str:
 
 
 def _tokenizer_fields(tokenizer_json: str, vocab_size: int, where: str) -> dict[str, Any]:
-    tok = json.loads(tokenizer_json)
+    tok = parse_json(tokenizer_json, CheckpointError, "tokenizer.json")
     model = tok.get("model") or {}
     if model.get("type") != "BPE":
         raise CheckpointError(f"{where}: GGUF export supports byte-level BPE tokenizers; this one is "

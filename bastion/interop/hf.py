@@ -48,7 +48,7 @@ from bastion.model.hf import (
     model_config_from_hf_config,
     to_hf_state_dict,
 )
-from bastion.safeio import read_json_limited, read_text_limited, write_dir_atomic
+from bastion.safeio import parse_json, read_json_limited, read_text_limited, write_dir_atomic
 from bastion.tokenizer import BastionTokenizer
 
 MAX_CONFIG_JSON_BYTES = 1 * 2**20
@@ -260,7 +260,7 @@ def qwen2_tokenizer_rebuilds(tokenizer_json: str) -> bool:
     """Whether transformers' Qwen2Tokenizer gives this tokenizer's ids. AutoTokenizer uses it
     for every model_type "qwen2" folder and keeps only tokenizer.json's vocab, merges and
     post-processor, imposing NFC, Qwen2's split regex, byte-level BPE and decoder."""
-    tok = json.loads(tokenizer_json)
+    tok = parse_json(tokenizer_json, CheckpointError, "tokenizer.json")
     pre, model = tok.get("pre_tokenizer") or {}, tok.get("model") or {}
     steps = (pre.get("pretokenizers") or []) if pre.get("type") == "Sequence" else []
     split = {"type": "Split", "pattern": {"Regex": QWEN2_SPLIT_REGEX}, "behavior": "Isolated", "invert": False}

@@ -38,7 +38,7 @@ from typing import Any
 
 from bastion.config.schema import ServeConfig
 from bastion.errors import ConfigError
-from bastion.safeio import is_sha256, replace_file
+from bastion.safeio import is_sha256, parse_json, replace_file
 
 KEY_PREFIX = "bst_"
 KEY_FORMAT = "bastion-api-keys"
@@ -129,13 +129,7 @@ def _read_key_file(path: Path) -> list[dict[str, Any]]:
         data = fh.read(MAX_KEY_FILE_BYTES + 1)
     if len(data) > MAX_KEY_FILE_BYTES:
         raise ConfigError(f"API key file {path} grew past the limit of {MAX_KEY_FILE_BYTES} bytes while being read")
-    try:
-        doc = json.loads(data.decode("utf-8"))
-    except UnicodeDecodeError:
-        raise ConfigError(f"API key file {path} is not valid UTF-8") from None
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"API key file {path} is not valid JSON: {exc}") from None
-    return _validate_doc(doc, path)
+    return _validate_doc(parse_json(data, ConfigError, f"API key file {path}"), path)
 
 
 def _validate_doc(doc: Any, path: Path) -> list[dict[str, Any]]:

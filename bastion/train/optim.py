@@ -8,6 +8,7 @@ import torch
 
 from bastion.config.schema import TrainConfig
 from bastion.errors import CheckpointError
+from bastion.safeio import parse_json
 
 
 def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device,
@@ -42,10 +43,11 @@ def tensors_to_state_dict(optimizer: torch.optim.Optimizer, tensors: dict[str, t
     """The index-keyed state dict `state_dict_to_tensors` flattened, checked against `optimizer`."""
     if meta.get("class") != type(optimizer).__name__:
         raise CheckpointError(f"checkpoint optimizer is {meta.get('class')!r}, the run uses {type(optimizer).__name__}")
-    try:
-        groups: list[dict[str, Any]] = json.loads(meta["param_groups"])
-    except (KeyError, json.JSONDecodeError):
-        raise CheckpointError("optimizer.safetensors: missing or invalid param_groups metadata") from None
+    if not isinstance(meta.get("param_groups"), str):
+        raise CheckpointError("optimizer.safetensors: missing param_groups metadata")
+    groups = parse_json(meta["param_groups"], CheckpointError, "optimizer.safetensors: param_groups metadata")
+    if not isinstance(groups, list) or not all(isinstance(g, dict) for g in groups):
+        raise CheckpointError("optimizer.safetensors: param_groups metadata is not a list of objects")
     if len(groups) != len(optimizer.param_groups):
         raise CheckpointError(f"optimizer state has {len(groups)} parameter groups, the run has {len(optimizer.param_groups)}")
     for group, current in zip(groups, optimizer.param_groups):

@@ -64,7 +64,7 @@ def test_duplicate_keys_and_garbage_refused():
     header = b'{"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}, "a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}'
     with pytest.raises(CheckpointError, match="duplicate key 'a'"):
         parse_header(struct.pack("<Q", len(header)) + header + b"\0" * 8, "x")
-    with pytest.raises(CheckpointError, match="not valid UTF-8 JSON"):
+    with pytest.raises(CheckpointError, match="header: not valid UTF-8"):
         parse_header(struct.pack("<Q", 4) + b"\xff\xfe{}" + b"", "x")
     with pytest.raises(CheckpointError, match="too short"):
         parse_header(b"abc", "x")

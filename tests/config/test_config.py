@@ -166,3 +166,30 @@ def test_missing_and_oversized_files(tmp_path):
     binary.write_bytes(b"train:\n  run_name: \xff\xfe\n")
     with pytest.raises(ConfigError, match="UTF-8"):
         load_config(binary)
+
+
+BILLION_LAUGHS = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
+    f"{c}: &{c} [{', '.join(['*' + p] * 9)}]\n" for p, c in zip("abcdefgh", "bcdefghi"))
+
+
+@pytest.mark.parametrize("text, message", [
+    (BILLION_LAUGHS, "more than 10000 nodes"),  # ~420 bytes, 9**9 nodes if expanded
+    ("x: " + "[" * 900 + "]" * 900 + "\n", "nested more than 32 levels"),
+    ("x:\n" + "".join("  " * (i + 1) + "y:\n" for i in range(200)), "nested more than 32 levels"),
+])
+def test_yaml_bombs_stop_at_the_limit_with_one_line(tmp_path, text, message):
+    import time
+
+    path = tmp_path / "bomb.yaml"
+    path.write_text(text)
+    start = time.perf_counter()
+    with pytest.raises(ConfigError, match=message) as info:
+        load_config(path)
+    assert str(path) in str(info.value) and "\n" not in str(info.value)
+    assert time.perf_counter() - start < 5  # refused while composing, not after expanding
+
+
+def test_yaml_anchors_within_the_limit_still_work(tmp_path):
+    path = tmp_path / "anchors.yaml"
+    path.write_text("train: &t {lr: 0.001, batch_size: 4}\nfinetune: {max_length: 512}\n")
+    assert load_config(path).train.batch_size == 4

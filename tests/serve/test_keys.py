@@ -143,7 +143,7 @@ def test_not_a_regular_file(tmp_path):
 @pytest.mark.parametrize(
     "content, message",
     [
-        ("{not json", "is not valid JSON"),
+        ("{not json", "not valid JSON"),
         (b"\xff\xfe", "not valid UTF-8"),
         ("[]", "not a bastion key file"),
         ('{"format": "bastion-api-keys", "version": 2, "keys": []}', "unsupported version 2"),

@@ -25,6 +25,14 @@ err = Console(stderr=True)
 out = Console(markup=False)  # paths and names are printed as they are, never read as markup
 
 
+def one_line(message: str) -> str:
+    """A message as one line: a report that lists several problems (one per line) is joined
+    with "; ", so a refusal is always exactly one line however it was worded."""
+    parts = [part.strip() for part in message.splitlines() if part.strip()]
+    return parts[0] + "".join((" " if parts[0].endswith(":") and i == 1 else "; ") + p
+                              for i, p in enumerate(parts[1:], start=1)) if parts else message
+
+
 class _BastionGroup(TyperGroup):
     """Every command's BastionError (bad config, data, checkpoint, limit...) becomes one red
     line on stderr and exit status 2 - never a traceback - so commands need no try/except."""
@@ -34,7 +42,7 @@ class _BastionGroup(TyperGroup):
             return super().invoke(ctx)
         except BastionError as exc:
             # escape: messages quote paths and user text, which rich would read as markup
-            err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
+            err.print(f"[bold red]error:[/] {escape(one_line(str(exc)))}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
 
 

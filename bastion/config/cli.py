@@ -41,9 +41,9 @@ def config_validate(
         task_class(load(file, overrides).train.objective)
     except ConfigError as exc:
         if exc.problems:
-            err.print(f"[bold red]{escape(str(file))}: {len(exc.problems)} problem(s)[/]")
+            # One complete line per problem, each naming the file and the field.
             for loc, msg in exc.problems:
-                err.print(f"  {loc}: {msg}", markup=False, highlight=False)
+                err.print(f"[bold red]error:[/] {escape(f'{file}: {loc}: {msg}')}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
         raise
     out.print(f"{file}: OK")

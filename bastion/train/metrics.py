@@ -8,7 +8,10 @@ from typing import Any
 
 import torch
 
+from bastion.safeio import parse_json
+
 METRICS_FILE = "metrics.jsonl"
+MAX_LINE_BYTES = 64 * 2**10  # our records are ~300 bytes; longer lines are not ours
 
 
 class MetricsLogger:
@@ -54,11 +57,14 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
     if not path.exists():
         return []
     records = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue  # a line cut short by a crash
+    with open(path, "rb") as fh:  # streamed, lines cut at 64 KiB: a hostile file is never held whole
+        for line in iter(lambda: fh.readline(MAX_LINE_BYTES), b""):
+            try:
+                record = parse_json(line, ValueError, str(path))
+            except ValueError:
+                continue  # a line cut short by a crash (or not ours)
+            if isinstance(record, dict):
+                records.append(record)
     return records
 
 
@@ -84,7 +90,8 @@ def plot_run(run_dir: str | Path, output: str | Path | None = None) -> Path:
     output = Path(output) if output else run_dir / "loss.png"
     fig, ax = plt.subplots(figsize=(8, 4.5), dpi=110)
     for kind, style in (("train", "-"), ("val", "o-")):
-        points = [(r["step"], r["loss"]) for r in records if r.get("kind") == kind and "loss" in r]
+        points = [(r["step"], r["loss"]) for r in records if r.get("kind") == kind
+                  and all(isinstance(r.get(k), (int, float)) and not isinstance(r.get(k), bool) for k in ("step", "loss"))]
         if points:
             steps, losses = zip(*points)
             ax.plot(steps, losses, style, label=f"{kind} loss", markersize=3)

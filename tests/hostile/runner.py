@@ -1,0 +1,70 @@
+"""Run one class of the hostile corpus through the real CLI, in this process, and report.
+
+    python tests/hostile/runner.py CORPUS_DIR CLASS    -> one JSON object per command on stdout,
+                                                          then {"peak_rss_bytes": ...}
+
+In a process of its own (started by test_hostile_cli.py) so that a native crash is seen as
+one, and the peak memory measured is that of the class's commands alone. Each command runs
+through typer's CliRunner (the same root group `bastion` uses); what it printed, its exit
+status and any exception that escaped are reported, with every file it left outside {out}.
+"""
+from __future__ import annotations
+
+import json
+import os
+import resource
+import sys
+import time
+import traceback
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from corpus import SENTINEL_NAME, Base, cases  # noqa: E402
+
+
+def _tree(root: Path) -> set[str]:
+    return {str(p) for p in root.rglob("*")}
+
+
+def _fill(arg: str, values: dict[str, str]) -> str:
+    for key, value in values.items():
+        arg = arg.replace("{" + key + "}", value)
+    return arg
+
+
+def main(corpus: Path, klass: int) -> None:
+    from typer.testing import CliRunner
+
+    from bastion.cli import app
+
+    base = Base(**json.loads((corpus / "base.json").read_text()))
+    runner = CliRunner()
+    for case in cases(corpus / SENTINEL_NAME):
+        if case.klass != klass:
+            continue
+        folder = corpus / str(case.klass) / case.name
+        for i, command in enumerate(case.commands):
+            out = corpus / "outputs" / f"{case.name}-{i}"
+            values = {"case": str(folder), "out": str(out), "chat": str(base.chat), "adapter": str(base.adapter),
+                      "base_ckpt": str(base.ckpt)}
+            args = [_fill(a, values) for a in command]
+            print(f"running {case.name}: {' '.join(command)}", file=sys.stderr, flush=True)
+            before = _tree(corpus)
+            start = time.perf_counter()
+            result = runner.invoke(app, args, env={"COLUMNS": "400", **case.env}, catch_exceptions=True)
+            seconds = time.perf_counter() - start
+            escaped = None
+            if result.exception is not None and not isinstance(result.exception, SystemExit):
+                escaped = "".join(traceback.format_exception(result.exception))
+            left = sorted(p for p in _tree(corpus) - before if not p.startswith(str(out)))
+            print(json.dumps({"case": case.name, "class": case.klass, "command": command, "args": args,
+                              "exit_code": result.exit_code, "seconds": seconds, "stdout": result.stdout, "stderr": result.stderr,
+                              "escaped": escaped, "left": left, "secret": case.secret,
+                              "exit_codes": list(case.exit_codes), "forbidden": list(case.forbidden)}), flush=True)
+    print(json.dumps({"peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}), flush=True)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    main(Path(sys.argv[1]), int(sys.argv[2]))

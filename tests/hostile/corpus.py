@@ -255,6 +255,13 @@ def _gz_bomb(case: Path, base: Base) -> None:
                                                    "sources": [str(src)]}}))
 
 
+def _run_with_deep_state(case: Path, base: Base) -> None:
+    """A run folder whose newest checkpoint's trainer_state.json is a deep nest (re-forged)."""
+    run = copy_of(base.run, case / "run")
+    step = run / "checkpoints" / base.ckpt.name
+    forge(step, "trainer_state.json", deep_json(100_000))
+
+
 def _deep_index(case: Path, base: Base) -> None:
     data = copy_of(base.data, case / "data")
     (data / "index.json").write_bytes(deep_json(100_000))
@@ -321,6 +328,9 @@ def cases(sentinel: Path) -> list[Case]:
         Case(1, "checkpoint-config-alias-bomb", _ckpt_case(_config_yaml(BILLION_LAUGHS)), LOADERS),
         Case(1, "deep-key-file", lambda case, b: _write(case / "keys.json", deep_json(100_000)),
              [["serve", "keys", "list", "--key-file", "{case}/keys.json"]]),
+        Case(1, "listing-a-run-with-a-deep-state", _run_with_deep_state,
+             [["ckpt", "list", "{case}/run"], ["ckpt", "prune", "{case}/run/checkpoints", "--dry-run"]],
+             exit_codes=(0,)),  # listing and pruning tolerate a damaged checkpoint (verify names it)
         Case(1, "deep-dataset-index", _deep_index,
              [["train", "-c", "{case}/cfg.yaml"], ["data", "canaries", "{case}/data", "--out", "{out}.json"]]),
         Case(1, "deep-jsonl-source-line", _deep_jsonl_source, [["data", "prepare", "-c", "{case}/cfg.yaml"]]),

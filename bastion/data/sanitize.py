@@ -69,8 +69,19 @@ _EMAIL_DOMAIN = re.compile(
     r"@((?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.){1,8}([A-Za-z]{2,24}))(?![A-Za-z0-9-])", _A
 )
 _EMAIL_LOCAL_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._%+-")
-# Two-letter TLDs are all country codes; longer ones must be known, so that Python's `x@self.proj`
-# (matrix product) or a decorator-ish `a@b.weight` is not an email.
+# The TLD must be a known one, so that Python's `x@self.proj` or `x@self.fc` (matrix products) or a
+# decorator-ish `a@b.weight` is not an email: a two-letter TLD is a delegated country code
+# (ISO 3166-1 plus uk, eu, ac, su), a longer one a generic TLD in common use.
+_COUNTRY_TLDS = frozenset(
+    """ac ad ae af ag ai al am ao aq ar as at au aw ax az ba bb bd be bf bg bh bi bj bl bm bn bo bq br bs
+    bt bv bw by bz ca cc cd cf cg ch ci ck cl cm cn co cr cu cv cw cx cy cz de dj dk dm do dz ec ee eg eh
+    er es et eu fi fj fk fm fo fr ga gb gd ge gf gg gh gi gl gm gn gp gq gr gs gt gu gw gy hk hm hn hr ht
+    hu id ie il im in io iq ir is it je jm jo jp ke kg kh ki km kn kp kr kw ky kz la lb lc li lk lr ls lt
+    lu lv ly ma mc md me mf mg mh mk ml mm mn mo mp mq mr ms mt mu mv mw mx my mz na nc ne nf ng ni nl no
+    np nr nu nz om pa pe pf pg ph pk pl pm pn pr ps pt pw py qa re ro rs ru rw sa sb sc sd se sg sh si sj
+    sk sl sm sn so sr ss st su sv sx sy sz tc td tf tg th tj tk tl tm tn to tr tt tv tw tz ua ug uk um us
+    uy uz va vc ve vg vi vn vu wf ws ye yt za zm zw""".split()
+)
 _GENERIC_TLDS = frozenset(
     [
         "com", "org", "net", "edu", "gov", "mil", "int", "info", "biz", "name", "pro", "mobi", "aero",
@@ -113,10 +124,19 @@ _PHONE_EU = re.compile(
 
 # ---- IP addresses -----------------------------------------------------------------------------
 _IPV4 = re.compile(r"\d(?<![\w.]\d)\d{0,2}(?:\.\d{1,3}){3}(?![\w])(?!\.\d)", _A)
-# A version-number context right before an IPv4-shaped string ("version 2.0.0.1", "v1.2.3.4").
-_VERSION_BEFORE = re.compile(
-    r"(?:\bv|version|ver\.?|release|build|section|sections|chapter|§|==|>=|<=|~=|@)[\s\"'(]*\Z", _A | re.IGNORECASE
+# An IPv4-shaped string is a version, section or OID number, not an address, when the word right
+# before it says so ("version 2.0.0.1", "AssemblyVersion(\"1.0.0.0\")", "section 8.2.4.45",
+# "OID 1.3.6.1"). The word is compared whole (the last camelCase/snake_case part of the identifier
+# before the number), never as a suffix: "server", "resolver", "failover" and "driver" end in
+# "ver" but name hosts. `user@1.2.3.4` is an SSH/SMTP target, so "@" is no version marker.
+_NUMBERING_WORDS = frozenset(
+    {"v", "ver", "version", "versions", "release", "build", "rev", "revision",
+     "section", "sections", "chapter", "clause", "paragraph", "oid"}
 )
+_NUMBERING_MARKS = ("==", "!=", ">=", "<=", "~=", "§")  # pip requirement specifiers; the section sign
+_BETWEEN_WORD_AND_NUMBER = " \t\"'([:=-"  # "version: 1.2.3.4", 'version="1.2.3.4"', "release-1.2.3.4"
+_LAST_WORD = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,63}\.?\Z", _A)  # "ver." and "v." keep their dot
+_NUMBERING_LOOKBACK = 80
 # IPv6 candidates: hex groups and colons, optional embedded IPv4 tail and zone id; validated by
 # `ipaddress`, which rejects times (10:30:00) and MACs. Located from a ":" followed by at most 4
 # hex digits and another ":" (a literal-first search, fast), then matched from the group start.
@@ -125,15 +145,16 @@ _IPV6_SEED = re.compile(r":[0-9A-Fa-f]{0,4}:", _A)
 _IPV6 = re.compile(r"[0-9A-Fa-f:]{2,39}(?:(?<=:)\d{1,3}(?:\.\d{1,3}){3})?(?:%[\w.-]{1,16})?(?![\w:])(?!\.\w)", _A)
 _HEX = frozenset("0123456789abcdefABCDEF")
 _HEX_COLON = frozenset("0123456789abcdefABCDEF:")
-# Ranges kept when keep_private_ips: they identify no one outside the local network, and the
-# documentation ranges (RFC 5737, RFC 3849) are example addresses by definition. Spelled out
-# rather than using `is_private`, whose contents changed between Python patch releases.
+# Ranges kept when keep_private_ips: they identify no one outside the local network, the
+# benchmarking range (RFC 2544) is never routed, and the documentation ranges (RFC 5737, RFC 3849,
+# RFC 9637) are example addresses by definition. Spelled out rather than using `is_private`, whose
+# contents changed between Python patch releases.
 _PRIVATE_NETS = tuple(
     ipaddress.ip_network(n)
     for n in (
         "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "127.0.0.0/8", "169.254.0.0/16",
-        "100.64.0.0/10", "192.0.2.0/24", "198.51.100.0/24", "203.0.113.0/24",
-        "::1/128", "fc00::/7", "fe80::/10", "2001:db8::/32",
+        "100.64.0.0/10", "198.18.0.0/15", "192.0.2.0/24", "198.51.100.0/24", "203.0.113.0/24",
+        "::1/128", "fc00::/7", "fe80::/10", "2001:db8::/32", "3fff::/20",
     )
 )
 # Never redacted: they are not host addresses (unspecified, multicast, reserved/broadcast, which
@@ -173,6 +194,27 @@ def _numeric_windows(text: str) -> list[tuple[int, int]]:
         else:
             windows.append((s, e))
     return windows
+
+
+def _ipv4(dotted: str) -> ipaddress.IPv4Address | None:
+    """The address, or None when an octet is over 255. Zero-padded octets ("008.008.008.008", as
+    some logs write them) are read as decimal: `ipaddress` refuses them as possibly octal."""
+    octets = [int(o) for o in dotted.split(".")]
+    if any(o > 255 for o in octets):
+        return None
+    return ipaddress.IPv4Address(bytes(octets))
+
+
+def _numbering_context(text: str, start: int) -> bool:
+    """True when the IPv4-shaped string at `start` follows a version/section/OID word or mark."""
+    before = text[max(0, start - _NUMBERING_LOOKBACK):start].rstrip(" \t\"'([")
+    if before.endswith(_NUMBERING_MARKS):
+        return True
+    word = _LAST_WORD.search(before.rstrip(_BETWEEN_WORD_AND_NUMBER))
+    if word is None:
+        return False
+    parts = _CAMEL.findall(word.group().rstrip(".").replace("_", " "))
+    return bool(parts) and parts[-1].lower() in _NUMBERING_WORDS
 
 
 def _after_digit_group(text: str, start: int) -> bool:
@@ -288,8 +330,9 @@ _B64URL_DOT_RUN = re.compile(r"[A-Za-z0-9_.-]+", _A)
 # line and the base64/header lines after it. Newlines may be literal "\n" (keys inside JSON).
 _PEM_BEGIN = re.compile(r"-----BEGIN[A-Z0-9 ]{0,40} PRIVATE KEY(?: BLOCK)?-----", _A)
 _PEM_END = re.compile(r"-----END[A-Z0-9 ]{0,40} PRIVATE KEY(?: BLOCK)?-----", _A)
+# A body line ends at a newline, or at the closing quote of a string holding the key ("...\\nMIIE").
 _PEM_BODY_LINE = re.compile(
-    r"(?:\r?\n|\\n)[ \t]*(?:[A-Za-z0-9+/=]{1,128}|[A-Za-z-]{1,32}: [^\r\n\\]{0,128})(?=\r?\n|\\n|\Z)", _A
+    r"(?:\r?\n|\\n)[ \t]*(?:[A-Za-z0-9+/=]{1,128}|[A-Za-z-]{1,32}: [^\r\n\\]{0,128})(?=\r?\n|\\n|\Z|[\"'])", _A
 )
 _PEM_MAX = 65536  # a private key block is a few KB; never scan further for its END line
 
@@ -445,6 +488,9 @@ def _pem_blocks(text: str) -> Iterator[Finding]:
             end = begin.end()
             while (line := _PEM_BODY_LINE.match(text, end)) is not None:
                 end = line.end()
+            if end == begin.end():  # a BEGIN line alone ("if line.startswith(...)") holds no key
+                pos = end
+                continue
         yield Finding(SECRET, begin.start(), end)
         pos = end
 
@@ -623,7 +669,7 @@ class Redactor:
         has_url = "://" in text  # once, not per email: a text full of emails stays linear
         for m in _EMAIL_DOMAIN.finditer(text):
             tld = m.group(2).lower()
-            if len(tld) != 2 and tld not in _GENERIC_TLDS:
+            if tld not in (_COUNTRY_TLDS if len(tld) == 2 else _GENERIC_TLDS):
                 continue
             at = m.start()
             s = at
@@ -664,13 +710,10 @@ class Redactor:
                     out.append(Finding(NATIONAL_ID, m.start(), m.end()))
         if cfg.ip_addresses:
             for m in _IPV4.finditer(text, ws, we):
-                if _VERSION_BEFORE.search(text, max(0, m.start() - 16), m.start()):
+                if _numbering_context(text, m.start()):
                     continue
-                try:
-                    addr = ipaddress.IPv4Address(m.group())
-                except ValueError:  # an octet > 255, or a leading zero
-                    continue
-                if self._ip_redactable(addr, cfg.keep_private_ips):
+                addr = _ipv4(m.group())
+                if addr is not None and self._ip_redactable(addr, cfg.keep_private_ips):
                     out.append(Finding(IP, m.start(), m.end()))
         if cfg.phones:
             for m in _PHONE_US.finditer(text, ws, we):

@@ -9,6 +9,7 @@ from bastion.tokenizer import BastionTokenizer
 
 SECRET = "AKIAIOSFODNN7EXAMPLE"
 CARD = "4111 1111 1111 1111"
+FAILOVER_IP = "93.184.216.34"
 PROSE = ("The committee met on Tuesday to review the harbour plans. Members discussed the budget, "
          "the timeline for dredging, and the new ferry schedule that starts in spring. ")
 
@@ -33,7 +34,8 @@ def decoded_corpus(out):
 
 def test_secrets_redacted_near_duplicates_and_junk_dropped(tmp_path):
     docs = [f"Report {i}: " + prose(i) for i in range(20)]
-    docs.append(f"Deploy notes: aws_access_key_id = {SECRET}\ncontact ops@example.com, card {CARD}.")
+    docs.append(f"Deploy notes: aws_access_key_id = {SECRET}\ncontact ops@example.com, card {CARD}.\n"
+                f"The DNS server failed over to the resolver {FAILOVER_IP}.")
     words = docs[0].split()
     words[10:13] = ["edited", "by", "hand"]
     docs.append(" ".join(words))  # a near-duplicate of document 0 (3 words of 300 changed)
@@ -50,9 +52,10 @@ def test_secrets_redacted_near_duplicates_and_junk_dropped(tmp_path):
     assert report.near_duplicates_dropped == 1 and report.near_duplicate_clusters == 1
     assert report.filtered == {"non_text": 1, "repeated_lines": 1}
     assert report.redactions["SECRET"] >= 1 and report.redactions["EMAIL"] == 1 and report.redactions["CREDIT_CARD"] == 1
+    assert report.redactions["IP"] == 1
     assert report.documents == len(docs) - 4
     corpus = decoded_corpus(tmp_path / "out")
-    assert SECRET not in corpus and "ops@example.com" not in corpus and CARD not in corpus
+    assert SECRET not in corpus and "ops@example.com" not in corpus and CARD not in corpus and FAILOVER_IP not in corpus
     assert "<SECRET>" in corpus and "<EMAIL>" in corpus
     assert src.read_bytes() == before  # sources are never modified
     saved = json.loads((tmp_path / "out" / "report.json").read_text())

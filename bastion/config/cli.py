@@ -16,7 +16,8 @@ out = Console(markup=False)  # paths and names are printed as they are, never re
 err = Console(stderr=True)
 
 SetOption = typer.Option(
-    None, "--set", "-s", help="Override a config value, e.g. --set train.lr=3e-4 (repeatable; YAML scalar values)."
+    None, "--set", "-s", help="Override a config value, e.g. --set train.lr=3e-4 (repeatable; the field's type converts the "
+    "text; [a, b] for a list, null for none)."
 )
 ConfigOption = typer.Option(None, "--config", "-c", help="YAML config file (see configs/). Defaults apply when omitted.")
 

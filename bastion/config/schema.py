@@ -5,6 +5,7 @@ fails at load time with the field's path instead of hours into a run.
 """
 from __future__ import annotations
 
+import ipaddress
 import math
 import re
 from typing import Literal
@@ -145,13 +146,12 @@ class DataConfig(Section):
     @field_validator("text_suffixes")
     @classmethod
     def _suffixes(cls, value: list[str]) -> list[str]:
-        value = [s.lower() for s in value]
-        for suffix in value:
-            if not re.fullmatch(r"\.[a-z0-9_]{1,16}", suffix):
+        for suffix in value:  # checked as given, so a message quotes the value that was written
+            if not re.fullmatch(r"\.[A-Za-z0-9_]{1,16}", suffix):
                 raise ValueError(f"{suffix!r} is not a file suffix like '.txt'")
-            if suffix in (".jsonl", ".parquet"):
-                raise ValueError(f"{suffix} files hold records, not plain text; they are always read as records")
-        return value
+            if suffix.lower() in (".jsonl", ".parquet"):
+                raise ValueError(f"{suffix!r} files hold records, not plain text; they are always read as records")
+        return [s.lower() for s in value]
 
 
 class DPConfig(Section):
@@ -298,6 +298,21 @@ class RateLimitConfig(Section):
                                           description="prompt + max completion tokens; None = unlimited")
 
 
+# A host name: dot-separated labels of letters, digits, inner hyphens and the underscores
+# Docker and /etc/hosts names use; 253 characters at most ("0" is one: the name resolves to
+# 0.0.0.0, all interfaces).
+_HOST_NAME = re.compile(r"(?=.{1,253}$)(?!-)[A-Za-z0-9_-]{1,63}(?<!-)(\.(?!-)[A-Za-z0-9_-]{1,63}(?<!-))*")
+
+
+def is_ip_address(text: str) -> bool:
+    """Whether `text` is an IPv4 or IPv6 address (a zone such as %eth0 allowed)."""
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
 class ServeConfig(Section):
     """`bastion serve`: an OpenAI-compatible HTTP API, locked down by default."""
 
@@ -330,6 +345,14 @@ class ServeConfig(Section):
     ssl_certfile: str | None = Field(default=None, max_length=4096)
     ssl_keyfile: str | None = Field(default=None, max_length=4096)
 
+    @field_validator("host")
+    @classmethod
+    def _address_or_name(cls, value: str) -> str:
+        if is_ip_address(value) or _HOST_NAME.fullmatch(value.removesuffix(".")):
+            return value
+        hint = " (write an IPv6 address without brackets)" if value.startswith("[") else ""
+        raise ValueError(f"{value!r} is not an IP address or a host name{hint}")
+
     @model_validator(mode="after")
     def _tls_pair(self) -> "ServeConfig":
         if (self.ssl_certfile is None) != (self.ssl_keyfile is None):
@@ -345,8 +368,9 @@ class BastionConfig(Section):
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     generate: GenerateConfig = Field(default_factory=GenerateConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
-    # Values that came from secret-looking environment variables; redacted whenever printed.
-    _secret_values: set[str] = PrivateAttr(default_factory=set)
+    # The values that came from ${VAR} interpolation (config.load.EnvValue: path and
+    # variables): never shown in errors, redacted when printed if the variable looks secret.
+    _from_env: list = PrivateAttr(default_factory=list)
 
     @model_validator(mode="after")
     def _objective_has_inputs(self) -> "BastionConfig":
@@ -357,10 +381,10 @@ class BastionConfig(Section):
                 raise ValueError("finetune.lora.enabled needs train.objective sft, dpo, simpo or another fine-tuning objective")
             return self
         if ft.init_from is None:
-            raise ValueError(f"train.objective {objective} needs finetune.init_from: a checkpoint from "
+            raise ValueError(f"train.objective ({objective}) needs finetune.init_from: a checkpoint from "
                              "`bastion train` or `bastion import hf`")
         if ft.train_file is None:
-            raise ValueError(f"train.objective {objective} needs finetune.train_file (its training JSONL)")
+            raise ValueError(f"train.objective ({objective}) needs finetune.train_file (its training JSONL)")
         if self.train.dp.enabled:
             raise ValueError("train.dp (DP-SGD) is available for train.objective clm only")
         return self

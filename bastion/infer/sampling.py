@@ -18,9 +18,13 @@ def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None, top
         raise ValueError(f"top_k must be >= 1 or None, got {top_k}")
     if not 0 < top_p <= 1:
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-    if temperature == 0:
+    # Sampling at a temperature below float32's smallest normal number is greedy: dividing
+    # by it in float32 would divide by 0. Above it, the largest logit is shifted to 0 first, so
+    # a tiny temperature sends the others to -inf rather than all of them to inf (nan).
+    if temperature < torch.finfo(torch.float32).tiny:
         return logits.argmax(dim=-1)
-    logits = logits.float() / temperature
+    logits = logits.float()
+    logits = (logits - logits.amax(dim=-1, keepdim=True)) / temperature
     if top_k is not None and top_k < logits.size(-1):
         # Keep exactly k (scatter, not a >= threshold) so ties cannot widen the set.
         values, indices = torch.topk(logits, top_k, dim=-1)

@@ -16,8 +16,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import math
 import time
+import traceback
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -100,7 +102,9 @@ class Guard:
     """Pure ASGI middleware in front of every route: body size (413, by Content-Length
     before reading and by counting while reading, so a chunked or lying client cannot get
     more in), the API key (401), then one access-log line and the request metrics when the
-    response has been sent completely (streams included)."""
+    response has been sent completely (streams included). The status logged is the status
+    sent (`_Exchange`): an exception in the app is a 500 sent here, never one propagated to
+    uvicorn, and a client gone before its response began is logged as 499."""
 
     def __init__(self, app: Any, state: ServerState):
         self.app, self.state = app, state
@@ -112,15 +116,9 @@ class Guard:
         start = time.perf_counter()
         info: dict[str, Any] = {"key_id": None, "prompt_tokens": 0, "completion_tokens": 0}
         scope.setdefault("state", {})["info"] = info
-        status: list[int] = []
+        exchange = _Exchange(receive, send)
         limit = state.cfg.max_body_bytes
         too_big = ApiError(413, f"request body over {limit} bytes", "invalid_request_error", code="body_too_large")
-
-        async def recorded_send(message: dict) -> None:
-            if message["type"] == "http.response.start":
-                status.append(message["status"])
-            await send(message)
-
         request = Request(scope)
         try:
             declared = request.headers.get("content-length")
@@ -128,14 +126,20 @@ class Guard:
                 raise too_big if declared.isdigit() else ApiError(400, "invalid Content-Length", "invalid_request_error")
             if request.url.path not in OPEN_PATHS:
                 info["key_id"] = _authenticate(state, request)
-            replay = await _read_body(receive, limit, too_big)
-            await self.app(scope, replay, recorded_send)
+            replay = await _read_body(exchange, limit, too_big)
+            await self.app(scope, replay, exchange.send)
         except ApiError as exc:
             info.setdefault("error", exc.code or exc.kind)
-            if not status:
-                await exc.response()(scope, receive, recorded_send)
+            if exchange.status is None:
+                await exc.response()(scope, exchange.receive, exchange.send)
+        except _ClientGone:
+            info.setdefault("error", "client_disconnected")
+        except Exception as exc:  # noqa: BLE001 - a bug, not the client's input: answered and logged as 500
+            info["error"] = type(exc).__name__
+            _log_internal_error(request.url.path, exc)
+            await exchange.fail(scope)
         finally:
-            code = status[0] if status else 499  # nothing sent: the client went away first
+            code = exchange.status or 499  # nothing sent: the client went away first
             path = request.url.path
             route = path if path in KNOWN_ROUTES else "other"
             elapsed = time.perf_counter() - start
@@ -150,22 +154,69 @@ class Guard:
                             prompt=info.get("prompt"), completion=info.get("completion"))
 
 
-async def _read_body(receive: Callable, limit: int, too_big: ApiError) -> Callable:
+class _ClientGone(Exception):
+    """The client disconnected before its request body was read."""
+
+
+class _Exchange:
+    """One request's ASGI receive and send, recording what the client actually got: the
+    status sent, or none when the client had gone before the response began (uvicorn drops
+    such a response silently, so it is not passed on and the log says 499)."""
+
+    def __init__(self, receive: Callable, send: Callable):
+        self._receive, self._send = receive, send
+        self.status: int | None = None
+        self.client_gone = self.finished = False
+
+    async def receive(self) -> dict:
+        message = await self._receive()
+        if message["type"] == "http.disconnect":
+            self.client_gone = True
+        return message
+
+    async def send(self, message: dict) -> None:
+        if message["type"] == "http.response.start":
+            if self.client_gone:
+                return
+            self.status = message["status"]
+        elif self.status is None:
+            return  # the body of a response that was never started
+        elif not message.get("more_body", False):
+            self.finished = True
+        await self._send(message)
+
+    async def fail(self, scope: dict) -> None:
+        """After an exception in the app: a 500 if nothing was sent, else end the open body."""
+        with contextlib.suppress(Exception):  # the client may be gone: nothing left to tell it
+            if self.status is None:
+                await ApiError(500, "internal error", "server_error").response()(scope, self.receive, self.send)
+            elif not self.finished:
+                await self.send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+def _log_internal_error(path: str, exc: Exception) -> None:
+    """Where the bug is (the stack), without the exception's message: it may quote the request."""
+    stack = "".join(traceback.format_tb(exc.__traceback__))
+    logging.getLogger("bastion.serve").error("internal error on %s: %s (message withheld)\n%s", path,
+                                             type(exc).__name__, stack)
+
+
+async def _read_body(exchange: _Exchange, limit: int, too_big: ApiError) -> Callable:
     """Read the whole body first, counting (a chunked or lying client cannot get more than
     `limit` bytes in; reading is async, so a slow client holds no worker), then hand the
     app a receive that replays it and afterwards passes through (disconnect detection)."""
     chunks, size, more = [], 0, True
     while more:
-        message = await receive()
+        message = await exchange.receive()
         if message["type"] == "http.disconnect":
-            return receive if not chunks else _replay(b"".join(chunks), receive)
+            raise _ClientGone
         body = message.get("body", b"")
         size += len(body)
         if size > limit:
             raise too_big
         chunks.append(body)
         more = message.get("more_body", False)
-    return _replay(b"".join(chunks), receive)
+    return _replay(b"".join(chunks), exchange.receive)
 
 
 def _replay(body: bytes, receive: Callable) -> Callable:
@@ -234,24 +285,21 @@ def create_app(state: ServerState) -> FastAPI:
         first = exc.errors()[0] if exc.errors() else {}
         where = ".".join(str(p) for p in first.get("loc", ()) if p != "body") or None
         kind = first.get("type", "")
-        if kind == "json_invalid":
+        if kind == "invalid_unicode":  # raised for the whole body; the field is in its context
+            where = first["ctx"]["field"]
+            message = f"{where}: {first.get('msg')}"
+        elif kind == "json_invalid":
             message = "the body is not valid JSON"
         elif kind == "extra_forbidden":
             message = f"unknown field '{where}'"
         else:
-            message = f"{where or 'body'}: {first.get('msg', 'invalid')}"
+            message = f"{where or 'body'}: {first.get('msg', 'invalid').removeprefix('Value error, ')}"
         request.state.info["error"] = "invalid_request"
         return ApiError(400, message, "invalid_request_error", param=where, code=kind or None).response()
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         return ApiError(exc.status_code, str(exc.detail), "invalid_request_error").response()
-
-    @app.exception_handler(Exception)
-    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
-        # Never a traceback to the client, never a prompt in the message.
-        request.state.info["error"] = type(exc).__name__
-        return ApiError(500, "internal error", "server_error").response()
 
     @app.get("/health")
     async def health() -> dict[str, str]:
@@ -419,6 +467,8 @@ async def _stream(state: ServerState, request: Request, body: P._Sampling, handl
         try:
             async for item in handle:
                 await queue.put((index, item))
+        except Exception as exc:  # noqa: BLE001 - the engine failed this request: told below
+            await queue.put((index, exc))
         finally:
             await queue.put((index, None))
 
@@ -442,6 +492,11 @@ async def _stream(state: ServerState, request: Request, body: P._Sampling, handl
             if item is None:
                 open_count -= 1
                 continue
+            if isinstance(item, Exception):  # the 200 is sent: the failure goes in the stream
+                info["error"] = type(item).__name__
+                _log_internal_error(request.url.path, item)
+                yield _sse(P.error_body("internal error", "server_error"))
+                return
             if isinstance(item, str):
                 delta = filters[index].feed(item)
                 if first:

@@ -36,10 +36,11 @@ def serve_cmd(
     from bastion.config import load_config
     from bastion.serve.server import serve
 
-    sets = list(overrides or [])
-    for name, value in (("host", host), ("port", port), ("ssl_certfile", ssl_certfile), ("ssl_keyfile", ssl_keyfile),
-                        ("key_file", key_file)):
-        if value is not None:
-            sets.append(f"serve.{name}={value}")
-    cfg = load_config(config, sets)
+    # Options are typed values set as they are: never a `--set` string re-read as YAML, where
+    # `--host 0` became the number 0 and `--host ::` a mapping.
+    options = {"host": host, "port": port, "ssl_certfile": ssl_certfile, "ssl_keyfile": ssl_keyfile,
+               "key_file": key_file}
+    values = {f"serve.{name}": str(value) if isinstance(value, Path) else value
+              for name, value in options.items() if value is not None}
+    cfg = load_config(config, overrides or [], values=values)
     serve(checkpoint, cfg, device=device, verify=not no_verify)

@@ -10,7 +10,8 @@ import time
 import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 from bastion.infer.generate import MAX_STOP_CHARS
 
@@ -21,6 +22,41 @@ MAX_MESSAGES = 1024
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", hide_input_in_errors=True)
+
+
+def _encodable(text: str) -> bool:
+    if text.isascii():
+        return True
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def unencodable_text(body: Any) -> tuple[str, str] | None:
+    """The first string of a parsed JSON body, value or field name, that is not valid
+    Unicode: (field, what it is), or None. JSON's `\\ud800` escapes (and CESU-8 bytes, which
+    Python's JSON reader lets through) make lone surrogates, which no tokenizer, log line or
+    response can encode. Walked with a stack: the body's depth is the client's choice."""
+    stack: list[tuple[str, Any]] = [("", body)]
+    while stack:
+        path, node = stack.pop()
+        if isinstance(node, str) and not _encodable(node):
+            return path or "body", "text"
+        if isinstance(node, dict):
+            for key, value in node.items():
+                if not _encodable(key):
+                    return path or "body", "a field name"
+                stack.append((f"{path}.{key}" if path else key, value))
+        elif isinstance(node, list):
+            stack.extend((f"{path}.{i}", value) for i, value in enumerate(node))
+    return None
+
+
+def printable(text: str) -> str:
+    """`text` made encodable (a lone surrogate shows as its escape), for any reply that quotes a client."""
+    return text if _encodable(text) else text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 class StreamOptions(_Strict):
@@ -41,6 +77,18 @@ class _Sampling(_Strict):
     # Accepted only at their neutral values: anything else would be silently ignored.
     presence_penalty: float | None = Field(default=None, ge=0.0, le=0.0)
     frequency_penalty: float | None = Field(default=None, ge=0.0, le=0.0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_unicode(cls, body: Any) -> Any:
+        # The one check of every text in a request (prompt, messages, stop strings, model,
+        # names), before any field is read.
+        bad = unencodable_text(body)
+        if bad is not None:
+            field, what = bad
+            raise PydanticCustomError("invalid_unicode", "{what} is not valid Unicode (a lone surrogate)",
+                                      {"field": field, "what": what})
+        return body
 
     @field_validator("stop")
     @classmethod
@@ -150,4 +198,5 @@ def usage_chunk(rid: str, model: str, kind: str, prompt_tokens: int, completion_
 
 
 def error_body(message: str, kind: str, *, param: str | None = None, code: str | None = None) -> dict[str, Any]:
-    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+    return {"error": {"message": printable(message), "type": kind, "param": None if param is None else printable(param),
+                      "code": code}}

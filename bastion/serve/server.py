@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from bastion.checkpoint.contents import model_name
+from bastion.config.load import hide_env
 from bastion.config.schema import BastionConfig
 from bastion.errors import ConfigError
 from bastion.infer.engine import Engine
@@ -24,12 +25,15 @@ from bastion.serve.ratelimit import RateLimiter
 
 
 def is_loopback(host: str) -> bool:
+    """Whether binding `host` listens on this machine only: localhost, 127.0.0.0/8, ::1.
+    `::` and `0.0.0.0` (and the name `0`) are every interface; other names may resolve to
+    anything, so they count as reachable."""
     if host == "localhost":
         return True
     try:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
-        return False  # a hostname: it may resolve to anything
+        return False
 
 
 def build_state(checkpoint: str | Path, config: BastionConfig, *, device: str = "cpu", verify: bool = True,
@@ -41,14 +45,15 @@ def build_state(checkpoint: str | Path, config: BastionConfig, *, device: str = 
     keys = KeyStore.from_config(cfg, environ=environ)
     loopback = is_loopback(cfg.host)
     if not loopback and not keys.has_keys:
-        raise ConfigError(f"serve.host is {cfg.host}, reachable from other machines, but no API keys are configured: "
-                          f"set {cfg.api_keys_env} or serve.key_file (`bastion serve keys add`)")
+        message = (f"serve.host is {cfg.host}, reachable from other machines, but no API keys are configured: "
+                   f"set {cfg.api_keys_env} or serve.key_file (`bastion serve keys add`)")
+        raise ConfigError(hide_env(config, message, under="serve"))
     if cfg.require_keys_on_loopback and not keys.has_keys:
         raise ConfigError("serve.require_keys_on_loopback is set but no API keys are configured")
     for name in ("ssl_certfile", "ssl_keyfile"):
         path = getattr(cfg, name)
         if path is not None and not Path(path).is_file():
-            raise ConfigError(f"serve.{name}: {path} is not a file")
+            raise ConfigError(hide_env(config, f"serve.{name}: {path} is not a file", under="serve"))
     loaded = load_for_inference(checkpoint, verify=verify, device=device)
     engine = Engine(loaded.model, loaded.tokenizer, config.generate, max_batch_size=cfg.max_concurrency,
                     max_queue=cfg.max_queue, mode=cfg.batch_mode, threads=cfg.threads)

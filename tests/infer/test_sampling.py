@@ -58,6 +58,11 @@ def test_temperature_sharpens_and_flattens():
     assert (hot == 3).float().mean() > 0.15
 
 
+@pytest.mark.parametrize("temperature", [1e-300, 5e-324, 1e-40, 1e-37])
+def test_tiny_temperature_is_greedy_not_nan(temperature):
+    assert set(draws(PROBS, n=64, temperature=temperature).tolist()) == {0}
+
+
 def test_seeded_generator_reproducible():
     assert torch.equal(draws(PROBS, seed=5), draws(PROBS, seed=5))
     assert not torch.equal(draws(PROBS, seed=5), draws(PROBS, seed=6))

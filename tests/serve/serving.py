@@ -34,7 +34,8 @@ def running(checkpoint, *, serve=None, generate=None, environ=None, ssl=None, st
                                                              **(generate or {})}})
     state = build_state(checkpoint, config, environ=environ if environ is not None else {})
     if step_seconds:
-        state.engine.model.register_forward_pre_hook(lambda module, args: time.sleep(step_seconds))
+        # On the embedding, which prefill and every decode_step call (decode_step is not forward).
+        state.engine.model.tok_embeddings.register_forward_pre_hook(lambda module, args: time.sleep(step_seconds))
     server = uvicorn.Server(uvicorn.Config(create_app(state), host="127.0.0.1", port=settings["port"],
                                            log_level="warning", lifespan="on", ssl_certfile=settings.get("ssl_certfile"),
                                            ssl_keyfile=settings.get("ssl_keyfile"), timeout_graceful_shutdown=5))

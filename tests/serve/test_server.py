@@ -12,6 +12,7 @@ from serving import API_KEY, running
 
 from bastion.config import build_config
 from bastion.errors import ConfigError
+from bastion.serve import protocol as P
 from bastion.serve.server import build_state
 
 ENV = {"BASTION_API_KEYS": API_KEY}
@@ -292,3 +293,68 @@ def test_serve_threads_reach_the_engine_and_are_bounded(serve_checkpoint):
     assert build_state(serve_checkpoint, build_config({})).engine.threads is None
     with pytest.raises(ConfigError, match="serve.threads"):
         build_config({"serve": {"threads": 0}})
+
+
+def completions_log(state, count):
+    """The access log's lines for /v1/completions once there are `count` of them (each is
+    written when its response has been sent, so it may trail the client by a moment)."""
+    deadline = time.time() + 15
+    while True:
+        lines = [json.loads(x) for x in state.log.path.read_text().splitlines()]
+        lines = [x for x in lines if x["path"] == "/v1/completions"]
+        if len(lines) >= count or time.time() > deadline:
+            return lines
+
+
+def test_an_exception_in_the_app_is_a_500_logged_as_sent_without_the_prompt(serve_checkpoint, long_prompt, caplog):
+    with running(serve_checkpoint) as (url, state):
+        calls, marker = [], "PROMPT-" + "TEXT"  # (a traceback quotes source lines: not this one's text)
+
+        def fail_on_the_third_step(module, args):
+            calls.append(1)
+            if len(calls) >= 3:
+                raise RuntimeError(f"step failed for {marker}")  # an exception quoting the request
+
+        hook = state.engine.model.tok_embeddings.register_forward_pre_hook(fail_on_the_third_step)
+        body = {"model": state.model_name, "prompt": long_prompt, "max_tokens": 10, "temperature": 0, "user": "PROMPT-TEXT"}
+        r = post(url, "/v1/completions", body, headers={})
+        assert r.status_code == 500 and r.json()["error"] == P.error_body("internal error", "server_error")["error"]
+        calls.clear()
+        with httpx.stream("POST", url + "/v1/completions", json={**body, "stream": True}) as s:
+            status, events = s.status_code, [x for x in s.iter_lines() if x.startswith("data: ")]
+        assert status == 200 and '"type":"server_error"' in events[-1]  # sent: the failure is told in the stream
+        hook.remove()
+        assert post(url, "/v1/completions", {**body, "max_tokens": 2}, headers={}).status_code == 200
+        logged = completions_log(state, 3)
+    assert [(x["status"], x["error"]) for x in logged] == [(500, "RuntimeError"), (200, "RuntimeError"), (200, None)]
+    assert "PROMPT-TEXT" not in caplog.text and "internal error on /v1/completions: RuntimeError" in caplog.text
+
+
+def test_a_client_gone_before_its_response_began_is_logged_499(serve_checkpoint, long_prompt):
+    with running(serve_checkpoint, generate={"max_new_tokens_ceiling": 100}, step_seconds=0.05) as (url, state):
+        body = {"model": state.model_name, "prompt": long_prompt, "max_tokens": 100, "temperature": 0}
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(url + "/v1/completions", json=body, timeout=0.5)
+        assert [x["status"] for x in completions_log(state, 1)] == [499]  # its 200 was never sent
+        with httpx.stream("POST", url + "/v1/completions", json={**body, "stream": True}, timeout=30) as r:
+            next(r.iter_lines())
+        assert [x["status"] for x in completions_log(state, 2)] == [499, 200]  # the 200 was sent, then it left
+        host, port = url.removeprefix("http://").split(":")
+        slow = socket.create_connection((host, int(port)))
+        slow.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{")
+        slow.close()  # gone halfway through its body
+        assert [x["status"] for x in completions_log(state, 3)] == [499, 200, 499]
+
+
+@pytest.mark.parametrize("args", [["--host", "::"], ["--host", "0"], ["--set", "serve.host=0"],
+                                  ["--set", "serve.host=::"], ["--host", "[::1]"]])
+def test_serve_cli_hosts_are_typed_not_yaml(serve_checkpoint, monkeypatch, args):
+    from typer.testing import CliRunner
+
+    from bastion.cli import app
+
+    monkeypatch.delenv("BASTION_API_KEYS", raising=False)
+    result = CliRunner().invoke(app, ["serve", "--checkpoint", str(serve_checkpoint), *args])
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    expected = "not an IP address or a host name" if "[" in args[-1] else "reachable from other machines"
+    assert expected in result.output and "valid string" not in result.output

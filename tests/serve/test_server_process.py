@@ -1,9 +1,11 @@
 """The server as users run it: TLS, graceful shutdown of a `bastion serve` process on SIGTERM,
 access logs without prompt text, and a property-based fuzz run that never sees a 5xx."""
+import contextlib
 import json
 import os
 import shutil
 import signal
+import socket
 import ssl
 import subprocess
 import sys
@@ -12,7 +14,7 @@ import time
 
 import httpx
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from serving import API_KEY, free_port, running
 
@@ -56,14 +58,15 @@ def test_access_log_has_no_prompt_text_unless_asked(serve_checkpoint, tmp_path):
         assert oct(log.stat().st_mode & 0o777) == "0o600"
 
 
-def test_sigterm_finishes_in_flight_requests_then_exits(serve_checkpoint, tmp_path):
+@contextlib.contextmanager
+def serve_process(checkpoint, *args, env=None, host="127.0.0.1"):
+    """`bastion serve` as a process on a free port, API keys only as `env` gives them;
+    yields (url, process) once /health answers on `host`."""
     port = free_port()
-    env = {**os.environ, "BASTION_API_KEYS": API_KEY}
-    proc = subprocess.Popen([sys.executable, "-m", "bastion.cli", "serve", "--checkpoint", str(serve_checkpoint),
-                             "--port", str(port), "--set", "generate.max_new_tokens_ceiling=120",
-                             "--set", "serve.shutdown_grace_s=20"],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    url = f"http://127.0.0.1:{port}"
+    environ = {k: v for k, v in os.environ.items() if k != "BASTION_API_KEYS"} | (env or {})
+    proc = subprocess.Popen([sys.executable, "-m", "bastion.cli", "serve", "--checkpoint", str(checkpoint),
+                             "--port", str(port), *args], env=environ, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    url = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
     try:
         deadline = time.time() + 60
         while True:
@@ -74,6 +77,16 @@ def test_sigterm_finishes_in_flight_requests_then_exits(serve_checkpoint, tmp_pa
                 pass
             assert time.time() < deadline and proc.poll() is None, proc.stderr.read().decode()[-2000:]
             time.sleep(0.2)
+        yield url, proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(30)
+
+
+def test_sigterm_finishes_in_flight_requests_then_exits(serve_checkpoint, tmp_path):
+    args = ["--set", "generate.max_new_tokens_ceiling=120", "--set", "serve.shutdown_grace_s=20"]
+    with serve_process(serve_checkpoint, *args, env={"BASTION_API_KEYS": API_KEY}) as (url, proc):
         result = {}
 
         def long_request():
@@ -92,39 +105,88 @@ def test_sigterm_finishes_in_flight_requests_then_exits(serve_checkpoint, tmp_pa
         assert proc.wait(60) == 0
         with pytest.raises(httpx.HTTPError):
             httpx.get(url + "/health", timeout=2)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
 
 
-JSON = st.recursive(st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats(allow_nan=True)
-                    | st.text(max_size=40), lambda inner: st.lists(inner, max_size=4)
-                    | st.dictionaries(st.text(max_size=12), inner, max_size=4), max_leaves=12)
+def test_serve_on_every_ipv6_interface_needs_keys_and_loopback_does_not(serve_checkpoint):
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+    except OSError:
+        pytest.skip("no IPv6 on this machine")
+    with serve_process(serve_checkpoint, "--host", "::", env={"BASTION_API_KEYS": API_KEY}, host="::1") as (url, _):
+        assert httpx.get(url + "/v1/models").status_code == 401  # `::` is every interface: keys required
+        assert httpx.get(url + "/v1/models", headers=AUTH).status_code == 200
+    with serve_process(serve_checkpoint, "--host", "::1", host="::1") as (url, _):
+        assert httpx.get(url + "/v1/models").status_code == 200  # loopback only: no key needed
+
+
+# Text with lone surrogates (which st.text() leaves out) and every other code point.
+TEXT = st.text(st.characters(codec=None, exclude_categories=()), max_size=40)
+NUMBER = st.integers(-2**70, 2**70) | st.floats(allow_nan=True, allow_infinity=True) | st.sampled_from([1e308, 5e-324])
+JSON = st.recursive(st.none() | st.booleans() | NUMBER | TEXT,
+                    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(TEXT, inner, max_size=4),
+                    max_leaves=12)
 FIELDS = ["model", "prompt", "messages", "max_tokens", "temperature", "top_p", "n", "stream", "stop", "seed",
-          "stream_options", "max_completion_tokens", "echo", "logprobs", "user"]
+          "stream_options", "max_completion_tokens", "echo", "logprobs", "user", "presence_penalty"]
+SOME_TEXT = st.text(min_size=1, max_size=40) | TEXT  # mostly valid, so that generation is reached
+MESSAGE = st.fixed_dictionaries({"role": st.sampled_from(["user"] * 6 + ["system", "assistant", "tool", "x"]),
+                                 "content": SOME_TEXT | st.lists(st.fixed_dictionaries({"type": st.just("text"),
+                                                                                        "text": SOME_TEXT}), max_size=2)})
+# Bodies close to valid ones, so that the fuzzing reaches generation (the test keeps the
+# route's own text field), and everything else.
+PLAUSIBLE = st.fixed_dictionaries({"model": st.just("MODEL"), "prompt": SOME_TEXT,
+                                   "messages": st.lists(MESSAGE, min_size=1, max_size=2)},
+                                  optional={"stream": st.booleans(), "max_tokens": st.integers(1, 3),
+                                            "temperature": st.floats(0, 2), "top_p": st.floats(0, 1),
+                                            "stop": st.lists(SOME_TEXT, max_size=3), "seed": st.integers(0, 2**63),
+                                            "n": st.sampled_from([1, 1, 1, 2]), "user": st.none() | TEXT,
+                                            "stream_options": st.fixed_dictionaries({"include_usage": st.booleans()})})
+
+
+def deep(depth: int) -> bytes:
+    return b'{"model": "m", "prompt": ' + b"[" * depth + b"]" * depth + b"}"
 
 
 @pytest.fixture(scope="module")
 def fuzz_server(serve_checkpoint):
     with running(serve_checkpoint, environ={"BASTION_API_KEYS": API_KEY},
                  serve={"rate_limit": {"requests_per_minute": None, "tokens_per_minute": None}},
-                 generate={"max_new_tokens": 2}) as (url, state):
+                 generate={"max_new_tokens": 2, "max_new_tokens_ceiling": 3}) as (url, state):
         yield url, state
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+def logged_status(state, lines_before: int) -> int:
+    """The status of the access log's line for the request just answered (the line is
+    written once the response has been sent, so it may trail the client by a moment)."""
+    deadline = time.time() + 10
+    while True:
+        lines = state.log.path.read_text().splitlines()
+        if len(lines) > lines_before or time.time() > deadline:
+            return json.loads(lines[-1])["status"]
+        time.sleep(0.01)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(path=st.sampled_from(["/v1/completions", "/v1/chat/completions"]),
-       body=st.one_of(JSON, st.dictionaries(st.sampled_from(FIELDS), JSON, max_size=6)),
-       raw=st.one_of(st.none(), st.binary(max_size=64)))
-def test_fuzz_never_5xx(fuzz_server, path, body, raw):
+       body=st.one_of(PLAUSIBLE, JSON, st.dictionaries(st.sampled_from(FIELDS), JSON, max_size=6)),
+       raw=st.one_of(st.none(), st.none(), st.binary(max_size=64), st.integers(1, 5000).map(deep)))
+@example(path="/v1/completions", body={"model": "MODEL", "prompt": "\ud800"}, raw=None)
+@example(path="/v1/chat/completions", body={"model": "MODEL", "messages": [{"role": "user", "content": "a\udfff"}],
+                                            "stream": True}, raw=None)
+@example(path="/v1/completions", body=None, raw=b'{"model": "MODEL", "prompt": "\xed\xa0\x80"}')
+@example(path="/v1/completions", body={"model": "MODEL", "prompt": "hi", "stop": ["\ud800"]}, raw=None)
+def test_fuzz_never_5xx_and_the_log_says_what_was_sent(fuzz_server, path, body, raw):
     url, state = fuzz_server
-    if isinstance(body, dict) and "model" in body and isinstance(body["model"], str):
-        body["model"] = state.model_name
-    content = raw if raw is not None else json.dumps(body, allow_nan=True).encode()
+    if isinstance(body, dict) and body.get("model") == "MODEL" and "prompt" in body and "messages" in body:
+        body.pop("messages" if path == "/v1/completions" else "prompt")
+    content = raw if raw is not None else json.dumps(body, allow_nan=True).encode("utf-8", "surrogatepass")
+    content = content.replace(b"MODEL", state.model_name.encode())
+    before = len(state.log.path.read_text().splitlines())
     r = httpx.post(url + path, content=content, headers={**AUTH, "Content-Type": "application/json"}, timeout=30)
-    assert r.status_code < 500, (body, r.text)
+    assert r.status_code < 500, (content[:300], r.text)
     if r.status_code >= 400:
         assert "error" in r.json()
+    assert logged_status(state, before) == r.status_code
 
 
 def test_output_filter_redacts_what_the_model_says(tmp_path):

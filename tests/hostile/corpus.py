@@ -400,7 +400,9 @@ def cases(sentinel: Path) -> list[Case]:
         # 6: the CLI's own options
         Case(6, "serve-host-ipv6-any", lambda case, b: None,
              [["serve", "--checkpoint", "{case}/none", "--host", "::"],
-              ["serve", "--checkpoint", "{case}/none", "--host", "0"]], forbidden=("serve.host",)),
+              ["serve", "--checkpoint", "{case}/none", "--host", "0"]],
+             env={"BASTION_API_KEYS": "bst_hostile-suite-key-0123456789abcdefghijkl"},
+             forbidden=("valid string",)),  # the host is accepted; the missing checkpoint is the error
     ]
 
 

@@ -13,6 +13,7 @@ from typer.core import TyperGroup
 from bastion.adapters.cli import merge_cmd
 from bastion.checkpoint.cli import app as ckpt_app
 from bastion.config.cli import app as config_app
+from bastion.config.load import redact_seen_secrets
 from bastion.data.cli import app as data_app
 from bastion.errors import BastionError
 from bastion.eval.cli import app as eval_app
@@ -42,7 +43,8 @@ class _BastionGroup(TyperGroup):
             return super().invoke(ctx)
         except BastionError as exc:
             # escape: messages quote paths and user text, which rich would read as markup
-            err.print(f"[bold red]error:[/] {escape(one_line(str(exc)))}", highlight=False, soft_wrap=True)
+            message = redact_seen_secrets(one_line(str(exc)))
+            err.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
 
 

@@ -175,7 +175,19 @@ def interpolate(node: Any, found: list[EnvValue], env: Mapping[str, str] | None 
     result = _ENV_REF.sub(substitute, node)
     if used:
         found.append(EnvValue(path, tuple(used)))
+        _SECRETS_SEEN.update(_searched_secrets([found[-1]]))
     return result
+
+
+# Every secret-named value this process has read from the environment -> its label: the CLI
+# redacts them from any message it prints, also one raised long after validation (a path
+# or a URL built from a secret, quoted by whatever refused it).
+_SECRETS_SEEN: dict[str, str] = {}
+
+
+def redact_seen_secrets(text: str) -> str:
+    """`text` with every secret-named environment value this process has read redacted."""
+    return redact_text(text, _SECRETS_SEEN)
 
 
 def dotted_path(path: tuple[str | int, ...]) -> str:

@@ -395,6 +395,10 @@ def cases(sentinel: Path) -> list[Case]:
         Case(5, "secret-as-suffix", lambda case, b: _write(case / "cfg.yaml", "data: {text_suffixes: ['${MY_TOKEN}']}\n"),
              [["config", "validate", "{case}/cfg.yaml"], ["data", "prepare", "-c", "{case}/cfg.yaml"]],
              env={"MY_TOKEN": SECRET}, secret=SECRET),
+        Case(5, "secret-inside-a-path", lambda case, b: _write(case / "cfg.yaml", (
+            "train: {objective: sft, out_dir: '" + str(case / "run") + "'}\n"
+            "finetune: {init_from: '/nonexistent/${OPENAI_KEY}/ckpt', train_file: x}\n")),
+             [["train", "-c", "{case}/cfg.yaml"]], env={"OPENAI_KEY": SECRET}, secret=SECRET),
         Case(5, "secret-shown-in-config", lambda case, b: _write(case / "cfg.yaml", "train: {run_name: '${OPENAI_KEY}'}\n"),
              [["config", "show", "{case}/cfg.yaml"]], env={"OPENAI_KEY": SECRET}, secret=SECRET, exit_codes=(0,)),
         # 6: the CLI's own options

@@ -457,7 +457,7 @@ def test_refuses_a_chain_of_links_inside_the_cache(llama_folder, tmp_path):
 def test_refuses_cache_links_outside_a_snapshots_folder(llama_folder, tmp_path):
     """NAME -> ../../blobs/x is the cache's link only where the folder is <repo>/snapshots/<rev>."""
     repo = tmp_path / "models--org--fake"
-    snapshot = cache_layout(llama_folder, repo)
+    cache_layout(llama_folder, repo)
     (repo / "snapshots").rename(repo / "elsewhere")
     refused_cli(repo / "elsewhere" / "rev", tmp_path, "not a Hugging Face cache snapshot")
 

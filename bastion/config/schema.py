@@ -137,6 +137,7 @@ class DataConfig(Section):
         description="sources, tokenizer and output must resolve inside one of these folders (symlinks included)",
     )
     max_decompressed_bytes: int = Field(default=4 * 2**30, ge=1, le=1024 * 2**30, description="limit per archive member (.gz/.zst/.zip)")
+    max_document_bytes: int = Field(default=64 * 2**20, ge=1, le=4 * 2**30, description="largest document (a text file or member, a JSONL line, a parquet cell); a longer one is refused while it is read")
     tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
     sanitize: SanitizeConfig = Field(default_factory=SanitizeConfig)
     quality: QualityConfig = Field(default_factory=QualityConfig)

@@ -8,6 +8,12 @@ record batch at a time). Text and jsonl files may also be compressed - `x.txt.gz
 Every error names the file, and the line or row where there is one; a zip member is named
 `archive.zip!member.jsonl:line`.
 
+No document is held whole before its size is known: a text file or member is read at most
+`data.max_document_bytes` + 1 bytes, a JSONL line likewise (`_bounded_lines`), and a parquet
+cell's length is read from Arrow's buffers before it becomes a Python string (dictionary
+columns stay dictionaries, so a repeated cell is not multiplied). A longer document is
+refused while streaming, so memory stays near that limit whatever a file decompresses to.
+
 Every file a source names, or a folder or glob expands to, must resolve inside
 `DataConfig.allowed_roots` (`bastion.safepath`): symlinks leading out are refused, not skipped.
 """
@@ -20,11 +26,14 @@ import unicodedata
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, BinaryIO
 
 from bastion.config.schema import DataConfig
 from bastion.data.archives import (
     ARCHIVE_SUFFIXES,
     COMPRESSED_SUFFIXES,
+    MAX_RATIO,
+    RATIO_FLOOR_BYTES,
     Budget,
     compression_of,
     open_compressed,
@@ -42,6 +51,7 @@ RECORD_SUFFIXES = (".jsonl", ".parquet")
 SUFFIXES = (*TEXT_SUFFIXES, *RECORD_SUFFIXES)
 DEFAULT_ROOTS = (".",)  # as DataConfig.allowed_roots: the current directory
 PARQUET_BATCH_ROWS = 1024  # rows per decoded batch: bounds memory independent of file size
+PARQUET_SLICE_BYTES = 4 << 20  # parquet text turned into Python strings at a time
 
 
 @dataclass(frozen=True)
@@ -246,13 +256,29 @@ def _nfc(text: str) -> str:
     return unicodedata.normalize("NFC", text)
 
 
-def _read_limited(path: Path, limit: int) -> bytes:
-    # Re-check while reading: the file may have grown since it was stat()ed.
-    with open_regular(path) as f:
-        data = f.read(limit + 1)
+def _too_long(where: str, limit: int) -> DataError:
+    return DataError(f"{where}: a document longer than data.max_document_bytes = {limit} bytes; refused while "
+                     "reading (raise the limit if documents this long are expected)")
+
+
+def _read_document(stream: BinaryIO, limit: int, where: str) -> bytes:
+    """A whole-file document, read no further than `limit` + 1 bytes: a longer one is
+    refused before more of it is held (a 512 MB member of a 10 MB .gz never is)."""
+    data = stream.read(limit + 1)
     if len(data) > limit:
-        raise DataError(f"{path} grew past data.max_file_bytes = {limit} while being read")
+        raise _too_long(where, limit)
     return data
+
+
+def _bounded_lines(stream: BinaryIO, limit: int, where: str) -> Iterator[bytes]:
+    """The lines of `stream`, none held past `limit` bytes (its newline aside): a longer line
+    is refused once `limit` + 1 of its bytes are read, a newline-free stream included."""
+    lineno = 0
+    while line := stream.readline(limit + 1):
+        lineno += 1
+        if len(line) > limit and not line.endswith(b"\n"):
+            raise _too_long(f"{where}:{lineno}", limit)
+        yield line
 
 
 def _decode(data: bytes, where: str) -> str:
@@ -289,47 +315,107 @@ def _jsonl_documents(lines: Iterable[bytes], where: str, field: str) -> Iterator
         yield Document(_nfc(text), loc)
 
 
-def _read_text(path: Path, limit: int) -> Iterator[Document]:
-    yield from _text_document(_read_limited(path, limit), str(path))
+def _read_text(path: Path, cfg: DataConfig) -> Iterator[Document]:
+    with open_regular(path) as f:
+        data = _read_document(f, cfg.max_document_bytes, str(path))
+    # Re-checked while reading: the file may have grown since it was stat()ed.
+    if len(data) > cfg.max_file_bytes:
+        raise DataError(f"{path} grew past data.max_file_bytes = {cfg.max_file_bytes} while being read")
+    yield from _text_document(data, str(path))
 
 
-def _read_jsonl(path: Path, limit: int, field: str) -> Iterator[Document]:
-    def lines(f) -> Iterator[bytes]:
+def _read_jsonl(path: Path, cfg: DataConfig) -> Iterator[Document]:
+    limit = cfg.max_file_bytes
+
+    def lines(f: BinaryIO) -> Iterator[bytes]:
         read = 0
-        for raw in f:
+        for raw in _bounded_lines(f, cfg.max_document_bytes, str(path)):
             read += len(raw)
             if read > limit:
                 raise DataError(f"{path} grew past data.max_file_bytes = {limit} while being read")
             yield raw
 
     with open_regular(path) as f:
-        yield from _jsonl_documents(lines(f), str(path), field)
+        yield from _jsonl_documents(lines(f), str(path), cfg.text_field)
+
+
+def _read_stream(stream: BinaryIO, fmt: str, where: str, cfg: DataConfig) -> Iterator[Document]:
+    """Documents of one decompressed stream (a .gz/.zst file or a zip member)."""
+    if fmt == "text":
+        yield from _text_document(_read_document(stream, cfg.max_document_bytes, where), where)
+    else:
+        yield from _jsonl_documents(_bounded_lines(stream, cfg.max_document_bytes, where), where, cfg.text_field)
 
 
 def _read_compressed(path: Path, fmt: str, cfg: DataConfig, budget: Budget | None) -> Iterator[Document]:
     with open_compressed(path, cfg.max_decompressed_bytes, budget) as stream:
-        if fmt == "text":
-            yield from _text_document(stream.read(), str(path))
-        else:
-            yield from _jsonl_documents(stream, str(path), cfg.text_field)
+        yield from _read_stream(stream, fmt, str(path), cfg)
 
 
 def _read_zip(path: Path, cfg: DataConfig, budget: Budget | None) -> Iterator[Document]:
     limit = cfg.max_decompressed_bytes
     with open_zip(path) as zf:
         for info in zip_members(path, zf, (*cfg.text_suffixes, ".jsonl"), limit):
-            where = f"{path}!{info.orig_filename}"
+            fmt = "jsonl" if info.orig_filename.lower().endswith(".jsonl") else "text"
             with open_member(path, zf, info, limit, budget) as stream:
-                if info.orig_filename.lower().endswith(".jsonl"):
-                    yield from _jsonl_documents(stream, where, cfg.text_field)
-                else:
-                    yield from _text_document(stream.read(), where)
+                yield from _read_stream(stream, fmt, f"{path}!{info.orig_filename}", cfg)
 
 
-def _read_parquet(path: Path, limit: int, field: str) -> Iterator[Document]:
+def _check_row_groups(pf: Any, path: Path, field: str, limit: int) -> None:
+    """What each row group's text column declares, checked before any of it is decoded: at
+    most `limit` (data.max_file_bytes) bytes and the archives' compression ratio, so a
+    small, highly compressed file cannot make Arrow build a huge page."""
+    meta = pf.metadata
+    column = next(i for i in range(meta.num_columns) if meta.schema.column(i).path == field)
+    for group in range(meta.num_row_groups):
+        chunk = meta.row_group(group).column(column)
+        raw, packed = chunk.total_uncompressed_size, chunk.total_compressed_size
+        if raw > limit:
+            raise DataError(f"{path}: decoded text exceeds data.max_file_bytes = {limit} "
+                            f"(row group {group} declares {raw} bytes)")
+        if raw > RATIO_FLOOR_BYTES and raw > MAX_RATIO * max(1, packed):
+            raise DataError(f"{path}: row group {group} has a compression ratio over {MAX_RATIO}:1 ({raw} bytes "
+                            f"from {packed}); refusing a likely decompression bomb")
+
+
+def _cell_bytes(column: Any) -> list[int | None]:
+    """The UTF-8 length of each cell (None for null), computed by Arrow on its buffers (a
+    dictionary column through its dictionary): no cell becomes a Python string."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if pa.types.is_dictionary(column.type):
+        return pc.take(pc.binary_length(column.dictionary), column.indices).to_pylist()
+    return pc.binary_length(column).to_pylist()
+
+
+def _parquet_batch(column: Any, first_row: int, path: Path, cfg: DataConfig, decoded: list[int]) -> Iterator[Document]:
+    """Documents of one decoded batch: each cell's size checked before it is built, then
+    turned into strings `PARQUET_SLICE_BYTES` at a time. `decoded`: [bytes so far], shared."""
+    sizes = _cell_bytes(column)
+    start = acc = 0
+    for i, size in enumerate(sizes):
+        where = f"{path}:row {first_row + i}"
+        if size is None:
+            raise DataError(f"{where}: column {cfg.text_field!r} is null")
+        if size > cfg.max_document_bytes:
+            raise _too_long(where, cfg.max_document_bytes)
+        # Decoded text counts too: a small, highly compressed file must not expand unbounded.
+        decoded[0] += size
+        if decoded[0] > cfg.max_file_bytes:
+            raise DataError(f"{path}: decoded text exceeds data.max_file_bytes = {cfg.max_file_bytes}")
+        acc += size
+        if acc >= PARQUET_SLICE_BYTES or i == len(sizes) - 1:
+            for j, value in enumerate(column.slice(start, i + 1 - start).to_pylist()):
+                yield Document(_nfc(value), f"{path}:row {first_row + start + j}")
+            start, acc = i + 1, 0
+
+
+def _read_parquet(path: Path, cfg: DataConfig) -> Iterator[Document]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    field = cfg.text_field
     try:
         pf = pq.ParquetFile(path)
     except (pa.ArrowException, OSError) as exc:
@@ -340,21 +426,15 @@ def _read_parquet(path: Path, limit: int, field: str) -> Iterator[Document]:
     col_type = schema.field(field).type
     if not (pa.types.is_string(col_type) or pa.types.is_large_string(col_type)):
         raise DataError(f"{path}: column {field!r} has type {col_type}, expected string")
-    row = 0
-    decoded = 0
+    _check_row_groups(pf, path, field, cfg.max_file_bytes)
+    # Dictionary-encoded text stays encoded: one long value repeated on many rows is held
+    # once, and each row's length is checked before the row becomes a string.
+    row, decoded = 0, [0]
     try:
+        pf = pq.ParquetFile(path, metadata=pf.metadata, read_dictionary=[field])
         for batch in pf.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=[field]):
-            for value in batch.column(0).to_pylist():
-                where = f"{path}:row {row}"
-                row += 1
-                if value is None:
-                    raise DataError(f"{where}: column {field!r} is null")
-                # Count decoded text too: a small, highly compressed file must not be able to
-                # expand into unbounded text (a "decompression bomb").
-                decoded += len(value.encode("utf-8"))
-                if decoded > limit:
-                    raise DataError(f"{path}: decoded text exceeds data.max_file_bytes = {limit}")
-                yield Document(_nfc(value), where)
+            yield from _parquet_batch(batch.column(0), row, path, cfg, decoded)
+            row += batch.num_rows
     except UnicodeDecodeError as exc:
         raise DataError(f"{path}:row {row}: not valid UTF-8 ({exc.reason})") from None
     except (pa.ArrowException, OSError) as exc:
@@ -377,10 +457,10 @@ def read_file(path: Path, cfg: DataConfig, *, budget: Budget | None = None) -> I
     if budget is not None:
         budget.add(path.stat().st_size, str(path))
     if kind == "text":
-        return _read_text(path, cfg.max_file_bytes)
+        return _read_text(path, cfg)
     if kind == "jsonl":
-        return _read_jsonl(path, cfg.max_file_bytes, cfg.text_field)
-    return _read_parquet(path, cfg.max_file_bytes, cfg.text_field)
+        return _read_jsonl(path, cfg)
+    return _read_parquet(path, cfg)
 
 
 def iter_documents(cfg: DataConfig, files: list[Path] | None = None) -> Iterator[Document]:

@@ -6,7 +6,9 @@ remote code (`auto_map`), architectures other than Llama / Mistral / Qwen2, pick
 (pytorch_model.bin: convert them with `bastion ckpt convert --allow-pickle` first), and any
 tensor that is missing, unexpected or the wrong shape. Every safetensors header is validated
 (`parse_header`) on a memory map of the file, and the tensors are built from that same map,
-so the bytes that were checked are the bytes that are used.
+so the bytes that were checked are the bytes that are used. Every file of the folder is read
+through `_HFFolder.open`: no link is followed except a Hugging Face cache link, checked hop
+by hop, so nothing outside the folder (or its cache repo's blobs/) can be imported.
 
 Where the chat template and special tokens live: an imported checkpoint keeps the HF
 tokenizer's `chat_template` and its bos / eos / pad token strings in trainer_state.json
@@ -16,13 +18,15 @@ bastion/checkpoint/contents.py reads them back.
 """
 from __future__ import annotations
 
+import errno
 import json
 import math
 import mmap
 import os
 import re
+import stat
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 from tokenizers import Tokenizer
@@ -48,7 +52,7 @@ from bastion.model.hf import (
     model_config_from_hf_config,
     to_hf_state_dict,
 )
-from bastion.safeio import parse_json, read_json_limited, read_text_limited, write_dir_atomic
+from bastion.safeio import parse_json, write_dir_atomic
 from bastion.tokenizer import BastionTokenizer
 
 MAX_CONFIG_JSON_BYTES = 1 * 2**20
@@ -58,6 +62,8 @@ MAX_INDEX_BYTES = 64 * 2**20
 MAX_CHAT_TEMPLATE_BYTES = 1 * 2**20
 MAX_SHARDS = 10_000
 SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,200}$")
+# The one link a model folder may hold: huggingface_hub's snapshots/<rev>/NAME -> ../../blobs/<file>.
+CACHE_LINK = re.compile(r"\.\./\.\./blobs/([^/]+)")
 PICKLE_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "model.pth",
                   "consolidated.00.pth", "tf_model.h5", "flax_model.msgpack")
 # Qwen2's split regex: what transformers' Qwen2Tokenizer (and llama.cpp's "qwen2" pre-tokenizer) use.
@@ -67,42 +73,140 @@ QWEN2_SPLIT_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{
 
 # ---- reading an HF folder -----------------------------------------------------------------
 
-def _input_file(hf_dir: Path, name: str, *, required: bool = True, what: str = "file") -> Path | None:
-    """`hf_dir/name` as a regular file, resolved. `name` must be a plain file name. Symlinks
-    are refused, except the Hugging Face cache layout (snapshots/<rev>/<file> ->
-    ../../blobs/<hash>), which is how `huggingface_hub` stores every downloaded file."""
-    if not isinstance(name, str) or not SAFE_NAME.match(name):
-        raise CheckpointError(f"{hf_dir}: {what} name {str(name)[:80]!r} is not a plain file name inside the folder")
-    path = hf_dir / name
-    if not path.exists() and not path.is_symlink():
-        if required:
-            raise CheckpointError(f"{hf_dir}: {what} {name} is missing")
-        return None
-    if path.is_symlink():
+class _HFFolder:
+    """The folder `bastion import hf` reads, pinned by a directory descriptor so that every
+    file comes from it: each is opened relative to that descriptor without following any
+    link, and must be a regular file. One link is allowed, hop by hop, because it is how
+    `huggingface_hub` stores every download: when the folder is `<repo>/snapshots/<rev>`,
+    `NAME -> ../../blobs/<file>` is read as `<repo>/blobs/<file>`, where `<repo>` is the
+    folder's real grandparent, `snapshots` and `blobs` are real folders of it (not links)
+    and the blob is a regular file (not a link). Anything else - a link elsewhere, `blobs`
+    linked out, a blob that is itself a link, a FIFO, a folder - is a CheckpointError.
+    Hard links are ordinary files here: making one needs access to the file already."""
+
+    def __init__(self, path: Path):
+        self.path = path
         try:
-            target = path.resolve(strict=True)
-        except (OSError, RuntimeError):
-            raise CheckpointError(f"{path}: dangling or looping symbolic link") from None
-        blobs = (hf_dir.parent.parent / "blobs").resolve()
-        if hf_dir.parent.name != "snapshots" or target.parent != blobs:
-            raise CheckpointError(f"{path}: is a symbolic link leading outside the model folder (to {target}); "
-                                  "only Hugging Face cache links (snapshots/<rev>/ -> blobs/) are followed")
-        path = target
-    if not path.is_file():
-        raise CheckpointError(f"{path}: not a regular file")
-    return path
+            self._fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError:
+            raise CheckpointError(f"{path}: not a folder (expected a Hugging Face model folder)") from None
+
+    def __enter__(self) -> _HFFolder:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        os.close(self._fd)
+
+    def lexists(self, name: str) -> bool:
+        try:
+            os.stat(name, dir_fd=self._fd, follow_symlinks=False)
+        except OSError:
+            return False
+        return True
+
+    def open(self, name: str, *, required: bool = True, what: str = "file") -> BinaryIO | None:
+        """`name` (a plain file name) opened for reading, or None when it is absent and not
+        `required`. The only way any file of an imported folder is read."""
+        if not isinstance(name, str) or not SAFE_NAME.match(name):
+            raise CheckpointError(f"{self.path}: {what} name {str(name)[:80]!r} is not a plain file name inside the folder")
+        shown = self.path / name
+        if not self.lexists(name):
+            if required:
+                raise CheckpointError(f"{self.path}: {what} {name} is missing")
+            return None
+        try:
+            return _open_regular_at(self._fd, name, shown)
+        except _IsLink:
+            return self._open_cache_blob(name, shown)
+
+    def _open_cache_blob(self, name: str, shown: Path) -> BinaryIO:
+        target = os.readlink(name, dir_fd=self._fd)
+        match = CACHE_LINK.fullmatch(target)
+        if match is None or not SAFE_NAME.match(match.group(1)):
+            raise CheckpointError(f"{shown}: is a symbolic link leading outside the model folder (to {target[:200]!r}); "
+                                  "only Hugging Face cache links (snapshots/<rev>/NAME -> ../../blobs/<file>) are followed")
+        repo = _open_dir_at(self._fd, "../..", shown)
+        try:
+            self._check_snapshots(repo, shown)
+            blobs = _open_dir_at(repo, "blobs", shown)
+            try:
+                return _open_regular_at(blobs, match.group(1), shown)
+            except _IsLink:
+                raise CheckpointError(f"{shown}: its cache blob {target} is itself a symbolic link; refused") from None
+            finally:
+                os.close(blobs)
+        finally:
+            os.close(repo)
+
+    def _check_snapshots(self, repo: int, shown: Path) -> None:
+        """The folder's real parent must be `<repo>/snapshots` itself (a real folder, not a link)."""
+        parent = os.stat("..", dir_fd=self._fd)
+        try:
+            snapshots = os.stat("snapshots", dir_fd=repo, follow_symlinks=False)
+        except OSError:
+            snapshots = None
+        if snapshots is None or (snapshots.st_dev, snapshots.st_ino) != (parent.st_dev, parent.st_ino):
+            raise CheckpointError(f"{shown}: is a symbolic link, and the folder is not a Hugging Face cache snapshot "
+                                  "(<repo>/snapshots/<rev>); links leading outside the model folder are refused")
 
 
-def _read_json(path: Path, max_bytes: int, what: str) -> Any:
-    return read_json_limited(path, max_bytes, CheckpointError, what)
+class _IsLink(Exception):
+    """Raised by `_open_regular_at` for a symbolic link, which only the cache layout may hold."""
 
 
-def read_safetensors(path: Path, *, dtype: torch.dtype | None = torch.float32) -> dict[str, torch.Tensor]:
-    """Tensors of one safetensors file: the header is validated strictly (`parse_header`) on a
-    private memory map, and the tensors are copied out of that same map (no second read of
-    the file that could see different bytes). Floating tensors are cast to `dtype` (None:
-    kept); non-floating tensors are refused (they are not model weights)."""
-    with open(path, "rb") as fh:
+def _open_dir_at(dir_fd: int, name: str, shown: Path) -> int:
+    try:
+        return os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+    except OSError:  # ELOOP: a link; ENOTDIR / ENOENT: not a real folder
+        raise CheckpointError(f"{shown}: the cache folder {name!r} it leads through is missing, not a folder, or a "
+                              "symbolic link; refused") from None
+
+
+def _open_regular_at(dir_fd: int, name: str, shown: Path) -> BinaryIO:
+    """`name` in the folder `dir_fd`, opened without following a link (`_IsLink`) and without
+    waiting on a FIFO, refused unless it is a regular file."""
+    try:
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dir_fd)
+    except FileNotFoundError:
+        raise CheckpointError(f"{shown}: missing (a dangling link?)") from None
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise _IsLink from None
+        raise CheckpointError(f"{shown}: cannot be opened ({exc.strerror})") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise CheckpointError(f"{shown}: not a regular file")
+    return os.fdopen(fd, "rb")
+
+
+def _read_bounded(fh: BinaryIO, max_bytes: int, where: Path | str) -> bytes:
+    with fh:
+        data = fh.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise CheckpointError(f"{where}: over the limit of {max_bytes} bytes")
+    return data
+
+
+def _read_json(fh: BinaryIO, max_bytes: int, where: Path | str) -> Any:
+    return parse_json(_read_bounded(fh, max_bytes, where), CheckpointError, str(where))
+
+
+def _decode(data: bytes, where: Path | str) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise CheckpointError(f"{where}: not valid UTF-8 (byte {exc.start})") from None
+
+
+def read_safetensors(source: Path | BinaryIO, *, dtype: torch.dtype | None = torch.float32,
+                     where: Path | str | None = None) -> dict[str, torch.Tensor]:
+    """Tensors of one safetensors file (a path, or a file already opened: it is closed): the
+    header is validated strictly (`parse_header`) on a private memory map, and the tensors
+    are copied out of that same map (no second read of the file that could see different
+    bytes). Floating tensors are cast to `dtype` (None: kept); non-floating tensors are
+    refused (they are not model weights). `where` names the file in errors."""
+    path = where or source
+    with open(source, "rb") if isinstance(source, (str, Path)) else source as fh:
         size = os.fstat(fh.fileno()).st_size
         if size == 0:
             raise CheckpointError(f"{path}: empty file, not a safetensors file")
@@ -127,46 +231,47 @@ def read_safetensors(path: Path, *, dtype: torch.dtype | None = torch.float32) -
     return tensors
 
 
-def _weight_files(hf_dir: Path) -> list[Path]:
-    single = _input_file(hf_dir, "model.safetensors", required=False)
-    index_path = _input_file(hf_dir, "model.safetensors.index.json", required=False)
-    if single is not None and index_path is not None:
-        raise CheckpointError(f"{hf_dir}: holds both model.safetensors and model.safetensors.index.json; "
+def _weight_names(folder: _HFFolder) -> list[str]:
+    """The safetensors files holding the weights: model.safetensors, or the shards its index names."""
+    index_name = "model.safetensors.index.json"
+    has_single = folder.lexists("model.safetensors")
+    if has_single and folder.lexists(index_name):
+        raise CheckpointError(f"{folder.path}: holds both model.safetensors and {index_name}; "
                               "remove the one that is stale")
-    if single is not None:
-        return [single]
-    if index_path is not None:
-        index = _read_json(index_path, MAX_INDEX_BYTES, "shard index")
+    if has_single:
+        return ["model.safetensors"]
+    index_fh = folder.open(index_name, required=False, what="shard index")
+    if index_fh is not None:
+        index = _read_json(index_fh, MAX_INDEX_BYTES, folder.path / index_name)
         weight_map = index.get("weight_map") if isinstance(index, dict) else None
         if not isinstance(weight_map, dict) or not weight_map:
-            raise CheckpointError(f"{index_path}: malformed shard index (no weight_map)")
+            raise CheckpointError(f"{folder.path / index_name}: malformed shard index (no weight_map)")
         names = sorted(set(weight_map.values()), key=str)
         if len(names) > MAX_SHARDS:
-            raise CheckpointError(f"{index_path}: names {len(names)} shards, over {MAX_SHARDS}")
-        files = []
+            raise CheckpointError(f"{folder.path / index_name}: names {len(names)} shards, over {MAX_SHARDS}")
         for name in names:
             if not isinstance(name, str) or not name.endswith(".safetensors"):
-                raise CheckpointError(f"{index_path}: shard {str(name)[:80]!r} is not a .safetensors file name")
-            files.append(_input_file(hf_dir, name, what="weight shard"))
-        return files
-    pickles = [n for n in PICKLE_WEIGHTS if (hf_dir / n).exists()] + sorted(
-        p.name for p in hf_dir.glob("pytorch_model-*.bin"))
+                raise CheckpointError(f"{folder.path / index_name}: shard {str(name)[:80]!r} is not a .safetensors file name")
+        return names
+    pickles = [n for n in PICKLE_WEIGHTS if folder.lexists(n)] + sorted(
+        p.name for p in folder.path.glob("pytorch_model-*.bin"))
     if pickles:
         raise CheckpointError(
-            f"{hf_dir}: has only pickle-format weights ({', '.join(pickles[:3])}), which can execute code when "
+            f"{folder.path}: has only pickle-format weights ({', '.join(pickles[:3])}), which can execute code when "
             "loaded and are never read implicitly. Convert each file with `bastion ckpt convert --allow-pickle "
             "FILE OUT_DIR` (a scanned, restricted load), put OUT_DIR/model.safetensors in the model folder in its "
             "place, and import again")
-    raise CheckpointError(f"{hf_dir}: no model.safetensors or model.safetensors.index.json")
+    raise CheckpointError(f"{folder.path}: no model.safetensors or {index_name}")
 
 
-def _load_hf_weights(hf_dir: Path) -> dict[str, torch.Tensor]:
+def _load_hf_weights(folder: _HFFolder) -> dict[str, torch.Tensor]:
     state: dict[str, torch.Tensor] = {}
-    for path in _weight_files(hf_dir):
-        for name, tensor in read_safetensors(path).items():
-            if name in state:
-                raise CheckpointError(f"{path}: tensor {name!r} also appears in another shard")
-            state[name] = tensor
+    for name in _weight_names(folder):
+        path = folder.path / name
+        for tensor_name, tensor in read_safetensors(folder.open(name, what="weight shard"), where=path).items():
+            if tensor_name in state:
+                raise CheckpointError(f"{path}: tensor {tensor_name!r} also appears in another shard")
+            state[tensor_name] = tensor
     return state
 
 
@@ -177,7 +282,7 @@ def _token_text(value: Any) -> str | None:
     return value if isinstance(value, str) else None
 
 
-def _chat_template(hf_dir: Path, tok_cfg: dict[str, Any]) -> str | None:
+def _chat_template(folder: _HFFolder, tok_cfg: dict[str, Any]) -> str | None:
     """tokenizer_config.json's chat_template (a string, or a list of named templates: the
     "default" one), else chat_template.jinja (where transformers >= 4.43 / v5 save it)."""
     template = tok_cfg.get("chat_template")
@@ -185,11 +290,12 @@ def _chat_template(hf_dir: Path, tok_cfg: dict[str, Any]) -> str | None:
         named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
         template = named.get("default")
     if template is None:
-        path = _input_file(hf_dir, "chat_template.jinja", required=False)
-        if path is not None:
-            template = read_text_limited(path, MAX_CHAT_TEMPLATE_BYTES, CheckpointError, "chat template")
+        fh = folder.open("chat_template.jinja", required=False, what="chat template")
+        if fh is not None:
+            template = _decode(_read_bounded(fh, MAX_CHAT_TEMPLATE_BYTES, folder.path / "chat_template.jinja"),
+                               folder.path / "chat_template.jinja")
     if template is not None and (not isinstance(template, str) or len(template.encode()) > MAX_CHAT_TEMPLATE_BYTES):
-        raise CheckpointError(f"{hf_dir}: chat_template must be a string of at most {MAX_CHAT_TEMPLATE_BYTES} bytes")
+        raise CheckpointError(f"{folder.path}: chat_template must be a string of at most {MAX_CHAT_TEMPLATE_BYTES} bytes")
     return template
 
 
@@ -203,15 +309,20 @@ def import_hf(hf_dir: str | Path, out_dir: str | Path) -> Path:
     root `out_dir` (step 0, no optimizer; weights stored as float32). Returns the checkpoint
     directory (out_dir/step_00000000)."""
     hf_dir, out_dir = Path(hf_dir), Path(out_dir)
-    if not hf_dir.is_dir():
-        raise CheckpointError(f"{hf_dir}: not a folder (expected a Hugging Face model folder)")
     _check_out_dir(out_dir, "output")
-    config_path = _input_file(hf_dir, "config.json", what="config")
-    hf_config = _read_json(config_path, MAX_CONFIG_JSON_BYTES, "config.json")
+    with _HFFolder(hf_dir) as folder:
+        ckpt = _read_hf_folder(folder)
+    return save_checkpoint(out_dir, 0, ckpt)
+
+
+def _read_hf_folder(folder: _HFFolder) -> Checkpoint:
+    """The checkpoint an HF folder makes: every file read through `folder.open`."""
+    hf_dir = folder.path
+    hf_config = _read_json(folder.open("config.json", what="config"), MAX_CONFIG_JSON_BYTES, hf_dir / "config.json")
     model_cfg = model_config_from_hf_config(hf_config, where=str(hf_dir / "config.json"))
 
-    tok_path = _input_file(hf_dir, "tokenizer.json", what="tokenizer (tokenizer.json)")
-    tok_text = json.dumps(_read_json(tok_path, MAX_TOKENIZER_BYTES, "tokenizer.json"))
+    tok_fh = folder.open("tokenizer.json", what="tokenizer (tokenizer.json)")
+    tok_text = json.dumps(_read_json(tok_fh, MAX_TOKENIZER_BYTES, hf_dir / "tokenizer.json"))
     try:
         tokenizer = Tokenizer.from_str(tok_text)
     except Exception as exc:  # tokenizers raises a bare Exception on schema errors
@@ -220,8 +331,9 @@ def import_hf(hf_dir: str | Path, out_dir: str | Path) -> Path:
     if n_tokens > model_cfg.vocab_size:
         raise CheckpointError(f"{hf_dir}: the tokenizer has {n_tokens} tokens but the model's vocab_size is "
                               f"{model_cfg.vocab_size}")
-    tc_path = _input_file(hf_dir, "tokenizer_config.json", required=False)
-    tok_cfg = _read_json(tc_path, MAX_TOKENIZER_CONFIG_BYTES, "tokenizer_config.json") if tc_path else {}
+    tc_path = hf_dir / "tokenizer_config.json"
+    tc_fh = folder.open("tokenizer_config.json", required=False, what="tokenizer config")
+    tok_cfg = _read_json(tc_fh, MAX_TOKENIZER_CONFIG_BYTES, tc_path) if tc_fh else {}
     if not isinstance(tok_cfg, dict):
         raise CheckpointError(f"{tc_path}: not a JSON object")
     specials = {key: _token_text(tok_cfg.get(key)) for key in ("bos_token", "eos_token", "pad_token")}
@@ -229,18 +341,17 @@ def import_hf(hf_dir: str | Path, out_dir: str | Path) -> Path:
         if token is not None and tokenizer.token_to_id(token) is None:
             raise CheckpointError(f"{tc_path}: {key} {token[:40]!r} is not in tokenizer.json's vocabulary")
 
-    hf_state = _load_hf_weights(hf_dir)
+    hf_state = _load_hf_weights(folder)
     state = from_hf_state_dict(hf_state, model_cfg, where=f"weights in {hf_dir}")
     config = build_config({"model": model_cfg.model_dump(mode="json"),
                            "train": {"seq_len": min(256, model_cfg.max_seq_len)}}, source="imported config")
     trainer_state: dict[str, Any] = {"step": 0, "imported_from": hf_config["model_type"],
                                      "special_tokens": specials}
-    template = _chat_template(hf_dir, tok_cfg)
+    template = _chat_template(folder, tok_cfg)
     if template is not None:
         trainer_state["chat_template"] = template
-    ckpt = Checkpoint(model=state, trainer_state=trainer_state, config_yaml=to_yaml(config),
+    return Checkpoint(model=state, trainer_state=trainer_state, config_yaml=to_yaml(config),
                       tokenizer_json=tokenizer.to_str())
-    return save_checkpoint(out_dir, 0, ckpt)
 
 
 # ---- writing an HF folder -----------------------------------------------------------------

@@ -6,12 +6,15 @@ Rendering. A chat template is a Jinja template in the Hugging Face convention (v
 `raise_exception`, `strftime_now`, `namespace`, `dict`; `{% generation %}` blocks accepted
 and ignored). Templates are code - an imported model's template is untrusted - so they run in
 `jinja2.sandbox.ImmutableSandboxedEnvironment`: no access to underscore attributes or Python
-internals, no imports, no mutation of the data passed in, undefined variables raise
-(`StrictUndefined`). On top of the sandbox, a render is bounded: output length
-(`max_chars`), wall time (`max_render_seconds`, checked on every call, attribute access and
-`range` step), and the obvious amplifiers (`*`, `**`, `%`, huge integer arguments to filters
-and methods, namespace values) are checked before they allocate. Every failure is a
-`DataError` (`ChatTooLongError` for the length cap).
+internals, no imports, no mutation of the data passed in; an undefined value tests false (as
+in HF, so `if message.tool_calls` works) but printing or iterating one raises. On top of the
+sandbox (`bastion/tokenizer/sandbox.py`), a render is bounded: output length (`max_chars`),
+wall time (`max_render_seconds`, checked at every operation and loop step), and memory:
+every operation that can build a large value (`~`, `+`, `*`, `%`, format, join, replace,
+tojson, lipsum, output values, captured blocks...) has its result sized before it runs,
+each result at most `max_chars` and all of them together at most `RENDER_WORK_FACTOR` x
+`max_chars`. Every failure is a one-line `DataError` (`ChatTooLongError` past a size bound,
+which datasets drop and count).
 
 Tokenizing without forgery. Special tokens (`<|endoftext|>`, an imported model's
 `<|im_start|>`...) must enter only through the template, never through message text: a user
@@ -46,29 +49,19 @@ special tokens gets them as single ids automatically.
 """
 from __future__ import annotations
 
-import contextvars
-import functools
-import json
 import re
 import secrets
-import time
 from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
-from typing import Any, ClassVar, Protocol
+from typing import Any, Protocol
 
-import jinja2
-import jinja2.ext
-import jinja2.nodes
 from jinja2.exceptions import SecurityError, TemplateError
-from jinja2.sandbox import ImmutableSandboxedEnvironment
-from jinja2.utils import Namespace
 
 from bastion.errors import DataError
+from bastion.tokenizer.sandbox import DEFAULT_MAX_CHARS, ChatTooLongError, compile_template, render_limits
 
 ROLES = ("system", "user", "assistant", "tool")
-DEFAULT_MAX_CHARS = 4_000_000
 DEFAULT_MAX_RENDER_SECONDS = 2.0
-MAX_TEMPLATE_CHARS = 256 * 1024
 FIXED_NOW = datetime(2025, 1, 1, tzinfo=timezone.utc)  # strftime_now: reproducible data
 
 # Bastion's built-in ChatML-like template; `eos_token` closes every turn.
@@ -80,167 +73,12 @@ DEFAULT_CHAT_TEMPLATE = (
 )
 
 
-class ChatTooLongError(DataError):
-    """A rendered conversation exceeds `max_chars` (datasets drop and count these)."""
-
-
 class ChatTokenizer(Protocol):
     """What ChatFormat needs from a tokenizer (BastionTokenizer provides it)."""
 
     eos_id: int
 
     def encode(self, text: str) -> list[int]: ...
-
-
-# ---- the sandbox ----------------------------------------------------------------------------
-
-_deadline: contextvars.ContextVar[float] = contextvars.ContextVar("bastion_chat_deadline", default=float("inf"))
-
-
-def _check_deadline() -> None:
-    if time.monotonic() > _deadline.get():
-        raise SecurityError("chat template took too long to render")
-
-
-class _GenerationTag(jinja2.ext.Extension):
-    """`{% generation %}...{% endgeneration %}` (HF's assistant-mask marker): renders its body.
-    Bastion computes the assistant mask itself, so the tag has no other effect."""
-
-    tags: ClassVar[set[str]] = {"generation"}
-
-    def parse(self, parser: Any) -> jinja2.nodes.Node:
-        lineno = next(parser.stream).lineno
-        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
-        return jinja2.nodes.Scope(body).set_lineno(lineno)
-
-
-class _ChatSandbox(ImmutableSandboxedEnvironment):
-    intercepted_binops = frozenset({"*", "**", "%"})
-
-    def __init__(self, max_chars: int):
-        super().__init__(
-            trim_blocks=True, lstrip_blocks=True, autoescape=False, undefined=jinja2.StrictUndefined,
-            extensions=[_GenerationTag, jinja2.ext.loopcontrols],
-        )
-        self.max_chars = max_chars
-
-    def _size_ok(self, value: Any, what: str) -> Any:
-        if isinstance(value, (str, list, tuple, dict)) and len(value) > self.max_chars:
-            raise SecurityError(f"chat template {what} produced {len(value)} items, over the limit of {self.max_chars}")
-        return value
-
-    def _args_ok(self, args: Sequence[Any], kwargs: Mapping[str, Any], what: str) -> None:
-        for arg in (*args, *kwargs.values()):
-            if isinstance(arg, int) and not isinstance(arg, bool) and abs(arg) > self.max_chars:
-                raise SecurityError(f"chat template {what} got the integer {arg}, over the limit of {self.max_chars}")
-            self._size_ok(arg, f"{what} argument")
-
-    def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
-        _check_deadline()
-        if operator == "*":
-            for seq, n in ((left, right), (right, left)):
-                if isinstance(seq, (str, list, tuple)) and isinstance(n, int) and len(seq) * max(n, 0) > self.max_chars:
-                    raise SecurityError("chat template repeats a sequence past the output limit")
-        elif operator == "**":
-            if isinstance(right, (int, float)) and abs(right) > 64 or isinstance(left, (int, float)) and abs(left) > 2**64:
-                raise SecurityError("chat template raises to a power that is too large")
-        elif operator == "%" and isinstance(left, str) and re.search(r"%[-+ #0]*(\d{7,}|\*|\.\d{7,})", left):
-            raise SecurityError("chat template formats with an excessive width")
-        return self._size_ok(super().call_binop(context, operator, left, right), f"operator {operator}")
-
-    def call(__self, __context: Any, __obj: Any, *args: Any, **kwargs: Any) -> Any:  # noqa: PYI063 - jinja's signature
-        _check_deadline()
-        __self._args_ok(args, kwargs, "call")
-        return __self._size_ok(super().call(__context, __obj, *args, **kwargs), "call")
-
-    def getattr(self, obj: Any, attribute: str) -> Any:
-        _check_deadline()
-        return super().getattr(obj, attribute)
-
-    def getitem(self, obj: Any, argument: Any) -> Any:
-        _check_deadline()
-        return super().getitem(obj, argument)
-
-
-def _checked_filter(env: _ChatSandbox, name: str, fn: Any) -> Any:
-    @functools.wraps(fn)  # keeps jinja's pass_context/pass_environment markers
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        _check_deadline()
-        env._args_ok(args, kwargs, f"filter {name}")
-        return env._size_ok(fn(*args, **kwargs), f"filter {name}")
-
-    return wrapper
-
-
-class _TemplateNamespace(Namespace):
-    """`namespace()` that refuses underscore names and oversized values (as HF's does for
-    names: namespaces are the one mutable object a template gets)."""
-
-    def __init__(*args: Any, **kwargs: Any) -> None:  # Namespace's signature trick: `self` may be a key
-        self, args = args[0], args[1:]
-        attrs = dict(*args, **kwargs)
-        for name, value in attrs.items():
-            _TemplateNamespace._check(name, value)
-        Namespace.__init__(self, attrs)
-
-    def __setitem__(self, name: str, value: Any) -> None:
-        _TemplateNamespace._check(name, value)
-        Namespace.__setitem__(self, name, value)
-
-    @staticmethod
-    def _check(name: Any, value: Any) -> None:
-        if isinstance(name, str) and name.startswith("_"):
-            raise SecurityError(f"chat templates cannot store underscore-prefixed names on a namespace ({name!r})")
-        if isinstance(value, (str, list, tuple, dict)) and len(value) > DEFAULT_MAX_CHARS:
-            raise SecurityError("chat template namespace value is too large")
-        _check_deadline()
-
-
-class _TemplateDict:
-    def __call__(self, *args: Any, **kwargs: Any) -> dict:
-        return dict(*args, **kwargs)
-
-    def fromkeys(self, *args: Any, **kwargs: Any) -> dict:
-        return dict.fromkeys(*args, **kwargs)
-
-
-def _raise_exception(message: Any) -> None:
-    raise TemplateError(str(message))
-
-
-def _tojson(x: Any, ensure_ascii: bool = False, indent: Any = None, separators: Any = None, sort_keys: bool = False) -> str:
-    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
-
-
-def _timed_range(*args: int) -> Any:
-    from jinja2.sandbox import safe_range  # capped at MAX_RANGE items
-
-    for item in safe_range(*args):
-        _check_deadline()
-        yield item
-
-
-def _compile(source: str, max_chars: int, now: datetime) -> jinja2.Template:
-    if not isinstance(source, str):
-        raise DataError(f"chat template must be text, got {type(source).__name__}")
-    if len(source) > MAX_TEMPLATE_CHARS:
-        raise DataError(f"chat template is {len(source)} characters, over the limit of {MAX_TEMPLATE_CHARS}")
-    env = _ChatSandbox(max_chars)
-    env.filters["tojson"] = _tojson
-    env.filters = {name: _checked_filter(env, name, fn) for name, fn in env.filters.items()}
-    env.globals.update(
-        raise_exception=_raise_exception,
-        strftime_now=lambda fmt: now.strftime(str(fmt)[:100]),
-        namespace=_TemplateNamespace,
-        dict=_TemplateDict(),
-        range=_timed_range,
-    )
-    try:
-        return env.from_string(source)
-    except TemplateError as exc:
-        raise DataError(f"chat template does not compile: {exc}") from None
-    except (RecursionError, MemoryError):
-        raise DataError("chat template is too deeply nested to compile") from None
 
 
 # ---- message checks -------------------------------------------------------------------------
@@ -341,7 +179,7 @@ class ChatFormat:
         self.template_source = DEFAULT_CHAT_TEMPLATE if template is None else template
         self.max_chars = int(max_chars)
         self.max_render_seconds = float(max_render_seconds)
-        self._template = _compile(self.template_source, self.max_chars, now)
+        self._template = compile_template(self.template_source, self.max_chars, now)
         self.eos_token = eos_token if eos_token is not None else _token_text(tokenizer, tokenizer.eos_id)
         self.bos_token = bos_token if bos_token is not None else ""
         added = _added_tokens(tokenizer)
@@ -365,19 +203,19 @@ class ChatFormat:
 
     # ---- text ---------------------------------------------------------------------------
     def _render(self, messages: Sequence[Mapping[str, str]], add_generation_prompt: bool) -> str:
-        token = _deadline.set(time.monotonic() + self.max_render_seconds)
         try:
-            out: list[str] = []
-            size = 0
-            for chunk in self._template.generate(
-                messages=[dict(m) for m in messages], add_generation_prompt=bool(add_generation_prompt),
-                bos_token=self.bos_token, eos_token=self.eos_token, tools=None, documents=None,
-            ):
-                size += len(chunk)
-                if size > self.max_chars:
-                    raise ChatTooLongError(f"rendered conversation exceeds {self.max_chars} characters")
-                out.append(chunk)
-            return "".join(out)
+            with render_limits(self.max_chars, self.max_render_seconds):
+                out: list[str] = []
+                size = 0
+                for chunk in self._template.generate(
+                    messages=[dict(m) for m in messages], add_generation_prompt=bool(add_generation_prompt),
+                    bos_token=self.bos_token, eos_token=self.eos_token, tools=None, documents=None,
+                ):
+                    size += len(chunk)
+                    if size > self.max_chars:
+                        raise ChatTooLongError(f"rendered conversation exceeds {self.max_chars} characters")
+                    out.append(chunk)
+                return "".join(out)
         except DataError:
             raise
         except SecurityError as exc:
@@ -388,8 +226,6 @@ class ChatFormat:
             raise DataError("chat template recursed too deeply") from None
         except Exception as exc:  # noqa: BLE001 - a template can raise anything Python can (TypeError...)
             raise DataError(f"chat template failed: {type(exc).__name__}: {exc}") from None
-        finally:
-            _deadline.reset(token)
 
     def render(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = False) -> str:
         """The conversation as text, exactly as the template renders it (HF `apply_chat_template(tokenize=False)`)."""

@@ -8,6 +8,8 @@ from __future__ import annotations
 import gzip
 import io
 import json
+import random
+import re
 import struct
 import time
 import zipfile
@@ -23,6 +25,7 @@ from bastion.config.schema import DataConfig
 from bastion.data import archives
 from bastion.data.sources import iter_documents, resolve_sources
 from bastion.errors import DataError
+from reading_memory import read_in_child
 
 MiB = 1 << 20
 
@@ -204,6 +207,63 @@ def test_newline_free_jsonl_bomb_is_bounded(tmp_path: Path) -> None:
     bomb = gzip_bomb(tmp_path / "line.jsonl.gz", 50)
     with pytest.raises(DataError, match=r"line\.jsonl\.gz: decompresses to more than data\.max_decompressed_bytes"):
         docs(tmp_path, bomb, max_decompressed_bytes=MiB)
+
+
+def salad_bomb(path: Path, mib: int, *, head: bytes = b"", tail: bytes = b"") -> Path:
+    """One document of `mib` MiB at about 40:1, like the reported 10.9 MB -> 512 MB .txt.gz
+    (under the 200:1 ratio limit, so only a document limit stops it): a 1 MiB gzip member
+    of word salad, 90 % a repeated sentence, concatenated `mib` times."""
+    rng = random.Random(0)
+    words = ["".join(rng.choice("abcdefghijklmnop") for _ in range(rng.randint(2, 7))) for _ in range(400)]
+    sentence = " ".join(rng.choice(words) for _ in range(600))[:3600]
+    text = "".join(sentence + " " + " ".join(rng.choice(words) for _ in range(30))[:150] + " " for _ in range(300))
+    member = gzip.compress(text.encode()[:MiB].ljust(MiB, b" "), compresslevel=9, mtime=0)
+    with open(path, "wb") as f:
+        f.write(gzip.compress(head, mtime=0))
+        f.writelines(member for _ in range(mib))
+        f.write(gzip.compress(tail, mtime=0))
+    return path
+
+
+@pytest.mark.parametrize(("name", "head", "tail"), [("one.txt.gz", b"", b""),
+                                                    ("one.jsonl.gz", b'{"text": "', b'"}\n')])
+def test_one_huge_document_is_refused_in_bounded_memory(tmp_path: Path, name: str, head: bytes, tail: bytes) -> None:
+    """A 13 MB file holding one 512 MiB document: refused at data.max_document_bytes (64 MiB)
+    while streaming. Peak RSS of the reading process, measured: 162 MiB (.txt.gz) and 227 MiB
+    (.jsonl.gz: readline joins its chunks), against 1121 MiB and 2658 MiB before the limit
+    existed, when the document was decompressed whole; Python with the reader imported
+    holds ~100 MiB."""
+    bomb = salad_bomb(tmp_path / name, 512, head=head, tail=tail)
+    assert bomb.stat().st_size < 16 * MiB
+    start = time.perf_counter()
+    message, peak_mib = read_in_child(bomb, tmp_path)
+    assert re.fullmatch(rf".*{re.escape(name)}(:1)?: a document longer than data\.max_document_bytes = 67108864 bytes;.*",
+                        message), message
+    assert peak_mib < 300, f"peak RSS {peak_mib} MiB"
+    assert time.perf_counter() - start < 30
+
+
+@pytest.mark.parametrize("container", ["plain", "gz", "zst", "zip"])
+@pytest.mark.parametrize("kind", ["txt", "jsonl"])
+def test_a_document_over_the_limit_is_refused_in_every_container(tmp_path: Path, container: str, kind: str) -> None:
+    limit = 4096
+    fits, over = ("x" * limit, "y" * (limit + 1)) if kind == "txt" else (
+        jsonl("x" * (limit - 12)).decode(), jsonl("y" * (limit - 11)).decode())
+    assert len(fits.rstrip("\n").encode()) == limit and len(over.rstrip("\n").encode()) == limit + 1
+
+    def write(stem: str, text: str) -> Path:
+        data, name = text.encode(), f"{stem}.{kind}"
+        if container == "zip":
+            return make_zip(tmp_path / f"{stem}.zip", {name: data})
+        compress = {"plain": bytes, "gz": gzip.compress, "zst": zstandard.ZstdCompressor().compress}[container]
+        path = tmp_path / (name if container == "plain" else f"{name}.{container}")
+        path.write_bytes(compress(data))
+        return path
+
+    assert len(docs(tmp_path, write("fits", fits), max_document_bytes=limit)) == 1
+    line = ":1" if kind == "jsonl" else ""
+    with pytest.raises(DataError, match=rf"over\.{kind}.*{line}: a document longer than data\.max_document_bytes = {limit}"):
+        docs(tmp_path, write("over", over), max_document_bytes=limit)
 
 
 def test_zstd_bomb_refused(tmp_path: Path) -> None:

@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import json
+import random
+import re
+import string
 import unicodedata
 from pathlib import Path
 
@@ -12,6 +15,9 @@ import pytest
 from bastion.config.schema import DataConfig
 from bastion.data.sources import iter_documents, resolve_sources
 from bastion.errors import DataError
+from reading_memory import read_in_child
+
+MiB = 1 << 20
 
 
 def docs(tmp_path: Path, *sources: str, **kw) -> list[str]:
@@ -149,6 +155,43 @@ def test_parquet_decompression_bomb_bounded(tmp_path: Path) -> None:
     assert path.stat().st_size < 50_000
     with pytest.raises(DataError, match=r"bomb\.parquet: decoded text exceeds"):
         docs(tmp_path, str(path), max_file_bytes=50_000)
+
+
+def letters(n: int, seed: int = 0) -> str:
+    """Text that compresses about 1.7:1, so no ratio limit is what refuses it."""
+    return "".join(random.Random(seed).choices(string.ascii_lowercase + " ", k=n))
+
+
+def test_parquet_cell_over_the_document_limit_refused_by_row(tmp_path: Path) -> None:
+    path = tmp_path / "t.parquet"
+    pq.write_table(pa.table({"text": ["a", "b", letters(2 * MiB), "d"]}), path)
+    with pytest.raises(DataError, match=r"t\.parquet:row 2: a document longer than data\.max_document_bytes = 1048576"):
+        docs(tmp_path, str(path), max_document_bytes=MiB)
+    assert docs(tmp_path, str(path), max_document_bytes=2 * MiB)[2] == letters(2 * MiB)
+
+
+def test_parquet_row_groups_checked_before_decoding(tmp_path: Path) -> None:
+    """A 16 MiB cell that zstd packs into a few KB: refused from the footer's sizes."""
+    path = tmp_path / "cell.parquet"
+    pq.write_table(pa.table({"text": ["ab" * (8 * MiB)]}), path, compression="zstd", use_dictionary=False)
+    assert path.stat().st_size < 20_000
+    with pytest.raises(DataError, match=r"cell\.parquet: row group 0 has a compression ratio over 200:1"):
+        docs(tmp_path, str(path))
+    with pytest.raises(DataError, match=r"cell\.parquet: decoded text exceeds data\.max_file_bytes = 1048576 \(row group 0 declares"):
+        docs(tmp_path, str(path), max_file_bytes=MiB)
+
+
+def test_parquet_repeated_dictionary_value_is_not_multiplied(tmp_path: Path) -> None:
+    """One 512 KiB value on 100,000 rows (dictionary-encoded: a 300 KB file, 50 GiB of text)
+    stays one value: refused at data.max_file_bytes with nothing built. Measured peak RSS:
+    151 MiB, against 1679 MiB before (each 1024-row batch was decoded to strings first)."""
+    path = tmp_path / "dict.parquet"
+    column = pa.DictionaryArray.from_arrays(pa.array([0] * 100_000, pa.int32()), pa.array([letters(512 * 1024)]))
+    pq.write_table(pa.table({"text": column}), path, store_schema=False)  # read back as plain strings
+    assert path.stat().st_size < MiB
+    message, peak_mib = read_in_child(path, tmp_path)
+    assert re.fullmatch(r".*dict\.parquet: decoded text exceeds data\.max_file_bytes = 268435456", message), message
+    assert peak_mib < 300, f"peak RSS {peak_mib} MiB"
 
 
 def test_mixed_formats_in_one_directory(tmp_path: Path) -> None:

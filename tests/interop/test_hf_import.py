@@ -368,3 +368,122 @@ def test_refuses_non_empty_output(folder, tmp_path):
     with pytest.raises(CheckpointError, match="not an empty folder"):
         import_hf(folder, tmp_path / "out")
     assert (tmp_path / "out" / "keep.txt").read_text() == "mine"
+
+
+# ---- every file read stays inside the folder, or inside a checked cache layout ------------
+
+SECRET = "aws_secret_access_key = do-not-import-me"
+
+
+def cache_layout(llama_folder, root, blob_of=lambda name: name):
+    """A huggingface_hub cache repo: root/blobs/<blob> files, root/snapshots/rev/<name> ->
+    ../../blobs/<blob> links. Returns the snapshot folder."""
+    snapshot = root / "snapshots" / "rev"
+    (root / "blobs").mkdir(parents=True)
+    snapshot.mkdir(parents=True)
+    for f in sorted(llama_folder.iterdir()):
+        shutil.copy(f, root / "blobs" / blob_of(f.name))
+        (snapshot / f.name).symlink_to(f"../../blobs/{blob_of(f.name)}")
+    return snapshot
+
+
+def without_template(snapshot):
+    """The snapshot's tokenizer_config.json (a blob) without its chat_template, so that
+    chat_template.jinja is read."""
+    path = snapshot / "tokenizer_config.json"
+    config = json.loads(path.read_text())
+    del config["chat_template"]
+    path.resolve().write_text(json.dumps(config))
+
+
+def private_file(tmp_path):
+    private = tmp_path / "private"
+    private.mkdir()
+    (private / "credentials").write_text(SECRET)
+    return private
+
+
+def refused_cli(snapshot, tmp_path, match):
+    """Exit 2, one line naming the problem, nothing written, the secret nowhere."""
+    import re
+
+    from typer.testing import CliRunner
+
+    from bastion.cli import app
+
+    result = CliRunner().invoke(app, ["import", "hf", str(snapshot), str(tmp_path / "out")])
+    assert result.exit_code == 2, result.output
+    assert len(result.output.strip().splitlines()) == 1 and "Traceback" not in result.output
+    assert re.search(match, result.output.replace("\n", "")), result.output
+    assert SECRET not in result.output and not (tmp_path / "out").exists()
+
+
+def test_refuses_a_blobs_folder_linked_out_of_the_cache(llama_folder, tmp_path):
+    """The reported attack: blobs -> a private folder, chat_template.jinja -> ../../blobs/credentials."""
+    repo = tmp_path / "models--org--evil"
+    snapshot = cache_layout(llama_folder, repo)
+    without_template(snapshot)
+    private = private_file(tmp_path)
+    for blob in (repo / "blobs").iterdir():  # the model files sit in the private folder too
+        shutil.move(blob, private / blob.name)
+    (repo / "blobs").rmdir()
+    (repo / "blobs").symlink_to(private)
+    (snapshot / "chat_template.jinja").symlink_to("../../blobs/credentials")
+    refused_cli(snapshot, tmp_path, "cache folder 'blobs'.*symbolic link")
+    # Every other way out: a blob that is a link out, '..' past the cache, an absolute link.
+    (repo / "blobs").unlink()
+    shutil.copytree(private, repo / "blobs")
+    (repo / "blobs" / "credentials").unlink()
+    (repo / "blobs" / "credentials").symlink_to(private / "credentials")
+    refused_cli(snapshot, tmp_path, "blob ../../blobs/credentials is itself a symbolic link")
+    for link in ("../../../private/credentials", "../../blobs/../../private/credentials", str(private / "credentials")):
+        (snapshot / "chat_template.jinja").unlink()
+        (snapshot / "chat_template.jinja").symlink_to(link)
+        refused_cli(snapshot, tmp_path, "chat_template.jinja: is a symbolic link leading outside the model folder")
+
+
+def test_refuses_a_chain_of_links_inside_the_cache(llama_folder, tmp_path):
+    repo = tmp_path / "models--org--chain"
+    snapshot = cache_layout(llama_folder, repo)
+    (repo / "blobs" / "hop").symlink_to("config.json")  # a blob linking to another blob
+    (snapshot / "config.json").unlink()
+    (snapshot / "config.json").symlink_to("../../blobs/hop")
+    refused_cli(snapshot, tmp_path, "itself a symbolic link")
+    (snapshot / "config.json").unlink()
+    (snapshot / "config.json").symlink_to("tokenizer.json")  # a link to a link beside it
+    refused_cli(snapshot, tmp_path, "leading outside the model folder")
+
+
+def test_refuses_cache_links_outside_a_snapshots_folder(llama_folder, tmp_path):
+    """NAME -> ../../blobs/x is the cache's link only where the folder is <repo>/snapshots/<rev>."""
+    repo = tmp_path / "models--org--fake"
+    cache_layout(llama_folder, repo)
+    (repo / "snapshots").rename(repo / "elsewhere")
+    refused_cli(repo / "elsewhere" / "rev", tmp_path, "not a Hugging Face cache snapshot")
+
+
+def test_only_regular_files_are_read(llama_folder, tmp_path):
+    """A dangling link, a FIFO (never waited on) or a folder is refused by name. A hard link
+    is the file itself, not a pointer the importer could be led along (making one already
+    needs access to the file), so it is read like any other file."""
+    repo = tmp_path / "models--org--odd"
+    snapshot = cache_layout(llama_folder, repo)
+    (repo / "blobs" / "tokenizer.json").unlink()
+    refused_cli(snapshot, tmp_path, "tokenizer.json: missing")
+    shutil.copy(llama_folder / "tokenizer.json", repo / "blobs" / "tokenizer.json")
+    os.mkfifo(repo / "blobs" / "model.safetensors.fifo")
+    (snapshot / "model.safetensors").unlink()
+    (snapshot / "model.safetensors").symlink_to("../../blobs/model.safetensors.fifo")
+    refused_cli(snapshot, tmp_path, "model.safetensors: not a regular file")
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    for f in llama_folder.iterdir():
+        os.link(f, plain / f.name)
+    assert load_checkpoint(import_hf(plain, tmp_path / "linked")).trainer_state["imported_from"] == "llama"
+    (plain / "tokenizer_config.json").unlink()
+    os.mkfifo(plain / "chat_template.jinja")
+    refused_cli(plain, tmp_path, "chat_template.jinja: not a regular file")
+    (plain / "chat_template.jinja").unlink()
+    (plain / "config.json").unlink()
+    (plain / "config.json").mkdir()
+    refused_cli(plain, tmp_path, "config.json: not a regular file")

@@ -318,3 +318,170 @@ def test_check_messages_rejects_malformed_input() -> None:
     ]:
         with pytest.raises(DataError, match=match):
             check_messages(bad)
+
+
+# ---- bounded rendering -----------------------------------------------------------------------
+
+# Amplifiers, at a scale where the old sandbox built 10-100 MB (or spent seconds) before any
+# limit noticed; with max_chars=100,000 each is refused before it allocates.
+AMPLIFIERS = {
+    "~ doubling": "{% set s = 'x' * 1000 %}" + "{% set s = s ~ s %}" * 16 + "{{ s|length }}",
+    "+ doubling": "{% set s = 'x' * 1000 %}" + "{% set s = s + s %}" * 16 + "{{ s|length }}",
+    "str.replace": "{{ ('x' * 1000).replace('x', 'y' * 50000)|length }}",
+    "|replace": "{{ ('x' * 1000)|replace('x', 'y' * 50000)|length }}",
+    "tojson indent": "{{ (range(1000)|list|tojson(indent=50000))|length }}",
+    "tojson shared items": "{{ (['y' * 50000] * 1000)|tojson|length }}",
+    "lipsum": "{{ lipsum(n=50000)|length }}",
+    "|join": "{{ (['y' * 50000] * 1000)|join|length }}",
+    "str.join": "{{ ''.join(['y' * 50000] * 1000)|length }}",
+    "str.format": "{{ ('{0}' * 1000).format('y' * 50000)|length }}",
+    "% repeats": "{{ ('%s' * 1000 % (('y' * 50000,) * 1000))|length }}",
+    "% widths": "{{ ('%99999s' * 1000 % ((1,) * 1000))|length }}",
+    "printed list": "{% set l = ['y' * 50000] * 1000 %}{{ l|string|length }}",
+    "set block": "{% set big = 'y' * 50000 %}{% set x %}{% for i in range(1000) %}{{ big }}{% endfor %}{% endset %}{{ x|length }}",
+    "macro of literal text": "{% macro m() %}{% for i in range(1000) %}" + "A" * 50000 + "{% endfor %}{% endmacro %}{{ m()|length }}",
+    "expandtabs": "{{ ('\t' * 1000).expandtabs(50000)|length }}",
+    "|indent": "{{ ('\n' * 1000)|indent(50000, true, true)|length }}",
+    "|sum of lists": "{{ ([['y'] * 20000] * 200)|sum(start=[])|length }}",
+    "|wordwrap": "{{ ('ab ' * 3000)|wordwrap(2, wrapstring='z' * 10000)|length }}",
+    "str.translate": "{{ ('a' * 1000).translate({97: 'y' * 50000})|length }}",
+    "kept values": "{% set ns = namespace(l=[]) %}{% for i in range(1000) %}{% set ns.l = ns.l + [('y' * 90000) ~ i] %}"
+                   "{% endfor %}{{ ns.l|length }}",
+    "nested loops": "{% set l = [0] * 10000 %}{% for a in l %}{% for b in l %}{% endfor %}{% endfor %}x",
+}
+
+
+@pytest.mark.parametrize("template", list(AMPLIFIERS.values()), ids=list(AMPLIFIERS))
+def test_amplifiers_are_refused_before_they_allocate(plain_tok, template) -> None:
+    """Each refused within 1 s with under 8 MB allocated (measured: ~0.3 MB; the old sandbox
+    built 10-100 MB first, and `|sum` and the nested loops took seconds)."""
+    import time
+    import tracemalloc
+
+    chat = ChatFormat(plain_tok, template, max_chars=100_000, max_render_seconds=0.3)
+    tracemalloc.start()
+    start = time.perf_counter()
+    try:
+        with pytest.raises(DataError) as refused:
+            chat.render(CONVO)
+        elapsed, (_, peak) = time.perf_counter() - start, tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert "\n" not in str(refused.value)
+    assert elapsed < 1.0 and peak < 8 * 2**20, (elapsed, peak)
+
+
+def test_long_conversations_still_render_within_the_limits(plain_tok, special_tok) -> None:
+    """The sizing is exact enough not to refuse what the output limit allows."""
+    long = [{"role": "user", "content": "a" * 45_000}, {"role": "assistant", "content": "b " * 22_000}]
+    for template, tok in ((None, plain_tok), (LLAMA3, special_tok), (QWEN25, special_tok)):
+        chat = ChatFormat(tok, template, max_chars=100_000)
+        assert len(chat.render(long)) > 89_000
+        chat.encode_conversation(long)
+        with pytest.raises(ChatTooLongError):
+            chat.render([{"role": "user", "content": "a" * 100_000}])
+
+
+# Real models' templates (tools=None), as their tokenizer_config.json ship them.
+LLAMA3_INSTRUCT = (
+    "{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = '<|start_header_id|>' + "
+    "message['role'] + '<|end_header_id|>\n\n'+ message['content'] | trim + '<|eot_id|>' %}{% if loop.index0 == 0 %}"
+    "{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}{% if add_generation_prompt %}"
+    "{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+)
+MISTRAL_INSTRUCT = """{%- if messages[0]['role'] == 'system' %}
+    {%- set system_message = messages[0]['content'] %}
+    {%- set loop_messages = messages[1:] %}
+{%- else %}
+    {%- set loop_messages = messages %}
+{%- endif %}
+
+{{- bos_token }}
+{%- for message in loop_messages %}
+    {%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}
+        {{- raise_exception('After the optional system message, conversation roles must alternate user/assistant/user/assistant/...') }}
+    {%- endif %}
+    {%- if message['role'] == 'user' %}
+        {%- if loop.first and system_message is defined %}
+            {{- ' [INST] ' + system_message + '\\n\\n' + message['content'] + ' [/INST]' }}
+        {%- else %}
+            {{- ' [INST] ' + message['content'] + ' [/INST]' }}
+        {%- endif %}
+    {%- elif message['role'] == 'assistant' %}
+        {{- ' ' + message['content'] + eos_token}}
+    {%- else %}
+        {{- raise_exception('Only user and assistant roles are supported, with the exception of an initial optional system message!') }}
+    {%- endif %}
+{%- endfor %}
+"""
+QWEN25 = """{%- if tools %}
+    {{- '<|im_start|>system\\n' }}
+    {%- if messages[0]['role'] == 'system' %}
+        {{- messages[0]['content'] }}
+    {%- else %}
+        {{- 'You are Qwen, created by Alibaba Cloud. You are a helpful assistant.' }}
+    {%- endif %}
+    {{- "\\n\\n# Tools\\n\\nYou may call one or more functions to assist with the user query.\\n\\nYou are provided with function signatures within <tools></tools> XML tags:\\n<tools>" }}
+    {%- for tool in tools %}
+        {{- "\\n" }}
+        {{- tool | tojson }}
+    {%- endfor %}
+    {{- "\\n</tools>\\n\\nFor each function call, return a json object with function name and arguments within <tool_call></tool_call> XML tags:\\n<tool_call>\\n{\\"name\\": <function-name>, \\"arguments\\": <args-json-object>}\\n</tool_call><|im_end|>\\n" }}
+{%- else %}
+    {%- if messages[0]['role'] == 'system' %}
+        {{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}
+    {%- else %}
+        {{- '<|im_start|>system\\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\\n' }}
+    {%- endif %}
+{%- endif %}
+{%- for message in messages %}
+    {%- if (message.role == "user") or (message.role == "system" and not loop.first) or (message.role == "assistant" and not message.tool_calls) %}
+        {{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>' + '\\n' }}
+    {%- elif message.role == "assistant" %}
+        {{- '<|im_start|>' + message.role }}
+        {%- if message.content %}
+            {{- '\\n' + message.content }}
+        {%- endif %}
+        {%- for tool_call in message.tool_calls %}
+            {%- if tool_call.function is defined %}
+                {%- set tool_call = tool_call.function %}
+            {%- endif %}
+            {{- '\\n<tool_call>\\n{"name": "' }}
+            {{- tool_call.name }}
+            {{- '", "arguments": ' }}
+            {{- tool_call.arguments | tojson }}
+            {{- '}\\n</tool_call>' }}
+        {%- endfor %}
+        {{- '<|im_end|>\\n' }}
+    {%- elif message.role == "tool" %}
+        {%- if (loop.index0 == 0) or (messages[loop.index0 - 1].role != "tool") %}
+            {{- '<|im_start|>user' }}
+        {%- endif %}
+        {{- '\\n<tool_response>\\n' }}
+        {{- message.content }}
+        {{- '\\n</tool_response>' }}
+        {%- if loop.last or (messages[loop.index0 + 1].role != "tool") %}
+            {{- '<|im_end|>\\n' }}
+        {%- endif %}
+    {%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}
+    {{- '<|im_start|>assistant\\n' }}
+{%- endif %}
+"""
+
+
+@pytest.mark.parametrize("template", [CHATML, LLAMA3_INSTRUCT, MISTRAL_INSTRUCT, QWEN25],
+                         ids=["chatml", "llama3-instruct", "mistral-instruct", "qwen2.5"])
+@pytest.mark.parametrize("gen", [False, True])
+def test_real_templates_render_as_in_hugging_face(hf_tok, special_tok, template, gen) -> None:
+    """The bounds change nothing a real template renders. Qwen2.5 asks `message.tool_calls`
+    of every assistant message: a missing value tests false, as in HF."""
+    chat = ChatFormat(special_tok, template, bos_token="<|begin_of_text|>", eos_token="<|im_end|>")
+    msgs = CONVO if not gen else CONVO[:4]
+    expected = hf_tok.apply_chat_template(msgs, chat_template=template, tokenize=False, add_generation_prompt=gen)
+    assert chat.render(msgs, add_generation_prompt=gen) == expected
+    ids, _ = chat.encode_conversation(msgs, add_generation_prompt=gen)
+    assert special_tok.decode(ids) == expected
+    with pytest.raises(DataError, match="has no attribute 'tool_calls'"):
+        ChatFormat(special_tok, "{{ messages[0].tool_calls }}").render(CONVO)  # printing one is still an error

@@ -57,9 +57,11 @@ from bastion.errors import DataError
 from bastion.safepath import Roots
 from bastion.data.batches import BatchCursor
 from bastion.tokenizer.chat import ChatFormat, ChatTooLongError, check_conversation
+from bastion.data.sources import bounded_lines
 from bastion.safeio import parse_json
 
 IGNORE_INDEX = -100
+MAX_RECORD_BYTES = 64 * 2**20  # one JSONL line, read at most this far (examples are tokens, not megabytes)
 MAX_LISTED_ERRORS = 20
 
 
@@ -94,7 +96,7 @@ def iter_jsonl(path: Path, max_bytes: int) -> Iterator[tuple[int, Any, str | Non
         raise DataError(f"fine-tuning file {path} is {size} bytes, over finetune.max_file_bytes = {max_bytes}")
     total = 0
     with open(path, "rb") as fh:
-        for lineno, raw in enumerate(fh, start=1):
+        for lineno, raw in enumerate(bounded_lines(fh, MAX_RECORD_BYTES, str(path), "the record limit"), start=1):
             total += len(raw)
             if total > max_bytes:
                 raise DataError(f"fine-tuning file {path} grew past finetune.max_file_bytes = {max_bytes} while being read")

@@ -9,7 +9,7 @@ Every error names the file, and the line or row where there is one; a zip member
 `archive.zip!member.jsonl:line`.
 
 No document is held whole before its size is known: a text file or member is read at most
-`data.max_document_bytes` + 1 bytes, a JSONL line likewise (`_bounded_lines`), and a parquet
+`data.max_document_bytes` + 1 bytes, a JSONL line likewise (`bounded_lines`, also used for fine-tuning JSONL), and a parquet
 cell's length is read from Arrow's buffers before it becomes a Python string (dictionary
 columns stay dictionaries, so a repeated cell is not multiplied). A longer document is
 refused while streaming, so memory stays near that limit whatever a file decompresses to.
@@ -256,8 +256,8 @@ def _nfc(text: str) -> str:
     return unicodedata.normalize("NFC", text)
 
 
-def _too_long(where: str, limit: int) -> DataError:
-    return DataError(f"{where}: a document longer than data.max_document_bytes = {limit} bytes; refused while "
+def _too_long(where: str, limit: int, limit_name: str = "data.max_document_bytes") -> DataError:
+    return DataError(f"{where}: a document longer than {limit_name} = {limit} bytes; refused while "
                      "reading (raise the limit if documents this long are expected)")
 
 
@@ -270,14 +270,15 @@ def _read_document(stream: BinaryIO, limit: int, where: str) -> bytes:
     return data
 
 
-def _bounded_lines(stream: BinaryIO, limit: int, where: str) -> Iterator[bytes]:
+def bounded_lines(stream: BinaryIO, limit: int, where: str,
+                  limit_name: str = "data.max_document_bytes") -> Iterator[bytes]:
     """The lines of `stream`, none held past `limit` bytes (its newline aside): a longer line
     is refused once `limit` + 1 of its bytes are read, a newline-free stream included."""
     lineno = 0
     while line := stream.readline(limit + 1):
         lineno += 1
         if len(line) > limit and not line.endswith(b"\n"):
-            raise _too_long(f"{where}:{lineno}", limit)
+            raise _too_long(f"{where}:{lineno}", limit, limit_name)
         yield line
 
 
@@ -329,7 +330,7 @@ def _read_jsonl(path: Path, cfg: DataConfig) -> Iterator[Document]:
 
     def lines(f: BinaryIO) -> Iterator[bytes]:
         read = 0
-        for raw in _bounded_lines(f, cfg.max_document_bytes, str(path)):
+        for raw in bounded_lines(f, cfg.max_document_bytes, str(path)):
             read += len(raw)
             if read > limit:
                 raise DataError(f"{path} grew past data.max_file_bytes = {limit} while being read")
@@ -344,7 +345,7 @@ def _read_stream(stream: BinaryIO, fmt: str, where: str, cfg: DataConfig) -> Ite
     if fmt == "text":
         yield from _text_document(_read_document(stream, cfg.max_document_bytes, where), where)
     else:
-        yield from _jsonl_documents(_bounded_lines(stream, cfg.max_document_bytes, where), where, cfg.text_field)
+        yield from _jsonl_documents(bounded_lines(stream, cfg.max_document_bytes, where), where, cfg.text_field)
 
 
 def _read_compressed(path: Path, fmt: str, cfg: DataConfig, budget: Budget | None) -> Iterator[Document]:

@@ -369,3 +369,13 @@ def test_synthetic_tasks_are_deterministic_and_hold_out_prompts() -> None:
     prompts = {p["prompt"][0]["content"] for p in prefs}
     held_g = held_out_greeting_prompts(10, seed=0)
     assert held_g and not {p[0]["content"] for p, _ in held_g} & prompts
+
+
+def test_a_huge_jsonl_line_is_refused_while_reading(tmp_path, chat, monkeypatch):
+    import bastion.data.finetune as finetune
+
+    monkeypatch.setattr(finetune, "MAX_RECORD_BYTES", 1000)  # (64 MiB in use; small here to stay fast)
+    path = tmp_path / "huge.jsonl"
+    path.write_bytes(b'{"messages": "' + b"x" * 5000)  # no newline: the whole file is one line
+    with pytest.raises(DataError, match=r"huge\.jsonl:1: a document longer than the record limit = 1000"):
+        load_sft(path, chat, _cfg(), [str(tmp_path)])

@@ -104,10 +104,9 @@ def write_dir_atomic(out_dir: Path, files: dict[str, bytes | Callable[[Path], ob
     return out_dir
 
 
-def read_regular(path: Path, max_bytes: int, error: type[Exception]) -> bytes:
-    """At most max_bytes + 1 bytes of `path` (the caller compares the length with what it
-    expects), opened without following a symlink and refused unless it is a regular file:
-    the bytes read are those of the file checked, not of whatever a link points to."""
+def open_regular(path: Path, error: type[Exception]) -> BinaryIO:
+    """`path` opened for reading without following a symlink, refused unless it is a
+    regular file: what is read is the file checked, not whatever a link points to."""
     try:
         # O_NONBLOCK: opening a FIFO planted at `path` must not wait for a writer.
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
@@ -118,7 +117,13 @@ def read_regular(path: Path, max_bytes: int, error: type[Exception]) -> bytes:
     if not stat.S_ISREG(os.fstat(fd).st_mode):
         os.close(fd)
         raise error(f"{path}: not a regular file")
-    with os.fdopen(fd, "rb") as fh:
+    return os.fdopen(fd, "rb")
+
+
+def read_regular(path: Path, max_bytes: int, error: type[Exception]) -> bytes:
+    """At most max_bytes + 1 bytes of `path` (the caller compares the length with what it
+    expects), read as `open_regular` opens it."""
+    with open_regular(path, error) as fh:
         return fh.read(max_bytes + 1)
 
 
@@ -173,6 +178,8 @@ def parse_json(data: bytes | str, error: type[Exception], where: str, *, max_dep
         raise error(f"{where}: not valid UTF-8 (byte {exc.start})") from None
     except json.JSONDecodeError as exc:
         raise error(f"{where}: not valid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno})") from None
+    except ValueError:  # an integer of more digits than int() converts (sys.get_int_max_str_digits)
+        raise error(f"{where}: not valid JSON (a number too long to read)") from None
     except RecursionError:  # (cannot happen below max_depth; kept as the last line of defence)
         raise error(f"{where}: JSON nested too deeply") from None
 

@@ -16,8 +16,15 @@ model, in one process, repetitions interleaved and medians reported:
    `save_checkpoint` (streams tensor by tensor) vs serializing each file to bytes first (as
    it did before) vs `safetensors.torch.save_file`, each in its own process.
 
+4. load verification (`--load-verify`, alone, no training: random weights of the `small`
+   and `base` presets with AdamW-shaped optimizer state): what verifying the whole manifest
+   on every load costs. `load_checkpoint(load_optimizer=False)` and `load_for_inference`
+   (what `bastion generate` does) of a checkpoint with its optimizer state, which they hash
+   without reading it, vs the same checkpoint without that file; and the hash alone.
+
     python bench/checkpoint.py                  # ~3-4 minutes on a 2-core CPU
     python bench/checkpoint.py --json out.json
+    python bench/checkpoint.py --load-verify    # ~5 minutes
 """
 from __future__ import annotations
 
@@ -42,8 +49,10 @@ from bastion.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
+from bastion.checkpoint.formats import check_file
+from bastion.checkpoint.manifest import MANIFEST, build_manifest, manifest_bytes
 from bastion.checkpoint.pack import pack_checkpoint, unpack_checkpoint
-from bastion.config import build_config
+from bastion.config import build_config, to_yaml
 from bastion.data import prepare_dataset
 from bastion.safeio import sha256_file
 from bastion.train import train
@@ -259,6 +268,76 @@ def bit_flips(older: Path, newer: Path, name: str) -> dict:
     }
 
 
+def random_checkpoint(preset: str, root: Path, vocab_size: int) -> Path:
+    """A `preset` model of random weights, AdamW-shaped optimizer state (two moments per
+    weight: hashing cost does not depend on the values) and a real tokenizer (trained on
+    standard-library source) whose vocabulary the model's embedding matches."""
+    from bastion.model import Transformer
+    from bastion.tokenizer import BastionTokenizer
+
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    texts = (p.read_text(encoding="utf-8") for package in ("email", "json", "http") for p in (stdlib / package).glob("*.py"))
+    tokenizer = BastionTokenizer.train(texts, vocab_size=vocab_size)
+    cfg = build_config({"model": {"preset": preset, "vocab_size": tokenizer.vocab_size}}, source="bench config")
+    torch.manual_seed(0)
+    weights = Transformer(cfg.model).state_dict()
+    optimizer = {f"state.{i}.{moment}": torch.randn_like(t) for i, t in enumerate(unique_tensors(weights).values())
+                 for moment in ("exp_avg", "exp_avg_sq")}
+    return save_checkpoint(root, 1, Checkpoint(model=weights, trainer_state={"step": 1}, config_yaml=to_yaml(cfg),
+                                               tokenizer_json=tokenizer.to_json_str(), optimizer=optimizer))
+
+
+def without(ckpt_dir: Path, name: str, dst: Path) -> Path:
+    """A copy of a checkpoint without one file (its manifest rewritten to match)."""
+    shutil.copytree(ckpt_dir, dst)
+    os.chmod(dst / name, 0o600)
+    (dst / name).unlink()
+    files = {p.name: p for p in dst.iterdir() if p.name != MANIFEST}
+    os.chmod(dst / MANIFEST, 0o600)
+    (dst / MANIFEST).write_bytes(manifest_bytes(build_manifest(files)))
+    return dst
+
+
+def generate_process(ckpt_dir: Path) -> None:
+    """`bastion generate` of one token in a fresh process: what a user waits for."""
+    import subprocess
+    import sys
+
+    subprocess.run([sys.executable, "-m", "bastion.cli", "generate", "--checkpoint", str(ckpt_dir), "-p", "hi",
+                    "--max-new-tokens", "1"], check=True, capture_output=True, timeout=600)
+
+
+def bench_load_verify(preset: str, work: Path, reps: int, vocab_size: int) -> dict:
+    """Load time with and without the optimizer state hashed (interleaved, medians)."""
+    from bastion.infer.loading import load_for_inference
+
+    full = random_checkpoint(preset, work / preset, vocab_size)
+    bare = without(full, "optimizer.safetensors", work / f"{preset}-no-optimizer" / full.name)
+    entry = json.loads((full / MANIFEST).read_text())["files"]["optimizer.safetensors"]
+    loads = {"load_checkpoint": lambda p: load_checkpoint(p, load_optimizer=False), "load_for_inference": load_for_inference,
+             "generate process": generate_process}
+    times: dict[str, list[float]] = {f"{kind} {which}": [] for kind in loads for which in ("hashing", "without")}
+    times["optimizer hash alone"] = []
+    for _ in range(reps):
+        for kind, load in loads.items():
+            times[f"{kind} hashing"].append(timed(lambda: load(full)))
+            times[f"{kind} without"].append(timed(lambda: load(bare)))
+        times["optimizer hash alone"].append(timed(lambda: check_file(full / "optimizer.safetensors", entry)))
+    params = sum(t.numel() for t in unique_tensors(load_checkpoint(bare).model).values())
+    return {"params": params, "model_bytes": (full / "model.safetensors").stat().st_size,
+            "optimizer_bytes": entry["size"], **{k: statistics.median(v) for k, v in times.items()}}
+
+
+def print_load_verify(r: dict) -> None:
+    print(f"\n{'load (median of ' + str(r['reps']) + ')':16} {'params':>12} {'model MB':>9} {'optim MB':>9} "
+          f"{'load_checkpoint':>24} {'load_for_inference':>24} {'generate process':>24} {'hash alone':>10}")
+    for preset, row in r["presets"].items():
+        cells = [f"{row[k + ' without']:.3f} -> {row[k + ' hashing']:.3f} s"
+                 for k in ("load_checkpoint", "load_for_inference", "generate process")]
+        print(f"{preset:16} {row['params']:12,} {row['model_bytes'] / 1e6:9.1f} {row['optimizer_bytes'] / 1e6:9.1f} "
+              f"{cells[0]:>24} {cells[1]:>24} {cells[2]:>24} {row['optimizer hash alone']:9.3f}s")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="small")
@@ -270,11 +349,21 @@ def main() -> None:
     parser.add_argument("--level", type=int, default=3, help="zstd level, both codecs")
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="compression threads, both codecs")
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--load-verify", action="store_true", help="only section 4: the cost of verifying every file on load")
     parser.add_argument("--save-memory-job", nargs=3, metavar=("KIND", "CKPT", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.save_memory_job:
         kind, ckpt_dir, out = args.save_memory_job
         return save_memory_job(kind, Path(ckpt_dir), Path(out))
+    if args.load_verify:
+        with tempfile.TemporaryDirectory() as tmp:
+            presets = {p: bench_load_verify(p, Path(tmp), args.reps, args.vocab_size) for p in ("small", "base")}
+        result = {"device": f"CPU ({os.cpu_count()} cores), torch {torch.__version__}", "reps": args.reps,
+                  "vocab_size": args.vocab_size, "presets": presets}
+        print_load_verify(result)
+        if args.json:
+            args.json.write_text(json.dumps(result, indent=2) + "\n")
+        return None
 
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:

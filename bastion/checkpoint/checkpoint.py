@@ -27,6 +27,16 @@ import safetensors.torch
 import torch
 from safetensors import SafetensorError
 
+from bastion.checkpoint.formats import (
+    MAX_JSON_BYTES,
+    MODEL_FILE,
+    MODEL_INDEX,
+    SHARD_FILE,
+    check_file,
+    check_format,
+    check_names,
+    verify_contents,
+)
 from bastion.checkpoint.manifest import (
     MANIFEST,
     PICKLE_SUFFIXES,
@@ -40,11 +50,9 @@ from bastion.errors import CheckpointError
 from bastion.safeio import fsync_dir, make_private_dir, open_private, parse_json, read_regular, replace_file, write_bytes
 
 LATEST = "latest"
-MODEL_FILE = "model.safetensors"
-MODEL_INDEX = "model.safetensors.index.json"
-SHARD_FILE = re.compile(r"^model-(\d{5})-of-(\d{5})\.safetensors$")
 STEP_DIR = re.compile(r"^step_(\d{8,})$")
-MAX_JSON_BYTES = 64 * 2**20
+TRASH_PREFIX = ".trash-"  # a checkpoint being deleted: never listed, removed by the next prune
+MAX_LATEST_BYTES = 256
 
 
 @dataclass
@@ -196,7 +204,7 @@ def save_checkpoint(root: str | Path, step: int, ckpt: Checkpoint, keep_last: in
     if final.exists():
         # Re-saving a step: swap atomically. If we die between the two renames, `latest`
         # dangles for a moment; resolve_checkpoint then falls back to the newest committed dir.
-        trash = root / f".trash-{final.name}-{os.getpid()}"
+        trash = _trash_path(final)
         os.replace(final, trash)
         os.replace(tmp, final)
         shutil.rmtree(trash, ignore_errors=True)
@@ -259,14 +267,25 @@ def to_prune(root: str | Path, policy: Retention | int) -> list[Path]:
 
 
 def prune(root: str | Path, policy: Retention | int) -> list[Path]:
-    """Delete what `to_prune` lists, and leftovers of crashed saves."""
+    """Delete what `to_prune` lists, and leftovers of crashed saves and prunes. Each is first
+    renamed out of the way (one atomic step, after which no listing shows it), then
+    deleted: a prune killed midway never leaves a half-deleted folder that looks committed."""
     root = Path(root)
     removed = to_prune(root, policy)
     for path in removed:
-        shutil.rmtree(path)
-    for stale in [*root.glob(".tmp-step_*"), *root.glob(".trash-step_*")]:  # never visible as checkpoints
+        trash = _trash_path(path)
+        if trash.exists():  # a recycled pid's leftover
+            shutil.rmtree(trash)
+        os.replace(path, trash)
+    if removed:
+        fsync_dir(root)  # the renames reach the disk before any deletion does
+    for stale in [*root.glob(".tmp-step_*"), *root.glob(f"{TRASH_PREFIX}step_*")]:  # never visible as checkpoints
         shutil.rmtree(stale, ignore_errors=True)
     return removed
+
+
+def _trash_path(checkpoint: Path) -> Path:
+    return checkpoint.with_name(f"{TRASH_PREFIX}{checkpoint.name}-{os.getpid()}")
 
 
 def _step_of(path: Path) -> int:
@@ -274,11 +293,16 @@ def _step_of(path: Path) -> int:
 
 
 def _read_latest(root: Path) -> str | None:
-    pointer = root / LATEST
-    if not pointer.is_file() or pointer.is_symlink():
+    """The step folder `latest` names: only a real child folder of `root` (never reached
+    through a link), from a pointer that is itself a small regular file."""
+    try:
+        raw = read_regular(root / LATEST, MAX_LATEST_BYTES, CheckpointError)
+    except CheckpointError:  # missing, a link, a FIFO...
         return None
-    name = pointer.read_text(encoding="utf-8", errors="replace").strip()
-    return name if STEP_DIR.match(name) else None
+    name = raw.decode("utf-8", errors="replace").strip()
+    target = root / name
+    real = STEP_DIR.match(name) and target.is_dir() and not target.is_symlink()
+    return name if real and len(raw) <= MAX_LATEST_BYTES else None
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -291,11 +315,15 @@ def resolve_checkpoint(path: str | Path) -> Path:
         )
     if not path.exists():
         raise CheckpointError(f"checkpoint not found: {path}")
+    if STEP_DIR.match(path.name) and path.is_symlink():
+        raise CheckpointError(f"{path}: a symbolic link; checkpoint folders are never links (pass the folder it "
+                              "points to if you trust it)")
     if (path / MANIFEST).exists():
         return path
-    for root in (path, path / "checkpoints"):
+    runs = path / "checkpoints"
+    for root in [path] if runs.is_symlink() else [path, runs]:  # a linked checkpoints/ could lead anywhere
         name = _read_latest(root)
-        if name and (root / name).is_dir():
+        if name:
             return root / name
         committed = list_checkpoints(root)
         if committed:
@@ -306,19 +334,26 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 
 def verify_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Check a checkpoint directory against its manifest (every file's size and SHA-256, no
-    extra files, no links); returns the manifest. Raises CheckpointError naming the file."""
+    """Check a checkpoint directory against its manifest (every file's size, SHA-256 and
+    format, no extra files, no links); returns the manifest. Raises CheckpointError naming
+    the file."""
+    return verified_headers(path)[1]
+
+
+def verified_headers(path: str | Path) -> tuple[Path, dict[str, Any], dict[str, dict]]:
+    """`verify_checkpoint`, returning the checkpoint's directory, its manifest and the
+    validated header of each safetensors file (read in the same pass: no tensor is built)."""
     directory = resolve_checkpoint(path)
     manifest = read_manifest(directory)
-    verify_directory(directory, manifest, hash_files=True)
-    return manifest
+    return directory, manifest, verify_contents(directory, manifest)
 
 
 def read_listed(directory: Path, listed: dict[str, Any], name: str, *, verify: bool = True,
                 max_bytes: int | None = None) -> bytes:
     """The bytes of `name`, a file the manifest `listed` names: never through a symlink,
-    never more bytes than the manifest declares, and (with verify) the SHA-256 checked on
-    exactly the bytes returned, so what was hashed is what gets parsed."""
+    never more bytes than the manifest declares, of the format its name says, and (with
+    verify) the SHA-256 checked on exactly the bytes returned, so what was hashed is what
+    gets parsed."""
     if name not in listed:
         raise CheckpointError(f"{directory}: {name} is missing from the manifest")
     size = listed[name]["size"]
@@ -330,6 +365,7 @@ def read_listed(directory: Path, listed: dict[str, Any], name: str, *, verify: b
         raise CheckpointError(f"{path}: size does not match manifest ({size})")
     if verify and hashlib.sha256(data).hexdigest() != listed[name]["sha256"]:
         raise CheckpointError(f"{path}: SHA-256 does not match manifest (file modified or corrupt)")
+    check_format(path, data)
     return data
 
 
@@ -347,14 +383,18 @@ def load_checkpoint(path: str | Path, verify: bool = True, load_optimizer: bool 
     bytes that were hashed are the bytes that get parsed. Every safetensors header is
     validated before tensors are built. `expect` (e.g. a meta-device model's state_dict)
     makes names, shapes and dtypes of the weights must-match; `reject_nonfinite` refuses
-    NaN/Inf weights."""
+    NaN/Inf weights. Files not needed (the optimizer state, unless load_optimizer) are
+    verified too, streaming: with verify, a modified file is always an error."""
     directory = resolve_checkpoint(path)
     manifest = read_manifest(directory)
+    listed = manifest["files"]
     if verify:
         verify_directory(directory, manifest, hash_files=False)
-    listed = manifest["files"]
+        check_names(directory, listed)
+    unread = set(listed)
 
     def read(name: str) -> bytes:
+        unread.discard(name)
         return read_listed(directory, listed, name, verify=verify)
 
     model = _load_model(directory, listed, read)
@@ -367,12 +407,10 @@ def load_checkpoint(path: str | Path, verify: bool = True, load_optimizer: bool 
         optimizer, optimizer_meta = _load_tensors(directory / "optimizer.safetensors", read("optimizer.safetensors"))
     rng = _load_tensors(directory / "rng.safetensors", read("rng.safetensors"))[0] if "rng.safetensors" in listed else {}
     trainer_state = parse_json(read("trainer_state.json"), CheckpointError, f"{directory / 'trainer_state.json'}")
-    if not isinstance(trainer_state, dict):
-        raise CheckpointError(f"{directory / 'trainer_state.json'}: not a JSON object")
-    try:
-        config_yaml, tokenizer_json = read("config.yaml").decode("utf-8"), read("tokenizer.json").decode("utf-8")
-    except UnicodeDecodeError:
-        raise CheckpointError(f"{directory}: config.yaml or tokenizer.json is not valid UTF-8") from None
+    config_yaml, tokenizer_json = read("config.yaml").decode("utf-8"), read("tokenizer.json").decode("utf-8")  # UTF-8: read checked it
+    if verify:  # what this load does not need is verified too: a modified file is always an error
+        for name in sorted(unread):
+            check_file(directory / name, listed[name])
     return Checkpoint(
         model=model,
         trainer_state=trainer_state,

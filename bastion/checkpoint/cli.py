@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import mmap
 from pathlib import Path
 from typing import Optional
 
@@ -17,34 +16,22 @@ app = typer.Typer(help="Checkpoints: verify, inspect, prune, convert, pack/unpac
 out = Console(markup=False)  # plain text; a BastionError raised by any command is reported by bastion.cli (exit 2)
 
 
-def _safetensors_headers(directory: Path, manifest: dict) -> dict[str, dict]:
-    """Validated headers of every safetensors file, read through mmap (no tensor is built)."""
-    from bastion.checkpoint.safetensors_check import parse_header
-
-    headers = {}
-    for name in manifest["files"]:
-        if name.endswith(".safetensors"):
-            with open(directory / name, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-                headers[name] = parse_header(memoryview(mm), directory / name)[0]
-    return headers
-
-
 @app.command("verify")
 def verify(
     path: Path = typer.Argument(..., help="Checkpoint folder, a folder with 'latest', or a packed checkpoint."),
+    base: Optional[Path] = typer.Option(None, help="The base checkpoint a delta pack was made against."),
 ) -> None:
-    """Check every file against MANIFEST.json (size, SHA-256, no extra files or links) and the
-    layout of every safetensors header. Exit 2 on any problem."""
-    from bastion.checkpoint import resolve_checkpoint, verify_checkpoint
+    """Check every file against MANIFEST.json (size, SHA-256, no extra files or links) and its
+    format (safetensors layout, JSON, YAML); a packed checkpoint is decompressed (bounded) and
+    checked the same way, nothing written. Exit 2 on any problem."""
+    from bastion.checkpoint.checkpoint import verified_headers
     from bastion.checkpoint.pack import PACK, verify_packed
 
     if (path / PACK).exists():
-        pack = verify_packed(path)
-        out.print(f"{path}: OK (packed, {len(pack['files'])} files)")
+        pack = verify_packed(path, base=base)
+        out.print(f"{path}: OK (packed, {len(pack['files'])} files, all decompress to their SHA-256)")
         return
-    directory = resolve_checkpoint(path)
-    manifest = verify_checkpoint(directory)
-    headers = _safetensors_headers(directory, manifest)
+    directory, manifest, headers = verified_headers(path)
     tensors = sum(len(h) for h in headers.values())
     out.print(f"{directory}: OK ({len(manifest['files'])} files, {tensors} tensors, all SHA-256 match)")
 
@@ -55,12 +42,10 @@ def inspect(
     as_json: bool = typer.Option(False, "--json", help="Print as JSON."),
 ) -> None:
     """Show a checkpoint's manifest, training state and tensors (after verifying it)."""
-    from bastion.checkpoint import resolve_checkpoint, verify_checkpoint
+    from bastion.checkpoint.checkpoint import verified_headers
     from bastion.checkpoint.contents import read_trainer_state
 
-    directory = resolve_checkpoint(path)
-    manifest = verify_checkpoint(directory)
-    headers = _safetensors_headers(directory, manifest)
+    directory, manifest, headers = verified_headers(path)
     state = read_trainer_state(directory)
     summary = {
         "path": str(directory), "format_version": manifest["format_version"],

@@ -8,7 +8,7 @@ a fine-tune from it, merging adapters into it, exporting it - asks this module:
     checkpoint_config(ckpt)        config.yaml as a validated BastionConfig (no ${VAR} expansion)
     checkpoint_model_config(ckpt)  its model section, vocab_size set
     adapters_only(config)          a LoRA run's checkpoint: adapters, no base weights
-    checkpoint_tokenizer(ckpt)     tokenizer.json with the model's own bos / eos / pad
+    checkpoint_tokenizer(ckpt)     tokenizer.json with the model's own bos / eos / pad, ids within the model
     checkpoint_chat(ckpt, tok)     the chat format the model was trained with
     chat_template(state)           that template's text (Bastion's built-in one if none recorded)
     tokenizer_state(state)         the keys that follow a model through every stage
@@ -34,7 +34,9 @@ from pathlib import Path
 from typing import Any
 
 from bastion.checkpoint.checkpoint import Checkpoint, load_checkpoint, read_checkpoint_file, resolve_checkpoint
+from bastion.checkpoint.formats import MAX_JSON_BYTES, MAX_YAML_BYTES
 from bastion.checkpoint.manifest import manifest_sha256 as _manifest_file_sha256
+from bastion.checkpoint.safetensors_check import check_finite
 from bastion.config.load import REDACTED, build_config, parse_yaml
 from bastion.config.schema import BastionConfig, ModelConfig, TrainConfig
 from bastion.errors import CheckpointError, ConfigError
@@ -46,8 +48,8 @@ TOKENIZER_STATE_KEYS = ("special_tokens", "chat_template", "imported_from")
 SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token", "pad_token")
 BASTION_SPECIALS = {"bos_token": None, "eos_token": EOS_TOKEN, "pad_token": PAD_TOKEN}
 BASE_SHA_KEY = "lora_base_manifest_sha256"
-MAX_TRAINER_STATE_BYTES = 64 * 2**20
-MAX_CONFIG_YAML_BYTES = 1 * 2**20
+MAX_TRAINER_STATE_BYTES = MAX_JSON_BYTES
+MAX_CONFIG_YAML_BYTES = MAX_YAML_BYTES
 
 
 def manifest_sha256(path: str | Path) -> str:
@@ -132,13 +134,19 @@ def chat_template(state: dict[str, Any]) -> str:
 
 
 def checkpoint_tokenizer(ckpt: Checkpoint) -> BastionTokenizer:
-    """The checkpoint's tokenizer with its own eos / pad / bos (Bastion's when none recorded)."""
+    """The checkpoint's tokenizer with its own eos / pad / bos (Bastion's when none recorded);
+    refused unless every token id indexes the model's embedding (model.vocab_size)."""
+    where = f"{ckpt.directory}/tokenizer.json"
     try:
-        return BastionTokenizer.from_json_str(ckpt.tokenizer_json, **special_tokens(ckpt.trainer_state))
+        tokenizer = BastionTokenizer.from_json_str(ckpt.tokenizer_json, **special_tokens(ckpt.trainer_state))
     except CheckpointError:
         raise
     except Exception as exc:  # DataError from the wrapper; anything tokenizers raises on odd JSON
-        raise CheckpointError(f"{ckpt.directory}/tokenizer.json: {exc}") from None
+        raise CheckpointError(f"{where}: {exc}") from None
+    vocab_size = checkpoint_model_config(ckpt).vocab_size
+    if tokenizer.max_id >= vocab_size:
+        raise CheckpointError(f"{where}: token id {tokenizer.max_id} is outside the model's vocab_size {vocab_size}")
+    return tokenizer
 
 
 def checkpoint_chat(ckpt: Checkpoint, tokenizer: BastionTokenizer) -> ChatFormat:
@@ -180,18 +188,28 @@ def lora_base(ckpt: Checkpoint) -> Path:
     return resolve_checkpoint(base_path)
 
 
+def refuse_nonfinite(ckpt: Checkpoint, config: BastionConfig, requested: bool = False) -> None:
+    """NaN / Inf weights are an error when the caller asks (`requested`) or the checkpoint's
+    own config does (checkpoint.reject_nonfinite)."""
+    if requested or config.checkpoint.reject_nonfinite:
+        check_finite(ckpt.model, ckpt.directory)
+
+
 def load_full_model(path: str | Path, *, what: str = "checkpoint", verify: bool = True,
                     reject_nonfinite: bool = False) -> tuple[Checkpoint, BastionConfig]:
     """A verified checkpoint that holds a whole model (no optimizer state loaded) and its
-    config; a LoRA run's adapters-only checkpoint is refused with the way out."""
-    ckpt = load_checkpoint(path, verify=verify, load_optimizer=False, reject_nonfinite=reject_nonfinite)
+    config; a LoRA run's adapters-only checkpoint is refused with the way out, and NaN / Inf
+    weights as `refuse_nonfinite` says (exporters always ask: an exported model leaves
+    Bastion's checks behind)."""
+    ckpt = load_checkpoint(path, verify=verify, load_optimizer=False)
     config = checkpoint_config(ckpt)
     refuse_adapters_only(ckpt, config, what)
     checkpoint_model_config(ckpt)  # vocab_size must be known to build it
+    refuse_nonfinite(ckpt, config, reject_nonfinite)
     return ckpt, config
 
 
 __all__ = ["BASE_SHA_KEY", "TOKENIZER_STATE_KEYS", "adapters_only", "chat_template", "checkpoint_chat",
            "checkpoint_config", "checkpoint_tokenizer", "load_full_model", "lora_base", "manifest_sha256",
-           "checkpoint_model_config", "model_name", "parse_trainer_state", "read_trainer_state", "refuse_adapters_only", "special_tokens",
+           "checkpoint_model_config", "model_name", "parse_trainer_state", "read_trainer_state", "refuse_adapters_only", "refuse_nonfinite", "special_tokens",
            "tokenizer_state"]

@@ -24,9 +24,11 @@ the SHA-256 of the base's MANIFEST.json and unpacking refuses any other base.
 
 Unpacking treats the packed directory as hostile: names must be plain file names, every blob
 must match its SHA-256 in PACK.json before anything is decompressed, no frame may decompress
-to more than PACK.json declares, and the output must match the original manifest bit for bit.
-Both directions write into a temporary directory (files 0600, directories 0700) and appear
-at the destination by one atomic rename.
+to more than PACK.json declares, and the output must match the original manifest bit for bit
+and be of the format each file's name says (`formats.FileCheck`, as packing checked the
+source). `verify_packed` does all of that without writing anything. Both directions write
+into a temporary directory (files 0600, directories 0700) and appear at the destination by
+one atomic rename.
 """
 from __future__ import annotations
 
@@ -50,7 +52,9 @@ import zstandard
 
 import bastion
 from bastion.checkpoint.checkpoint import resolve_checkpoint
+from bastion.checkpoint.formats import FileCheck, check_names, verify_contents
 from bastion.checkpoint.manifest import MANIFEST, read_manifest_bytes, verify_directory
+from bastion.checkpoint.safetensors_check import MAX_HEADER_BYTES, parse_header
 from bastion.errors import CheckpointError
 from bastion.safeio import (
     fsync_dir,
@@ -72,7 +76,6 @@ SMALL_TENSOR = 4096  # smaller tensors ride along in the surrounding plain secti
 DEFAULT_CHUNK_BYTES = 8 * 2**20
 MIN_CHUNK_BYTES, MAX_CHUNK_BYTES = 4096, 64 * 2**20
 IN_FLIGHT_BYTES = 512 * 2**20  # input bytes of the chunks being worked on at once, at most
-MAX_HEADER_BYTES = 100 * 2**20
 MAX_PACK_JSON_BYTES = 64 * 2**20
 PLANE_PARAMS = zstandard.ZstdCompressionParameters.from_level(1, min_match=7, search_log=1, hash_log=6, chain_log=6)
 
@@ -130,8 +133,8 @@ def pack_checkpoint(src: str | Path, dst: str | Path, *, base: str | Path | None
                     threads: int | None = None, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> PackReport:
     """Compress checkpoint `src` into a new directory `dst` (refused if it exists). With
     `base`, tensors also in that checkpoint are stored as XOR deltas against it. Every source
-    file is checked against the manifest (size first, SHA-256 as it streams); a mismatch
-    raises CheckpointError and leaves nothing at `dst`."""
+    file is checked against the manifest (size first, SHA-256 and format as it streams); a
+    mismatch raises CheckpointError and leaves nothing at `dst`."""
     start = time.perf_counter()
     if not (isinstance(level, int) and -7 <= level <= 22):
         raise CheckpointError(f"zstd level must be an integer in -7..22, got {level!r}")
@@ -139,6 +142,7 @@ def pack_checkpoint(src: str | Path, dst: str | Path, *, base: str | Path | None
     src = resolve_checkpoint(src)
     manifest, manifest_raw = read_manifest_bytes(src)
     verify_directory(src, manifest, hash_files=False)
+    check_names(src, manifest["files"])
     for name in manifest["files"]:
         if not NAME_RE.match(name):
             raise CheckpointError(f"{src / name}: file name not supported by the packed format")
@@ -158,12 +162,12 @@ def pack_checkpoint(src: str | Path, dst: str | Path, *, base: str | Path | None
             if base is not None:
                 base_dir = resolve_checkpoint(base)
                 base_manifest, base_raw = read_manifest_bytes(base_dir)
-                verify_directory(base_dir, base_manifest, hash_files=True)  # its bits go into every delta
+                verify_contents(base_dir, base_manifest)  # its bits go into every delta
                 pack["base_manifest_sha256"] = report.base_manifest_sha256 = hashlib.sha256(base_raw).hexdigest()
                 for name in base_manifest["files"]:
                     if name.endswith(".safetensors"):
                         fd = stack.enter_context(open(base_dir / name, "rb")).fileno()
-                        for tname, ref in (_tensor_layout(fd, base_manifest["files"][name]["size"], base_dir / name) or {}).items():
+                        for tname, ref in _tensor_layout(fd, base_manifest["files"][name]["size"], base_dir / name).items():
                             base_index.setdefault((SHARD_SUFFIX.sub("", name), tname), (ref, fd))
             for name, entry in manifest["files"].items():
                 blob = f"{name}.zst"
@@ -182,33 +186,16 @@ def pack_checkpoint(src: str | Path, dst: str | Path, *, base: str | Path | None
     return report
 
 
-def _tensor_layout(fd: int, size: int, where: Path) -> dict[str, _Ref] | None:
-    """{name: _Ref with absolute byte offsets} from a safetensors header, or None when the
-    file is not one. Lenient on purpose: packing stays lossless whatever the header says."""
-    if size < 8:
-        return None
-    header_len = int.from_bytes(_pread(fd, 0, 8, where), "little")
-    if header_len > MAX_HEADER_BYTES or 8 + header_len > size:
-        return None
-    try:
-        header = json.loads(_pread(fd, 8, header_len, where))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
-        return None
-    if not isinstance(header, dict):
-        return None
-    out, data_start = {}, 8 + header_len
-    for tname, info in header.items():
-        if tname == "__metadata__":
-            continue
-        try:
-            dtype, shape, (begin, end) = info["dtype"], list(info["shape"]), info["data_offsets"]
-        except (TypeError, KeyError, ValueError):
-            return None
-        if not (isinstance(dtype, str) and all(_is_int(d) and d >= 0 for d in shape)
-                and _is_int(begin) and _is_int(end) and 0 <= begin <= end and data_start + end <= size):
-            return None
-        out[tname] = _Ref(where.name, dtype, shape, data_start + begin, data_start + end)
-    return out
+def _tensor_layout(fd: int, size: int, where: Path) -> dict[str, _Ref]:
+    """{name: _Ref with absolute byte offsets} from a safetensors file's header, validated
+    strictly (`parse_header`): a file that is not safetensors is refused before anything is
+    compressed (as the format check of the bytes streamed would refuse it after)."""
+    length = _pread(fd, 0, min(size, 8), where)
+    header_len = min(int.from_bytes(length, "little"), MAX_HEADER_BYTES, max(size - 8, 0))
+    header, _ = parse_header(length + _pread(fd, 8, header_len, where), where, size=size)
+    data_start = 8 + int.from_bytes(length, "little")
+    return {tname: _Ref(where.name, info["dtype"], info["shape"], data_start + info["data_offsets"][0],
+                        data_start + info["data_offsets"][1]) for tname, info in header.items()}
 
 
 def _plan(path: Path, size: int, fd: int, base_index: dict) -> list[tuple[dict, int, tuple | None]]:
@@ -220,9 +207,7 @@ def _plan(path: Path, size: int, fd: int, base_index: dict) -> list[tuple[dict, 
     cursor = 0
     for tname, ref in sorted((layout or {}).items(), key=lambda item: item[1].begin):
         length = ref.end - ref.begin
-        planes = PLANES.get(ref.dtype, 1)
-        if planes > 1 and length != planes * math.prod(ref.shape):
-            planes = 1
+        planes = PLANES.get(ref.dtype, 1)  # length is a whole number of elements: parse_header checked it
         base_ref, base_fd = base_index.get((group, tname), (None, None))
         is_delta = (base_ref is not None and base_ref.dtype == ref.dtype and base_ref.shape == ref.shape
                     and base_ref.end - base_ref.begin == length)
@@ -242,7 +227,7 @@ def _plan(path: Path, size: int, fd: int, base_index: dict) -> list[tuple[dict, 
 
 def _pack_file(path: Path, entry: dict, blob_path: Path, base_index: dict, level: int, chunk_bytes: int,
                workers: int) -> tuple[dict, int]:
-    source_hash, blob_hash = hashlib.sha256(), hashlib.sha256()
+    source, blob_hash = FileCheck(path, entry), hashlib.sha256()
     blob_size = 0
     with open(path, "rb") as fh, open_private(blob_path) as out:
         fd = fh.fileno()
@@ -253,7 +238,7 @@ def _pack_file(path: Path, entry: dict, blob_path: Path, base_index: dict, level
 
         def finish(section: dict, raw: bytes, frames: list[bytes]) -> None:
             nonlocal blob_size
-            source_hash.update(raw)
+            source.update(raw)
             for frame in frames:
                 out.write(frame)
                 blob_hash.update(frame)
@@ -269,8 +254,7 @@ def _pack_file(path: Path, entry: dict, blob_path: Path, base_index: dict, level
                     pipe.submit(section, _encode_chunk, fd, offset + pos, n, section["planes"], base_chunk, level, path)
         out.flush()
         os.fsync(out.fileno())
-    if source_hash.hexdigest() != entry["sha256"]:
-        raise CheckpointError(f"{path}: SHA-256 does not match manifest (file modified or corrupt)")
+    source.finish()  # size, SHA-256 and format of exactly the bytes packed
     meta = {"size": entry["size"], "sha256": entry["sha256"],
             "blob": {"name": blob_path.name, "size": blob_size, "sha256": blob_hash.hexdigest()},
             "sections": [section for section, _, _ in plan]}
@@ -309,13 +293,16 @@ def _encode_chunk(fd: int, offset: int, n: int, planes: int, base_at: tuple | No
 
 # --------------------------------------------------------------------------- unpack
 
-def verify_packed(packed: str | Path) -> dict[str, Any]:
-    """Check a packed checkpoint without unpacking: PACK.json well formed and consistent with
-    MANIFEST.json, every blob present with its declared size and SHA-256, nothing else in the
-    directory. Returns PACK.json's content."""
+def verify_packed(packed: str | Path, *, base: str | Path | None = None, threads: int | None = None) -> dict[str, Any]:
+    """Check a packed checkpoint without writing anything: PACK.json well formed and consistent
+    with MANIFEST.json, nothing else in the directory, every blob's size and SHA-256, then
+    every blob decompressed (no frame past the size PACK.json declares, a bomb is refused as
+    it expands) into exactly the bytes the manifest lists, each of the format its name says.
+    A delta pack needs its `base`, as for unpacking. Returns PACK.json's content."""
     packed = Path(packed)
     pack, _, _ = _read_pack(packed)
     _verify_blobs(packed, pack)
+    _restore(packed, pack, base, _threads(threads), None)
     return pack
 
 
@@ -327,31 +314,9 @@ def unpack_checkpoint(packed: str | Path, dst: str | Path, *, base: str | Path |
     packed, dst = Path(packed), Path(dst)
     pack, manifest, manifest_raw = _read_pack(packed)
     _verify_blobs(packed, pack)
-    chunk_bytes = pack["codec"]["chunk_bytes"]
     tmp = _temp_dir(dst)
     try:
-        with ExitStack() as stack:
-            base_dir, base_manifest, base_files = None, None, {}
-            expected = pack["base_manifest_sha256"]
-            if expected is not None:
-                if base is None:
-                    raise CheckpointError(f"{packed}: packed as a delta against base checkpoint with MANIFEST.json "
-                                          f"sha256 {expected}; pass that checkpoint as base")
-                base_dir = resolve_checkpoint(base)
-                base_manifest, base_raw = read_manifest_bytes(base_dir)
-                actual = hashlib.sha256(base_raw).hexdigest()
-                if actual != expected:
-                    raise CheckpointError(f"{base_dir}: wrong base checkpoint for {packed}: its MANIFEST.json sha256 is "
-                                          f"{actual}, the pack was made against {expected}")
-                verify_directory(base_dir, base_manifest, hash_files=True)
-            for name, meta in pack["files"].items():
-                sections = []
-                for section in meta["sections"]:
-                    base_at = None
-                    if "delta" in section:
-                        base_at = _base_tensor(base_dir, base_manifest, base_files, stack, section, packed / PACK)
-                    sections.append((section, base_at))
-                _unpack_file(packed / meta["blob"]["name"], meta, sections, tmp / name, chunk_bytes, _threads(threads))
+        _restore(packed, pack, base, _threads(threads), tmp)
         write_bytes(tmp / MANIFEST, manifest_raw)
         verify_directory(tmp, manifest, hash_files=False)  # every file's SHA-256 was checked as it was written
         _commit(tmp, dst)
@@ -359,6 +324,43 @@ def unpack_checkpoint(packed: str | Path, dst: str | Path, *, base: str | Path |
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return dst
+
+
+def _restore(packed: Path, pack: dict, base: str | Path | None, workers: int, out_dir: Path | None) -> None:
+    """Decompress every file of a pack, each checked as it streams against its manifest entry
+    (size, SHA-256, format); written into `out_dir` unless that is None (verification only)."""
+    with ExitStack() as stack:
+        base_dir, base_manifest = _delta_base(packed, pack, base)
+        base_files: dict[str, tuple[int, dict[str, _Ref]]] = {}
+        for name, meta in pack["files"].items():
+            sections = []
+            for section in meta["sections"]:
+                base_at = None
+                if "delta" in section:
+                    base_at = _base_tensor(base_dir, base_manifest, base_files, stack, section, packed / PACK)
+                sections.append((section, base_at))
+            out_path = None if out_dir is None else out_dir / name
+            _unpack_file(packed / meta["blob"]["name"], FileCheck(packed / name, meta), sections, out_path,
+                         pack["codec"]["chunk_bytes"], workers)
+
+
+def _delta_base(packed: Path, pack: dict, base: str | Path | None) -> tuple[Path | None, dict | None]:
+    """The verified base checkpoint (folder, manifest) a delta pack needs; (None, None) for a
+    pack that is not a delta."""
+    expected = pack["base_manifest_sha256"]
+    if expected is None:
+        return None, None
+    if base is None:
+        raise CheckpointError(f"{packed}: packed as a delta against base checkpoint with MANIFEST.json "
+                              f"sha256 {expected}; pass that checkpoint as base")
+    base_dir = resolve_checkpoint(base)
+    base_manifest, base_raw = read_manifest_bytes(base_dir)
+    actual = hashlib.sha256(base_raw).hexdigest()
+    if actual != expected:
+        raise CheckpointError(f"{base_dir}: wrong base checkpoint for {packed}: its MANIFEST.json sha256 is "
+                              f"{actual}, the pack was made against {expected}")
+    verify_contents(base_dir, base_manifest)
+    return base_dir, base_manifest
 
 
 def _base_tensor(base_dir: Path, base_manifest: dict, base_files: dict, stack: ExitStack, section: dict,
@@ -370,7 +372,7 @@ def _base_tensor(base_dir: Path, base_manifest: dict, base_files: dict, stack: E
         raise CheckpointError(f"{where}: delta for {tname!r} refers to {name!r}, which the base checkpoint lacks")
     if name not in base_files:
         fd = stack.enter_context(open(base_dir / name, "rb")).fileno()
-        base_files[name] = (fd, _tensor_layout(fd, base_manifest["files"][name]["size"], base_dir / name) or {})
+        base_files[name] = (fd, _tensor_layout(fd, base_manifest["files"][name]["size"], base_dir / name))
     fd, layout = base_files[name]
     ref = layout.get(tname)
     if ref is None or ref.dtype != delta["dtype"] or ref.shape != delta["shape"] or ref.end - ref.begin != section["length"]:
@@ -379,12 +381,17 @@ def _base_tensor(base_dir: Path, base_manifest: dict, base_files: dict, stack: E
     return fd, ref.begin
 
 
-def _unpack_file(blob_path: Path, meta: dict, sections: list, out_path: Path, chunk_bytes: int, workers: int) -> None:
-    out_hash = hashlib.sha256()
-    with open(blob_path, "rb") as blob, open_private(out_path) as out:
+def _unpack_file(blob_path: Path, check: FileCheck, sections: list, out_path: Path | None, chunk_bytes: int,
+                 workers: int) -> None:
+    """Decode one blob section by section, feeding `check` (and `out_path`, if any) in order."""
+    with ExitStack() as files:
+        blob = files.enter_context(open(blob_path, "rb"))
+        out = None if out_path is None else files.enter_context(open_private(out_path))
+
         def finish(_section: Any, data: np.ndarray, _unused: Any) -> None:
-            out.write(data)
-            out_hash.update(data)
+            check.update(memoryview(data))
+            if out is not None:
+                out.write(data)
 
         with _Pipeline(workers, chunk_bytes, finish) as pipe:
             for section, base_at in sections:
@@ -394,11 +401,11 @@ def _unpack_file(blob_path: Path, meta: dict, sections: list, out_path: Path, ch
                     chunk_frames = [blob.read(next(frames)) for _ in range(planes)]
                     base_chunk = (base_at[0], base_at[1] + pos) if base_at else None
                     pipe.submit(section, _decode_chunk, chunk_frames, n, planes, base_chunk, blob_path)
-        out.flush()
-        os.fsync(out.fileno())
+        if out is not None:
+            out.flush()
+            os.fsync(out.fileno())
     # The blob was hashed before this; were it swapped since, this check still catches it.
-    if out_hash.hexdigest() != meta["sha256"]:
-        raise CheckpointError(f"{out_path.name}: unpacked bytes do not match the manifest SHA-256 (corrupt pack)")
+    check.finish()
 
 
 _dlocal = threading.local()
@@ -441,6 +448,7 @@ def _read_pack(packed: Path) -> tuple[dict, dict, bytes]:
         raise CheckpointError(f"{packed}: no {PACK}; not a packed checkpoint")
     pack = read_json_limited(where, MAX_PACK_JSON_BYTES, CheckpointError, "pack index")
     manifest, manifest_raw = read_manifest_bytes(packed)
+    check_names(packed, manifest["files"])
 
     def check(ok: bool, message: str) -> None:
         if not ok:

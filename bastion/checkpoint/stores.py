@@ -30,12 +30,12 @@ from typing import Any
 from urllib.parse import unquote, urlsplit
 
 from bastion.checkpoint import resolve_checkpoint, verify_checkpoint
+from bastion.checkpoint.formats import verify_contents
 from bastion.checkpoint.manifest import (
     MANIFEST,
     MAX_MANIFEST_BYTES,
     parse_manifest,
     read_manifest_bytes,
-    verify_directory,
 )
 from bastion.errors import CheckpointError
 from bastion.safeio import (
@@ -148,12 +148,13 @@ class Store(ABC):
 
     # ---- shared logic ----
     def push(self, local_ckpt_dir: str | Path, name: str | None = None, set_latest: bool = True) -> None:
-        """Verify a committed local checkpoint (a directory or a root with `latest`), upload its
-        files, then MANIFEST.json, then (unless set_latest=False) the `latest` pointer."""
+        """Verify a committed local checkpoint (a directory or a root with `latest`: every
+        file's size, SHA-256 and format), upload its files, then MANIFEST.json, then (unless
+        set_latest=False) the `latest` pointer."""
         directory = resolve_checkpoint(local_ckpt_dir)
         name = validate_name(directory.name if name is None else name)
         manifest, manifest_raw = read_manifest_bytes(directory)  # the bytes uploaded are the bytes verified
-        verify_directory(directory, manifest)
+        verify_contents(directory, manifest)
         handle = self._begin(name)
         try:
             for file, entry in sorted(manifest["files"].items()):

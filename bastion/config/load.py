@@ -118,6 +118,8 @@ def parse_yaml(text: str, where: str) -> Any:
         mark = getattr(exc, "problem_mark", None)
         at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         raise ConfigError(f"{where} is not valid YAML{at}: {getattr(exc, 'problem', exc)}") from None
+    except ValueError as exc:  # a scalar its tag cannot hold: a 5,000-digit int, a 13th month
+        raise ConfigError(f"{where} is not valid YAML: {str(exc)[:120]}") from None
     except RecursionError:  # (cannot happen below MAX_YAML_DEPTH; the last line of defence)
         raise ConfigError(f"{where} is nested too deeply") from None
 

@@ -15,8 +15,9 @@ from bastion.checkpoint.contents import (
     checkpoint_tokenizer,
     load_full_model,
     lora_base,
+    refuse_nonfinite,
 )
-from bastion.checkpoint.safetensors_check import check_against_model, check_finite
+from bastion.checkpoint.safetensors_check import check_against_model
 from bastion.config.schema import BastionConfig
 from bastion.model import Transformer
 from bastion.model.lora import apply_lora, is_lora_name, merge_lora
@@ -35,13 +36,16 @@ class LoadedModel:
 
 def load_for_inference(path: str | Path, *, verify: bool = True, device: str | torch.device = "cpu") -> LoadedModel:
     """Verify (unless verify=False) and load a checkpoint's weights, tokenizer and config.
-    A LoRA run's checkpoint (adapters only) is loaded onto its verified base and merged."""
+    A LoRA run's checkpoint (adapters only) is loaded onto its verified base and merged.
+    Weights holding NaN or Inf are refused whatever checkpoint.reject_nonfinite says: they
+    cannot generate anything (sampling fails on NaN probabilities)."""
     ckpt = load_checkpoint(path, verify=verify, load_optimizer=False)
     config = checkpoint_config(ckpt)
+    refuse_nonfinite(ckpt, config, requested=True)  # the weights, or a LoRA run's adapters
     with torch.device("meta"):
         expected = Transformer(config.model).state_dict()  # names, shapes, dtypes; no memory
     if adapters_only(config):
-        base, _ = load_full_model(lora_base(ckpt), what="LoRA base", verify=verify)
+        base, _ = load_full_model(lora_base(ckpt), what="LoRA base", verify=verify, reject_nonfinite=True)
         check_against_model(base.model, expected, base.directory / "model.safetensors")
         model = Transformer.from_state_dict(config.model, base.model).float()
         apply_lora(model, config.finetune.lora)
@@ -52,8 +56,6 @@ def load_for_inference(path: str | Path, *, verify: bool = True, device: str | t
             p.requires_grad_(True)
     else:
         check_against_model(ckpt.model, expected, ckpt.directory / "model.safetensors")
-        if config.checkpoint.reject_nonfinite:
-            check_finite(ckpt.model, ckpt.directory)
         model = Transformer.from_state_dict(config.model, ckpt.model).float()
     model.to(device).eval()
     tokenizer = checkpoint_tokenizer(ckpt)

@@ -190,7 +190,7 @@ def export_gguf(ckpt_path: str | Path, out_path: str | Path, dtype: Literal["f16
     out_path = Path(out_path)
     if out_path.is_symlink() or out_path.is_dir() or (out_path.exists() and not overwrite):
         raise CheckpointError(f"{out_path} already exists; choose a new file name")
-    ckpt, config = load_full_model(ckpt_path)
+    ckpt, config = load_full_model(ckpt_path, reject_nonfinite=True)
     cfg = config.model
     where = str(ckpt.directory)
     specials, ids = exported_special_tokens(ckpt)

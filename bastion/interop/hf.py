@@ -432,7 +432,7 @@ def export_hf(ckpt_path: str | Path, out_dir: str | Path) -> Path:
     existing non-empty out_dir."""
     out_dir = Path(out_dir)
     _check_out_dir(out_dir, "export folder")
-    ckpt, config = load_full_model(ckpt_path)
+    ckpt, config = load_full_model(ckpt_path, reject_nonfinite=True)
     cfg = config.model
     tokenizer = checkpoint_tokenizer(ckpt)
     specials, ids = exported_special_tokens(ckpt, tokenizer)

@@ -19,6 +19,7 @@ EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|pad|>"
 SPECIAL_TOKENS = (EOS_TOKEN, PAD_TOKEN)
 DEFAULT_MAX_TOKENIZER_BYTES = 64 * 2**20  # a 1M-token vocab with merges is ~50 MiB
+MAX_ID_GAPS = 1024  # ids a vocabulary may skip (tokenizers in use skip none, or a removed pad token)
 
 
 class BastionTokenizer:
@@ -42,7 +43,15 @@ class BastionTokenizer:
         self.eos_id: int = tokenizer.token_to_id(eos_token)
         self.pad_id: int = tokenizer.token_to_id(pad_token)
         self.bos_id: int | None = tokenizer.token_to_id(bos_token) if bos_token else None
-        self.vocab_size: int = tokenizer.get_vocab_size(with_added_tokens=True)
+        ids = tokenizer.get_vocab(with_added_tokens=True).values()
+        self.max_id: int = max(ids, default=-1)
+        # The ids text can map to, so the rows a model's embedding needs: the vocabulary's
+        # size, or more when its ids have gaps (an imported tokenizer without its pad token).
+        # Bounded, so that an id a file merely claims never sizes an embedding.
+        self.vocab_size: int = max(len(ids), self.max_id + 1)
+        if self.vocab_size > len(ids) + MAX_ID_GAPS:
+            raise DataError(f"tokenizer has token id {self.max_id}, far past its {len(ids)} tokens "
+                            f"(at most {MAX_ID_GAPS} unused ids are accepted)")
         # Does the tokenizer's own post-processor begin every text with bos (Llama, Mistral)?
         # Then the model saw bos first in training, and plain-text prompts start with it too.
         starts = tokenizer.encode("a", add_special_tokens=True).ids[:1] if self.bos_id is not None else []

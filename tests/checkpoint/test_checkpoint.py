@@ -221,3 +221,36 @@ def test_dangling_latest_falls_back_to_newest_committed(tmp_path):
         save_checkpoint(tmp_path, step, make_ckpt(step))
     (tmp_path / "latest").write_text("step_00000009\n")  # a crash between two renames
     assert resolve_checkpoint(tmp_path).name == "step_00000002"
+
+
+def test_links_in_a_run_are_never_followed(tmp_path):
+    """`latest` naming a step folder that is a link, a linked step folder, a linked
+    checkpoints/ folder: each could lead outside the run, none is resolved."""
+    outside = save_checkpoint(tmp_path / "elsewhere", 7, make_ckpt(7))
+    run = tmp_path / "run"
+    save_checkpoint(run / "checkpoints", 1, make_ckpt(1))
+    (run / "checkpoints" / "step_00000009").symlink_to(outside, target_is_directory=True)
+    (run / "checkpoints" / "latest").write_text("step_00000009\n")
+    assert resolve_checkpoint(run).name == "step_00000001"  # the newest real one, not the link
+    assert resolve_checkpoint(run / "checkpoints").name == "step_00000001"
+    assert [p.name for p in list_checkpoints(run / "checkpoints")] == ["step_00000001"]
+    with pytest.raises(CheckpointError, match="symbolic link"):
+        load_checkpoint(run / "checkpoints" / "step_00000009")
+
+    linked_run = tmp_path / "linked_run"
+    linked_run.mkdir()
+    (linked_run / "checkpoints").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    with pytest.raises(CheckpointError, match="neither a checkpoint"):
+        resolve_checkpoint(linked_run)
+
+
+def test_latest_pointer_that_is_a_link_or_huge_is_ignored(tmp_path):
+    for step in (1, 2):
+        save_checkpoint(tmp_path, step, make_ckpt(step))
+    (tmp_path / "latest").unlink()
+    (tmp_path / "elsewhere").write_text("step_00000001\n")
+    (tmp_path / "latest").symlink_to(tmp_path / "elsewhere")
+    assert resolve_checkpoint(tmp_path).name == "step_00000002"
+    (tmp_path / "latest").unlink()
+    (tmp_path / "latest").write_text("step_00000001\n" + " " * 300)  # more than a pointer ever holds
+    assert resolve_checkpoint(tmp_path).name == "step_00000002"

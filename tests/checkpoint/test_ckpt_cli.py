@@ -47,7 +47,9 @@ def test_pack_unpack_round_trip_and_delta(tmp_path):
     newer = make(tmp_path / "b", 2, 1.0)
     packed = runner.invoke(app, ["ckpt", "pack", str(newer), str(tmp_path / "packed"), "--base", str(base)])
     assert packed.exit_code == 0, packed.output
-    assert runner.invoke(app, ["ckpt", "verify", str(tmp_path / "packed")]).exit_code == 0
+    no_base_verify = runner.invoke(app, ["ckpt", "verify", str(tmp_path / "packed")])
+    assert no_base_verify.exit_code == 2 and "pass that checkpoint as base" in no_base_verify.output
+    assert runner.invoke(app, ["ckpt", "verify", str(tmp_path / "packed"), "--base", str(base)]).exit_code == 0
     no_base = runner.invoke(app, ["ckpt", "unpack", str(tmp_path / "packed"), str(tmp_path / "x")])
     assert no_base.exit_code == 2
     restored = runner.invoke(app, ["ckpt", "unpack", str(tmp_path / "packed"), str(tmp_path / "restored"),

@@ -95,3 +95,41 @@ def test_training_killed_mid_run_resumes_exactly(arithmetic_data, tmp_path):
     reference = train(tiny_config(arithmetic_data, tmp_path / "ref", max_steps=steps), quiet=True)
     resumed = [r["loss"] for r in read_metrics(run / "metrics.jsonl") if r["kind"] == "train"]
     assert resumed == reference.losses
+
+
+PRUNER = """
+import shutil, sys, time
+from pathlib import Path
+from bastion.checkpoint import prune
+
+def delete_one_file_then_hang(path, *args, **kwargs):  # a prune caught in the middle of a delete
+    sorted(Path(path).iterdir())[0].unlink()
+    print("deleting", flush=True)
+    time.sleep(600)
+
+shutil.rmtree = delete_one_file_then_hang
+prune(sys.argv[1], 1)
+"""
+
+
+def test_sigkill_mid_prune_never_leaves_a_half_deleted_checkpoint_in_view(tmp_path):
+    from bastion.checkpoint import Checkpoint, prune, save_checkpoint, verify_checkpoint
+
+    for step in (1, 2, 3):
+        save_checkpoint(tmp_path, step, Checkpoint(model={"w": torch.full((8,), float(step))},
+                                                   trainer_state={"step": step}, config_yaml="a: 1\n",
+                                                   tokenizer_json="{}"))
+    proc = subprocess.Popen([sys.executable, "-c", PRUNER, str(tmp_path)], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        assert proc.stdout.readline().strip() == b"deleting"
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    listed = list_checkpoints(tmp_path)
+    assert [p.name for p in listed] == ["step_00000003"]  # the two being pruned are out of view
+    for path in [*listed, resolve_checkpoint(tmp_path)]:
+        verify_checkpoint(path)
+    assert any(p.name.startswith(".trash-step_") for p in tmp_path.iterdir())
+    prune(tmp_path, 1)  # the next prune removes what the killed one left
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step_00000003"]

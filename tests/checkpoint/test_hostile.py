@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from bastion.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
-from bastion.checkpoint.safetensors_check import parse_header
+from bastion.checkpoint.safetensors_check import check_finite, parse_header
 from bastion.errors import CheckpointError
 
 
@@ -43,6 +43,11 @@ CASES = {
     "bad shape": ({"a": {"dtype": "F32", "shape": [-2], "data_offsets": [0, 8]}}, 8, "invalid shape"),
     "extra entry key": ({"a": {**F32_8, "exec": "os.system"}}, 8, "exactly dtype"),
     "non-string metadata": ({"__metadata__": {"x": 1}, "a": F32_8}, 8, "__metadata__"),
+    # A zero dimension makes a tensor span no bytes whatever its other dimensions claim:
+    "dimension past int64": ({"a": {"dtype": "F32", "shape": [2**63, 0], "data_offsets": [0, 0]}}, 0, "element limit"),
+    "dimensions overflowing": ({"a": {"dtype": "F32", "shape": [2**40, 2**40, 0], "data_offsets": [0, 0]}}, 0,
+                               "element limit"),
+    "rank over the limit": ({"a": {"dtype": "F32", "shape": [1] * 9, "data_offsets": [0, 4]}}, 4, "invalid shape"),
 }
 
 
@@ -103,6 +108,9 @@ def test_nonfinite_weights_refused_when_asked(tmp_path):
     assert torch.isnan(load_checkpoint(path).model["w"][1])
     with pytest.raises(CheckpointError, match="NaN or Inf"):
         load_checkpoint(path, reject_nonfinite=True)
+    check_finite({"sum overflows": torch.full((4,), 60000.0, dtype=torch.float16)}, "x")  # finite, though its sum is not
+    with pytest.raises(CheckpointError, match="'w' contains NaN or Inf"):
+        check_finite({"w": torch.tensor([1.0, float("inf"), float("-inf")])}, "x")
 
 
 def test_sharded_model_round_trip_and_forged_index(tmp_path):
@@ -132,3 +140,62 @@ def test_tensor_moved_between_shards_refused(tmp_path):
     forge(path, "model.safetensors.index.json", json.dumps(index).encode())
     with pytest.raises(CheckpointError, match="index places elsewhere"):
         load_checkpoint(path)
+
+
+def test_header_is_checked_from_its_prefix_and_the_files_size():
+    """What a streaming reader keeps (the length and the header) is enough to check the layout."""
+    data = raw_safetensors({"a": F32_8}, b"\0" * 8)
+    head = data[: len(data) - 8]
+    assert parse_header(head, "x", size=len(data)) == parse_header(data, "x")
+    with pytest.raises(CheckpointError, match="trailing"):
+        parse_header(head, "x", size=len(data) + 1)
+
+
+HUGE = raw_safetensors({"layers.0.attention.wq.lora_A": {"dtype": "F32", "shape": [2**63, 0], "data_offsets": [0, 0]}}, b"")
+
+
+def assert_refused_in_one_line(argv):
+    from typer.testing import CliRunner
+
+    from bastion.cli import app
+
+    result = CliRunner().invoke(app, argv)
+    assert result.exit_code == 2, (result.exception, result.output[-500:])
+    assert len(result.output.strip().splitlines()) == 1 and "element limit" in result.output, result.output
+
+
+def test_huge_dimensions_refused_by_import_hf(tmp_path):
+    from helpers import make_base_checkpoint
+
+    from bastion.interop.hf import export_hf
+
+    hf_dir = export_hf(make_base_checkpoint(tmp_path / "base"), tmp_path / "hf")
+    os.chmod(hf_dir / "model.safetensors", 0o600)
+    (hf_dir / "model.safetensors").write_bytes(HUGE)
+    assert_refused_in_one_line(["import", "hf", str(hf_dir), str(tmp_path / "imported")])
+    assert not (tmp_path / "imported").exists()
+
+
+@pytest.mark.parametrize("command", ["export peft", "merge"])
+def test_huge_dimensions_refused_in_an_adapter(tmp_path, command):
+    from helpers import lora_test_config
+
+    from bastion.adapters import save_adapter
+    from bastion.checkpoint.contents import manifest_sha256
+    from bastion.config import to_yaml
+    from bastion.config.schema import LoraConfig
+    from bastion.model import Transformer
+    from bastion.model.lora import apply_lora
+
+    config = lora_test_config()
+    model = Transformer(config.model)
+    base = save_checkpoint(tmp_path / "base", 1, Checkpoint(model=model.state_dict(), trainer_state={"step": 1},
+                                                            config_yaml=to_yaml(config), tokenizer_json="{}"))
+    lora = LoraConfig(enabled=True, rank=2, target_modules=["wq"])
+    apply_lora(model, lora)
+    adapter = save_adapter(model, lora, tmp_path / "adapter", manifest_sha256(base))
+    forge(adapter, "adapter.safetensors", HUGE)
+    argv = {"export peft": ["export", "peft", str(adapter), str(tmp_path / "out")],
+            "merge": ["merge", str(base), str(adapter), str(tmp_path / "out")]}[command]
+    assert_refused_in_one_line(argv)
+    assert not (tmp_path / "out").exists()

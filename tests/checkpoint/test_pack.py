@@ -203,21 +203,29 @@ def test_extra_file_in_packed_dir_refused(tmp_path):
         verify_packed(tmp_path / "p")
 
 
+def plant_bomb(packed, name, expands_to, content_size=True):
+    """Replace `name`'s blob by one zstd frame of `expands_to` zero bytes, PACK.json re-forged
+    to match (sizes and hashes agree: only decompression can tell)."""
+    bomb = zstandard.ZstdCompressor(write_content_size=content_size).compress(bytes(expands_to))
+    (packed / f"{name}.zst").write_bytes(bomb)
+
+    def edit(d):
+        d["files"][name]["blob"].update(size=len(bomb), sha256=hashlib.sha256(bomb).hexdigest())
+        d["files"][name]["sections"][0]["frames"] = [len(bomb)]
+
+    rewrite_pack(packed, edit)
+
+
 @pytest.mark.parametrize("content_size", [True, False])
 def test_frame_larger_than_declared_is_refused(tmp_path, content_size):
     """A decompression bomb: a frame that expands far past what PACK.json declares."""
     src = save(tmp_path, 1, {"ids": torch.zeros(2**17, dtype=torch.int64)})  # one 1 MiB plain section
     packed = tmp_path / "p"
     pack_checkpoint(src, packed)
-    bomb = zstandard.ZstdCompressor(write_content_size=content_size).compress(bytes(256 * 2**20))
-    (packed / "model.safetensors.zst").write_bytes(bomb)
-
-    def edit(d):
-        d["files"]["model.safetensors"]["blob"].update(size=len(bomb), sha256=hashlib.sha256(bomb).hexdigest())
-        d["files"]["model.safetensors"]["sections"][0]["frames"] = [len(bomb)]
-
-    rewrite_pack(packed, edit)
-    verify_packed(packed)  # hashes are consistent: only decompression can catch it
+    plant_bomb(packed, "model.safetensors", 256 * 2**20, content_size)
+    # Hashes are consistent: only decompression catches it, bounded by the declared size.
+    with pytest.raises(CheckpointError, match="model.safetensors.zst: .*(declares|frame)"):
+        verify_packed(packed)
     with pytest.raises(CheckpointError, match="model.safetensors.zst: .*(declares|frame)"):
         unpack_checkpoint(packed, tmp_path / "out")
     assert not (tmp_path / "out").exists()
@@ -253,3 +261,52 @@ def test_bf16_planes_beat_plain_zstd(tmp_path):
     plain = len(zstandard.ZstdCompressor(level=3).compress(raw))
     packed = report.files["model.safetensors"].packed_bytes
     assert packed < 0.9 * plain, (packed, plain, len(raw))  # measured: 1.50x vs 1.28x
+
+
+def forge_packed_file(packed, name, data):
+    """Make the pack restore `data` as `name`, with PACK.json and MANIFEST.json re-forged to
+    match: every hash agrees, only the format of the restored bytes can catch it."""
+    blob = zstandard.ZstdCompressor().compress(data)
+    (packed / f"{name}.zst").write_bytes(blob)
+    manifest = json.loads((packed / MANIFEST).read_text())
+    manifest["files"][name] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    (packed / MANIFEST).write_text(json.dumps(manifest))
+
+    def edit(d):
+        d["manifest_sha256"] = hashlib.sha256((packed / MANIFEST).read_bytes()).hexdigest()
+        d["files"][name].update(size=len(data), sha256=manifest["files"][name]["sha256"], sections=[
+            {"length": len(data), "planes": 1, "frames": [len(blob)]}])
+        d["files"][name]["blob"].update(size=len(blob), sha256=hashlib.sha256(blob).hexdigest())
+
+    rewrite_pack(packed, edit)
+
+
+def test_pack_that_restores_a_pickle_as_weights_is_refused(tmp_path):
+    import pickle
+
+    src = save(tmp_path / "run", 1, model())
+    packed = tmp_path / "p"
+    pack_checkpoint(src, packed)
+    forge_packed_file(packed, "model.safetensors", pickle.dumps({"w": list(range(100))}))
+    with pytest.raises(CheckpointError, match="model.safetensors: header declares"):
+        verify_packed(packed)
+    with pytest.raises(CheckpointError, match="model.safetensors: header declares"):
+        unpack_checkpoint(packed, tmp_path / "out")
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".tmp-*"))
+
+
+def test_ckpt_verify_refuses_a_bomb_for_a_small_file_in_one_line(tmp_path):
+    """A 3 KB file whose blob decompresses to 64 MiB: refused as it expands."""
+    from typer.testing import CliRunner
+
+    from bastion.cli import app
+
+    src = save_checkpoint(tmp_path / "run", 1, Checkpoint(model=model(), trainer_state={"note": "x" * 3000},
+                                                          config_yaml="a: 1\n", tokenizer_json="{}"))
+    assert 3000 < (src / "trainer_state.json").stat().st_size < 3100
+    packed = tmp_path / "p"
+    pack_checkpoint(src, packed)
+    plant_bomb(packed, "trainer_state.json", 64 * 2**20, content_size=False)
+    result = CliRunner().invoke(app, ["ckpt", "verify", str(packed)])
+    assert result.exit_code == 2 and len(result.output.strip().splitlines()) == 1, result.output
+    assert "trainer_state.json.zst: corrupt zstd frame" in result.output

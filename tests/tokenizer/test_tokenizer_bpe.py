@@ -143,6 +143,23 @@ def test_missing_pad_falls_back_to_eos(tok: BastionTokenizer) -> None:
     assert t.pad_id == t.eos_id == tok.eos_id
 
 
+def test_ids_with_a_gap_count_in_vocab_size(tok: BastionTokenizer) -> None:
+    """Without its pad token (id 1) the vocabulary skips an id: vocab_size is the id space a
+    model's embedding needs, so the last id still decodes."""
+    t = BastionTokenizer.from_json_str(json.dumps(_without(tok, PAD_TOKEN)))
+    assert t.vocab_size == t.max_id + 1 == tok.vocab_size
+    assert t.decode([t.max_id]) == tok.decode([tok.max_id])
+
+
+@pytest.mark.parametrize("token_id", [10_000, 2**32 - 1])
+def test_id_far_past_the_vocabulary_refused(tok: BastionTokenizer, token_id: int) -> None:
+    """An id the file merely claims must never size a model's embedding."""
+    data = json.loads(tok.to_json_str())
+    data["model"]["vocab"]["a"] = token_id
+    with pytest.raises(DataError, match=f"token id {token_id}, far past its"):
+        BastionTokenizer.from_json_str(json.dumps(data))
+
+
 def test_named_special_tokens(tok: BastionTokenizer) -> None:
     # A Hugging Face tokenizer names its own eos / pad; they must exist in the vocabulary.
     t = BastionTokenizer.from_json_str(tok.to_json_str(), eos_token=PAD_TOKEN, pad_token=EOS_TOKEN)

@@ -33,9 +33,11 @@ from bastion.checkpoint.manifest import (
     build_manifest,
     manifest_bytes,
     read_manifest,
+    read_manifest_bytes,
     verify_directory,
 )
 from bastion.checkpoint.safetensors_check import TORCH_DTYPE, check_against_model, check_finite, parse_header
+from bastion.checkpoint.signing import SIGNATURE, check_signature, sign_manifest
 from bastion.errors import CheckpointError
 from bastion.safeio import fsync_dir, make_private_dir, open_private, parse_json, read_regular, replace_file, write_bytes
 
@@ -170,9 +172,11 @@ def _model_files(model: dict[str, torch.Tensor], max_shard_bytes: int | None) ->
 
 
 def save_checkpoint(root: str | Path, step: int, ckpt: Checkpoint, keep_last: int | None = None,
-                    *, retention: "Retention | None" = None, max_shard_bytes: int | None = None) -> Path:
+                    *, retention: "Retention | None" = None, max_shard_bytes: int | None = None,
+                    signing_key: str | Path | None = None) -> Path:
     """Write `ckpt` as root/step_XXXXXXXX atomically, point `latest` at it, apply retention
-    (keep_last alone, or a full Retention policy) only after the new one is committed."""
+    (keep_last alone, or a full Retention policy) only after the new one is committed.
+    With `signing_key` its signature is written before the commit (bastion/checkpoint/signing.py)."""
     root = Path(root)
     make_private_dir(root)
     final = root / step_dir_name(step)
@@ -188,7 +192,10 @@ def save_checkpoint(root: str | Path, step: int, ckpt: Checkpoint, keep_last: in
                 files[name] = content
             else:
                 files[name] = write_safetensors(tmp / name, *content)
-        write_bytes(tmp / MANIFEST, manifest_bytes(build_manifest(files)))
+        manifest_raw = manifest_bytes(build_manifest(files))
+        write_bytes(tmp / MANIFEST, manifest_raw)
+        if signing_key is not None:
+            write_bytes(tmp / SIGNATURE, sign_manifest(manifest_raw, signing_key, final.name))
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)  # never committed; earlier checkpoints untouched
         raise
@@ -309,7 +316,8 @@ def verify_checkpoint(path: str | Path) -> dict[str, Any]:
     """Check a checkpoint directory against its manifest (every file's size and SHA-256, no
     extra files, no links); returns the manifest. Raises CheckpointError naming the file."""
     directory = resolve_checkpoint(path)
-    manifest = read_manifest(directory)
+    manifest, manifest_raw = read_manifest_bytes(directory)
+    check_signature(directory, manifest_raw)
     verify_directory(directory, manifest, hash_files=True)
     return manifest
 
@@ -349,7 +357,8 @@ def load_checkpoint(path: str | Path, verify: bool = True, load_optimizer: bool 
     makes names, shapes and dtypes of the weights must-match; `reject_nonfinite` refuses
     NaN/Inf weights."""
     directory = resolve_checkpoint(path)
-    manifest = read_manifest(directory)
+    manifest, manifest_raw = read_manifest_bytes(directory)
+    check_signature(directory, manifest_raw, hashes_checked=verify)
     if verify:
         verify_directory(directory, manifest, hash_files=False)
     listed = manifest["files"]

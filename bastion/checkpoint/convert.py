@@ -41,7 +41,7 @@ MAX_PICKLE_FILE_BYTES = 64 * 2**30
 MAX_PICKLE_BYTES = 256 * 2**20  # the data.pkl stream itself (tensor bytes live beside it)
 MAX_MEMBERS = 200_000  # a storage per tensor: far beyond any real model
 MAX_CENTRAL_DIRECTORY_BYTES = 64 * 2**20
-MAX_SCAN_ITEMS = 2_000_000  # stack + memo entries of the symbolic scan (a real data.pkl: ~10 per tensor)
+MAX_SCAN_ITEMS = 1_000_000  # stack + memo entries of the symbolic scan (a real data.pkl: ~10 per tensor)
 # Functions a tensor checkpoint calls while unpickling (REDUCE / NEWOBJ / OBJ / INST).
 CALLABLE_GLOBALS = {
     ("collections", "OrderedDict"),
@@ -275,8 +275,9 @@ def _check_names(members: list[zipfile.ZipInfo], where: str) -> str:
 def _descriptor_length(fh: BinaryIO, offset: int, info: zipfile.ZipInfo, where: str) -> int:
     """Length of the data descriptor at `offset` (torch.save writes one after each member)."""
     data = _read_at(fh, offset, 4, where)
-    forms = [struct.pack("<LLL", info.CRC, info.compress_size, info.file_size),
-             struct.pack("<LQQ", info.CRC, info.compress_size, info.file_size)]
+    forms = [struct.pack("<LQQ", info.CRC, info.compress_size, info.file_size)]
+    if max(info.compress_size, info.file_size) < 2**32:
+        forms.append(struct.pack("<LLL", info.CRC, info.compress_size, info.file_size))
     for body in forms + [b"PK\x07\x08" + form for form in forms]:
         if data == body[:4] and _read_at(fh, offset, len(body), where) == body:
             return len(body)

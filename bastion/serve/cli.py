@@ -6,6 +6,7 @@ from typing import List, Optional
 
 import typer
 
+from bastion.checkpoint.cli import RequireSignatureOption, TrustedKeyOption, use_signature_options
 from bastion.serve.keys_cli import keys_app
 
 serve_app = typer.Typer(help="Serve a checkpoint over an OpenAI-compatible HTTP API (keys, rate limits, TLS).")
@@ -25,6 +26,8 @@ def serve_cmd(
     key_file: Optional[Path] = typer.Option(None, "--key-file", help="Hashed API key file from `bastion serve keys add`."),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda or mps."),
     no_verify: bool = typer.Option(False, "--no-verify", help="Skip the checkpoint's SHA-256 manifest check (not recommended)."),
+    require_signature: bool = RequireSignatureOption,
+    trusted_keys: Optional[List[Path]] = TrustedKeyOption,
 ) -> None:
     """Serve /v1/completions, /v1/chat/completions, /v1/models, /health, /ready and /metrics.
     Keys come from $BASTION_API_KEYS (comma-separated) or --key-file; they are required on
@@ -42,4 +45,5 @@ def serve_cmd(
         if value is not None:
             sets.append(f"serve.{name}={value}")
     cfg = load_config(config, sets)
+    use_signature_options(require_signature, trusted_keys, cfg)
     serve(checkpoint, cfg, device=device, verify=not no_verify)

@@ -30,10 +30,11 @@ from bastion.checkpoint.manifest import (
     build_manifest,
     manifest_bytes,
     manifest_sha256,
-    read_manifest,
+    read_manifest_bytes,
     verify_directory,
 )
 from bastion.checkpoint.safetensors_check import check_against_model, check_finite, parse_header
+from bastion.checkpoint.signing import SIGNATURE, check_signature, sign_manifest
 from bastion.config.schema import LoraConfig
 from bastion.errors import CheckpointError
 from bastion.model.lora import apply_lora, is_lora_name, lora_module_name, lora_settings, lora_state_dict
@@ -124,7 +125,7 @@ def write_new_dir(out_dir: str | Path, files: dict[str, Any]) -> Path:
 
 
 def save_adapter(model: nn.Module, cfg: LoraConfig, out_dir: str | Path, base_manifest_sha256: str, *,
-                 tensors: dict[str, torch.Tensor] | None = None) -> Path:
+                 tensors: dict[str, torch.Tensor] | None = None, signing_key: str | Path | None = None) -> Path:
     """Write the model's adapters to `out_dir` (adapter.safetensors, adapter_config.json,
     MANIFEST.json), atomically; an existing adapter folder there is replaced, anything else
     non-empty is refused. `cfg` must describe the model's adapters; `base_manifest_sha256` is
@@ -155,6 +156,8 @@ def save_adapter(model: nn.Module, cfg: LoraConfig, out_dir: str | Path, base_ma
     }
     files[MANIFEST] = manifest_bytes(build_manifest(files))
     out_dir = Path(out_dir)
+    if signing_key is not None:
+        files[SIGNATURE] = sign_manifest(files[MANIFEST], signing_key, out_dir.name)
     return safeio.write_dir_atomic(out_dir, files, replace=_out_dir_ok(out_dir, replaceable=True))
 
 
@@ -165,7 +168,8 @@ def read_adapter(adapter_dir: str | Path) -> Adapter:
     directory = Path(adapter_dir)
     if not directory.is_dir() or directory.is_symlink():
         raise CheckpointError(f"adapter folder not found (or not a real folder): {directory}")
-    manifest = read_manifest(directory)
+    manifest, manifest_raw = read_manifest_bytes(directory)
+    check_signature(directory, manifest_raw)
     verify_directory(directory, manifest, hash_files=False)  # no links, no extra files; hashes below
     listed = manifest["files"]
     if set(listed) != {ADAPTER_FILE, ADAPTER_CONFIG}:

@@ -43,9 +43,11 @@ from bastion.checkpoint.manifest import (
     build_manifest,
     manifest_bytes,
     read_manifest,
+    read_manifest_bytes,
     verify_directory,
 )
 from bastion.checkpoint.safetensors_check import TORCH_DTYPE, check_against_model, check_finite, parse_header
+from bastion.checkpoint.signing import SIGNATURE, check_signature, sign_manifest
 from bastion.errors import CheckpointError
 from bastion.safeio import fsync_dir, make_private_dir, open_private, parse_json, read_regular, replace_file, write_bytes
 
@@ -178,9 +180,11 @@ def _model_files(model: dict[str, torch.Tensor], max_shard_bytes: int | None) ->
 
 
 def save_checkpoint(root: str | Path, step: int, ckpt: Checkpoint, keep_last: int | None = None,
-                    *, retention: "Retention | None" = None, max_shard_bytes: int | None = None) -> Path:
+                    *, retention: "Retention | None" = None, max_shard_bytes: int | None = None,
+                    signing_key: str | Path | None = None) -> Path:
     """Write `ckpt` as root/step_XXXXXXXX atomically, point `latest` at it, apply retention
-    (keep_last alone, or a full Retention policy) only after the new one is committed."""
+    (keep_last alone, or a full Retention policy) only after the new one is committed.
+    With `signing_key` its signature is written before the commit (bastion/checkpoint/signing.py)."""
     root = Path(root)
     make_private_dir(root)
     final = root / step_dir_name(step)
@@ -196,7 +200,10 @@ def save_checkpoint(root: str | Path, step: int, ckpt: Checkpoint, keep_last: in
                 files[name] = content
             else:
                 files[name] = write_safetensors(tmp / name, *content)
-        write_bytes(tmp / MANIFEST, manifest_bytes(build_manifest(files)))
+        manifest_raw = manifest_bytes(build_manifest(files))
+        write_bytes(tmp / MANIFEST, manifest_raw)
+        if signing_key is not None:
+            write_bytes(tmp / SIGNATURE, sign_manifest(manifest_raw, signing_key, final.name))
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)  # never committed; earlier checkpoints untouched
         raise
@@ -344,7 +351,8 @@ def verified_headers(path: str | Path) -> tuple[Path, dict[str, Any], dict[str, 
     """`verify_checkpoint`, returning the checkpoint's directory, its manifest and the
     validated header of each safetensors file (read in the same pass: no tensor is built)."""
     directory = resolve_checkpoint(path)
-    manifest = read_manifest(directory)
+    manifest, manifest_raw = read_manifest_bytes(directory)
+    check_signature(directory, manifest_raw)
     return directory, manifest, verify_contents(directory, manifest)
 
 
@@ -386,7 +394,8 @@ def load_checkpoint(path: str | Path, verify: bool = True, load_optimizer: bool 
     NaN/Inf weights. Files not needed (the optimizer state, unless load_optimizer) are
     verified too, streaming: with verify, a modified file is always an error."""
     directory = resolve_checkpoint(path)
-    manifest = read_manifest(directory)
+    manifest, manifest_raw = read_manifest_bytes(directory)
+    check_signature(directory, manifest_raw, hashes_checked=verify)
     listed = manifest["files"]
     if verify:
         verify_directory(directory, manifest, hash_files=False)

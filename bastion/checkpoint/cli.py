@@ -1,9 +1,12 @@
-"""`bastion ckpt ...`: verify, inspect, prune, convert, pack/unpack, push/pull/list."""
+"""`bastion ckpt ...`: verify, inspect, sign, keygen, prune, convert, pack/unpack, push/pull/list.
+
+Also the signature options every command that loads a checkpoint takes (`RequireSignatureOption`,
+`TrustedKeyOption`, `use_signature_options`)."""
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
+from typing import Any, List, Optional
 
 import typer
 from rich.console import Console
@@ -11,40 +14,70 @@ from rich.table import Table
 
 from bastion.errors import BastionError
 
-app = typer.Typer(help="Checkpoints: verify, inspect, prune, convert, pack/unpack, push/pull/list.",
+app = typer.Typer(help="Checkpoints: verify, inspect, sign, prune, convert, pack/unpack, push/pull/list.",
                   no_args_is_help=True)
 out = Console(markup=False)  # plain text; a BastionError raised by any command is reported by bastion.cli (exit 2)
+
+RequireSignatureOption = typer.Option(
+    False, "--require-signature", envvar="BASTION_REQUIRE_SIGNATURE",
+    help="Refuse any checkpoint not signed by a trusted key (see `bastion ckpt sign`; env BASTION_REQUIRE_SIGNATURE=1).")
+TrustedKeyOption = typer.Option(
+    None, "--trusted-key", envvar="BASTION_TRUSTED_KEYS",
+    help="Public key (PEM) whose signatures are trusted (repeatable; env BASTION_TRUSTED_KEYS, ':'-separated).")
+
+
+def use_signature_options(require: bool, trusted_keys: Optional[List[Path]], config: Any = None) -> None:
+    """Set this command's signature policy from its flags (and a loaded config's checkpoint
+    section): every checkpoint it then loads is checked in load_checkpoint."""
+    from bastion.checkpoint.signing import SignaturePolicy, set_signature_policy
+
+    policy = SignaturePolicy().merged(require, trusted_keys or [])
+    if config is not None:
+        policy = policy.merged(config.checkpoint.require_signature, config.checkpoint.trusted_keys)
+    set_signature_policy(policy)
 
 
 @app.command("verify")
 def verify(
     path: Path = typer.Argument(..., help="Checkpoint folder, a folder with 'latest', or a packed checkpoint."),
     base: Optional[Path] = typer.Option(None, help="The base checkpoint a delta pack was made against."),
+    require_signature: bool = RequireSignatureOption,
+    trusted_keys: Optional[List[Path]] = TrustedKeyOption,
 ) -> None:
-    """Check every file against MANIFEST.json (size, SHA-256, no extra files or links) and its
-    format (safetensors layout, JSON, YAML); a packed checkpoint is decompressed (bounded) and
-    checked the same way, nothing written. Exit 2 on any problem."""
+    """Check every file against MANIFEST.json (size, SHA-256, no extra files or links), its
+    format (safetensors layout, JSON, YAML), and the signature when keys are trusted; a packed
+    checkpoint is decompressed (bounded) and checked the same way, nothing written. Exit 2 on
+    any problem."""
     from bastion.checkpoint.checkpoint import verified_headers
     from bastion.checkpoint.pack import PACK, verify_packed
+    from bastion.checkpoint.signing import check_signature
 
+    use_signature_options(require_signature, trusted_keys)
     if (path / PACK).exists():
+        if require_signature:
+            raise BastionError(f"{path}: a packed checkpoint carries no signature; unpack it and verify that")
         pack = verify_packed(path, base=base)
         out.print(f"{path}: OK (packed, {len(pack['files'])} files, all decompress to their SHA-256)")
         return
     directory, manifest, headers = verified_headers(path)
     tensors = sum(len(h) for h in headers.values())
-    out.print(f"{directory}: OK ({len(manifest['files'])} files, {tensors} tensors, all SHA-256 match)")
+    signer = check_signature(directory)
+    signed = f", signed by key {signer}" if signer else ""
+    out.print(f"{directory}: OK ({len(manifest['files'])} files, {tensors} tensors, all SHA-256 match{signed})")
 
 
 @app.command("inspect")
 def inspect(
     path: Path = typer.Argument(..., help="Checkpoint folder (or a folder with 'latest')."),
     as_json: bool = typer.Option(False, "--json", help="Print as JSON."),
+    require_signature: bool = RequireSignatureOption,
+    trusted_keys: Optional[List[Path]] = TrustedKeyOption,
 ) -> None:
     """Show a checkpoint's manifest, training state and tensors (after verifying it)."""
     from bastion.checkpoint.checkpoint import verified_headers
     from bastion.checkpoint.contents import read_trainer_state
 
+    use_signature_options(require_signature, trusted_keys)
     directory, manifest, headers = verified_headers(path)
     state = read_trainer_state(directory)
     summary = {
@@ -75,6 +108,32 @@ def _numel(shape: list[int]) -> int:
     for d in shape:
         n *= d
     return n
+
+
+@app.command("sign")
+def sign_cmd(
+    path: Path = typer.Argument(..., help="Checkpoint or adapter folder (or a folder with 'latest')."),
+    key: Path = typer.Option(..., "--key", help="Elliptic-curve private key (PEM, mode 0600; `bastion ckpt keygen`)."),
+) -> None:
+    """Verify every file, then sign the checkpoint (model.sig beside MANIFEST.json, OpenSSF
+    model-signing format: `model_signing verify key` checks it too)."""
+    from bastion.checkpoint import resolve_checkpoint
+    from bastion.checkpoint.signing import SIGNATURE, sign_checkpoint
+
+    directory = resolve_checkpoint(path)
+    signer = sign_checkpoint(directory, key)
+    out.print(f"signed {directory} with key {signer}: {directory / SIGNATURE}")
+
+
+@app.command("keygen")
+def keygen_cmd(
+    private_key: Path = typer.Argument(..., help="New private key file (written 0600); the public key goes to PRIVATE_KEY.pub."),
+) -> None:
+    """Make a P-256 signing key pair for `bastion ckpt sign` and checkpoint.signing_key."""
+    from bastion.checkpoint.signing import generate_key, key_id, load_public_key
+
+    private, public = generate_key(private_key)
+    out.print(f"wrote {private} (private, 0600) and {public} (public, key {key_id(load_public_key(public))[:16]})")
 
 
 @app.command("prune")
@@ -158,9 +217,16 @@ def push_cmd(
     name: Optional[str] = typer.Option(None, help="Name in the store (default: the checkpoint folder's name)."),
     endpoint_url: Optional[str] = EndpointOption,
     allow_http: bool = AllowHttpOption,
+    require_signature: bool = RequireSignatureOption,
+    trusted_keys: Optional[List[Path]] = TrustedKeyOption,
 ) -> None:
     """Upload a verified checkpoint; its manifest goes last, so a broken upload stays invisible.
     S3 credentials come only from the environment / standard AWS configuration."""
+    from bastion.checkpoint import resolve_checkpoint
+    from bastion.checkpoint.signing import check_signature
+
+    use_signature_options(require_signature, trusted_keys)
+    check_signature(resolve_checkpoint(path))  # the push then hashes every file against that manifest
     _store(url, endpoint_url, allow_http).push(path, name)
     out.print(f"pushed {path} to {url}")
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import bastion
+from bastion.checkpoint.signing import SIGNATURE
 from bastion.errors import CheckpointError
 from bastion.safeio import is_sha256, parse_json, read_regular, sha256_file
 
@@ -112,7 +113,7 @@ def verify_directory(directory: Path, manifest: dict[str, Any], hash_files: bool
             raise CheckpointError(
                 f"{child}: pickle-format file inside a checkpoint; pickles can execute code on load and are refused"
             )
-        if child.name not in listed:
+        if child.name not in listed and child.name != SIGNATURE:  # a signature covers the manifest: never listed
             raise CheckpointError(f"{child}: file not listed in {MANIFEST} (extra file)")
     for name, entry in listed.items():
         path = directory / name

@@ -271,6 +271,16 @@ class CheckpointConfig(Section):
     push_to: str | None = Field(default=None, max_length=1024, description="store URL to push each checkpoint to in the background: s3://bucket/prefix or file:///path")
     endpoint_url: str | None = Field(default=None, max_length=1024, description="S3-compatible endpoint (https; http only for loopback with allow_http)")
     allow_http: bool = Field(default=False, description="permit a plain-http endpoint_url, only on a loopback address")
+    signing_key: str | None = Field(default=None, max_length=4096, description="EC private key (PEM, mode 0600) that signs every checkpoint this run saves")
+    trusted_keys: list[str] = Field(default_factory=list, max_length=64, description="public keys (PEM) whose checkpoint signatures are trusted")
+    require_signature: bool = Field(default=False, description="refuse any checkpoint not signed by one of trusted_keys (finetune.init_from, --resume, serve)")
+
+    @field_validator("trusted_keys")
+    @classmethod
+    def _key_paths(cls, value: list[str]) -> list[str]:
+        if any(not path or len(path) > 4096 for path in value):
+            raise ValueError("each trusted key is a path of 1 to 4096 characters")
+        return value
 
 
 class GenerateConfig(Section):

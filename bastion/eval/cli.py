@@ -10,6 +10,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from bastion.checkpoint.cli import RequireSignatureOption, TrustedKeyOption, use_signature_options
+
 
 app = typer.Typer(help="Evaluate trained checkpoints: held-out loss, preference accuracy, generation rewards, "
                        "memorization audits.", no_args_is_help=True)
@@ -29,8 +31,11 @@ def memorization_cmd(
                                     help="Score every candidate when there are at most this many."),
     seed: int = typer.Option(0, "--seed", help="Seed of the candidate sample (estimated ranks)."),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda or mps."),
+    require_signature: bool = RequireSignatureOption,
+    trusted_keys: Optional[List[Path]] = TrustedKeyOption,
 ) -> None:
     """Exposure of each canary (The Secret Sharer): log2|R| - log2 rank of the true secret among all candidates."""
+    use_signature_options(require_signature, trusted_keys)
     from bastion.eval.memorization import audit_memorization
     from bastion.safeio import replace_file
 
@@ -92,8 +97,11 @@ def loss_cmd(
     seq_len: Optional[int] = typer.Option(None, "--seq-len", min=8, help="Longest example kept (default: the model's context)."),
     device: str = DeviceOption,
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the results as JSON here (mode 0600)."),
+    require_signature: bool = RequireSignatureOption,
+    trusted_keys: Optional[List[Path]] = TrustedKeyOption,
 ) -> None:
     """Loss on assistant tokens and perplexity of held-out conversations."""
+    use_signature_options(require_signature, trusted_keys)
     from bastion.eval.finetune import eval_loss
 
     result = eval_loss(checkpoint, file, roots=roots or ["."], batch_size=batch_size, seq_len=seq_len, device=device)
@@ -113,8 +121,11 @@ def preferences_cmd(
     seq_len: Optional[int] = typer.Option(None, "--seq-len", min=8, help="Longest pair kept (default: the model's context)."),
     device: str = DeviceOption,
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the results as JSON here (mode 0600)."),
+    require_signature: bool = RequireSignatureOption,
+    trusted_keys: Optional[List[Path]] = TrustedKeyOption,
 ) -> None:
     """Reward accuracy (how often chosen beats rejected), margins and loss on held-out pairs."""
+    use_signature_options(require_signature, trusted_keys)
     from bastion.eval.finetune import eval_preferences
 
     result = eval_preferences(checkpoint, file, reference=reference, roots=roots or ["."], beta=beta,
@@ -140,8 +151,11 @@ def generate_cmd(
                                           "(default: torch's; 1 is often fastest for small models on few cores)."),
     device: str = DeviceOption,
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the results as JSON here (mode 0600)."),
+    require_signature: bool = RequireSignatureOption,
+    trusted_keys: Optional[List[Path]] = TrustedKeyOption,
 ) -> None:
     """Generate a completion per prompt and score it with verifiable rewards."""
+    use_signature_options(require_signature, trusted_keys)
     from bastion.eval.finetune import eval_generate
     from bastion.eval.rewards import parse_reward
 

@@ -8,6 +8,8 @@ from typing import List, Optional
 
 import typer
 
+from bastion.checkpoint.cli import RequireSignatureOption, TrustedKeyOption, use_signature_options
+
 
 def generate_cmd(
     checkpoint: Path = typer.Option(..., "--checkpoint", help="Checkpoint folder, or a run/checkpoints folder (uses 'latest')."),
@@ -22,11 +24,14 @@ def generate_cmd(
                               "template and stop at its end of turn (fine-tuned / imported chat models)."),
     no_verify: bool = typer.Option(False, "--no-verify", help="Skip the SHA-256 manifest check (not recommended)."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+    require_signature: bool = RequireSignatureOption,
+    trusted_keys: Optional[List[Path]] = TrustedKeyOption,
 ) -> None:
     """Continue a prompt (or answer it, with --chat) with a trained checkpoint (verified before loading)."""
     from bastion.infer import generate
     from bastion.infer.loading import load_for_inference
 
+    use_signature_options(require_signature, trusted_keys)
     loaded = load_for_inference(checkpoint, verify=not no_verify)
     model_input, stop_ids = prompt, None
     if chat:

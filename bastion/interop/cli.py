@@ -5,9 +5,12 @@ from __future__ import annotations
 
 from enum import Enum
 from pathlib import Path
+from typing import List, Optional
 
 import typer
 from rich.console import Console
+
+from bastion.checkpoint.cli import RequireSignatureOption, TrustedKeyOption, use_signature_options
 
 out = Console(markup=False)  # paths and names are printed as they are, never read as markup
 
@@ -26,13 +29,20 @@ class GGUFDType(str, Enum):
 def import_hf_cmd(
     hf_dir: Path = typer.Argument(..., help="Local Hugging Face model folder (config.json, *.safetensors, tokenizer.json)."),
     out_dir: Path = typer.Argument(..., help="New (or empty) folder for the Bastion checkpoint."),
+    signing_key: Optional[Path] = typer.Option(None, "--signing-key", help="Sign the checkpoint with this EC private key (PEM, mode 0600)."),
 ) -> None:
     """Convert a Llama / Mistral / Qwen2 safetensors folder into a verified Bastion checkpoint.
     Refuses remote code (auto_map), other architectures and pickle weights."""
     from bastion.checkpoint.contents import read_trainer_state
     from bastion.interop.hf import import_hf
 
+    if signing_key is not None:
+        from bastion.checkpoint.signing import load_private_key, sign_checkpoint
+
+        load_private_key(signing_key)  # a bad key stops the import before any work
     path = import_hf(hf_dir, out_dir)
+    if signing_key is not None:
+        sign_checkpoint(path, signing_key)
     note = " (chat template kept)" if "chat_template" in read_trainer_state(path) else ""
     out.print(f"imported {hf_dir} -> {path}{note}", highlight=False)
 
@@ -41,11 +51,14 @@ def import_hf_cmd(
 def export_hf_cmd(
     ckpt: Path = typer.Argument(..., help="Checkpoint folder (or a folder with 'latest', or a run folder)."),
     out_dir: Path = typer.Argument(..., help="New folder for the Hugging Face model."),
+    require_signature: bool = RequireSignatureOption,
+    trusted_keys: Optional[List[Path]] = TrustedKeyOption,
 ) -> None:
     """Write a folder that transformers' AutoModelForCausalLM / AutoTokenizer load (offline), with the
     chat template the model was trained with."""
     from bastion.interop.hf import export_hf
 
+    use_signature_options(require_signature, trusted_keys)
     path = export_hf(ckpt, out_dir)
     out.print(f"exported {ckpt} -> {path}", highlight=False)
 
@@ -56,10 +69,13 @@ def export_gguf_cmd(
     out_path: Path = typer.Argument(..., help="New .gguf file for llama.cpp."),
     dtype: GGUFDType = typer.Option(GGUFDType.f16, "--dtype", help="Storage type of the weight matrices."),
     force: bool = typer.Option(False, "--force", help="Replace an existing file."),
+    require_signature: bool = RequireSignatureOption,
+    trusted_keys: Optional[List[Path]] = TrustedKeyOption,
 ) -> None:
     """Write one GGUF file (llama architecture, byte-level BPE vocabulary, chat template) for llama.cpp."""
     from bastion.interop.gguf import export_gguf
 
+    use_signature_options(require_signature, trusted_keys)
     path = export_gguf(ckpt, out_path, dtype=dtype.value, overwrite=force)
     out.print(f"exported {ckpt} -> {path} ({dtype.value})", highlight=False)
 
@@ -69,10 +85,13 @@ def export_peft_cmd(
     adapter: Path = typer.Argument(..., help="Adapter folder from a LoRA run (RUN/adapter)."),
     out_dir: Path = typer.Argument(..., help="New folder for adapter_config.json + adapter_model.safetensors."),
     base_model: str = typer.Option(None, "--base-model", help="base_model_name_or_path to record (e.g. the `bastion export hf` folder)."),
+    require_signature: bool = RequireSignatureOption,
+    trusted_keys: Optional[List[Path]] = TrustedKeyOption,
 ) -> None:
     """Write the adapter in PEFT's format, for `PeftModel.from_pretrained(model, OUT_DIR)` on the
     base exported with `bastion export hf`."""
     from bastion.interop.peft import export_peft
 
+    use_signature_options(require_signature, trusted_keys)
     path = export_peft(adapter, out_dir, base_model_name_or_path=base_model)
     out.print(f"exported {adapter} -> {path}", highlight=False)

@@ -6,6 +6,7 @@ from typing import List, Optional
 
 import typer
 
+from bastion.checkpoint.cli import RequireSignatureOption, TrustedKeyOption, use_signature_options
 from bastion.serve.keys_cli import keys_app
 
 serve_app = typer.Typer(help="Serve a checkpoint over an OpenAI-compatible HTTP API (keys, rate limits, TLS).")
@@ -25,6 +26,8 @@ def serve_cmd(
     key_file: Optional[Path] = typer.Option(None, "--key-file", help="Hashed API key file from `bastion serve keys add`."),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda or mps."),
     no_verify: bool = typer.Option(False, "--no-verify", help="Skip the checkpoint's SHA-256 manifest check (not recommended)."),
+    require_signature: bool = RequireSignatureOption,
+    trusted_keys: Optional[List[Path]] = TrustedKeyOption,
 ) -> None:
     """Serve /v1/completions, /v1/chat/completions, /v1/models, /health, /ready and /metrics.
     Keys come from $BASTION_API_KEYS (comma-separated) or --key-file; they are required on
@@ -43,4 +46,5 @@ def serve_cmd(
     values = {f"serve.{name}": str(value) if isinstance(value, Path) else value
               for name, value in options.items() if value is not None}
     cfg = load_config(config, overrides or [], values=values)
+    use_signature_options(require_signature, trusted_keys, cfg)
     serve(checkpoint, cfg, device=device, verify=not no_verify)

@@ -32,6 +32,7 @@ from bastion.checkpoint.contents import (
     tokenizer_state,
 )
 from bastion.checkpoint.safetensors_check import check_against_model, check_finite
+from bastion.checkpoint.signing import load_private_key, trust_config
 from bastion.config.load import to_yaml
 from bastion.config.schema import BastionConfig, ModelConfig
 from bastion.data.shards import read_index, read_tokenizer_json
@@ -83,8 +84,9 @@ def _fine_tuning_start(cfg: BastionConfig) -> StartPoint:
     except CheckpointError as exc:
         raise CheckpointError(f"finetune.init_from: {exc}") from None
     sha = manifest_sha256(directory)
-    ckpt, config = load_full_model(directory, what="finetune.init_from",
-                                   reject_nonfinite=cfg.checkpoint.reject_nonfinite)
+    with trust_config(cfg.checkpoint):  # checkpoint.require_signature / trusted_keys
+        ckpt, config = load_full_model(directory, what="finetune.init_from",
+                                       reject_nonfinite=cfg.checkpoint.reject_nonfinite)
     if manifest_sha256(directory) != sha:
         raise CheckpointError(f"{directory}: MANIFEST.json changed while it was being loaded")
     model_cfg = config.model
@@ -146,6 +148,8 @@ class RunCheckpoints:
             raise ConfigError(f"{self.run_dir} already holds checkpoints; pass --resume to continue that run or "
                               "choose another train.out_dir")
         if self.env.main:
+            if self.cfg.checkpoint.signing_key:
+                load_private_key(self.cfg.checkpoint.signing_key)  # a bad key fails now, not at the first save
             make_private_dir(self.run_dir)
             replace_file(self.run_dir / "config.yaml", to_yaml(self.cfg).encode())
             cc = self.cfg.checkpoint
@@ -187,10 +191,11 @@ class RunCheckpoints:
                        tokenizer_json=self.start.tokenizer_json, optimizer=opt_tensors, optimizer_meta=opt_meta,
                        rng=rng),
             retention=Retention(cc.keep_last, cc.keep_best, cc.keep_every), max_shard_bytes=cc.max_shard_bytes,
+            signing_key=cc.signing_key,
         )
         if self.lora:  # the adapter alone, in its own verified folder (bastion merge / export peft)
             save_adapter(model, self.cfg.finetune.lora, self.run_dir / "adapter", self.start.manifest_sha256,
-                         tensors=weights)
+                         tensors=weights, signing_key=cc.signing_key)
         if self.pusher is not None:
             self.pusher.submit(path)  # returns at once; a worker thread uploads while training goes on
         return path
@@ -200,7 +205,8 @@ class RunCheckpoints:
         """The newest checkpoint of the run, loaded into everything that continues it."""
         if not list_checkpoints(self.root):
             raise CheckpointError(f"--resume: no checkpoint under {self.root}")
-        ckpt = load_checkpoint(self.root, verify=True, reject_nonfinite=self.cfg.checkpoint.reject_nonfinite)
+        with trust_config(self.cfg.checkpoint):
+            ckpt = load_checkpoint(self.root, verify=True, reject_nonfinite=self.cfg.checkpoint.reject_nonfinite)
         state = ckpt.trainer_state
         self._check_same_run(ckpt)
         if ckpt.optimizer is None:

@@ -22,6 +22,7 @@ until it is committed. Logging, progress and the metrics file are rank 0's.
 """
 from __future__ import annotations
 
+import gc
 import os
 from dataclasses import dataclass
 from datetime import timedelta
@@ -223,8 +224,14 @@ def load_sharded_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
 
 
 def shutdown(env: DistEnv) -> None:
+    """Tear the process groups down while the interpreter is fully alive. First every object
+    that may hold a collective's work (FSDP / DDP state in reference cycles) is freed: left to
+    interpreter exit, gloo's threads can still hold such work, and the process aborts
+    ("terminate called without an active exception", seen ~1 run in 50 under heavy load)."""
     if env.enabled and dist.is_initialized():
+        gc.collect()
         dist.destroy_process_group()
+        gc.collect()
 
 
 __all__ = ["DistEnv", "any_rank", "barrier", "full_training_state", "init_distributed", "load_sharded_state",

@@ -19,7 +19,15 @@ from bastion.errors import ConfigError
 from bastion.model import Transformer
 from bastion.model.lora import apply_lora
 from bastion.train.checkpoints import RunCheckpoints, RunProgress, StartPoint, start_point
-from bastion.train.distributed import DistEnv, any_rank, init_distributed, mean_across_ranks, shard_model, shutdown
+from bastion.train.distributed import (
+    DistEnv,
+    any_rank,
+    barrier,
+    init_distributed,
+    mean_across_ranks,
+    shard_model,
+    shutdown,
+)
 from bastion.train.metrics import MetricsLogger, NoMetrics, peak_flops
 from bastion.train.optim import build_optimizer
 from bastion.train.progress import TrainProgress
@@ -79,8 +87,10 @@ def train(cfg: BastionConfig, *, resume: bool = False, quiet: bool = False,
     with StopRequest() as stop:
         env, dist_device = init_distributed(cfg.train.device)  # under torchrun: one data-parallel replica per process
         try:
-            return _train(cfg, env, dist_device or resolve_device(cfg.train.device), stop, resume=resume,
-                          quiet=quiet or not env.main, should_stop=should_stop)
+            result = _train(cfg, env, dist_device or resolve_device(cfg.train.device), stop, resume=resume,
+                            quiet=quiet or not env.main, should_stop=should_stop)
+            barrier(env)  # ranks leave together: none tears down while another still talks to it
+            return result
         finally:
             shutdown(env)
 

@@ -35,8 +35,9 @@ def one_line(message: str) -> str:
 
 
 class _BastionGroup(TyperGroup):
-    """Every command's BastionError (bad config, data, checkpoint, limit...) becomes one red
-    line on stderr and exit status 2 - never a traceback - so commands need no try/except."""
+    """Every command's BastionError (bad config, data, checkpoint, limit...) and every OSError
+    (a missing folder, no permission, a full disk) becomes one red line on stderr and exit
+    status 2 - never a traceback - so commands need no try/except."""
 
     def invoke(self, ctx: click.Context):
         try:
@@ -44,6 +45,11 @@ class _BastionGroup(TyperGroup):
         except BastionError as exc:
             # escape: messages quote paths and user text, which rich would read as markup
             message = redact_seen_secrets(one_line(str(exc)))
+            err.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
+        except OSError as exc:  # the machine said no (a missing folder, permissions, a full disk)
+            where = f": {exc.filename}" if exc.filename else ""
+            message = redact_seen_secrets(one_line(f"{exc.strerror or exc}{where}"))
             err.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
 

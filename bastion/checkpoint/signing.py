@@ -149,7 +149,8 @@ def key_id(public_key: Any) -> str:
 
 
 def generate_key(private_path: str | Path) -> tuple[Path, Path]:
-    """A new P-256 key pair: PRIVATE (0600) and PRIVATE.pub (0644). Never overwrites."""
+    """A new P-256 key pair: PRIVATE (0600) and PRIVATE.pub (0644). Never overwrites; a missing
+    folder is created owner-only (0700), as a key folder should be."""
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import ec
 
@@ -158,6 +159,8 @@ def generate_key(private_path: str | Path) -> tuple[Path, Path]:
     for path in (private_path, public_path):
         if path.exists() or path.is_symlink():
             raise CheckpointError(f"{path} already exists; keys are never overwritten")
+    if not private_path.parent.is_dir():
+        private_path.parent.mkdir(mode=0o700, parents=True)
     key = ec.generate_private_key(ec.SECP256R1())
     write_bytes(private_path, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                                 serialization.NoEncryption()))

@@ -187,6 +187,15 @@ def test_keygen_never_overwrites(tmp_path):
     assert code == 2 and "never overwritten" in out
 
 
+def test_keygen_makes_a_private_folder_and_refuses_a_file_in_its_way(tmp_path):
+    code, out = invoke("ckpt", "keygen", tmp_path / "keys" / "release.pem")
+    assert code == 0 and oct((tmp_path / "keys").stat().st_mode & 0o777) == "0o700"
+    (tmp_path / "a_file").write_text("x")
+    code, out = invoke("ckpt", "keygen", tmp_path / "a_file" / "k.pem")  # the OS refuses: one line, exit 2
+    assert code == 2 and out.startswith("error:") and "a_file" in out and "Traceback" not in out
+    assert len(out.strip().splitlines()) == 1
+
+
 def test_env_requires_everywhere(ckpt, keys, monkeypatch):
     monkeypatch.setenv("BASTION_REQUIRE_SIGNATURE", "1")
     monkeypatch.setenv("BASTION_TRUSTED_KEYS", str(keys[1]))

@@ -18,7 +18,9 @@ LAYERS = [
     {"config", "tokenizer"},
     {"checkpoint", "data", "model"},
     {"adapters"},
-    {"infer", "interop", "train"},
+    {"infer"},
+    {"rewards"},
+    {"interop", "train"},
     {"eval", "serve"},
     {"cli", "demo"},
 ]

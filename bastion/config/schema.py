@@ -301,6 +301,53 @@ class GenerateConfig(Section):
         return self
 
 
+class RewardSpec(BaseModel):
+    """One entry of `rewards:`: a registered reward's name, its weight in the sum, and its own
+    parameters beside them (checked against that reward's typed parameters when the rewards
+    are built, and by `bastion config validate`). Names only: never code or import paths."""
+
+    model_config = ConfigDict(extra="allow", hide_input_in_errors=True, frozen=True)
+    name: str = Field(pattern=r"^[a-z][a-z0-9_]{0,63}$", description="a reward from `bastion eval rewards`")
+    weight: float = Field(default=1.0, ge=-100.0, le=100.0)
+
+    @model_validator(mode="after")
+    def _few_params(self) -> "RewardSpec":
+        if len(self.model_extra or {}) > 32:
+            raise ValueError("a reward takes at most 32 parameters")
+        return self
+
+    def as_mapping(self) -> dict:
+        return {"name": self.name, "weight": self.weight, **(self.model_extra or {})}
+
+
+class GRPOConfig(Section):
+    """Online RL with verifiable rewards (train.objective grpo): G completions per prompt,
+    group-normalised advantages, a clipped policy-ratio loss. docs/alignment.md."""
+
+    group_size: int = Field(default=8, ge=2, le=256, description="completions sampled per prompt (G)")
+    loss: Literal["grpo", "dr_grpo", "dapo", "gspo"] = Field(default="grpo", description="loss variant (docs/alignment.md)")
+    epsilon: float = Field(default=0.2, gt=0.0, le=10.0, description="clip range below 1 (and above, unless epsilon_high)")
+    epsilon_high: float | None = Field(default=None, gt=0.0, le=10.0, description="clip-higher upper range (DAPO: 0.28)")
+    kl_coef: float = Field(default=0.0, ge=0.0, le=100.0, description="weight of the KL to the reference (0: no reference)")
+    num_iterations: int = Field(default=1, ge=1, le=64, description="optimizer steps on each batch of rollouts")
+    scale_rewards: bool | None = Field(default=None, description="divide advantages by the group's std (default: off for dr_grpo)")
+    dynamic_sampling: bool | None = Field(default=None, description="drop groups whose rewards are all equal (default: on for dapo)")
+    max_new_tokens: int = Field(default=128, ge=1, le=1_000_000, description="per completion; at most generate.max_new_tokens_ceiling")
+    temperature: float = Field(default=1.0, gt=0.0, le=100.0)
+    top_k: int | None = Field(default=None, ge=1, le=1_048_576)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    overlong_buffer: int = Field(default=0, ge=0, le=1_000_000, description="DAPO soft overlong penalty: tokens before max_new_tokens where it starts (0: off)")
+    overlong_penalty: float = Field(default=1.0, ge=0.0, le=100.0, description="the penalty reached at max_new_tokens")
+    reference: Literal["auto", "copy"] = Field(default="auto", description="KL reference: auto = base with adapters off under LoRA, a frozen copy otherwise")
+    eval_samples: int = Field(default=1, ge=1, le=256, description="completions per validation prompt (pass@k up to this)")
+
+    @model_validator(mode="after")
+    def _clip_order(self) -> "GRPOConfig":
+        if self.overlong_buffer >= self.max_new_tokens:
+            raise ValueError(f"overlong_buffer ({self.overlong_buffer}) must be below max_new_tokens ({self.max_new_tokens})")
+        return self
+
+
 class RateLimitConfig(Section):
     """Per API key token buckets; a request over either limit gets 429 with Retry-After."""
 
@@ -379,6 +426,8 @@ class BastionConfig(Section):
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     generate: GenerateConfig = Field(default_factory=GenerateConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
+    grpo: GRPOConfig = Field(default_factory=GRPOConfig)
+    rewards: list[RewardSpec] = Field(default_factory=list, max_length=16, description="weighted rewards for grpo and eval generate")
     # The values that came from ${VAR} interpolation (config.load.EnvValue: path and
     # variables): never shown in errors, redacted when printed if the variable looks secret.
     _from_env: list = PrivateAttr(default_factory=list)

@@ -328,7 +328,7 @@ class GRPOConfig(Section):
     loss: Literal["grpo", "dr_grpo", "dapo", "gspo"] = Field(default="grpo", description="loss variant (docs/alignment.md)")
     epsilon: float = Field(default=0.2, gt=0.0, le=10.0, description="clip range below 1 (and above, unless epsilon_high)")
     epsilon_high: float | None = Field(default=None, gt=0.0, le=10.0, description="clip-higher upper range (DAPO: 0.28)")
-    kl_coef: float = Field(default=0.0, ge=0.0, le=100.0, description="weight of the KL to the reference (0: no reference)")
+    kl_coef: float = Field(default=0.0, ge=0.0, le=100.0, description="weight of the KL to the starting policy (0: no reference; LoRA: the base with adapters off; full fine-tuning: a frozen copy)")
     num_iterations: int = Field(default=1, ge=1, le=64, description="optimizer steps on each batch of rollouts")
     scale_rewards: bool | None = Field(default=None, description="divide advantages by the group's std (default: off for dr_grpo)")
     dynamic_sampling: bool | None = Field(default=None, description="drop groups whose rewards are all equal (default: on for dapo)")
@@ -336,16 +336,9 @@ class GRPOConfig(Section):
     temperature: float = Field(default=1.0, gt=0.0, le=100.0)
     top_k: int | None = Field(default=None, ge=1, le=1_048_576)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    overlong_buffer: int = Field(default=0, ge=0, le=1_000_000, description="DAPO soft overlong penalty: tokens before max_new_tokens where it starts (0: off)")
-    overlong_penalty: float = Field(default=1.0, ge=0.0, le=100.0, description="the penalty reached at max_new_tokens")
-    reference: Literal["auto", "copy"] = Field(default="auto", description="KL reference: auto = base with adapters off under LoRA, a frozen copy otherwise")
-    eval_samples: int = Field(default=1, ge=1, le=256, description="completions per validation prompt (pass@k up to this)")
-
-    @model_validator(mode="after")
-    def _clip_order(self) -> "GRPOConfig":
-        if self.overlong_buffer >= self.max_new_tokens:
-            raise ValueError(f"overlong_buffer ({self.overlong_buffer}) must be below max_new_tokens ({self.max_new_tokens})")
-        return self
+    rollout_mode: Literal["dynamic", "rowwise"] = Field(default="dynamic", description="engine mode for rollouts: dynamic = batched, fastest; rowwise = each completion alone, bit-identical whatever the batch (e.g. across rank counts)")
+    eval_samples: int = Field(default=1, ge=1, le=256, description="completions per validation prompt: 1 = greedy; more = sampled, pass@k")
+    pass_threshold: float = Field(default=1.0, ge=-1e6, le=1e6, description="a completion passes when its total reward reaches this")
 
 
 class RateLimitConfig(Section):

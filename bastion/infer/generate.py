@@ -42,6 +42,7 @@ class GenerationResult:
     token_ids: list[int]  # completion ids (without eos; with a stop, up to the token that completed it)
     prompt_tokens: int
     finish_reason: FinishReason
+    end_id: int | None = None  # finish_reason "eos": the end token sampled (eos or a stop id), not in token_ids
 
 
 def check_request(prompt_tokens: int, max_new_tokens: int | None, stop: list[str] | None,
@@ -199,6 +200,7 @@ class SequenceState:
         self.end_ids = frozenset(params.stop_ids) | (frozenset() if eos is None else frozenset({eos}))
         self.text = IncrementalText(tokenizer, list(params.stop))
         self.generator: torch.Generator | None = None  # made by prefill, on the model's device
+        self.end_id: int | None = None
 
     @property
     def position(self) -> int:
@@ -232,6 +234,7 @@ class SequenceState:
     def advance(self, token: int) -> tuple[str, FinishReason | None]:
         """A sampled token: (text that became final, why generation ends or None)."""
         if token in self.end_ids:
+            self.end_id = token
             return "", "eos"
         delta, stopped = self.text.push(token)
         if stopped:
@@ -245,7 +248,7 @@ class SequenceState:
         or a pending character; the GenerationResult)."""
         rest = self.text.close()
         return rest, GenerationResult(text=self.text.text, token_ids=list(self.text.ids),
-                                      prompt_tokens=len(self.prompt_ids), finish_reason=reason)
+                                      prompt_tokens=len(self.prompt_ids), finish_reason=reason, end_id=self.end_id)
 
 
 def stream(model: Transformer, tokenizer: Tokenizer, prompt: str | list[int], *, limits: GenerateConfig,

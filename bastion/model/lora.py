@@ -23,8 +23,10 @@ model, merging them into their base checkpoint) are bastion/adapters/.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import re
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -66,8 +68,11 @@ class LoRALinear(nn.Module):
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, self.rank, dtype=w.dtype, device=w.device))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # what PEFT (and nn.Linear) use
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.disabled = False  # `lora_disabled`: the base layer alone (e.g. a KL reference)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.disabled:
+            return F.linear(x, self.weight, self.bias)
         update = F.linear(F.linear(self.lora_dropout(x), self.lora_A), self.lora_B)
         return F.linear(x, self.weight, self.bias) + update * self.scaling
 
@@ -90,6 +95,20 @@ class LoRALinear(nn.Module):
 def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
     """{module name: LoRALinear} in model order (pass the raw model, not a DDP / compiled wrapper)."""
     return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+@contextlib.contextmanager
+def lora_disabled(model: nn.Module) -> Iterator[None]:
+    """The model without its adapters while inside: the frozen base, so an objective that needs
+    the starting policy as a reference (GRPO's KL) keeps no second model in memory."""
+    modules = list(lora_modules(model).values())
+    for m in modules:
+        m.disabled = True
+    try:
+        yield
+    finally:
+        for m in modules:
+            m.disabled = False
 
 
 def _check_targets(targets: list[str]) -> list[str]:
@@ -171,5 +190,5 @@ def merge_lora(model: nn.Module) -> list[str]:
     return merged
 
 
-__all__ = ["LORA_SUFFIXES", "LoRALinear", "TARGETS", "apply_lora", "is_lora_name", "lora_module_name", "lora_modules",
+__all__ = ["LORA_SUFFIXES", "LoRALinear", "TARGETS", "apply_lora", "is_lora_name", "lora_disabled", "lora_module_name", "lora_modules",
            "lora_settings", "lora_state_dict", "merge_lora"]

@@ -181,6 +181,7 @@ def _train(cfg: BastionConfig, env: DistEnv, device: torch.device, stop: StopReq
                     break
     finally:
         metrics.close()
+        task.close()
         if run.pusher is not None:
             bar.note(f"waiting for checkpoint uploads to {cfg.checkpoint.push_to} ...")
         for problem in run.close():

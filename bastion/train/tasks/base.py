@@ -97,6 +97,9 @@ class Task:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         raise NotImplementedError
 
+    def close(self) -> None:
+        """After the run (also a failed one): release what the task holds (reward workers, models)."""
+
 
 TASKS: dict[str, type[Task]] = {}
 

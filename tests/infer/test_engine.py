@@ -316,7 +316,7 @@ def test_eos(model, tok):
     with Engine(model, tok, LIMITS, max_batch_size=2) as engine:
         with OutputHook(model, force_eos):
             res = submit(engine, tok, "The quick").result(timeout=10)
-        assert res == GenerationResult(text="", token_ids=[], prompt_tokens=2, finish_reason="eos")
+        assert res == GenerationResult(text="", token_ids=[], prompt_tokens=2, finish_reason="eos", end_id=tok.eos_id)
 
         calls = []
 

@@ -116,7 +116,8 @@ def test_eos_stops(model, tok):
 def test_eos_first_gives_empty_text(model, tok):
     with LogitHook(model, tok.eos_id, force_at=1):
         res = generate(model, tok, "The quick", limits=LIMITS)
-    assert res == GenerationResult(text="", token_ids=[], prompt_tokens=res.prompt_tokens, finish_reason="eos")
+    assert res == GenerationResult(text="", token_ids=[], prompt_tokens=res.prompt_tokens, finish_reason="eos",
+                                   end_id=tok.eos_id)
 
 
 @pytest.mark.parametrize("kw", [

@@ -185,7 +185,7 @@ def _probe() -> Isolation:
     if full.passed:
         return Isolation("full", "")
     uid = _run("", ["assert True"], limits, Isolation("uid", ""))
-    if uid.passed:
+    if uid.passed or private_ancestor(os.path.realpath(sys.executable)):
         return Isolation("uid", f"namespaces unavailable ({full.detail}): the code can reach the network "
                                 "and leave files in /tmp and /dev/shm")
     raise SandboxUnavailableError(f"the sandbox cannot start here: {full.detail}; {uid.detail}")
@@ -200,6 +200,10 @@ def _allowed_isolation(limits: SandboxLimits) -> Isolation:
     if not limits.allow_network_fallback:
         raise SandboxUnavailableError(f"code sandbox unavailable: {found.missing}. Set allow_network_fallback: "
                                       f"true to run with this weaker isolation ({found.mode!r} mode)")
+    python = os.path.realpath(sys.executable)
+    if found.mode == "uid" and private_ancestor(python):  # without a mount namespace it cannot be bound in
+        raise SandboxUnavailableError(f"the interpreter {python} lies under {private_ancestor(python)}, which the "
+                                      "sandbox uid cannot enter; install Python where other users can read it")
     return found
 
 
@@ -244,14 +248,20 @@ def _dirs_to_hide(python: str) -> list[str]:
     home = os.path.realpath(os.path.expanduser("~"))
     if home != "/" and os.path.isdir(home):
         hide.append(home)
-    parts = Path(python).parent.parts
-    for i in range(2, len(parts) + 1):
-        path = str(Path(*parts[:i]))
-        if not os.stat(path).st_mode & stat.S_IXOTH:
-            if not any(path == h or path.startswith(h + "/") for h in hide):
-                hide.append(path)
-            break
+    private = private_ancestor(python)
+    if private and not any(private == h or private.startswith(h + "/") for h in hide):
+        hide.append(private)
     return hide
+
+
+def private_ancestor(path: str) -> str | None:
+    """The first directory on `path` that other users cannot enter, if any."""
+    parts = Path(path).parent.parts
+    for i in range(2, len(parts) + 1):
+        folder = str(Path(*parts[:i]))
+        if not os.stat(folder).st_mode & stat.S_IXOTH:
+            return folder
+    return None
 
 
 @dataclass
@@ -374,7 +384,9 @@ def _classify(out: _Outcome, nonce: str, total: int, limits: SandboxLimits, seco
     if ended is None:
         return result("killed", detail="the launcher ended without a report")
     code, cpu = ended.get("exit"), ended.get("cpu", 0)
-    if code == -signal.SIGXCPU or (code == -signal.SIGKILL and isinstance(cpu, (int, float)) and cpu >= limits.cpu_seconds):
+    # The kernel's SIGKILL at RLIMIT_CPU; rusage rounds CPU time down a little, hence the 0.9.
+    if code == -signal.SIGXCPU or (code == -signal.SIGKILL and isinstance(cpu, (int, float))
+                                   and cpu >= 0.9 * limits.cpu_seconds):
         return result("timeout", detail=f"CPU time over {limits.cpu_seconds} s")
     if isinstance(code, int) and code < 0:
         return result("killed", detail=f"killed by signal {-code}")

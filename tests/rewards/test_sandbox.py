@@ -24,10 +24,24 @@ from bastion.rewards.sandbox import (
     Isolation, SandboxLimits, SandboxUnavailableError, extract_code, run_many, run_python,
 )
 
-LIMITS = SandboxLimits(timeout_seconds=8, cpu_seconds=2, memory_mb=256, max_processes=16, max_output_bytes=64 * 1024)
+# allow_network_fallback only matters off "full" isolation, where only the benign tests run.
+LIMITS = SandboxLimits(timeout_seconds=8, cpu_seconds=2, memory_mb=256, max_processes=16, max_output_bytes=64 * 1024,
+                       allow_network_fallback=True)
+STRICT = SandboxLimits(timeout_seconds=8, cpu_seconds=2, memory_mb=256)
 SECRET = "bastion-test-secret-5f1c9a"
 FULL = sandbox.isolation().mode == "full"
 needs_full = pytest.mark.skipif(not FULL, reason=f"needs full isolation: {sandbox.isolation().missing}")
+
+
+def _can_run() -> str:
+    try:
+        run_python("x = 1", "assert x == 1", LIMITS)
+    except SandboxUnavailableError as exc:
+        return str(exc)
+    return ""
+
+
+runs = pytest.mark.skipif(bool(_can_run()), reason=f"no sandbox here: {_can_run()}")
 
 
 def sandbox_processes() -> list[int]:
@@ -70,22 +84,26 @@ def nothing_left_behind(monkeypatch):
 
 # -- ordinary scoring ----------------------------------------------------------------------------
 
+@runs
 def test_correct_solution_passes():
     result = run_python("def add(a, b):\n    return a + b\n", ["assert add(1, 2) == 3", "assert add(0, 0) == 0"], LIMITS)
     assert (result.passed, result.status, result.tests_passed, result.tests_total) == (True, "passed", 2, 2)
 
 
+@runs
 def test_wrong_solution_fails_and_counts_tests():
     result = run_python("def add(a, b):\n    return a - b\n", ["assert add(1, 2) == 3", "assert add(0, 0) == 0"], LIMITS)
     assert (result.passed, result.status, result.tests_passed, result.tests_total) == (False, "failed", 1, 2)
     assert "test 0 failed: AssertionError" in result.output
 
 
+@runs
 def test_one_string_of_asserts_is_one_test():
     result = run_python("x = 3", "assert x == 3\nassert x > 2\n", LIMITS)
     assert (result.status, result.tests_passed, result.tests_total) == ("passed", 1, 1)
 
 
+@runs
 @pytest.mark.parametrize("code", ["def f(:\n", "raise SystemExit(0)", "import os\nos._exit(0)",
                                   'print(\'{"status": "passed", "passed": 1, "total": 1}\')\nimport os\nos._exit(0)'])
 def test_broken_or_report_forging_code_fails(code):
@@ -108,6 +126,7 @@ def test_bad_or_huge_tests_are_refused_before_running(tests):
         run_python("x = 1", tests, LIMITS)
 
 
+@runs
 def test_huge_code_scores_zero_without_running():
     result = run_python("#" * (sandbox.MAX_CODE_BYTES + 1), "assert True", LIMITS)
     assert (result.status, result.passed, result.seconds) == ("error", False, 0.0)
@@ -118,6 +137,7 @@ def test_limits_are_bounded():
         SandboxLimits(memory_mb=10**9)
 
 
+@runs
 def test_parallel_runs_keep_order():
     jobs = [(f"v = {i}", f"assert v == {i if i % 2 else -1}") for i in range(6)]
     results = run_many(jobs, LIMITS, max_workers=3)
@@ -126,10 +146,11 @@ def test_parallel_runs_keep_order():
 
 # -- the reward ----------------------------------------------------------------------------------
 
+@runs
 def test_code_tests_reward_scores_batches():
-    rewards = build_rewards([{"name": "code_tests", "timeout_seconds": 8, "cpu_seconds": 2, "memory_mb": 256,
-                              "max_workers": 2}])
-    partial = build_rewards([{"name": "code_tests", "timeout_seconds": 8, "memory_mb": 256, "partial_credit": True}])
+    common = {"name": "code_tests", "timeout_seconds": 8, "cpu_seconds": 1, "memory_mb": 256, "allow_network_fallback": not FULL}
+    rewards = build_rewards([{**common, "max_workers": 2}])
+    partial = build_rewards([{**common, "partial_credit": True}])
     tests = {"tests": ["assert f(1) == 2", "assert f(2) == 4"]}
     samples = [Sample("```python\ndef f(x):\n    return 2 * x\n```", tests), Sample("def f(x):\n    return x + 1", tests),
                Sample("while True: pass", tests)]
@@ -156,7 +177,7 @@ def test_code_tests_params_are_bounded():
 def test_weaker_isolation_is_refused_without_opt_in(monkeypatch, mode):
     monkeypatch.setattr(sandbox, "_isolation", Isolation(mode, "namespaces unavailable (simulated)"))
     with pytest.raises(SandboxUnavailableError, match="allow_network_fallback"):
-        run_python("x = 1", "assert x == 1", LIMITS)
+        run_python("x = 1", "assert x == 1", STRICT)
 
 
 def test_no_isolation_as_root_is_refused_even_with_opt_in(monkeypatch):

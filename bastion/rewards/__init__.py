@@ -12,6 +12,7 @@ from bastion.rewards.registry import (
     register_reward,
     reward_class,
 )
+from bastion.rewards.code import CodeTestsReward  # registers code_tests
 
-__all__ = ["ENTRY_POINT_GROUP", "REWARDS", "Reward", "RewardSet", "Sample", "build_reward", "build_rewards",
+__all__ = ["CodeTestsReward", "ENTRY_POINT_GROUP", "REWARDS", "Reward", "RewardSet", "Sample", "build_reward", "build_rewards",
            "register_reward", "reward_class"]

@@ -101,7 +101,7 @@ def _load_entry_point(name: str, where: str) -> None:
     if not found:
         problem = (f"unknown reward {name!r}; choose one of {', '.join(sorted(REWARDS))} "
                    f"(or install a package that provides it as a {ENTRY_POINT_GROUP!r} entry point)")
-        raise ConfigError(f"{where}: {problem}", [(f"{where}.name", problem)])
+        raise ConfigError(f"{where}.name: {problem}", [(f"{where}.name", problem)])
     try:
         cls = found[0].load()
     except Exception as exc:  # a broken third-party package: say which, never a traceback

@@ -43,7 +43,6 @@ straddles ranks) and the loss is normalised over the global batch, as in one pro
 from __future__ import annotations
 
 import copy
-import math
 from dataclasses import dataclass
 from typing import Any
 

@@ -4,8 +4,8 @@ Same model on both sides: a small Llama-architecture model built here (random we
 byte-level BPE tokenizer trained on the prompts) and exported with `bastion export hf`, so
 TRL loads the very same weights, tokenizer and chat template (the prompt ids are checked to
 be identical before TRL trains). Same synthetic, verifiable task: each prompt names three
-letters ("letters: a e k"), and the reward is the share of the completion's non-space
-characters that are among them (0 for an empty completion); the same Python function
+letters ("letters: a e k"), and the reward is the share of them that occur in the
+completion (a random model starts near 0.3); the same Python function
 scores both sides (a `Reward` subclass registered in `bastion.rewards.REWARDS` for Bastion,
 the equivalent `reward_funcs` callable for TRL). Same settings: full fine-tuning, float32,
 no compile, no gradient checkpointing, G completions per prompt, `--prompts` prompts per
@@ -67,9 +67,8 @@ LAST = 3  # steps averaged for "reward at the end" and "reward at equal wall-clo
 
 
 def letters_reward(completion: str, letters: str) -> float:
-    """Share of the completion's non-space characters that are among `letters` (0 if none)."""
-    chars = [c for c in completion if not c.isspace()]
-    return sum(c in letters for c in chars) / len(chars) if chars else 0.0
+    """Share of the prompt's `letters` that occur in the completion (0, 1/3, 2/3 or 1)."""
+    return sum(c in completion for c in letters) / len(letters)
 
 
 def make_records(n: int, seed: int) -> list[dict]:
@@ -181,7 +180,7 @@ def job_bastion(work: Path, args: argparse.Namespace, clock: Clock, log: RewardL
     from bastion.train.tasks.grpo import GRPOTask
 
     class Letters(Reward):
-        """Share of the completion's characters among the prompt's letters (bench/grpo.py)."""
+        """Share of the prompt's letters that occur in the completion (bench/grpo.py)."""
 
         name = REWARD_NAME
 
@@ -200,8 +199,16 @@ def job_bastion(work: Path, args: argparse.Namespace, clock: Clock, log: RewardL
 
     GRPOTask._generate = timed_generate
     cfg = bastion_config(work, args, f"run_{time.time_ns()}")
-    train(cfg, quiet=True, should_stop=lambda step: clock.step_done())
-    return {}
+    result = train(cfg, quiet=True, should_stop=lambda step: clock.step_done())
+    peak = vm_hwm_bytes()  # before the check below loads anything
+    # Sanity: the policy did move (relative change of the weights, all tensors together).
+    from bastion.checkpoint import load_checkpoint
+
+    start = load_checkpoint(work / "base", load_optimizer=False).model
+    end = load_checkpoint(result.run_dir, load_optimizer=False).model
+    moved = sum(float((end[k].float() - start[k].float()).norm() ** 2) for k in start) ** 0.5
+    return {"peak_rss_bytes": peak,
+            "relative_weight_change": moved / sum(float(t.float().norm() ** 2) for t in start.values()) ** 0.5}
 
 
 def job_trl(work: Path, args: argparse.Namespace, clock: Clock, log: RewardLog) -> dict:
@@ -249,7 +256,15 @@ def job_trl(work: Path, args: argparse.Namespace, clock: Clock, log: RewardLog) 
     trainer = GRPOTrainer(model=model, reward_funcs=bench_letters, args=config, train_dataset=dataset,
                           processing_class=tokenizer, callbacks=[Stamp()])
     trainer.train()
-    return {}
+    peak = vm_hwm_bytes()  # before the check below loads anything
+    # Sanity: the policy did move (relative change of the weights, all tensors together).
+    from safetensors.torch import load_file
+
+    before = load_file(work / "hf" / "model.safetensors")
+    after = dict(model.named_parameters())
+    moved = sum(float((after[k].detach() - t).norm() ** 2) for k, t in before.items() if k in after) ** 0.5
+    return {"peak_rss_bytes": peak, "relative_weight_change":
+            moved / sum(float(t.norm() ** 2) for k, t in before.items() if k in after) ** 0.5}
 
 
 def _check_same_prompt_ids(work: Path, tokenizer, records: list[dict]) -> None:
@@ -279,7 +294,7 @@ def run_job(side: str, work: Path, args: argparse.Namespace) -> dict:
 
     torch.set_num_threads(args.threads)
     clock, log = Clock(args), RewardLog()
-    {"bastion": job_bastion, "trl": job_trl}[side](work, args, clock, log)
+    extra = {"bastion": job_bastion, "trl": job_trl}[side](work, args, clock, log)
     assert clock.t0 is not None and clock.steps, "no step ran"
     w = min(args.warmup, len(clock.steps) - 2)
     steady = clock.steps[w:]  # the steps after the warm-up ones: w + 1 .. end
@@ -290,8 +305,8 @@ def run_job(side: str, work: Path, args: argparse.Namespace) -> dict:
             "rollout_tokens_per_s": sum(n for _, n in gen) / sum(s for s, _ in gen),
             "generation_share": sum(s for s, _ in gen) / (steady[-1] - steady[0]),
             "completion_tokens_per_step": statistics.mean(n for _, n in clock.gen),
-            "elapsed": elapsed, "rewards": rewards[:len(elapsed)], "peak_rss_bytes": vm_hwm_bytes(),
-            "threads": torch.get_num_threads()}
+            "elapsed": elapsed, "rewards": rewards[:len(elapsed)],
+            "threads": torch.get_num_threads(), **extra}
 
 
 # ---- orchestration ---------------------------------------------------------------------------
@@ -316,6 +331,7 @@ def summarize(results: dict[str, list[dict]], args: argparse.Namespace) -> dict:
             "run_seconds": [round(r["elapsed"][-1], 1) for r in runs],
             "reward_first": statistics.mean(statistics.mean(r["rewards"][:LAST]) for r in runs),
             "reward_last": statistics.mean(statistics.mean(r["rewards"][-LAST:]) for r in runs),
+            "relative_weight_change": statistics.mean(r["relative_weight_change"] for r in runs),
         }
     # Equal wall-clock, round by round: by the time the shorter run of the pair ended.
     for side in sides:
@@ -348,12 +364,15 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=32, help="per completion (TRL max_completion_length)")
     parser.add_argument("--loss", choices=["grpo", "dr_grpo", "dapo"], default="grpo")
     parser.add_argument("--temperature", type=float, default=1.0)
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--steps", type=int, default=12, help="optimizer steps per run (ignored with --seconds)")
+    parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--steps", type=int, default=16, help="optimizer steps per run (ignored with --seconds)")
     parser.add_argument("--seconds", type=float, default=None, help="train each side for this long instead")
     parser.add_argument("--warmup", type=int, default=2, help="steps left out of the throughput figures")
     parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads, both sides (default: torch's)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch intra-op threads, both sides (1: on a shared machine two-thread OpenMP "
+                             "teams stall whenever a thread is descheduled, which hits transformers' generate "
+                             "hardest; see docs/benchmarks.md)")
     parser.add_argument("--json", metavar="FILE", help="also write the summary (and every step's reward) here")
     parser.add_argument("--job", help=argparse.SUPPRESS)
     parser.add_argument("--work", help=argparse.SUPPRESS)
@@ -362,18 +381,13 @@ def main() -> None:
     if importlib.util.find_spec("trl") is None:
         sys.exit("bench/grpo.py compares against TRL's GRPOTrainer, and TRL is not installed: "
                  "pip install trl (this venv pins trl 1.16), then run it again")
-    if args.threads is None:
-        import torch
-
-        args.threads = torch.get_num_threads()
-
     if args.job:  # child process
         print(json.dumps(run_job(args.job, Path(args.work), args)))
         return
 
     work = Path(tempfile.mkdtemp(prefix="bench-grpo-"))
     prepare(work, args)
-    passthrough = [a for a in sys.argv[1:]] + ["--threads", str(args.threads)]
+    passthrough = [a for a in sys.argv[1:]]
     results: dict[str, list[dict]] = {"bastion": [], "trl": []}
     for round_ in range(args.rounds):
         for side in (("bastion", "trl") if round_ % 2 == 0 else ("trl", "bastion")):

@@ -5,7 +5,7 @@ byte-level BPE tokenizer trained on the prompts) and exported with `bastion expo
 TRL loads the very same weights, tokenizer and chat template (the prompt ids are checked to
 be identical before TRL trains). Same synthetic, verifiable task: each prompt names three
 letters ("letters: a e k"), and the reward is the share of them that occur in the
-completion (a random model starts near 0.3); the same Python function
+completion (a random model starts near 0.6 at 32 new tokens); the same Python function
 scores both sides (a `Reward` subclass registered in `bastion.rewards.REWARDS` for Bastion,
 the equivalent `reward_funcs` callable for TRL). Same settings: full fine-tuning, float32,
 no compile, no gradient checkpointing, G completions per prompt, `--prompts` prompts per
@@ -32,7 +32,7 @@ Measured per side:
                     finished when the shorter run of the round (timed from its first
                     rollout) ended
 
-    python bench/grpo.py                          # defaults: ~4 min on 2 CPU cores
+    python bench/grpo.py                          # defaults: ~5 min on a loaded 2-core CPU
     python bench/grpo.py --seconds 60             # each side trains for 60 s instead of --steps
     python bench/grpo.py --loss dr_grpo --group-size 16 --max-new-tokens 48 --json out.json
 """

@@ -441,9 +441,6 @@ class BastionConfig(Section):
         objective, ft = self.train.objective, self.finetune
         # clm pretrains from the prepared token shards; every other objective fine-tunes.
         if objective == "clm":
-            if self.model.score_labels is not None:
-                raise ValueError("model.score_labels needs a fine-tuning objective (train.objective reward adds the "
-                                 "head to finetune.init_from); clm pretrains a language model")
             if ft.lora.enabled:
                 raise ValueError("finetune.lora.enabled needs train.objective sft, dpo, simpo or another fine-tuning objective")
             return self

@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from helpers import finetune_config, make_base_checkpoint
+from helpers import finetune_config, make_base_checkpoint, tiny_config
 
 from bastion.checkpoint import load_checkpoint
 from bastion.checkpoint.contents import checkpoint_config, load_full_model
@@ -120,7 +120,10 @@ def test_reward_objective_refuses_lora_and_clm_refuses_a_head(rm, tmp_path):
     with pytest.raises(ConfigError, match="finetune.lora.enabled"):
         train(_config(rm, tmp_path / "lora", lora={"rank": 2}), quiet=True)
     assert not (tmp_path / "lora" / "checkpoints").exists()
-    from bastion.config import build_config
 
+
+def test_pretraining_refuses_a_score_head(arithmetic_data, tmp_path):
+    cfg = tiny_config(arithmetic_data, tmp_path / "clm")
+    cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"score_labels": 1})})
     with pytest.raises(ConfigError, match="model.score_labels"):
-        build_config({"model": {"score_labels": 1}})
+        train(cfg, quiet=True)

@@ -12,6 +12,7 @@ from bastion.rewards.registry import (
     register_reward,
     reward_class,
 )
+from bastion.rewards import reward_model  # noqa: E402,F401  (registers reward_model)
 
 __all__ = ["ENTRY_POINT_GROUP", "REWARDS", "Reward", "RewardSet", "Sample", "build_reward", "build_rewards",
            "register_reward", "reward_class"]

@@ -95,7 +95,7 @@ def test_registry_refuses_bad_and_duplicate_names(monkeypatch):
         register_task(Clash)
     with pytest.raises(ValueError, match="objective must be"):
         register_task(BadName)
-    assert sorted(TASKS) == ["clm", "dpo", "sft", "simpo"]
+    assert sorted(TASKS) == ["clm", "dpo", "reward", "sft", "simpo"]
 
 
 def test_builtin_objectives_describe_their_batches():

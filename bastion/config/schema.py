@@ -53,6 +53,8 @@ class ModelConfig(Section):
     init_std: float = Field(default=0.02, gt=0, le=1.0)
     rope_scaling: RopeScalingConfig | None = None
     sliding_window: int | None = Field(default=None, ge=1, le=1_048_576, description="Mistral-style local attention window")
+    score_labels: int | None = Field(default=None, ge=1, le=4096, description="None = a language model (lm head); K = a "
+                                     "sequence-scoring model: K values read at the last token (1: a reward model)")
 
     @model_validator(mode="after")
     def _shapes_fit(self) -> "ModelConfig":
@@ -243,6 +245,8 @@ class PreferenceConfig(Section):
     beta: float = Field(default=0.1, gt=0.0, le=100.0, description="DPO/SimPO inverse temperature")
     simpo_gamma: float = Field(default=0.5, ge=0.0, le=100.0, description="SimPO target reward margin")
     label_smoothing: float = Field(default=0.0, ge=0.0, lt=0.5)
+    reward_center_coef: float = Field(default=0.0, ge=0.0, le=100.0, description="reward: weight of mean((r_chosen + "
+                                      "r_rejected)^2), which keeps the rewards centred on 0 (TRL's center_rewards_coefficient)")
 
 
 class FinetuneConfig(Section):

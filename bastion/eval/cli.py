@@ -124,13 +124,15 @@ def preferences_cmd(
     require_signature: bool = RequireSignatureOption,
     trusted_keys: Optional[List[Path]] = TrustedKeyOption,
 ) -> None:
-    """Reward accuracy (how often chosen beats rejected), margins and loss on held-out pairs."""
+    """Reward accuracy (how often chosen beats rejected), margins and loss on held-out pairs; a reward model
+    (train.objective reward) is judged by its own scores."""
     use_signature_options(require_signature, trusted_keys)
     from bastion.eval.finetune import eval_preferences
 
     result = eval_preferences(checkpoint, file, reference=reference, roots=roots or ["."], beta=beta,
                               batch_size=batch_size, seq_len=seq_len, device=device)
-    _table(f"preferences: {file} ({'DPO rewards' if reference else 'SimPO rewards'})", result)
+    kind = "reward model" if "beta" not in result else "DPO rewards" if reference else "SimPO rewards"
+    _table(f"preferences: {file} ({kind})", result)
     _write_json(json_out, result)
 
 

@@ -4,7 +4,8 @@
   * preferences  held-out preference JSONL: loss, reward accuracy and margins. With a
                  reference checkpoint the rewards are DPO's (beta * log-ratio to the
                  reference); without one, SimPO's (beta * mean log-prob of the response),
-                 which needs no second model
+                 which needs no second model; a reward model's (train.objective reward)
+                 are its scores, and the loss its Bradley-Terry loss
   * generate     prompts JSONL -> greedy (or K sampled) completions per prompt scored by
                  the weighted sum of registered rewards (bastion/rewards), with pass@k
 
@@ -31,6 +32,7 @@ from bastion.safepath import Roots
 from bastion.tokenizer.chat import check_conversation
 from bastion.train.tasks.dpo import dpo_pair_loss
 from bastion.train.tasks.preference import evaluate_preferences, reference_logprobs
+from bastion.train.tasks.reward import pair_scores, reward_loss
 from bastion.train.tasks.sft import evaluate_sft
 from bastion.train.tasks.simpo import simpo_pair_loss
 
@@ -60,10 +62,14 @@ def eval_preferences(checkpoint: str | Path, file: str | Path, *, reference: str
                      roots: Sequence[str] = (".",), beta: float | None = None, batch_size: int = 8,
                      seq_len: int | None = None, device: str = "cpu") -> dict[str, float]:
     """Preference loss / reward accuracy / margins on held-out pairs (DPO rewards against
-    `reference`, else SimPO's reference-free rewards)."""
-    loaded = load_for_inference(checkpoint, device=device)
+    `reference`, else SimPO's reference-free rewards; a reward model's own scores)."""
+    loaded = load_for_inference(checkpoint, device=device, head="any")
     length = _max_len(loaded, seq_len)
     data = load_preferences(file, loaded.chat, _finetune_cfg(loaded, length), roots, what="--file")
+    if loaded.config.model.score_labels is not None:
+        if reference is not None or beta is not None:
+            raise ConfigError(f"--reference / --beta: {checkpoint} is a reward model; its rewards are its scores")
+        return _eval_reward_model(loaded, data, batch_size=batch_size, seq_len=length, device=torch.device(device))
     cfg = loaded.config
     if beta is not None:
         cfg = cfg.model_copy(update={"finetune": cfg.finetune.model_copy(
@@ -81,6 +87,20 @@ def eval_preferences(checkpoint: str | Path, file: str | Path, *, reference: str
     loss = dpo_pair_loss(pc, ref) if ref is not None else simpo_pair_loss(pc)
     out = evaluate_preferences(loaded.model, data, loss, **kwargs)
     return out | {"beta": cfg.finetune.preference.beta}
+
+
+def _eval_reward_model(loaded: LoadedModel, data: Any, *, batch_size: int, seq_len: int,
+                       device: torch.device) -> dict[str, float]:
+    """Bradley-Terry loss, accuracy and margins of a reward model's scores on the pairs."""
+    pc = loaded.config.finetune.preference
+    pad_id = data.pad_id
+
+    def loss(scores: Any, batch: Any) -> Any:
+        return reward_loss(scores, label_smoothing=pc.label_smoothing, center_coef=pc.reward_center_coef)
+
+    return evaluate_preferences(loaded.model, data, loss, batch_size=batch_size, seq_len=seq_len, device=device,
+                                autocast=contextlib.nullcontext,
+                                values=lambda forward, batch: pair_scores(forward, batch, pad_id))
 
 
 @dataclass

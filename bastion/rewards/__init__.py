@@ -16,6 +16,7 @@ from bastion.rewards.registry import (
 )
 from bastion.rewards.code import CodeTestsReward  # registers code_tests
 from bastion.rewards.specs import parse_reward_spec
+from bastion.rewards import reward_model  # noqa: E402,F401  (registers reward_model)
 
 __all__ = ["CodeTestsReward", "ENTRY_POINT_GROUP", "REWARDS", "Reward", "RewardSet", "Sample", "build_reward",
            "build_rewards", "builtin", "entry_point_names", "parse_reward_spec", "register_reward", "reward_class"]

@@ -1,4 +1,4 @@
-"""Fine-tuning under torchrun (2 CPU processes, gloo): SFT, DPO and SimPO, full or LoRA, with
+"""Fine-tuning under torchrun (2 CPU processes, gloo): SFT, DPO, SimPO and reward, full or LoRA, with
 DDP or FSDP2, follow the loss curve and validation numbers of one process with the same
 global batch, including short last batches that leave a rank without rows; a LoRA+FSDP
 checkpoint written by 2 ranks resumes on 1."""
@@ -61,6 +61,7 @@ CASES = {
     "sft-fsdp-packed-lora": ("sft", "fsdp", {"lora": {"rank": 4}}),
     "dpo-fsdp-lora": ("dpo", "fsdp", {"lora": {"rank": 4}}),
     "simpo-ddp": ("simpo", "ddp", {}),
+    "reward-fsdp": ("reward", "fsdp", {}),  # the score head sharded with the rest
 }
 
 

@@ -95,7 +95,7 @@ def test_registry_refuses_bad_and_duplicate_names(monkeypatch):
         register_task(Clash)
     with pytest.raises(ValueError, match="objective must be"):
         register_task(BadName)
-    assert {"clm", "dpo", "sft", "simpo", "grpo"} <= set(TASKS)  # the shipped objectives, unchanged
+    assert {"clm", "dpo", "sft", "simpo", "grpo", "reward"} <= set(TASKS)  # the shipped objectives, unchanged
     assert "Not A Name" not in TASKS and TASKS["sft"] is not Clash
 
 

@@ -5,11 +5,12 @@
     dpo     preference JSONL: sigmoid DPO against reference log-probs        dpo.py
     simpo   preference JSONL: SimPO, reference-free                          simpo.py
     grpo    prompt JSONL + rewards: online RL (GRPO, Dr. GRPO, DAPO, GSPO)   grpo.py
+    reward  preference JSONL: a reward model (score head), Bradley-Terry     reward.py
 
 To add an objective: a new file here with a `Task` subclass (base.py) and its loss,
 decorated with `@register_task`, and its import below.
 """
 from bastion.train.tasks.base import TASKS, Task, register_task, task_class
-from bastion.train.tasks import clm, dpo, grpo, sft, simpo  # noqa: E402,F401  (each registers its task)
+from bastion.train.tasks import clm, dpo, grpo, reward, sft, simpo  # noqa: E402,F401  (each registers its task)
 
 __all__ = ["TASKS", "Task", "register_task", "task_class"]

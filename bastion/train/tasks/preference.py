@@ -11,7 +11,7 @@ simpo.py) defines its reward and builds a `PairLoss` from it.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -36,7 +36,10 @@ class SequenceLogprobs(NamedTuple):
 
 
 # (policy log-probs, the batch) -> (loss, stats); a batch's "index" rows name its pairs.
-PairLoss = Callable[[SequenceLogprobs, Mapping[str, torch.Tensor]], tuple[torch.Tensor, Stats]]
+# (The reward objective passes its PairScores instead of log-probs: PreferenceTask.pair_values.)
+PairLoss = Callable[[Any, Mapping[str, torch.Tensor]], tuple[torch.Tensor, Stats]]
+# (model or its wrapper, a batch) -> what a PairLoss reads (sequence_logprobs by default)
+PairValues = Callable[[Forward, Mapping[str, torch.Tensor]], Any]
 
 
 def sequence_logprobs(model: torch.nn.Module, batch: Mapping[str, torch.Tensor]) -> SequenceLogprobs:
@@ -98,18 +101,18 @@ def reference_logprobs(forward: Forward, dataset: PreferenceDataset, *, batch_si
 @torch.no_grad()
 def evaluate_preferences(forward: Forward, dataset: PreferenceDataset, loss: PairLoss, *, batch_size: int,
                          seq_len: int, device: torch.device, autocast: Autocast, max_batches: int | None = None,
-                         rank: int = 0, world: int = 1) -> dict[str, float]:
+                         rank: int = 0, world: int = 1, values: PairValues = sequence_logprobs) -> dict[str, float]:
     """Pair-weighted means of the loss and its statistics over held-out pairs (under
-    torchrun each rank takes its rows of every batch)."""
+    torchrun each rank takes its rows of every batch); `values` computes what the loss reads."""
     names: list[str] = []
     sums = None
     for batch, real in eval_batches(dataset, batch_size, seq_len, max_batches, rank, world, device):
         with autocast():
-            value, stats = loss(sequence_logprobs(forward, batch), batch)
-        values = {"loss": value, **stats}
-        names = list(values)
+            value, stats = loss(values(forward, batch), batch)
+        numbers = {"loss": value, **stats}
+        names = list(numbers)
         n = len(batch["index"]) if real else 0
-        row = torch.stack([v.detach().double() * n for v in values.values()]
+        row = torch.stack([v.detach().double() * n for v in numbers.values()]
                           + [torch.tensor(n, dtype=torch.float64, device=device)])
         sums = row if sums is None else sums + row
     if sums is None:
@@ -133,6 +136,10 @@ class PreferenceTask(FileTask):
         """The objective's loss, given the reference log-probs of the pairs it will see."""
         raise NotImplementedError
 
+    def pair_values(self, forward: Forward, batch: Mapping[str, torch.Tensor]) -> Any:
+        """What the pair loss reads from the model: summed response log-probs (DPO, SimPO)."""
+        return sequence_logprobs(forward, batch)
+
     def reference_tables(self, forward: Forward, device: torch.device, autocast: Autocast) -> None:
         """Fill `reference` / `val_reference` with every pair's log-probs under the current
         weights (batches of one rank's size, shared out among the ranks)."""
@@ -148,7 +155,7 @@ class PreferenceTask(FileTask):
     def micro_batch_loss(self, forward: Forward, device: torch.device) -> tuple[torch.Tensor, int, Stats]:
         full, mine, real = self._next_rows()
         batch = batch_to_device(mine, device)
-        loss, stats = self.pair_loss(self.reference)(sequence_logprobs(forward, batch), batch)
+        loss, stats = self.pair_loss(self.reference)(self.pair_values(forward, batch), batch)
         if self.world > 1:  # this rank's share of the global batch's pairs
             share = (len(mine["index"]) if real else 0) * self.world / len(full["index"])
             loss, stats = loss * share, {name: value * share for name, value in stats.items()}
@@ -158,7 +165,7 @@ class PreferenceTask(FileTask):
         assert self.val is not None
         return evaluate_preferences(forward, self.val, self.pair_loss(self.val_reference), batch_size=self.batch_size,
                                     seq_len=self.seq_len, device=device, autocast=autocast, max_batches=max_batches,
-                                    rank=self.rank, world=self.world)
+                                    rank=self.rank, world=self.world, values=self.pair_values)
 
     def summary(self, metrics: dict[str, float]) -> str:
         if "reward_accuracy" not in metrics:

@@ -4,11 +4,13 @@
     sft     chat JSONL: next-token loss on assistant tokens                  sft.py
     dpo     preference JSONL: sigmoid DPO against reference log-probs        dpo.py
     simpo   preference JSONL: SimPO, reference-free                          simpo.py
+    orpo    preference JSONL: ORPO, NLL + odds-ratio term, reference-free    orpo.py
+    kto     labelled completions JSONL: KTO against reference log-probs      kto.py
 
 To add an objective: a new file here with a `Task` subclass (base.py) and its loss,
 decorated with `@register_task`, and its import below.
 """
 from bastion.train.tasks.base import TASKS, Task, register_task, task_class
-from bastion.train.tasks import clm, dpo, sft, simpo  # noqa: E402,F401  (each registers its task)
+from bastion.train.tasks import clm, dpo, kto, orpo, sft, simpo  # noqa: E402,F401  (each registers its task)
 
 __all__ = ["TASKS", "Task", "register_task", "task_class"]

@@ -95,9 +95,10 @@ def test_registry_refuses_bad_and_duplicate_names(monkeypatch):
         register_task(Clash)
     with pytest.raises(ValueError, match="objective must be"):
         register_task(BadName)
-    assert sorted(TASKS) == ["clm", "dpo", "sft", "simpo"]
+    assert sorted(TASKS) == ["clm", "dpo", "kto", "orpo", "sft", "simpo"]
 
 
 def test_builtin_objectives_describe_their_batches():
     assert task_class("clm").fine_tunes is False and task_class("clm").supports_dp
-    assert all(task_class(name).fine_tunes and not task_class(name).supports_dp for name in ("sft", "dpo", "simpo"))
+    assert all(task_class(name).fine_tunes and not task_class(name).supports_dp
+               for name in ("sft", "dpo", "simpo", "orpo", "kto"))

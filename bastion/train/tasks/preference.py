@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from bastion.config.schema import BastionConfig
-from bastion.data.batches import batch_to_device
+from bastion.data.batches import PlannedDataset, batch_to_device
 from bastion.data.finetune import IGNORE_INDEX, PreferenceDataset, load_preferences
 from bastion.errors import DataError
 from bastion.train.distributed import sum_across_ranks
@@ -40,6 +40,20 @@ class SequenceLogprobs(NamedTuple):
 PairLoss = Callable[[Any, Mapping[str, torch.Tensor]], tuple[torch.Tensor, Stats]]
 # (model or its wrapper, a batch) -> what a PairLoss reads (sequence_logprobs by default)
 PairValues = Callable[[Forward, Mapping[str, torch.Tensor]], Any]
+# (model, batch) -> [B, 2] summed log-probs to keep as a reference table.
+Columns = Callable[[Forward, Mapping[str, torch.Tensor]], torch.Tensor]
+
+
+def summed_logprobs(model: Forward, ids: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """([B] summed log-probability of each row's counted tokens in float32, [B] how many),
+    from one forward pass over already-shifted (ids, labels)."""
+    out = model(ids)
+    logits = out[0] if isinstance(out, (tuple, list)) else out
+    token_logp = -F.cross_entropy(
+        logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="none"
+    ).view_as(labels)
+    counted = labels != IGNORE_INDEX
+    return (token_logp * counted).sum(-1), counted.sum(-1)
 
 
 def sequence_logprobs(model: torch.nn.Module, batch: Mapping[str, torch.Tensor]) -> SequenceLogprobs:
@@ -48,16 +62,15 @@ def sequence_logprobs(model: torch.nn.Module, batch: Mapping[str, torch.Tensor])
     (as for the DPO reference model)."""
     ids = torch.cat([batch["chosen_ids"], batch["rejected_ids"]])
     labels = torch.cat([batch["chosen_labels"], batch["rejected_labels"]])
-    out = model(ids)
-    logits = out[0] if isinstance(out, (tuple, list)) else out
-    token_logp = -F.cross_entropy(
-        logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="none"
-    ).view_as(labels)
-    counted = labels != IGNORE_INDEX
-    sums = (token_logp * counted).sum(-1)
-    counts = counted.sum(-1)
+    sums, counts = summed_logprobs(model, ids, labels)
     b = batch["chosen_ids"].size(0)
     return SequenceLogprobs(sums[:b], sums[b:], counts[:b], counts[b:])
+
+
+def pair_columns(forward: Forward, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """[B, 2] summed log-probs (chosen, rejected) of a preference batch: DPO's reference."""
+    logps = sequence_logprobs(forward, batch)
+    return torch.stack([logps.chosen, logps.rejected], dim=1)
 
 
 def sigmoid_loss(z: torch.Tensor, label_smoothing: float) -> torch.Tensor:
@@ -80,21 +93,21 @@ def reward_stats(chosen_reward: torch.Tensor, rejected_reward: torch.Tensor) -> 
 
 
 @torch.no_grad()
-def reference_logprobs(forward: Forward, dataset: PreferenceDataset, *, batch_size: int, seq_len: int,
-                       device: torch.device, autocast: Autocast, rank: int = 0, world: int = 1) -> torch.Tensor:
-    """[N, 2] summed log-probs (chosen, rejected) of every pair under the current weights,
-    in float32 on `device`: a reference, computed once. With several ranks each computes
-    every world-th batch with its own (unsharded, unwrapped) model and the results are
-    summed, so every rank ends with the whole table."""
+def reference_logprobs(forward: Forward, dataset: PlannedDataset, *, batch_size: int, seq_len: int,
+                       device: torch.device, autocast: Autocast, rank: int = 0, world: int = 1,
+                       columns: Columns = pair_columns) -> torch.Tensor:
+    """[N, 2] summed log-probs of every example under the current weights (`columns` says
+    which two: a pair's chosen and rejected by default), in float32 on `device`: a
+    reference, computed once. With several ranks each computes every world-th batch with
+    its own (unsharded, unwrapped) model and the results are summed, so every rank ends
+    with the whole table."""
     out = torch.zeros(len(dataset), 2, dtype=torch.float32, device=device)
     for i, rows in enumerate(dataset.plan(batch_size, seq_len, seed=0, epoch=0, shuffle=False)):
         if i % world != rank:
             continue
         batch = batch_to_device(dataset.collate(rows, seq_len), device)
         with autocast():
-            logps = sequence_logprobs(forward, batch)
-        out[batch["index"], 0] = logps.chosen.float()
-        out[batch["index"], 1] = logps.rejected.float()
+            out[batch["index"]] = columns(forward, batch).float()
     return sum_across_ranks(out, world)
 
 

@@ -35,7 +35,10 @@ def describe_params(cls: type[Reward]) -> list[tuple[str, str, str]]:
     """(name, type, default) of each of a reward's parameters, as a config spells them."""
     rows = []
     for name, info in cls.Params.model_fields.items():
-        default = "required" if info.default is PydanticUndefined else repr(info.default)
+        if info.default_factory is not None:
+            default = f"{info.get_default(call_default_factory=True)!r} (here)"  # e.g. from the CPU count
+        else:
+            default = "required" if info.default is PydanticUndefined else repr(info.default)
         rows.append((info.alias or name, _type_name(info.annotation), default))
     return rows
 

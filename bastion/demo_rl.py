@@ -1,6 +1,6 @@
 """`bastion demo --rl`: a demo that proves reinforcement learning with a verifiable reward
 learns. The task is synthetic addition ("4 7 + 7 8 =", answer "5 2 1": 47 + 78 = 125 written
-from its last digit, see `answer`), checked exactly, so "it got better" is a number, not an impression:
+from its last digit, see `question` and `answer`), checked exactly, so "it got better" is a number, not an impression:
 
     1. data      arithmetic text (training problems only) -> `prepare_dataset` (tokenizer + shards)
     2. pretrain  a small model from scratch on that text (objective clm)
@@ -21,10 +21,10 @@ import json
 import random
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from rich.console import Console
 from rich.table import Table
@@ -34,10 +34,10 @@ from bastion.config.schema import BastionConfig
 from bastion.data import prepare_dataset
 from bastion.errors import BastionError
 from bastion.eval.finetune import eval_generate
-from bastion.eval.rewards import parse_reward
 from bastion.train import train
 from bastion.train.metrics import plot_run
 
+T = TypeVar("T")
 HELD_OUT_MODULUS = 10  # one problem in ten is held out (see is_held_out)
 
 
@@ -46,8 +46,9 @@ class RLDemoSize:
     """How big each stage is. `full()` is `bastion demo --rl`; tests use a smaller one."""
 
     digits: int = 2  # operands are 0 .. 10**digits - 1
-    pretrain_steps: int = 300
-    sft_steps: int = 40
+    pretrain_steps: int = 250
+    pretrain_lr: float = 6e-3
+    sft_steps: int = 80
     grpo_steps: int = 30
     n_train: int = 8_000  # training problems (pretraining text and SFT turns), of the 9,000 there are
     n_prompts: int = 2_000  # GRPO training prompts (drawn from the training problems)
@@ -85,20 +86,22 @@ class RLDemoResult:
 # ---- the task: synthetic addition with a held-out rule ------------------------------------------
 
 
-def spaced(n: int) -> str:
-    """1234 -> "1 2 3 4": one token per digit (see the module docstring)."""
-    return " ".join(str(n))
+def spaced(n: int, width: int) -> str:
+    """(123, 4) -> "0 1 2 3": one token per digit (see the module docstring)."""
+    return " ".join(str(n).zfill(width))
 
 
-def question(a: int, b: int) -> str:
-    return f"{spaced(a)} + {spaced(b)} ="
+def question(a: int, b: int, digits: int = 2) -> str:
+    """Operands zero-padded to `digits` (7 + 45 -> "0 7 + 4 5 ="): every digit then sits at
+    the same distance from the answer digits that need it, which attention learns fast."""
+    return f"{spaced(a, digits)} + {spaced(b, digits)} ="
 
 
-def answer(a: int, b: int) -> str:
-    """The sum's digits from the least significant one (81 + 43 = 124 -> "4 2 1"), the order
-    a carry travels: each digit then depends on the digits just read and one carry, which a
-    small model learns from far fewer examples than the most-significant-first order."""
-    return " ".join(reversed(str(a + b)))
+def answer(a: int, b: int, digits: int = 2) -> str:
+    """The sum, digits + 1 wide, from the least significant digit (47 + 78 = 125 -> "5 2 1";
+    3 + 4 -> "7 0 0"): the order a carry travels, so each digit depends on two operand
+    digits and one carry already written - far easier for a small model than 125's order."""
+    return " ".join(reversed(str(a + b).zfill(digits + 1)))
 
 
 def is_held_out(a: int, b: int) -> bool:
@@ -138,20 +141,21 @@ def write_demo_data(folder: Path, size: RLDemoSize) -> DemoFiles:
     rng = random.Random(size.seed)
     train_set = sample_problems(size.n_train, size.digits, rng, held_out=False)
     test_set = sample_problems(size.n_held_out, size.digits, rng, held_out=True)
-    lines = [f"{question(a, b)} {answer(a, b)}" for a, b in train_set]
+    q = {p: question(*p, size.digits) for p in train_set + test_set}
+    a = {p: answer(*p, size.digits) for p in train_set + test_set}
+    lines = [f"{q[p]} {a[p]}" for p in train_set]
     per_doc = 32  # many small documents: the data split and shuffling work by document
     docs = ({"text": "\n".join(lines[i:i + per_doc]) + "\n"} for i in range(0, len(lines), per_doc))
+    turns = ({"messages": [{"role": "user", "content": q[p]}, {"role": "assistant", "content": a[p]}]}
+             for p in train_set)
     return DemoFiles(
         corpus=_write_jsonl(folder / "corpus.jsonl", docs),
-        sft=_write_jsonl(folder / "sft.jsonl", ({"messages": [{"role": "user", "content": question(a, b)},
-                                                              {"role": "assistant", "content": answer(a, b)}]}
-                                                for a, b in train_set)),
-        prompts=_write_jsonl(folder / "prompts.jsonl", ({"prompt": question(a, b), "answer": answer(a, b)}
-                                                        for a, b in train_set[:size.n_prompts])),
-        val_prompts=_write_jsonl(folder / "val_prompts.jsonl", ({"prompt": question(a, b), "answer": answer(a, b)}
-                                                                for a, b in test_set)),
-        held_out=_write_jsonl(folder / "held_out.jsonl", ({"messages": [{"role": "user", "content": question(a, b)}],
-                                                          "answer": answer(a, b)} for a, b in test_set)),
+        sft=_write_jsonl(folder / "sft.jsonl", turns),
+        prompts=_write_jsonl(folder / "prompts.jsonl",
+                             ({"prompt": q[p], "answer": a[p]} for p in train_set[:size.n_prompts])),
+        val_prompts=_write_jsonl(folder / "val_prompts.jsonl", ({"prompt": q[p], "answer": a[p]} for p in test_set)),
+        held_out=_write_jsonl(folder / "held_out.jsonl",
+                              ({"messages": [{"role": "user", "content": q[p]}], "answer": a[p]} for p in test_set)),
     )
 
 
@@ -181,7 +185,7 @@ def pretrain_config(out_dir: Path, files: DemoFiles, size: RLDemoSize) -> Bastio
                  # near-duplicate removal would throw most of them away.
                  "sanitize": {"enabled": False}, "dedup": {"near": False}},
         "train": _train_section(out_dir, "pretrain", size.pretrain_steps, data_dir=str(out_dir / "data"), seq_len=128,
-                                batch_size=size.batch_size, lr=6e-3, warmup_steps=20, eval_every=size.pretrain_steps,
+                                batch_size=size.batch_size, lr=size.pretrain_lr, warmup_steps=20, eval_every=size.pretrain_steps,
                                 eval_batches=4, seed=size.seed),
     }, source="rl demo: pretrain")
 
@@ -210,11 +214,11 @@ def grpo_config(out_dir: Path, files: DemoFiles, base: Path, size: RLDemoSize) -
     }, source="rl demo: grpo")
 
 
-def held_out_accuracy(checkpoint: Path, files: DemoFiles, size: RLDemoSize) -> float:
+def held_out_accuracy(checkpoint: Path, files: DemoFiles) -> float:
     """Greedy exact match on the held-out problems (the same measure for every checkpoint)."""
-    result = eval_generate(checkpoint, files.held_out, [parse_reward("exact")], roots=[str(files.held_out.parent)],
-                           temperature=0.0, batch_size=32, threads=None)
-    return result.mean["exact"]
+    result = eval_generate(checkpoint, files.held_out, [{"name": "exact"}], roots=[str(files.held_out.parent)],
+                           temperature=0.0, batch_size=32)
+    return result.pass_at_k[1]
 
 
 # ---- the demo ------------------------------------------------------------------------------------
@@ -230,8 +234,7 @@ def _fresh_folder(out_dir: Path) -> None:
     out_dir.mkdir(parents=True)
 
 
-def _stage(console: Console, title: str, run: Any) -> tuple[Any, float]:
-    console.rule(title)
+def _timed(run: Callable[[], T]) -> tuple[T, float]:
     start = time.perf_counter()
     value = run()
     return value, time.perf_counter() - start
@@ -247,36 +250,35 @@ def run_rl_demo(out_dir: Path, size: RLDemoSize | None = None, *, quiet: bool = 
     _fresh_folder(out_dir)
     result = RLDemoResult()
 
-    files, seconds = _stage(console, f"1. data: {size.n_train} training sums, {size.n_held_out} held out",
-                            lambda: write_demo_data(out_dir / "problems", size))
+    console.rule(f"1. data: {size.n_train} training sums, {size.n_held_out} held out")
+    files, seconds = _timed(lambda: write_demo_data(out_dir / "problems", size))
     cfg = pretrain_config(out_dir, files, size)
-    report, more = _stage(console, "", lambda: prepare_dataset(cfg.data))
+    report, more = _timed(lambda: prepare_dataset(cfg.data))
     result.stages.append(StageResult("data", 0, seconds + more))
     console.print(f"tokenizer: {report.vocab_size} tokens; {report.train.tokens} training tokens", highlight=False)
 
-    pretrained, seconds = _stage(console, f"2. pretrain: {size.d_model}-wide, {size.n_layer}-layer model from scratch",
-                                 lambda: train(cfg, quiet=quiet))
+    console.rule(f"2. pretrain: a {size.d_model}-wide, {size.n_layer}-layer model from scratch on the sums as text")
+    pretrained, seconds = _timed(lambda: train(cfg, quiet=quiet))
     result.stages.append(StageResult("pretrain", pretrained.steps, seconds))
 
-    sft, seconds = _stage(console, "3. sft: the sums as chat turns",
-                          lambda: train(sft_config(out_dir, files, pretrained.checkpoint, size), quiet=quiet))
-    result.sft_accuracy, more = _stage(console, "held-out accuracy after sft",
-                                       lambda: held_out_accuracy(sft.checkpoint, files, size))
-    result.stages.append(StageResult("sft", sft.steps, seconds, result.sft_accuracy))
-    console.print(f"held-out exact match after sft: {result.sft_accuracy:.1%} ({more:.0f} s)", highlight=False)
+    console.rule("3. sft: the sums as chat turns")
+    sft, seconds = _timed(lambda: train(sft_config(out_dir, files, pretrained.checkpoint, size), quiet=quiet))
+    result.sft_accuracy, more = _timed(lambda: held_out_accuracy(sft.checkpoint, files))
+    result.stages.append(StageResult("sft", sft.steps, seconds + more, result.sft_accuracy))
+    console.print(f"held-out exact match after sft: {result.sft_accuracy:.1%}", highlight=False)
 
-    grpo, seconds = _stage(console, f"4. grpo: {size.group_size} samples per prompt, reward exact",
-                           lambda: train(grpo_config(out_dir, files, sft.checkpoint, size), quiet=quiet))
-    result.grpo_accuracy, more = _stage(console, "held-out accuracy after grpo",
-                                        lambda: held_out_accuracy(grpo.checkpoint, files, size))
-    result.stages.append(StageResult("grpo", grpo.steps, seconds, result.grpo_accuracy))
+    console.rule(f"4. grpo: {size.group_size} samples per prompt, reward exact")
+    grpo, seconds = _timed(lambda: train(grpo_config(out_dir, files, sft.checkpoint, size), quiet=quiet))
+    result.grpo_accuracy, more = _timed(lambda: held_out_accuracy(grpo.checkpoint, files))
+    result.stages.append(StageResult("grpo", grpo.steps, seconds + more, result.grpo_accuracy))
+    console.print(f"held-out exact match after grpo: {result.grpo_accuracy:.1%}", highlight=False)
     result.plot, result.checkpoint = plot_run(grpo.run_dir), grpo.checkpoint
     _summary(console, result)
     return result
 
 
 def _summary(console: Console, result: RLDemoResult) -> None:
-    table = Table(title="rl demo: held-out exact match (greedy)")
+    table = Table(title="rl demo: held-out exact match (greedy); wall time includes the held-out eval")
     for column in ("stage", "steps", "wall time", "held-out accuracy"):
         table.add_column(column, justify="left" if column == "stage" else "right")
     for stage in result.stages:

@@ -59,9 +59,8 @@ def sequential(ckpt: Path, prompts: Path, device: str) -> list[str]:
 
 def batched(ckpt: Path, prompts: Path, device: str, batch_size: int, n: int) -> list[str]:
     from bastion.eval.finetune import eval_generate
-    from bastion.eval.rewards import parse_reward
 
-    result = eval_generate(ckpt, prompts, [parse_reward("length:0-100000")], roots=[str(prompts.parent)],
+    result = eval_generate(ckpt, prompts, [{"name": "length", "min": 0, "max": 100000}], roots=[str(prompts.parent)],
                            device=device, batch_size=batch_size, keep_samples=n)
     return [s["completion"] for s in result.samples]
 

@@ -9,7 +9,6 @@ import pytest
 
 from bastion.demo_rl import RLDemoSize, answer, is_held_out, question, run_rl_demo, sample_problems, write_demo_data
 from bastion.errors import BastionError
-from bastion.rewards import REWARDS, Reward
 
 TOY = RLDemoSize(pretrain_steps=4, sft_steps=3, grpo_steps=2, n_train=300, n_prompts=16, n_held_out=8,
                  d_model=32, n_layer=1, batch_size=4, grpo_batch=4, group_size=2, eval_points=1)
@@ -23,6 +22,7 @@ def test_the_held_out_rule_and_the_answer_format():
     held = [(a, b) for a in range(100) for b in range(100) if is_held_out(a, b)]
     assert len(held) == 1000  # one problem in ten
     assert question(47, 78) == "4 7 + 7 8 =" and answer(47, 78) == "5 2 1"  # 125, last digit first
+    assert question(3, 4) == "0 3 + 0 4 =" and answer(3, 4) == "7 0 0"  # fixed width
     rng = random.Random(0)
     assert all(is_held_out(a, b) for a, b in sample_problems(50, 2, rng, held_out=True))
     assert not any(is_held_out(a, b) for a, b in sample_problems(50, 2, rng, held_out=False))
@@ -42,23 +42,7 @@ def test_no_held_out_problem_is_in_any_training_file(tmp_path):
     assert all(getattr(files, f).read_bytes() == getattr(again, f).read_bytes() for f in files.__dataclass_fields__)
 
 
-@pytest.fixture
-def exact_reward(monkeypatch):
-    """The built-in `exact` reward comes from the rewards branch; until it is merged, a
-    stand-in with its meaning (stripped equality with the record's "answer") for this test."""
-    if "exact" not in REWARDS:
-        class Exact(Reward):
-            """1 when the completion equals the record's answer (surrounding whitespace ignored)."""
-
-            name = "exact"
-
-            def score_one(self, sample):
-                return float(sample.completion.strip() == str(sample.record["answer"]).strip())
-
-        monkeypatch.setitem(REWARDS, "exact", Exact)
-
-
-def test_the_pipeline_runs_and_plots_reward_and_accuracy(tmp_path, exact_reward):
+def test_the_pipeline_runs_and_plots_reward_and_accuracy(tmp_path):
     result = run_rl_demo(tmp_path / "demo-rl", TOY, quiet=True)
     assert [s.name for s in result.stages] == ["data", "pretrain", "sft", "grpo"]
     assert [s.steps for s in result.stages[1:]] == [4, 3, 2]

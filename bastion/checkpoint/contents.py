@@ -8,6 +8,7 @@ a fine-tune from it, merging adapters into it, exporting it - asks this module:
     checkpoint_config(ckpt)        config.yaml as a validated BastionConfig (no ${VAR} expansion)
     checkpoint_model_config(ckpt)  its model section, vocab_size set
     adapters_only(config)          a LoRA run's checkpoint: adapters, no base weights
+    refuse_head(...)               a reward model where a language model is needed, or the reverse
     checkpoint_tokenizer(ckpt)     tokenizer.json with the model's own bos / eos / pad, ids within the model
     checkpoint_chat(ckpt, tok)     the chat format the model was trained with
     chat_template(state)           that template's text (Bastion's built-in one if none recorded)
@@ -31,7 +32,7 @@ checkpoint it starts from, so they follow a model through every stage.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from bastion.checkpoint.checkpoint import Checkpoint, load_checkpoint, read_checkpoint_file, resolve_checkpoint
 from bastion.checkpoint.formats import MAX_JSON_BYTES, MAX_YAML_BYTES
@@ -109,6 +110,23 @@ def refuse_adapters_only(ckpt: Checkpoint, config: BastionConfig, what: str) -> 
         raise CheckpointError(f"{what} {ckpt.directory} holds LoRA adapters only, not a full model; fold them into "
                               "their base first with `bastion merge BASE RUN OUT` (or export the adapter with "
                               "`bastion export peft`)")
+
+
+Head = Literal["lm", "score", "any"]
+
+
+def refuse_head(ckpt: Checkpoint, config: BastionConfig, head: Head, what: str) -> None:
+    """CheckpointError unless the checkpoint's model has the head the caller needs: "lm" (a
+    language model: generation, serving, SFT/DPO, GGUF), "score" (a reward model,
+    model.score_labels set), or "any" (export hf, which writes either)."""
+    labels = config.model.score_labels
+    if head == "lm" and labels is not None:
+        raise CheckpointError(f"{what} {ckpt.directory} is a reward/scoring model (model.score_labels={labels}): it "
+                              "has no lm head and cannot generate text; use it as a reward (`rewards: [{name: "
+                              "reward_model, checkpoint: ...}]`), with `bastion eval preferences`, or `bastion export hf`")
+    if head == "score" and labels is None:
+        raise CheckpointError(f"{what} {ckpt.directory} is a language model, not a reward model (its config has no "
+                              "model.score_labels); train one with train.objective: reward")
 
 
 def special_tokens(state: dict[str, Any]) -> dict[str, str | None]:
@@ -196,14 +214,16 @@ def refuse_nonfinite(ckpt: Checkpoint, config: BastionConfig, requested: bool = 
 
 
 def load_full_model(path: str | Path, *, what: str = "checkpoint", verify: bool = True,
-                    reject_nonfinite: bool = False) -> tuple[Checkpoint, BastionConfig]:
+                    reject_nonfinite: bool = False, head: Head = "lm") -> tuple[Checkpoint, BastionConfig]:
     """A verified checkpoint that holds a whole model (no optimizer state loaded) and its
-    config; a LoRA run's adapters-only checkpoint is refused with the way out, and NaN / Inf
-    weights as `refuse_nonfinite` says (exporters always ask: an exported model leaves
-    Bastion's checks behind)."""
+    config; a LoRA run's adapters-only checkpoint is refused with the way out, a model
+    without the `head` the caller needs (`refuse_head`: language models by default) too,
+    and NaN / Inf weights as `refuse_nonfinite` says (exporters always ask: an exported
+    model leaves Bastion's checks behind)."""
     ckpt = load_checkpoint(path, verify=verify, load_optimizer=False)
     config = checkpoint_config(ckpt)
     refuse_adapters_only(ckpt, config, what)
+    refuse_head(ckpt, config, head, what)
     checkpoint_model_config(ckpt)  # vocab_size must be known to build it
     refuse_nonfinite(ckpt, config, reject_nonfinite)
     return ckpt, config
@@ -211,5 +231,5 @@ def load_full_model(path: str | Path, *, what: str = "checkpoint", verify: bool 
 
 __all__ = ["BASE_SHA_KEY", "TOKENIZER_STATE_KEYS", "adapters_only", "chat_template", "checkpoint_chat",
            "checkpoint_config", "checkpoint_tokenizer", "load_full_model", "lora_base", "manifest_sha256",
-           "checkpoint_model_config", "model_name", "parse_trainer_state", "read_trainer_state", "refuse_adapters_only", "refuse_nonfinite", "special_tokens",
+           "checkpoint_model_config", "model_name", "parse_trainer_state", "read_trainer_state", "refuse_adapters_only", "refuse_head", "refuse_nonfinite", "special_tokens",
            "tokenizer_state"]

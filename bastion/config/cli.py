@@ -35,11 +35,14 @@ def config_validate(
     overrides: Optional[List[str]] = SetOption,
 ) -> None:
     """Validate a config; print every problem with its field path (exit 2 if any). The
-    objective (train.objective) must be one the training loop knows."""
+    objective (train.objective) must be one the training loop knows, and every reward in
+    rewards: must exist and take the parameters given (they are built, then closed)."""
     from bastion.train.tasks import task_class
 
     try:
-        task_class(load(file, overrides).train.objective)
+        cfg = load(file, overrides)
+        task_class(cfg.train.objective)
+        _check_rewards(cfg)
     except ConfigError as exc:
         if exc.problems:
             # One complete line per problem, each naming the file and the field.
@@ -48,6 +51,21 @@ def config_validate(
             raise typer.Exit(2) from None
         raise
     out.print(f"{file}: OK")
+
+
+def _check_rewards(cfg: BastionConfig) -> None:
+    """Build the rewards: section (cheap: no reward loads a model or starts a process when
+    built) so an unknown name or a bad parameter is a field error like rewards[1].pattern."""
+    from bastion.rewards import build_reward
+
+    problems: list[tuple[str, str]] = []
+    for i, spec in enumerate(cfg.rewards):  # each one, so every bad entry is reported at once
+        try:
+            build_reward(spec.as_mapping(), f"rewards[{i}]")[0].close()
+        except ConfigError as exc:
+            problems += exc.problems or [(f"rewards[{i}]", str(exc))]
+    if problems:
+        raise ConfigError("; ".join(f"{loc}: {msg}" for loc, msg in problems), problems)
 
 
 @app.command("show")

@@ -53,6 +53,8 @@ class ModelConfig(Section):
     init_std: float = Field(default=0.02, gt=0, le=1.0)
     rope_scaling: RopeScalingConfig | None = None
     sliding_window: int | None = Field(default=None, ge=1, le=1_048_576, description="Mistral-style local attention window")
+    score_labels: int | None = Field(default=None, ge=1, le=4096, description="None = a language model (lm head); K = a "
+                                     "sequence-scoring model: K values read at the last token (1: a reward model)")
 
     @model_validator(mode="after")
     def _shapes_fit(self) -> "ModelConfig":
@@ -168,7 +170,7 @@ class DPConfig(Section):
 
 class TrainConfig(Section):
     objective: str = Field(default="clm", pattern=r"^[a-z][a-z0-9_]{0,31}$",
-                           description="clm (pretraining), sft, dpo, simpo: the registered tasks, bastion/train/tasks/")
+                           description="clm (pretraining), sft, dpo, simpo, orpo, kto: the registered tasks, bastion/train/tasks/")
     data_dir: str = "data/prepared"
     out_dir: str = "runs/default"
     run_name: str = Field(default="run", min_length=1, max_length=128)
@@ -240,16 +242,21 @@ class LoraConfig(Section):
 
 
 class PreferenceConfig(Section):
-    beta: float = Field(default=0.1, gt=0.0, le=100.0, description="DPO/SimPO inverse temperature")
+    beta: float = Field(default=0.1, gt=0.0, le=100.0, description="DPO/SimPO/KTO inverse temperature")
     simpo_gamma: float = Field(default=0.5, ge=0.0, le=100.0, description="SimPO target reward margin")
-    label_smoothing: float = Field(default=0.0, ge=0.0, lt=0.5)
+    label_smoothing: float = Field(default=0.0, ge=0.0, lt=0.5, description="dpo, simpo: conservative variant")
+    orpo_lambda: float = Field(default=0.1, gt=0.0, le=100.0, description="ORPO weight of the odds-ratio term (TRL's beta)")
+    kto_desirable_weight: float = Field(default=1.0, gt=0.0, le=100.0, description="KTO lambda_D: weight of label-true examples")
+    kto_undesirable_weight: float = Field(default=1.0, gt=0.0, le=100.0, description="KTO lambda_U: weight of label-false examples")
+    reward_center_coef: float = Field(default=0.0, ge=0.0, le=100.0, description="reward: weight of mean((r_chosen + "
+                                      "r_rejected)^2), which keeps the rewards centred on 0 (TRL's center_rewards_coefficient)")
 
 
 class FinetuneConfig(Section):
-    """Supervised fine-tuning (objective sft) and preference alignment (dpo, simpo)."""
+    """Supervised fine-tuning (objective sft) and preference alignment (dpo, simpo, orpo, kto)."""
 
     init_from: str | None = Field(default=None, max_length=4096, description="checkpoint whose weights start the run (e.g. from `bastion import hf`)")
-    train_file: str | None = Field(default=None, max_length=4096, description="chat JSONL (sft) or preference JSONL (dpo, simpo)")
+    train_file: str | None = Field(default=None, max_length=4096, description="chat JSONL (sft), preference JSONL (dpo, simpo, orpo) or labelled completions (kto)")
     val_file: str | None = Field(default=None, max_length=4096)
     max_length: int = Field(default=1024, ge=8, le=1_048_576, description="tokens per example; longer examples are dropped and counted")
     max_examples: int = Field(default=1_000_000, ge=1, le=100_000_000)

@@ -1,4 +1,5 @@
-"""Fine-tuning data: chat JSONL for SFT, preference JSONL for DPO/SimPO.
+"""Fine-tuning data: chat JSONL for SFT, preference JSONL for DPO/SimPO/ORPO, labelled
+completions for KTO.
 
 Files. One JSON object per line (blank lines skipped). The file must resolve inside
 `data.allowed_roots` and be at most `finetune.max_file_bytes`; it is streamed, never read
@@ -12,12 +13,16 @@ refused (a `tool_calls` field silently dropped would change what the example tea
     chat:        {"messages": [{"role": "system"|"user"|"assistant"|"tool", "content": "..."}, ...]}
     preference:  {"prompt": "...", "chosen": "...", "rejected": "..."}
                  {"prompt": [messages], "chosen": [messages], "rejected": [messages]}
+    kto:         {"prompt": "...", "completion": "...", "label": true|false}
+                 {"prompt": [messages], "completion": [messages], "label": true|false}
+                 (true = desirable; the label must be a JSON boolean, never "yes" or 1)
 
 Conversation rules: an optional system message first, then user; a user message is
 followed by an assistant one; an assistant message by a user or tool message; a tool
 message by a tool or assistant one. Contents are non-empty strings. An SFT conversation
 ends with an assistant message; a preference prompt ends with a user (or tool) message and
-its chosen/rejected continuations start with an assistant message. chosen != rejected.
+its chosen/rejected (KTO: completion) continuations start with an assistant message.
+chosen != rejected.
 String-form preference records are a single user turn and a single assistant reply,
 rendered with the chat template (so DPO sees what SFT and chat generation see); with
 `raw_strings=True` they are plain text instead (prompt ids + reply ids + eos) for base
@@ -36,6 +41,8 @@ has label -100, so nothing predicts across examples. Padding is `pad_id` with la
     right padding harmless, so the loop may skip passing them and keep the fast path).
   * Preference: one pair per row; chosen and rejected padded to one common length so they
     can run as one batch of 2B rows (`sequence_logprobs`).
+  * KTO: one completion per row, plus its mismatched "KL" row (the example's prompt with
+    another prompt's completion, fixed per example by `kl_partners`), padded separately.
 
 Order and resume. `plan(batch_size, seq_len, seed, epoch)` is a pure function of its
 arguments and the data; `BatchCursor` (bastion/data/batches.py) walks plans epoch after epoch, and its state
@@ -44,6 +51,7 @@ arguments and the data; `BatchCursor` (bastion/data/batches.py) walks plans epoc
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -137,42 +145,95 @@ class PreferenceRecord:
         return not isinstance(self.prompt, str)
 
 
-def parse_preference_record(record: Any) -> PreferenceRecord:
+def _check_texts(fields: Sequence[tuple[str, str]]) -> None:
+    """String-form fields: non-empty and encodable (a lone surrogate would fail at tokenization)."""
+    for name, value in fields:
+        if not value.strip():
+            raise DataError(f"'{name}' is empty")
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise DataError(f"'{name}' is not valid Unicode (lone surrogate)") from None
+
+
+def _check_chat_prompt(prompt: Any) -> list[dict[str, str]]:
+    try:
+        return check_conversation(prompt, ends_with=("user", "tool"))
+    except DataError as exc:
+        raise DataError(f"'prompt': {exc}") from None
+
+
+def _check_chat_reply(name: str, value: Any, prompt: list[dict[str, str]]) -> list[dict[str, str]]:
+    """A continuation of `prompt`: starts with an assistant message, ends with one."""
+    try:
+        reply = check_conversation(value, ends_with=("assistant",), starts_after=prompt[-1]["role"])
+    except DataError as exc:
+        raise DataError(f"'{name}': {exc}") from None
+    if reply[0]["role"] != "assistant":
+        raise DataError(f"'{name}' must start with an assistant message")
+    return reply
+
+
+def _require_fields(record: Any, names: Sequence[str]) -> None:
     if not isinstance(record, dict):
         raise DataError(f"record must be a JSON object, got {type(record).__name__}")
-    missing = [k for k in ("prompt", "chosen", "rejected") if k not in record]
+    missing = [k for k in names if k not in record]
     if missing:
         raise DataError(f"missing field(s) {', '.join(map(repr, missing))}")
+
+
+def _mixed_forms(record: dict[str, Any], names: Sequence[str]) -> DataError:
+    kinds = ", ".join(f"{k}: {type(record[k]).__name__}" for k in names)
+    listed = ", ".join(f"'{k}'" for k in names[:-1]) + f" and '{names[-1]}'"
+    every = "both" if len(names) == 2 else "all"
+    return DataError(f"{listed} must {every} be strings or {every} be message lists ({kinds})")
+
+
+def parse_preference_record(record: Any) -> PreferenceRecord:
+    names = ("prompt", "chosen", "rejected")
+    _require_fields(record, names)
     prompt, chosen, rejected = record["prompt"], record["chosen"], record["rejected"]
     if all(isinstance(v, str) for v in (prompt, chosen, rejected)):
-        for name, value in (("prompt", prompt), ("chosen", chosen), ("rejected", rejected)):
-            if not value.strip():
-                raise DataError(f"'{name}' is empty")
-            try:
-                value.encode("utf-8")
-            except UnicodeEncodeError:
-                raise DataError(f"'{name}' is not valid Unicode (lone surrogate)") from None
+        _check_texts([("prompt", prompt), ("chosen", chosen), ("rejected", rejected)])
         if chosen == rejected:
             raise DataError("'chosen' and 'rejected' are identical")
         return PreferenceRecord(prompt, chosen, rejected)
     if all(isinstance(v, list) for v in (prompt, chosen, rejected)):
-        try:
-            p = check_conversation(prompt, ends_with=("user", "tool"))
-        except DataError as exc:
-            raise DataError(f"'prompt': {exc}") from None
-        responses = []
-        for name, value in (("chosen", chosen), ("rejected", rejected)):
-            try:
-                responses.append(check_conversation(value, ends_with=("assistant",), starts_after=p[-1]["role"]))
-            except DataError as exc:
-                raise DataError(f"'{name}': {exc}") from None
-            if responses[-1][0]["role"] != "assistant":
-                raise DataError(f"'{name}' must start with an assistant message")
+        p = _check_chat_prompt(prompt)
+        responses = [_check_chat_reply(name, record[name], p) for name in ("chosen", "rejected")]
         if responses[0] == responses[1]:
             raise DataError("'chosen' and 'rejected' are identical")
         return PreferenceRecord(p, responses[0], responses[1])
-    kinds = ", ".join(f"{k}: {type(record[k]).__name__}" for k in ("prompt", "chosen", "rejected"))
-    raise DataError(f"'prompt', 'chosen' and 'rejected' must all be strings or all be message lists ({kinds})")
+    raise _mixed_forms(record, names)
+
+
+@dataclass(frozen=True)
+class KTORecord:
+    """A validated labelled completion (KTO): chat form (message lists) or string form."""
+
+    prompt: str | list[dict[str, str]]
+    completion: str | list[dict[str, str]]
+    desirable: bool
+
+
+def parse_kto_record(record: Any) -> KTORecord:
+    """{"prompt", "completion", "label"}; the label must be a JSON boolean, so a "yes", 1 or
+    "false" (a string that is truthy) is refused instead of guessed at."""
+    names = ("prompt", "completion")
+    _require_fields(record, (*names, "label"))
+    label = record["label"]
+    if not isinstance(label, bool):
+        shown = json.dumps(label, ensure_ascii=True)
+        shown = shown if len(shown) <= 40 else shown[:37] + "..."
+        raise DataError(f"'label' must be true (desirable) or false (undesirable), a JSON boolean; got {shown}")
+    prompt, completion = record["prompt"], record["completion"]
+    if isinstance(prompt, str) and isinstance(completion, str):
+        _check_texts([("prompt", prompt), ("completion", completion)])
+        return KTORecord(prompt, completion, label)
+    if isinstance(prompt, list) and isinstance(completion, list):
+        p = _check_chat_prompt(prompt)
+        return KTORecord(p, _check_chat_reply("completion", completion, p), label)
+    raise _mixed_forms(record, names)
 
 
 class _Errors:
@@ -496,8 +557,7 @@ class PreferenceDataset(_Planned):
 
     def plan(self, batch_size: int, seq_len: int, seed: int, epoch: int, shuffle: bool = True) -> list[list[list[int]]]:
         self._check_batching(batch_size, seq_len, self.max_length)
-        order = self.order(seed, epoch, shuffle).tolist()
-        return [[[i] for i in order[k : k + batch_size]] for k in range(0, len(order), batch_size)]
+        return _one_per_row(self.order(seed, epoch, shuffle), batch_size)
 
     def collate(self, rows: list[list[int]], seq_len: int) -> dict[str, torch.Tensor]:
         """{chosen_ids, chosen_labels, rejected_ids, rejected_labels}, each [B, T] int64 with
@@ -507,42 +567,57 @@ class PreferenceDataset(_Planned):
         width = max(len(ids) for w in seqs for ids, _ in seqs[w])
         out = {}
         for w, items in seqs.items():
-            ids_arr = np.full((len(rows), width), self.pad_id, dtype=np.int64)
-            lab_arr = np.full((len(rows), width), IGNORE_INDEX, dtype=np.int64)
-            for r, (ids, loss) in enumerate(items):
-                ids_arr[r, : len(ids)] = ids
-                lab_arr[r, : len(ids)] = _shifted_labels(ids, loss)
-            out[f"{w}_ids"] = torch.from_numpy(ids_arr)
-            out[f"{w}_labels"] = torch.from_numpy(lab_arr)
+            out[f"{w}_ids"], out[f"{w}_labels"] = _padded(items, width, self.pad_id)
         out["index"] = torch.tensor([row[0] for row in rows], dtype=torch.int64)
         out["num_tokens"] = torch.tensor(sum(len(ids) for w in seqs for ids, _ in seqs[w]))
         return out
+
+
+def _one_per_row(order: np.ndarray, batch_size: int) -> list[list[list[int]]]:
+    """Batches of rows that hold one example each (preference pairs, KTO completions)."""
+    items = order.tolist()
+    return [[[i] for i in items[k : k + batch_size]] for k in range(0, len(items), batch_size)]
+
+
+def _padded(items: Sequence[tuple[np.ndarray, np.ndarray]], width: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, labels) [len(items), width] int64 from (ids, loss mask) sequences, right-padded."""
+    ids_arr = np.full((len(items), width), pad_id, dtype=np.int64)
+    lab_arr = np.full((len(items), width), IGNORE_INDEX, dtype=np.int64)
+    for r, (ids, loss) in enumerate(items):
+        ids_arr[r, : len(ids)] = ids
+        lab_arr[r, : len(ids)] = _shifted_labels(ids, loss)
+    return torch.from_numpy(ids_arr), torch.from_numpy(lab_arr)
+
+
+def _tokenize_replies(chat: ChatFormat, prompt: str | list[dict[str, str]], replies: Sequence[Any], *,
+                      raw_strings: bool) -> tuple[list[int], list[tuple[list[int], list[bool]]]]:
+    """(prompt ids, [(reply ids, reply loss mask)]) for replies that continue one prompt.
+    String form is a user turn and an assistant reply through the chat template (so
+    alignment sees what SFT and chat generation see), or plain text with `raw_strings`."""
+    tok = chat.tokenizer
+    if isinstance(prompt, str) and raw_strings:
+        encoded = [tok.encode(reply) + [tok.eos_id] for reply in replies]
+        return tok.encode_prompt(prompt), [(ids, [True] * len(ids)) for ids in encoded]
+    if isinstance(prompt, str):
+        prompt = [{"role": "user", "content": prompt}]
+        replies = [[{"role": "assistant", "content": reply}] for reply in replies]
+    prompt_ids, _ = chat.encode_conversation(prompt, add_generation_prompt=True)
+    out = []
+    for reply in replies:
+        ids, mask = chat.encode_conversation(list(prompt) + list(reply))
+        if ids[: len(prompt_ids)] != prompt_ids:
+            raise DataError("the chat template tokenizes the prompt differently once a reply follows it")
+        out.append((ids[len(prompt_ids) :], mask[len(prompt_ids) :]))
+    return prompt_ids, out
 
 
 def tokenize_preference(
     chat: ChatFormat, record: PreferenceRecord, *, raw_strings: bool = False
 ) -> tuple[list[int], list[int], list[bool], list[int], list[bool]]:
     """(prompt_ids, chosen_ids, chosen_mask, rejected_ids, rejected_mask) of one record."""
-    tok = chat.tokenizer
-    if not record.is_chat and raw_strings:
-        prompt = tok.encode_prompt(record.prompt)
-        chosen = tok.encode(record.chosen) + [tok.eos_id]
-        rejected = tok.encode(record.rejected) + [tok.eos_id]
-        return prompt, chosen, [True] * len(chosen), rejected, [True] * len(rejected)
-    if record.is_chat:
-        prompt_msgs, chosen_msgs, rejected_msgs = record.prompt, record.chosen, record.rejected
-    else:
-        prompt_msgs = [{"role": "user", "content": record.prompt}]
-        chosen_msgs = [{"role": "assistant", "content": record.chosen}]
-        rejected_msgs = [{"role": "assistant", "content": record.rejected}]
-    prompt, _ = chat.encode_conversation(prompt_msgs, add_generation_prompt=True)
-    out: list[Any] = [prompt]
-    for response in (chosen_msgs, rejected_msgs):
-        ids, mask = chat.encode_conversation(list(prompt_msgs) + list(response))
-        if ids[: len(prompt)] != prompt:
-            raise DataError("the chat template tokenizes the prompt differently once a reply follows it")
-        out += [ids[len(prompt) :], mask[len(prompt) :]]
-    return tuple(out)  # type: ignore[return-value]
+    prompt, ((chosen, cmask), (rejected, rmask)) = _tokenize_replies(
+        chat, record.prompt, [record.chosen, record.rejected], raw_strings=raw_strings)
+    return prompt, chosen, cmask, rejected, rmask
 
 
 def load_preferences(
@@ -570,3 +645,133 @@ def load_preferences(
 
     pairs, report = _read_examples(path, cfg, roots, what, convert)
     return PreferenceDataset(pairs, pad_id=chat.tokenizer.pad_id, report=report)
+
+
+# ---- KTO: labelled completions --------------------------------------------------------------
+
+
+def kl_partners(prompts: Sequence[np.ndarray]) -> np.ndarray:
+    """partner[i]: the first example after i, in file order and wrapping round, whose prompt
+    differs from i's. KTO estimates its KL reference point from (prompt i, completion of
+    partner[i]) - a completion that does not answer the prompt; skipping equal prompts matters
+    because files made from preference pairs list a prompt's good and bad completion next to
+    each other. Linear time. DataError when every prompt is the same."""
+    n = len(prompts)
+    keys = [bytes(np.asarray(p).tobytes()) for p in prompts]
+    partner = np.full(n, -1, dtype=np.int64)
+    for i in range(n - 2, -1, -1):
+        partner[i] = i + 1 if keys[i + 1] != keys[i] else partner[i + 1]
+    tail = partner < 0  # the run of prompts equal to the last one: wrap round to the start
+    first_other = next((j for j in range(n) if keys[j] != keys[-1]), None)
+    if first_other is None:
+        raise DataError("every example has the same prompt; KTO's KL reference point needs at least two "
+                        "different prompts (it pairs a prompt with another prompt's completion)")
+    partner[tail] = first_other
+    return partner
+
+
+class KTODataset(_Planned):
+    """Unpaired completions labelled desirable or not (KTO). Every example also carries its
+    mismatched "KL" sequence: its own prompt followed by the completion of its `kl_partners`
+    partner, cut so it is never longer than the longest example (it adds no seq_len needs)."""
+
+    kind = "kto"
+
+    def __init__(self, examples: Sequence[tuple[Sequence[int], Sequence[int], Sequence[bool], bool]], *,
+                 pad_id: int, report: LoadReport | None = None):
+        """examples: (prompt_ids, completion_ids, completion_mask, desirable)."""
+        if not examples:
+            raise DataError("no KTO examples")
+        for i, (prompt, c, cm, _) in enumerate(examples):
+            if not prompt or len(c) != len(cm) or not any(cm):
+                raise DataError(f"example {i}: needs a prompt and a completion with at least one counted token")
+        self.prompts = _Flat([e[0] for e in examples], np.int32)
+        self.completions = _Flat([e[1] for e in examples], np.int32)
+        self.masks = _Flat([e[2] for e in examples], np.bool_)
+        self.desirable = np.fromiter((bool(e[3]) for e in examples), dtype=np.bool_, count=len(examples))
+        self.pad_id = int(pad_id)
+        self.report = report
+        self._fingerprint: str | None = None
+        try:
+            self.partners = kl_partners([self.prompts[i] for i in range(len(self))])
+        except DataError as exc:
+            raise DataError(f"{report.path}: {exc}" if report else str(exc)) from None
+        lengths = self.prompts.lengths + self.completions.lengths
+        self._longest = int(lengths.max())
+        self.kl_lengths = np.minimum(self.completions.lengths[self.partners], self._longest - self.prompts.lengths)
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    @property
+    def max_length(self) -> int:
+        return self._longest
+
+    @property
+    def counts(self) -> tuple[int, int]:
+        """(desirable, undesirable) examples."""
+        n = int(self.desirable.sum())
+        return n, len(self) - n
+
+    def _settings(self) -> str:
+        return f"pad={self.pad_id}"
+
+    def _digest_data(self, h: Any) -> None:
+        for flat in (self.prompts, self.completions, self.masks):
+            flat.digest(h)
+        h.update(self.desirable.tobytes())
+
+    def sequence(self, i: int, kl: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, loss mask) of example i's sequence, or of its mismatched KL sequence."""
+        j, n = (int(self.partners[i]), int(self.kl_lengths[i])) if kl else (i, len(self.completions[i]))
+        prompt = self.prompts[i]
+        ids = np.concatenate([prompt, self.completions[j][:n]])
+        loss = np.concatenate([np.zeros(len(prompt), dtype=np.bool_), self.masks[j][:n]])
+        return ids, loss
+
+    def plan(self, batch_size: int, seq_len: int, seed: int, epoch: int, shuffle: bool = True) -> list[list[list[int]]]:
+        self._check_batching(batch_size, seq_len, self.max_length)
+        return _one_per_row(self.order(seed, epoch, shuffle), batch_size)
+
+    def collate(self, rows: list[list[int]], seq_len: int) -> dict[str, torch.Tensor]:
+        """{ids, labels} [B, T] the examples, {kl_ids, kl_labels} [B, T'] their KL sequences,
+        `desirable` [B] bool, `index` [B] the example numbers (for cached reference
+        log-probabilities) and `num_tokens` the real tokens of both."""
+        index = [row[0] for row in rows]
+        out: dict[str, torch.Tensor] = {}
+        for prefix, kl in (("", False), ("kl_", True)):
+            items = [self.sequence(i, kl) for i in index]
+            width = max(len(ids) for ids, _ in items)
+            out[f"{prefix}ids"], out[f"{prefix}labels"] = _padded(items, width, self.pad_id)
+            out["num_tokens"] = out.get("num_tokens", torch.tensor(0)) + sum(len(ids) for ids, _ in items)
+        out["desirable"] = torch.from_numpy(self.desirable[index].copy())
+        out["index"] = torch.tensor(index, dtype=torch.int64)
+        return out
+
+
+def load_kto(
+    path: str | os.PathLike[str],
+    chat: ChatFormat,
+    cfg: Any,
+    roots: Roots | Sequence[str],
+    *,
+    raw_strings: bool = False,
+    what: str = "finetune.train_file",
+) -> KTODataset:
+    """Read, validate and tokenize a KTO JSONL file (labelled completions, see the module
+    docstring) into a KTODataset."""
+
+    def convert(record: Any, validate_only: bool) -> tuple | None:
+        parsed = parse_kto_record(record)
+        if validate_only:
+            return None
+        prompt, ((completion, mask),) = _tokenize_replies(chat, parsed.prompt, [parsed.completion],
+                                                          raw_strings=raw_strings)
+        if len(prompt) + len(completion) > cfg.max_length:
+            raise ChatTooLongError("longer than finetune.max_length")
+        if not any(mask):
+            raise DataError("the completion has no assistant tokens")
+        return prompt, completion, mask, parsed.desirable
+
+    examples, report = _read_examples(path, cfg, roots, what, convert)
+    return KTODataset(examples, pad_id=chat.tokenizer.pad_id, report=report)

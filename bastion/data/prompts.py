@@ -5,8 +5,9 @@
 
 `prompt` is a string (one user turn, rendered with the model's chat template, as preference
 prompts are) or a conversation ending with a user (or tool) message. Every other top-level
-field is kept as the example's record and handed to the rewards as `Sample.record` (e.g.
-`answer`, `tests`, `schema`); rewards say which fields they read and name them when missing.
+field is handed to the rewards with the prompt as `Sample.record` (e.g. `answer`, `tests`,
+`schema`; a reward model reads `prompt` itself, so it renders the prompt with its own
+template); rewards say which fields they read and name them when missing.
 Reading is the fine-tuning reader's (`data/finetune.py`): the file is confined to
 `data.allowed_roots`, streamed with `finetune.max_file_bytes` and a bound per line, every
 problem reported as file:line, prompts longer than `finetune.max_length` tokens dropped and
@@ -33,17 +34,17 @@ from bastion.tokenizer.chat import ChatFormat, ChatTooLongError, check_conversat
 class Prompt:
     ids: list[int]  # the prompt as the model sees it, ending with the assistant header
     text: str  # the same, rendered as text (what a reward model reads before the completion)
-    record: dict[str, Any]  # the other fields of the line
+    record: dict[str, Any]  # the whole line: "prompt" and the fields rewards read
     stop_ids: tuple[int, ...]  # end-of-turn ids generation stops on
 
 
 def parse_prompt_record(record: Any) -> tuple[str | list[dict[str, str]], dict[str, Any]]:
-    """(the prompt, the other fields) of one line, or a DataError saying what is wrong."""
+    """(the prompt, the whole record) of one line, or a DataError saying what is wrong."""
     if not isinstance(record, dict):
         raise DataError(f"record must be a JSON object, got {type(record).__name__}")
     if "prompt" not in record:
         raise DataError("missing field 'prompt'")
-    prompt, rest = record["prompt"], {k: v for k, v in record.items() if k != "prompt"}
+    prompt, rest = record["prompt"], dict(record)
     if isinstance(prompt, str):
         if not prompt.strip():
             raise DataError("'prompt' is empty")

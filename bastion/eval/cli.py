@@ -124,13 +124,15 @@ def preferences_cmd(
     require_signature: bool = RequireSignatureOption,
     trusted_keys: Optional[List[Path]] = TrustedKeyOption,
 ) -> None:
-    """Reward accuracy (how often chosen beats rejected), margins and loss on held-out pairs."""
+    """Reward accuracy (how often chosen beats rejected), margins and loss on held-out pairs; a reward model
+    (train.objective reward) is judged by its own scores."""
     use_signature_options(require_signature, trusted_keys)
     from bastion.eval.finetune import eval_preferences
 
     result = eval_preferences(checkpoint, file, reference=reference, roots=roots or ["."], beta=beta,
                               batch_size=batch_size, seq_len=seq_len, device=device)
-    _table(f"preferences: {file} ({'DPO rewards' if reference else 'SimPO rewards'})", result)
+    kind = "reward model" if "beta" not in result else "DPO rewards" if reference else "SimPO rewards"
+    _table(f"preferences: {file} ({kind})", result)
     _write_json(json_out, result)
 
 
@@ -138,12 +140,20 @@ def preferences_cmd(
 def generate_cmd(
     checkpoint: Path = CheckpointArg,
     file: Path = typer.Option(..., "--file", help="Prompts JSONL: {\"messages\": [...]} or {\"prompt\": \"...\"}, plus "
-                                                 "\"answer\" for exact / contains."),
-    rewards: List[str] = typer.Option(..., "--reward", help="exact | contains | regex:PATTERN | length:MIN-MAX (repeatable)."),
+                                                 "the fields its rewards read (\"answer\", \"schema\", ...)."),
+    rewards: Optional[List[str]] = typer.Option(None, "--reward", help="A reward of weight 1 (repeatable): NAME (a "
+                                                "reward without required parameters: exact, contains, math, ...) | "
+                                                "regex:PATTERN | length:MIN-MAX. See `bastion eval rewards`."),
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML config whose rewards: list (names, "
+                                          "weights, parameters) is added to the --reward ones; nothing else in it is used."),
     roots: Optional[List[str]] = RootOption,
     max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", help="Per completion (default and ceiling: the checkpoint's generate section)."),
     temperature: float = typer.Option(0.0, "--temperature", min=0.0, max=100.0, help="0 = greedy (reproducible)."),
-    seed: int = typer.Option(0, "--seed", help="Sampling seed of the first prompt (prompt i uses seed + i)."),
+    samples: int = typer.Option(1, "--samples", min=1, max=1024, help="Completions per prompt (K > 1 needs "
+                                "--temperature > 0); reports pass@k for k = 1, powers of 2 and K."),
+    pass_threshold: float = typer.Option(1.0, "--pass-threshold", min=-1e6, max=1e6, help="A completion passes "
+                                         "(for pass@k) when its total reward is at least this."),
+    seed: int = typer.Option(0, "--seed", help="Sampling seed: sample j of prompt i uses seed + i * samples + j."),
     max_prompts: int = typer.Option(10_000, "--max-prompts", min=1, max=1_000_000, help="Read at most this many prompts."),
     batch_size: int = typer.Option(8, "--batch-size", min=1, max=256, help="Prompts decoded together (the result "
                                    "does not depend on it; more is faster until memory runs out)."),
@@ -154,16 +164,56 @@ def generate_cmd(
     require_signature: bool = RequireSignatureOption,
     trusted_keys: Optional[List[Path]] = TrustedKeyOption,
 ) -> None:
-    """Generate a completion per prompt and score it with verifiable rewards."""
+    """Generate completions per prompt and score them with the weighted sum of rewards (and pass@k)."""
     use_signature_options(require_signature, trusted_keys)
     from bastion.eval.finetune import eval_generate
-    from bastion.eval.rewards import parse_reward
 
-    parsed = [parse_reward(spec) for spec in rewards]
-    result = eval_generate(checkpoint, file, parsed, roots=roots or ["."], max_new_tokens=max_new_tokens,
+    specs = _reward_specs(rewards or [], config)
+    result = eval_generate(checkpoint, file, specs, roots=roots or ["."], max_new_tokens=max_new_tokens,
                            temperature=temperature, seed=seed, max_prompts=max_prompts, device=device,
-                           batch_size=batch_size, threads=threads)
-    _table(f"generation rewards over {result.n} prompts: {file}", result.mean)
+                           batch_size=batch_size, threads=threads, samples=samples, pass_threshold=pass_threshold)
+    per = f" x {result.samples_per_prompt} samples" if result.samples_per_prompt > 1 else ""
+    _table(f"generation rewards over {result.n} prompts{per}: {file}",
+           result.mean | {f"pass@{k}": v for k, v in result.pass_at_k.items()})
     for sample in result.samples:
         out.print(repr(sample["completion"]), highlight=False)
-    _write_json(json_out, {"prompts": result.n, "mean": result.mean, "samples": result.samples})
+    _write_json(json_out, {"prompts": result.n, "samples_per_prompt": result.samples_per_prompt, "mean": result.mean,
+                           "pass_threshold": pass_threshold,
+                           "pass_at_k": {str(k): v for k, v in result.pass_at_k.items()}, "samples": result.samples})
+
+
+def _reward_specs(rewards: List[str], config: Optional[Path]) -> list[dict]:
+    """The --reward specs, then the config's rewards: entries."""
+    from bastion.errors import ConfigError
+    from bastion.rewards import parse_reward_spec
+
+    specs = [parse_reward_spec(spec) for spec in rewards]
+    if config is not None:
+        from bastion.config.load import load_config
+
+        specs += [spec.as_mapping() for spec in load_config(config).rewards]
+    if not specs:
+        raise ConfigError("name a reward with --reward, or give a config (-c) with a rewards: list")
+    return specs
+
+
+@app.command("rewards")
+def rewards_cmd() -> None:
+    """List every reward a config or --reward can name: built in, or from installed packages' entry points."""
+    from bastion.errors import ConfigError
+    from bastion.rewards import REWARDS, entry_point_names, reward_class
+    from bastion.rewards.specs import describe_params, summary
+
+    table = Table(title="rewards")
+    for column in ("name", "description", "parameters (type = default)"):
+        table.add_column(column)
+    for name in sorted(set(REWARDS) | set(entry_point_names())):
+        try:
+            cls = reward_class(name)
+        except ConfigError as exc:  # a broken third-party package: listed, with why
+            table.add_row(name, f"(cannot load: {exc})", "")
+            continue
+        params = "\n".join(f"{p}: {t} = {d}" for p, t, d in describe_params(cls))
+        source = "" if cls.__module__.startswith("bastion.") else f" [{cls.__module__}]"
+        table.add_row(name, summary(cls) + source, params)
+    out.print(table)

@@ -4,9 +4,10 @@
   * preferences  held-out preference JSONL: loss, reward accuracy and margins. With a
                  reference checkpoint the rewards are DPO's (beta * log-ratio to the
                  reference); without one, SimPO's (beta * mean log-prob of the response),
-                 which needs no second model
-  * generate     prompts JSONL -> greedy (or sampled) completions scored by verifiable
-                 reward functions (bastion/eval/rewards.py)
+                 which needs no second model; a reward model's (train.objective reward)
+                 are its scores, and the loss its Bradley-Terry loss
+  * generate     prompts JSONL -> greedy (or K sampled) completions per prompt scored by
+                 the weighted sum of registered rewards (bastion/rewards), with pass@k
 
 Files are confined to `roots` and bounded like training data (finetune.max_file_bytes,
 max_examples, max_length from the checkpoint's config).
@@ -14,7 +15,7 @@ max_examples, max_length from the checkpoint's config).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,14 +23,16 @@ from typing import Any
 import torch
 
 from bastion.data.finetune import iter_jsonl, load_preferences, load_sft
-from bastion.errors import DataError, GenerationLimitError
-from bastion.eval.rewards import Reward
+from bastion.errors import ConfigError, DataError, GenerationLimitError
 from bastion.infer.engine import Engine
 from bastion.infer.loading import LoadedModel, load_for_inference
+from bastion.rewards import Sample, build_rewards
+from bastion.rewards.passk import mean_pass_at_k
 from bastion.safepath import Roots
 from bastion.tokenizer.chat import check_conversation
 from bastion.train.tasks.dpo import dpo_pair_loss
 from bastion.train.tasks.preference import evaluate_preferences, reference_logprobs
+from bastion.train.tasks.reward import pair_scores, reward_loss
 from bastion.train.tasks.sft import evaluate_sft
 from bastion.train.tasks.simpo import simpo_pair_loss
 
@@ -59,10 +62,14 @@ def eval_preferences(checkpoint: str | Path, file: str | Path, *, reference: str
                      roots: Sequence[str] = (".",), beta: float | None = None, batch_size: int = 8,
                      seq_len: int | None = None, device: str = "cpu") -> dict[str, float]:
     """Preference loss / reward accuracy / margins on held-out pairs (DPO rewards against
-    `reference`, else SimPO's reference-free rewards)."""
-    loaded = load_for_inference(checkpoint, device=device)
+    `reference`, else SimPO's reference-free rewards; a reward model's own scores)."""
+    loaded = load_for_inference(checkpoint, device=device, head="any")
     length = _max_len(loaded, seq_len)
     data = load_preferences(file, loaded.chat, _finetune_cfg(loaded, length), roots, what="--file")
+    if loaded.config.model.score_labels is not None:
+        if reference is not None or beta is not None:
+            raise ConfigError(f"--reference / --beta: {checkpoint} is a reward model; its rewards are its scores")
+        return _eval_reward_model(loaded, data, batch_size=batch_size, seq_len=length, device=torch.device(device))
     cfg = loaded.config
     if beta is not None:
         cfg = cfg.model_copy(update={"finetune": cfg.finetune.model_copy(
@@ -82,11 +89,27 @@ def eval_preferences(checkpoint: str | Path, file: str | Path, *, reference: str
     return out | {"beta": cfg.finetune.preference.beta}
 
 
+def _eval_reward_model(loaded: LoadedModel, data: Any, *, batch_size: int, seq_len: int,
+                       device: torch.device) -> dict[str, float]:
+    """Bradley-Terry loss, accuracy and margins of a reward model's scores on the pairs."""
+    pc = loaded.config.finetune.preference
+    pad_id = data.pad_id
+
+    def loss(scores: Any, batch: Any) -> Any:
+        return reward_loss(scores, label_smoothing=pc.label_smoothing, center_coef=pc.reward_center_coef)
+
+    return evaluate_preferences(loaded.model, data, loss, batch_size=batch_size, seq_len=seq_len, device=device,
+                                autocast=contextlib.nullcontext,
+                                values=lambda forward, batch: pair_scores(forward, batch, pad_id))
+
+
 @dataclass
 class GenerationEval:
-    n: int
-    mean: dict[str, float]  # reward name -> mean score
+    n: int  # prompts
+    mean: dict[str, float]  # "reward" (the weighted sum) and each reward's label -> mean over all completions
     samples: list[dict[str, Any]] = field(default_factory=list)  # first few, for a look
+    samples_per_prompt: int = 1
+    pass_at_k: dict[int, float] = field(default_factory=dict)  # k -> mean pass@k over prompts
 
 
 def read_prompts(file: str | Path, roots: Sequence[str], max_bytes: int, max_records: int) -> list[dict[str, Any]]:
@@ -117,44 +140,68 @@ def read_prompts(file: str | Path, roots: Sequence[str], max_bytes: int, max_rec
     return records
 
 
-def eval_generate(checkpoint: str | Path, file: str | Path, rewards: list[Reward], *, roots: Sequence[str] = (".",),
-                  max_new_tokens: int | None = None, temperature: float = 0.0, seed: int = 0,
-                  max_prompts: int = 10_000, device: str = "cpu", keep_samples: int = 5,
-                  batch_size: int = 8, threads: int | None = None) -> GenerationEval:
-    """Generate a completion per prompt and score it with every reward. Prompts run
+def eval_generate(checkpoint: str | Path, file: str | Path, rewards: Sequence[Mapping[str, Any]], *,
+                  roots: Sequence[str] = (".",), max_new_tokens: int | None = None, temperature: float = 0.0,
+                  seed: int = 0, max_prompts: int = 10_000, device: str = "cpu", keep_samples: int = 5,
+                  batch_size: int = 8, threads: int | None = None, samples: int = 1,
+                  pass_threshold: float = 1.0) -> GenerationEval:
+    """Generate `samples` completions per prompt and score them with the weighted sum of
+    `rewards` (config entries {name, weight, **params}; `build_rewards`). Prompts run
     `batch_size` at a time through the continuous-batching engine in its batch-invariant
-    mode: a prompt's completion does not depend on `batch_size` or on its neighbours
-    (prompt i samples with seed + i). `threads`: the decoding thread's CPU threads (None:
-    torch's default; 1 is often fastest for small models on few cores)."""
-    loaded = load_for_inference(checkpoint, device=device)
-    records = read_prompts(file, roots, loaded.config.finetune.max_file_bytes, max_prompts)
+    mode: a completion does not depend on `batch_size` or on its neighbours (sample j of
+    prompt i uses seed + i * samples + j, so one sample per prompt is seed + i). A completion
+    passes when its total reward is >= pass_threshold; pass@k is reported for k = 1, the
+    powers of two below `samples`, and `samples`. `threads`: the decoding thread's CPU
+    threads (None: torch's default; 1 is often fastest for small models on few cores)."""
+    if samples > 1 and temperature <= 0:
+        raise ConfigError(f"--samples {samples} needs --temperature > 0 (greedy decoding repeats one completion)")
+    reward_set = build_rewards(rewards)  # before loading the model: a bad reward fails fast
+    try:
+        loaded = load_for_inference(checkpoint, device=device)
+        records = read_prompts(file, roots, loaded.config.finetune.max_file_bytes, max_prompts)
+        batch = _generate(loaded, file, records, samples=samples, max_new_tokens=max_new_tokens,
+                          temperature=temperature, seed=seed, batch_size=batch_size, threads=threads)
+        totals, parts = reward_set.score(batch)
+    finally:
+        reward_set.close()
+    per_prompt = [totals[i * samples:(i + 1) * samples] for i in range(len(records))]
+    mean = {"reward": sum(totals) / len(totals)} | {label: sum(v) / len(v) for label, v in parts.items()}
+    kept = [{"completion": sample.completion, "reward": totals[i], **{label: v[i] for label, v in parts.items()}}
+            for i, sample in enumerate(batch[:keep_samples])]
+    passes = [sum(t >= pass_threshold for t in group) for group in per_prompt]
+    return GenerationEval(len(records), mean, kept, samples, mean_pass_at_k(passes, samples))
+
+
+def _generate(loaded: LoadedModel, file: str | Path, records: list[dict[str, Any]], *, samples: int,
+              max_new_tokens: int | None, temperature: float, seed: int, batch_size: int,
+              threads: int | None) -> list[Sample]:
+    """Every prompt's `samples` completions as reward Samples (prompt-major order). Every
+    prompt is checked against the limits before any is generated."""
     engine = Engine(loaded.model, loaded.tokenizer, loaded.config.generate, max_batch_size=batch_size,
-                    max_queue=len(records), mode="padded", threads=threads)
-    requests = []  # every prompt checked against the limits before any is generated
+                    max_queue=len(records) * samples, mode="padded", threads=threads)
+    requests = []
     for i, record in enumerate(records):
         if "messages" in record:
             assert loaded.chat is not None
             prompt_ids, stop_ids = loaded.chat.encode_prompt(record["messages"]), loaded.chat.stop_ids
         else:
             prompt_ids, stop_ids = loaded.tokenizer.encode_prompt(record["prompt"]), None
-        try:
-            params = engine.params(len(prompt_ids), max_new_tokens=max_new_tokens, temperature=temperature,
-                                   seed=seed + i, stop_ids=stop_ids)
-        except GenerationLimitError as exc:
-            raise GenerationLimitError(f"{file}: prompt {i + 1}: {exc}") from None
-        requests.append((prompt_ids, params))
+        for j in range(samples):
+            try:
+                params = engine.params(len(prompt_ids), max_new_tokens=max_new_tokens, temperature=temperature,
+                                       seed=seed + i * samples + j, stop_ids=stop_ids)
+            except GenerationLimitError as exc:
+                raise GenerationLimitError(f"{file}: prompt {i + 1}: {exc}") from None
+            requests.append((record, prompt_ids, params))
     with engine:
-        handles = [engine.submit(prompt_ids, params) for prompt_ids, params in requests]
+        handles = [engine.submit(prompt_ids, params) for _, prompt_ids, params in requests]
         results = [handle.result() for handle in handles]
-    totals = {r.name: 0.0 for r in rewards}
-    samples = []
-    for record, result in zip(records, results):
-        scores = {r.name: r(result.text, record) for r in rewards}
-        for name, score in scores.items():
-            totals[name] += score
-        if len(samples) < keep_samples:
-            samples.append({"completion": result.text, **scores})
-    return GenerationEval(len(records), {k: v / len(records) for k, v in totals.items()}, samples)
+    prompts: dict[int, str] = {}  # decoded once per prompt, not per sample
+    return [Sample(completion=result.text, record=record,
+                   prompt=prompts.setdefault(id(record), loaded.tokenizer.decode(prompt_ids)),
+                   completion_tokens=len(result.token_ids), max_new_tokens=params.max_new_tokens,
+                   finish_reason="length" if result.finish_reason == "length" else "stop")
+            for (record, prompt_ids, params), result in zip(requests, results)]
 
 
 __all__ = ["GenerationEval", "eval_generate", "eval_loss", "eval_preferences", "read_prompts"]

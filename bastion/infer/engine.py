@@ -36,7 +36,8 @@ Three modes:
   * "dynamic": one batched step over the running rows only, key length = the longest:
     fastest, but outputs may differ in the last bits with the batch's composition.
 
-Prefill is always one request at a time (B=1), which is the same in every mode.
+Prefill is always one request at a time (B=1), which is the same in every mode; requests
+that join together with the same prompt share one prefill (its cache rows copied).
 """
 from __future__ import annotations
 
@@ -304,8 +305,9 @@ class Engine:
                     retired, joining = work
                     for seq in retired:
                         self._finish(seq, "cancelled")
+                    prefilled: dict[tuple[int, ...], tuple[_Sequence, torch.Tensor]] = {}
                     for seq in joining:  # after the retired slots are wiped: a joiner may reuse one
-                        self._prefill(seq)
+                        self._prefill(seq, prefilled)
                     if self._running:
                         self._decode()
         except BaseException as exc:  # a bug: fail every request rather than leave them hanging
@@ -345,15 +347,31 @@ class Engine:
                     return None
                 self._cond.wait()
 
-    def _prefill(self, seq: _Sequence) -> None:
+    def _prefill(self, seq: _Sequence, prefilled: dict[tuple[int, ...], tuple[_Sequence, torch.Tensor]]) -> None:
         """The prompt into the sequence's cache row, exactly as generate() does, then the
-        first token."""
+        first token. Requests joining together with the same prompt (n completions of one
+        prompt, GRPO's groups) share one prefill: its keys/values are copied into their rows
+        and its logits sampled with each request's own generator - the very values their own
+        prefill (batch 1, the same shapes) would compute, at a fraction of the cost."""
+        key = tuple(seq.prompt_ids)
         try:
-            token = seq.sample(seq.prefill(self.model, self._slot_cache[seq.slot]))
+            if key in prefilled and not prefilled[key][0].done:
+                source, logits = prefilled[key]
+                self._copy_rows(source.slot, seq.slot, len(key))
+                seq.seed_generator(self.device)
+            else:
+                logits = seq.prefill(self.model, self._slot_cache[seq.slot])
+                prefilled[key] = (seq, logits)
+            token = seq.sample(logits)
         except Exception as exc:  # e.g. out of memory: this request fails, the engine goes on
             self._finish(seq, error=exc)
             return
         self._advance(seq, token)
+
+    def _copy_rows(self, source: int, target: int, length: int) -> None:
+        for k, v in zip(self._cache.k, self._cache.v):
+            k[target, :, :length] = k[source, :, :length]
+            v[target, :, :length] = v[source, :, :length]
 
     def _decode(self) -> None:
         """One token for every running sequence."""

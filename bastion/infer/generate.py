@@ -211,13 +211,17 @@ class SequenceState:
         """The whole prompt in one forward of batch 1 into `cache` (a fresh one, or one row):
         the logits [1, V] for the first token. Seeds the sequence's generator."""
         device = model.tok_embeddings.weight.device
+        self.seed_generator(device)
+        logits, _ = model(torch.tensor([self.prompt_ids], device=device), cache=cache, start_pos=0)
+        return logits[:, -1]
+
+    def seed_generator(self, device: torch.device) -> None:
+        """This request's own sampling generator (a prefill does it; so does sharing one)."""
         self.generator = torch.Generator(device=device)
         if self.params.seed is None:
             self.generator.seed()
         else:
             self.generator.manual_seed(self.params.seed)
-        logits, _ = model(torch.tensor([self.prompt_ids], device=device), cache=cache, start_pos=0)
-        return logits[:, -1]
 
     def decode(self, model: Transformer, cache: KVCache) -> torch.Tensor:
         """One decode step of batch 1, attention over exactly this sequence's cache length:

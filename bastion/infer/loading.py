@@ -14,7 +14,9 @@ from bastion.checkpoint.contents import (
     checkpoint_config,
     checkpoint_tokenizer,
     load_full_model,
+    Head,
     lora_base,
+    refuse_head,
     refuse_nonfinite,
 )
 from bastion.checkpoint.safetensors_check import check_against_model
@@ -34,13 +36,17 @@ class LoadedModel:
     chat: ChatFormat | None = None
 
 
-def load_for_inference(path: str | Path, *, verify: bool = True, device: str | torch.device = "cpu") -> LoadedModel:
-    """Verify (unless verify=False) and load a checkpoint's weights, tokenizer and config.
+def load_for_inference(path: str | Path, *, verify: bool = True, device: str | torch.device = "cpu",
+                       head: Head = "lm", what: str = "checkpoint") -> LoadedModel:
+    """Verify (unless verify=False) and load a checkpoint's weights, tokenizer and config;
+    refused unless its model has the `head` asked for (a language model by default: a reward
+    model cannot generate).
     A LoRA run's checkpoint (adapters only) is loaded onto its verified base and merged.
     Weights holding NaN or Inf are refused whatever checkpoint.reject_nonfinite says: they
     cannot generate anything (sampling fails on NaN probabilities)."""
     ckpt = load_checkpoint(path, verify=verify, load_optimizer=False)
     config = checkpoint_config(ckpt)
+    refuse_head(ckpt, config, head, what)
     refuse_nonfinite(ckpt, config, requested=True)  # the weights, or a LoRA run's adapters
     with torch.device("meta"):
         expected = Transformer(config.model).state_dict()  # names, shapes, dtypes; no memory

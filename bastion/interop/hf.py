@@ -428,11 +428,13 @@ def export_hf(ckpt_path: str | Path, out_dir: str | Path) -> Path:
     tokenizer.json, tokenizer_config.json with the chat template) in the architecture
     `hf_model_type` picks: Llama (qkv biases as attention_bias with zero o_proj biases),
     Mistral (sliding window), SmolLM3 (sliding window and qkv biases), or Qwen2 for a model
-    imported from it. Atomic (temp folder + rename); files 0600, folder 0700. Refuses an
+    imported from it. A reward model (model.score_labels) becomes that family's
+    `...ForSequenceClassification` with its pad_token_id (where transformers pools) and no
+    generation_config.json. Atomic (temp folder + rename); files 0600, folder 0700. Refuses an
     existing non-empty out_dir."""
     out_dir = Path(out_dir)
     _check_out_dir(out_dir, "export folder")
-    ckpt, config = load_full_model(ckpt_path, reject_nonfinite=True)
+    ckpt, config = load_full_model(ckpt_path, reject_nonfinite=True, head="any")
     cfg = config.model
     tokenizer = checkpoint_tokenizer(ckpt)
     specials, ids = exported_special_tokens(ckpt, tokenizer)
@@ -441,15 +443,20 @@ def export_hf(ckpt_path: str | Path, out_dir: str | Path) -> Path:
                                             pad_token_id=ids["pad_token"], model_type=model_type)
     state = {k: v.detach().to(torch.float32).contiguous() for k, v in ckpt.model.items()}
     hf_state = to_hf_state_dict(state, cfg, o_proj_bias=has_zero_o_proj_bias(model_type, cfg))
-    stop_ids = checkpoint_chat(ckpt, tokenizer).stop_ids
-    files = {
+    files: dict[str, Any] = {
         "config.json": json.dumps(hf_config, indent=2).encode(),
-        "generation_config.json": json.dumps(_generation_config(config.generate, ids, stop_ids), indent=2).encode(),
         # Streamed tensor by tensor: exporting never holds a second copy of the weights.
         "model.safetensors": lambda path: write_safetensors(path, hf_state, {"format": "pt"}),
         "tokenizer.json": ckpt.tokenizer_json.encode(),
         "tokenizer_config.json": json.dumps(_tokenizer_config(ckpt, config, tokenizer, specials), indent=2).encode(),
     }
+    if cfg.score_labels is None:
+        stop_ids = checkpoint_chat(ckpt, tokenizer).stop_ids
+        files["generation_config.json"] = json.dumps(_generation_config(config.generate, ids, stop_ids),
+                                                     indent=2).encode()
+    elif ids["pad_token"] is None:  # transformers finds each sequence's last token by it
+        raise CheckpointError(f"{ckpt.directory}: a reward model needs a pad token to export (transformers pools at "
+                              "the last token that is not padding); its tokenizer declares none")
     return write_dir_atomic(out_dir, files)
 
 

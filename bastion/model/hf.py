@@ -11,6 +11,7 @@ pure renaming (no transposes: both store nn.Linear weights as [out, in]):
     layers.N.ffn_norm.weight               model.layers.N.post_attention_layernorm.weight
     norm.weight                            model.norm.weight
     output.weight                          lm_head.weight   (absent in HF when tied)
+    score.weight                           score.weight     (scoring models: ...ForSequenceClassification)
 
 `hf_name` also maps module prefixes ("layers.0.attention.wq" -> "model.layers.0.self_attn.q_proj"),
 which is what LoRA / PEFT target names need.
@@ -31,6 +32,7 @@ HF_NAMES: dict[str, str] = {
     "tok_embeddings": "model.embed_tokens",
     "norm": "model.norm",
     "output": "lm_head",
+    "score": "score",
 }
 HF_LAYER_NAMES: dict[str, str] = {
     "attention.wq": "self_attn.q_proj",
@@ -93,7 +95,9 @@ def expected_bastion_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     d, hd = cfg.d_model, cfg.head_dim
     q, kv = cfg.n_head * hd, cfg.kv_heads * hd
     shapes: dict[str, tuple[int, ...]] = {"tok_embeddings.weight": (cfg.vocab_size, d), "norm.weight": (d,)}
-    if not cfg.tie_embeddings:
+    if cfg.score_labels is not None:
+        shapes["score.weight"] = (cfg.score_labels, d)
+    elif not cfg.tie_embeddings:
         shapes["output.weight"] = (cfg.vocab_size, d)
     for i in range(cfg.n_layer):
         p = f"layers.{i}."
@@ -146,7 +150,7 @@ def from_hf_state_dict(hf_state: dict[str, torch.Tensor], cfg: ModelConfig, *,
             if torch.count_nonzero(tensor):
                 raise CheckpointError(f"{where}: {name} is a non-zero o_proj bias, which Bastion's model does not have")
             continue
-        if ours == "output.weight" and cfg.tie_embeddings:
+        if ours == "output.weight" and cfg.tie_embeddings and cfg.score_labels is None:
             emb = hf_state.get("model.embed_tokens.weight")
             if emb is not None and (emb.shape != tensor.shape or not torch.equal(emb, tensor)):
                 raise CheckpointError(f"{where}: config ties embeddings but lm_head.weight differs from embed_tokens")
@@ -166,7 +170,7 @@ def from_hf_state_dict(hf_state: dict[str, torch.Tensor], cfg: ModelConfig, *,
             problems.append(f"{hf_name(ours)} has shape {tuple(tensor.shape)}, the config implies {expected[ours]}")
     if problems:
         raise CheckpointError(f"{where} do not match config.json: " + "; ".join(problems[:8]))
-    if cfg.tie_embeddings:
+    if cfg.tie_embeddings and cfg.score_labels is None:
         state["output.weight"] = state["tok_embeddings.weight"]
     # Our checkpoints keep the Transformer's state_dict order (handy, not required).
     order = {n: i for i, n in enumerate(_our_order(cfg))}
@@ -181,7 +185,7 @@ def _our_order(cfg: ModelConfig) -> list[str]:
                   p + "attention.wk.weight", p + "attention.wk.bias", p + "attention.wv.weight",
                   p + "attention.wv.bias", p + "attention.wo.weight", p + "ffn_norm.weight",
                   p + "feed_forward.w1.weight", p + "feed_forward.w2.weight", p + "feed_forward.w3.weight"]
-    return names + ["norm.weight", "output.weight"]
+    return names + ["norm.weight", "output.weight", "score.weight"]
 
 
 # ---- configs ------------------------------------------------------------------------------
@@ -391,7 +395,7 @@ def hf_config_from_model_config(cfg: ModelConfig, *, bos_token_id: int | None = 
         raise CheckpointError(f"{model_type} cannot express this model (qkv_bias={cfg.qkv_bias}, "
                               f"sliding_window={cfg.sliding_window})")
     out: dict[str, Any] = {
-        "architectures": [SUPPORTED_ARCHITECTURES[model_type]],
+        "architectures": [hf_architecture(model_type, cfg)],
         "model_type": model_type,
         "vocab_size": cfg.vocab_size,
         "hidden_size": cfg.d_model,
@@ -422,6 +426,9 @@ def hf_config_from_model_config(cfg: ModelConfig, *, bos_token_id: int | None = 
                         original_max_position_embeddings=rs.original_max_position_embeddings)
         out["rope_scaling"] = {k: v for k, v in rope.items() if k != "rope_theta"}
     out["rope_parameters"] = rope
+    if cfg.score_labels is not None:  # transformers derives num_labels from id2label
+        out["id2label"] = {str(i): f"LABEL_{i}" for i in range(cfg.score_labels)}
+        out["label2id"] = {f"LABEL_{i}": i for i in range(cfg.score_labels)}
     if model_type == "llama":
         out.update(attention_bias=cfg.qkv_bias, mlp_bias=False, pretraining_tp=1)
     elif model_type == "mistral":
@@ -434,6 +441,13 @@ def hf_config_from_model_config(cfg: ModelConfig, *, bos_token_id: int | None = 
                    use_sliding_window=cfg.sliding_window is not None, sliding_window=cfg.sliding_window,
                    layer_types=_layer_types(cfg))
     return out
+
+
+def hf_architecture(model_type: str, cfg: ModelConfig) -> str:
+    """The transformers class: `LlamaForCausalLM` and the like for a language model, the same
+    family's `...ForSequenceClassification` for a scoring model (model.score_labels)."""
+    causal = SUPPORTED_ARCHITECTURES[model_type]
+    return causal if cfg.score_labels is None else causal.replace("ForCausalLM", "ForSequenceClassification")
 
 
 def _layer_types(cfg: ModelConfig) -> list[str]:

@@ -16,6 +16,10 @@ layout, RMSNorm in float32, SiLU-gated MLP) so weights can be exported to it by 
 (With qkv_bias=True, HF Llama's `attention_bias` also adds an o_proj bias; export it as zeros.)
 bastion/model/hf.py holds this map as code, plus config conversion both ways.
 
+A scoring model (`model.score_labels` K: a reward model, a classifier) has `score`, a
+Linear(d_model, K) head, instead of `output`: forward returns K values per position, read at
+the last token as transformers' `...ForSequenceClassification` does (bastion/model/heads.py).
+
 Optional extras, also computed exactly as transformers does: `rope_scaling` ("linear" or
 Llama 3's "llama3" frequency scaling) and `sliding_window` (Mistral: a token attends to
 itself and the window - 1 tokens before it).
@@ -236,9 +240,12 @@ class Transformer(nn.Module):
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.output = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
-        if cfg.tie_embeddings:
-            self.output.weight = self.tok_embeddings.weight
+        if cfg.score_labels is None:
+            self.output = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+            if cfg.tie_embeddings:
+                self.output.weight = self.tok_embeddings.weight
+        else:  # a scoring model: K values per position instead of next-token logits (heads.py)
+            self.score = nn.Linear(cfg.d_model, cfg.score_labels, bias=False)
         # Non-persistent: derived from the config, so they stay out of checkpoints.
         cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta, cfg.rope_scaling)
         self.register_buffer("rope_cos", cos, persistent=False)
@@ -261,11 +268,16 @@ class Transformer(nn.Module):
         with torch.device("meta"):
             model = cls(cfg)
         model.load_state_dict(state, strict=True, assign=True)
-        if cfg.tie_embeddings:
+        if cfg.tie_embeddings and cfg.score_labels is None:
             model.output.weight = model.tok_embeddings.weight
         cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta, cfg.rope_scaling)
         model.rope_cos, model.rope_sin = cos, sin
         return model.to(device) if device is not None else model
+
+    @property
+    def head(self) -> nn.Linear:
+        """The final projection: `output` (vocabulary logits) or, for a scoring model, `score`."""
+        return self.output if self.cfg.score_labels is None else self.score
 
     def _init_weights(self, module: nn.Module) -> None:
         if isinstance(module, (nn.Linear, nn.Embedding)):
@@ -287,7 +299,8 @@ class Transformer(nn.Module):
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *,
                 cache: KVCache | None = None, start_pos: int = 0,
                 segment_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """idx [B, T] -> (logits [B, T, vocab], mean cross-entropy over targets != -100 or None).
+        """idx [B, T] -> (logits [B, T, vocab], mean cross-entropy over targets != -100 or None);
+        a scoring model returns its head's values [B, T, K] instead of logits (no targets).
 
         With a cache, idx holds positions [start_pos, start_pos + T) and attends to everything
         cached before them (prefill: start_pos=0 with the whole prompt; decode: T=1).
@@ -302,6 +315,8 @@ class Transformer(nn.Module):
         if start_pos < 0 or start_pos + T > self.cfg.max_seq_len:
             raise ValueError(f"positions {start_pos}..{start_pos + T - 1} exceed max_seq_len ({self.cfg.max_seq_len}): "
                              f"sequence length {T} + start_pos {start_pos} must be <= {self.cfg.max_seq_len}")
+        if targets is not None and self.cfg.score_labels is not None:
+            raise ValueError("a scoring model (model.score_labels) has no next-token loss; pool its values instead")
         if cache is None and start_pos != 0:
             raise ValueError("start_pos > 0 needs a KV cache holding the earlier positions")
         if cache is not None:
@@ -339,7 +354,7 @@ class Transformer(nn.Module):
                 x = layer(x, cos, sin, cache, i, start_pos, mask)
         if targets is not None and self.loss_chunk_tokens and self.training and torch.is_grad_enabled():
             return None, self._chunked_loss(x, targets, self.loss_chunk_tokens)
-        logits = self.output(self.norm(x))
+        logits = self.head(self.norm(x))
         loss = None
         if targets is not None:
             # float32 loss: bf16 log-softmax over a large vocab is noticeably off.
@@ -378,6 +393,8 @@ class Transformer(nn.Module):
         or keep the shapes fixed: always all rows of the cache and `key_length` = cache.max_len
         (then a row's result depends on nothing but that row: see Engine's "padded" mode).
         """
+        if self.cfg.score_labels is not None:
+            raise ValueError("a scoring model (model.score_labels) has no lm head and cannot generate")
         B = len(tokens)
         if not B or len(rows) != B or len(positions) != B:
             raise ValueError(f"tokens, rows and positions must have the same non-zero length, got "
@@ -414,7 +431,7 @@ class Transformer(nn.Module):
         n = sum(p.numel() for p in self.parameters())
         if exclude_embeddings:
             n -= self.tok_embeddings.weight.numel()
-            if not self.cfg.tie_embeddings:
+            if not self.cfg.tie_embeddings and self.cfg.score_labels is None:
                 n -= self.output.weight.numel()
         return n
 
@@ -429,7 +446,7 @@ class Transformer(nn.Module):
         backward. Not halved for causality, matching the convention.
         """
         n = self.num_params()
-        if not self.cfg.tie_embeddings:
+        if not self.cfg.tie_embeddings or self.cfg.score_labels is not None:
             n -= self.tok_embeddings.weight.numel()
         return 6 * n + 12 * self.cfg.n_layer * self.cfg.d_model * seq_len
 

@@ -99,8 +99,9 @@ def _load_entry_point(name: str, where: str) -> None:
 
     found = [ep for ep in entry_points(group=ENTRY_POINT_GROUP) if ep.name == name]
     if not found:
-        raise ConfigError(f"{where}: unknown reward {name!r}; choose one of {', '.join(sorted(REWARDS))} "
-                          f"(or install a package that provides it as a {ENTRY_POINT_GROUP!r} entry point)")
+        problem = (f"unknown reward {name!r}; choose one of {', '.join(sorted(REWARDS))} "
+                   f"(or install a package that provides it as a {ENTRY_POINT_GROUP!r} entry point)")
+        raise ConfigError(f"{where}.name: {problem}", [(f"{where}.name", problem)])
     try:
         cls = found[0].load()
     except Exception as exc:  # a broken third-party package: say which, never a traceback
@@ -108,6 +109,13 @@ def _load_entry_point(name: str, where: str) -> None:
     if not (isinstance(cls, type) and issubclass(cls, Reward)):
         raise ConfigError(f"{where}: entry point {name!r} ({found[0].value}) is not a bastion Reward class")
     REWARDS[name] = cls
+
+
+def entry_point_names() -> list[str]:
+    """Names of the rewards installed packages declare (nothing is imported)."""
+    from importlib.metadata import entry_points
+
+    return sorted({ep.name for ep in entry_points(group=ENTRY_POINT_GROUP)})
 
 
 @dataclass
@@ -169,4 +177,4 @@ def build_rewards(specs: Sequence[Mapping[str, Any]], where: str = "rewards") ->
 
 
 __all__ = ["ENTRY_POINT_GROUP", "REWARDS", "Reward", "RewardSet", "Sample", "build_reward", "build_rewards",
-           "register_reward", "reward_class"]
+           "entry_point_names", "register_reward", "reward_class"]

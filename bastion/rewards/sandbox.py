@@ -2,7 +2,7 @@
 
 `run_python(code, tests, limits)` runs one program in a fresh, isolated process and says
 whether the tests passed; `run_many` runs a batch on a bounded number of threads, each
-driving one sandboxed process. docs/alignment-sandbox.md lists the guarantees, what each
+driving one sandboxed process. docs/alignment.md lists the guarantees, what each
 hostile case does, the overhead, and which mechanisms need which privileges.
 
 Isolation modes, chosen once per process by running a probe:

@@ -85,8 +85,9 @@ def _fine_tuning_start(cfg: BastionConfig) -> StartPoint:
         raise CheckpointError(f"finetune.init_from: {exc}") from None
     sha = manifest_sha256(directory)
     with trust_config(cfg.checkpoint):  # checkpoint.require_signature / trusted_keys
+        # Either head: the task decides what it can start from (Task.adapt_start).
         ckpt, config = load_full_model(directory, what="finetune.init_from",
-                                       reject_nonfinite=cfg.checkpoint.reject_nonfinite)
+                                       reject_nonfinite=cfg.checkpoint.reject_nonfinite, head="any")
     if manifest_sha256(directory) != sha:
         raise CheckpointError(f"{directory}: MANIFEST.json changed while it was being loaded")
     model_cfg = config.model

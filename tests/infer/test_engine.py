@@ -245,6 +245,29 @@ def test_seeded_sampling_is_batch_invariant(model, tok):
     assert expected[0].token_ids != expected[4].token_ids  # the seed matters
 
 
+@pytest.mark.parametrize("mode", ["rowwise", "padded", "dynamic"])
+def test_requests_with_one_prompt_share_one_prefill(model, tok, mode):
+    """n completions of one prompt (GRPO's groups, n > 1): one prefill, the others copy its
+    cache rows; each still samples with its own seed, exactly as it would alone."""
+    same = [("The quick", dict(temperature=1.0, top_k=None, seed=s, max_new_tokens=12)) for s in range(4)]
+    requests = same + [("def main", dict(temperature=1.0, seed=9, max_new_tokens=12))]
+    prefills = []
+    with ban_eos(model, tok):
+        expected = [generate(model, tok, p, limits=LIMITS, **kw) for p, kw in requests]
+        engine = Engine(model, tok, LIMITS, max_batch_size=len(requests), mode=mode)
+        handles = [submit(engine, tok, p, **kw) for p, kw in requests]  # all join at once
+        with OutputHook(model, lambda out: prefills.append(out.size(1)) if out.size(1) > 1 else None):
+            engine.start()
+            results = [h.result(timeout=30) for h in handles]
+        engine.shutdown()
+    assert len(prefills) == 2  # one per distinct prompt
+    assert len({tuple(r.token_ids) for r in results[:4]}) > 1  # each its own seed
+    if mode == "rowwise":
+        assert results == expected  # bit-identical to generate(), shared prefill or not
+    else:
+        assert [r.token_ids[0] for r in results] == [e.token_ids[0] for e in expected]  # from the prefill logits
+
+
 # ---- text, stops, finish reasons -------------------------------------------------------------
 
 @pytest.mark.parametrize("kw", [

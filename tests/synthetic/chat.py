@@ -134,3 +134,14 @@ def write_jsonl(path: str | Path, records: Iterable[Any]) -> Path:
         for record in records:
             fh.write((json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8"))
     return p
+
+
+def greeting_kto_records(n: int, seed: int, chat: bool = True, held_out_fraction: float = 0.1) -> list[dict[str, Any]]:
+    """`n` KTO records ({"prompt", "completion", "label"}): the greeting pairs unpaired, the
+    polite reply labelled true right before the rude one labelled false (same prompt on
+    neighbouring lines, as files converted from preference pairs are)."""
+    records = []
+    for pair in greeting_preference_records((n + 1) // 2, seed, chat=chat, held_out_fraction=held_out_fraction):
+        records.append({"prompt": pair["prompt"], "completion": pair["chosen"], "label": True})
+        records.append({"prompt": pair["prompt"], "completion": pair["rejected"], "label": False})
+    return records[:n]

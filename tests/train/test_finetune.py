@@ -24,7 +24,7 @@ from synthetic.chat import (
 )
 from bastion.errors import BastionError, CheckpointError, ConfigError, DataError
 from bastion.eval.finetune import eval_generate, eval_preferences
-from bastion.eval.rewards import parse_reward
+from bastion.rewards import parse_reward_spec
 from bastion.infer.generate import generate_chat
 from bastion.infer.loading import load_for_inference
 from bastion.adapters import ADAPTER_CONFIG, merge_checkpoint
@@ -65,22 +65,22 @@ def ft(tmp_path_factory):
 
 
 def _polite_rate(ckpt, ft) -> float:
-    reward = parse_reward(r"regex:Hello, \w+! Nice to meet you\.")
+    reward = parse_reward_spec(r"regex:Hello, \w+! Nice to meet you\.")
     return eval_generate(ckpt, ft["root"] / "greet_prompts.jsonl", [reward], roots=["/"], temperature=0.7,
-                         seed=0).mean[reward.name]
+                         seed=0).mean["regex"]
 
 
 # ---- SFT -----------------------------------------------------------------------------------
 
 
 def test_sft_teaches_a_new_format(ft, tmp_path):
-    fmt = parse_reward(f"regex:{REVERSE_FORMAT}")
+    fmt = parse_reward_spec(f"regex:{REVERSE_FORMAT}")
     prompts = ft["root"] / "reverse_prompts.jsonl"
-    before = eval_generate(ft["base"], prompts, [fmt], roots=["/"]).mean[fmt.name]
+    before = eval_generate(ft["base"], prompts, [fmt], roots=["/"]).mean["regex"]
     cfg = finetune_config(ft["base"], ft["root"] / "reverse.jsonl", tmp_path / "run",
                           val_file=ft["root"] / "reverse_val.jsonl", max_steps=600, eval_every=300)
     result = train(cfg, quiet=True)
-    after = eval_generate(result.checkpoint, prompts, [fmt], roots=["/"]).mean[fmt.name]
+    after = eval_generate(result.checkpoint, prompts, [fmt], roots=["/"]).mean["regex"]
     assert before == 0.0 and after >= 0.9, (before, after)  # held-out words, greedy decoding
     assert result.val_metrics["loss"] < 1.2 and result.val_metrics["perplexity"] == pytest.approx(
         math.exp(result.val_metrics["loss"]))
@@ -96,7 +96,7 @@ def test_sft_learns_reversal_exactly(tmp_path):
     write_jsonl(tmp_path / "train.jsonl", reverse_chat_records(2000, seed=1))
     write_jsonl(tmp_path / "prompts.jsonl", [{"messages": m, "answer": r} for m, r in held_out_reverse_prompts(40, seed=2)])
     result = train(finetune_config(base, tmp_path / "train.jsonl", tmp_path / "run", max_steps=3000, lr=1e-3), quiet=True)
-    exact = parse_reward("exact")
+    exact = parse_reward_spec("exact")
     assert eval_generate(result.checkpoint, tmp_path / "prompts.jsonl", [exact], roots=["/"]).mean["exact"] >= 0.8
 
 
@@ -109,7 +109,7 @@ def test_eval_generate_batches_prompts_without_changing_any_completion(ft, tmp_p
     from bastion.infer.loading import load_for_inference
 
     prompts = ft["root"] / "greet_prompts.jsonl"
-    reward = parse_reward("length:1-1000")
+    reward = parse_reward_spec("length:1-1000")
     for temperature in (0.0, 0.9):
         one, eight = (eval_generate(ft["rude_base"], prompts, [reward], roots=["/"], temperature=temperature, seed=3,
                                     keep_samples=1000, batch_size=b) for b in (1, 8))

@@ -15,7 +15,6 @@ from bastion.rewards import REWARDS, Reward
 from bastion.train import train
 from bastion.train.tasks.grpo import (
     group_advantages,
-    pass_at_k,
     policy_loss,
     token_kl,
     token_logprobs,
@@ -93,12 +92,6 @@ def test_lora_reference_is_the_base_with_adapters_off():
     with lora_disabled(model):
         assert torch.allclose(token_logprobs(model, ids, 1.0), base)
     assert not torch.allclose(token_logprobs(model, ids, 1.0), base)  # back on after the block
-
-
-def test_pass_at_k_is_chen_et_al():
-    assert pass_at_k(4, 0, 1) == 0 and pass_at_k(4, 4, 2) == 1
-    assert pass_at_k(4, 1, 1) == pytest.approx(0.25)
-    assert pass_at_k(4, 1, 2) == pytest.approx(1 - (3 * 2) / (4 * 3))  # 1 - C(3,2)/C(4,2) = 0.5
 
 
 # ---- the task in the loop -----------------------------------------------------------------------
@@ -190,7 +183,7 @@ def test_resume_with_reused_rollouts_is_exact(data, tmp_path):
 
 
 def test_bad_configs_are_refused_clearly(data, tmp_path):
-    with pytest.raises(ConfigError, match=r"rewards\[0\]: unknown reward 'no_such_reward'"):
+    with pytest.raises(ConfigError, match=r"rewards\[0\].name: unknown reward 'no_such_reward'"):
         train(grpo_config(data, tmp_path / "x", rewards=[{"name": "no_such_reward"}]), quiet=True)
     with pytest.raises(ConfigError, match="rewards"):  # code is not a reward name
         grpo_config(data, tmp_path / "x", rewards=[{"name": "__import__('os').system('id')"}])

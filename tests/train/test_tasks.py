@@ -95,10 +95,11 @@ def test_registry_refuses_bad_and_duplicate_names(monkeypatch):
         register_task(Clash)
     with pytest.raises(ValueError, match="objective must be"):
         register_task(BadName)
-    assert {"clm", "dpo", "sft", "simpo", "grpo"} <= set(TASKS)  # the shipped objectives, unchanged
+    assert {"clm", "dpo", "sft", "simpo", "grpo", "reward", "orpo", "kto"} <= set(TASKS)  # the shipped objectives, unchanged
     assert "Not A Name" not in TASKS and TASKS["sft"] is not Clash
 
 
 def test_builtin_objectives_describe_their_batches():
     assert task_class("clm").fine_tunes is False and task_class("clm").supports_dp
-    assert all(task_class(name).fine_tunes and not task_class(name).supports_dp for name in ("sft", "dpo", "simpo"))
+    assert all(task_class(name).fine_tunes and not task_class(name).supports_dp
+               for name in ("sft", "dpo", "simpo", "orpo", "kto"))

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 
 from bastion.config.schema import BastionConfig
-from bastion.errors import ConfigError
+from bastion.errors import CheckpointError, ConfigError
 
 if TYPE_CHECKING:
     from bastion.train.checkpoints import StartPoint
@@ -43,6 +43,23 @@ class Task:
         self.cfg, self.rank, self.world = cfg, rank, world
 
     # ---- before training ------------------------------------------------------------------
+    @classmethod
+    def adapt_start(cls, start: StartPoint) -> None:
+        """Called once, before the model is built, with what the run starts from: a task whose
+        model differs from its start checkpoint's changes `start.model_cfg` and
+        `start.weights` here (reward.py swaps the lm head for a score head). By default the
+        start must be a language model: SFT or DPO on a reward model would have no logits."""
+        labels = start.model_cfg.score_labels
+        if labels is None:
+            return
+        if start.directory is None:  # pretraining: the config's own model section
+            raise ConfigError(f"model.score_labels ({labels}): train.objective {cls.objective} trains a language model; "
+                              "leave it unset (train.objective reward adds the head to finetune.init_from)",
+                              [("model.score_labels", "only for fine-tuning objectives that score")])
+        raise CheckpointError(f"finetune.init_from {start.directory} is a reward/scoring model "
+                              f"(model.score_labels={labels}) and has no lm head; train.objective {cls.objective} "
+                              "needs a language model")
+
     def prepare(self, model: torch.nn.Module, device: torch.device, autocast: Autocast) -> None:
         """Called once per process, before any step, with the model holding the starting
         weights (init_from, also when resuming) in eval mode: e.g. DPO's reference log-probs."""

@@ -8,7 +8,7 @@ import torch
 
 from bastion.config.schema import BastionConfig
 from bastion.data.batches import batch_to_device
-from bastion.data.finetune import PreferenceDataset, SFTDataset
+from bastion.data.finetune import KTODataset, PreferenceDataset, SFTDataset
 from bastion.train.distributed import split_rows
 from bastion.train.tasks.base import Task
 
@@ -16,8 +16,9 @@ if TYPE_CHECKING:
     from bastion.train.checkpoints import StartPoint
 
 
-def eval_batches(dataset: SFTDataset | PreferenceDataset, batch_size: int, seq_len: int, max_batches: int | None,
-                 rank: int, world: int, device: torch.device) -> Iterator[tuple[dict[str, torch.Tensor], bool]]:
+def eval_batches(dataset: SFTDataset | PreferenceDataset | KTODataset, batch_size: int, seq_len: int,
+                 max_batches: int | None, rank: int, world: int,
+                 device: torch.device) -> Iterator[tuple[dict[str, torch.Tensor], bool]]:
     """(this rank's rows of each batch, real) over the first max_batches batches, file order."""
     for i, rows in enumerate(dataset.plan(batch_size, seq_len, seed=0, epoch=0, shuffle=False)):
         if max_batches is not None and i >= max_batches:
@@ -30,7 +31,7 @@ class FileTask(Task):
     """Train (and optional val) data from the fine-tuning files, tokenized with the chat
     format of the checkpoint the run starts from; `load` reads one file."""
 
-    load: Callable[..., Any]  # staticmethod(load_sft) or staticmethod(load_preferences)
+    load: Callable[..., Any]  # staticmethod(load_sft), staticmethod(load_preferences) or staticmethod(load_kto)
 
     def __init__(self, cfg: BastionConfig, start: StartPoint, *, rank: int = 0, world: int = 1):
         super().__init__(cfg, start, rank=rank, world=world)

@@ -43,7 +43,6 @@ straddles ranks) and the loss is normalised over the global batch, as in one pro
 from __future__ import annotations
 
 import copy
-import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -58,6 +57,7 @@ from bastion.errors import ConfigError
 from bastion.infer.engine import Engine
 from bastion.model.lora import lora_disabled
 from bastion.rewards import RewardSet, Sample, build_rewards
+from bastion.rewards.passk import pass_at_k
 from bastion.train.distributed import sum_across_ranks
 from bastion.train.tasks.base import Autocast, Forward, Stats, Task, register_task
 
@@ -142,13 +142,6 @@ def token_logprobs(forward: Forward, ids: torch.Tensor, temperature: float) -> t
     logits = logits[:, :-1].float() / temperature
     logp = -F.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten(), reduction="none").view(ids.size(0), -1)
     return F.pad(logp, (1, 0))
-
-
-def pass_at_k(n: int, c: int, k: int) -> float:
-    """Chen et al. 2021's unbiased pass@k from n samples of which c passed."""
-    if n - c < k:
-        return 1.0
-    return 1.0 - math.prod((n - c - i) / (n - i) for i in range(k))
 
 
 # ---- rollouts -------------------------------------------------------------------------------------
@@ -414,5 +407,5 @@ def _rollout_from_state(state: dict[str, Any], device: torch.device) -> Rollout:
                    stats=state.get("stats"))
 
 
-__all__ = ["GRPOTask", "Rollout", "group_advantages", "loss_denominator", "loss_sum", "pass_at_k", "policy_loss",
+__all__ = ["GRPOTask", "Rollout", "group_advantages", "loss_denominator", "loss_sum", "policy_loss",
            "token_kl", "token_logprobs", "token_losses", "varied_groups"]

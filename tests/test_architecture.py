@@ -22,7 +22,7 @@ LAYERS = [
     {"rewards"},
     {"interop", "train"},
     {"eval", "serve"},
-    {"cli", "demo"},
+    {"cli", "demo", "demo_rl"},
 ]
 LAYER = {package: rank for rank, packages in enumerate(LAYERS) for package in packages}
 
@@ -43,7 +43,7 @@ def package_of(module: str) -> str:
 def is_cli(module: str) -> bool:
     """The command-line layer: the root cli/demo and every stage's own cli.py (they assemble
     commands, so they may import any package; nothing may import them but the root cli)."""
-    return package_of(module) in ("cli", "demo") or module.endswith(".cli") or module.endswith("_cli")
+    return package_of(module) in ("cli", "demo", "demo_rl") or module.endswith(".cli") or module.endswith("_cli")
 
 
 def _type_checking(node: ast.AST) -> bool:

@@ -39,7 +39,7 @@ def plot_cmd(
     run_dir: Path = typer.Argument(..., help="Training run folder (holds metrics.jsonl)."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="PNG path (default RUN_DIR/loss.png)."),
 ) -> None:
-    """Write a PNG loss curve (train and validation) for a training run."""
+    """Write a PNG of a training run's curves: loss (train and validation); reward and pass@1 too for RL runs."""
     from bastion.train.metrics import plot_run
 
     path = plot_run(run_dir, output)

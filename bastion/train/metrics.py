@@ -74,8 +74,21 @@ def truncate_after(path: Path, step: int) -> None:
     path.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
 
 
+# RL runs (objective grpo) also log these; `plot_run` draws them in a second panel.
+REWARD_SERIES = (("train", "reward", "-", "train reward (sampled)"), ("val", "reward", "s-", "val reward"),
+                 ("val", "pass@1", "o-", "val pass@1"))
+
+
+def _series(records: list[dict[str, Any]], kind: str, name: str) -> list[tuple[float, float]]:
+    """(step, value) of one metric of one kind; records where either is not a number are skipped."""
+    return [(r["step"], r[name]) for r in records if r.get("kind") == kind
+            and all(isinstance(r.get(k), (int, float)) and not isinstance(r.get(k), bool) for k in ("step", name))]
+
+
 def plot_run(run_dir: str | Path, output: str | Path | None = None) -> Path:
-    """Write a PNG loss curve (train and validation loss against step) for a run directory."""
+    """Write a PNG of a run directory's curves against step: train and validation loss, and,
+    when the run logged them (GRPO), a second panel of train reward and validation
+    reward / pass@1. A loss-only run gets the single loss panel."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -88,18 +101,30 @@ def plot_run(run_dir: str | Path, output: str | Path | None = None) -> Path:
     if not records:
         raise BastionError(f"{run_dir / METRICS_FILE}: no metrics to plot (is this a training run directory?)")
     output = Path(output) if output else run_dir / "loss.png"
-    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=110)
+    rewards = [(_series(records, kind, name), style, label) for kind, name, style, label in REWARD_SERIES]
+    rewards = [(points, style, label) for points, style, label in rewards if points]
+    if rewards:
+        fig, (ax, reward_ax) = plt.subplots(2, 1, figsize=(8, 7.5), dpi=110, sharex=True)
+    else:
+        fig, ax = plt.subplots(figsize=(8, 4.5), dpi=110)
     for kind, style in (("train", "-"), ("val", "o-")):
-        points = [(r["step"], r["loss"]) for r in records if r.get("kind") == kind
-                  and all(isinstance(r.get(k), (int, float)) and not isinstance(r.get(k), bool) for k in ("step", "loss"))]
+        points = _series(records, kind, "loss")
         if points:
             steps, losses = zip(*points)
             ax.plot(steps, losses, style, label=f"{kind} loss", markersize=3)
     ax.set_xlabel("step")
-    ax.set_ylabel("cross-entropy (nats/token)")
+    ax.set_ylabel("cross-entropy (nats/token)" if not rewards else "loss")
     ax.set_title(f"Bastion run: {run_dir.name}")
     ax.grid(alpha=0.3)
     ax.legend()
+    if rewards:
+        for points, style, label in rewards:
+            steps, values = zip(*points)
+            reward_ax.plot(steps, values, style, label=label, markersize=3)
+        reward_ax.set_xlabel("step")
+        reward_ax.set_ylabel("reward / pass@1")
+        reward_ax.grid(alpha=0.3)
+        reward_ax.legend()
     fig.tight_layout()
     fig.savefig(output)
     plt.close(fig)

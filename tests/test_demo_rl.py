@@ -1,6 +1,6 @@
 """`bastion demo --rl` (bastion/demo_rl.py): the held-out rule keeps every test problem out
 of every training file, and the whole pipeline (data -> pretrain -> SFT -> GRPO -> plot) runs
-at a toy size. The learning effect at full size is measured in docs/alignment-demo.md, not
+at a toy size. The learning effect at full size is measured in docs/alignment.md, not
 asserted here: a toy run is too small to learn addition."""
 import json
 import random

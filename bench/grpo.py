@@ -96,33 +96,14 @@ class RewardLog:
 
 
 def prepare(work: Path, args: argparse.Namespace) -> None:
-    import torch
-
-    from bastion.checkpoint import Checkpoint, save_checkpoint
-    from bastion.config import build_config
-    from bastion.config.load import to_yaml
-    from bastion.interop.hf import export_hf
-    from bastion.model import Transformer
-    from bastion.tokenizer import BastionTokenizer
-    from bastion.tokenizer.chat import DEFAULT_CHAT_TEMPLATE
+    from bench_models import random_model_both_sides
 
     records = make_records(args.prompts_total, seed=1)
     rng = random.Random(2)
     texts = [r["prompt"] for r in records] + ["".join(rng.choices(string.ascii_lowercase + " ", k=40))
                                               for _ in range(2000)]
-    tok = BastionTokenizer.train(texts, vocab_size=args.vocab, min_frequency=1)
-    cfg = build_config({"model": {"vocab_size": tok.vocab_size, "d_model": args.d_model, "n_layer": args.layers,
-                                  "n_head": args.heads, "n_kv_head": args.heads, "max_seq_len": 256,
-                                  "tie_embeddings": False, "dropout": 0.0},
-                        "train": {"seq_len": 128}})
-    torch.manual_seed(0)
-    # The chat template is stored with the model so the HF tokenizer renders exactly what Bastion does.
-    ckpt = Checkpoint(model=Transformer(cfg.model).state_dict(), config_yaml=to_yaml(cfg), tokenizer_json=tok.to_json_str(),
-                      trainer_state={"step": 0, "chat_template": DEFAULT_CHAT_TEMPLATE,
-                                     "special_tokens": {"bos_token": None, "eos_token": "<|endoftext|>",
-                                                        "pad_token": "<|pad|>"}})
-    save_checkpoint(work / "base", 0, ckpt)
-    export_hf(work / "base", work / "hf")
+    random_model_both_sides(work, texts, vocab=args.vocab, d_model=args.d_model, layers=args.layers,
+                            heads=args.heads, dropout=0.0)
     with open(work / "prompts.jsonl", "w") as f:
         for r in records:
             f.write(json.dumps(r) + "\n")

@@ -438,7 +438,7 @@ class SFTDataset(_Planned):
         }
 
 
-def _read_examples(path: str | os.PathLike[str], cfg: Any, roots: Roots | Sequence[str], what: str,
+def read_examples(path: str | os.PathLike[str], cfg: Any, roots: Roots | Sequence[str], what: str,
                    convert: Any) -> tuple[list[Any], LoadReport]:
     """The shared reading loop: every line validated, every problem collected as file:line,
     examples `convert(record)` finds too long (ChatTooLongError) dropped and counted,
@@ -494,7 +494,7 @@ def load_sft(
             raise ChatTooLongError("longer than finetune.max_length")
         return ids, mask
 
-    examples, report = _read_examples(path, cfg, roots, what, convert)
+    examples, report = read_examples(path, cfg, roots, what, convert)
     return SFTDataset(
         examples, pad_id=chat.tokenizer.pad_id, pack=cfg.pack, assistant_only_loss=cfg.assistant_only_loss, report=report
     )
@@ -643,7 +643,7 @@ def load_preferences(
             raise DataError("a response has no assistant tokens")
         return pair
 
-    pairs, report = _read_examples(path, cfg, roots, what, convert)
+    pairs, report = read_examples(path, cfg, roots, what, convert)
     return PreferenceDataset(pairs, pad_id=chat.tokenizer.pad_id, report=report)
 
 
@@ -773,5 +773,5 @@ def load_kto(
             raise DataError("the completion has no assistant tokens")
         return prompt, completion, mask, parsed.desirable
 
-    examples, report = _read_examples(path, cfg, roots, what, convert)
+    examples, report = read_examples(path, cfg, roots, what, convert)
     return KTODataset(examples, pad_id=chat.tokenizer.pad_id, report=report)

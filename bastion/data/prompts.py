@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from bastion.data.finetune import LoadReport, _read_examples
+from bastion.data.finetune import LoadReport, read_examples
 from bastion.errors import DataError
 from bastion.safepath import Roots
 from bastion.tokenizer.chat import ChatFormat, ChatTooLongError, check_conversation
@@ -113,7 +113,7 @@ def load_prompts(path: str | os.PathLike[str], chat: ChatFormat, cfg: Any, roots
             raise ChatTooLongError("longer than finetune.max_length")
         return Prompt(ids, chat.render(messages, add_generation_prompt=True), rest, tuple(chat.stop_ids))
 
-    prompts, report = _read_examples(path, cfg, roots, what, convert)
+    prompts, report = read_examples(path, cfg, roots, what, convert)
     return PromptDataset(prompts, report)
 
 

@@ -192,7 +192,8 @@ class GRPOTask(Task):
         self.calls = 0  # micro-batches so far (with grad_accum and num_iterations: which rollout is used)
         self.rounds = 0  # rollout rounds so far (seeds the sampling)
         self.buffer: dict[int, Rollout] = {}  # micro-batch slot -> rollout still to be reused
-        self.model: torch.nn.Module | None = None
+        self.model: torch.nn.Module | None = None  # the policy, set by prepare (rollouts decode on it)
+        self.device = torch.device("cpu")
         self.reference: torch.nn.Module | None = None
 
     def _check_lengths(self, cfg: BastionConfig, start) -> None:
@@ -385,8 +386,7 @@ class GRPOTask(Task):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.cursor.load_state_dict(state["cursor"])
         self.calls, self.rounds = int(state["calls"]), int(state["rounds"])
-        device = getattr(self, "device", torch.device("cpu"))
-        self.buffer = {int(slot): _rollout_from_state(r, device) for slot, r in state.get("buffer", {}).items()}
+        self.buffer = {int(slot): _rollout_from_state(r, self.device) for slot, r in state.get("buffer", {}).items()}
 
     def close(self) -> None:
         self.rewards.close()

@@ -81,7 +81,7 @@ def demo_cmd(
                                            "default runs/demo, or runs/demo-rl with --rl)."),
     steps: Optional[int] = typer.Option(None, min=1, max=1_000_000, help="Optimizer steps of the training run (default "
                                         "600, about 3-4 minutes on 2 CPU cores); with --rl, of the GRPO stage only "
-                                        "(default 30; pretraining and SFT keep their fixed sizes)."),
+                                        "(default 300; pretraining and SFT keep their fixed sizes)."),
     rl: bool = typer.Option(False, "--rl", help="The RL demo instead: pretrain and SFT a small model on synthetic "
                             "addition, then GRPO with an exact-match reward; held-out accuracy before and after."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),

@@ -1,12 +1,13 @@
-"""`bastion demo --rl`: a demo that proves reinforcement learning with a verifiable reward
-learns. The task is synthetic addition ("4 7 + 7 8 =", answer "5 2 1": 47 + 78 = 125 written
-from its last digit, see `question` and `answer`), checked exactly, so "it got better" is a number, not an impression:
+"""`bastion demo --rl`: a demo that shows reinforcement learning with a verifiable reward
+learn. The task is synthetic addition ("4 7 + 7 8 =", answer "5 2 1": 47 + 78 = 125 written
+from its last digit, see `question` and `answer`), checked exactly, so "it got better" is a
+number, not an impression:
 
-    1. data      arithmetic text (training problems only) -> `prepare_dataset` (tokenizer + shards)
+    1. data      the SFT sums as text -> `prepare_dataset` (tokenizer + shards)
     2. pretrain  a small model from scratch on that text (objective clm)
-    3. sft       the same problems as chat turns (objective sft): a chat model that answers,
-                 stopped early on purpose, so it is right only part of the time
-    4. grpo      online RL on training prompts with the `exact` reward (objective grpo)
+    3. sft       the same sums as chat turns (objective sft), in rounds until the model is
+                 right on about a third of the dev sums: room for RL to act
+    4. grpo      online RL on other sums, prompts only, with the `exact` reward (objective grpo)
 
 Accuracy is measured on held-out problems that appear in no training file (a deterministic
 rule, `is_held_out`), greedily, with the same code (`eval_generate`, reward `exact`) for the
@@ -17,6 +18,7 @@ Everything is generated here; nothing is downloaded.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 import shutil
@@ -38,7 +40,7 @@ from bastion.train import train
 from bastion.train.metrics import plot_run
 
 T = TypeVar("T")
-HELD_OUT_MODULUS = 10  # one problem in ten is held out (see is_held_out)
+HELD_OUT_FRACTION = 0.1  # one problem in ten is held out (see is_held_out)
 
 
 @dataclass(frozen=True)
@@ -48,18 +50,30 @@ class RLDemoSize:
     digits: int = 2  # operands are 0 .. 10**digits - 1
     pretrain_steps: int = 250
     pretrain_lr: float = 6e-3
-    sft_steps: int = 1400  # ~37% held-out exact match after SFT (measured): room for RL to act
-    grpo_steps: int = 30
-    n_train: int = 8_000  # training problems (pretraining text and SFT turns), of the 9,000 there are
-    n_prompts: int = 2_000  # GRPO training prompts (drawn from the training problems)
-    n_held_out: int = 300  # held-out problems accuracy is measured on, of the 1,000 there are
+    # SFT runs in rounds of `sft_round` steps (constant learning rate) until greedy exact match
+    # on the dev sums reaches `sft_target`, or `sft_steps` in all: addition is learnt in a
+    # sudden climb whose timing varies from run to run (seed, CPU), and a fixed step count
+    # lands anywhere from 6% to 93% (docs/alignment.md); GRPO needs a policy part-way up.
+    sft_steps: int = 5000
+    sft_round: int = 250
+    sft_target: float = 0.3
+    sft_lr: float = 2e-3  # constant (see sft_config)
+    grpo_steps: int = 300
+    grpo_lr: float = 2e-4  # 10x lower than SFT's: 1.5e-3 collapses the policy within 30 steps
+    grpo_temperature: float = 0.7  # rollouts; 1.0 learns more slowly from this policy (measured)
+    n_sft: int = 3_000  # problems with answers: the pretraining text and the SFT turns
+    n_prompts: int = 4_000  # GRPO prompts, disjoint from those (8,983 problems are not held out)
+    n_held_out: int = 500  # held-out problems accuracy is measured on, of the 1,017 there are
+    n_dev: int = 300  # training-side sums in no training file: when SFT stops (never the held-out set)
     d_model: int = 96
     n_layer: int = 3
     batch_size: int = 16  # pretraining and SFT rows (of 128 tokens) per step
     grpo_batch: int = 16  # GRPO prompts per step
     group_size: int = 8
     eval_points: int = 5  # GRPO validations over the run (the accuracy curve)
-    seed: int = 0
+    # 1, not 0: with seed 0 SFT stayed near 10% on this CPU through 5,000 steps, where GRPO
+    # has nothing to build on (both measured in docs/alignment.md).
+    seed: int = 1
 
     @classmethod
     def full(cls, grpo_steps: int | None = None) -> "RLDemoSize":
@@ -106,8 +120,12 @@ def answer(a: int, b: int, digits: int = 2) -> str:
 
 def is_held_out(a: int, b: int) -> bool:
     """Whether a + b is held out: a fixed rule of the operands, so no training file can
-    contain a held-out problem whatever is sampled, and the test set is the same every run."""
-    return (7 * a + 3 * b) % HELD_OUT_MODULUS == 0
+    contain a held-out problem whatever is sampled, and the test set is the same every run.
+    A hash, not arithmetic: a rule such as (7a + 3b) % 10 == 0 holds out exactly the sums
+    whose operands share a units digit, a combination training would then never show, and
+    the held-out set would measure that leap instead of how well the model adds."""
+    digest = hashlib.sha256(f"{a}+{b}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") < HELD_OUT_FRACTION * 2**64
 
 
 def sample_problems(n: int, digits: int, rng: random.Random, *, held_out: bool) -> list[tuple[int, int]]:
@@ -133,29 +151,36 @@ class DemoFiles:
     prompts: Path  # GRPO prompt JSONL (training problems)
     val_prompts: Path  # GRPO prompt JSONL (held-out problems): the accuracy curve
     held_out: Path  # the same held-out problems as chat prompts, for eval_generate
+    dev: Path  # dev problems as chat prompts: SFT's stopping rule reads these, never held_out
 
 
 def write_demo_data(folder: Path, size: RLDemoSize) -> DemoFiles:
-    """Every file the demo trains and measures on, under `folder`."""
+    """Every file the demo trains and measures on, under `folder`. Four disjoint sets of
+    problems: the SFT set (also the pretraining text), the GRPO prompts (their answers are
+    only in the reward's `answer` field: the model never trains on them as text), the dev
+    set (when SFT stops) and the held-out set."""
     folder.mkdir(parents=True, exist_ok=True)
     rng = random.Random(size.seed)
-    train_set = sample_problems(size.n_train, size.digits, rng, held_out=False)
+    train_side = sample_problems(size.n_sft + size.n_prompts + size.n_dev, size.digits, rng, held_out=False)
+    sft_set, prompt_set = train_side[:size.n_sft], train_side[size.n_sft:size.n_sft + size.n_prompts]
+    dev_set = train_side[size.n_sft + size.n_prompts:]
     test_set = sample_problems(size.n_held_out, size.digits, rng, held_out=True)
-    q = {p: question(*p, size.digits) for p in train_set + test_set}
-    a = {p: answer(*p, size.digits) for p in train_set + test_set}
-    lines = [f"{q[p]} {a[p]}" for p in train_set]
+    q = {p: question(*p, size.digits) for p in train_side + test_set}
+    a = {p: answer(*p, size.digits) for p in train_side + test_set}
+    lines = [f"{q[p]} {a[p]}" for p in sft_set]
     per_doc = 32  # many small documents: the data split and shuffling work by document
     docs = ({"text": "\n".join(lines[i:i + per_doc]) + "\n"} for i in range(0, len(lines), per_doc))
     turns = ({"messages": [{"role": "user", "content": q[p]}, {"role": "assistant", "content": a[p]}]}
-             for p in train_set)
+             for p in sft_set)
     return DemoFiles(
         corpus=_write_jsonl(folder / "corpus.jsonl", docs),
         sft=_write_jsonl(folder / "sft.jsonl", turns),
-        prompts=_write_jsonl(folder / "prompts.jsonl",
-                             ({"prompt": q[p], "answer": a[p]} for p in train_set[:size.n_prompts])),
+        prompts=_write_jsonl(folder / "prompts.jsonl", ({"prompt": q[p], "answer": a[p]} for p in prompt_set)),
         val_prompts=_write_jsonl(folder / "val_prompts.jsonl", ({"prompt": q[p], "answer": a[p]} for p in test_set)),
         held_out=_write_jsonl(folder / "held_out.jsonl",
                               ({"messages": [{"role": "user", "content": q[p]}], "answer": a[p]} for p in test_set)),
+        dev=_write_jsonl(folder / "dev.jsonl",
+                         ({"messages": [{"role": "user", "content": q[p]}], "answer": a[p]} for p in dev_set)),
     )
 
 
@@ -190,13 +215,35 @@ def pretrain_config(out_dir: Path, files: DemoFiles, size: RLDemoSize) -> Bastio
     }, source="rl demo: pretrain")
 
 
-def sft_config(out_dir: Path, files: DemoFiles, base: Path, size: RLDemoSize) -> BastionConfig:
+def sft_config(out_dir: Path, files: DemoFiles, base: Path, size: RLDemoSize, steps: int) -> BastionConfig:
+    """SFT up to `steps` at the constant size.sft_lr (no cosine: its shape depends on a total
+    that SFT in rounds does not know in advance, and a resumed round must continue exactly)."""
     return build_config({
         **_common(out_dir, size),
         "finetune": {"init_from": str(base), "train_file": str(files.sft), "max_length": 96},
-        "train": _train_section(out_dir, "sft", size.sft_steps, objective="sft", seq_len=128,
-                                batch_size=size.batch_size, lr=2e-3, warmup_steps=10, seed=size.seed),
+        "train": _train_section(out_dir, "sft", steps, objective="sft", seq_len=128, batch_size=size.batch_size,
+                                lr=size.sft_lr, min_lr_ratio=1.0, warmup_steps=10, seed=size.seed,
+                                log_every=max(1, size.sft_round // 10)),
     }, source="rl demo: sft")
+
+
+def sft_until_target(out_dir: Path, files: DemoFiles, base: Path, size: RLDemoSize, quiet: bool,
+                     console: Console) -> tuple[Any, int, float]:
+    """SFT in rounds until dev accuracy reaches size.sft_target (or size.sft_steps in all):
+    (the last round's TrainResult, steps, dev accuracy)."""
+    steps, dev = 0, 0.0
+    while True:
+        steps = min(steps + size.sft_round, size.sft_steps)
+        result = train(sft_config(out_dir, files, base, size, steps), resume=steps > size.sft_round, quiet=quiet)
+        dev = accuracy(result.checkpoint, files.dev)
+        console.print(f"sft step {steps}: dev exact match {dev:.1%}", highlight=False)
+        if dev >= size.sft_target:
+            return result, steps, dev
+        if steps >= size.sft_steps:
+            console.print(f"[yellow]sft stopped at {steps} steps below its target ({size.sft_target:.0%} on the dev "
+                          "sums): from a policy this weak GRPO has not raised held-out accuracy in our runs "
+                          "(docs/alignment.md)[/yellow]")
+            return result, steps, dev
 
 
 def grpo_config(out_dir: Path, files: DemoFiles, base: Path, size: RLDemoSize) -> BastionConfig:
@@ -206,19 +253,25 @@ def grpo_config(out_dir: Path, files: DemoFiles, base: Path, size: RLDemoSize) -
         "finetune": {"init_from": str(base), "train_file": str(files.prompts), "val_file": str(files.val_prompts),
                      "max_length": 96},
         "train": _train_section(out_dir, "grpo", steps, objective="grpo", seq_len=128, batch_size=size.grpo_batch,
-                                lr=1.5e-4, warmup_steps=0, log_every=1, eval_every=max(1, steps // size.eval_points),
+                                lr=size.grpo_lr, warmup_steps=20, log_every=max(1, steps // 100),
+                                eval_every=max(1, steps // size.eval_points),
                                 eval_batches=-(-size.n_held_out // size.grpo_batch), seed=size.seed),
-        "grpo": {"group_size": size.group_size, "max_new_tokens": size.digits + 3, "temperature": 1.0,
+        "grpo": {"group_size": size.group_size, "max_new_tokens": size.digits + 3, "temperature": size.grpo_temperature,
                  "eval_samples": 1},  # 1: greedy validation, the same measure as held_out_accuracy
         "rewards": [{"name": "exact"}],
     }, source="rl demo: grpo")
 
 
-def held_out_accuracy(checkpoint: Path, files: DemoFiles) -> float:
-    """Greedy exact match on the held-out problems (the same measure for every checkpoint)."""
-    result = eval_generate(checkpoint, files.held_out, [{"name": "exact"}], roots=[str(files.held_out.parent)],
+def accuracy(checkpoint: Path, problems: Path) -> float:
+    """Greedy exact match on a file of chat prompts with answers."""
+    result = eval_generate(checkpoint, problems, [{"name": "exact"}], roots=[str(problems.parent)],
                            temperature=0.0, batch_size=32)
     return result.pass_at_k[1]
+
+
+def held_out_accuracy(checkpoint: Path, files: DemoFiles) -> float:
+    """Greedy exact match on the held-out problems (the same measure for every checkpoint)."""
+    return accuracy(checkpoint, files.held_out)
 
 
 # ---- the demo ------------------------------------------------------------------------------------
@@ -250,7 +303,7 @@ def run_rl_demo(out_dir: Path, size: RLDemoSize | None = None, *, quiet: bool = 
     _fresh_folder(out_dir)
     result = RLDemoResult()
 
-    console.rule(f"1. data: {size.n_train} training sums, {size.n_held_out} held out")
+    console.rule(f"1. data: {size.n_sft} sums with answers, {size.n_prompts} GRPO prompts, {size.n_held_out} held out")
     files, seconds = _timed(lambda: write_demo_data(out_dir / "problems", size))
     cfg = pretrain_config(out_dir, files, size)
     report, more = _timed(lambda: prepare_dataset(cfg.data))
@@ -261,10 +314,11 @@ def run_rl_demo(out_dir: Path, size: RLDemoSize | None = None, *, quiet: bool = 
     pretrained, seconds = _timed(lambda: train(cfg, quiet=quiet))
     result.stages.append(StageResult("pretrain", pretrained.steps, seconds))
 
-    console.rule("3. sft: the sums as chat turns")
-    sft, seconds = _timed(lambda: train(sft_config(out_dir, files, pretrained.checkpoint, size), quiet=quiet))
+    console.rule(f"3. sft: the sums as chat turns, until {size.sft_target:.0%} right on {size.n_dev} dev sums")
+    (sft, sft_steps, _), seconds = _timed(lambda: sft_until_target(out_dir, files, pretrained.checkpoint, size,
+                                                                   quiet, console))
     result.sft_accuracy, more = _timed(lambda: held_out_accuracy(sft.checkpoint, files))
-    result.stages.append(StageResult("sft", sft.steps, seconds + more, result.sft_accuracy))
+    result.stages.append(StageResult("sft", sft_steps, seconds + more, result.sft_accuracy))
     console.print(f"held-out exact match after sft: {result.sft_accuracy:.1%}", highlight=False)
 
     console.rule(f"4. grpo: {size.group_size} samples per prompt, reward exact")

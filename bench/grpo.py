@@ -32,7 +32,14 @@ Measured per side:
                     finished when the shorter run of the round (timed from its first
                     rollout) ended
 
+Policy (`--policy`): `random` trains the random model itself, which never samples its end
+token, so every completion runs to --max-new-tokens (decoding is then rows x the limit on
+both sides); `sft` first fine-tunes it with Bastion's SFT on answers of random length
+(both sides then start from that checkpoint and its export), so completions end on their
+own after a few to more than --max-new-tokens tokens, as a real starting policy's do.
+
     python bench/grpo.py                          # defaults: ~5 min on a loaded 2-core CPU
+    python bench/grpo.py --policy sft             # a policy that stops on its own
     python bench/grpo.py --seconds 60             # each side trains for 60 s instead of --steps
     python bench/grpo.py --loss dr_grpo --group-size 16 --max-new-tokens 48 --json out.json
 """
@@ -107,6 +114,44 @@ def prepare(work: Path, args: argparse.Namespace) -> None:
     with open(work / "prompts.jsonl", "w") as f:
         for r in records:
             f.write(json.dumps(r) + "\n")
+    if args.policy == "sft":
+        stopping_policy(work, records, args)
+
+
+def stopping_policy(work: Path, records: list[dict], args: argparse.Namespace) -> None:
+    """--policy sft: the random model fine-tuned (Bastion SFT, then exported again) on
+    answers of random letters and random length, so that it ends its completions itself,
+    after anywhere from a few tokens to more than --max-new-tokens: what a policy that GRPO
+    starts from (an SFT or instruct model) does, unlike a random one, which never samples
+    its end token and runs every completion to the limit."""
+    from bastion.config import build_config
+    from bastion.interop.hf import export_hf
+    from bastion.train import train
+
+    rng = random.Random(3)
+    with open(work / "sft.jsonl", "w") as f:
+        for _ in range(2000):
+            r = rng.choice(records)
+            answer = "".join(rng.choices(string.ascii_lowercase + " ", k=rng.randint(2, 3 * args.max_new_tokens // 2)))
+            f.write(json.dumps({"messages": [{"role": "user", "content": r["prompt"]},
+                                             {"role": "assistant", "content": answer.strip() or "a"}]}) + "\n")
+    result = train(build_config({
+        "train": {"objective": "sft", "out_dir": str(work / "sft"), "seq_len": 128, "batch_size": 16,
+                  "max_steps": args.sft_steps, "lr": 3e-3, "warmup_steps": 10, "device": "cpu", "dtype": "float32",
+                  "log_every": 50, "seed": 0},
+        "finetune": {"init_from": str(work / "base"), "train_file": str(work / "sft.jsonl"), "max_length": 128},
+        "data": {"allowed_roots": [str(work)]},
+        "checkpoint": {"every_steps": 10**8, "keep_last": 1}}), quiet=True)
+    export_hf(result.checkpoint, work / "hf_sft")
+    (work / "policy.json").write_text(json.dumps({"bastion": str(result.checkpoint), "hf": str(work / "hf_sft")}))
+
+
+def policy_paths(work: Path) -> tuple[Path, Path]:
+    """(the Bastion checkpoint, its Hugging Face export) both sides start from."""
+    if (work / "policy.json").exists():
+        chosen = json.loads((work / "policy.json").read_text())
+        return Path(chosen["bastion"]), Path(chosen["hf"])
+    return work / "base", work / "hf"
 
 
 def bastion_config(work: Path, args: argparse.Namespace, out: str):
@@ -123,7 +168,8 @@ def bastion_config(work: Path, args: argparse.Namespace, out: str):
                   "min_lr_ratio": 1.0, "weight_decay": 0.0, "beta1": 0.9, "beta2": 0.95, "grad_clip": 1.0,
                   "log_every": 1, "eval_every": 10**8, "device": "cpu", "dtype": "float32", "compile": False,
                   "seed": 0, "threads": args.threads},
-        "finetune": {"init_from": str(work / "base"), "train_file": str(work / "prompts.jsonl"), "max_length": 64},
+        "finetune": {"init_from": str(policy_paths(work)[0]), "train_file": str(work / "prompts.jsonl"),
+                     "max_length": 64},
         "grpo": grpo,
         "rewards": [{"name": REWARD_NAME}],
         "data": {"allowed_roots": [str(work)]},
@@ -185,7 +231,7 @@ def job_bastion(work: Path, args: argparse.Namespace, clock: Clock, log: RewardL
     # Sanity: the policy did move (relative change of the weights, all tensors together).
     from bastion.checkpoint import load_checkpoint
 
-    start = load_checkpoint(work / "base", load_optimizer=False).model
+    start = load_checkpoint(policy_paths(work)[0], load_optimizer=False).model
     end = load_checkpoint(result.run_dir, load_optimizer=False).model
     moved = sum(float((end[k].float() - start[k].float()).norm() ** 2) for k in start) ** 0.5
     return {"peak_rss_bytes": peak,
@@ -199,9 +245,10 @@ def job_trl(work: Path, args: argparse.Namespace, clock: Clock, log: RewardLog) 
     from trl import GRPOConfig, GRPOTrainer
 
     records = [json.loads(line) for line in (work / "prompts.jsonl").read_text().splitlines()]
-    tokenizer = AutoTokenizer.from_pretrained(work / "hf")
+    hf = policy_paths(work)[1]
+    tokenizer = AutoTokenizer.from_pretrained(hf)
     _check_same_prompt_ids(work, tokenizer, records)
-    model = AutoModelForCausalLM.from_pretrained(work / "hf", dtype=torch.float32, attn_implementation="sdpa")
+    model = AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32, attn_implementation="sdpa")
 
     class Stamp(TrainerCallback):
         def on_step_end(self, _args, state, control, **kw):
@@ -241,7 +288,7 @@ def job_trl(work: Path, args: argparse.Namespace, clock: Clock, log: RewardLog) 
     # Sanity: the policy did move (relative change of the weights, all tensors together).
     from safetensors.torch import load_file
 
-    before = load_file(work / "hf" / "model.safetensors")
+    before = load_file(hf / "model.safetensors")
     after = dict(model.named_parameters())
     moved = sum(float((after[k].detach() - t).norm() ** 2) for k, t in before.items() if k in after) ** 0.5
     return {"peak_rss_bytes": peak, "relative_weight_change":
@@ -325,7 +372,7 @@ def summarize(results: dict[str, list[dict]], args: argparse.Namespace) -> dict:
     ratios = {"steps_per_s": b["steps_per_s"] / t["steps_per_s"],
               "rollout_tokens_per_s": b["rollout_tokens_per_s"] / t["rollout_tokens_per_s"],
               "peak_rss": b["peak_rss_mib"] / t["peak_rss_mib"]}
-    settings = {k: getattr(args, k) for k in ("d_model", "layers", "heads", "vocab", "prompts", "group_size",
+    settings = {k: getattr(args, k) for k in ("policy", "d_model", "layers", "heads", "vocab", "prompts", "group_size",
                                               "max_new_tokens", "loss", "temperature", "lr", "steps", "seconds",
                                               "warmup", "rounds", "threads")}
     return {"settings": settings, "bastion": b, "trl": t, "ratios": ratios,
@@ -345,6 +392,11 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=32, help="per completion (TRL max_completion_length)")
     parser.add_argument("--loss", choices=["grpo", "dr_grpo", "dapo"], default="grpo")
     parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--policy", choices=["random", "sft"], default="random",
+                        help="random: the random model (every completion runs to --max-new-tokens); sft: that "
+                             "model after --sft-steps of SFT on answers of random length (completions end "
+                             "on their own, as a real policy's do)")
+    parser.add_argument("--sft-steps", type=int, default=300, help="with --policy sft")
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--steps", type=int, default=16, help="optimizer steps per run (ignored with --seconds)")
     parser.add_argument("--seconds", type=float, default=None, help="train each side for this long instead")

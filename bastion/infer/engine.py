@@ -36,8 +36,11 @@ Three modes:
   * "dynamic": one batched step over the running rows only, key length = the longest:
     fastest, but outputs may differ in the last bits with the batch's composition.
 
-Prefill is always one request at a time (B=1), which is the same in every mode; requests
-that join together with the same prompt share one prefill (its cache rows copied).
+Prefill in the padded and rowwise modes is one request at a time (B=1), the shape
+generate() uses; requests that join together with the same prompt share one prefill (its
+cache rows copied). In dynamic mode the distinct prompts of requests joining together are
+prefilled in batched forwards (`_prefill_together`): a GRPO step's prompts in one call
+instead of one call each.
 """
 from __future__ import annotations
 
@@ -152,6 +155,9 @@ class RequestHandle:
         except RuntimeError:  # the loop is closed: nobody can read this request any more
             if self._seq is not None:
                 self._seq.cancelled = True
+
+
+PREFILL_TOKENS = 8192  # dynamic mode: padded prompt tokens per batched prefill forward
 
 
 class Engine:
@@ -305,9 +311,13 @@ class Engine:
                     retired, joining = work
                     for seq in retired:
                         self._finish(seq, "cancelled")
-                    prefilled: dict[tuple[int, ...], tuple[_Sequence, torch.Tensor]] = {}
-                    for seq in joining:  # after the retired slots are wiped: a joiner may reuse one
-                        self._prefill(seq, prefilled)
+                    # After the retired slots are wiped: a joiner may reuse one.
+                    if self.mode == "dynamic" and len(joining) > 1:
+                        self._prefill_together(joining)
+                    else:
+                        prefilled: dict[tuple[int, ...], tuple[_Sequence, torch.Tensor]] = {}
+                        for seq in joining:
+                            self._prefill(seq, prefilled)
                     if self._running:
                         self._decode()
         except BaseException as exc:  # a bug: fail every request rather than leave them hanging
@@ -367,6 +377,53 @@ class Engine:
             self._finish(seq, error=exc)
             return
         self._advance(seq, token)
+
+    def _prefill_together(self, seqs: list[_Sequence]) -> None:
+        """Dynamic mode: the distinct prompts of requests joining together in batched
+        forwards (right-padded: with causal attention a row's real tokens never see its pads,
+        and only their keys/values are copied into the slots), at most PREFILL_TOKENS padded
+        tokens per forward, logits of each prompt's last token only. Requests with the same
+        prompt share its row. The values match a lone prefill's up to the last float bits
+        (another batch shape), which dynamic mode allows."""
+        groups: dict[tuple[int, ...], list[_Sequence]] = {}
+        for seq in seqs:
+            groups.setdefault(tuple(seq.prompt_ids), []).append(seq)
+        prompts = sorted(groups, key=len)  # similar lengths together: less padding
+        chunk: list[tuple[int, ...]] = []
+        for prompt in prompts + [()]:
+            if chunk and (not prompt or len(prompt) * (len(chunk) + 1) > max(PREFILL_TOKENS, len(prompt))):
+                self._prefill_chunk(chunk, groups)
+                chunk = []
+            if prompt:
+                chunk.append(prompt)
+
+    def _prefill_chunk(self, prompts: list[tuple[int, ...]], groups: dict[tuple[int, ...], list[_Sequence]]) -> None:
+        length = max(len(p) for p in prompts)  # sorted by length: the last
+        try:
+            ids = torch.zeros(len(prompts), length, dtype=torch.long, device=self.device)
+            for i, prompt in enumerate(prompts):
+                ids[i, :len(prompt)] = torch.tensor(prompt, device=self.device)
+            cache = self.model.new_cache(len(prompts), max_len=length)
+            last = torch.tensor([len(p) - 1 for p in prompts], device=self.device)
+            logits = self.model(ids, cache=cache, start_pos=0, logits_at=last)[0][:, 0]
+        except Exception as exc:  # e.g. out of memory: these requests fail, the engine goes on
+            for prompt in prompts:
+                for seq in groups[prompt]:
+                    self._finish(seq, error=exc)
+            return
+        for i, prompt in enumerate(prompts):
+            n = len(prompt)
+            for seq in groups[prompt]:
+                for (k, v), (k_new, v_new) in zip(zip(self._cache.k, self._cache.v), zip(cache.k, cache.v)):
+                    k[seq.slot, :, :n] = k_new[i, :, :n]
+                    v[seq.slot, :, :n] = v_new[i, :, :n]
+                try:
+                    seq.seed_generator(self.device)
+                    token = seq.sample(logits[i:i + 1])
+                except Exception as exc:
+                    self._finish(seq, error=exc)
+                    continue
+                self._advance(seq, token)
 
     def _copy_rows(self, source: int, target: int, length: int) -> None:
         for k, v in zip(self._cache.k, self._cache.v):

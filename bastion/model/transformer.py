@@ -298,7 +298,8 @@ class Transformer(nn.Module):
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *,
                 cache: KVCache | None = None, start_pos: int = 0,
-                segment_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                segment_ids: torch.Tensor | None = None,
+                logits_at: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """idx [B, T] -> (logits [B, T, vocab], mean cross-entropy over targets != -100 or None);
         a scoring model returns its head's values [B, T, K] instead of logits (no targets).
 
@@ -308,6 +309,9 @@ class Transformer(nn.Module):
         ids), a token attends only to earlier tokens of its own document, and RoPE positions
         restart at 0 for each document - the row computes exactly what the documents would
         separately.
+        With logits_at [B] (one position per row, no targets), only those positions go
+        through the head: logits [B, 1, vocab] - a prefill needs the last prompt token's
+        logits only, and the whole [B, T, vocab] would be the largest tensor it makes.
         """
         B, T = idx.shape
         if T == 0:
@@ -354,6 +358,10 @@ class Transformer(nn.Module):
                 x = layer(x, cos, sin, cache, i, start_pos, mask)
         if targets is not None and self.loss_chunk_tokens and self.training and torch.is_grad_enabled():
             return None, self._chunked_loss(x, targets, self.loss_chunk_tokens)
+        if logits_at is not None:
+            if targets is not None or logits_at.shape != (B,):
+                raise ValueError("logits_at must hold one position per row [B], and cannot be combined with targets")
+            x = x[torch.arange(B, device=x.device), logits_at.to(x.device)].unsqueeze(1)
         logits = self.head(self.norm(x))
         loss = None
         if targets is not None:

@@ -203,6 +203,47 @@ def test_batched_decode_mode_gives_the_same_greedy_tokens(model, tok):
     assert [r.token_ids for r in got] == expected
 
 
+def prefill_shapes(model):
+    """Watches the model's forward calls over more than one token: the prefills' [B, T]."""
+    shapes = []
+    handle = model.register_forward_pre_hook(
+        lambda module, args: shapes.append(tuple(args[0].shape)) if args[0].size(1) > 1 else None)
+    return shapes, handle
+
+
+def test_dynamic_mode_prefills_joining_prompts_in_one_batch(model, tok):
+    """Requests joining together with prompts of different lengths: one right-padded forward
+    for all of them (each prompt's keys/values only copied to its slot, the logits of its own
+    last token), and the same greedy tokens as generate() gives each alone."""
+    with ban_eos(model, tok):
+        expected = [generate(model, tok, p, limits=LIMITS, **kw).token_ids for p, kw in GREEDY]
+        shapes, handle = prefill_shapes(model)
+        try:
+            got = run_engine(model, tok, GREEDY, max_batch_size=len(GREEDY), staggered=False, mode="dynamic")
+        finally:
+            handle.remove()
+    lengths = sorted(len(tok.encode(p)) for p, _ in GREEDY)
+    assert shapes == [(len(GREEDY), lengths[-1])]  # one forward, padded to the longest prompt
+    assert len(set(lengths)) > 2
+    assert [r.token_ids for r in got] == expected
+
+
+def test_dynamic_prefill_splits_at_its_token_budget(model, tok, monkeypatch):
+    import bastion.infer.engine as engine_module
+
+    monkeypatch.setattr(engine_module, "PREFILL_TOKENS", 12)
+    with ban_eos(model, tok):
+        expected = [generate(model, tok, p, limits=LIMITS, **kw).token_ids for p, kw in GREEDY]
+        shapes, handle = prefill_shapes(model)
+        try:
+            got = run_engine(model, tok, GREEDY, max_batch_size=len(GREEDY), staggered=False, mode="dynamic")
+        finally:
+            handle.remove()
+    assert len(shapes) > 1 and all(b * t <= max(12, t) for b, t in shapes)
+    assert sum(b for b, _ in shapes) == len(GREEDY)
+    assert [r.token_ids for r in got] == expected
+
+
 @pytest.mark.parametrize("init_std", [0.2, 0.02])
 def test_padded_mode_is_batch_invariant(tok, init_std):
     """The default mode batches every step over all slots with fixed shapes: a request's
@@ -251,16 +292,19 @@ def test_requests_with_one_prompt_share_one_prefill(model, tok, mode):
     cache rows; each still samples with its own seed, exactly as it would alone."""
     same = [("The quick", dict(temperature=1.0, top_k=None, seed=s, max_new_tokens=12)) for s in range(4)]
     requests = same + [("def main", dict(temperature=1.0, seed=9, max_new_tokens=12))]
-    prefills = []
     with ban_eos(model, tok):
         expected = [generate(model, tok, p, limits=LIMITS, **kw) for p, kw in requests]
         engine = Engine(model, tok, LIMITS, max_batch_size=len(requests), mode=mode)
         handles = [submit(engine, tok, p, **kw) for p, kw in requests]  # all join at once
-        with OutputHook(model, lambda out: prefills.append(out.size(1)) if out.size(1) > 1 else None):
+        shapes, handle = prefill_shapes(model)
+        try:
             engine.start()
             results = [h.result(timeout=30) for h in handles]
+        finally:
+            handle.remove()
         engine.shutdown()
-    assert len(prefills) == 2  # one per distinct prompt
+    # One row per distinct prompt: two prefills of one row, or (dynamic) one forward of two.
+    assert [b for b, _ in shapes] == ([2] if mode == "dynamic" else [1, 1])
     assert len({tuple(r.token_ids) for r in results[:4]}) > 1  # each its own seed
     if mode == "rowwise":
         assert results == expected  # bit-identical to generate(), shared prefill or not

@@ -107,6 +107,29 @@ def test_kv_cache_decoding_matches_full_forward(variant):
         torch.testing.assert_close(torch.cat(pieces, dim=1), full, atol=1e-5, rtol=0)
 
 
+def test_logits_at_picks_one_position_per_row():
+    model = make()
+    x = tokens(3, 20)
+    with torch.no_grad():
+        full, _ = model(x)
+        at = torch.tensor([19, 4, 0])
+        picked, loss = model(x, logits_at=at)
+        assert picked.shape == (3, 1, V) and loss is None
+        torch.testing.assert_close(picked[:, 0], full[torch.arange(3), at], atol=1e-5, rtol=0)
+        # right-padded rows with a cache (a batched prefill): each row's last real token
+        cache = model.new_cache(3, max_len=20)
+        lengths = [20, 5, 1]
+        padded = torch.stack([torch.cat([x[i, :n], torch.zeros(20 - n, dtype=torch.long)]) for i, n in enumerate(lengths)])
+        batched, _ = model(padded, cache=cache, start_pos=0, logits_at=torch.tensor([n - 1 for n in lengths]))
+        for i, n in enumerate(lengths):
+            alone, _ = model(x[i:i + 1, :n])
+            torch.testing.assert_close(batched[i, 0], alone[0, -1], atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="one position per row"):
+        model(x, logits_at=torch.tensor([1, 2]))
+    with pytest.raises(ValueError, match="targets"):
+        model(x, x, logits_at=torch.tensor([1, 2, 3]))
+
+
 def test_new_cache_shapes():
     model = make()
     cache = model.new_cache(3, max_len=50)

@@ -211,10 +211,16 @@ def prefill_shapes(model):
     return shapes, handle
 
 
-def test_dynamic_mode_prefills_joining_prompts_in_one_batch(model, tok):
-    """Requests joining together with prompts of different lengths: one right-padded forward
-    for all of them (each prompt's keys/values only copied to its slot, the logits of its own
-    last token), and the same greedy tokens as generate() gives each alone."""
+@pytest.mark.parametrize("budget", [None, 12])
+def test_dynamic_mode_prefills_joining_prompts_together(model, tok, monkeypatch, budget):
+    """Requests joining together with prompts of different lengths: right-padded forwards of
+    several prompts (each prompt's keys/values only copied to its slot, the logits of its own
+    last token), one forward when they fit PREFILL_TOKENS, split when not (a prompt longer than
+    the budget alone); the same greedy tokens as generate() gives each alone."""
+    import bastion.infer.engine as engine_module
+
+    if budget is not None:
+        monkeypatch.setattr(engine_module, "PREFILL_TOKENS", budget)
     with ban_eos(model, tok):
         expected = [generate(model, tok, p, limits=LIMITS, **kw).token_ids for p, kw in GREEDY]
         shapes, handle = prefill_shapes(model)
@@ -223,24 +229,12 @@ def test_dynamic_mode_prefills_joining_prompts_in_one_batch(model, tok):
         finally:
             handle.remove()
     lengths = sorted(len(tok.encode(p)) for p, _ in GREEDY)
-    assert shapes == [(len(GREEDY), lengths[-1])]  # one forward, padded to the longest prompt
     assert len(set(lengths)) > 2
-    assert [r.token_ids for r in got] == expected
-
-
-def test_dynamic_prefill_splits_at_its_token_budget(model, tok, monkeypatch):
-    import bastion.infer.engine as engine_module
-
-    monkeypatch.setattr(engine_module, "PREFILL_TOKENS", 12)
-    with ban_eos(model, tok):
-        expected = [generate(model, tok, p, limits=LIMITS, **kw).token_ids for p, kw in GREEDY]
-        shapes, handle = prefill_shapes(model)
-        try:
-            got = run_engine(model, tok, GREEDY, max_batch_size=len(GREEDY), staggered=False, mode="dynamic")
-        finally:
-            handle.remove()
-    assert len(shapes) > 1 and all(b * t <= max(12, t) for b, t in shapes)
-    assert sum(b for b, _ in shapes) == len(GREEDY)
+    if budget is None:
+        assert shapes == [(len(GREEDY), lengths[-1])]  # one forward, padded to the longest prompt
+    else:
+        assert len(shapes) > 1 and all(b * t <= max(budget, t) for b, t in shapes)
+        assert sum(b for b, _ in shapes) == len(GREEDY)
     assert [r.token_ids for r in got] == expected
 
 

@@ -35,8 +35,8 @@ Measured per side:
 Policy (`--policy`): `random` trains the random model itself, which never samples its end
 token, so every completion runs to --max-new-tokens (decoding is then rows x the limit on
 both sides); `sft` first fine-tunes it with Bastion's SFT on answers of random length
-(both sides then start from that checkpoint and its export), so completions end on their
-own after a few to more than --max-new-tokens tokens, as a real starting policy's do.
+(both sides then start from that checkpoint and its export), so most completions end on
+their own before --max-new-tokens, as a real starting policy's do.
 
     python bench/grpo.py                          # defaults: ~5 min on a loaded 2-core CPU
     python bench/grpo.py --policy sft             # a policy that stops on its own
@@ -120,8 +120,8 @@ def prepare(work: Path, args: argparse.Namespace) -> None:
 
 def stopping_policy(work: Path, records: list[dict], args: argparse.Namespace) -> None:
     """--policy sft: the random model fine-tuned (Bastion SFT, then exported again) on
-    answers of random letters and random length, so that it ends its completions itself,
-    after anywhere from a few tokens to more than --max-new-tokens: what a policy that GRPO
+    answers of 1 to --max-new-tokens random characters (about half as many tokens), so that
+    it ends most completions itself, well before the limit: what a policy that GRPO
     starts from (an SFT or instruct model) does, unlike a random one, which never samples
     its end token and runs every completion to the limit."""
     from bastion.config import build_config
@@ -132,7 +132,7 @@ def stopping_policy(work: Path, records: list[dict], args: argparse.Namespace) -
     with open(work / "sft.jsonl", "w") as f:
         for _ in range(2000):
             r = rng.choice(records)
-            answer = "".join(rng.choices(string.ascii_lowercase + " ", k=rng.randint(2, 3 * args.max_new_tokens // 2)))
+            answer = "".join(rng.choices(string.ascii_lowercase + " ", k=rng.randint(1, args.max_new_tokens)))
             f.write(json.dumps({"messages": [{"role": "user", "content": r["prompt"]},
                                              {"role": "assistant", "content": answer.strip() or "a"}]}) + "\n")
     result = train(build_config({
@@ -396,7 +396,7 @@ def main() -> None:
                         help="random: the random model (every completion runs to --max-new-tokens); sft: that "
                              "model after --sft-steps of SFT on answers of random length (completions end "
                              "on their own, as a real policy's do)")
-    parser.add_argument("--sft-steps", type=int, default=300, help="with --policy sft")
+    parser.add_argument("--sft-steps", type=int, default=400, help="with --policy sft")
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--steps", type=int, default=16, help="optimizer steps per run (ignored with --seconds)")
     parser.add_argument("--seconds", type=float, default=None, help="train each side for this long instead")

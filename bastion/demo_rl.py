@@ -65,15 +65,16 @@ class RLDemoSize:
     n_prompts: int = 4_000  # GRPO prompts, disjoint from those (8,983 problems are not held out)
     n_held_out: int = 500  # held-out problems accuracy is measured on, of the 1,017 there are
     n_dev: int = 300  # training-side sums in no training file: when SFT stops (never the held-out set)
-    d_model: int = 96
-    n_layer: int = 3
+    # 128 x 4, not 96 x 3: the smaller model's SFT climb came late or not at all (seed 0 stayed
+    # near 10% through 4,750 steps); this one passed the target at 1,500-2,000 steps for both
+    # seeds measured (docs/alignment.md).
+    d_model: int = 128
+    n_layer: int = 4
     batch_size: int = 16  # pretraining and SFT rows (of 128 tokens) per step
     grpo_batch: int = 16  # GRPO prompts per step
     group_size: int = 8
     eval_points: int = 5  # GRPO validations over the run (the accuracy curve)
-    # 1, not 0: with seed 0 SFT stayed near 10% on this CPU through 5,000 steps, where GRPO
-    # has nothing to build on (both measured in docs/alignment.md).
-    seed: int = 1
+    seed: int = 0
 
     @classmethod
     def full(cls, grpo_steps: int | None = None) -> "RLDemoSize":

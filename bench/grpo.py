@@ -35,8 +35,9 @@ Measured per side:
 Policy (`--policy`): `random` trains the random model itself, which never samples its end
 token, so every completion runs to --max-new-tokens (decoding is then rows x the limit on
 both sides); `sft` first fine-tunes it with Bastion's SFT on answers of random length
-(both sides then start from that checkpoint and its export), so most completions end on
-their own before --max-new-tokens, as a real starting policy's do.
+(both sides then start from that checkpoint and its export), trained to end its answers
+itself, as a real starting policy does. Measured (docs/benchmarks.md): completions still
+averaged 29 of 32 tokens, since this reward pays for length and GRPO lengthens them.
 
     python bench/grpo.py                          # defaults: ~5 min on a loaded 2-core CPU
     python bench/grpo.py --policy sft             # a policy that stops on its own
@@ -120,10 +121,9 @@ def prepare(work: Path, args: argparse.Namespace) -> None:
 
 def stopping_policy(work: Path, records: list[dict], args: argparse.Namespace) -> None:
     """--policy sft: the random model fine-tuned (Bastion SFT, then exported again) on
-    answers of 1 to --max-new-tokens random characters (about half as many tokens), so that
-    it ends most completions itself, well before the limit: what a policy that GRPO
-    starts from (an SFT or instruct model) does, unlike a random one, which never samples
-    its end token and runs every completion to the limit."""
+    answers of 1 to --max-new-tokens random characters, so that it learns to end its
+    answers itself, as a policy that GRPO starts from (an SFT or instruct model) does,
+    unlike a random one, which never samples its end token."""
     from bastion.config import build_config
     from bastion.interop.hf import export_hf
     from bastion.train import train

@@ -388,14 +388,14 @@ class Engine:
         groups: dict[tuple[int, ...], list[_Sequence]] = {}
         for seq in seqs:
             groups.setdefault(tuple(seq.prompt_ids), []).append(seq)
-        prompts = sorted(groups, key=len)  # similar lengths together: less padding
         chunk: list[tuple[int, ...]] = []
-        for prompt in prompts + [()]:
-            if chunk and (not prompt or len(prompt) * (len(chunk) + 1) > max(PREFILL_TOKENS, len(prompt))):
+        for prompt in sorted(groups, key=len):  # similar lengths together: less padding
+            if chunk and len(prompt) * (len(chunk) + 1) > max(PREFILL_TOKENS, len(prompt)):
                 self._prefill_chunk(chunk, groups)
                 chunk = []
-            if prompt:
-                chunk.append(prompt)
+            chunk.append(prompt)
+        if chunk:
+            self._prefill_chunk(chunk, groups)
 
     def _prefill_chunk(self, prompts: list[tuple[int, ...]], groups: dict[tuple[int, ...], list[_Sequence]]) -> None:
         length = max(len(p) for p in prompts)  # sorted by length: the last

@@ -2,8 +2,19 @@
 
 Tensors use llama.cpp names (token_embd, blk.N.attn_q / attn_k / attn_v / attn_output,
 blk.N.ffn_gate / ffn_up / ffn_down, blk.N.attn_norm / ffn_norm, output_norm, output).
-Matrices are written in the dtype asked for (f16 or f32); 1-D tensors (norms, biases) and
-rope_freqs always in f32, as llama.cpp's own converter does.
+Matrices are written in the dtype asked for; 1-D tensors (norms, biases) and rope_freqs
+always in f32, as llama.cpp's own converter does. The dtypes (`GGUF_DTYPES`):
+- f32, f16: every matrix in that float type.
+- q8_0: matrices in blocks of 32 values, one f16 scale + 32 int8 each (8.5 bits a weight).
+- q4_0: blocks of 32, one f16 scale + 32 4-bit values (4.5 bits a weight), except the lm
+  head (`output.weight`, or `token_embd.weight` when the embeddings are tied and it serves as
+  the head), which stays q8_0: the head is the tensor most sensitive to quantization, and
+  llama.cpp's own llama-quantize keeps it at higher precision (Q6_K) for every 4-bit type.
+  The gguf package cannot write Q6_K, so q8_0 is the nearest higher precision it can.
+Blocks run along a row (ggml's ne[0], a matrix's input dimension), so a matrix whose rows are
+not a multiple of 32 long cannot be quantized and falls back to f16, as llama.cpp's
+converter does. Quantizing is the gguf package's own numpy port of ggml's reference
+quantizers (`gguf.quants.quantize`); nothing here writes a block format by hand.
 
 The q/k permutation. Bastion (like HF) applies RoPE to the *half-split* layout: dimension i
 pairs with i + head_dim/2. llama.cpp's "llama" RoPE pairs *adjacent* dimensions (2i, 2i+1),
@@ -35,7 +46,7 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import numpy as np
 import torch
@@ -53,6 +64,12 @@ _KNOWN_PRE = {
     QWEN2_SPLIT_REGEX: "qwen2",
 }
 TOKEN_NORMAL, TOKEN_CONTROL, TOKEN_USER_DEFINED, TOKEN_UNUSED = 1, 3, 4, 5
+
+GGUFDType = Literal["f32", "f16", "q8_0", "q4_0"]
+GGUF_DTYPES: tuple[str, ...] = get_args(GGUFDType)
+# general.file_type (gguf.LlamaFileType names): what llama.cpp reports as the model's type.
+_FILE_TYPES = {"f32": "ALL_F32", "f16": "MOSTLY_F16", "q8_0": "MOSTLY_Q8_0", "q4_0": "MOSTLY_Q4_0"}
+_ROPE_FREQS = "rope_freqs.weight"
 
 
 def _gguf():
@@ -153,7 +170,7 @@ def _metadata(writer: Any, gguf: Any, cfg: ModelConfig, dtype: str, name: str) -
     writer.add_rope_freq_base(cfg.rope_theta)
     writer.add_layer_norm_rms_eps(cfg.norm_eps)
     writer.add_vocab_size(cfg.vocab_size)
-    writer.add_file_type(gguf.LlamaFileType.MOSTLY_F16 if dtype == "f16" else gguf.LlamaFileType.ALL_F32)
+    writer.add_file_type(gguf.LlamaFileType[_FILE_TYPES[dtype]])
     if cfg.rope_scaling is not None and cfg.rope_scaling.type == "linear":
         writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         writer.add_rope_scaling_factor(cfg.rope_scaling.factor)
@@ -161,31 +178,83 @@ def _metadata(writer: Any, gguf: Any, cfg: ModelConfig, dtype: str, name: str) -
         writer.add_sliding_window(cfg.sliding_window)
 
 
-def _tensors(state: dict[str, torch.Tensor], cfg: ModelConfig, dtype: str) -> dict[str, np.ndarray]:
-    out: dict[str, np.ndarray] = {}
-    matrix_dtype = np.float16 if dtype == "f16" else np.float32
+def _qtype(gguf: Any, kind: str) -> Any:
+    return gguf.GGMLQuantizationType[kind.upper()]  # "q8_0" -> Q8_0, "f16" -> F16
+
+
+def tensor_type(gguf_name: str, shape: tuple[int, ...], dtype: str, *, tied: bool) -> str:
+    """The storage type ("f32", "f16", "q8_0" or "q4_0") of one tensor in a `dtype` export:
+    1-D tensors f32; the lm head q8_0 in a q4_0 file; a matrix whose rows are not a whole
+    number of quantization blocks f16."""
+    if len(shape) < 2:
+        return "f32"
+    if dtype in ("f32", "f16"):
+        return dtype
+    lm_head = gguf_name == "output.weight" or (tied and gguf_name == "token_embd.weight")
+    kind = "q8_0" if lm_head else dtype
+    gguf = _gguf()
+    block_size, _ = gguf.GGML_QUANT_SIZES[_qtype(gguf, kind)]
+    return kind if shape[-1] % block_size == 0 else "f16"
+
+
+def _plan(state: dict[str, torch.Tensor], cfg: ModelConfig, dtype: str) -> list[tuple[str, str, tuple[int, ...], str]]:
+    """(our name, GGUF name, shape, storage type) of every tensor the file holds, in file order."""
+    plan = []
     for name, tensor in state.items():
         if name == "output.weight" and cfg.tie_embeddings:
             continue  # llama.cpp uses token_embd when output is absent
-        t = tensor.detach().to(torch.float32)
-        if ".attention.wq." in name:
-            t = permute_qk(t, cfg.n_head)
-        elif ".attention.wk." in name:
-            t = permute_qk(t, cfg.kv_heads)
-        out[gguf_tensor_name(name)] = t.contiguous().numpy().astype(matrix_dtype if t.dim() >= 2 else np.float32)
+        gguf_name, shape = gguf_tensor_name(name), tuple(tensor.shape)
+        plan.append((name, gguf_name, shape, tensor_type(gguf_name, shape, dtype, tied=cfg.tie_embeddings)))
     if cfg.rope_scaling is not None and cfg.rope_scaling.type == "llama3":
+        plan.append((_ROPE_FREQS, _ROPE_FREQS, (cfg.head_dim // 2,), "f32"))
+    return plan
+
+
+def _float32(name: str, state: dict[str, torch.Tensor], cfg: ModelConfig) -> np.ndarray:
+    """One tensor as llama.cpp wants its values (q/k rows permuted), float32."""
+    if name == _ROPE_FREQS:
         base = rope_inv_freq(cfg.head_dim, cfg.rope_theta)
         scaled = rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
-        out["rope_freqs.weight"] = (base / scaled).numpy().astype(np.float32)  # llama.cpp divides theta by these
-    return out
+        return (base / scaled).numpy().astype(np.float32)  # llama.cpp divides theta by these
+    t = state[name].detach().to(torch.float32)
+    if ".attention.wq." in name:
+        t = permute_qk(t, cfg.n_head)
+    elif ".attention.wk." in name:
+        t = permute_qk(t, cfg.kv_heads)
+    return t.contiguous().numpy()
 
 
-def export_gguf(ckpt_path: str | Path, out_path: str | Path, dtype: Literal["f16", "f32"] = "f16",
+def _encode(gguf: Any, array: np.ndarray, kind: str) -> np.ndarray:
+    """float32 values -> the bytes stored for `kind` (f32 / f16 arrays, or quantized blocks as uint8)."""
+    return gguf.quants.quantize(array, _qtype(gguf, kind))
+
+
+def _nbytes(gguf: Any, shape: tuple[int, ...], kind: str) -> int:
+    block_size, type_size = gguf.GGML_QUANT_SIZES[_qtype(gguf, kind)]
+    return int(np.prod(shape)) // block_size * type_size
+
+
+def _write_tensors(writer: Any, gguf: Any, plan: list[tuple[str, str, tuple[int, ...], str]],
+                   state: dict[str, torch.Tensor], cfg: ModelConfig) -> None:
+    """Declare every tensor, write the header, then convert and write one tensor at a time, so
+    that beside the loaded checkpoint only one converted tensor is in memory at once."""
+    for _, gguf_name, shape, kind in plan:
+        writer.add_tensor_info(gguf_name, shape, np.dtype(np.float32), _nbytes(gguf, shape, kind),
+                               raw_dtype=_qtype(gguf, kind))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    for name, _, _, kind in plan:
+        writer.write_tensor_data(_encode(gguf, _float32(name, state, cfg), kind))
+
+
+def export_gguf(ckpt_path: str | Path, out_path: str | Path, dtype: GGUFDType = "f16",
                 *, overwrite: bool = False) -> Path:
     """Write `out_path` (a .gguf file, mode 0600) atomically: temp file beside it + rename.
+    `dtype`: one of GGUF_DTYPES (see the module docstring for what each stores where).
     Refuses an existing file unless overwrite."""
-    if dtype not in ("f16", "f32"):
-        raise CheckpointError(f"GGUF dtype must be f16 or f32, not {dtype!r}")
+    if dtype not in GGUF_DTYPES:
+        raise CheckpointError(f"GGUF dtype must be one of {', '.join(GGUF_DTYPES)}, not {dtype!r}")
     gguf = _gguf()
     out_path = Path(out_path)
     if out_path.is_symlink() or out_path.is_dir() or (out_path.exists() and not overwrite):
@@ -195,7 +264,7 @@ def export_gguf(ckpt_path: str | Path, out_path: str | Path, dtype: Literal["f16
     where = str(ckpt.directory)
     specials, ids = exported_special_tokens(ckpt)
     vocab = _tokenizer_fields(ckpt.tokenizer_json, cfg.vocab_size, where)
-    tensors = _tensors(ckpt.model, cfg, dtype)
+    plan = _plan(ckpt.model, cfg, dtype)
 
     out_path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{out_path.name}.tmp-", dir=out_path.parent)  # 0600, O_EXCL
@@ -217,11 +286,7 @@ def export_gguf(ckpt_path: str | Path, out_path: str | Path, dtype: Literal["f16
             writer.add_pad_token_id(ids["pad_token"])
         writer.add_add_bos_token(_adds_bos(vocab["post"], specials["bos_token"]))
         writer.add_chat_template(chat_template(ckpt.trainer_state))
-        for name, array in tensors.items():
-            writer.add_tensor(name, array)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
+        _write_tensors(writer, gguf, plan, ckpt.model, cfg)
         writer.close()
         os.chmod(tmp, 0o600)
         with open(tmp, "rb") as fh:

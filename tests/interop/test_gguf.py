@@ -138,8 +138,8 @@ def test_permutation_turns_half_split_rope_into_llama_cpp_interleaved_rope():
 
 def test_refusals_leave_no_file(tmp_path, tokenizer):
     ckpt_dir = make_checkpoint(tmp_path / "run", tokenizer)
-    with pytest.raises(CheckpointError, match="f16 or f32"):
-        export_gguf(ckpt_dir, tmp_path / "a.gguf", dtype="q4_0")
+    with pytest.raises(CheckpointError, match="one of f32, f16, q8_0, q4_0, not 'q4_k'"):
+        export_gguf(ckpt_dir, tmp_path / "a.gguf", dtype="q4_k")
     (tmp_path / "b.gguf").write_bytes(b"keep")
     with pytest.raises(CheckpointError, match="already exists"):
         export_gguf(ckpt_dir, tmp_path / "b.gguf")

@@ -18,7 +18,7 @@ from bastion.config.load import redact_seen_secrets
 from bastion.data.cli import app as data_app
 from bastion.errors import BastionError
 from bastion.eval.cli import app as eval_app
-from bastion.infer.cli import generate_cmd
+from bastion.infer.cli import generate_cmd, quantize_cmd
 from bastion.interop.cli import export_app, import_app
 from bastion.serve.cli import serve_app
 from bastion.train.cli import plot_cmd, train_cmd
@@ -68,6 +68,7 @@ app.command("train")(train_cmd)
 app.command("plot")(plot_cmd)
 app.command("generate")(generate_cmd)
 app.command("merge")(merge_cmd)
+app.command("quantize")(quantize_cmd)
 app.add_typer(eval_app, name="eval")
 app.add_typer(ckpt_app, name="ckpt")
 app.add_typer(import_app, name="import")

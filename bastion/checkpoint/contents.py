@@ -14,6 +14,7 @@ a fine-tune from it, merging adapters into it, exporting it - asks this module:
     chat_template(state)           that template's text (Bastion's built-in one if none recorded)
     tokenizer_state(state)         the keys that follow a model through every stage
     lora_base(ckpt)                the verified base checkpoint a LoRA run's adapters belong to
+    stored_quantization(ckpt)      a quantized checkpoint's description of its weights, or None
     read_trainer_state(path)       trainer_state.json alone, verified (no tensor is read)
     manifest_sha256(path)          a checkpoint's identity: the SHA-256 of its MANIFEST.json
 
@@ -25,6 +26,9 @@ trainer_state.json keys beyond the run's progress (step, tokens_seen, sampler, .
     init_from        {"path", "manifest_sha256"}: the checkpoint a fine-tune started from
     lora_base_manifest_sha256   a LoRA run: the MANIFEST.json hash of its base
     merged_lora      a merged checkpoint: the base's and the adapter's manifest hashes
+    quantization     a quantized checkpoint (`bastion quantize`): mode and each quantized
+                     weight's layout, checked by bastion/model/quantize.py before use
+    quantized_from   a quantized checkpoint: {"path", "manifest_sha256"} of its source
 
 The first three describe the tokenizer, not the run: fine-tuning copies them from the
 checkpoint it starts from, so they follow a model through every stage.
@@ -49,6 +53,7 @@ TOKENIZER_STATE_KEYS = ("special_tokens", "chat_template", "imported_from")
 SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token", "pad_token")
 BASTION_SPECIALS = {"bos_token": None, "eos_token": EOS_TOKEN, "pad_token": PAD_TOKEN}
 BASE_SHA_KEY = "lora_base_manifest_sha256"
+QUANTIZATION_KEY = "quantization"
 MAX_TRAINER_STATE_BYTES = MAX_JSON_BYTES
 MAX_CONFIG_YAML_BYTES = MAX_YAML_BYTES
 
@@ -206,6 +211,27 @@ def lora_base(ckpt: Checkpoint) -> Path:
     return resolve_checkpoint(base_path)
 
 
+def stored_quantization(ckpt: Checkpoint) -> Any:
+    """trainer_state "quantization" of a quantized checkpoint, as stored (unchecked: the
+    reader that rebuilds the weights validates it against the model config), else None."""
+    return ckpt.trainer_state.get(QUANTIZATION_KEY)
+
+
+def refuse_quantized(ckpt: Checkpoint, what: str) -> None:
+    """CheckpointError for a command that needs full-precision weights (training, merging,
+    export) given a quantized checkpoint, naming the checkpoint it was made from."""
+    stored = stored_quantization(ckpt)
+    if stored is None:
+        return
+    mode = stored.get("mode") if isinstance(stored, dict) else None
+    source = ckpt.trainer_state.get("quantized_from")
+    origin = source.get("path") if isinstance(source, dict) else None
+    where = f" ({str(origin)[:200]})" if isinstance(origin, str) else ""
+    raise CheckpointError(f"{what} {ckpt.directory} is a quantized checkpoint ({str(mode)[:20]} weights, made by "
+                          "`bastion quantize`): it is for inference only (generate, eval, serve); train, merge and "
+                          f"export from the full-precision checkpoint it was made from{where}")
+
+
 def refuse_nonfinite(ckpt: Checkpoint, config: BastionConfig, requested: bool = False) -> None:
     """NaN / Inf weights are an error when the caller asks (`requested`) or the checkpoint's
     own config does (checkpoint.reject_nonfinite)."""
@@ -216,20 +242,23 @@ def refuse_nonfinite(ckpt: Checkpoint, config: BastionConfig, requested: bool = 
 def load_full_model(path: str | Path, *, what: str = "checkpoint", verify: bool = True,
                     reject_nonfinite: bool = False, head: Head = "lm") -> tuple[Checkpoint, BastionConfig]:
     """A verified checkpoint that holds a whole model (no optimizer state loaded) and its
-    config; a LoRA run's adapters-only checkpoint is refused with the way out, a model
+    config; a LoRA run's adapters-only checkpoint is refused with the way out, a quantized
+    one (`refuse_quantized`: full-precision weights are needed) too, a model
     without the `head` the caller needs (`refuse_head`: language models by default) too,
     and NaN / Inf weights as `refuse_nonfinite` says (exporters always ask: an exported
     model leaves Bastion's checks behind)."""
     ckpt = load_checkpoint(path, verify=verify, load_optimizer=False)
     config = checkpoint_config(ckpt)
     refuse_adapters_only(ckpt, config, what)
+    refuse_quantized(ckpt, what)
     refuse_head(ckpt, config, head, what)
     checkpoint_model_config(ckpt)  # vocab_size must be known to build it
     refuse_nonfinite(ckpt, config, reject_nonfinite)
     return ckpt, config
 
 
-__all__ = ["BASE_SHA_KEY", "TOKENIZER_STATE_KEYS", "adapters_only", "chat_template", "checkpoint_chat",
+__all__ = ["BASE_SHA_KEY", "QUANTIZATION_KEY", "TOKENIZER_STATE_KEYS", "adapters_only", "chat_template", "checkpoint_chat",
            "checkpoint_config", "checkpoint_tokenizer", "load_full_model", "lora_base", "manifest_sha256",
-           "checkpoint_model_config", "model_name", "parse_trainer_state", "read_trainer_state", "refuse_adapters_only", "refuse_head", "refuse_nonfinite", "special_tokens",
+           "checkpoint_model_config", "model_name", "parse_trainer_state", "read_trainer_state", "refuse_adapters_only", "refuse_head", "refuse_nonfinite", "refuse_quantized", "special_tokens",
+           "stored_quantization",
            "tokenizer_state"]

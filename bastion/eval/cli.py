@@ -11,6 +11,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from bastion.checkpoint.cli import RequireSignatureOption, TrustedKeyOption, use_signature_options
+from bastion.infer.cli import Quantization, QuantizeOption, quantize_value
 
 
 app = typer.Typer(help="Evaluate trained checkpoints: held-out loss, preference accuracy, generation rewards, "
@@ -97,6 +98,7 @@ def loss_cmd(
     seq_len: Optional[int] = typer.Option(None, "--seq-len", min=8, help="Longest example kept (default: the model's context)."),
     device: str = DeviceOption,
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the results as JSON here (mode 0600)."),
+    quantize: Optional[Quantization] = QuantizeOption,
     require_signature: bool = RequireSignatureOption,
     trusted_keys: Optional[List[Path]] = TrustedKeyOption,
 ) -> None:
@@ -104,7 +106,8 @@ def loss_cmd(
     use_signature_options(require_signature, trusted_keys)
     from bastion.eval.finetune import eval_loss
 
-    result = eval_loss(checkpoint, file, roots=roots or ["."], batch_size=batch_size, seq_len=seq_len, device=device)
+    result = eval_loss(checkpoint, file, roots=roots or ["."], batch_size=batch_size, seq_len=seq_len, device=device,
+                       quantize=quantize_value(quantize))
     _table(f"held-out loss: {file}", result)
     _write_json(json_out, result)
 
@@ -161,6 +164,7 @@ def generate_cmd(
                                           "(default: torch's; 1 is often fastest for small models on few cores)."),
     device: str = DeviceOption,
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the results as JSON here (mode 0600)."),
+    quantize: Optional[Quantization] = QuantizeOption,
     require_signature: bool = RequireSignatureOption,
     trusted_keys: Optional[List[Path]] = TrustedKeyOption,
 ) -> None:
@@ -171,7 +175,8 @@ def generate_cmd(
     specs = _reward_specs(rewards or [], config)
     result = eval_generate(checkpoint, file, specs, roots=roots or ["."], max_new_tokens=max_new_tokens,
                            temperature=temperature, seed=seed, max_prompts=max_prompts, device=device,
-                           batch_size=batch_size, threads=threads, samples=samples, pass_threshold=pass_threshold)
+                           batch_size=batch_size, threads=threads, samples=samples, pass_threshold=pass_threshold,
+                           quantize=quantize_value(quantize))
     per = f" x {result.samples_per_prompt} samples" if result.samples_per_prompt > 1 else ""
     _table(f"generation rewards over {result.n} prompts{per}: {file}",
            result.mean | {f"pass@{k}": v for k, v in result.pass_at_k.items()})

@@ -46,9 +46,10 @@ def _finetune_cfg(loaded: LoadedModel, max_length: int):
 
 
 def eval_loss(checkpoint: str | Path, file: str | Path, *, roots: Sequence[str] = (".",), batch_size: int = 8,
-              seq_len: int | None = None, device: str = "cpu") -> dict[str, float]:
-    """Assistant-token loss and perplexity of a checkpoint on a chat JSONL file."""
-    loaded = load_for_inference(checkpoint, device=device)
+              seq_len: int | None = None, device: str = "cpu", quantize: str | None = None) -> dict[str, float]:
+    """Assistant-token loss and perplexity of a checkpoint on a chat JSONL file (`quantize`:
+    of its int8 / int4 weight-only quantized model, `load_for_inference`)."""
+    loaded = load_for_inference(checkpoint, device=device, quantize=quantize)
     length = _max_len(loaded, seq_len)
     data = load_sft(file, loaded.chat, _finetune_cfg(loaded, length).model_copy(update={"pack": False}), roots,
                     what="--file")
@@ -144,7 +145,7 @@ def eval_generate(checkpoint: str | Path, file: str | Path, rewards: Sequence[Ma
                   roots: Sequence[str] = (".",), max_new_tokens: int | None = None, temperature: float = 0.0,
                   seed: int = 0, max_prompts: int = 10_000, device: str = "cpu", keep_samples: int = 5,
                   batch_size: int = 8, threads: int | None = None, samples: int = 1,
-                  pass_threshold: float = 1.0) -> GenerationEval:
+                  pass_threshold: float = 1.0, quantize: str | None = None) -> GenerationEval:
     """Generate `samples` completions per prompt and score them with the weighted sum of
     `rewards` (config entries {name, weight, **params}; `build_rewards`). Prompts run
     `batch_size` at a time through the continuous-batching engine in its batch-invariant
@@ -152,12 +153,13 @@ def eval_generate(checkpoint: str | Path, file: str | Path, rewards: Sequence[Ma
     prompt i uses seed + i * samples + j, so one sample per prompt is seed + i). A completion
     passes when its total reward is >= pass_threshold; pass@k is reported for k = 1, the
     powers of two below `samples`, and `samples`. `threads`: the decoding thread's CPU
-    threads (None: torch's default; 1 is often fastest for small models on few cores)."""
+    threads (None: torch's default; 1 is often fastest for small models on few cores).
+    `quantize`: generate with the int8 / int4 weight-only quantized model (`load_for_inference`)."""
     if samples > 1 and temperature <= 0:
         raise ConfigError(f"--samples {samples} needs --temperature > 0 (greedy decoding repeats one completion)")
     reward_set = build_rewards(rewards)  # before loading the model: a bad reward fails fast
     try:
-        loaded = load_for_inference(checkpoint, device=device)
+        loaded = load_for_inference(checkpoint, device=device, quantize=quantize)
         records = read_prompts(file, roots, loaded.config.finetune.max_file_bytes, max_prompts)
         batch = _generate(loaded, file, records, samples=samples, max_new_tokens=max_new_tokens,
                           temperature=temperature, seed=seed, batch_size=batch_size, threads=threads)

@@ -3,12 +3,31 @@ from __future__ import annotations
 
 import json
 import sys
+from enum import Enum
 from pathlib import Path
 from typing import List, Optional
 
 import typer
 
 from bastion.checkpoint.cli import RequireSignatureOption, TrustedKeyOption, use_signature_options
+
+
+class Quantization(str, Enum):
+    """Weight-only quantization modes (bastion/model/quantize.py; docs/quantization.md)."""
+
+    int8 = "int8"
+    int4 = "int4"
+
+
+_QUANTIZE_HELP = ("Quantize the transformer blocks' weights after loading (weight-only, torchao): int8 (a scale per "
+                  "row) or int4 (a scale per 32 weights). Embedding and lm head stay float32. Slower than full "
+                  "precision on CPU with this torchao (see docs/quantization.md); a checkpoint saved by "
+                  "`bastion quantize` needs no flag.")
+QuantizeOption = typer.Option(None, "--quantize", help=_QUANTIZE_HELP)
+
+
+def quantize_value(option: Optional[Quantization]) -> Optional[str]:
+    return option.value if option is not None else None
 
 
 def generate_cmd(
@@ -24,6 +43,7 @@ def generate_cmd(
                               "template and stop at its end of turn (fine-tuned / imported chat models)."),
     no_verify: bool = typer.Option(False, "--no-verify", help="Skip the SHA-256 manifest check (not recommended)."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+    quantize: Optional[Quantization] = QuantizeOption,
     require_signature: bool = RequireSignatureOption,
     trusted_keys: Optional[List[Path]] = TrustedKeyOption,
 ) -> None:
@@ -32,7 +52,7 @@ def generate_cmd(
     from bastion.infer.loading import load_for_inference
 
     use_signature_options(require_signature, trusted_keys)
-    loaded = load_for_inference(checkpoint, verify=not no_verify)
+    loaded = load_for_inference(checkpoint, verify=not no_verify, quantize=quantize_value(quantize))
     model_input, stop_ids = prompt, None
     if chat:
         model_input = loaded.chat.encode_prompt([{"role": "user", "content": prompt}])
@@ -47,3 +67,26 @@ def generate_cmd(
                           "prompt_tokens": result.prompt_tokens, "completion_tokens": len(result.token_ids)}))
     else:
         sys.stdout.write((result.text if chat else prompt + result.text) + "\n")
+
+
+def quantize_cmd(
+    checkpoint: Path = typer.Argument(..., help="Full-precision checkpoint folder, or a run/checkpoints folder "
+                                      "(uses 'latest'); verified before loading."),
+    out_dir: Path = typer.Argument(..., help="New or empty folder for the quantized checkpoint (step_00000000)."),
+    to: Quantization = typer.Option(..., "--to", help="int8: a float32 scale per output row. int4: a float32 scale "
+                                    "per 32 weights, values packed two per byte on disk."),
+    require_signature: bool = RequireSignatureOption,
+    trusted_keys: Optional[List[Path]] = TrustedKeyOption,
+) -> None:
+    """Save a weight-only quantized copy of a checkpoint (torchao int8 / int4) as a verified checkpoint:
+    safetensors + manifest, no pickle. generate / eval / serve load it without re-quantizing; training,
+    merging and export refuse it (use its full-precision source)."""
+    from bastion.checkpoint.checkpoint import resolve_checkpoint
+    from bastion.infer.quantize import quantize_checkpoint, weight_bytes
+
+    use_signature_options(require_signature, trusted_keys)
+    source = resolve_checkpoint(checkpoint)
+    path = quantize_checkpoint(source, out_dir, to.value)
+    size, before = weight_bytes(path), weight_bytes(source)
+    sys.stdout.write(f"quantized {source} -> {path} ({to.value}; weights {size:,} bytes, {size / before:.0%} of "
+                     f"the source's {before:,})\n")

@@ -16,13 +16,17 @@ from bastion.checkpoint.contents import (
     load_full_model,
     Head,
     lora_base,
+    refuse_adapters_only,
     refuse_head,
     refuse_nonfinite,
+    stored_quantization,
 )
 from bastion.checkpoint.safetensors_check import check_against_model
 from bastion.config.schema import BastionConfig
+from bastion.errors import CheckpointError
 from bastion.model import Transformer
 from bastion.model.lora import apply_lora, is_lora_name, merge_lora
+from bastion.model.quantize import check_mode, quantize_model, restore_quantized
 from bastion.tokenizer import BastionTokenizer
 from bastion.tokenizer.chat import ChatFormat
 
@@ -34,38 +38,75 @@ class LoadedModel:
     config: BastionConfig
     directory: Path
     chat: ChatFormat | None = None
+    quantization: str | None = None  # "int8" / "int4": weight-only quantized (bastion/model/quantize.py)
 
 
 def load_for_inference(path: str | Path, *, verify: bool = True, device: str | torch.device = "cpu",
-                       head: Head = "lm", what: str = "checkpoint") -> LoadedModel:
+                       head: Head = "lm", what: str = "checkpoint", quantize: str | None = None) -> LoadedModel:
     """Verify (unless verify=False) and load a checkpoint's weights, tokenizer and config;
     refused unless its model has the `head` asked for (a language model by default: a reward
     model cannot generate).
     A LoRA run's checkpoint (adapters only) is loaded onto its verified base and merged.
+    A quantized checkpoint (`bastion quantize`) is loaded as it was saved, never re-quantized.
+    `quantize` ("int8" / "int4") quantizes a full-precision model's block weights after
+    loading (torchao, weight-only; a quantized checkpoint must already be in that mode).
     Weights holding NaN or Inf are refused whatever checkpoint.reject_nonfinite says: they
     cannot generate anything (sampling fails on NaN probabilities)."""
+    if quantize is not None:
+        check_mode(quantize)  # before reading any weights
     ckpt = load_checkpoint(path, verify=verify, load_optimizer=False)
     config = checkpoint_config(ckpt)
     refuse_head(ckpt, config, head, what)
     refuse_nonfinite(ckpt, config, requested=True)  # the weights, or a LoRA run's adapters
     with torch.device("meta"):
         expected = Transformer(config.model).state_dict()  # names, shapes, dtypes; no memory
-    if adapters_only(config):
-        base, _ = load_full_model(lora_base(ckpt), what="LoRA base", verify=verify, reject_nonfinite=True)
-        check_against_model(base.model, expected, base.directory / "model.safetensors")
-        model = Transformer.from_state_dict(config.model, base.model).float()
-        apply_lora(model, config.finetune.lora)
-        adapters = {k: v for k, v in ckpt.model.items() if is_lora_name(k)}
-        load_lora_state_dict(model, adapters, ckpt.directory / "model.safetensors")
-        merge_lora(model)
-        for p in model.parameters():
-            p.requires_grad_(True)
+    stored = stored_quantization(ckpt)
+    mode = None
+    if stored is not None:
+        refuse_adapters_only(ckpt, config, what)
+        model, mode = _quantized_model(ckpt, config, stored, expected, device)
+    elif adapters_only(config):
+        model = _merged_lora_model(ckpt, config, expected, verify)
     else:
         check_against_model(ckpt.model, expected, ckpt.directory / "model.safetensors")
         model = Transformer.from_state_dict(config.model, ckpt.model).float()
     model.to(device).eval()
+    if quantize is not None and mode is None:
+        quantize_model(model, quantize)
+        mode = quantize
+    elif quantize is not None and quantize != mode:
+        raise CheckpointError(f"--quantize {quantize}: {ckpt.directory} is already quantized ({mode}); quantize its "
+                              "full-precision source instead")
     tokenizer = checkpoint_tokenizer(ckpt)
-    return LoadedModel(model, tokenizer, config, ckpt.directory, checkpoint_chat(ckpt, tokenizer))
+    return LoadedModel(model, tokenizer, config, ckpt.directory, checkpoint_chat(ckpt, tokenizer), mode)
+
+
+def _merged_lora_model(ckpt, config: BastionConfig, expected: dict[str, torch.Tensor], verify: bool) -> Transformer:
+    base, _ = load_full_model(lora_base(ckpt), what="LoRA base", verify=verify, reject_nonfinite=True)
+    check_against_model(base.model, expected, base.directory / "model.safetensors")
+    model = Transformer.from_state_dict(config.model, base.model).float()
+    apply_lora(model, config.finetune.lora)
+    adapters = {k: v for k, v in ckpt.model.items() if is_lora_name(k)}
+    load_lora_state_dict(model, adapters, ckpt.directory / "model.safetensors")
+    merge_lora(model)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return model
+
+
+def _quantized_model(ckpt, config: BastionConfig, stored, expected: dict[str, torch.Tensor],
+                     device: str | torch.device) -> tuple[Transformer, str]:
+    """The model of a quantized checkpoint: its stored description and inner tensors checked
+    and rebuilt into torchao's tensor subclasses (bastion/model/quantize.py), every other
+    tensor checked against the config as for any checkpoint."""
+    where = ckpt.directory / "model.safetensors"
+    plain, quantized, mode = restore_quantized(ckpt.model, stored, config.model,
+                                               f"{ckpt.directory}/trainer_state.json", device=device)
+    check_against_model(plain, {k: v for k, v in expected.items() if k not in quantized}, where)
+    model = Transformer.from_state_dict(config.model, plain | quantized)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model, mode
 
 
 __all__ = ["LoadedModel", "load_for_inference"]

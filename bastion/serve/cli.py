@@ -7,6 +7,7 @@ from typing import List, Optional
 import typer
 
 from bastion.checkpoint.cli import RequireSignatureOption, TrustedKeyOption, use_signature_options
+from bastion.infer.cli import Quantization, QuantizeOption, quantize_value
 from bastion.serve.keys_cli import keys_app
 
 serve_app = typer.Typer(help="Serve a checkpoint over an OpenAI-compatible HTTP API (keys, rate limits, TLS).")
@@ -26,6 +27,7 @@ def serve_cmd(
     key_file: Optional[Path] = typer.Option(None, "--key-file", help="Hashed API key file from `bastion serve keys add`."),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda or mps."),
     no_verify: bool = typer.Option(False, "--no-verify", help="Skip the checkpoint's SHA-256 manifest check (not recommended)."),
+    quantize: Optional[Quantization] = QuantizeOption,
     require_signature: bool = RequireSignatureOption,
     trusted_keys: Optional[List[Path]] = TrustedKeyOption,
 ) -> None:
@@ -47,4 +49,4 @@ def serve_cmd(
               for name, value in options.items() if value is not None}
     cfg = load_config(config, overrides or [], values=values)
     use_signature_options(require_signature, trusted_keys, cfg)
-    serve(checkpoint, cfg, device=device, verify=not no_verify)
+    serve(checkpoint, cfg, device=device, verify=not no_verify, quantize=quantize_value(quantize))

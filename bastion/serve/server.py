@@ -37,10 +37,11 @@ def is_loopback(host: str) -> bool:
 
 
 def build_state(checkpoint: str | Path, config: BastionConfig, *, device: str = "cpu", verify: bool = True,
-                environ: Mapping[str, str] = os.environ) -> ServerState:
+                environ: Mapping[str, str] = os.environ, quantize: str | None = None) -> ServerState:
     """Everything the app needs, from the deployment's config (its serve: and generate:
     sections; the checkpoint's own generate: section is not used). Refuses an unsafe bind
-    before loading any weights."""
+    before loading any weights. `quantize`: serve the int8 / int4 weight-only quantized
+    model (`load_for_inference`)."""
     cfg = config.serve
     keys = KeyStore.from_config(cfg, environ=environ)
     loopback = is_loopback(cfg.host)
@@ -54,7 +55,7 @@ def build_state(checkpoint: str | Path, config: BastionConfig, *, device: str = 
         path = getattr(cfg, name)
         if path is not None and not Path(path).is_file():
             raise ConfigError(hide_env(config, f"serve.{name}: {path} is not a file", under="serve"))
-    loaded = load_for_inference(checkpoint, verify=verify, device=device)
+    loaded = load_for_inference(checkpoint, verify=verify, device=device, quantize=quantize)
     engine = Engine(loaded.model, loaded.tokenizer, config.generate, max_batch_size=cfg.max_concurrency,
                     max_queue=cfg.max_queue, mode=cfg.batch_mode, threads=cfg.threads)
     name = cfg.model_name or model_name(loaded.directory, loaded.config)
@@ -68,11 +69,12 @@ def _safe_name(name: str) -> str:
     return cleaned[:128]
 
 
-def serve(checkpoint: str | Path, config: BastionConfig, *, device: str = "cpu", verify: bool = True) -> None:
+def serve(checkpoint: str | Path, config: BastionConfig, *, device: str = "cpu", verify: bool = True,
+          quantize: str | None = None) -> None:
     import uvicorn
 
     cfg = config.serve
-    state = build_state(checkpoint, config, device=device, verify=verify)
+    state = build_state(checkpoint, config, device=device, verify=verify, quantize=quantize)
     app = create_app(state)
     config = uvicorn.Config(app, host=cfg.host, port=cfg.port, ssl_certfile=cfg.ssl_certfile,
                             ssl_keyfile=cfg.ssl_keyfile, timeout_graceful_shutdown=int(cfg.shutdown_grace_s) or None,

@@ -157,6 +157,7 @@ LOADERS = [  # every command that loads a checkpoint's model
     ["export", "gguf", "{case}/ckpt", "{out}.gguf"],
     ["eval", "loss", "--checkpoint", "{case}/ckpt", "--file", "{chat}", "--root", "/"],
     ["merge", "{case}/ckpt", "{adapter}", "{out}"],
+    ["quantize", "{case}/ckpt", "{out}", "--to", "int8"],
 ]
 READERS = [  # commands that read a checkpoint's files without building a model
     ["ckpt", "verify", "{case}/ckpt"],
@@ -350,6 +351,10 @@ def cases(sentinel: Path) -> list[Case]:
             {**json.loads((c / "tokenizer.json").read_text()),
              "added_tokens": [{"id": 2**40, "content": "<x>", "special": True, "single_word": False, "lstrip": False,
                                "rstrip": False, "normalized": False}]}).encode())), LOADERS),
+        Case(2, "bogus-quantization-description", _ckpt_case(lambda c, b: forge(c, "trainer_state.json", json.dumps(
+            {"step": 0, "quantization": {"format": 1, "mode": "int8", "library": "torchao", "library_version": "x",
+                                         "weights": {"../../etc/passwd": {"type": "os.system"}}}}).encode())),
+             LOADERS),
         Case(2, "empty-model-file", _ckpt_case(lambda c, b: forge(c, "model.safetensors", b"")),
              EVERY_CHECKPOINT_VERB),
         Case(2, "truncated-model-file", _ckpt_case(lambda c, b: forge(

@@ -254,6 +254,48 @@ def test_padded_mode_is_batch_invariant(tok, init_std):
     assert [len(r.token_ids) for r in alone[:5]] == [20, 7, 33, 12, 3]
 
 
+# ---- batch invariance with quantized weights (--quantize int8|int4) ----------------------------
+
+def quantized_tiny_model(mode, init_std=0.2):
+    from bastion.model.quantize import quantize_model
+
+    model = tiny_model(init_std)
+    quantize_model(model, mode)
+    return model
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_quantized_greedy_is_batch_invariant_and_equals_generate(tok, mode):
+    """torchao's weight-only linears dequantize and run a float matmul: the rowwise mode
+    stays bit-identical to generate(), alone or batched."""
+    model = quantized_tiny_model(mode)
+    with ban_eos(model, tok):
+        expected = [generate(model, tok, p, limits=LIMITS, **kw) for p, kw in GREEDY]
+        for max_batch_size, staggered in ((1, False), (4, False), (4, True)):
+            got = run_engine(model, tok, GREEDY, max_batch_size=max_batch_size, staggered=staggered)
+            assert got == expected, (max_batch_size, staggered)
+    assert [len(r.token_ids) for r in expected] == [20, 7, 33, 12, 3]
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_quantized_padded_mode_is_batch_invariant(tok, mode):
+    model = quantized_tiny_model(mode)
+    requests = GREEDY + [("The quick", dict(temperature=1.0, top_k=None, seed=7, max_new_tokens=25))]
+    with ban_eos(model, tok):
+        alone = [run_engine(model, tok, [r], max_batch_size=4, staggered=False, mode="padded")[0] for r in requests]
+        together = run_engine(model, tok, requests, max_batch_size=4, staggered=True, mode="padded")
+    assert together == alone
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_quantized_dynamic_mode_gives_the_same_greedy_tokens(tok, mode):
+    model = quantized_tiny_model(mode)
+    with ban_eos(model, tok):
+        expected = [generate(model, tok, p, limits=LIMITS, **kw).token_ids for p, kw in GREEDY]
+        got = run_engine(model, tok, GREEDY, max_batch_size=len(GREEDY), staggered=False, mode="dynamic")
+    assert [r.token_ids for r in got] == expected
+
+
 def test_padded_mode_streams_and_stops_like_the_others(model, tok):
     with ban_eos(model, tok), _Engine(model, tok, LIMITS, max_batch_size=3) as engine:
         assert engine.mode == "padded"

@@ -66,8 +66,8 @@ class RLDemoSize:
     n_held_out: int = 500  # held-out problems accuracy is measured on, of the 1,017 there are
     n_dev: int = 300  # training-side sums in no training file: when SFT stops (never the held-out set)
     # 128 x 4, not 96 x 3: the smaller model's SFT climb came late or not at all (seed 0 stayed
-    # near 10% through 4,750 steps); this one passed the target at 1,500-2,000 steps for both
-    # seeds measured (docs/alignment.md).
+    # near 10% through 4,750 steps); this one passed the target at 1,500-2,500 steps for the
+    # four seeds measured, 0-3 (docs/alignment.md).
     d_model: int = 128
     n_layer: int = 4
     batch_size: int = 16  # pretraining and SFT rows (of 128 tokens) per step

@@ -1,6 +1,8 @@
 """The model both sides of a bench comparison load: a random Bastion checkpoint with a BPE
 tokenizer trained on the bench's texts and Bastion's chat template, exported with
-`bastion export hf` so transformers / peft / TRL read exactly the same weights and ids."""
+`bastion export hf` so transformers / peft / TRL read exactly the same weights and ids;
+and `NoEos`, a tokenizer wrapper that makes every request run to its token budget
+(decode-speed benches)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -32,3 +34,15 @@ def random_model_both_sides(work: Path, texts: list[str], *, vocab: int, d_model
                                                         "pad_token": "<|pad|>"}})
     save_checkpoint(work / "base", 0, ckpt)
     export_hf(work / "base", work / "hf")
+
+
+class NoEos:
+    """The tokenizer without an end-of-text id: every request runs to its token budget."""
+
+    eos_id = None
+
+    def __init__(self, tok):
+        self._tok = tok
+
+    def __getattr__(self, name):
+        return getattr(self._tok, name)

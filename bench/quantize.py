@@ -29,7 +29,9 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # memstat
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # memstat, bench_models
+
+from bench_models import NoEos  # noqa: E402
 MODES = ("fp32", "int8", "int4")
 
 
@@ -57,18 +59,6 @@ def build(work: Path, args: argparse.Namespace) -> dict[str, Path]:
     for mode in ("int8", "int4"):
         paths[mode] = quantize_checkpoint(paths["fp32"], work / mode, mode)
     return paths
-
-
-class NoEos:
-    """The tokenizer without an end-of-text id: every request runs to its token budget."""
-
-    eos_id = None
-
-    def __init__(self, tok):
-        self._tok = tok
-
-    def __getattr__(self, name):
-        return getattr(self._tok, name)
 
 
 def measure(path: Path, logits_out: Path, args: argparse.Namespace) -> dict:

@@ -27,20 +27,11 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # synthetic data: test fixtures
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_models import NoEos  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-
-class NoEos:
-    """The tokenizer without an end-of-text id: every request runs to its token budget."""
-
-    eos_id = None
-
-    def __init__(self, tok):
-        self._tok = tok
-
-    def __getattr__(self, name):
-        return getattr(self._tok, name)
 
 
 def build(work: Path, args: argparse.Namespace) -> Path:

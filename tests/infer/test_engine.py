@@ -164,11 +164,17 @@ def test_decode_step_checks_its_arguments():
 
 # ---- batch invariance -----------------------------------------------------------------------
 
-def run_engine(model, tok, requests, *, max_batch_size, staggered, **engine_kw):
+def run_engine(model, tok, requests, *, max_batch_size, staggered, queued_first=False, **engine_kw):
     """requests: (prompt, kwargs) pairs. Staggered: a request joins only after the previous
-    one has produced output, so requests join and leave the batch at different times."""
-    with Engine(model, tok, LIMITS, max_batch_size=max_batch_size, **engine_kw) as engine:
-        handles = []
+    one has produced output, so requests join and leave the batch at different times.
+    queued_first: every request is queued before the engine thread starts, so they all join
+    at once (submitting to a running engine lets it take the first request alone)."""
+    engine = Engine(model, tok, LIMITS, max_batch_size=max_batch_size, **engine_kw)
+    handles = []
+    if queued_first:
+        assert not staggered
+        handles, requests = [submit(engine, tok, prompt, **kw) for prompt, kw in requests], []
+    with engine:
         for prompt, kw in requests:
             handles.append(submit(engine, tok, prompt, **kw))
             if staggered:
@@ -225,7 +231,8 @@ def test_dynamic_mode_prefills_joining_prompts_together(model, tok, monkeypatch,
         expected = [generate(model, tok, p, limits=LIMITS, **kw).token_ids for p, kw in GREEDY]
         shapes, handle = prefill_shapes(model)
         try:
-            got = run_engine(model, tok, GREEDY, max_batch_size=len(GREEDY), staggered=False, mode="dynamic")
+            got = run_engine(model, tok, GREEDY, max_batch_size=len(GREEDY), staggered=False, queued_first=True,
+                             mode="dynamic")
         finally:
             handle.remove()
     lengths = sorted(len(tok.encode(p)) for p, _ in GREEDY)

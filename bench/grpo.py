@@ -4,9 +4,12 @@ Same model on both sides: a small Llama-architecture model built here (random we
 byte-level BPE tokenizer trained on the prompts) and exported with `bastion export hf`, so
 TRL loads the very same weights, tokenizer and chat template (the prompt ids are checked to
 be identical before TRL trains). Same synthetic, verifiable task: each prompt names three
-letters ("letters: a e k"), and the reward is the share of them that occur in the
-completion (a random model starts near 0.6 at 32 new tokens); the same Python function
-scores both sides (a `Reward` subclass registered in `bastion.rewards.REWARDS` for Bastion,
+letters ("letters: a e k"); `--reward letters` (the default) pays the share of them that
+occur in the completion (a random model starts near 0.6 at 32 new tokens; longer
+completions hold more letters), `--reward letters_f1` the F1 of the completion's letters
+against them (only the three letters and nothing else score 1, so completions shorten as
+the policy learns: the regime of real RL tasks, whose answers end on their own at lengths
+that vary); the same Python function scores both sides (a `Reward` subclass registered in `bastion.rewards.REWARDS` for Bastion,
 the equivalent `reward_funcs` callable for TRL). Same settings: full fine-tuning, float32,
 no compile, no gradient checkpointing, G completions per prompt, `--prompts` prompts per
 step, `--max-new-tokens`, temperature 1, top-k / top-p off, loss type `--loss` (grpo,
@@ -36,11 +39,13 @@ Policy (`--policy`): `random` trains the random model itself, which never sample
 token, so every completion runs to --max-new-tokens (decoding is then rows x the limit on
 both sides); `sft` first fine-tunes it with Bastion's SFT on answers of random length
 (both sides then start from that checkpoint and its export), trained to end its answers
-itself, as a real starting policy does. Measured (docs/benchmarks.md): completions still
-averaged 29 of 32 tokens, since this reward pays for length and GRPO lengthens them.
+itself, as a real starting policy does. Measured (docs/benchmarks.md): with `--reward
+letters` completions still averaged 29 of 32 tokens (the reward pays for length); with
+`--reward letters_f1` they started at ~17 but reached the limit within 16 steps at lr 3e-3.
 
     python bench/grpo.py                          # defaults: ~5 min on a loaded 2-core CPU
     python bench/grpo.py --policy sft             # a policy that stops on its own
+    python bench/grpo.py --policy sft --reward letters_f1   # ... and a reward that does not pay for length
     python bench/grpo.py --seconds 60             # each side trains for 60 s instead of --steps
     python bench/grpo.py --loss dr_grpo --group-size 16 --max-new-tokens 48 --json out.json
 """
@@ -75,8 +80,24 @@ LAST = 3  # steps averaged for "reward at the end" and "reward at equal wall-clo
 
 
 def letters_reward(completion: str, letters: str) -> float:
-    """Share of the prompt's `letters` that occur in the completion (0, 1/3, 2/3 or 1)."""
+    """Share of the prompt's `letters` that occur in the completion (0, 1/3, 2/3 or 1).
+    It pays for length: a longer completion holds more letters."""
     return sum(c in completion for c in letters) / len(letters)
+
+
+def letters_f1_reward(completion: str, letters: str) -> float:
+    """F1 of the set of letters in the completion against the prompt's: every other letter
+    costs precision, so the best answer is the three letters and nothing else, and a
+    completion that goes on after them loses reward (lengths then fall as GRPO learns)."""
+    seen = {c for c in completion if c in string.ascii_lowercase}
+    hits = len(seen & set(letters))
+    if not hits:
+        return 0.0
+    precision, recall = hits / len(seen), hits / len(letters)
+    return 2 * precision * recall / (precision + recall)
+
+
+REWARD_FUNCTIONS = {"letters": letters_reward, "letters_f1": letters_f1_reward}
 
 
 def make_records(n: int, seed: int) -> list[dict]:
@@ -91,11 +112,12 @@ def make_records(n: int, seed: int) -> list[dict]:
 class RewardLog:
     """What each side's reward function saw: (time, mean reward) per rollout batch."""
 
-    def __init__(self):
+    def __init__(self, reward: str):
+        self.reward = REWARD_FUNCTIONS[reward]
         self.batches: list[tuple[float, float]] = []
 
     def score(self, completions: list[str], letters: list[str]) -> list[float]:
-        scores = [letters_reward(c, l) for c, l in zip(completions, letters)]
+        scores = [self.reward(c, l) for c, l in zip(completions, letters)]
         self.batches.append((time.perf_counter(), sum(scores) / max(len(scores), 1)))
         return scores
 
@@ -321,7 +343,7 @@ def run_job(side: str, work: Path, args: argparse.Namespace) -> dict:
     import torch
 
     torch.set_num_threads(args.threads)
-    clock, log = Clock(args), RewardLog()
+    clock, log = Clock(args), RewardLog(args.reward)
     extra = {"bastion": job_bastion, "trl": job_trl}[side](work, args, clock, log)
     assert clock.t0 is not None and clock.steps, "no step ran"
     w = min(args.warmup, len(clock.steps) - 2)
@@ -333,6 +355,8 @@ def run_job(side: str, work: Path, args: argparse.Namespace) -> dict:
             "rollout_tokens_per_s": sum(n for _, n in gen) / sum(s for s, _ in gen),
             "generation_share": sum(s for s, _ in gen) / (steady[-1] - steady[0]),
             "completion_tokens_per_step": statistics.mean(n for _, n in clock.gen),
+            "completion_tokens_first": statistics.mean(n for _, n in clock.gen[:LAST]),
+            "completion_tokens_last": statistics.mean(n for _, n in clock.gen[-LAST:]),
             "elapsed": elapsed, "rewards": rewards[:len(elapsed)],
             "threads": torch.get_num_threads(), **extra}
 
@@ -353,6 +377,8 @@ def summarize(results: dict[str, list[dict]], args: argparse.Namespace) -> dict:
             "steps_per_s": statistics.median(r["steps_per_s"] for r in runs),
             "rollout_tokens_per_s": statistics.median(r["rollout_tokens_per_s"] for r in runs),
             "completion_tokens_per_step": statistics.median(r["completion_tokens_per_step"] for r in runs),
+            "completion_tokens_first_last": [statistics.mean(r["completion_tokens_first"] for r in runs),
+                                             statistics.mean(r["completion_tokens_last"] for r in runs)],
             "generation_share_of_step": statistics.median(r["generation_share"] for r in runs),
             "peak_rss_mib": max(r["peak_rss_bytes"] for r in runs) / 2**20,
             "steps": [r["steps"] for r in runs],
@@ -372,7 +398,7 @@ def summarize(results: dict[str, list[dict]], args: argparse.Namespace) -> dict:
     ratios = {"steps_per_s": b["steps_per_s"] / t["steps_per_s"],
               "rollout_tokens_per_s": b["rollout_tokens_per_s"] / t["rollout_tokens_per_s"],
               "peak_rss": b["peak_rss_mib"] / t["peak_rss_mib"]}
-    settings = {k: getattr(args, k) for k in ("policy", "d_model", "layers", "heads", "vocab", "prompts", "group_size",
+    settings = {k: getattr(args, k) for k in ("reward", "policy", "d_model", "layers", "heads", "vocab", "prompts", "group_size",
                                               "max_new_tokens", "loss", "temperature", "lr", "steps", "seconds",
                                               "warmup", "rounds", "threads")}
     return {"settings": settings, "bastion": b, "trl": t, "ratios": ratios,
@@ -392,6 +418,10 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=32, help="per completion (TRL max_completion_length)")
     parser.add_argument("--loss", choices=["grpo", "dr_grpo", "dapo"], default="grpo")
     parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--reward", choices=sorted(REWARD_FUNCTIONS), default="letters",
+                        help="letters: the share of the prompt's three letters in the completion (pays for "
+                             "length); letters_f1: F1 of the completion's letters against them (pays for the "
+                             "three and nothing more, so completions shorten as GRPO learns)")
     parser.add_argument("--policy", choices=["random", "sft"], default="random",
                         help="random: the random model (every completion runs to --max-new-tokens); sft: that "
                              "model after --sft-steps of SFT on answers of random length (completions end "

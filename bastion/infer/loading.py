@@ -26,7 +26,7 @@ from bastion.config.schema import BastionConfig
 from bastion.errors import CheckpointError
 from bastion.model import Transformer
 from bastion.model.lora import apply_lora, is_lora_name, merge_lora
-from bastion.model.quantize import check_mode, quantize_model, restore_quantized
+from bastion.model.quantize import check_mode, quantize_model, restore_quantized, use_cpu_kernels
 from bastion.tokenizer import BastionTokenizer
 from bastion.tokenizer.chat import ChatFormat
 
@@ -49,7 +49,9 @@ def load_for_inference(path: str | Path, *, verify: bool = True, device: str | t
     A LoRA run's checkpoint (adapters only) is loaded onto its verified base and merged.
     A quantized checkpoint (`bastion quantize`) is loaded as it was saved, never re-quantized.
     `quantize` ("int8" / "int4") quantizes a full-precision model's block weights after
-    loading (torchao, weight-only; a quantized checkpoint must already be in that mode).
+    loading (torchao, weight-only; a quantized checkpoint must already be in that mode). On
+    CPU a quantized model's Linears then run PyTorch's fused int8 / int4 kernels
+    (`use_cpu_kernels`); on CUDA torchao's own.
     Weights holding NaN or Inf are refused whatever checkpoint.reject_nonfinite says: they
     cannot generate anything (sampling fails on NaN probabilities)."""
     if quantize is not None:
@@ -77,6 +79,8 @@ def load_for_inference(path: str | Path, *, verify: bool = True, device: str | t
     elif quantize is not None and quantize != mode:
         raise CheckpointError(f"--quantize {quantize}: {ckpt.directory} is already quantized ({mode}); quantize its "
                               "full-precision source instead")
+    if mode is not None and torch.device(device).type == "cpu":
+        use_cpu_kernels(model)
     tokenizer = checkpoint_tokenizer(ckpt)
     return LoadedModel(model, tokenizer, config, ckpt.directory, checkpoint_chat(ckpt, tokenizer), mode)
 

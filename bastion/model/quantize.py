@@ -20,6 +20,15 @@ byte) plus a JSON description, and `restore_quantized` rebuilds the subclasses f
 after checking the description against what the model config implies, entry by entry: a
 checkpoint is outside input, so nothing in it chooses a class, a shape or a dtype.
 
+On CPU, `use_cpu_kernels` then swaps each quantized Linear for one that runs PyTorch's own
+fused weight-only kernels (`aten._weight_int8pack_mm`, `aten._weight_int4pack_mm_for_cpu`:
+the int8 / int4 values are read as they are, never dequantized to a float32 matrix). Those
+kernels take bfloat16 activations and scales, so a CPU-quantized model's Linear inputs are
+rounded to bfloat16 (a relative error of ~0.3%, a third of int8's own; the measurements are in
+docs/quantization.md). torchao's own CPU linears dequantize the whole weight on every call:
+correct, but slower than float32 itself (bench/quantize.py). On CUDA torchao's tensors are
+used as they are.
+
 torchao is imported only when quantization is used (its import is slow and logs warnings
 about optional CUDA extensions on CPU-only machines).
 """
@@ -120,6 +129,7 @@ def quantize_model(model: nn.Module, mode: str) -> list[str]:
 def quantization_mode(model: nn.Module) -> str | None:
     """"int8" / "int4" if the model holds quantized weights (of one mode), else None."""
     found = {_mode_of(p) for p in model.parameters()} - {None}
+    found |= {m.mode for m in model.modules() if isinstance(m, _CpuKernelLinear)}
     if len(found) > 1:
         raise ConfigError(f"the model mixes quantization modes {sorted(found)}")
     return found.pop() if found else None
@@ -287,5 +297,98 @@ def _rebuild(q: Any, mode: str, parts: dict[str, torch.Tensor], entry: dict[str,
                                       tuple(entry["block_size"]), torch.float32, None)
 
 
-__all__ = ["INT4_GROUP_SIZE", "MODES", "check_metadata", "check_mode", "flatten_quantized", "quantization_mode",
-           "quantize_model", "quantized_shapes", "restore_quantized"]
+# ---- CPU kernels ---------------------------------------------------------------------------
+
+class _CpuKernelLinear(nn.Module):
+    """A quantized Linear run by one of PyTorch's fused CPU weight-only kernels. Inputs and
+    scales go in as bfloat16 (what the kernels take), the output comes back in the input's
+    dtype. Row-independent: a row's output does not depend on the other rows of the batch,
+    so the engine's batch invariance holds (tests/infer/test_engine.py)."""
+
+    mode = ""
+
+    def __init__(self, out_features: int, in_features: int, bias: torch.Tensor | None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, self.in_features).to(torch.bfloat16)
+        y = self._matmul(rows).to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias
+
+    def _matmul(self, rows: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, {self.mode} (CPU kernel)"
+
+
+class CpuInt8Linear(_CpuKernelLinear):
+    """y = x @ (qdata * scale)^T by aten._weight_int8pack_mm: int8 [out, in] values, one
+    scale per output row."""
+
+    mode = "int8"
+
+    def __init__(self, qdata: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None):
+        super().__init__(qdata.shape[0], qdata.shape[1], bias)
+        self.register_buffer("qdata", qdata.contiguous())
+        self.register_buffer("scale", scale.reshape(-1).to(torch.bfloat16))
+
+    def _matmul(self, rows: torch.Tensor) -> torch.Tensor:
+        return torch.ops.aten._weight_int8pack_mm(rows, self.qdata, self.scale)
+
+
+class CpuInt4Linear(_CpuKernelLinear):
+    """y = x @ (qdata * scale)^T by aten._weight_int4pack_mm_for_cpu ("tinygemm"): values in
+    [-8, 7] stored as unsigned nibbles q + 8 in the kernel's packed layout, one scale per 32
+    inputs of a row; the kernel's w = (q_u - 8) * scale + zero, with zero 0 (symmetric)."""
+
+    mode = "int4"
+
+    def __init__(self, qdata: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None):
+        super().__init__(qdata.shape[0], qdata.shape[1], bias)
+        unsigned = (qdata.to(torch.int32) + 8).contiguous()
+        self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(unsigned, 1))
+        scale = scale.t().to(torch.bfloat16)  # [groups, out]
+        self.register_buffer("scale_and_zero", torch.stack((scale, torch.zeros_like(scale)), dim=-1).contiguous())
+
+    def _matmul(self, rows: torch.Tensor) -> torch.Tensor:
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(rows, self.packed, INT4_GROUP_SIZE, self.scale_and_zero)
+
+
+# Shapes the kernels are known to handle. Measured on torch 2.13 (AVX-512 CPU):
+# _weight_int8pack_mm crashes (SIGSEGV) for 24 or 40 inputs and returns NaN for 8, and
+# _convert_weight_to_int4pack_for_cpu refuses outputs not divisible by 16. Other shapes keep
+# torchao's linear (correct, slower); every block matrix of a usual model qualifies.
+KERNEL_IN_MULTIPLE, KERNEL_OUT_MULTIPLE = 32, 16
+
+
+def use_cpu_kernels(model: nn.Module) -> int:
+    """Swap every torchao-quantized Linear of a CPU model (quantize_model / restore_quantized)
+    whose shape the kernels handle (KERNEL_*_MULTIPLE) for the CpuInt8Linear / CpuInt4Linear
+    holding the same values; returns how many were swapped. The model is for inference from
+    then on: its state_dict holds the kernels' layouts, not Bastion's checkpoint format (save
+    the torchao form, before this call)."""
+    swapped = 0
+    for name, module in list(model.named_modules()):
+        weight = getattr(module, "weight", None)
+        if not isinstance(module, nn.Linear) or weight is None or _mode_of(weight) is None:
+            continue
+        if module.in_features % KERNEL_IN_MULTIPLE or module.out_features % KERNEL_OUT_MULTIPLE:
+            continue
+        if weight.device.type != "cpu":
+            raise ConfigError(f"{name}: CPU kernels need a CPU model, this weight is on {weight.device}")
+        mode = _mode_of(weight)
+        if torch.any(weight.zero_point != 0):
+            raise ConfigError(f"{name}: the CPU kernels take symmetric weights (zero_point 0)")
+        kind = CpuInt8Linear if mode == "int8" else CpuInt4Linear
+        replacement = kind(weight.qdata.detach(), weight.scale.detach(), module.bias)
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, replacement)
+        swapped += 1
+    return swapped
+
+
+__all__ = ["CpuInt4Linear", "CpuInt8Linear", "INT4_GROUP_SIZE", "MODES", "check_metadata", "check_mode", "flatten_quantized", "quantization_mode",
+           "quantize_model", "quantized_shapes", "restore_quantized", "use_cpu_kernels"]

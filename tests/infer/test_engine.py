@@ -263,19 +263,24 @@ def test_padded_mode_is_batch_invariant(tok, init_std):
 
 # ---- batch invariance with quantized weights (--quantize int8|int4) ----------------------------
 
-def quantized_tiny_model(mode, init_std=0.2):
-    from bastion.model.quantize import quantize_model
+def quantized_tiny_model(mode, init_std=0.2, cpu_kernels=True):
+    """`cpu_kernels`: PyTorch's fused int8 / int4 CPU kernels, as load_for_inference uses on
+    CPU; else torchao's own linears (dequantize, then a float matmul), as on CUDA."""
+    from bastion.model.quantize import quantize_model, use_cpu_kernels
 
     model = tiny_model(init_std)
     quantize_model(model, mode)
+    if cpu_kernels:
+        assert use_cpu_kernels(model) == 14
     return model
 
 
+@pytest.mark.parametrize("cpu_kernels", [True, False])
 @pytest.mark.parametrize("mode", ["int8", "int4"])
-def test_quantized_greedy_is_batch_invariant_and_equals_generate(tok, mode):
-    """torchao's weight-only linears dequantize and run a float matmul: the rowwise mode
-    stays bit-identical to generate(), alone or batched."""
-    model = quantized_tiny_model(mode)
+def test_quantized_greedy_is_batch_invariant_and_equals_generate(tok, mode, cpu_kernels):
+    """Both quantized linears (the fused CPU kernels, torchao's dequantize-then-matmul) are
+    row-independent: the rowwise mode stays bit-identical to generate(), alone or batched."""
+    model = quantized_tiny_model(mode, cpu_kernels=cpu_kernels)
     with ban_eos(model, tok):
         expected = [generate(model, tok, p, limits=LIMITS, **kw) for p, kw in GREEDY]
         for max_batch_size, staggered in ((1, False), (4, False), (4, True)):

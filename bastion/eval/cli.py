@@ -11,6 +11,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from bastion.checkpoint.cli import RequireSignatureOption, TrustedKeyOption, use_signature_options
+from bastion.eval.perplexity import DEFAULT_FORMATS
 from bastion.infer.cli import Quantization, QuantizeOption, quantize_value
 
 
@@ -109,6 +110,45 @@ def loss_cmd(
     result = eval_loss(checkpoint, file, roots=roots or ["."], batch_size=batch_size, seq_len=seq_len, device=device,
                        quantize=quantize_value(quantize))
     _table(f"held-out loss: {file}", result)
+    _write_json(json_out, result)
+
+
+@app.command("perplexity")
+def perplexity_cmd(
+    checkpoint: Path = CheckpointArg,
+    text: Optional[Path] = typer.Option(None, "--text", help="Held-out plain text (UTF-8), tokenized with the "
+                                        "checkpoint's tokenizer."),
+    data: Optional[Path] = typer.Option(None, "--data", help="Or a token-shard folder from `bastion data prepare` "
+                                        "(made with the checkpoint's tokenizer)."),
+    split: str = typer.Option("val", "--split", help="Split of --data to read."),
+    formats: str = typer.Option(",".join(DEFAULT_FORMATS), "--formats",
+                                help="Comma-separated formats to compare, the first the baseline: fp32, bf16, int8, "
+                                     "int4 (Bastion's --quantize), gguf-f16, gguf-q8_0, gguf-q4_0 (the values a "
+                                     "`bastion export gguf --dtype ...` file stores)."),
+    roots: Optional[List[str]] = RootOption,
+    seq_len: Optional[int] = typer.Option(None, "--seq-len", min=1, help="Window length (default: the model's context)."),
+    max_tokens: int = typer.Option(65_536, "--max-tokens", min=2, max=100_000_000, help="Evaluate the first N tokens."),
+    batch_size: int = typer.Option(8, "--batch-size", min=1, max=1024, help="Windows per forward pass."),
+    device: str = DeviceOption,
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the results as JSON here (mode 0600)."),
+    require_signature: bool = RequireSignatureOption,
+    trusted_keys: Optional[List[Path]] = TrustedKeyOption,
+) -> None:
+    """Perplexity on held-out text in full precision and each quantized format, side by side:
+    what int8 / int4 / GGUF q8_0 / q4_0 give up on your data."""
+    use_signature_options(require_signature, trusted_keys)
+    from bastion.eval.perplexity import eval_perplexity
+
+    result = eval_perplexity(checkpoint, text=text, data=data, split=split, formats=formats.split(","),
+                             roots=roots or ["."], seq_len=seq_len, max_tokens=max_tokens, batch_size=batch_size,
+                             device=device)
+    table = Table(title=f"perplexity: {result['tokens']:,} tokens, windows of {result['seq_len']}")
+    for column in ("format", "perplexity", f"change vs {result['baseline']}", "nll (nats)", "seconds"):
+        table.add_column(column, justify="left" if column == "format" else "right")
+    for name, row in result["formats"].items():
+        table.add_row(name, f"{row['perplexity']:.4f}", f"{row['change_pct']:+.2f}%", f"{row['nll']:.5f}",
+                      f"{row['seconds']:.1f}")
+    out.print(table)
     _write_json(json_out, result)
 
 

@@ -248,6 +248,29 @@ def _write_tensors(writer: Any, gguf: Any, plan: list[tuple[str, str, tuple[int,
         writer.write_tensor_data(_encode(gguf, _float32(name, state, cfg), kind))
 
 
+def stored_values(state: dict[str, torch.Tensor], cfg: ModelConfig, dtype: GGUFDType) -> dict[str, torch.Tensor]:
+    """`state` (a full-precision Transformer state dict) with every tensor replaced by the
+    float32 values a `dtype` export stores for it: quantized with the same plan and the gguf
+    package's quantizer as `export_gguf`, then dequantized by gguf's own dequantizer. What
+    `bastion eval perplexity` measures a GGUF format with (llama.cpp's arithmetic on top of
+    these values -- its dot products round activations to 8 bits -- is not reproduced)."""
+    if dtype not in GGUF_DTYPES:
+        raise CheckpointError(f"GGUF dtype must be one of {', '.join(GGUF_DTYPES)}, not {dtype!r}")
+    gguf = _gguf()
+    out = dict(state)
+    for name, _, _, kind in _plan(state, cfg, dtype):
+        if name == _ROPE_FREQS:
+            continue
+        tensor = state[name]
+        # No q/k permutation: it reorders whole rows, and blocks lie within a row.
+        values = tensor.detach().to(torch.float32).contiguous().numpy()
+        back = gguf.quants.dequantize(_encode(gguf, values, kind), _qtype(gguf, kind))
+        out[name] = torch.from_numpy(np.ascontiguousarray(back, dtype=np.float32)).reshape(tensor.shape).to(tensor.device)
+    if cfg.tie_embeddings and "output.weight" in out:
+        out["output.weight"] = out["tok_embeddings.weight"]  # one tensor in the file
+    return out
+
+
 def export_gguf(ckpt_path: str | Path, out_path: str | Path, dtype: GGUFDType = "f16",
                 *, overwrite: bool = False) -> Path:
     """Write `out_path` (a .gguf file, mode 0600) atomically: temp file beside it + rename.

@@ -7,19 +7,16 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from bastion.checkpoint import Checkpoint, load_checkpoint, save_checkpoint, verify_checkpoint
+from bastion.checkpoint import load_checkpoint, save_checkpoint, verify_checkpoint
 from bastion.checkpoint.contents import load_full_model
 from bastion.cli import app
-from bastion.config import build_config
-from bastion.config.load import to_yaml
 from bastion.config.schema import GenerateConfig
 from bastion.errors import CheckpointError
 from bastion.infer import generate
 from bastion.infer.loading import load_for_inference
 from bastion.infer.quantize import quantize_checkpoint, weight_bytes
-from bastion.model import Transformer
-from bastion.tokenizer import BastionTokenizer
 from synthetic.corpus import grammar_documents
+from synthetic.grammar_model import train_grammar_checkpoint
 
 runner = CliRunner()
 LIMITS = GenerateConfig(max_new_tokens=24, max_new_tokens_ceiling=100, temperature=0.0)
@@ -35,27 +32,8 @@ GREEDY_FLOOR = 0.8
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A 2-layer d_model 64 model trained for 200 AdamW steps on the synthetic agreement
-    grammar (~8 s on one thread; loss ~0.9), saved as a Bastion checkpoint."""
-    torch.set_num_threads(1)
-    docs = grammar_documents(600, seed=0)
-    tok = BastionTokenizer.train(docs, vocab_size=300, min_frequency=1)
-    data = torch.tensor([i for d in docs for i in tok.encode(d) + [tok.eos_id]])
-    cfg = build_config({"model": {"vocab_size": tok.vocab_size, "d_model": 64, "n_layer": 2, "n_head": 4,
-                                  "n_kv_head": 2, "max_seq_len": 128, "dropout": 0.0}, "train": {"seq_len": 64}})
-    torch.manual_seed(0)
-    model = Transformer(cfg.model)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    g = torch.Generator().manual_seed(0)
-    for _ in range(200):
-        batch = torch.stack([data[s:s + 65] for s in torch.randint(0, len(data) - 65, (16,), generator=g)])
-        _, loss = model(batch[:, :-1], batch[:, 1:])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    assert loss.item() < 1.5
-    ckpt = Checkpoint(model=model.state_dict(), trainer_state={"step": 200}, config_yaml=to_yaml(cfg),
-                      tokenizer_json=tok.to_json_str())
-    return save_checkpoint(tmp_path_factory.mktemp("trained") / "run", 200, ckpt)
+    grammar (loss ~0.9), saved as a Bastion checkpoint."""
+    return train_grammar_checkpoint(tmp_path_factory.mktemp("trained") / "run")
 
 
 @pytest.fixture(scope="module")

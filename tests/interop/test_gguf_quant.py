@@ -9,7 +9,7 @@ gguf = pytest.importorskip("gguf")
 
 import exports
 from bastion.errors import CheckpointError
-from bastion.interop.gguf import GGUF_DTYPES, export_gguf, gguf_tensor_name, tensor_type, unpermute_qk
+from bastion.interop.gguf import GGUF_DTYPES, export_gguf, gguf_tensor_name, stored_values, tensor_type, unpermute_qk
 from bastion.model import Transformer
 
 Q = gguf.GGMLQuantizationType
@@ -154,12 +154,31 @@ def test_dequantized_models_logits_stay_close(untied):
     assert err["f16"] < err["q8_0"] < err["q4_0"] and err["q4_0"] > 5 * err["q8_0"], err
 
 
+def assert_stored_values_are_the_files(reader, net: Transformer, dtype: str) -> None:
+    """stored_values (what `eval perplexity --formats gguf-*` measures) is bit for bit what
+    the exported file holds, dequantized by gguf."""
+    ours = stored_values(net.state_dict(), net.cfg, dtype)
+    theirs = dequantized_model(reader, net).state_dict()
+    assert ours.keys() == theirs.keys()
+    for name in ours:
+        assert torch.equal(ours[name], theirs[name]), (dtype, name)
+
+
+def test_stored_values_equal_the_exported_files_values(untied):
+    _, net, readers = untied
+    for dtype, reader in readers.items():
+        assert_stored_values_are_the_files(reader, net, dtype)
+    with pytest.raises(CheckpointError, match="GGUF dtype must be one of"):
+        stored_values(net.state_dict(), net.cfg, "q5_k")
+
+
 def test_tied_head_keeps_8_bits_and_short_rows_fall_back_to_f16(tmp_path, tokenizer):
     """Tied embeddings: token_embd is the lm head too, so in a q4_0 file it is q8_0 (llama.cpp
     treats it alike). d_ff 80: ffn_down's rows are 80 long, not whole 32-value blocks -> f16."""
     ckpt_dir, net = exports.make_checkpoint(tmp_path / "run", tokenizer, vocab_size=320, d_ff=80)
     for dtype in ("q8_0", "q4_0"):
         reader = gguf.GGUFReader(export_gguf(ckpt_dir, tmp_path / f"{dtype}.gguf", dtype=dtype))
+        assert_stored_values_are_the_files(reader, net, dtype)
         got = types(reader)
         assert "output.weight" not in got and got["token_embd.weight"] == Q.Q8_0
         assert got["blk.0.ffn_down.weight"] == Q.F16 and got["blk.1.ffn_down.weight"] == Q.F16

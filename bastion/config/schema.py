@@ -231,6 +231,9 @@ class LoraConfig(Section):
         default_factory=lambda: ["wq", "wk", "wv", "wo"], min_length=1, max_length=16,
         description="attention: wq wk wv wo; MLP: w1 (gate) w2 (down) w3 (up)",
     )
+    base_quantization: Literal["none", "nf4", "int8"] = Field(
+        default="none", description="QLoRA: hold the frozen base weights of the wrapped layers in nf4 (4-bit "
+                                    "NormalFloat, torchao) or int8 (per-row) while the adapters train; none = plain LoRA")
 
     @field_validator("target_modules")
     @classmethod
@@ -447,6 +450,19 @@ class BastionConfig(Section):
             raise ValueError(f"train.objective ({objective}) needs finetune.train_file (its training JSONL)")
         if self.train.dp.enabled:
             raise ValueError("train.dp (DP-SGD) is available for train.objective clm only")
+        return self
+
+    @model_validator(mode="after")
+    def _qlora_fits(self) -> "BastionConfig":
+        quant = self.finetune.lora.base_quantization
+        if quant == "none":
+            return self
+        if not self.finetune.lora.enabled:
+            raise ValueError(f"finetune.lora.base_quantization ({quant}) needs finetune.lora.enabled: true (QLoRA "
+                             "trains LoRA adapters over a frozen quantized base); set it to none otherwise")
+        if self.train.parallel == "fsdp":
+            raise ValueError(f"finetune.lora.base_quantization ({quant}) cannot be combined with train.parallel fsdp "
+                             "(FSDP2 would shard the quantized weights); use ddp, or base_quantization none")
         return self
 
     @model_validator(mode="after")

@@ -18,6 +18,11 @@ keys are the base keys plus two per wrapped module:
 No state-dict hooks are needed, and `merge_lora` puts the same Parameters back into a plain
 nn.Linear, so the merged model's state dict is exactly a base state dict.
 
+QLoRA (`finetune.lora.base_quantization` nf4 / int8): `quantize_lora_base` replaces the
+frozen base weight of every LoRALinear by a quantized one (bastion/model/qlora.py) in place,
+once the base is loaded; lora_A / lora_B and their compute stay in the training dtype. The
+adapters' names, shapes and files are those of plain LoRA.
+
 This module is the layers only. Adapters as files (adapter folders, loading them onto a
 model, merging them into their base checkpoint) are bastion/adapters/.
 """
@@ -27,6 +32,7 @@ import contextlib
 import math
 import re
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +40,7 @@ from torch import nn
 
 from bastion.config.schema import LoraConfig
 from bastion.errors import ConfigError
+from bastion.model.qlora import MODES, int8_linear, int8_rowwise, nf4_fits, tensor_bytes, to_nf4
 
 # Short target name -> the sub-module of a layer that holds it.
 TARGETS: dict[str, str] = {
@@ -69,17 +76,49 @@ class LoRALinear(nn.Module):
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # what PEFT (and nn.Linear) use
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.disabled = False  # `lora_disabled`: the base layer alone (e.g. a KL reference)
+        self.base_quantization = "none"  # "nf4" / "int8" after quantize_base (QLoRA)
+        self.register_buffer("weight_scale", None, persistent=False)  # int8: one scale per output row
+
+    def base(self, x: torch.Tensor) -> torch.Tensor:
+        """The frozen base layer alone. An NF4 weight goes through torchao's linear_nf4
+        (F.linear dispatches to it), an int8 one through qlora.int8_linear."""
+        if self.weight_scale is not None:
+            return int8_linear(x, self.weight, self.weight_scale, self.bias)
+        return F.linear(x, self.weight, self.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.disabled:
-            return F.linear(x, self.weight, self.bias)
+            return self.base(x)
         update = F.linear(F.linear(self.lora_dropout(x), self.lora_A), self.lora_B)
-        return F.linear(x, self.weight, self.bias) + update * self.scaling
+        return self.base(x) + update * self.scaling
+
+    @torch.no_grad()
+    def quantize_base(self, mode: str) -> bool:
+        """Hold the frozen base weight quantized (`mode` nf4 or int8, bastion/model/qlora.py),
+        on its device; the full-precision weight is dropped. False, and the weight left as it
+        is, when nf4 cannot hold its shape (element count not a multiple of 16,384)."""
+        if self.base_quantization != "none":
+            raise ValueError(f"the base weight is already quantized ({self.base_quantization})")
+        if mode == "nf4":
+            if not nf4_fits(self.weight.shape):
+                return False
+            self.weight = nn.Parameter(to_nf4(self.weight), requires_grad=False)
+        elif mode == "int8":
+            values, scale = int8_rowwise(self.weight)
+            self.weight = nn.Parameter(values, requires_grad=False)
+            self.weight_scale = scale
+        else:
+            raise ValueError(f"unknown base quantization {mode!r}; choose nf4 or int8")
+        self.base_quantization = mode
+        return True
 
     @torch.no_grad()
     def merged(self) -> nn.Linear:
         """A plain nn.Linear holding weight + B @ A * scaling (computed in float32). The
         weight Parameter is updated in place and reused: do not call twice."""
+        if self.base_quantization != "none":
+            raise ValueError("cannot merge into a quantized base weight; merge the adapter into the full-precision "
+                             "base checkpoint instead (bastion merge)")
         delta = (self.lora_B.float() @ self.lora_A.float()) * self.scaling
         self.weight.copy_((self.weight.float() + delta).to(self.weight.dtype))
         linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
@@ -88,8 +127,9 @@ class LoRALinear(nn.Module):
         return linear.train(self.training)
 
     def extra_repr(self) -> str:
+        base = "" if self.base_quantization == "none" else f", base={self.base_quantization}"
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-                f"rank={self.rank}, alpha={self.alpha:g}")
+                f"rank={self.rank}, alpha={self.alpha:g}{base}")
 
 
 def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
@@ -145,6 +185,61 @@ def apply_lora(model: nn.Module, cfg: LoraConfig) -> list[str]:
     return wrapped
 
 
+@dataclass
+class QuantizedBase:
+    """The wrapped base weights of a QLoRA model: those held quantized and those left in full
+    precision (nf4: shapes it cannot hold), with their bytes in the training dtype and now."""
+
+    mode: str
+    quantized: list[str] = field(default_factory=list)  # weight names, "layers.0.attention.wq.weight"
+    kept: list[str] = field(default_factory=list)
+    bytes_before: int = 0  # the wrapped base weights in the training dtype
+    bytes_after: int = 0  # as they are held now (quantized values and scales, plus those kept)
+
+    def describe(self) -> str:
+        kept = f", {len(self.kept)} kept in full precision (not a multiple of 16,384 values)" if self.kept else ""
+        return (f"QLoRA: {len(self.quantized)} frozen base weights in {self.mode}{kept}, "
+                f"{self.bytes_before / 2**20:,.1f} -> {self.bytes_after / 2**20:,.1f} MiB")
+
+
+def quantized_base(model: nn.Module, mode: str) -> QuantizedBase:
+    """What the model's LoRA modules hold as their base weights (see quantize_lora_base)."""
+    report = QuantizedBase(mode)
+    for name, module in lora_modules(model).items():
+        # lora_A is made in the dtype the base weight had, the training dtype.
+        report.bytes_before += module.weight.numel() * module.lora_A.element_size()
+        report.bytes_after += tensor_bytes(module.weight)
+        if module.weight_scale is not None:
+            report.bytes_after += tensor_bytes(module.weight_scale)
+        (report.quantized if module.base_quantization != "none" else report.kept).append(f"{name}.weight")
+    return report
+
+
+def quantize_lora_base(model: nn.Module, mode: str) -> QuantizedBase:
+    """Quantize the frozen base weight of every LoRALinear of `model` in place, one at a time
+    (each full-precision weight is dropped as its quantized form replaces it, so memory never
+    holds two copies of the base). Only LoRA-wrapped weights are touched: the embedding, the
+    norms, the lm head and unwrapped projections stay as they are. Call it after apply_lora
+    and before building the optimizer, with the model on its training device."""
+    if mode not in MODES or mode == "none":
+        raise ConfigError(f"finetune.lora.base_quantization: unknown value {str(mode)[:40]!r} to quantize with; "
+                          "choose nf4 or int8", [("finetune.lora.base_quantization", "unknown value")])
+    modules = lora_modules(model)
+    if not modules:
+        raise ConfigError("finetune.lora.base_quantization needs LoRA adapters on the model (apply_lora first)")
+    for module in modules.values():
+        module.quantize_base(mode)
+    report = quantized_base(model, mode)
+    # DDP broadcasts every parameter and buffer from rank 0 when it wraps the model (and
+    # buffers before each forward); these are frozen and identical on every rank (each
+    # quantizes the same verified base), so DDP leaves them alone.
+    ignored = list(report.quantized)
+    if mode == "int8":
+        ignored += [name.removesuffix(".weight") + ".weight_scale" for name in report.quantized]
+    model._ddp_params_and_buffers_to_ignore = ignored
+    return report
+
+
 def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The adapter tensors only: {"layers.N.attention.wq.lora_A": ..., ".lora_B": ...} (detached)."""
     out: dict[str, torch.Tensor] = {}
@@ -190,5 +285,6 @@ def merge_lora(model: nn.Module) -> list[str]:
     return merged
 
 
-__all__ = ["LORA_SUFFIXES", "LoRALinear", "TARGETS", "apply_lora", "is_lora_name", "lora_disabled", "lora_module_name", "lora_modules",
-           "lora_settings", "lora_state_dict", "merge_lora"]
+__all__ = ["LORA_SUFFIXES", "LoRALinear", "QuantizedBase", "TARGETS", "apply_lora", "is_lora_name", "lora_disabled",
+           "lora_module_name", "lora_modules", "lora_settings", "lora_state_dict", "merge_lora", "quantize_lora_base",
+           "quantized_base"]

@@ -232,7 +232,14 @@ class RunCheckpoints:
             if recorded != self.start.manifest_sha256:
                 raise CheckpointError(f"--resume: the run started from a different checkpoint than finetune.init_from "
                                       f"{self.start.directory} (its MANIFEST.json hash differs)")
-        saved = checkpoint_config(ckpt).model.model_dump(mode="json")
+        saved_cfg = checkpoint_config(ckpt)
+        # QLoRA: the adapters were trained over this quantization of the base; another would
+        # continue them over a different model (the run's config.yaml records it).
+        saved_quant, quant = saved_cfg.finetune.lora.base_quantization, self.cfg.finetune.lora.base_quantization
+        if saved_quant != quant:
+            raise CheckpointError(f"--resume: the run trained with finetune.lora.base_quantization {saved_quant}, "
+                                  f"the config says {quant}")
+        saved = saved_cfg.model.model_dump(mode="json")
         current = self.cfg.model.model_dump(mode="json")
         changed = sorted(k for k in current if saved.get(k) != current[k])
         if changed:

@@ -17,7 +17,7 @@ import torch
 from bastion.config.schema import BastionConfig, TrainConfig
 from bastion.errors import ConfigError
 from bastion.model import Transformer
-from bastion.model.lora import apply_lora
+from bastion.model.lora import apply_lora, lora_disabled, quantize_lora_base, quantized_base
 from bastion.train.checkpoints import RunCheckpoints, RunProgress, StartPoint, start_point
 from bastion.train.distributed import (
     DistEnv,
@@ -195,18 +195,27 @@ def _train(cfg: BastionConfig, env: DistEnv, device: torch.device, stop: StopReq
 def _build_model(cfg: BastionConfig, start: StartPoint, task: Task, device: torch.device, autocast) -> Transformer:
     """The model at its starting weights (fresh, or the start point's: they become the
     float32 master weights, one copy in memory), prepared for by the task, with LoRA
-    adapters if the config asks for them."""
+    adapters if the config asks for them. QLoRA (finetune.lora.base_quantization): the
+    wrapped base weights are quantized first, one by one, and the task prepares on that
+    quantized base with the adapters off (DPO's and KTO's reference log-probs, GRPO's KL
+    reference: the very base the adapters train over)."""
     torch.manual_seed(cfg.train.seed)
     if start.weights is None:
         model = Transformer(cfg.model).to(device)
     else:
         model = Transformer.from_state_dict(cfg.model, start.weights).to(device=device, dtype=torch.float32)
         start.weights = None
+    lora = cfg.finetune.lora
+    quantized = lora.enabled and lora.base_quantization != "none"
+    if quantized:  # QLoRA: the task prepares on the quantized base, which is what the adapters start from
+        apply_lora(model, lora)
+        quantize_lora_base(model, lora.base_quantization)
     model.eval()  # e.g. DPO's reference: the starting weights, without dropout
-    task.prepare(model, device, autocast)
+    with lora_disabled(model) if quantized else contextlib.nullcontext():
+        task.prepare(model, device, autocast)
     model.train()
-    if cfg.finetune.lora.enabled:
-        apply_lora(model, cfg.finetune.lora)
+    if lora.enabled and not quantized:
+        apply_lora(model, lora)
     model.activation_checkpointing = cfg.train.activation_checkpointing
     model.loss_chunk_tokens = cfg.train.loss_chunk_tokens
     return model
@@ -246,6 +255,8 @@ def _notes(cfg: BastionConfig, env: DistEnv, sharded: bool, task: Task, start: S
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         notes.append(f"{tc.objective} from {start.directory}: {trainable:,} of {model.num_params():,} parameters "
                      f"trainable{' (LoRA)' if cfg.finetune.lora.enabled else ''}, {total_steps} steps")
+    if cfg.finetune.lora.enabled and cfg.finetune.lora.base_quantization != "none":
+        notes.append(quantized_base(model, cfg.finetune.lora.base_quantization).describe())
     return notes
 
 

@@ -33,7 +33,7 @@ bench: install
 
 # Wheels (Python 3.12, x86-64) of the pinned packages a stock CUDA/PyTorch image tends to
 # lack, for machines without a registry: bench/gpu_check.sh installs .whl/ when present.
-GPU_WHEELS := pydantic pydantic_core annotated-types typing-inspection typing_extensions datasketch dill
+GPU_WHEELS := pydantic pydantic_core annotated-types typing-inspection typing_extensions datasketch dill torchao
 gpu-wheels: install
 	rm -rf .whl
 	for name in $(GPU_WHEELS); do \

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Bastion's GPU checks as one prepared run (at most ~7.5 minutes), for a machine lent for a short
+# Bastion's GPU checks as one prepared run (at most ~9.5 minutes), for a machine lent for a short
 # time: the CUDA paths of the training tests, then training throughput and MFU against
 # transformers' LlamaForCausalLM for a GPT-2-small-class model (~124M), eager and compiled.
 #
@@ -7,7 +7,7 @@
 #   bash bench/gpu_check.sh         # there, from the repository root (carry .whl)
 #
 # Results go to $OUT (default runs/gpu-check): env.txt, tests.log, eager.json / .log,
-# profile.json / .log, compile.json / .log (8 files: what the device tool brings back). Each stage has its own time limit and a failed stage does not stop
+# profile.json / .log, compile.json / .log, quantize.log (9 files: what the device tool brings back). Each stage has its own time limit and a failed stage does not stop
 # the next, so one run always brings back whatever it could measure.
 set -u
 OUT=${OUT:-runs/gpu-check}
@@ -46,3 +46,6 @@ stage eager 120 "$PY" bench/train_throughput.py "${common[@]}" --rounds 2 --step
 # Where the eager step's time goes: top kernels and how busy the GPU is (the tuning lead).
 stage profile 60 "$PY" bench/profile_step.py "${common[@]}" --steps 3 --json "$OUT/profile.json"
 stage compile 180 "$PY" bench/train_throughput.py "${common[@]}" --rounds 1 --steps 30 --compile --json "$OUT/compile.json"
+# Quantized inference on CUDA (torchao's linears; never run on a GPU yet): fp32 / bf16 / int8 /
+# int4 decode tok/s, 16 concurrent, CUDA peak memory and logit error, d1024 x 12 (issue 15).
+stage quantize 120 "$PY" bench/quantize.py --device cuda --skip-quality --skip-qlora

@@ -23,6 +23,7 @@ library's source, then `bastion eval perplexity` on held-out source files in eve
     OMP_NUM_THREADS=1 .venv/bin/python bench/quantize.py            # ~8 min on 2 CPU cores
     OMP_NUM_THREADS=2 .venv/bin/python bench/quantize.py --threads 2
     OMP_NUM_THREADS=1 .venv/bin/python bench/quantize.py --d-model 256 --layers 6 --skip-qlora
+    python bench/quantize.py --device cuda --skip-quality --skip-qlora    # peak = CUDA memory
 """
 from __future__ import annotations
 
@@ -91,7 +92,10 @@ def measure(mode: str, path: Path, logits_out: Path, args: argparse.Namespace) -
     _torchao()  # every process pays torchao's import alike
     reset_peak()
     base = status_bytes("VmRSS")
-    loaded = load_for_inference(path)
+    cuda = args.device.startswith("cuda")
+    loaded = load_for_inference(path, device=args.device)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
     if mode == "bf16":
         loaded.model.to(torch.bfloat16)
     tok = NoEos(loaded.tokenizer)
@@ -112,12 +116,13 @@ def measure(mode: str, path: Path, logits_out: Path, args: argparse.Namespace) -
         done = sum(len(h.result().token_ids) for h in handles)
         concurrent = done / (time.perf_counter() - start)
     g = torch.Generator().manual_seed(1)
-    x = torch.randint(0, loaded.config.model.vocab_size, (4, 128), generator=g)
+    x = torch.randint(0, loaded.config.model.vocab_size, (4, 128), generator=g).to(args.device)
     with torch.inference_mode():
-        logits = loaded.model(x)[0].float()
+        logits = loaded.model(x)[0].float().cpu()
     safetensors.torch.save_file({"logits": logits.contiguous()}, str(logits_out))
     return {"tok_s": statistics.median(rates), "tok_s_16": concurrent,
-            "peak_bytes": status_bytes("VmHWM") - base,
+            # CUDA: the device's peak allocation after loading (weights, KV cache, activations)
+            "peak_bytes": torch.cuda.max_memory_allocated() if cuda else status_bytes("VmHWM") - base,
             "size_bytes": (path.parent.parent / "bf16.safetensors" if mode == "bf16" else path / "model.safetensors").stat().st_size}
 
 
@@ -173,6 +178,7 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=4096)
     parser.add_argument("--tokens", type=int, default=64, help="new tokens per timed generate()")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--device", default="cpu", help="cpu, or cuda: torchao's CUDA linears (speed part only)")
     parser.add_argument("--train-steps", type=int, default=400, help="steps of the perplexity model")
     parser.add_argument("--skip-qlora", action="store_true", help="leave out bench/qlora.py's run")
     parser.add_argument("--skip-quality", action="store_true", help="leave out the perplexity model")
@@ -190,7 +196,7 @@ def main() -> None:
         for mode in MODES:
             out = work / f"{mode}.logits.safetensors"
             child = [sys.executable, __file__, "--child", mode, str(paths[mode]), str(out), "--tokens",
-                     str(args.tokens), "--threads", str(args.threads)]
+                     str(args.tokens), "--threads", str(args.threads), "--device", args.device]
             run = subprocess.run(child, capture_output=True, text=True)
             if run.returncode:
                 sys.exit(f"{mode} failed:\n{run.stderr[-3000:]}")
@@ -198,7 +204,8 @@ def main() -> None:
             logits[mode] = safetensors.torch.load_file(str(out))["logits"]
         ppl = None if args.skip_quality else quality(work, args)
     ref = logits["fp32"]
-    print(f"speed: d_model {args.d_model} x {args.layers} layers, vocab {args.vocab}; {args.threads} thread(s)")
+    print(f"speed: d_model {args.d_model} x {args.layers} layers, vocab {args.vocab}; {args.device}, "
+          f"{args.threads} thread(s)")
     print(f"{'':6} {'size MB':>8} {'x':>6} {'tok/s':>7} {'x':>6} {'16-conc tok/s':>14} {'x':>6} "
           f"{'peak MB':>8} {'x':>6} {'rel logit err':>14} {'top-1':>6}")
     base = results["fp32"]

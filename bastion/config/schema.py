@@ -395,6 +395,8 @@ class ServeConfig(Section):
                                 "torch's); 1 is often fastest for small models on few cores")
     max_queue: int = Field(default=64, ge=0, le=100_000, description="waiting requests beyond the batch; more get 503")
     max_n: int = Field(default=1, ge=1, le=16, description="completions per request (OpenAI's n)")
+    max_prompts: int = Field(default=16, ge=1, le=128, description="prompts per /v1/completions request (a batched "
+                             "list of strings or of token-id lists), each with its n completions")
     batch_mode: Literal["padded", "rowwise", "dynamic"] = Field(
         default="padded", description="padded: batched and batch-invariant; rowwise: bit-equal to `bastion generate`, "
                                       "no batching speed-up; dynamic: fastest, last-bit batch effects")

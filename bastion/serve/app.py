@@ -258,6 +258,7 @@ def _retry_after(seconds: float) -> dict[str, str]:
 
 def create_app(state: ServerState) -> FastAPI:
     """The FastAPI app over a started-or-startable ServerState (the engine starts with the app)."""
+    created = _model_created(state)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -285,7 +286,7 @@ def create_app(state: ServerState) -> FastAPI:
         first = exc.errors()[0] if exc.errors() else {}
         where = ".".join(str(p) for p in first.get("loc", ()) if p != "body") or None
         kind = first.get("type", "")
-        if kind == "invalid_unicode":  # raised for the whole body; the field is in its context
+        if kind in ("invalid_unicode", "unsupported_value"):  # raised for the whole body; the field is in its context
             where = first["ctx"]["field"]
             message = f"{where}: {first.get('msg')}"
         elif kind == "json_invalid":
@@ -316,13 +317,19 @@ def create_app(state: ServerState) -> FastAPI:
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
-        return {"object": "list", "data": [{"id": state.model_name, "object": "model", "created": 0,
+        return {"object": "list", "data": [{"id": state.model_name, "object": "model", "created": created,
                                              "owned_by": "bastion"}]}
 
     @app.post("/v1/completions")
     async def completions(body: P.CompletionRequest, request: Request) -> Response:
-        prompt_ids = state.loaded.tokenizer.encode_prompt(body.prompt)
-        return await _generate(state, request, body, prompt_ids, chat=False, text=body.prompt)
+        prompts = body.prompts()
+        if len(prompts) > state.cfg.max_prompts:
+            raise ApiError(400, f"{len(prompts)} prompts, over this server's limit of {state.cfg.max_prompts}",
+                           "invalid_request_error", param="prompt")
+        ids = [state.loaded.tokenizer.encode_prompt(p) if isinstance(p, str) else _checked_ids(state, p, i, len(prompts))
+               for i, p in enumerate(prompts)]
+        text = prompts[0] if len(prompts) == 1 and isinstance(prompts[0], str) else json.dumps(prompts)
+        return await _generate(state, request, body, ids, chat=False, text=text)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: P.ChatRequest, request: Request) -> Response:
@@ -333,10 +340,29 @@ def create_app(state: ServerState) -> FastAPI:
             prompt_ids = chat.encode_prompt(messages)
         except DataError as exc:
             raise ApiError(400, f"messages: {exc}", "invalid_request_error", param="messages") from None
-        return await _generate(state, request, body, prompt_ids, chat=True,
+        return await _generate(state, request, body, [prompt_ids], chat=True,
                                text=json.dumps([m.plain() for m in body.messages]))
 
     return app
+
+
+def _model_created(state: ServerState) -> int:
+    """/v1/models' `created`: when the served checkpoint was written (its manifest's mtime)."""
+    try:
+        return int((state.loaded.directory / "MANIFEST.json").stat().st_mtime)
+    except OSError:
+        return int(time.time())
+
+
+def _checked_ids(state: ServerState, ids: list[int], index: int, count: int) -> list[int]:
+    """A prompt given as token ids, each inside the model's vocabulary (400 otherwise)."""
+    vocab = state.loaded.config.model.vocab_size
+    bad = next((t for t in ids if t >= vocab), None)
+    if bad is not None:
+        where = "prompt" if count == 1 else f"prompt {index}"
+        raise ApiError(400, f"{where}: token id {bad} is outside the model's vocabulary [0, {vocab})",
+                       "invalid_request_error", param="prompt")
+    return ids
 
 
 KNOWN_ROUTES = {"/health", "/ready", "/metrics", "/v1/models", "/v1/completions", "/v1/chat/completions"}
@@ -345,8 +371,10 @@ KNOWN_ROUTES = {"/health", "/ready", "/metrics", "/v1/models", "/v1/completions"
 # ---- generation ------------------------------------------------------------------------------
 
 
-async def _generate(state: ServerState, request: Request, body: P._Sampling, prompt_ids: list[int], *, chat: bool,
+async def _generate(state: ServerState, request: Request, body: P._Sampling, prompts: list[list[int]], *, chat: bool,
                     text: str) -> Response:
+    """Submit body.n completions of each prompt (in that order: choice index = prompt index
+    x n + j), after the model name, n, stop and length limits and the rate limit pass."""
     info = request.state.info
     info["request_id"] = rid = P.new_id("chatcmpl" if chat else "cmpl")
     if body.model != state.model_name:
@@ -362,15 +390,17 @@ async def _generate(state: ServerState, request: Request, body: P._Sampling, pro
     budget = body.budget() if isinstance(body, P.ChatRequest) else body.max_tokens
     stop_ids = state.loaded.chat.stop_ids if chat else None
     try:
-        params = [state.engine.params(len(prompt_ids), max_new_tokens=budget, temperature=body.temperature,
-                                      top_p=body.top_p, seed=None if body.seed is None else body.seed + i,
-                                      stop=body.stop, stop_ids=stop_ids) for i in range(body.n)]
+        jobs = [(ids, state.engine.params(len(ids), max_new_tokens=budget, temperature=body.temperature,
+                                          top_p=body.top_p, seed=None if body.seed is None else body.seed + j,
+                                          stop=body.stop, stop_ids=stop_ids))
+                for ids in prompts for j in range(body.n)]
     except GenerationLimitError as exc:
         raise ApiError(400, str(exc), "invalid_request_error", code="limit_exceeded") from None
-    info["prompt_tokens"] = len(prompt_ids)
+    prompt_tokens = sum(len(ids) for ids in prompts)
+    info["prompt_tokens"] = prompt_tokens
     if state.cfg.log_prompts:
         info["prompt"] = text
-    requested = len(prompt_ids) + sum(p.max_new_tokens for p in params)
+    requested = prompt_tokens + sum(p.max_new_tokens for _, p in jobs)
     try:
         wait = state.limiter.check(info["key_id"], requested)
     except RequestTooLarge as exc:
@@ -381,8 +411,8 @@ async def _generate(state: ServerState, request: Request, body: P._Sampling, pro
     loop = asyncio.get_running_loop()
     handles = []
     try:
-        for p in params:
-            handles.append(state.engine.submit(prompt_ids, p, loop=loop))
+        for ids, p in jobs:
+            handles.append(state.engine.submit(ids, p, loop=loop))
     except (QueueFullError, EngineClosedError) as exc:
         for h in handles:
             h.cancel()
@@ -391,7 +421,7 @@ async def _generate(state: ServerState, request: Request, body: P._Sampling, pro
         raise ApiError(503, "server busy: the queue is full, retry later" if full else "server is shutting down",
                        "server_error", code="overloaded" if full else "shutting_down", headers=_retry_after(1)) \
             from None
-    state.metrics.tokens.labels("prompt").inc(len(prompt_ids))
+    state.metrics.tokens.labels("prompt").inc(prompt_tokens)
     if body.stream:
         return StreamingResponse(_stream(state, request, body, handles, rid, chat, requested),
                                  media_type="text/event-stream", headers={"Cache-Control": "no-store"})

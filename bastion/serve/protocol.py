@@ -6,11 +6,12 @@ number is bounded here before the engine checks it against the model's limits.
 """
 from __future__ import annotations
 
+import json
 import time
 import uuid
-from typing import Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 from bastion.infer.generate import MAX_STOP_CHARS
@@ -18,6 +19,14 @@ from bastion.infer.generate import MAX_STOP_CHARS
 MAX_STOP_STRINGS = 16  # hard schema cap; GenerateConfig.max_stop_strings is the configured one
 MAX_PROMPT_CHARS = 4_000_000
 MAX_MESSAGES = 1024
+MAX_PROMPTS = 128  # hard schema cap; ServeConfig.max_prompts is the configured one
+MAX_PROMPT_IDS = 1_048_576  # token ids in one prompt; the model's context is checked later
+TokenId = Annotated[StrictInt, Field(ge=0, le=2**31 - 1)]  # StrictInt: no "12" or 1.0 or true
+TokenIds = Annotated[list[TokenId], Field(max_length=MAX_PROMPT_IDS)]
+# Fields the spec defines that Bastion does not act on are accepted at their neutral values
+# only (`NEUTRAL` below; anything else is a 400 naming the field: silently different output
+# is worse). Their types repeat the rule, so the parsed request can hold nothing else.
+NoLogitBias = Annotated[dict[str, float], Field(max_length=0)]
 
 
 class _Strict(BaseModel):
@@ -54,6 +63,15 @@ def unencodable_text(body: Any) -> tuple[str, str] | None:
     return None
 
 
+def _same(value: Any, neutral: Any) -> bool:
+    """JSON equality without Python's True == 1 and 0 == False (0 and 0.0 are both zero)."""
+    if neutral is None or isinstance(neutral, bool):
+        return value is neutral
+    if isinstance(neutral, (int, float)):
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and value == neutral
+    return type(value) is type(neutral) and value == neutral
+
+
 def printable(text: str) -> str:
     """`text` made encodable (a lone surrogate shows as its escape), for any reply that quotes a client."""
     return text if _encodable(text) else text.encode("utf-8", "backslashreplace").decode("utf-8")
@@ -77,6 +95,11 @@ class _Sampling(_Strict):
     # Accepted only at their neutral values: anything else would be silently ignored.
     presence_penalty: float | None = Field(default=None, ge=0.0, le=0.0)
     frequency_penalty: float | None = Field(default=None, ge=0.0, le=0.0)
+    logit_bias: NoLogitBias | None = None
+
+    # Spec fields Bastion does not act on -> the values that mean "off" (shown in the 400).
+    NEUTRAL: ClassVar[dict[str, tuple[Any, ...]]] = {
+        "presence_penalty": (None, 0), "frequency_penalty": (None, 0), "logit_bias": (None, {})}
 
     @model_validator(mode="before")
     @classmethod
@@ -88,6 +111,17 @@ class _Sampling(_Strict):
             field, what = bad
             raise PydanticCustomError("invalid_unicode", "{what} is not valid Unicode (a lone surrogate)",
                                       {"field": field, "what": what})
+        return body
+
+    @model_validator(mode="before")
+    @classmethod
+    def _neutral_only(cls, body: Any) -> Any:
+        if not isinstance(body, dict):
+            return body
+        for name, allowed in cls.NEUTRAL.items():
+            if name in body and not any(_same(body[name], a) for a in allowed):
+                raise PydanticCustomError("unsupported_value", "not supported by this server: send {allowed} (or "
+                                          "leave it out)", {"field": name, "allowed": " or ".join(map(json.dumps, allowed))})
         return body
 
     @field_validator("stop")
@@ -104,20 +138,44 @@ class _Sampling(_Strict):
 
 
 class CompletionRequest(_Sampling):
-    prompt: str | list[str]
+    """`prompt` in any of the spec's four forms: a string, a list of strings, a list of token
+    ids, a list of token-id lists; `prompts()` gives them as a list of prompts (each a string
+    or a token-id list), in order."""
+
+    prompt: str | list[str] | TokenIds | Annotated[list[TokenIds], Field(max_length=MAX_PROMPTS)]
+    NEUTRAL: ClassVar[dict[str, tuple[Any, ...]]] = {**_Sampling.NEUTRAL, "echo": (False,), "logprobs": (None,),
+                                                      "best_of": (None, 1), "suffix": (None,)}
     echo: Literal[False] = False
     logprobs: None = None
+    best_of: Literal[1] | None = None
+    suffix: None = None
 
     @field_validator("prompt")
     @classmethod
-    def _one_prompt(cls, value: str | list[str]) -> str:
-        if isinstance(value, list):
-            if len(value) != 1:
-                raise ValueError("send one prompt per request (a list of exactly one string)")
-            value = value[0]
-        if len(value) > MAX_PROMPT_CHARS:
-            raise ValueError(f"prompt is over {MAX_PROMPT_CHARS} characters")
+    def _bounded(cls, value: Any) -> Any:
+        prompts = cls._split(value)
+        if not prompts:
+            raise ValueError("prompt is an empty list")
+        if len(prompts) > MAX_PROMPTS:
+            raise ValueError(f"{len(prompts)} prompts, over the limit of {MAX_PROMPTS}")
+        for i, prompt in enumerate(prompts):
+            where = "prompt" if len(prompts) == 1 else f"prompt {i}"
+            if isinstance(prompt, str) and len(prompt) > MAX_PROMPT_CHARS:
+                raise ValueError(f"{where} is over {MAX_PROMPT_CHARS} characters")
+            if isinstance(prompt, list) and not prompt:
+                raise ValueError(f"{where} is an empty list of token ids")
         return value
+
+    @staticmethod
+    def _split(value: Any) -> list[str | list[int]]:
+        if isinstance(value, str):
+            return [value]
+        if value and all(isinstance(v, int) for v in value):
+            return [list(value)]  # one prompt as token ids
+        return list(value)  # strings, or token-id lists
+
+    def prompts(self) -> list[str | list[int]]:
+        return self._split(self.prompt)
 
 
 class TextPart(_Strict):
@@ -144,9 +202,27 @@ class ChatMessage(_Strict):
         return {"role": "system" if self.role == "developer" else self.role, "content": text}
 
 
+class TextFormat(_Strict):
+    type: Literal["text"]
+
+
 class ChatRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
     max_completion_tokens: int | None = Field(default=None, ge=1, le=1_000_000)
+    # Neutral values only (NEUTRAL): the spec's defaults, or "off".
+    NEUTRAL: ClassVar[dict[str, tuple[Any, ...]]] = {
+        **_Sampling.NEUTRAL, "logprobs": (None, False), "top_logprobs": (None, 0), "response_format": (None, {"type": "text"}),
+        "tools": (None, []), "tool_choice": (None, "none"), "store": (None, False),
+        "service_tier": (None, "auto", "default"), "modalities": (None, ["text"])}
+    logprobs: Literal[False] | None = None
+    top_logprobs: Literal[0] | None = None
+    response_format: TextFormat | None = None
+    tools: Annotated[list[Any], Field(max_length=0)] | None = None
+    tool_choice: Literal["none"] | None = None
+    parallel_tool_calls: bool | None = None  # no effect without tools
+    store: Literal[False] | None = None
+    service_tier: Literal["auto", "default"] | None = None
+    modalities: list[Literal["text"]] | None = Field(default=None, max_length=1)
 
     def budget(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
@@ -177,8 +253,8 @@ def completion_response(rid: str, model: str, choices: list[tuple[str, str]], pr
 def chat_response(rid: str, model: str, choices: list[tuple[str, str]], prompt_tokens: int,
                   completion_tokens: int) -> dict[str, Any]:
     return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": model,
-            "choices": [{"index": i, "message": {"role": "assistant", "content": text}, "finish_reason": reason,
-                         "logprobs": None} for i, (text, reason) in enumerate(choices)],
+            "choices": [{"index": i, "message": {"role": "assistant", "content": text, "refusal": None},
+                         "finish_reason": reason, "logprobs": None} for i, (text, reason) in enumerate(choices)],
             "usage": usage(prompt_tokens, completion_tokens)}
 
 

@@ -91,7 +91,23 @@ def post(url, path, body, headers=AUTH, **kw):
 @pytest.mark.parametrize("body,status,match", [
     (b"{not json", 400, "not valid JSON"),
     (b'{"model": "x", "prompt": "\xff\xfe"}', 400, None),
-    ({"model": "M", "prompt": "hi", "logit_bias": {"1": 5}}, 400, "unknown field 'logit_bias'"),
+    ({"model": "M", "prompt": "hi", "logit_bias": {"1": 5}}, 400, "logit_bias: not supported by this server: send null or {}"),
+    ({"model": "M", "prompt": "hi", "echo": True, "logprobs": 1}, 400, "echo: not supported"),
+    ({"model": "M", "prompt": "hi", "logprobs": 0}, 400, "logprobs: not supported by this server: send null"),
+    ({"model": "M", "prompt": "hi", "best_of": 2}, 400, "best_of"),
+    ({"model": "M", "prompt": "hi", "presence_penalty": True}, 400, "presence_penalty"),
+    ({"model": "M", "prompt": "hi", "presence_penalty": 0.5}, 400, "presence_penalty: not supported"),
+    ({"model": "M", "prompt": []}, 400, "prompt is an empty list"),
+    ({"model": "M", "prompt": [[]]}, 400, "empty list of token ids"),
+    ({"model": "M", "prompt": [1, "a"]}, 400, "prompt"),
+    ({"model": "M", "prompt": [1, -2]}, 400, "prompt"),
+    ({"model": "M", "prompt": [1.0, 2.0]}, 400, "prompt"),
+    ({"model": "M", "prompt": [True, 2]}, 400, "prompt"),
+    ({"model": "M", "prompt": [1, 10**9]}, 400, "token id 1000000000 is outside the model's vocabulary"),
+    ({"model": "M", "prompt": [[1, 2], [3, 10**9]]}, 400, "prompt 1: token id 1000000000 is outside"),
+    ({"model": "M", "prompt": ["a"] * 17}, 400, "17 prompts, over this server's limit of 16"),
+    ({"model": "M", "prompt": ["a"] * 129}, 400, "129 prompts, over the limit of 128"),
+    ({"model": "M", "prompt": ["a", "hi " * 200]}, 400, "prompt"),
     ({"model": "M", "prompt": "hi", "max_tokens": 65}, 400, "max_new_tokens"),
     ({"model": "M", "prompt": "hi", "max_tokens": 0}, 400, "max_tokens"),
     ({"model": "M", "prompt": "hi", "n": 2}, 400, "n is 2"),
@@ -113,6 +129,57 @@ def test_bad_requests_are_4xx_with_a_clear_message(server, body, status, match):
     assert r.status_code == status, r.text
     if match:
         assert match in r.json()["error"]["message"]
+
+
+def test_prompts_as_strings_token_ids_and_batched_lists(server):
+    """The spec's four prompt forms; a list of prompts gives len(prompts) x n choices,
+    choice i * n + j for prompt i, each equal to that prompt sent alone."""
+    url, state = server
+    c = client(url)
+    tok = state.loaded.tokenizer
+    args = dict(model=state.model_name, max_tokens=6, temperature=0)
+    alone = {p: c.completions.create(prompt=p, **args) for p in ("the quick", "reverse: a b", "hello")}
+    ids = tok.encode_prompt("the quick")
+    as_ids = c.completions.create(prompt=ids, **args)
+    assert as_ids.choices[0].text == alone["the quick"].choices[0].text
+    assert as_ids.usage.prompt_tokens == alone["the quick"].usage.prompt_tokens == len(ids)
+    batch = c.completions.create(prompt=["the quick", "reverse: a b", "hello"], **args)
+    assert [ch.index for ch in batch.choices] == [0, 1, 2]
+    assert [ch.text for ch in batch.choices] == [alone[p].choices[0].text for p in ("the quick", "reverse: a b", "hello")]
+    assert batch.usage.prompt_tokens == sum(a.usage.prompt_tokens for a in alone.values())
+    assert batch.usage.completion_tokens == sum(a.usage.completion_tokens for a in alone.values())
+    id_batch = c.completions.create(prompt=[tok.encode_prompt(p) for p in ("reverse: a b", "hello")], **args)
+    assert [ch.text for ch in id_batch.choices] == [alone[p].choices[0].text for p in ("reverse: a b", "hello")]
+    chunks = list(c.completions.create(prompt=["the quick", "hello"], stream=True, **args))
+    streamed = {0: "", 1: ""}
+    for ch in chunks:
+        for choice in ch.choices:
+            streamed[choice.index] += choice.text
+    assert streamed == {0: alone["the quick"].choices[0].text, 1: alone["hello"].choices[0].text}
+
+
+def test_neutral_values_of_unsupported_fields_are_accepted(server):
+    url, state = server
+    completion = {"model": state.model_name, "prompt": "hi", "max_tokens": 2, "echo": False, "logprobs": None,
+                  "best_of": 1, "suffix": None, "logit_bias": {}, "presence_penalty": 0, "frequency_penalty": 0.0}
+    assert post(url, "/v1/completions", completion).status_code == 200
+    chat = {"model": state.model_name, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2,
+            "logprobs": False, "top_logprobs": 0, "response_format": {"type": "text"}, "tools": [],
+            "tool_choice": "none", "parallel_tool_calls": False, "store": False, "service_tier": "auto",
+            "modalities": ["text"], "logit_bias": None}
+    r = post(url, "/v1/chat/completions", chat)
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["message"]["refusal"] is None
+    for field, value in (("logprobs", True), ("top_logprobs", 2), ("response_format", {"type": "json_object"}),
+                         ("tools", [{"type": "function", "function": {"name": "f"}}]), ("tool_choice", "auto"),
+                         ("store", True), ("modalities", ["text", "audio"]), ("logprobs", 0)):
+        r = post(url, "/v1/chat/completions", {**chat, field: value})
+        assert r.status_code == 400, (field, r.text)
+        error = r.json()["error"]
+        assert error["param"] == field and error["message"].startswith(f"{field}: not supported by this server")
+    models = httpx.get(url + "/v1/models", headers=AUTH).json()["data"][0]
+    manifest = state.loaded.directory / "MANIFEST.json"
+    assert models["created"] == int(manifest.stat().st_mtime) > 0
 
 
 def test_chat_message_problems_are_400(server):

@@ -209,13 +209,15 @@ class Engine:
 
     def params(self, prompt_len: int, *, max_new_tokens: int | None = None, temperature: float | None = None,
                top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
-               stop: list[str] | None = None, stop_ids: list[int] | None = None) -> SamplingParams:
+               stop: list[str] | None = None, stop_ids: list[int] | None = None, logprobs: int | None = None,
+               prompt_logprobs: bool = False) -> SamplingParams:
         """Validate a request of `prompt_len` tokens against the limits with
         `generate.sampling_params`, as generate.stream does (GenerationLimitError naming the
         parameter); None takes the limits' default."""
         return sampling_params(self.limits, self._context, prompt_len, vocab_size=self.model.cfg.vocab_size or 0,
                                max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                               seed=seed, stop=stop, stop_ids=stop_ids)
+                               seed=seed, stop=stop, stop_ids=stop_ids, logprobs=logprobs,
+                               prompt_logprobs=prompt_logprobs)
 
     def submit(self, prompt_ids: list[int], params: SamplingParams, *,
                loop: asyncio.AbstractEventLoop | None = None) -> RequestHandle:
@@ -313,7 +315,10 @@ class Engine:
                         self._finish(seq, "cancelled")
                     # After the retired slots are wiped: a joiner may reuse one.
                     if self.mode == "dynamic" and len(joining) > 1:
-                        self._prefill_together(joining)
+                        # Batched prefills read the last position's logits only.
+                        self._prefill_together([s for s in joining if not s.params.prompt_logprobs])
+                        for seq in (s for s in joining if s.params.prompt_logprobs):
+                            self._prefill(seq, {})
                     else:
                         prefilled: dict[tuple[int, ...], tuple[_Sequence, torch.Tensor]] = {}
                         for seq in joining:
@@ -365,7 +370,9 @@ class Engine:
         prefill (batch 1, the same shapes) would compute, at a fraction of the cost."""
         key = tuple(seq.prompt_ids)
         try:
-            if key in prefilled and not prefilled[key][0].done:
+            # Sharing copies keys/values and the last logits only: prompt logprobs need the
+            # request's own prefill (every position's logits).
+            if key in prefilled and not prefilled[key][0].done and not seq.params.prompt_logprobs:
                 source, logits = prefilled[key]
                 self._copy_rows(source.slot, seq.slot, len(key))
                 seq.seed_generator(self.device)

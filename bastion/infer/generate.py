@@ -37,12 +37,25 @@ FinishReason = Literal["stop", "length", "eos", "cancelled"]  # cancelled: engin
 
 
 @dataclass(frozen=True)
+class TokenLogprob:
+    """One token's log-probability under the model (log-softmax of its raw logits: before
+    temperature, top-k or top-p), and the `top` most likely tokens there as (id, logprob),
+    most likely first."""
+
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]
+
+
+@dataclass(frozen=True)
 class GenerationResult:
     text: str  # the completion only, cut before the stop string if one matched
     token_ids: list[int]  # completion ids (without eos; with a stop, up to the token that completed it)
     prompt_tokens: int
     finish_reason: FinishReason
     end_id: int | None = None  # finish_reason "eos": the end token sampled (eos or a stop id), not in token_ids
+    logprobs: list[TokenLogprob] | None = None  # SamplingParams.logprobs set: one per token_ids entry
+    prompt_logprobs: list[TokenLogprob] | None = None  # prompt_logprobs set: prompt tokens 1.. (the first has none)
 
 
 def check_request(prompt_tokens: int, max_new_tokens: int | None, stop: list[str] | None,
@@ -102,12 +115,31 @@ class SamplingParams:
     seed: int | None
     stop: tuple[str, ...] = ()
     stop_ids: tuple[int, ...] = ()
+    logprobs: int | None = None  # record each sampled token's logprob and this many top alternatives
+    prompt_logprobs: bool = False  # and the prompt's (from the prefill's logits; top as `logprobs`)
+
+
+MAX_LOGPROBS = 20  # top alternatives per token (OpenAI's chat limit); the server's own is lower
+
+
+def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, top: int) -> list[TokenLogprob]:
+    """logits [T, V] and the token chosen after each [T] -> T TokenLogprobs (log-softmax in
+    float32; `top` alternatives each)."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    chosen = logp.gather(-1, targets.reshape(-1, 1)).squeeze(-1).tolist()
+    if top:
+        values, indices = logp.topk(top, dim=-1)
+        alternatives = [list(zip(i, v)) for i, v in zip(indices.tolist(), values.tolist())]
+    else:
+        alternatives = [[] for _ in chosen]
+    return [TokenLogprob(t, lp, alt) for t, lp, alt in zip(targets.tolist(), chosen, alternatives)]
 
 
 def sampling_params(limits: GenerateConfig, context_size: int, prompt_len: int, *, vocab_size: int,
                     max_new_tokens: int | None = None, temperature: float | None = None, top_k: int | None = None,
                     top_p: float | None = None, seed: int | None = None, stop: list[str] | None = None,
-                    stop_ids: list[int] | None = None) -> SamplingParams:
+                    stop_ids: list[int] | None = None, logprobs: int | None = None,
+                    prompt_logprobs: bool = False) -> SamplingParams:
     """The one check of a request's settings, for generate() and the engine alike: the length
     limits (`check_request`), then the sampling bounds, with None taking `limits`' default.
     Raises GenerationLimitError naming the parameter."""
@@ -130,8 +162,14 @@ def sampling_params(limits: GenerateConfig, context_size: int, prompt_len: int, 
     for i in stop_ids or ():
         if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < vocab_size:
             raise GenerationLimitError(f"stop_ids must be token ids in [0, {vocab_size}), got {i!r}")
+    if logprobs is not None and (isinstance(logprobs, bool) or not isinstance(logprobs, int)
+                                 or not 0 <= logprobs <= MAX_LOGPROBS):
+        raise GenerationLimitError(f"logprobs must be an integer in [0, {MAX_LOGPROBS}] or None, got {logprobs!r}")
+    if prompt_logprobs and logprobs is None:
+        raise GenerationLimitError("prompt_logprobs needs logprobs (the number of top alternatives, 0 for none)")
     return SamplingParams(max_new_tokens=n_new, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
-                          stop=tuple(stop or ()), stop_ids=tuple(dict.fromkeys(stop_ids or ())))  # no duplicates
+                          stop=tuple(stop or ()), stop_ids=tuple(dict.fromkeys(stop_ids or ())),  # no duplicates
+                          logprobs=logprobs, prompt_logprobs=bool(prompt_logprobs))
 
 
 def _emittable(text: str, stop: list[str]) -> int:
@@ -201,6 +239,8 @@ class SequenceState:
         self.text = IncrementalText(tokenizer, list(params.stop))
         self.generator: torch.Generator | None = None  # made by prefill, on the model's device
         self.end_id: int | None = None
+        self.logprobs: list[TokenLogprob] | None = None if params.logprobs is None else []
+        self.prompt_logprobs: list[TokenLogprob] | None = None
 
     @property
     def position(self) -> int:
@@ -212,7 +252,10 @@ class SequenceState:
         the logits [1, V] for the first token. Seeds the sequence's generator."""
         device = model.tok_embeddings.weight.device
         self.seed_generator(device)
-        logits, _ = model(torch.tensor([self.prompt_ids], device=device), cache=cache, start_pos=0)
+        ids = torch.tensor([self.prompt_ids], device=device)
+        logits, _ = model(ids, cache=cache, start_pos=0)
+        if self.params.prompt_logprobs:  # token i's logprob is read at position i - 1
+            self.prompt_logprobs = token_logprobs(logits[0, :-1], ids[0, 1:], self.params.logprobs or 0)
         return logits[:, -1]
 
     def seed_generator(self, device: torch.device) -> None:
@@ -233,12 +276,18 @@ class SequenceState:
     def sample(self, logits: torch.Tensor) -> int:
         """logits [1, V] -> the next token, with this request's settings and generator."""
         p = self.params
-        return int(sample_next(logits, p.temperature, p.top_k, p.top_p, self.generator))
+        token = int(sample_next(logits, p.temperature, p.top_k, p.top_p, self.generator))
+        if self.logprobs is not None:
+            self.logprobs.append(token_logprobs(logits[-1:], torch.tensor([token], device=logits.device),
+                                                p.logprobs or 0)[0])
+        return token
 
     def advance(self, token: int) -> tuple[str, FinishReason | None]:
         """A sampled token: (text that became final, why generation ends or None)."""
         if token in self.end_ids:
             self.end_id = token
+            if self.logprobs:
+                self.logprobs.pop()  # the end token is not part of the completion
             return "", "eos"
         delta, stopped = self.text.push(token)
         if stopped:
@@ -252,13 +301,15 @@ class SequenceState:
         or a pending character; the GenerationResult)."""
         rest = self.text.close()
         return rest, GenerationResult(text=self.text.text, token_ids=list(self.text.ids),
-                                      prompt_tokens=len(self.prompt_ids), finish_reason=reason, end_id=self.end_id)
+                                      prompt_tokens=len(self.prompt_ids), finish_reason=reason, end_id=self.end_id,
+                                      logprobs=self.logprobs, prompt_logprobs=self.prompt_logprobs)
 
 
 def stream(model: Transformer, tokenizer: Tokenizer, prompt: str | list[int], *, limits: GenerateConfig,
            max_new_tokens: int | None = None, temperature: float | None = None, top_k: int | None = None,
            top_p: float | None = None, seed: int | None = None,
-           stop: list[str] | None = None, stop_ids: list[int] | None = None) -> Iterator[str | GenerationResult]:
+           stop: list[str] | None = None, stop_ids: list[int] | None = None, logprobs: int | None = None,
+           prompt_logprobs: bool = False) -> Iterator[str | GenerationResult]:
     """Yield completion text deltas as they become final, then one GenerationResult.
 
     `prompt` is text, or token ids (a chat prompt from `ChatFormat.encode_prompt`, whose
@@ -277,7 +328,8 @@ def stream(model: Transformer, tokenizer: Tokenizer, prompt: str | list[int], *,
         raise TypeError(f"prompt must be a string or a list of token ids, got {type(prompt).__name__}")
     params = sampling_params(limits, model.cfg.max_seq_len, len(prompt_ids), vocab_size=vocab,
                              max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                             seed=seed, stop=stop, stop_ids=stop_ids)
+                             seed=seed, stop=stop, stop_ids=stop_ids, logprobs=logprobs,
+                             prompt_logprobs=prompt_logprobs)
     return _decode(model, SequenceState(prompt_ids, params, tokenizer))
 
 
@@ -309,14 +361,17 @@ def _decode(model: Transformer, seq: SequenceState) -> Iterator[str | Generation
 def generate(model: Transformer, tokenizer: Tokenizer, prompt: str | list[int], *, limits: GenerateConfig,
              max_new_tokens: int | None = None, temperature: float | None = None, top_k: int | None = None,
              top_p: float | None = None, seed: int | None = None, stop: list[str] | None = None,
-             stop_ids: list[int] | None = None) -> GenerationResult:
+             stop_ids: list[int] | None = None, logprobs: int | None = None,
+             prompt_logprobs: bool = False) -> GenerationResult:
     """Complete `prompt`: prefill once with a KV cache, then decode token by token until eos
     (or a stop id), a stop string (text cut before it), or max_new_tokens. None parameters
-    take `limits`' defaults."""
+    take `limits`' defaults. `logprobs` (0-20): record each completion token's logprob and
+    that many top alternatives (GenerationResult.logprobs); `prompt_logprobs`: the prompt's
+    too."""
     result = None
     for item in stream(model, tokenizer, prompt, limits=limits, max_new_tokens=max_new_tokens,
                        temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, stop=stop,
-                       stop_ids=stop_ids):
+                       stop_ids=stop_ids, logprobs=logprobs, prompt_logprobs=prompt_logprobs):
         result = item
     assert isinstance(result, GenerationResult)
     return result

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import math
@@ -286,7 +287,7 @@ def create_app(state: ServerState) -> FastAPI:
         first = exc.errors()[0] if exc.errors() else {}
         where = ".".join(str(p) for p in first.get("loc", ()) if p != "body") or None
         kind = first.get("type", "")
-        if kind in ("invalid_unicode", "unsupported_value"):  # raised for the whole body; the field is in its context
+        if kind in ("invalid_unicode", "unsupported_value", "logprobs_needed"):  # whole body; the field is in ctx
             where = first["ctx"]["field"]
             message = f"{where}: {first.get('msg')}"
         elif kind == "json_invalid":
@@ -329,7 +330,10 @@ def create_app(state: ServerState) -> FastAPI:
         ids = [state.loaded.tokenizer.encode_prompt(p) if isinstance(p, str) else _checked_ids(state, p, i, len(prompts))
                for i, p in enumerate(prompts)]
         text = prompts[0] if len(prompts) == 1 and isinstance(prompts[0], str) else json.dumps(prompts)
-        return await _generate(state, request, body, ids, chat=False, text=text)
+        tokenizer = state.loaded.tokenizer
+        echoed = [p if isinstance(p, str) else tokenizer.decode(p) for p in prompts] if body.echo else None
+        scoring = Scoring(body.logprobs, echoed, "logprobs")
+        return await _generate(state, request, body, ids, chat=False, text=text, scoring=scoring)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: P.ChatRequest, request: Request) -> Response:
@@ -340,10 +344,36 @@ def create_app(state: ServerState) -> FastAPI:
             prompt_ids = chat.encode_prompt(messages)
         except DataError as exc:
             raise ApiError(400, f"messages: {exc}", "invalid_request_error", param="messages") from None
+        scoring = Scoring((body.top_logprobs or 0) if body.logprobs else None, None, "top_logprobs")
         return await _generate(state, request, body, [prompt_ids], chat=True,
-                               text=json.dumps([m.plain() for m in body.messages]))
+                               text=json.dumps([m.plain() for m in body.messages]), scoring=scoring)
 
     return app
+
+
+@dataclass(frozen=True)
+class Scoring:
+    """What a request asks beyond text: `logprobs` (None: none; k: each token's logprob and
+    k alternatives, `field` names the request field), `echo` (completions: the prompts' texts
+    to put before each completion, and with logprobs the prompt tokens' logprobs)."""
+
+    logprobs: int | None = None
+    echo: list[str] | None = None
+    field: str = "logprobs"
+
+    def check(self, state: ServerState, stream: bool) -> None:
+        if stream and (self.logprobs is not None or self.echo is not None):
+            name = "echo" if self.logprobs is None else self.field
+            raise ApiError(400, f"{name}: not available with stream: true on this server", "invalid_request_error",
+                           param=name)
+        if self.logprobs is None:
+            return
+        if self.logprobs > state.cfg.max_logprobs:
+            raise ApiError(400, f"{self.field} is {self.logprobs}, over this server's limit of {state.cfg.max_logprobs}",
+                           "invalid_request_error", param=self.field)
+        if state.cfg.output_filter:
+            raise ApiError(400, f"{self.field}: not available while serve.output_filter is on (the tokens would show "
+                                "what the filter redacts)", "invalid_request_error", param=self.field)
 
 
 def _model_created(state: ServerState) -> int:
@@ -372,7 +402,7 @@ KNOWN_ROUTES = {"/health", "/ready", "/metrics", "/v1/models", "/v1/completions"
 
 
 async def _generate(state: ServerState, request: Request, body: P._Sampling, prompts: list[list[int]], *, chat: bool,
-                    text: str) -> Response:
+                    text: str, scoring: Scoring) -> Response:
     """Submit body.n completions of each prompt (in that order: choice index = prompt index
     x n + j), after the model name, n, stop and length limits and the rate limit pass."""
     info = request.state.info
@@ -387,12 +417,14 @@ async def _generate(state: ServerState, request: Request, body: P._Sampling, pro
     if body.stop and len(body.stop) > limits.max_stop_strings:
         raise ApiError(400, f"{len(body.stop)} stop strings, over the limit of {limits.max_stop_strings}",
                        "invalid_request_error", param="stop")
+    scoring.check(state, body.stream)
     budget = body.budget() if isinstance(body, P.ChatRequest) else body.max_tokens
     stop_ids = state.loaded.chat.stop_ids if chat else None
     try:
         jobs = [(ids, state.engine.params(len(ids), max_new_tokens=budget, temperature=body.temperature,
                                           top_p=body.top_p, seed=None if body.seed is None else body.seed + j,
-                                          stop=body.stop, stop_ids=stop_ids))
+                                          stop=body.stop, stop_ids=stop_ids, logprobs=scoring.logprobs,
+                                          prompt_logprobs=scoring.echo is not None and scoring.logprobs is not None))
                 for ids in prompts for j in range(body.n)]
     except GenerationLimitError as exc:
         raise ApiError(400, str(exc), "invalid_request_error", code="limit_exceeded") from None
@@ -425,7 +457,7 @@ async def _generate(state: ServerState, request: Request, body: P._Sampling, pro
     if body.stream:
         return StreamingResponse(_stream(state, request, body, handles, rid, chat, requested),
                                  media_type="text/event-stream", headers={"Cache-Control": "no-store"})
-    return await _complete(state, request, body, handles, rid, chat, requested)
+    return await _complete(state, request, body, handles, rid, chat, requested, scoring, prompts)
 
 
 async def _collect(handle: Any) -> Any:
@@ -445,7 +477,7 @@ async def _watch_disconnect(request: Request, handles: list[Any]) -> None:
 
 
 async def _complete(state: ServerState, request: Request, body: P._Sampling, handles: list[Any], rid: str,
-                    chat: bool, requested: int) -> JSONResponse:
+                    chat: bool, requested: int, scoring: Scoring, prompts: list[list[int]]) -> JSONResponse:
     info = request.state.info
     watcher = asyncio.create_task(_watch_disconnect(request, handles))
     try:
@@ -462,8 +494,27 @@ async def _complete(state: ServerState, request: Request, body: P._Sampling, han
     choices = [(out_filter.apply(r.text)[0], P.finish_reason(r.finish_reason)) for r in results]
     completion_tokens = sum(len(r.token_ids) for r in results)
     _account(state, info, requested, completion_tokens, choices[0][1], "".join(t for t, _ in choices))
+    prompt_of = [i for i in range(len(prompts)) for _ in range(body.n)]  # choice -> its prompt
+    if scoring.echo is not None:
+        choices = [(scoring.echo[prompt_of[k]] + text, reason) for k, (text, reason) in enumerate(choices)]
+    logprobs = None
+    if scoring.logprobs is not None:
+        piece = _token_text(state)
+        if chat:
+            logprobs = [P.chat_logprobs(r.logprobs, piece) for r in results]
+        else:
+            logprobs = [P.completion_logprobs((r.prompt_logprobs or []) + r.logprobs,
+                                              piece(prompts[prompt_of[k]][0]) if scoring.echo is not None else None,
+                                              piece) for k, r in enumerate(results)]
     build = P.chat_response if chat else P.completion_response
-    return JSONResponse(build(rid, state.model_name, choices, info["prompt_tokens"], completion_tokens))
+    return JSONResponse(build(rid, state.model_name, choices, info["prompt_tokens"], completion_tokens, logprobs))
+
+
+def _token_text(state: ServerState) -> Callable[[int], str]:
+    """Token id -> its text, as logprobs show it (a token holding part of a multi-byte
+    character shows U+FFFD), cached per request."""
+    decode = state.loaded.tokenizer.decode
+    return functools.lru_cache(maxsize=4096)(lambda token: decode([token]))
 
 
 def _account(state: ServerState, info: dict, requested: int, completion_tokens: int, reason: str, text: str) -> None:

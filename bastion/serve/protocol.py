@@ -11,7 +11,7 @@ import time
 import uuid
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 from bastion.infer.generate import MAX_STOP_CHARS
@@ -20,6 +20,7 @@ MAX_STOP_STRINGS = 16  # hard schema cap; GenerateConfig.max_stop_strings is the
 MAX_PROMPT_CHARS = 4_000_000
 MAX_MESSAGES = 1024
 MAX_PROMPTS = 128  # hard schema cap; ServeConfig.max_prompts is the configured one
+MAX_TOP_LOGPROBS = 20  # hard schema cap (OpenAI's chat limit); ServeConfig.max_logprobs is the configured one
 MAX_PROMPT_IDS = 1_048_576  # token ids in one prompt; the model's context is checked later
 TokenId = Annotated[StrictInt, Field(ge=0, le=2**31 - 1)]  # StrictInt: no "12" or 1.0 or true
 TokenIds = Annotated[list[TokenId], Field(max_length=MAX_PROMPT_IDS)]
@@ -143,10 +144,9 @@ class CompletionRequest(_Sampling):
     or a token-id list), in order."""
 
     prompt: str | list[str] | TokenIds | Annotated[list[TokenIds], Field(max_length=MAX_PROMPTS)]
-    NEUTRAL: ClassVar[dict[str, tuple[Any, ...]]] = {**_Sampling.NEUTRAL, "echo": (False,), "logprobs": (None,),
-                                                      "best_of": (None, 1), "suffix": (None,)}
-    echo: Literal[False] = False
-    logprobs: None = None
+    NEUTRAL: ClassVar[dict[str, tuple[Any, ...]]] = {**_Sampling.NEUTRAL, "best_of": (None, 1), "suffix": (None,)}
+    echo: StrictBool = False  # the prompt before the completion (with logprobs: the prompt's too)
+    logprobs: Annotated[StrictInt, Field(ge=0, le=MAX_TOP_LOGPROBS)] | None = None  # top alternatives per token
     best_of: Literal[1] | None = None
     suffix: None = None
 
@@ -211,11 +211,11 @@ class ChatRequest(_Sampling):
     max_completion_tokens: int | None = Field(default=None, ge=1, le=1_000_000)
     # Neutral values only (NEUTRAL): the spec's defaults, or "off".
     NEUTRAL: ClassVar[dict[str, tuple[Any, ...]]] = {
-        **_Sampling.NEUTRAL, "logprobs": (None, False), "top_logprobs": (None, 0), "response_format": (None, {"type": "text"}),
-        "tools": (None, []), "tool_choice": (None, "none"), "store": (None, False),
-        "service_tier": (None, "auto", "default"), "modalities": (None, ["text"])}
-    logprobs: Literal[False] | None = None
-    top_logprobs: Literal[0] | None = None
+        **_Sampling.NEUTRAL, "response_format": (None, {"type": "text"}), "tools": (None, []),
+        "tool_choice": (None, "none"), "store": (None, False), "service_tier": (None, "auto", "default"),
+        "modalities": (None, ["text"])}
+    logprobs: StrictBool | None = None
+    top_logprobs: Annotated[StrictInt, Field(ge=0, le=MAX_TOP_LOGPROBS)] | None = None
     response_format: TextFormat | None = None
     tools: Annotated[list[Any], Field(max_length=0)] | None = None
     tool_choice: Literal["none"] | None = None
@@ -223,6 +223,12 @@ class ChatRequest(_Sampling):
     store: Literal[False] | None = None
     service_tier: Literal["auto", "default"] | None = None
     modalities: list[Literal["text"]] | None = Field(default=None, max_length=1)
+
+    @model_validator(mode="after")
+    def _top_needs_logprobs(self) -> "ChatRequest":
+        if self.top_logprobs and not self.logprobs:
+            raise PydanticCustomError("logprobs_needed", "top_logprobs needs logprobs: true", {"field": "top_logprobs"})
+        return self
 
     def budget(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
@@ -243,19 +249,60 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
 
 
 def completion_response(rid: str, model: str, choices: list[tuple[str, str]], prompt_tokens: int,
-                        completion_tokens: int) -> dict[str, Any]:
+                        completion_tokens: int, logprobs: list[dict[str, Any] | None] | None = None) -> dict[str, Any]:
+    logprobs = logprobs or [None] * len(choices)
     return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model,
-            "choices": [{"index": i, "text": text, "finish_reason": reason, "logprobs": None}
-                        for i, (text, reason) in enumerate(choices)],
+            "choices": [{"index": i, "text": text, "finish_reason": reason, "logprobs": lp}
+                        for i, ((text, reason), lp) in enumerate(zip(choices, logprobs))],
             "usage": usage(prompt_tokens, completion_tokens)}
 
 
 def chat_response(rid: str, model: str, choices: list[tuple[str, str]], prompt_tokens: int,
-                  completion_tokens: int) -> dict[str, Any]:
+                  completion_tokens: int, logprobs: list[dict[str, Any] | None] | None = None) -> dict[str, Any]:
+    logprobs = logprobs or [None] * len(choices)
     return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": model,
             "choices": [{"index": i, "message": {"role": "assistant", "content": text, "refusal": None},
-                         "finish_reason": reason, "logprobs": None} for i, (text, reason) in enumerate(choices)],
+                         "finish_reason": reason, "logprobs": lp}
+                        for i, ((text, reason), lp) in enumerate(zip(choices, logprobs))],
             "usage": usage(prompt_tokens, completion_tokens)}
+
+
+def _finite(value: float) -> float:
+    """A logprob JSON can carry: -inf (a banned token) as the most negative float."""
+    return value if value > -1e308 else -1e308
+
+
+def completion_logprobs(entries: list[Any], first: str | None, piece: Any) -> dict[str, Any]:
+    """The completions API's logprobs object over `entries` (generate.TokenLogprob, in text
+    order). `first`: the first prompt token's string when the prompt is echoed (it has no
+    logprob: null). `piece(id)` -> the token's text. top_logprobs: the alternatives and the
+    chosen token, {text: logprob}."""
+    tokens, values, tops = [], [], []
+    if first is not None:
+        tokens.append(first)
+        values.append(None)
+        tops.append(None)
+    for entry in entries:
+        tokens.append(piece(entry.token_id))
+        values.append(_finite(entry.logprob))
+        top = {piece(t): _finite(lp) for t, lp in entry.top}
+        top.setdefault(tokens[-1], values[-1])
+        tops.append(top)
+    offsets, at = [], 0
+    for token in tokens:
+        offsets.append(at)
+        at += len(token)
+    return {"tokens": tokens, "token_logprobs": values, "top_logprobs": tops, "text_offset": offsets}
+
+
+def chat_logprobs(entries: list[Any], piece: Any) -> dict[str, Any]:
+    """The chat API's logprobs object: per completion token its text, logprob, UTF-8 bytes
+    and top alternatives."""
+    def item(token: str, logprob: float) -> dict[str, Any]:
+        return {"token": token, "logprob": _finite(logprob), "bytes": list(token.encode("utf-8"))}
+
+    return {"content": [{**item(piece(e.token_id), e.logprob), "top_logprobs": [item(piece(t), lp) for t, lp in e.top]}
+                        for e in entries], "refusal": None}
 
 
 def completion_chunk(rid: str, model: str, index: int, text: str, reason: str | None) -> dict[str, Any]:

@@ -678,3 +678,67 @@ def test_submit_checks_prompt_and_hand_built_params(model, tok):
 def test_engine_arguments_are_checked(model, tok, kw):
     with pytest.raises(ValueError):
         Engine(model, tok, LIMITS, **kw)
+
+
+# ---- logprobs ----------------------------------------------------------------------------------
+
+def full_forward_logprobs(model, ids):
+    """log-softmax of one plain forward over all of `ids`: row i predicts token i + 1."""
+    with torch.no_grad():
+        return torch.log_softmax(model(torch.tensor([ids]))[0][0].float(), dim=-1)
+
+
+def test_generate_logprobs_are_the_models_own_for_prompt_and_completion(tok):
+    model = tiny_model()
+    prompt = tok.encode_prompt("The quick brown")
+    result = generate(model, tok, prompt, limits=LIMITS, max_new_tokens=12, temperature=0.9, seed=3, logprobs=4,
+                      prompt_logprobs=True)
+    ids = prompt + result.token_ids
+    reference = full_forward_logprobs(model, ids)
+    assert len(result.logprobs) == len(result.token_ids) and len(result.prompt_logprobs) == len(prompt) - 1
+    for position, entry in zip(range(1, len(ids)), result.prompt_logprobs + result.logprobs):
+        assert entry.token_id == ids[position]
+        assert entry.logprob == pytest.approx(reference[position - 1, ids[position]].item(), abs=1e-4)
+        assert len(entry.top) == 4 and [lp for _, lp in entry.top] == sorted((lp for _, lp in entry.top), reverse=True)
+        assert entry.top[0][0] == reference[position - 1].argmax().item()
+    plain = generate(model, tok, prompt, limits=LIMITS, max_new_tokens=12, temperature=0.9, seed=3)
+    assert plain.token_ids == result.token_ids and plain.logprobs is None and plain.prompt_logprobs is None
+
+
+def test_the_end_token_has_no_logprob_entry(tok):
+    model = tiny_model()
+    eos_first = OutputHook(model, lambda out: out.index_fill(-1, torch.tensor([tok.eos_id]), 1e4))
+    with eos_first:
+        result = generate(model, tok, "The quick", limits=LIMITS, logprobs=0)
+    assert result.finish_reason == "eos" and result.token_ids == [] and result.logprobs == []
+
+
+@pytest.mark.parametrize("mode", ["rowwise", "padded", "dynamic"])
+def test_engine_logprobs_match_generate_and_do_not_depend_on_the_batch(tok, mode):
+    model = tiny_model()
+    requests = [(p, dict(max_new_tokens=n, logprobs=2, prompt_logprobs=i % 2 == 0))
+                for i, (p, n) in enumerate(zip(PROMPTS, [20, 7, 33, 12, 3]))]
+    with ban_eos(model, tok):
+        expected = [generate(model, tok, p, limits=LIMITS, **kw) for p, kw in requests]
+        alone = [run_engine(model, tok, [r], max_batch_size=4, staggered=False, mode=mode)[0] for r in requests]
+        together = run_engine(model, tok, requests, max_batch_size=4, staggered=False, queued_first=True, mode=mode)
+    for want, one, batched in zip(expected, alone, together):
+        for got in (one, batched):
+            assert got.token_ids == want.token_ids
+            assert [e.token_id for e in got.logprobs] == want.token_ids
+            assert [e.logprob for e in got.logprobs] == pytest.approx([e.logprob for e in want.logprobs], abs=1e-4)
+            assert (got.prompt_logprobs is None) == (want.prompt_logprobs is None)
+            if want.prompt_logprobs is not None:
+                assert [e.logprob for e in got.prompt_logprobs] == pytest.approx(
+                    [e.logprob for e in want.prompt_logprobs], abs=1e-4)
+        if mode != "dynamic":  # batch-invariant modes: alone or batched, bit for bit
+            assert batched.logprobs == one.logprobs and batched.prompt_logprobs == one.prompt_logprobs
+
+
+def test_logprobs_settings_are_bounded(tok):
+    model = tiny_model()
+    for bad in (21, -1, True, 1.5):
+        with pytest.raises(GenerationLimitError, match="logprobs must be an integer in"):
+            generate(model, tok, "a", limits=LIMITS, logprobs=bad)
+    with pytest.raises(GenerationLimitError, match="prompt_logprobs needs logprobs"):
+        generate(model, tok, "a", limits=LIMITS, prompt_logprobs=True)

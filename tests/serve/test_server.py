@@ -8,10 +8,12 @@ import time
 import httpx
 import openai
 import pytest
+import torch
 from serving import API_KEY, running
 
 from bastion.config import build_config
 from bastion.errors import ConfigError
+from bastion.infer import generate
 from bastion.serve import protocol as P
 from bastion.serve.server import build_state
 
@@ -92,8 +94,12 @@ def post(url, path, body, headers=AUTH, **kw):
     (b"{not json", 400, "not valid JSON"),
     (b'{"model": "x", "prompt": "\xff\xfe"}', 400, None),
     ({"model": "M", "prompt": "hi", "logit_bias": {"1": 5}}, 400, "logit_bias: not supported by this server: send null or {}"),
-    ({"model": "M", "prompt": "hi", "echo": True, "logprobs": 1}, 400, "echo: not supported"),
-    ({"model": "M", "prompt": "hi", "logprobs": 0}, 400, "logprobs: not supported by this server: send null"),
+    ({"model": "M", "prompt": "hi", "echo": True, "logprobs": 1, "stream": True}, 400, "logprobs: not available with stream"),
+    ({"model": "M", "prompt": "hi", "echo": True, "stream": True}, 400, "echo: not available with stream"),
+    ({"model": "M", "prompt": "hi", "logprobs": 6}, 400, "logprobs is 6, over this server's limit of 5"),
+    ({"model": "M", "prompt": "hi", "logprobs": 21}, 400, "logprobs"),
+    ({"model": "M", "prompt": "hi", "logprobs": True}, 400, "logprobs"),
+    ({"model": "M", "prompt": "hi", "echo": 1}, 400, "echo"),
     ({"model": "M", "prompt": "hi", "best_of": 2}, 400, "best_of"),
     ({"model": "M", "prompt": "hi", "presence_penalty": True}, 400, "presence_penalty"),
     ({"model": "M", "prompt": "hi", "presence_penalty": 0.5}, 400, "presence_penalty: not supported"),
@@ -115,7 +121,6 @@ def post(url, path, body, headers=AUTH, **kw):
     ({"model": "M", "prompt": "hi", "stop": ["x" * 300]}, 400, "stop"),
     ({"model": "M", "prompt": "hi " * 200}, 400, "prompt"),
     ({"model": "M", "prompt": "hi", "temperature": "hot"}, 400, "temperature"),
-    ({"model": "M", "prompt": "hi", "echo": True}, 400, "echo"),
     ({"model": "other", "prompt": "hi"}, 404, "does not exist"),
     ({"prompt": "hi"}, 400, "model"),
     ([1, 2, 3], 400, None),
@@ -170,9 +175,9 @@ def test_neutral_values_of_unsupported_fields_are_accepted(server):
     r = post(url, "/v1/chat/completions", chat)
     assert r.status_code == 200, r.text
     assert r.json()["choices"][0]["message"]["refusal"] is None
-    for field, value in (("logprobs", True), ("top_logprobs", 2), ("response_format", {"type": "json_object"}),
+    for field, value in (("response_format", {"type": "json_object"}),
                          ("tools", [{"type": "function", "function": {"name": "f"}}]), ("tool_choice", "auto"),
-                         ("store", True), ("modalities", ["text", "audio"]), ("logprobs", 0)):
+                         ("store", True), ("modalities", ["text", "audio"])):
         r = post(url, "/v1/chat/completions", {**chat, field: value})
         assert r.status_code == 400, (field, r.text)
         error = r.json()["error"]
@@ -180,6 +185,73 @@ def test_neutral_values_of_unsupported_fields_are_accepted(server):
     models = httpx.get(url + "/v1/models", headers=AUTH).json()["data"][0]
     manifest = state.loaded.directory / "MANIFEST.json"
     assert models["created"] == int(manifest.stat().st_mtime) > 0
+
+
+def test_completion_logprobs_are_the_models_own(server):
+    url, state = server
+    c = client(url)
+    tok, model = state.loaded.tokenizer, state.loaded.model
+    done = c.completions.create(model=state.model_name, prompt="the quick", max_tokens=8, temperature=0, logprobs=2)
+    lp = done.choices[0].logprobs
+    result = generate(model, tok, "the quick", limits=state.limits, max_new_tokens=8, temperature=0, logprobs=2)
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(result.token_ids)
+    assert lp.tokens == [tok.decode([t]) for t in result.token_ids]
+    assert lp.token_logprobs == pytest.approx([e.logprob for e in result.logprobs], abs=1e-4)
+    for token, value, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs):
+        assert top[token] == value and len(top) <= 3 and value == pytest.approx(max(top.values()))  # greedy
+    assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(len(lp.tokens))]
+
+
+def test_echo_with_logprobs_scores_a_prompt_as_lm_eval_asks(server):
+    """lm-eval's loglikelihood request: token ids, echo, logprobs 1, max_tokens 1; it sums
+    token_logprobs[ctxlen:-1] and checks each is the top one (is_greedy)."""
+    url, state = server
+    tok, model = state.loaded.tokenizer, state.loaded.model
+    context, continuation = tok.encode("reverse: a b"), tok.encode(" b a")
+    ids = context + continuation
+    body = {"model": state.model_name, "prompt": [ids], "echo": True, "logprobs": 1, "max_tokens": 1,
+            "temperature": 0}
+    r = post(url, "/v1/completions", body)
+    assert r.status_code == 200, r.text
+    choice = r.json()["choices"][0]
+    lp = choice["logprobs"]
+    assert choice["text"].startswith(tok.decode(ids)) and lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+    assert len(lp["tokens"]) == len(ids) + 1 and lp["tokens"][:len(ids)] == [tok.decode([t]) for t in ids]
+    with torch.no_grad():
+        reference = torch.log_softmax(model(torch.tensor([ids]))[0][0].float(), dim=-1)
+    want = [reference[i - 1, ids[i]].item() for i in range(len(context), len(ids))]
+    assert lp["token_logprobs"][len(context):-1] == pytest.approx(want, abs=1e-4)
+    greedy = [reference[i - 1].argmax().item() == ids[i] for i in range(len(context), len(ids))]
+    assert [v == pytest.approx(max(top.values())) for v, top in
+            zip(lp["token_logprobs"][len(context):-1], lp["top_logprobs"][len(context):-1])] == greedy
+    plain = post(url, "/v1/completions", {**body, "logprobs": None}).json()["choices"][0]
+    assert plain["text"] == choice["text"] and plain["logprobs"] is None
+
+
+def test_chat_logprobs_and_their_limits(server):
+    url, state = server
+    c = client(url)
+    args = dict(model=state.model_name, messages=[{"role": "user", "content": "greet kalomi"}], max_tokens=6,
+                temperature=0)
+    chat = c.chat.completions.create(**args, logprobs=True, top_logprobs=2)
+    content = chat.choices[0].logprobs.content
+    assert len(content) == chat.usage.completion_tokens and chat.choices[0].message.refusal is None
+    for entry in content:
+        assert entry.bytes == list(entry.token.encode()) and len(entry.top_logprobs) == 2
+        assert entry.logprob == pytest.approx(entry.top_logprobs[0].logprob)  # greedy: the top one
+    assert c.chat.completions.create(**args, logprobs=False).choices[0].logprobs is None
+    for extra, param in (({"top_logprobs": 2}, "top_logprobs"), ({"logprobs": True, "top_logprobs": 6}, "top_logprobs"),
+                         ({"logprobs": True, "stream": True}, "top_logprobs")):
+        r = post(url, "/v1/chat/completions", {**args, **extra})
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, (extra, r.text)
+
+
+def test_logprobs_are_refused_while_the_output_filter_is_on(serve_checkpoint):
+    with running(serve_checkpoint, environ=ENV, serve={"output_filter": True}) as (url, state):
+        r = post(url, "/v1/completions", {"model": state.model_name, "prompt": "hi", "logprobs": 1})
+        assert r.status_code == 400 and "output_filter" in r.json()["error"]["message"]
+        r = post(url, "/v1/completions", {"model": state.model_name, "prompt": "hi", "echo": True, "max_tokens": 2})
+        assert r.status_code == 200 and r.json()["choices"][0]["text"].startswith("hi")
 
 
 def test_chat_message_problems_are_400(server):

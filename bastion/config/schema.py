@@ -397,6 +397,8 @@ class ServeConfig(Section):
     max_n: int = Field(default=1, ge=1, le=16, description="completions per request (OpenAI's n)")
     max_prompts: int = Field(default=16, ge=1, le=128, description="prompts per /v1/completions request (a batched "
                              "list of strings or of token-id lists), each with its n completions")
+    max_logit_bias: int = Field(default=300, ge=0, le=1024, description="token ids one request's logit_bias may name "
+                                "(OpenAI's limit is 300)")
     max_logprobs: int = Field(default=5, ge=0, le=20, description="top alternatives per token a request may ask for "
                               "(completions `logprobs`, chat `top_logprobs`)")
     batch_mode: Literal["padded", "rowwise", "dynamic"] = Field(

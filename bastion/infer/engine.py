@@ -51,7 +51,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import asdict
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
@@ -210,14 +210,14 @@ class Engine:
     def params(self, prompt_len: int, *, max_new_tokens: int | None = None, temperature: float | None = None,
                top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
                stop: list[str] | None = None, stop_ids: list[int] | None = None, logprobs: int | None = None,
-               prompt_logprobs: bool = False) -> SamplingParams:
+               prompt_logprobs: bool = False, **adjust: Any) -> SamplingParams:
         """Validate a request of `prompt_len` tokens against the limits with
         `generate.sampling_params`, as generate.stream does (GenerationLimitError naming the
         parameter); None takes the limits' default."""
         return sampling_params(self.limits, self._context, prompt_len, vocab_size=self.model.cfg.vocab_size or 0,
                                max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                                seed=seed, stop=stop, stop_ids=stop_ids, logprobs=logprobs,
-                               prompt_logprobs=prompt_logprobs)
+                               prompt_logprobs=prompt_logprobs, **adjust)
 
     def submit(self, prompt_ids: list[int], params: SamplingParams, *,
                loop: asyncio.AbstractEventLoop | None = None) -> RequestHandle:

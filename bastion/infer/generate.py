@@ -16,7 +16,7 @@ import torch
 
 from bastion.config.schema import GenerateConfig
 from bastion.errors import GenerationLimitError
-from bastion.infer.sampling import sample_next
+from bastion.infer.sampling import penalize, sample_next
 from bastion.model.transformer import KVCache, Transformer
 
 if TYPE_CHECKING:
@@ -117,6 +117,16 @@ class SamplingParams:
     stop_ids: tuple[int, ...] = ()
     logprobs: int | None = None  # record each sampled token's logprob and this many top alternatives
     prompt_logprobs: bool = False  # and the prompt's (from the prefill's logits; top as `logprobs`)
+    min_p: float = 0.0  # sampling.sample_next
+    repetition_penalty: float = 1.0  # sampling.penalize, in its order
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias) pairs
+
+    @property
+    def penalized(self) -> bool:
+        return bool(self.logit_bias) or self.repetition_penalty != 1.0 or bool(self.frequency_penalty) \
+            or bool(self.presence_penalty)
 
 
 MAX_LOGPROBS = 20  # top alternatives per token (OpenAI's chat limit); the server's own is lower
@@ -139,7 +149,9 @@ def sampling_params(limits: GenerateConfig, context_size: int, prompt_len: int, 
                     max_new_tokens: int | None = None, temperature: float | None = None, top_k: int | None = None,
                     top_p: float | None = None, seed: int | None = None, stop: list[str] | None = None,
                     stop_ids: list[int] | None = None, logprobs: int | None = None,
-                    prompt_logprobs: bool = False) -> SamplingParams:
+                    prompt_logprobs: bool = False, min_p: float | None = None, repetition_penalty: float | None = None,
+                    frequency_penalty: float | None = None, presence_penalty: float | None = None,
+                    logit_bias: dict[int, float] | tuple[tuple[int, float], ...] | None = None) -> SamplingParams:
     """The one check of a request's settings, for generate() and the engine alike: the length
     limits (`check_request`), then the sampling bounds, with None taking `limits`' default.
     Raises GenerationLimitError naming the parameter."""
@@ -167,9 +179,39 @@ def sampling_params(limits: GenerateConfig, context_size: int, prompt_len: int, 
         raise GenerationLimitError(f"logprobs must be an integer in [0, {MAX_LOGPROBS}] or None, got {logprobs!r}")
     if prompt_logprobs and logprobs is None:
         raise GenerationLimitError("prompt_logprobs needs logprobs (the number of top alternatives, 0 for none)")
+    min_p = _number("min_p", 0.0 if min_p is None else min_p, 0.0, 1.0)
+    repetition_penalty = _number("repetition_penalty", 1.0 if repetition_penalty is None else repetition_penalty,
+                                 MIN_REPETITION_PENALTY, MAX_REPETITION_PENALTY)
+    frequency_penalty = _number("frequency_penalty", frequency_penalty or 0.0, -2.0, 2.0)
+    presence_penalty = _number("presence_penalty", presence_penalty or 0.0, -2.0, 2.0)
+    bias = []
+    if isinstance(logit_bias, tuple):  # SamplingParams' own (id, bias) pairs, checked again by Engine.submit
+        try:
+            logit_bias = dict(logit_bias)
+        except (TypeError, ValueError):
+            pass
+    if logit_bias is not None and not isinstance(logit_bias, dict):
+        raise GenerationLimitError(f"logit_bias must map token ids to numbers, got {type(logit_bias).__name__}")
+    for token, value in (logit_bias or {}).items():
+        if isinstance(token, bool) or not isinstance(token, int) or not 0 <= token < vocab_size:
+            raise GenerationLimitError(f"logit_bias: token ids must be in [0, {vocab_size}), got {token!r}")
+        bias.append((token, _number(f"logit_bias[{token}]", value, -100.0, 100.0)))
     return SamplingParams(max_new_tokens=n_new, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
                           stop=tuple(stop or ()), stop_ids=tuple(dict.fromkeys(stop_ids or ())),  # no duplicates
-                          logprobs=logprobs, prompt_logprobs=bool(prompt_logprobs))
+                          logprobs=logprobs, prompt_logprobs=bool(prompt_logprobs), min_p=min_p,
+                          repetition_penalty=repetition_penalty, frequency_penalty=frequency_penalty,
+                          presence_penalty=presence_penalty, logit_bias=tuple(sorted(bias)))
+
+
+MIN_REPETITION_PENALTY, MAX_REPETITION_PENALTY = 0.01, 10.0
+
+
+def _number(name: str, value: object, low: float, high: float) -> float:
+    """`value` as a float in [low, high], else GenerationLimitError naming `name`."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or not low <= value <= high:
+        raise GenerationLimitError(f"{name} must be a number in [{low:g}, {high:g}], got {value!r}")
+    return float(value)
 
 
 def _emittable(text: str, stop: list[str]) -> int:
@@ -276,7 +318,12 @@ class SequenceState:
     def sample(self, logits: torch.Tensor) -> int:
         """logits [1, V] -> the next token, with this request's settings and generator."""
         p = self.params
-        token = int(sample_next(logits, p.temperature, p.top_k, p.top_p, self.generator))
+        adjusted = logits
+        if p.penalized:
+            adjusted = penalize(logits, history=self.prompt_ids + self.text.ids, completion=self.text.ids,
+                                logit_bias=p.logit_bias, repetition_penalty=p.repetition_penalty,
+                                frequency_penalty=p.frequency_penalty, presence_penalty=p.presence_penalty)
+        token = int(sample_next(adjusted, p.temperature, p.top_k, p.top_p, self.generator, p.min_p))
         if self.logprobs is not None:
             self.logprobs.append(token_logprobs(logits[-1:], torch.tensor([token], device=logits.device),
                                                 p.logprobs or 0)[0])
@@ -309,7 +356,7 @@ def stream(model: Transformer, tokenizer: Tokenizer, prompt: str | list[int], *,
            max_new_tokens: int | None = None, temperature: float | None = None, top_k: int | None = None,
            top_p: float | None = None, seed: int | None = None,
            stop: list[str] | None = None, stop_ids: list[int] | None = None, logprobs: int | None = None,
-           prompt_logprobs: bool = False) -> Iterator[str | GenerationResult]:
+           prompt_logprobs: bool = False, **adjust: Any) -> Iterator[str | GenerationResult]:
     """Yield completion text deltas as they become final, then one GenerationResult.
 
     `prompt` is text, or token ids (a chat prompt from `ChatFormat.encode_prompt`, whose
@@ -329,7 +376,7 @@ def stream(model: Transformer, tokenizer: Tokenizer, prompt: str | list[int], *,
     params = sampling_params(limits, model.cfg.max_seq_len, len(prompt_ids), vocab_size=vocab,
                              max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                              seed=seed, stop=stop, stop_ids=stop_ids, logprobs=logprobs,
-                             prompt_logprobs=prompt_logprobs)
+                             prompt_logprobs=prompt_logprobs, **adjust)
     return _decode(model, SequenceState(prompt_ids, params, tokenizer))
 
 
@@ -362,16 +409,17 @@ def generate(model: Transformer, tokenizer: Tokenizer, prompt: str | list[int], 
              max_new_tokens: int | None = None, temperature: float | None = None, top_k: int | None = None,
              top_p: float | None = None, seed: int | None = None, stop: list[str] | None = None,
              stop_ids: list[int] | None = None, logprobs: int | None = None,
-             prompt_logprobs: bool = False) -> GenerationResult:
+             prompt_logprobs: bool = False, **adjust: Any) -> GenerationResult:
     """Complete `prompt`: prefill once with a KV cache, then decode token by token until eos
     (or a stop id), a stop string (text cut before it), or max_new_tokens. None parameters
     take `limits`' defaults. `logprobs` (0-20): record each completion token's logprob and
     that many top alternatives (GenerationResult.logprobs); `prompt_logprobs`: the prompt's
-    too."""
+    too. `adjust`: min_p, repetition_penalty, frequency_penalty, presence_penalty, logit_bias
+    (`sampling_params`; applied by `sampling.penalize` and `sample_next`)."""
     result = None
     for item in stream(model, tokenizer, prompt, limits=limits, max_new_tokens=max_new_tokens,
                        temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, stop=stop,
-                       stop_ids=stop_ids, logprobs=logprobs, prompt_logprobs=prompt_logprobs):
+                       stop_ids=stop_ids, logprobs=logprobs, prompt_logprobs=prompt_logprobs, **adjust):
         result = item
     assert isinstance(result, GenerationResult)
     return result

@@ -418,13 +418,21 @@ async def _generate(state: ServerState, request: Request, body: P._Sampling, pro
         raise ApiError(400, f"{len(body.stop)} stop strings, over the limit of {limits.max_stop_strings}",
                        "invalid_request_error", param="stop")
     scoring.check(state, body.stream)
+    if body.logit_bias and len(body.logit_bias) > state.cfg.max_logit_bias:
+        raise ApiError(400, f"logit_bias names {len(body.logit_bias)} tokens, over this server's limit of "
+                            f"{state.cfg.max_logit_bias}", "invalid_request_error", param="logit_bias")
+    try:
+        adjust = body.adjustments()
+    except ValueError as exc:
+        raise ApiError(400, str(exc), "invalid_request_error", param="logit_bias") from None
     budget = body.budget() if isinstance(body, P.ChatRequest) else body.max_tokens
     stop_ids = state.loaded.chat.stop_ids if chat else None
     try:
         jobs = [(ids, state.engine.params(len(ids), max_new_tokens=budget, temperature=body.temperature,
                                           top_p=body.top_p, seed=None if body.seed is None else body.seed + j,
                                           stop=body.stop, stop_ids=stop_ids, logprobs=scoring.logprobs,
-                                          prompt_logprobs=scoring.echo is not None and scoring.logprobs is not None))
+                                          prompt_logprobs=scoring.echo is not None and scoring.logprobs is not None,
+                                          **adjust))
                 for ids in prompts for j in range(body.n)]
     except GenerationLimitError as exc:
         raise ApiError(400, str(exc), "invalid_request_error", code="limit_exceeded") from None

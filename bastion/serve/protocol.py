@@ -27,7 +27,7 @@ TokenIds = Annotated[list[TokenId], Field(max_length=MAX_PROMPT_IDS)]
 # Fields the spec defines that Bastion does not act on are accepted at their neutral values
 # only (`NEUTRAL` below; anything else is a 400 naming the field: silently different output
 # is worse). Their types repeat the rule, so the parsed request can hold nothing else.
-NoLogitBias = Annotated[dict[str, float], Field(max_length=0)]
+MAX_LOGIT_BIAS = 1024  # hard schema cap; ServeConfig.max_logit_bias is the configured one
 
 
 class _Strict(BaseModel):
@@ -93,14 +93,31 @@ class _Sampling(_Strict):
     stop: str | list[str] | None = None
     seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
     user: str | None = Field(default=None, max_length=256)
-    # Accepted only at their neutral values: anything else would be silently ignored.
-    presence_penalty: float | None = Field(default=None, ge=0.0, le=0.0)
-    frequency_penalty: float | None = Field(default=None, ge=0.0, le=0.0)
-    logit_bias: NoLogitBias | None = None
+    # Logit adjustments (generate.sampling_params checks them against the model too).
+    top_k: Annotated[StrictInt, Field(ge=-1, le=1_048_576)] | None = None  # -1 / 0: no cut (vLLM's convention)
+    min_p: float | None = Field(default=None, ge=0.0, le=1.0)
+    repetition_penalty: float | None = Field(default=None, ge=0.01, le=10.0)
+    presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
+    frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
+    logit_bias: Annotated[dict[str, Annotated[float, Field(ge=-100.0, le=100.0)]],
+                          Field(max_length=MAX_LOGIT_BIAS)] | None = None  # {"token id": bias}
+
+    def adjustments(self) -> dict[str, Any]:
+        """The logit adjustments as `Engine.params` takes them (logit_bias keys as ints; a
+        key that is not a token id is a ValueError naming it)."""
+        bias = None
+        if self.logit_bias:
+            bias = {}
+            for key, value in self.logit_bias.items():
+                if not key.isascii() or not key.isdigit() or len(key) > 10:
+                    raise ValueError(f"logit_bias: key {printable(key)[:20]!r} is not a token id")
+                bias[int(key)] = value
+        return {"top_k": None if self.top_k in (None, 0, -1) else self.top_k, "min_p": self.min_p,
+                "repetition_penalty": self.repetition_penalty, "presence_penalty": self.presence_penalty,
+                "frequency_penalty": self.frequency_penalty, "logit_bias": bias}
 
     # Spec fields Bastion does not act on -> the values that mean "off" (shown in the 400).
-    NEUTRAL: ClassVar[dict[str, tuple[Any, ...]]] = {
-        "presence_penalty": (None, 0), "frequency_penalty": (None, 0), "logit_bias": (None, {})}
+    NEUTRAL: ClassVar[dict[str, tuple[Any, ...]]] = {}
 
     @model_validator(mode="before")
     @classmethod

@@ -742,3 +742,55 @@ def test_logprobs_settings_are_bounded(tok):
             generate(model, tok, "a", limits=LIMITS, logprobs=bad)
     with pytest.raises(GenerationLimitError, match="prompt_logprobs needs logprobs"):
         generate(model, tok, "a", limits=LIMITS, prompt_logprobs=True)
+
+
+# ---- per-request logit adjustments (min_p, penalties, logit_bias) -------------------------------
+
+ADJUSTED = [("The quick", dict(max_new_tokens=20, repetition_penalty=1.3)),
+            ("def main():\n", dict(max_new_tokens=15, frequency_penalty=1.5, presence_penalty=0.5)),
+            ("a", dict(max_new_tokens=12, temperature=0.8, seed=4, min_p=0.2, logit_bias={5: 3.0, 7: -100.0})),
+            ("Über café", dict(max_new_tokens=10, temperature=1.0, seed=9, top_k=5, min_p=0.05,
+                              presence_penalty=-0.5))]
+
+
+def test_logit_bias_forces_and_bans_tokens(tok):
+    model = tiny_model()
+    with ban_eos(model, tok):
+        plain = generate(model, tok, "The quick", limits=LIMITS, max_new_tokens=8)
+        banned = generate(model, tok, "The quick", limits=LIMITS, max_new_tokens=8,
+                          logit_bias={plain.token_ids[0]: -100.0})
+        forced = generate(model, tok, "The quick", limits=LIMITS, max_new_tokens=8, logit_bias={42: 100.0})
+    assert banned.token_ids[0] != plain.token_ids[0]
+    assert forced.token_ids == [42] * 8
+
+
+def test_penalties_cut_repetition(tok):
+    model = tiny_model()
+    with ban_eos(model, tok):
+        plain = generate(model, tok, "The quick", limits=LIMITS, max_new_tokens=40)
+        penalized = generate(model, tok, "The quick", limits=LIMITS, max_new_tokens=40, frequency_penalty=2.0,
+                             presence_penalty=2.0)
+    assert len(set(penalized.token_ids)) > len(set(plain.token_ids))
+
+
+@pytest.mark.parametrize("mode", ["rowwise", "padded"])
+def test_adjusted_sampling_equals_generate_and_is_batch_invariant(tok, mode):
+    model = tiny_model()
+    with ban_eos(model, tok):
+        expected = [generate(model, tok, p, limits=LIMITS, **kw).token_ids for p, kw in ADJUSTED]
+        alone = [run_engine(model, tok, [r], max_batch_size=4, staggered=False, mode=mode)[0] for r in ADJUSTED]
+        together = run_engine(model, tok, ADJUSTED, max_batch_size=4, staggered=True, mode=mode)
+    assert [r.token_ids for r in together] == [r.token_ids for r in alone]
+    if mode == "rowwise":
+        assert [r.token_ids for r in alone] == expected
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(min_p=1.5), "min_p must be a number in"), (dict(repetition_penalty=0), "repetition_penalty"),
+    (dict(frequency_penalty=3), "frequency_penalty"), (dict(presence_penalty=float("nan")), "presence_penalty"),
+    (dict(logit_bias={300: 1.0}), r"logit_bias: token ids must be in \[0, 300\)"),
+    (dict(logit_bias={1: 101}), r"logit_bias\[1\] must be a number in"), (dict(logit_bias=[1]), "logit_bias must map"),
+])
+def test_adjustment_settings_are_bounded(tok, kw, match):
+    with pytest.raises(GenerationLimitError, match=match):
+        generate(tiny_model(), tok, "a", limits=LIMITS, **kw)

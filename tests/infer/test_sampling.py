@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from bastion.infer import sample_next
+from bastion.infer.sampling import penalize
 
 PROBS = [0.5, 0.3, 0.15, 0.05]
 
@@ -74,3 +75,25 @@ def test_invalid_arguments(kw):
     args = {"temperature": 1.0, "top_k": None, "top_p": 1.0, **kw}
     with pytest.raises(ValueError):
         sample_next(torch.zeros(1, 4), **args)
+
+
+def test_min_p_keeps_tokens_at_least_that_share_of_the_top_one():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    g = torch.Generator().manual_seed(0)
+    drawn = {int(sample_next(logits, 1.0, None, 1.0, g, min_p=0.35)) for _ in range(400)}
+    assert drawn == {0, 1}  # 0.15 < 0.35 * 0.5
+    assert {int(sample_next(logits, 1.0, None, 1.0, g, min_p=1.0)) for _ in range(50)} == {0}
+    with pytest.raises(ValueError, match="min_p"):
+        sample_next(logits, 1.0, None, 1.0, g, min_p=1.5)
+
+
+def test_penalize_applies_bias_repetition_then_frequency_and_presence():
+    logits = torch.tensor([[2.0, -1.0, 0.5, 3.0, 0.0]])
+    out = penalize(logits, history=[0, 1, 4, 2, 2], completion=[2, 2, 4], logit_bias=((3, -100.0), (4, 1.0)),
+                   repetition_penalty=2.0, frequency_penalty=0.5, presence_penalty=0.25)
+    # token 0: seen, positive -> 2 / 2; token 1: seen, negative -> -1 * 2; token 2: 0.5 / 2, then
+    # twice in the completion -> -2 * 0.5 - 0.25; token 3: biased only; token 4: 0 + 1 -> / 2,
+    # then once -> -0.5 - 0.25.
+    assert out.tolist() == [[1.0, -2.0, 0.25 - 1.0 - 0.25, -97.0, 0.5 - 0.5 - 0.25]]
+    assert logits.tolist() == [[2.0, -1.0, 0.5, 3.0, 0.0]]  # the input is left alone
+    assert torch.equal(penalize(logits, history=[0], completion=[0]), logits)  # nothing asked: unchanged

@@ -93,7 +93,14 @@ def post(url, path, body, headers=AUTH, **kw):
 @pytest.mark.parametrize("body,status,match", [
     (b"{not json", 400, "not valid JSON"),
     (b'{"model": "x", "prompt": "\xff\xfe"}', 400, None),
-    ({"model": "M", "prompt": "hi", "logit_bias": {"1": 5}}, 400, "logit_bias: not supported by this server: send null or {}"),
+    ({"model": "M", "prompt": "hi", "logit_bias": {"x": 5}}, 400, "logit_bias: key 'x' is not a token id"),
+    ({"model": "M", "prompt": "hi", "logit_bias": {"1": 101}}, 400, "logit_bias"),
+    ({"model": "M", "prompt": "hi", "logit_bias": {"99999": 1}}, 400, "logit_bias: token ids must be in"),
+    ({"model": "M", "prompt": "hi", "logit_bias": {str(i): 1 for i in range(301)}}, 400, "over this server's limit of 300"),
+    ({"model": "M", "prompt": "hi", "presence_penalty": 2.5}, 400, "presence_penalty"),
+    ({"model": "M", "prompt": "hi", "repetition_penalty": 0}, 400, "repetition_penalty"),
+    ({"model": "M", "prompt": "hi", "min_p": 1.5}, 400, "min_p"),
+    ({"model": "M", "prompt": "hi", "top_k": -2}, 400, "top_k"),
     ({"model": "M", "prompt": "hi", "echo": True, "logprobs": 1, "stream": True}, 400, "logprobs: not available with stream"),
     ({"model": "M", "prompt": "hi", "echo": True, "stream": True}, 400, "echo: not available with stream"),
     ({"model": "M", "prompt": "hi", "logprobs": 6}, 400, "logprobs is 6, over this server's limit of 5"),
@@ -101,8 +108,6 @@ def post(url, path, body, headers=AUTH, **kw):
     ({"model": "M", "prompt": "hi", "logprobs": True}, 400, "logprobs"),
     ({"model": "M", "prompt": "hi", "echo": 1}, 400, "echo"),
     ({"model": "M", "prompt": "hi", "best_of": 2}, 400, "best_of"),
-    ({"model": "M", "prompt": "hi", "presence_penalty": True}, 400, "presence_penalty"),
-    ({"model": "M", "prompt": "hi", "presence_penalty": 0.5}, 400, "presence_penalty: not supported"),
     ({"model": "M", "prompt": []}, 400, "prompt is an empty list"),
     ({"model": "M", "prompt": [[]]}, 400, "empty list of token ids"),
     ({"model": "M", "prompt": [1, "a"]}, 400, "prompt"),
@@ -252,6 +257,23 @@ def test_logprobs_are_refused_while_the_output_filter_is_on(serve_checkpoint):
         assert r.status_code == 400 and "output_filter" in r.json()["error"]["message"]
         r = post(url, "/v1/completions", {"model": state.model_name, "prompt": "hi", "echo": True, "max_tokens": 2})
         assert r.status_code == 200 and r.json()["choices"][0]["text"].startswith("hi")
+
+
+def test_per_request_sampling_knobs_match_generate(server):
+    """top_k, min_p, repetition / frequency / presence penalties and logit_bias reach the
+    sampler: the server's tokens equal generate()'s with the same settings."""
+    url, state = server
+    c = client(url)
+    tok, model = state.loaded.tokenizer, state.loaded.model
+    knobs = dict(top_k=5, min_p=0.05, repetition_penalty=1.3)
+    done = c.completions.create(model=state.model_name, prompt="the quick", max_tokens=10, temperature=0.8, seed=3,
+                                frequency_penalty=0.7, presence_penalty=0.3, logit_bias={"7": -100}, extra_body=knobs)
+    want = generate(model, tok, "the quick", limits=state.limits, max_new_tokens=10, temperature=0.8, seed=3,
+                    frequency_penalty=0.7, presence_penalty=0.3, logit_bias={7: -100}, **knobs)
+    assert done.choices[0].text == want.text
+    forced = c.chat.completions.create(model=state.model_name, messages=[{"role": "user", "content": "hi"}],
+                                       max_tokens=4, temperature=0, logit_bias={"42": 100})
+    assert forced.choices[0].message.content == tok.decode([42] * 4)
 
 
 def test_chat_message_problems_are_400(server):

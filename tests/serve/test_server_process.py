@@ -127,20 +127,30 @@ JSON = st.recursive(st.none() | st.booleans() | NUMBER | TEXT,
                     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(TEXT, inner, max_size=4),
                     max_leaves=12)
 FIELDS = ["model", "prompt", "messages", "max_tokens", "temperature", "top_p", "n", "stream", "stop", "seed",
-          "stream_options", "max_completion_tokens", "echo", "logprobs", "user", "presence_penalty"]
+          "stream_options", "max_completion_tokens", "echo", "logprobs", "user", "presence_penalty",
+          "frequency_penalty", "logit_bias", "top_k", "min_p", "repetition_penalty", "top_logprobs", "best_of",
+          "suffix", "response_format", "tools", "tool_choice"]
 SOME_TEXT = st.text(min_size=1, max_size=40) | TEXT  # mostly valid, so that generation is reached
 MESSAGE = st.fixed_dictionaries({"role": st.sampled_from(["user"] * 6 + ["system", "assistant", "tool", "x"]),
                                  "content": SOME_TEXT | st.lists(st.fixed_dictionaries({"type": st.just("text"),
                                                                                         "text": SOME_TEXT}), max_size=2)})
 # Bodies close to valid ones, so that the fuzzing reaches generation (the test keeps the
 # route's own text field), and everything else.
-PLAUSIBLE = st.fixed_dictionaries({"model": st.just("MODEL"), "prompt": SOME_TEXT,
+TOKEN_IDS = st.lists(st.integers(0, 400), min_size=1, max_size=8)  # some past the vocabulary: 400
+PLAUSIBLE = st.fixed_dictionaries({"model": st.just("MODEL"),
+                                   "prompt": SOME_TEXT | TOKEN_IDS | st.lists(SOME_TEXT | TOKEN_IDS, max_size=3),
                                    "messages": st.lists(MESSAGE, min_size=1, max_size=2)},
                                   optional={"stream": st.booleans(), "max_tokens": st.integers(1, 3),
                                             "temperature": st.floats(0, 2), "top_p": st.floats(0, 1),
                                             "stop": st.lists(SOME_TEXT, max_size=3), "seed": st.integers(0, 2**63),
                                             "n": st.sampled_from([1, 1, 1, 2]), "user": st.none() | TEXT,
-                                            "stream_options": st.fixed_dictionaries({"include_usage": st.booleans()})})
+                                            "stream_options": st.fixed_dictionaries({"include_usage": st.booleans()}),
+                                            "top_k": st.integers(-1, 50), "min_p": st.floats(0, 1),
+                                            "repetition_penalty": st.floats(0.5, 2), "presence_penalty": st.floats(-2, 2),
+                                            "logit_bias": st.dictionaries(st.integers(0, 400).map(str),
+                                                                          st.floats(-100, 100), max_size=3),
+                                            "logprobs": st.none() | st.integers(0, 6) | st.booleans(),
+                                            "echo": st.booleans(), "top_logprobs": st.integers(0, 3)})
 
 
 def deep(depth: int) -> bytes:

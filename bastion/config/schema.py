@@ -395,6 +395,9 @@ class ServeConfig(Section):
                                 "torch's); 1 is often fastest for small models on few cores")
     max_queue: int = Field(default=64, ge=0, le=100_000, description="waiting requests beyond the batch; more get 503")
     max_n: int = Field(default=1, ge=1, le=16, description="completions per request (OpenAI's n)")
+    dtype: Literal["float32", "bfloat16"] = Field(
+        default="float32", description="weights, KV cache and compute; bfloat16 halves memory and multiplies batched "
+                                       "throughput on CPUs with bf16 units (docs/serving.md); not with --quantize")
     max_prompts: int = Field(default=16, ge=1, le=128, description="prompts per /v1/completions request (a batched "
                              "list of strings or of token-id lists), each with its n completions")
     max_logit_bias: int = Field(default=300, ge=0, le=1024, description="token ids one request's logit_bias may name "

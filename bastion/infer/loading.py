@@ -23,7 +23,7 @@ from bastion.checkpoint.contents import (
 )
 from bastion.checkpoint.safetensors_check import check_against_model
 from bastion.config.schema import BastionConfig
-from bastion.errors import CheckpointError
+from bastion.errors import CheckpointError, ConfigError
 from bastion.model import Transformer
 from bastion.model.lora import apply_lora, is_lora_name, merge_lora
 from bastion.model.quantize import check_mode, quantize_model, restore_quantized, use_cpu_kernels
@@ -39,10 +39,15 @@ class LoadedModel:
     directory: Path
     chat: ChatFormat | None = None
     quantization: str | None = None  # "int8" / "int4": weight-only quantized (bastion/model/quantize.py)
+    dtype: str = "float32"  # of the weights that are not quantized, and of the compute
+
+
+INFERENCE_DTYPES = ("float32", "bfloat16")
 
 
 def load_for_inference(path: str | Path, *, verify: bool = True, device: str | torch.device = "cpu",
-                       head: Head = "lm", what: str = "checkpoint", quantize: str | None = None) -> LoadedModel:
+                       head: Head = "lm", what: str = "checkpoint", quantize: str | None = None,
+                       dtype: str = "float32") -> LoadedModel:
     """Verify (unless verify=False) and load a checkpoint's weights, tokenizer and config;
     refused unless its model has the `head` asked for (a language model by default: a reward
     model cannot generate).
@@ -52,10 +57,18 @@ def load_for_inference(path: str | Path, *, verify: bool = True, device: str | t
     loading (torchao, weight-only; a quantized checkpoint must already be in that mode). On
     CPU a quantized model's Linears then run PyTorch's fused int8 / int4 kernels
     (`use_cpu_kernels`); on CUDA torchao's own.
+    `dtype` "bfloat16" casts the loaded float32 model (weights, KV cache, compute) to bf16:
+    half the memory, and on CPUs with bf16 matrix units (AMX) several times the batched
+    throughput (docs/serving.md); not with quantization.
     Weights holding NaN or Inf are refused whatever checkpoint.reject_nonfinite says: they
     cannot generate anything (sampling fails on NaN probabilities)."""
+    if dtype not in INFERENCE_DTYPES:
+        raise ConfigError(f"--dtype: unknown dtype {str(dtype)[:40]!r}; choose one of {', '.join(INFERENCE_DTYPES)}")
     if quantize is not None:
         check_mode(quantize)  # before reading any weights
+        if dtype != "float32":
+            raise ConfigError("--dtype bfloat16 and --quantize are exclusive: the quantized linears pick their own "
+                              "compute precision (docs/quantization.md)")
     ckpt = load_checkpoint(path, verify=verify, load_optimizer=False)
     config = checkpoint_config(ckpt)
     refuse_head(ckpt, config, head, what)
@@ -79,10 +92,14 @@ def load_for_inference(path: str | Path, *, verify: bool = True, device: str | t
     elif quantize is not None and quantize != mode:
         raise CheckpointError(f"--quantize {quantize}: {ckpt.directory} is already quantized ({mode}); quantize its "
                               "full-precision source instead")
+    if mode is not None and dtype != "float32":
+        raise CheckpointError(f"--dtype {dtype}: {ckpt.directory} is quantized ({mode}); load it without --dtype")
     if mode is not None and torch.device(device).type == "cpu":
         use_cpu_kernels(model)
+    if dtype == "bfloat16":
+        model.to(torch.bfloat16)
     tokenizer = checkpoint_tokenizer(ckpt)
-    return LoadedModel(model, tokenizer, config, ckpt.directory, checkpoint_chat(ckpt, tokenizer), mode)
+    return LoadedModel(model, tokenizer, config, ckpt.directory, checkpoint_chat(ckpt, tokenizer), mode, dtype)
 
 
 def _merged_lora_model(ckpt, config: BastionConfig, expected: dict[str, torch.Tensor], verify: bool) -> Transformer:

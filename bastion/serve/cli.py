@@ -7,7 +7,7 @@ from typing import List, Optional
 import typer
 
 from bastion.checkpoint.cli import RequireSignatureOption, TrustedKeyOption, use_signature_options
-from bastion.infer.cli import Quantization, QuantizeOption, quantize_value
+from bastion.infer.cli import DTypeOption, InferenceDType, Quantization, QuantizeOption, quantize_value
 from bastion.serve.keys_cli import keys_app
 
 serve_app = typer.Typer(help="Serve a checkpoint over an OpenAI-compatible HTTP API (keys, rate limits, TLS).")
@@ -28,6 +28,7 @@ def serve_cmd(
     device: str = typer.Option("cpu", "--device", help="cpu, cuda or mps."),
     no_verify: bool = typer.Option(False, "--no-verify", help="Skip the checkpoint's SHA-256 manifest check (not recommended)."),
     quantize: Optional[Quantization] = QuantizeOption,
+    dtype: Optional[InferenceDType] = DTypeOption,
     require_signature: bool = RequireSignatureOption,
     trusted_keys: Optional[List[Path]] = TrustedKeyOption,
 ) -> None:
@@ -44,7 +45,7 @@ def serve_cmd(
     # Options are typed values set as they are: never a `--set` string re-read as YAML, where
     # `--host 0` became the number 0 and `--host ::` a mapping.
     options = {"host": host, "port": port, "ssl_certfile": ssl_certfile, "ssl_keyfile": ssl_keyfile,
-               "key_file": key_file}
+               "key_file": key_file, "dtype": dtype.value if dtype is not None else None}
     values = {f"serve.{name}": str(value) if isinstance(value, Path) else value
               for name, value in options.items() if value is not None}
     cfg = load_config(config, overrides or [], values=values)

@@ -55,7 +55,7 @@ def build_state(checkpoint: str | Path, config: BastionConfig, *, device: str = 
         path = getattr(cfg, name)
         if path is not None and not Path(path).is_file():
             raise ConfigError(hide_env(config, f"serve.{name}: {path} is not a file", under="serve"))
-    loaded = load_for_inference(checkpoint, verify=verify, device=device, quantize=quantize)
+    loaded = load_for_inference(checkpoint, verify=verify, device=device, quantize=quantize, dtype=cfg.dtype)
     engine = Engine(loaded.model, loaded.tokenizer, config.generate, max_batch_size=cfg.max_concurrency,
                     max_queue=cfg.max_queue, mode=cfg.batch_mode, threads=cfg.threads)
     name = cfg.model_name or model_name(loaded.directory, loaded.config)

@@ -276,6 +276,17 @@ def test_per_request_sampling_knobs_match_generate(server):
     assert forced.choices[0].message.content == tok.decode([42] * 4)
 
 
+def test_serve_dtype_bfloat16(serve_checkpoint):
+    with running(serve_checkpoint, environ=ENV, serve={"dtype": "bfloat16"}) as (url, state):
+        assert state.loaded.dtype == "bfloat16" and state.engine.model.tok_embeddings.weight.dtype == torch.bfloat16
+        done = client(url).completions.create(model=state.model_name, prompt="the quick", max_tokens=6, temperature=0,
+                                              logprobs=1)
+        assert done.choices[0].finish_reason in ("stop", "length") and done.choices[0].logprobs.token_logprobs
+    config = build_config({"serve": {"dtype": "bfloat16"}})
+    with pytest.raises(ConfigError, match="exclusive"):
+        build_state(serve_checkpoint, config, environ={}, quantize="int8")
+
+
 def test_chat_message_problems_are_400(server):
     url, state = server
     for messages in ([], [{"role": "wizard", "content": "x"}], [{"role": "user"}],

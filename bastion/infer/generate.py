@@ -95,10 +95,13 @@ def check_request(prompt_tokens: int, max_new_tokens: int | None, stop: list[str
 
 
 def check_prompt_ids(prompt_ids: object, vocab_size: int) -> list[int]:
-    """A copy of `prompt_ids` if it is a non-empty list of token ids in [0, vocab_size)."""
-    if not isinstance(prompt_ids, list) or not prompt_ids or any(
-            isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < vocab_size for i in prompt_ids):
+    """A copy of `prompt_ids` if it is a non-empty list of token ids in [0, vocab_size); the
+    error names the first id that is not."""
+    if not isinstance(prompt_ids, list) or not prompt_ids:
         raise GenerationLimitError(f"prompt ids must be a non-empty list of ids in [0, {vocab_size})")
+    for i in prompt_ids:
+        if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < vocab_size:
+            raise GenerationLimitError(f"token id {str(i)[:20]} is outside the model's vocabulary [0, {vocab_size})")
     return list(prompt_ids)
 
 

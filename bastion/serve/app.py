@@ -34,6 +34,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from bastion.config.schema import GenerateConfig, ServeConfig
 from bastion.errors import DataError, EngineClosedError, GenerationLimitError, QueueFullError
 from bastion.infer.engine import Engine
+from bastion.infer.generate import check_prompt_ids
 from bastion.infer.loading import LoadedModel
 from bastion.serve import protocol as P
 from bastion.serve.accesslog import AccessLog
@@ -385,14 +386,13 @@ def _model_created(state: ServerState) -> int:
 
 
 def _checked_ids(state: ServerState, ids: list[int], index: int, count: int) -> list[int]:
-    """A prompt given as token ids, each inside the model's vocabulary (400 otherwise)."""
-    vocab = state.loaded.config.model.vocab_size
-    bad = next((t for t in ids if t >= vocab), None)
-    if bad is not None:
+    """A prompt given as token ids, checked as the engine will (`check_prompt_ids`) but before
+    any prompt of the request is submitted or charged: 400 naming the prompt otherwise."""
+    try:
+        return check_prompt_ids(ids, state.loaded.config.model.vocab_size or 0)
+    except GenerationLimitError as exc:
         where = "prompt" if count == 1 else f"prompt {index}"
-        raise ApiError(400, f"{where}: token id {bad} is outside the model's vocabulary [0, {vocab})",
-                       "invalid_request_error", param="prompt")
-    return ids
+        raise ApiError(400, f"{where}: {exc}", "invalid_request_error", param="prompt") from None
 
 
 KNOWN_ROUTES = {"/health", "/ready", "/metrics", "/v1/models", "/v1/completions", "/v1/chat/completions"}

@@ -24,9 +24,6 @@ MAX_TOP_LOGPROBS = 20  # hard schema cap (OpenAI's chat limit); ServeConfig.max_
 MAX_PROMPT_IDS = 1_048_576  # token ids in one prompt; the model's context is checked later
 TokenId = Annotated[StrictInt, Field(ge=0, le=2**31 - 1)]  # StrictInt: no "12" or 1.0 or true
 TokenIds = Annotated[list[TokenId], Field(max_length=MAX_PROMPT_IDS)]
-# Fields the spec defines that Bastion does not act on are accepted at their neutral values
-# only (`NEUTRAL` below; anything else is a 400 naming the field: silently different output
-# is worse). Their types repeat the rule, so the parsed request can hold nothing else.
 MAX_LOGIT_BIAS = 1024  # hard schema cap; ServeConfig.max_logit_bias is the configured one
 
 
@@ -116,7 +113,9 @@ class _Sampling(_Strict):
                 "repetition_penalty": self.repetition_penalty, "presence_penalty": self.presence_penalty,
                 "frequency_penalty": self.frequency_penalty, "logit_bias": bias}
 
-    # Spec fields Bastion does not act on -> the values that mean "off" (shown in the 400).
+    # Spec fields Bastion does not act on -> the values that mean "off" (shown in the 400):
+    # anything else is refused naming the field, since silently different output is worse.
+    # Their types repeat the rule, so a parsed request can hold nothing else.
     NEUTRAL: ClassVar[dict[str, tuple[Any, ...]]] = {}
 
     @model_validator(mode="before")

@@ -404,6 +404,13 @@ class ServeConfig(Section):
                                 "(OpenAI's limit is 300)")
     max_logprobs: int = Field(default=5, ge=0, le=20, description="top alternatives per token a request may ask for "
                               "(completions `logprobs`, chat `top_logprobs`)")
+    max_schema_bytes: int = Field(default=32_768, ge=64, le=65_536, description="structured output: bytes of JSON "
+                                  "schema one request may send (response_format's schema and every tool's parameters, "
+                                  "together)")
+    max_schema_depth: int = Field(default=32, ge=2, le=64, description="structured output: nesting depth of a JSON "
+                                  "schema")
+    max_tools: int = Field(default=64, ge=0, le=128, description="functions one chat request may list in `tools` "
+                           "(0: tool calling off)")
     batch_mode: Literal["padded", "rowwise", "dynamic"] = Field(
         default="padded", description="padded: batched and batch-invariant; rowwise: bit-equal to `bastion generate`, "
                                       "no batching speed-up; dynamic: fastest, last-bit batch effects")

@@ -65,6 +65,7 @@ from bastion.errors import DataError
 from bastion.safepath import Roots
 from bastion.data.batches import BatchCursor
 from bastion.tokenizer.chat import ChatFormat, ChatTooLongError, check_conversation
+from bastion.tokenizer.tools import flatten as flatten_tools
 from bastion.data.sources import bounded_lines
 from bastion.safeio import parse_json
 
@@ -129,7 +130,9 @@ def parse_chat_record(record: Any) -> list[dict[str, str]]:
         raise DataError(f"record must be a JSON object, got {type(record).__name__}")
     if "messages" not in record:
         raise DataError("missing field 'messages'")
-    return check_conversation(record["messages"], ends_with=("assistant",))
+    # Tool calls, tool results and a `tools` list become text exactly as the server writes
+    # them (tokenizer/tools.py), so the model learns the calls it will be asked for.
+    return check_conversation(flatten_tools(record["messages"], record.get("tools")), ends_with=("assistant",))
 
 
 @dataclass(frozen=True)

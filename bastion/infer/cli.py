@@ -5,7 +5,7 @@ import json
 import sys
 from enum import Enum
 from pathlib import Path
-from typing import List, Optional
+from typing import Any, List, Optional
 
 import typer
 
@@ -54,6 +54,10 @@ def generate_cmd(
     stop: Optional[List[str]] = typer.Option(None, "--stop", help="Stop when this string appears (repeatable)."),
     chat: bool = typer.Option(False, "--chat", help="Send the prompt as a user message through the model's chat "
                               "template and stop at its end of turn (fine-tuned / imported chat models)."),
+    json_schema: Optional[Path] = typer.Option(None, "--json-schema", help="A JSON schema file (at most 64 KiB, 64 "
+                                               "levels deep): the completion is decoded under it, so it is JSON that "
+                                               "validates (unless cut by --max-new-tokens). Use with --chat to ask an "
+                                               "instruction-tuned model; docs/serving.md#structured-output-and-tool-calls."),
     no_verify: bool = typer.Option(False, "--no-verify", help="Skip the SHA-256 manifest check (not recommended)."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
     quantize: Optional[Quantization] = QuantizeOption,
@@ -72,16 +76,30 @@ def generate_cmd(
     if chat:
         model_input = loaded.chat.encode_prompt([{"role": "user", "content": prompt}])
         stop_ids = loaded.chat.stop_ids
+    grammar = None
+    if json_schema is not None:
+        grammar = schema_grammar(json_schema, loaded, stop_ids or [loaded.tokenizer.eos_id])
     result = generate(
         loaded.model, loaded.tokenizer, model_input, limits=loaded.config.generate,
         max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, stop=stop,
-        stop_ids=stop_ids,
+        stop_ids=stop_ids, grammar=grammar,
     )
     if as_json:
         print(json.dumps({"prompt": prompt, "completion": result.text, "finish_reason": result.finish_reason,
                           "prompt_tokens": result.prompt_tokens, "completion_tokens": len(result.token_ids)}))
     else:
         sys.stdout.write((result.text if chat else prompt + result.text) + "\n")
+
+
+def schema_grammar(path: Path, loaded: Any, end_ids: list[int]) -> str:
+    """--json-schema: the file read with its size and nesting bounded, then compiled for the model."""
+    from bastion.errors import GenerationLimitError
+    from bastion.infer.structured import MAX_SCHEMA_BYTES, check_schema, compile_grammar, json_grammar
+    from bastion.safeio import read_json_limited
+
+    schema = read_json_limited(path, MAX_SCHEMA_BYTES, GenerationLimitError, "JSON schema")
+    text = check_schema(schema, where=f"JSON schema {path}")
+    return compile_grammar(json_grammar(text), loaded.tokenizer, loaded.config.model.vocab_size or 0, end_ids)
 
 
 def quantize_cmd(

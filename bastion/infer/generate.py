@@ -17,6 +17,7 @@ import torch
 from bastion.config.schema import GenerateConfig
 from bastion.errors import GenerationLimitError
 from bastion.infer.sampling import penalize, sample_next
+from bastion.infer.structured import Constraint
 from bastion.model.transformer import KVCache, Transformer
 
 if TYPE_CHECKING:
@@ -125,6 +126,7 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     presence_penalty: float = 0.0
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias) pairs
+    grammar: str | None = None  # structured output: an llguidance grammar from structured.compile_grammar
 
     @property
     def penalized(self) -> bool:
@@ -154,7 +156,8 @@ def sampling_params(limits: GenerateConfig, context_size: int, prompt_len: int, 
                     stop_ids: list[int] | None = None, logprobs: int | None = None,
                     prompt_logprobs: bool = False, min_p: float | None = None, repetition_penalty: float | None = None,
                     frequency_penalty: float | None = None, presence_penalty: float | None = None,
-                    logit_bias: dict[int, float] | tuple[tuple[int, float], ...] | None = None) -> SamplingParams:
+                    logit_bias: dict[int, float] | tuple[tuple[int, float], ...] | None = None,
+                    grammar: str | None = None) -> SamplingParams:
     """The one check of a request's settings, for generate() and the engine alike: the length
     limits (`check_request`), then the sampling bounds, with None taking `limits`' default.
     Raises GenerationLimitError naming the parameter."""
@@ -199,14 +202,18 @@ def sampling_params(limits: GenerateConfig, context_size: int, prompt_len: int, 
         if isinstance(token, bool) or not isinstance(token, int) or not 0 <= token < vocab_size:
             raise GenerationLimitError(f"logit_bias: token ids must be in [0, {vocab_size}), got {token!r}")
         bias.append((token, _number(f"logit_bias[{token}]", value, -100.0, 100.0)))
+    if grammar is not None and (not isinstance(grammar, str) or not 0 < len(grammar) <= MAX_GRAMMAR_CHARS):
+        raise GenerationLimitError(f"grammar must be a non-empty string of at most {MAX_GRAMMAR_CHARS} characters "
+                                   "(from structured.compile_grammar)")
     return SamplingParams(max_new_tokens=n_new, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
                           stop=tuple(stop or ()), stop_ids=tuple(dict.fromkeys(stop_ids or ())),  # no duplicates
                           logprobs=logprobs, prompt_logprobs=bool(prompt_logprobs), min_p=min_p,
                           repetition_penalty=repetition_penalty, frequency_penalty=frequency_penalty,
-                          presence_penalty=presence_penalty, logit_bias=tuple(sorted(bias)))
+                          presence_penalty=presence_penalty, logit_bias=tuple(sorted(bias)), grammar=grammar)
 
 
 MIN_REPETITION_PENALTY, MAX_REPETITION_PENALTY = 0.01, 10.0
+MAX_GRAMMAR_CHARS = 4_000_000  # a compiled grammar; the schema behind it is bounded far lower by the server
 
 
 def _number(name: str, value: object, low: float, high: float) -> float:
@@ -286,6 +293,7 @@ class SequenceState:
         self.end_id: int | None = None
         self.logprobs: list[TokenLogprob] | None = None if params.logprobs is None else []
         self.prompt_logprobs: list[TokenLogprob] | None = None
+        self.constraint: Constraint | None = None  # structured output: built at the first sample
 
     @property
     def position(self) -> int:
@@ -326,6 +334,10 @@ class SequenceState:
             adjusted = penalize(logits, history=self.prompt_ids + self.text.ids, completion=self.text.ids,
                                 logit_bias=p.logit_bias, repetition_penalty=p.repetition_penalty,
                                 frequency_penalty=p.frequency_penalty, presence_penalty=p.presence_penalty)
+        if p.grammar is not None:
+            if self.constraint is None:
+                self.constraint = Constraint(p.grammar, self.text.tokenizer, logits.size(-1), self.end_ids)
+            adjusted = self.constraint.mask(adjusted)
         token = int(sample_next(adjusted, p.temperature, p.top_k, p.top_p, self.generator, p.min_p))
         if self.logprobs is not None:
             self.logprobs.append(token_logprobs(logits[-1:], torch.tensor([token], device=logits.device),
@@ -339,6 +351,8 @@ class SequenceState:
             if self.logprobs:
                 self.logprobs.pop()  # the end token is not part of the completion
             return "", "eos"
+        if self.constraint is not None:
+            self.constraint.consume(token)
         delta, stopped = self.text.push(token)
         if stopped:
             return "", "stop"

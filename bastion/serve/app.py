@@ -36,6 +36,7 @@ from bastion.errors import DataError, EngineClosedError, GenerationLimitError, Q
 from bastion.infer.engine import Engine
 from bastion.infer.generate import check_prompt_ids
 from bastion.infer.loading import LoadedModel
+from bastion.serve import constrain as C
 from bastion.serve import protocol as P
 from bastion.serve.accesslog import AccessLog
 from bastion.serve.filters import OutputFilter, StreamFilter
@@ -334,20 +335,25 @@ def create_app(state: ServerState) -> FastAPI:
         tokenizer = state.loaded.tokenizer
         echoed = [p if isinstance(p, str) else tokenizer.decode(p) for p in prompts] if body.echo else None
         scoring = Scoring(body.logprobs, echoed, "logprobs")
-        return await _generate(state, request, body, ids, chat=False, text=text, scoring=scoring)
+        structure = await _structure(state, body, [tokenizer.eos_id])
+        return await _generate(state, request, body, ids, chat=False, text=text, scoring=scoring, structure=structure)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: P.ChatRequest, request: Request) -> Response:
         chat = state.loaded.chat
+        structure = await _structure(state, body, chat.stop_ids)
         try:
-            # The same conversation rules as fine-tuning data: roles in order, ends with the user.
-            messages = check_conversation([m.plain() for m in body.messages], ends_with=("user", "tool"))
+            # Tool calls and the tools become text, then the same conversation rules as
+            # fine-tuning data: roles in order, ends with the user or a tool result.
+            messages = check_conversation(C.prompt_messages([m.plain() for m in body.messages], structure),
+                                          ends_with=("user", "tool"))
             prompt_ids = chat.encode_prompt(messages)
         except DataError as exc:
             raise ApiError(400, f"messages: {exc}", "invalid_request_error", param="messages") from None
         scoring = Scoring((body.top_logprobs or 0) if body.logprobs else None, None, "top_logprobs")
         return await _generate(state, request, body, [prompt_ids], chat=True,
-                               text=json.dumps([m.plain() for m in body.messages]), scoring=scoring)
+                               text=json.dumps([m.plain() for m in body.messages]), scoring=scoring,
+                               structure=structure)
 
     return app
 
@@ -377,6 +383,15 @@ class Scoring:
                                 "what the filter redacts)", "invalid_request_error", param=self.field)
 
 
+async def _structure(state: ServerState, body: P._Sampling, end_ids: list[int]) -> C.Structure:
+    """The request's structured-output grammar (C.request_structure), or a 400 naming the field."""
+    try:
+        return await C.request_structure(state.cfg, body, tokenizer=state.loaded.tokenizer,
+                                         vocab_size=state.loaded.config.model.vocab_size or 0, end_ids=end_ids)
+    except C.StructureError as exc:
+        raise ApiError(400, str(exc), "invalid_request_error", param=exc.param, code="invalid_schema") from None
+
+
 def _model_created(state: ServerState) -> int:
     """/v1/models' `created`: when the served checkpoint was written (its manifest's mtime)."""
     try:
@@ -402,7 +417,7 @@ KNOWN_ROUTES = {"/health", "/ready", "/metrics", "/v1/models", "/v1/completions"
 
 
 async def _generate(state: ServerState, request: Request, body: P._Sampling, prompts: list[list[int]], *, chat: bool,
-                    text: str, scoring: Scoring) -> Response:
+                    text: str, scoring: Scoring, structure: C.Structure = C.Structure()) -> Response:
     """Submit body.n completions of each prompt (in that order: choice index = prompt index
     x n + j), after the model name, n, stop and length limits and the rate limit pass."""
     info = request.state.info
@@ -432,7 +447,7 @@ async def _generate(state: ServerState, request: Request, body: P._Sampling, pro
                                           top_p=body.top_p, seed=None if body.seed is None else body.seed + j,
                                           stop=body.stop, stop_ids=stop_ids, logprobs=scoring.logprobs,
                                           prompt_logprobs=scoring.echo is not None and scoring.logprobs is not None,
-                                          **adjust))
+                                          grammar=structure.grammar, **adjust))
                 for ids in prompts for j in range(body.n)]
     except GenerationLimitError as exc:
         raise ApiError(400, str(exc), "invalid_request_error", code="limit_exceeded") from None
@@ -463,9 +478,9 @@ async def _generate(state: ServerState, request: Request, body: P._Sampling, pro
             from None
     state.metrics.tokens.labels("prompt").inc(prompt_tokens)
     if body.stream:
-        return StreamingResponse(_stream(state, request, body, handles, rid, chat, requested),
+        return StreamingResponse(_stream(state, request, body, handles, rid, chat, requested, structure),
                                  media_type="text/event-stream", headers={"Cache-Control": "no-store"})
-    return await _complete(state, request, body, handles, rid, chat, requested, scoring, prompts)
+    return await _complete(state, request, body, handles, rid, chat, requested, scoring, prompts, structure)
 
 
 async def _collect(handle: Any) -> Any:
@@ -485,7 +500,8 @@ async def _watch_disconnect(request: Request, handles: list[Any]) -> None:
 
 
 async def _complete(state: ServerState, request: Request, body: P._Sampling, handles: list[Any], rid: str,
-                    chat: bool, requested: int, scoring: Scoring, prompts: list[list[int]]) -> JSONResponse:
+                    chat: bool, requested: int, scoring: Scoring, prompts: list[list[int]],
+                    structure: C.Structure) -> JSONResponse:
     info = request.state.info
     watcher = asyncio.create_task(_watch_disconnect(request, handles))
     try:
@@ -499,9 +515,16 @@ async def _complete(state: ServerState, request: Request, body: P._Sampling, han
     finally:
         watcher.cancel()
     out_filter = OutputFilter(state.cfg.output_filter)
-    choices = [(out_filter.apply(r.text)[0], P.finish_reason(r.finish_reason)) for r in results]
+    choices: list[tuple[Any, str]] = []
+    for r in results:
+        calls = C.tool_calls(r.text, out_filter) if structure.calls and r.finish_reason != "length" else None
+        if calls is not None:  # a message with tool calls instead of content
+            choices.append(({"content": None, "tool_calls": calls}, "tool_calls"))
+        else:
+            choices.append((out_filter.apply(r.text)[0], P.finish_reason(r.finish_reason)))
     completion_tokens = sum(len(r.token_ids) for r in results)
-    _account(state, info, requested, completion_tokens, choices[0][1], "".join(t for t, _ in choices))
+    _account(state, info, requested, completion_tokens, choices[0][1],
+             "".join(t if isinstance(t, str) else json.dumps(t["tool_calls"]) for t, _ in choices))
     prompt_of = [i for i in range(len(prompts)) for _ in range(body.n)]  # choice -> its prompt
     if scoring.echo is not None:
         choices = [(scoring.echo[prompt_of[k]] + text, reason) for k, (text, reason) in enumerate(choices)]
@@ -541,7 +564,7 @@ def _sse(payload: dict | str) -> bytes:
 
 
 async def _stream(state: ServerState, request: Request, body: P._Sampling, handles: list[Any], rid: str,
-                  chat: bool, requested: int) -> AsyncIterator[bytes]:
+                  chat: bool, requested: int, structure: C.Structure) -> AsyncIterator[bytes]:
     """SSE in OpenAI's format: one chunk per text delta per choice, a last chunk with the
     finish reason, an optional usage chunk, then [DONE]. A client that disconnects makes
     Starlette cancel this generator: the handles are cancelled and their slots freed."""
@@ -563,6 +586,8 @@ async def _stream(state: ServerState, request: Request, body: P._Sampling, handl
 
     tasks = [asyncio.create_task(pump(i, h)) for i, h in enumerate(handles)]
     filters = [StreamFilter(state.cfg.output_filter) for _ in handles]
+    out_filter = OutputFilter(state.cfg.output_filter)
+    calls = [C.CallStream() for _ in handles] if structure.calls else None
     completion_tokens, texts, open_count = 0, [""] * len(handles), len(handles)
     reason = "stop"
     deadline = started + state.cfg.request_timeout_s
@@ -586,15 +611,22 @@ async def _stream(state: ServerState, request: Request, body: P._Sampling, handl
                 _log_internal_error(request.url.path, item)
                 yield _sse(P.error_body("internal error", "server_error"))
                 return
+            called = None
             if isinstance(item, str):
-                delta = filters[index].feed(item)
+                delta = filters[index].feed(calls[index].feed(item) if calls else item)
                 if first:
                     state.metrics.ttft.observe(time.perf_counter() - started)
                     first = False
-            else:  # the GenerationResult: flush what the filter held back, then finish
-                delta = filters[index].flush()
+            else:  # the GenerationResult: flush what the filters held back, then finish
+                held, called = calls[index].finish(out_filter, cut=item.finish_reason == "length") if calls \
+                    else ("", None)
+                delta = filters[index].feed(held) + filters[index].flush()
                 completion_tokens += len(item.token_ids)
-                reason = P.finish_reason(item.finish_reason)
+                reason = "tool_calls" if called else P.finish_reason(item.finish_reason)
+            if called:
+                texts[index] += json.dumps(called)
+                yield _sse(P.chat_chunk(rid, model, index, {"tool_calls": [{"index": k, **c} for k, c in
+                                                                           enumerate(called)]}, None))
             if delta:
                 texts[index] += delta
                 yield _sse(P.chat_chunk(rid, model, index, {"content": delta}, None) if chat

@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_
 from pydantic_core import PydanticCustomError
 
 from bastion.infer.generate import MAX_STOP_CHARS
+from bastion.tokenizer.tools import MAX_TOOLS
 
 MAX_STOP_STRINGS = 16  # hard schema cap; GenerateConfig.max_stop_strings is the configured one
 MAX_PROMPT_CHARS = 4_000_000
@@ -154,6 +155,29 @@ class _Sampling(_Strict):
         return stops
 
 
+class TextFormat(_Strict):
+    type: Literal["text"]
+
+
+class JsonObjectFormat(_Strict):
+    type: Literal["json_object"]
+
+
+class JsonSchemaSpec(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    description: str | None = Field(default=None, max_length=4096)
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")  # None: any JSON object
+    strict: bool | None = None  # always strict here: the output is constrained either way
+
+
+class JsonSchemaFormat(_Strict):
+    type: Literal["json_schema"]
+    json_schema: JsonSchemaSpec
+
+
+ResponseFormat = Annotated[TextFormat | JsonObjectFormat | JsonSchemaFormat, Field(discriminator="type")]
+
+
 class CompletionRequest(_Sampling):
     """`prompt` in any of the spec's four forms: a string, a list of strings, a list of token
     ids, a list of token-id lists; `prompts()` gives them as a list of prompts (each a string
@@ -165,6 +189,7 @@ class CompletionRequest(_Sampling):
     logprobs: Annotated[StrictInt, Field(ge=0, le=MAX_TOP_LOGPROBS)] | None = None  # top alternatives per token
     best_of: Literal[1] | None = None
     suffix: None = None
+    response_format: ResponseFormat | None = None  # not in OpenAI's completions; vLLM's extension
 
     @field_validator("prompt")
     @classmethod
@@ -199,27 +224,70 @@ class TextPart(_Strict):
     text: str = Field(max_length=MAX_PROMPT_CHARS)
 
 
+class FunctionCall(_Strict):
+    name: str = Field(max_length=64)
+    arguments: str = Field(max_length=MAX_PROMPT_CHARS)  # JSON text, as the API sends it
+
+
+class ToolCall(_Strict):
+    id: str = Field(max_length=256)
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(_Strict):
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[TextPart]
+    content: str | list[TextPart] | None = None  # null: an assistant message that only calls tools
     name: str | None = Field(default=None, max_length=64)
     tool_call_id: str | None = Field(default=None, max_length=256)
+    tool_calls: Annotated[list[ToolCall], Field(min_length=1, max_length=128)] | None = None
+    refusal: None = None
 
     @field_validator("content")
     @classmethod
-    def _bounded(cls, value: str | list[TextPart]) -> str | list[TextPart]:
-        size = len(value) if isinstance(value, str) else sum(len(p.text) for p in value)
+    def _bounded(cls, value: str | list[TextPart] | None) -> str | list[TextPart] | None:
+        size = 0 if value is None else len(value) if isinstance(value, str) else sum(len(p.text) for p in value)
         if size > MAX_PROMPT_CHARS:
             raise ValueError(f"message content is over {MAX_PROMPT_CHARS} characters")
         return value
 
-    def plain(self) -> dict[str, str]:
-        text = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
-        return {"role": "system" if self.role == "developer" else self.role, "content": text}
+    @model_validator(mode="after")
+    def _content_or_calls(self) -> "ChatMessage":
+        if self.tool_calls is not None and self.role != "assistant":
+            raise ValueError("only assistant messages have tool_calls")
+        if self.content is None and self.tool_calls is None:
+            raise ValueError(f"a {self.role} message needs content")
+        return self
+
+    def plain(self) -> dict[str, Any]:
+        """{"role", "content"}, with `tool_calls` as the API has them (`tools.flatten` turns
+        them into text)."""
+        text = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content or [])
+        out: dict[str, Any] = {"role": "system" if self.role == "developer" else self.role, "content": text}
+        if self.tool_calls:
+            out["tool_calls"] = [c.model_dump() for c in self.tool_calls]
+        return out
 
 
-class TextFormat(_Strict):
-    type: Literal["text"]
+class FunctionSpec(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    description: str | None = Field(default=None, max_length=65_536)
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class Tool(_Strict):
+    type: Literal["function"]
+    function: FunctionSpec
+
+
+class NamedFunction(_Strict):
+    name: str = Field(max_length=64)
+
+
+class ToolChoiceFunction(_Strict):
+    type: Literal["function"]
+    function: NamedFunction
 
 
 class ChatRequest(_Sampling):
@@ -227,15 +295,14 @@ class ChatRequest(_Sampling):
     max_completion_tokens: int | None = Field(default=None, ge=1, le=1_000_000)
     # Neutral values only (NEUTRAL): the spec's defaults, or "off".
     NEUTRAL: ClassVar[dict[str, tuple[Any, ...]]] = {
-        **_Sampling.NEUTRAL, "response_format": (None, {"type": "text"}), "tools": (None, []),
-        "tool_choice": (None, "none"), "store": (None, False), "service_tier": (None, "auto", "default"),
+        **_Sampling.NEUTRAL, "store": (None, False), "service_tier": (None, "auto", "default"),
         "modalities": (None, ["text"])}
     logprobs: StrictBool | None = None
     top_logprobs: Annotated[StrictInt, Field(ge=0, le=MAX_TOP_LOGPROBS)] | None = None
-    response_format: TextFormat | None = None
-    tools: Annotated[list[Any], Field(max_length=0)] | None = None
-    tool_choice: Literal["none"] | None = None
-    parallel_tool_calls: bool | None = None  # no effect without tools
+    response_format: ResponseFormat | None = None
+    tools: Annotated[list[Tool], Field(max_length=MAX_TOOLS)] | None = None
+    tool_choice: Literal["none", "auto", "required"] | ToolChoiceFunction | None = None
+    parallel_tool_calls: bool | None = None
     store: Literal[False] | None = None
     service_tier: Literal["auto", "default"] | None = None
     modalities: list[Literal["text"]] | None = Field(default=None, max_length=1)
@@ -273,11 +340,12 @@ def completion_response(rid: str, model: str, choices: list[tuple[str, str]], pr
             "usage": usage(prompt_tokens, completion_tokens)}
 
 
-def chat_response(rid: str, model: str, choices: list[tuple[str, str]], prompt_tokens: int,
+def chat_response(rid: str, model: str, choices: list[tuple[str | dict[str, Any], str]], prompt_tokens: int,
                   completion_tokens: int, logprobs: list[dict[str, Any] | None] | None = None) -> dict[str, Any]:
     logprobs = logprobs or [None] * len(choices)
     return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": model,
-            "choices": [{"index": i, "message": {"role": "assistant", "content": text, "refusal": None},
+            "choices": [{"index": i, "message": {"role": "assistant", "refusal": None,
+                                                 **({"content": text} if isinstance(text, str) else text)},
                          "finish_reason": reason, "logprobs": lp}
                         for i, ((text, reason), lp) in enumerate(zip(choices, logprobs))],
             "usage": usage(prompt_tokens, completion_tokens)}
@@ -326,7 +394,7 @@ def completion_chunk(rid: str, model: str, index: int, text: str, reason: str | 
             "choices": [{"index": index, "text": text, "finish_reason": reason, "logprobs": None}]}
 
 
-def chat_chunk(rid: str, model: str, index: int, delta: dict[str, str], reason: str | None) -> dict[str, Any]:
+def chat_chunk(rid: str, model: str, index: int, delta: dict[str, Any], reason: str | None) -> dict[str, Any]:
     return {"id": rid, "object": "chat.completion.chunk", "created": int(time.time()), "model": model,
             "choices": [{"index": index, "delta": delta, "finish_reason": reason, "logprobs": None}]}
 

@@ -379,3 +379,23 @@ def test_a_huge_jsonl_line_is_refused_while_reading(tmp_path, chat, monkeypatch)
     path.write_bytes(b'{"messages": "' + b"x" * 5000)  # no newline: the whole file is one line
     with pytest.raises(DataError, match=r"huge\.jsonl:1: a document longer than the record limit = 1000"):
         load_sft(path, chat, _cfg(), [str(tmp_path)])
+
+
+def test_tool_call_conversations_train_on_the_call_text(tmp_path, chat, tok) -> None:
+    call = {"id": "c1", "type": "function", "function": {"name": "lookup", "arguments": "{\"q\": \"x\"}"}}
+    record = {"tools": [{"type": "function", "function": {"name": "lookup", "parameters": {"type": "object"}}}],
+              "messages": [{"role": "user", "content": "find x"},
+                           {"role": "assistant", "content": None, "tool_calls": [call]},
+                           {"role": "tool", "tool_call_id": "c1", "content": "found"},
+                           {"role": "assistant", "content": "done"}]}
+    ds = _sft(tmp_path, chat, [record] * 3, max_length=1024)
+    ids, mask = ds.example(0)
+    learned = tok.decode([i for i, m in zip(ids, mask) if m])
+    assert learned == ('<tool_call>\n{"name": "lookup", "arguments": {"q": "x"}}\n</tool_call><|endoftext|>'
+                       "done<|endoftext|>")
+    assert "<tools>" in tok.decode(ids)
+    bad = dict(record, messages=[record["messages"][0], {"role": "assistant", "tool_calls": [
+        {"function": {"name": "lookup", "arguments": "{nope"}}]}])
+    path = write_jsonl(tmp_path / "bad.jsonl", [bad])
+    with pytest.raises(DataError, match="arguments is not valid JSON"):
+        load_sft(path, chat, _cfg(), [str(tmp_path)])

@@ -134,6 +134,23 @@ SOME_TEXT = st.text(min_size=1, max_size=40) | TEXT  # mostly valid, so that gen
 MESSAGE = st.fixed_dictionaries({"role": st.sampled_from(["user"] * 6 + ["system", "assistant", "tool", "x"]),
                                  "content": SOME_TEXT | st.lists(st.fixed_dictionaries({"type": st.just("text"),
                                                                                         "text": SOME_TEXT}), max_size=2)})
+# Structured output: JSON schemas built from real keywords with arbitrary values, tool lists.
+SCHEMA = st.recursive(st.fixed_dictionaries({}, optional={"type": st.sampled_from(["object", "string", "integer",
+                                                                                   "array", "null", "bogus"]),
+                                                           "maxLength": st.integers(-1, 5), "pattern": TEXT,
+                                                           "enum": st.lists(JSON, max_size=3), "minimum": NUMBER,
+                                                           "$ref": st.sampled_from(["#", "#/$defs/a", "http://x/y"]),
+                                                           "format": st.sampled_from(["date", "email", "bogus"])}),
+                      lambda inner: st.fixed_dictionaries({}, optional={
+                          "properties": st.dictionaries(TEXT, inner, max_size=3), "items": inner,
+                          "anyOf": st.lists(inner, max_size=3), "$defs": st.dictionaries(TEXT, inner, max_size=2),
+                          "required": st.lists(TEXT, max_size=2), "additionalProperties": st.booleans() | inner}),
+                      max_leaves=8)
+NAME = st.sampled_from(["f", "get_x", "bad name", ""]) | TEXT
+RESPONSE_FORMAT = st.sampled_from([{"type": "text"}, {"type": "json_object"}, {"type": "yaml"}]) | st.builds(
+    lambda schema, name: {"type": "json_schema", "json_schema": {"name": name, "schema": schema}}, SCHEMA, NAME)
+TOOL = st.builds(lambda name, schema: {"type": "function", "function": {"name": name, "parameters": schema}},
+                 NAME, SCHEMA)
 # Bodies close to valid ones, so that the fuzzing reaches generation (the test keeps the
 # route's own text field), and everything else.
 TOKEN_IDS = st.lists(st.integers(0, 400), min_size=1, max_size=8)  # some past the vocabulary: 400
@@ -150,7 +167,12 @@ PLAUSIBLE = st.fixed_dictionaries({"model": st.just("MODEL"),
                                             "logit_bias": st.dictionaries(st.integers(0, 400).map(str),
                                                                           st.floats(-100, 100), max_size=3),
                                             "logprobs": st.none() | st.integers(0, 6) | st.booleans(),
-                                            "echo": st.booleans(), "top_logprobs": st.integers(0, 3)})
+                                            "echo": st.booleans(), "top_logprobs": st.integers(0, 3),
+                                            "response_format": RESPONSE_FORMAT, "tools": st.lists(TOOL, max_size=3),
+                                            "tool_choice": st.sampled_from(["none", "auto", "required"])
+                                            | st.fixed_dictionaries({"type": st.just("function"), "function":
+                                                                     st.fixed_dictionaries({"name": NAME})}),
+                                            "parallel_tool_calls": st.booleans()})
 
 
 def deep(depth: int) -> bytes:

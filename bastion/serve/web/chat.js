@@ -226,13 +226,14 @@
     } finally {
       setBusy(null);
     }
-    // What was shown is what the conversation holds: a partial reply stays; a request that
-    // produced nothing is taken back, so the next message does not follow an empty turn.
-    if (reply) {
+    // What was shown is what the conversation holds: a partial reply stays; a turn without
+    // reply text is taken back (the server refuses a blank assistant message, so keeping it
+    // would make every later request fail).
+    if (reply.trim()) {
       history.push({ role: "assistant", content: reply });
     } else {
       history.pop();
-      addNote(asked.bubble, "(not kept in the conversation: it got no reply)");
+      addNote(asked.bubble, "(not kept in the conversation: no reply text)");
     }
     return true;
   }

@@ -45,10 +45,12 @@ RECORD_CSP = """document.addEventListener('securitypolicyviolation', (e) => {
 
 
 def chromium_binary() -> str | None:
-    for name in (os.environ.get("BASTION_CHROMIUM"), "chromium", "chromium-browser"):
-        if name and (found := shutil.which(name)):
-            return found
-    return None
+    named = os.environ.get("BASTION_CHROMIUM")
+    if named:  # asked for by name: a wrong name is an error, never a silent fallback
+        if (found := shutil.which(named)) is None:
+            pytest.fail(f"BASTION_CHROMIUM={named} is not an executable file")
+        return found
+    return shutil.which("chromium") or shutil.which("chromium-browser")
 
 
 @pytest.fixture(scope="module")

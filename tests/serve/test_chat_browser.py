@@ -177,6 +177,14 @@ def test_chat_page_streams_a_reply_from_the_real_server(browser, server):
     assert finished_bubble(page) == ("done", expected_second["choices"][0]["message"]["content"])
     assert json.loads(chat_requests[-1].post_data)["messages"] == second_turn
 
+    # A bad input is refused in the page, naming the field, and the message is kept to retry.
+    requests_before = len(chat_requests)
+    page.fill("#max-tokens", "0")
+    page.fill("#input", message)
+    page.click("#send")
+    page.wait_for_function("() => document.getElementById('status').textContent.includes('max tokens must be')")
+    assert page.input_value("#input") == message and len(chat_requests) == requests_before
+
     # An API error reaches the user as the server worded it.
     too_many = {**chat_body(model, first_turn), "max_tokens": 100_000}
     refusal = api_reply(url, too_many)

@@ -17,6 +17,8 @@ import pytest
 from serving import API_KEY
 from test_server_process import serve_process
 
+from bastion.serve import protocol as P
+
 pytestmark = pytest.mark.browser
 
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
@@ -205,6 +207,18 @@ def test_chat_page_streams_a_reply_from_the_real_server(browser, server):
     state, text = finished_bubble(page)
     assert state == "stopped" and text, (state, text)
     page.wait_for_selector("#send:not([disabled])")
+
+    # An error event inside a stream (a 200 already sent: how the server reports a timeout or
+    # an engine failure mid-way), made with the server's own builders and sent in its place.
+    events = [P.chat_chunk("chatcmpl-x", model, 0, {"content": "half a "}, None),
+              P.error_body("generation took longer than 1 s", "server_error", code="timeout")]
+    page.route("**/v1/chat/completions", lambda route: route.fulfill(
+        status=200, content_type="text/event-stream", body="".join(f"data: {json.dumps(e)}\n\n" for e in events)))
+    page.fill("#input", "more")
+    page.click("#send")
+    assert finished_bubble(page) == ("error", "half a ")
+    assert "generation took longer than 1 s" in page.text_content(".msg.assistant:last-child .note")
+    page.unroute("**/v1/chat/completions")
 
     # The key was never stored by the browser; nothing broke the CSP or threw.
     assert page.evaluate("[sessionStorage.length, localStorage.length, document.cookie]") == [0, 0, ""]

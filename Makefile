@@ -23,7 +23,8 @@ install: $(STAMP)
 # the system's Chromium. Playwright's own browser download is not used (it fetches from a
 # CDN at set-up; apt's chromium is signed and kept patched by the distribution). Installs
 # Chromium with apt-get when run as root; otherwise says how, and the test skips.
-# Measured on a loaded 2-core machine: apt 55 s (115 packages), pip 7 s, the test 30 s.
+# Measured on a 2-core machine shared with other jobs: apt 55 s (115 packages, 113 MB),
+# pip 7 s, the test 30-55 s (about 20 s of it starting the server and the browser).
 BROWSER_STAMP := $(VENV)/.bastion-browser
 $(BROWSER_STAMP): $(STAMP)
 	$(BIN)/python -m pip install -q -c constraints.txt -e '.[browser]'

@@ -15,6 +15,7 @@ no form submission, and that makes Chromium refuse strings in HTML-parsing sinks
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from importlib import resources
 
@@ -86,7 +87,7 @@ def add_chat_page(app: FastAPI) -> None:
         app.add_api_route(path, _responder(page), methods=["GET", "HEAD"], include_in_schema=False)
 
 
-def _responder(page: PageFile):  # noqa: ANN202 - a FastAPI endpoint
+def _responder(page: PageFile) -> Callable[[Request], Awaitable[Response]]:
     headers = {**SECURITY_HEADERS, "ETag": page.etag}
 
     async def serve_file(request: Request) -> Response:

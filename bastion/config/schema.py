@@ -418,6 +418,8 @@ class ServeConfig(Section):
     shutdown_grace_s: float = Field(default=30.0, ge=0.0, le=3600.0, description="SIGTERM: time to finish in-flight requests")
     output_filter: bool = Field(default=False, description="redact secrets / PII patterns from completions")
     log_prompts: bool = Field(default=False, description="write prompt and completion text to the access log")
+    chat_page: bool = Field(default=True, description="serve the web chat page at / (static files, no data; its API "
+                            "calls need a key like any client's); false: / is an unknown route")
     access_log: str | None = Field(default=None, max_length=4096, description="JSON-lines access log file (default: stderr)")
     ssl_certfile: str | None = Field(default=None, max_length=4096)
     ssl_keyfile: str | None = Field(default=None, max_length=4096)

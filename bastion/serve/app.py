@@ -8,8 +8,10 @@ request timeout (504) and cancelled as soon as the client goes away.
 
 Routes: /health (liveness, open), /ready, /v1/models, /v1/completions,
 /v1/chat/completions (both with SSE streaming), /metrics (Prometheus; a separate key when
-serve.metrics_key_env is set). Every route but /health needs a key whenever keys are
-configured - and they must be, unless the server only listens on loopback.
+serve.metrics_key_env is set), and with serve.chat_page the chat page's static files (/,
+/chat.js, /chat.css, /favicon.svg: open, no data; chatpage.py). Every other route needs a
+key whenever keys are configured - and they must be, unless the server only listens on
+loopback.
 """
 from __future__ import annotations
 
@@ -39,6 +41,7 @@ from bastion.infer.loading import LoadedModel
 from bastion.serve import constrain as C
 from bastion.serve import protocol as P
 from bastion.serve.accesslog import AccessLog
+from bastion.serve.chatpage import PAGE_FILES, add_chat_page
 from bastion.serve.filters import OutputFilter, StreamFilter
 from bastion.serve.keys import KeyStore, bearer_token
 from bastion.serve.ratelimit import RateLimiter, RequestTooLarge
@@ -111,6 +114,10 @@ class Guard:
 
     def __init__(self, app: Any, state: ServerState):
         self.app, self.state = app, state
+        # The chat page's files hold no data; its API calls are keyed like any client's.
+        page = set(PAGE_FILES) if state.cfg.chat_page else set()
+        self.open_paths = OPEN_PATHS | page
+        self.known_routes = KNOWN_ROUTES | page
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
         if scope["type"] != "http":
@@ -127,7 +134,7 @@ class Guard:
             declared = request.headers.get("content-length")
             if declared is not None and (not declared.isdigit() or int(declared) > limit):
                 raise too_big if declared.isdigit() else ApiError(400, "invalid Content-Length", "invalid_request_error")
-            if request.url.path not in OPEN_PATHS:
+            if request.url.path not in self.open_paths:
                 info["key_id"] = _authenticate(state, request)
             replay = await _read_body(exchange, limit, too_big)
             await self.app(scope, replay, exchange.send)
@@ -144,7 +151,7 @@ class Guard:
         finally:
             code = exchange.status or 499  # nothing sent: the client went away first
             path = request.url.path
-            route = path if path in KNOWN_ROUTES else "other"
+            route = path if path in self.known_routes else "other"
             elapsed = time.perf_counter() - start
             state.metrics.requests.labels(route, str(code)).inc()
             state.metrics.latency.labels(route).observe(elapsed)
@@ -278,6 +285,8 @@ def create_app(state: ServerState) -> FastAPI:
     app = FastAPI(title="Bastion", version="1", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.add_middleware(Guard, state=state)
     app.state.bastion = state
+    if state.cfg.chat_page:
+        add_chat_page(app)
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, exc: ApiError) -> JSONResponse:

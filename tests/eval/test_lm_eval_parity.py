@@ -1,6 +1,7 @@
 """lm-eval (0.4.13) scores a model the same through `bastion serve` as through its `bastion
 export hf` folder: local-completions (token ids and text), local-chat-completions and the hf
-model on the same local tasks, sample by sample (bench/lm_eval_check.py). Slow (~1 min on
+model on the same local tasks, sample by sample, and for a BOS-adding tokenizer
+local-completions with add_bos_token=True (bench/lm_eval_check.py). Slow (~1.5 min on
 one thread) and needs lm_eval, which is not a dependency: `pytest -m slow` with lm_eval
 installed (the command is at the top of bench/lm_eval_check.py); skipped without it."""
 import sys

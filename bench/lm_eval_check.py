@@ -21,8 +21,9 @@ add_bos_token and with text prompts.
 
 Tasks: `bastion_agreement` (multiple_choice: which verb form continues the sentence - the
 verb alone, with "the", or with the rest of the sentence - acc / acc_norm; a quarter of the
-continuations end the document, so the model's next token after them is its end of text) and `bastion_agreement_gen` (generate_until:
-the verb the model writes after a subject, exact_match against the verbs that agree).
+continuations end the document, so the model's next token after them is its end of text)
+and `bastion_agreement_gen` (generate_until: the verb the model writes after a subject,
+exact_match against the verbs that agree).
 Checked: every loglikelihood within LL_TOLERANCE nats of hf's, is_greedy, generated strings
 and per-sample metrics identical, aggregate acc / acc_norm / exact_match identical.
 Not part of `make test` (lm_eval is not a dependency); tests/eval/test_lm_eval_parity.py
@@ -36,7 +37,8 @@ runs it under `-m slow`. Run it with lm_eval on the path:
     PYTHONPATH=/tmp/lmtarget OMP_NUM_THREADS=1 .venv/bin/python bench/lm_eval_check.py
 
 (`pip install "lm-eval[hf,api]==0.4.13"` into the venv does the same with dependency
-resolution; the --target line above only adds what the dev venv lacks.)
+resolution - a dry run on 2026-12-03 only added packages, changing none installed; the
+--target line above adds what the dev venv lacks without touching it.)
 """
 from __future__ import annotations
 

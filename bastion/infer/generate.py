@@ -57,6 +57,7 @@ class GenerationResult:
     end_id: int | None = None  # finish_reason "eos": the end token sampled (eos or a stop id), not in token_ids
     logprobs: list[TokenLogprob] | None = None  # SamplingParams.logprobs set: one per token_ids entry
     prompt_logprobs: list[TokenLogprob] | None = None  # prompt_logprobs set: prompt tokens 1.. (the first has none)
+    end_logprob: TokenLogprob | None = None  # logprobs set and finish_reason "eos": the end token's
 
 
 def check_request(prompt_tokens: int, max_new_tokens: int | None, stop: list[str] | None,
@@ -291,6 +292,7 @@ class SequenceState:
         self.text = IncrementalText(tokenizer, list(params.stop))
         self.generator: torch.Generator | None = None  # made by prefill, on the model's device
         self.end_id: int | None = None
+        self.end_logprob: TokenLogprob | None = None
         self.logprobs: list[TokenLogprob] | None = None if params.logprobs is None else []
         self.prompt_logprobs: list[TokenLogprob] | None = None
         self.constraint: Constraint | None = None  # structured output: built at the first sample
@@ -349,7 +351,7 @@ class SequenceState:
         if token in self.end_ids:
             self.end_id = token
             if self.logprobs:
-                self.logprobs.pop()  # the end token is not part of the completion
+                self.end_logprob = self.logprobs.pop()  # the end token is not part of the completion
             return "", "eos"
         if self.constraint is not None:
             self.constraint.consume(token)
@@ -366,7 +368,8 @@ class SequenceState:
         rest = self.text.close()
         return rest, GenerationResult(text=self.text.text, token_ids=list(self.text.ids),
                                       prompt_tokens=len(self.prompt_ids), finish_reason=reason, end_id=self.end_id,
-                                      logprobs=self.logprobs, prompt_logprobs=self.prompt_logprobs)
+                                      logprobs=self.logprobs, prompt_logprobs=self.prompt_logprobs,
+                                      end_logprob=self.end_logprob)
 
 
 def stream(model: Transformer, tokenizer: Tokenizer, prompt: str | list[int], *, limits: GenerateConfig,

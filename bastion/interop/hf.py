@@ -391,16 +391,20 @@ def _model_type(ckpt: Checkpoint, config: BastionConfig) -> str:
     return hf_model_type(config.model, prefer="qwen2" if keep_qwen2 else None)
 
 
-def _generation_config(gen: GenerateConfig, ids: dict[str, int | None], stop_ids: list[int]) -> dict[str, Any]:
+def _generation_config(gen: GenerateConfig, ids: dict[str, int | None], stop_ids: list[int],
+                       context: int) -> dict[str, Any]:
     """generation_config.json: what `bastion generate` and `bastion serve` do with this
     checkpoint when a request sets nothing, so that a plain `model.generate()` does the same.
     That is the checkpoint's own `generate:` section - by Bastion's defaults sampling at
-    temperature 0.8 with top_k 50, greedy when its temperature is 0 - its max_new_tokens,
-    and stopping at the chat format's end-of-turn ids (`ChatFormat.stop_ids`: eos, plus
-    <|im_end|> and the like where the template uses them)."""
+    temperature 0.8 with top_k 50, greedy when its temperature is 0 - and stopping at the
+    chat format's end-of-turn ids (`ChatFormat.stop_ids`: eos, plus <|im_end|> and the like
+    where the template uses them). Length: `max_length` is the model's context, never
+    `max_new_tokens`: transformers lets a generation_config max_new_tokens override the
+    max_length a caller passes (lm-eval's hf model passes context + max_gen_toks), so the
+    caller's limit would be silently replaced by the checkpoint's."""
     out: dict[str, Any] = {"bos_token_id": ids["bos_token"], "pad_token_id": ids["pad_token"],
                            "eos_token_id": stop_ids if len(stop_ids) > 1 else stop_ids[0],
-                           "max_new_tokens": gen.max_new_tokens, "do_sample": gen.temperature > 0}
+                           "max_length": context, "do_sample": gen.temperature > 0}
     if gen.temperature > 0:
         # Bastion's top_k None means no cut; transformers fills an unset top_k with 50 and reads 0 as no cut.
         out.update(temperature=gen.temperature, top_k=gen.top_k or 0, top_p=gen.top_p)
@@ -452,8 +456,8 @@ def export_hf(ckpt_path: str | Path, out_dir: str | Path) -> Path:
     }
     if cfg.score_labels is None:
         stop_ids = checkpoint_chat(ckpt, tokenizer).stop_ids
-        files["generation_config.json"] = json.dumps(_generation_config(config.generate, ids, stop_ids),
-                                                     indent=2).encode()
+        files["generation_config.json"] = json.dumps(_generation_config(config.generate, ids, stop_ids,
+                                                                        cfg.max_seq_len), indent=2).encode()
     elif ids["pad_token"] is None:  # transformers finds each sequence's last token by it
         raise CheckpointError(f"{ckpt.directory}: a reward model needs a pad token to export (transformers pools at "
                               "the last token that is not padding); its tokenizer declares none")

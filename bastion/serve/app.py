@@ -543,7 +543,10 @@ async def _complete(state: ServerState, request: Request, body: P._Sampling, han
         if chat:
             logprobs = [P.chat_logprobs(r.logprobs, piece) for r in results]
         else:
-            logprobs = [P.completion_logprobs((r.prompt_logprobs or []) + r.logprobs,
+            # Every token the model chose, the end token too (its text is not in the completion):
+            # lm-eval's loglikelihood sends max_tokens 1 and drops the last entry as the generated one.
+            logprobs = [P.completion_logprobs((r.prompt_logprobs or []) + r.logprobs
+                                              + ([r.end_logprob] if r.end_logprob is not None else []),
                                               piece(prompts[prompt_of[k]][0]) if scoring.echo is not None else None,
                                               piece) for k, r in enumerate(results)]
     build = P.chat_response if chat else P.completion_response

@@ -237,7 +237,7 @@ def test_generation_config_samples_like_bastion_by_default(tmp_path, tokenizer):
     assert (limits.temperature, limits.top_k, limits.top_p) == (0.8, 50, 1.0)  # Bastion's defaults: sampling
     assert _generation(export_hf(ckpt_dir, tmp_path / "hf")) == {
         "bos_token_id": None, "pad_token_id": tokenizer.pad_id, "eos_token_id": tokenizer.eos_id,
-        "max_new_tokens": limits.max_new_tokens, "do_sample": True, "temperature": 0.8, "top_k": 50, "top_p": 1.0}
+        "max_length": 64, "do_sample": True, "temperature": 0.8, "top_k": 50, "top_p": 1.0}  # 64: the context
 
 
 def test_generation_config_follows_the_checkpoints_generate_section(tmp_path, tokenizer):
@@ -252,7 +252,14 @@ def test_generation_config_follows_the_checkpoints_generate_section(tmp_path, to
     hf = transformers.AutoModelForCausalLM.from_pretrained(out, local_files_only=True).eval()
     prompt = tokenizer.encode("hello world")
     expected = generate(ours, tokenizer, prompt, limits=_limits(ckpt_dir)).token_ids
-    with torch.no_grad():  # a plain generate(), no arguments: the same greedy continuation
-        produced = hf.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long))
+    mask = torch.ones(1, len(prompt), dtype=torch.long)
+    with torch.no_grad():  # greedy with no sampling arguments: the same continuation
+        produced = hf.generate(torch.tensor([prompt]), attention_mask=mask, max_new_tokens=6)
     new = produced[0, len(prompt):].tolist()
     assert new == expected or new == [*expected, tokenizer.eos_id]
+    with torch.no_grad():  # a caller's max_length holds (lm-eval's hf model passes context + max_gen_toks)
+        short = hf.generate(torch.tensor([prompt]), attention_mask=mask, max_length=len(prompt) + 2,
+                            eos_token_id=None)
+        plain = hf.generate(torch.tensor([prompt]), attention_mask=mask, eos_token_id=None)
+    assert short.shape[1] == len(prompt) + 2 and short[0].tolist() == plain[0, :len(prompt) + 2].tolist()
+    assert plain.shape[1] == 64  # no arguments: up to the model's context

@@ -231,6 +231,29 @@ def test_echo_with_logprobs_scores_a_prompt_as_lm_eval_asks(server):
     assert plain["text"] == choice["text"] and plain["logprobs"] is None
 
 
+def test_echo_scores_end_with_the_end_token_when_the_model_ends_there(server):
+    """When the one generated token is the end of text (a continuation that ends a document),
+    it still closes the logprobs: lm-eval drops the last entry as the generated token, and
+    without it would drop the continuation's last token instead (sample off by a token)."""
+    url, state = server
+    tok, model = state.loaded.tokenizer, state.loaded.model
+    ids = tok.encode("reverse: a b b a")
+    body = {"model": state.model_name, "prompt": [ids], "echo": True, "logprobs": 1, "max_tokens": 1,
+            "temperature": 0, "logit_bias": {str(tok.eos_id): 100}}  # the model's scores are before the bias
+    choice = post(url, "/v1/completions", body).json()["choices"][0]
+    lp = choice["logprobs"]
+    assert choice["finish_reason"] == "stop" and choice["text"] == tok.decode(ids)  # no end-token text
+    assert len(lp["tokens"]) == len(ids) + 1 and lp["tokens"][-1] == tok.decode([tok.eos_id])
+    with torch.no_grad():
+        reference = torch.log_softmax(model(torch.tensor([ids]))[0][0].float(), dim=-1)
+    assert lp["token_logprobs"][1:] == pytest.approx([reference[i - 1, ids[i]].item() for i in range(1, len(ids))]
+                                                      + [reference[-1, tok.eos_id].item()], abs=1e-4)
+    assert lp["text_offset"][-1] == len(choice["text"])
+    # Without echo: the end token is the one entry, though the completion's text is empty.
+    plain = post(url, "/v1/completions", {**body, "echo": False}).json()["choices"][0]
+    assert plain["text"] == "" and plain["logprobs"]["tokens"] == [tok.decode([tok.eos_id])]
+
+
 def test_chat_logprobs_and_their_limits(server):
     url, state = server
     c = client(url)

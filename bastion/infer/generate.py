@@ -48,6 +48,15 @@ class TokenLogprob:
     top: list[tuple[int, float]]
 
 
+class TextDelta(str):
+    """A text delta that also carries the logprobs (TokenLogprob) of the tokens sampled since
+    the previous delta, when the request asked for logprobs: a plain `str` to every consumer
+    that only wants text. The tokens of text held back at the end (a stop string, a pending
+    character) and the end token are in the GenerationResult only."""
+
+    logprobs: list[TokenLogprob]
+
+
 @dataclass(frozen=True)
 class GenerationResult:
     text: str  # the completion only, cut before the stop string if one matched
@@ -294,6 +303,7 @@ class SequenceState:
         self.end_id: int | None = None
         self.end_logprob: TokenLogprob | None = None
         self.logprobs: list[TokenLogprob] | None = None if params.logprobs is None else []
+        self.logprobs_out = 0  # how many of them a TextDelta has carried out
         self.prompt_logprobs: list[TokenLogprob] | None = None
         self.constraint: Constraint | None = None  # structured output: built at the first sample
 
@@ -358,6 +368,9 @@ class SequenceState:
         delta, stopped = self.text.push(token)
         if stopped:
             return "", "stop"
+        if delta and self.logprobs is not None:
+            delta = TextDelta(delta)
+            delta.logprobs, self.logprobs_out = self.logprobs[self.logprobs_out:], len(self.logprobs)
         if len(self.text.ids) == self.params.max_new_tokens:
             return delta, "length"  # out of tokens: an incomplete character stays as U+FFFD
         return delta, None

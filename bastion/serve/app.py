@@ -378,10 +378,9 @@ class Scoring:
     field: str = "logprobs"
 
     def check(self, state: ServerState, stream: bool) -> None:
-        if stream and (self.logprobs is not None or self.echo is not None):
-            name = "echo" if self.logprobs is None else self.field
-            raise ApiError(400, f"{name}: not available with stream: true on this server", "invalid_request_error",
-                           param=name)
+        if stream and self.echo is not None:
+            raise ApiError(400, "echo: not available with stream: true on this server", "invalid_request_error",
+                           param="echo")
         if self.logprobs is None:
             return
         if self.logprobs > state.cfg.max_logprobs:
@@ -487,7 +486,7 @@ async def _generate(state: ServerState, request: Request, body: P._Sampling, pro
             from None
     state.metrics.tokens.labels("prompt").inc(prompt_tokens)
     if body.stream:
-        return StreamingResponse(_stream(state, request, body, handles, rid, chat, requested, structure),
+        return StreamingResponse(_stream(state, request, body, handles, rid, chat, requested, structure, scoring),
                                  media_type="text/event-stream", headers={"Cache-Control": "no-store"})
     return await _complete(state, request, body, handles, rid, chat, requested, scoring, prompts, structure)
 
@@ -576,10 +575,13 @@ def _sse(payload: dict | str) -> bytes:
 
 
 async def _stream(state: ServerState, request: Request, body: P._Sampling, handles: list[Any], rid: str,
-                  chat: bool, requested: int, structure: C.Structure) -> AsyncIterator[bytes]:
+                  chat: bool, requested: int, structure: C.Structure, scoring: Scoring) -> AsyncIterator[bytes]:
     """SSE in OpenAI's format: one chunk per text delta per choice, a last chunk with the
     finish reason, an optional usage chunk, then [DONE]. A client that disconnects makes
-    Starlette cancel this generator: the handles are cancelled and their slots freed."""
+    Starlette cancel this generator: the handles are cancelled and their slots freed.
+    With logprobs, each chunk carries those of the tokens whose text it sends (held-back
+    text's tokens go with the chunk that sends it, the rest with the finish chunk): the
+    chunks' logprobs concatenate to the non-streamed response's."""
     info = request.state.info
     model = state.model_name
     kind = "chat.completion.chunk" if chat else "text_completion"
@@ -600,6 +602,24 @@ async def _stream(state: ServerState, request: Request, body: P._Sampling, handl
     filters = [StreamFilter(state.cfg.output_filter) for _ in handles]
     out_filter = OutputFilter(state.cfg.output_filter)
     calls = [C.CallStream() for _ in handles] if structure.calls else None
+    scored = scoring.logprobs is not None
+    piece = _token_text(state) if scored else None
+    pending: list[list[Any]] = [[] for _ in handles]  # per choice: logprobs not sent yet
+    taken, offsets = [0] * len(handles), [0] * len(handles)  # logprobs seen in deltas; text_offset so far
+
+    def chunk(index: int, delta: dict[str, Any] | str, reason: str | None = None) -> bytes:
+        logprobs = None
+        if pending[index]:
+            entries, pending[index] = pending[index], []
+            if chat:
+                logprobs = P.chat_logprobs(entries, piece)
+            else:
+                logprobs = P.completion_logprobs(entries, None, piece, offset=offsets[index])
+                offsets[index] += sum(len(t) for t in logprobs["tokens"])
+        if chat:
+            return _sse(P.chat_chunk(rid, model, index, delta, reason, logprobs))
+        return _sse(P.completion_chunk(rid, model, index, delta, reason, logprobs))
+
     completion_tokens, texts, open_count = 0, [""] * len(handles), len(handles)
     reason = "stop"
     deadline = started + state.cfg.request_timeout_s
@@ -625,6 +645,9 @@ async def _stream(state: ServerState, request: Request, body: P._Sampling, handl
                 return
             called = None
             if isinstance(item, str):
+                if scored:
+                    pending[index] += getattr(item, "logprobs", [])
+                    taken[index] += len(getattr(item, "logprobs", []))
                 delta = filters[index].feed(calls[index].feed(item) if calls else item)
                 if first:
                     state.metrics.ttft.observe(time.perf_counter() - started)
@@ -635,17 +658,18 @@ async def _stream(state: ServerState, request: Request, body: P._Sampling, handl
                 delta = filters[index].feed(held) + filters[index].flush()
                 completion_tokens += len(item.token_ids)
                 reason = "tool_calls" if called else P.finish_reason(item.finish_reason)
+                if scored:  # the rest: held-back text's tokens and, in completions, the end token
+                    pending[index] += item.logprobs[taken[index]:]
+                    if not chat and item.end_logprob is not None:
+                        pending[index].append(item.end_logprob)
             if called:
                 texts[index] += json.dumps(called)
-                yield _sse(P.chat_chunk(rid, model, index, {"tool_calls": [{"index": k, **c} for k, c in
-                                                                           enumerate(called)]}, None))
+                yield chunk(index, {"tool_calls": [{"index": k, **c} for k, c in enumerate(called)]})
             if delta:
                 texts[index] += delta
-                yield _sse(P.chat_chunk(rid, model, index, {"content": delta}, None) if chat
-                           else P.completion_chunk(rid, model, index, delta, None))
+                yield chunk(index, {"content": delta} if chat else delta)
             if not isinstance(item, str):
-                yield _sse(P.chat_chunk(rid, model, index, {}, reason) if chat
-                           else P.completion_chunk(rid, model, index, "", reason))
+                yield chunk(index, {} if chat else "", reason)
         if body.stream_options is not None and body.stream_options.include_usage:
             yield _sse(P.usage_chunk(rid, model, kind, info["prompt_tokens"], completion_tokens))
         yield _sse("[DONE]")

@@ -356,11 +356,12 @@ def _finite(value: float) -> float:
     return value if value > -1e308 else -1e308
 
 
-def completion_logprobs(entries: list[Any], first: str | None, piece: Any) -> dict[str, Any]:
+def completion_logprobs(entries: list[Any], first: str | None, piece: Any, offset: int = 0) -> dict[str, Any]:
     """The completions API's logprobs object over `entries` (generate.TokenLogprob, in text
     order). `first`: the first prompt token's string when the prompt is echoed (it has no
     logprob: null). `piece(id)` -> the token's text. top_logprobs: the alternatives and the
-    chosen token, {text: logprob}."""
+    chosen token, {text: logprob}. `offset`: where the first token's text starts (a stream's
+    later chunks)."""
     tokens, values, tops = [], [], []
     if first is not None:
         tokens.append(first)
@@ -372,7 +373,7 @@ def completion_logprobs(entries: list[Any], first: str | None, piece: Any) -> di
         top = {piece(t): _finite(lp) for t, lp in entry.top}
         top.setdefault(tokens[-1], values[-1])
         tops.append(top)
-    offsets, at = [], 0
+    offsets, at = [], offset
     for token in tokens:
         offsets.append(at)
         at += len(token)
@@ -389,14 +390,16 @@ def chat_logprobs(entries: list[Any], piece: Any) -> dict[str, Any]:
                         for e in entries], "refusal": None}
 
 
-def completion_chunk(rid: str, model: str, index: int, text: str, reason: str | None) -> dict[str, Any]:
+def completion_chunk(rid: str, model: str, index: int, text: str, reason: str | None,
+                     logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
     return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model,
-            "choices": [{"index": index, "text": text, "finish_reason": reason, "logprobs": None}]}
+            "choices": [{"index": index, "text": text, "finish_reason": reason, "logprobs": logprobs}]}
 
 
-def chat_chunk(rid: str, model: str, index: int, delta: dict[str, Any], reason: str | None) -> dict[str, Any]:
+def chat_chunk(rid: str, model: str, index: int, delta: dict[str, Any], reason: str | None,
+               logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
     return {"id": rid, "object": "chat.completion.chunk", "created": int(time.time()), "model": model,
-            "choices": [{"index": index, "delta": delta, "finish_reason": reason, "logprobs": None}]}
+            "choices": [{"index": index, "delta": delta, "finish_reason": reason, "logprobs": logprobs}]}
 
 
 def usage_chunk(rid: str, model: str, kind: str, prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:

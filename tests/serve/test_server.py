@@ -101,7 +101,7 @@ def post(url, path, body, headers=AUTH, **kw):
     ({"model": "M", "prompt": "hi", "repetition_penalty": 0}, 400, "repetition_penalty"),
     ({"model": "M", "prompt": "hi", "min_p": 1.5}, 400, "min_p"),
     ({"model": "M", "prompt": "hi", "top_k": -2}, 400, "top_k"),
-    ({"model": "M", "prompt": "hi", "echo": True, "logprobs": 1, "stream": True}, 400, "logprobs: not available with stream"),
+    ({"model": "M", "prompt": "hi", "echo": True, "logprobs": 1, "stream": True}, 400, "echo: not available with stream"),
     ({"model": "M", "prompt": "hi", "echo": True, "stream": True}, 400, "echo: not available with stream"),
     ({"model": "M", "prompt": "hi", "logprobs": 6}, 400, "logprobs is 6, over this server's limit of 5"),
     ({"model": "M", "prompt": "hi", "logprobs": 21}, 400, "logprobs"),
@@ -266,10 +266,33 @@ def test_chat_logprobs_and_their_limits(server):
         assert entry.bytes == list(entry.token.encode()) and len(entry.top_logprobs) == 2
         assert entry.logprob == pytest.approx(entry.top_logprobs[0].logprob)  # greedy: the top one
     assert c.chat.completions.create(**args, logprobs=False).choices[0].logprobs is None
-    for extra, param in (({"top_logprobs": 2}, "top_logprobs"), ({"logprobs": True, "top_logprobs": 6}, "top_logprobs"),
-                         ({"logprobs": True, "stream": True}, "top_logprobs")):
+    for extra, param in (({"top_logprobs": 2}, "top_logprobs"), ({"logprobs": True, "top_logprobs": 6}, "top_logprobs")):
         r = post(url, "/v1/chat/completions", {**args, **extra})
         assert r.status_code == 400 and r.json()["error"]["param"] == param, (extra, r.text)
+
+
+def test_streamed_logprobs_concatenate_to_the_whole_responses(server):
+    """Each chunk carries the logprobs of the tokens whose text it sends; together they are
+    the non-streamed response's, for both routes, with stop strings (held-back text) and n."""
+    url, state = server
+    c = client(url)
+    for stop in (None, ["b"]):
+        args = dict(model=state.model_name, prompt="reverse: a b c", max_tokens=12, temperature=0, logprobs=2, n=1,
+                    stop=stop)
+        whole = c.completions.create(**args).choices[0]
+        chunks = [ch.choices[0] for ch in c.completions.create(**args, stream=True) if ch.choices]
+        parts = [ch.logprobs for ch in chunks if ch.logprobs is not None]
+        assert sum((p.tokens for p in parts), []) == whole.logprobs.tokens
+        assert sum((p.token_logprobs for p in parts), []) == whole.logprobs.token_logprobs
+        assert sum((p.text_offset for p in parts), []) == whole.logprobs.text_offset
+        assert sum((p.top_logprobs for p in parts), []) == whole.logprobs.top_logprobs
+        assert "".join(ch.text for ch in chunks) == whole.text
+    args = dict(model=state.model_name, messages=[{"role": "user", "content": "greet kalomi"}], max_tokens=8,
+                temperature=0, logprobs=True, top_logprobs=2)
+    whole = c.chat.completions.create(**args).choices[0].logprobs.content
+    streamed = [entry for ch in c.chat.completions.create(**args, stream=True) if ch.choices and ch.choices[0].logprobs
+                for entry in ch.choices[0].logprobs.content]
+    assert [e.model_dump() for e in streamed] == [e.model_dump() for e in whole] and whole
 
 
 def test_logprobs_are_refused_while_the_output_filter_is_on(serve_checkpoint):

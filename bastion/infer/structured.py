@@ -27,6 +27,7 @@ import functools
 import json
 from typing import Any
 
+import numpy as np
 import torch
 
 from bastion.errors import GenerationLimitError
@@ -137,8 +138,7 @@ class Constraint:
         lt = _ll_tokenizer(tokenizer, vocab_size, tuple(sorted(end_ids)))
         self.matcher = llg.LLMatcher(lt, grammar, log_level=0, limits=parser_limits())
         self._check()
-        self._bits = torch.full((1, (vocab_size + 31) // 32), -1, dtype=torch.int32)
-        self._shifts = torch.arange(32, dtype=torch.int32)
+        self._bits = np.full((vocab_size + 31) // 32, -1, dtype=np.int32)
 
     def _check(self) -> None:
         if self.matcher.is_error():
@@ -146,10 +146,12 @@ class Constraint:
 
     def allowed(self) -> torch.Tensor:
         """The ids that may come next, as a bool vector [V] (CPU)."""
-        self.matcher.unsafe_compute_mask_ptr(self._bits.data_ptr(), self._bits.numel() * 4)
+        self.matcher.unsafe_compute_mask_ptr(self._bits.ctypes.data, self._bits.nbytes)
         self._check()
-        bits = (self._bits[0].unsqueeze(1) >> self._shifts) & 1
-        return bits.flatten()[:self.vocab_size].bool()
+        # Bit j of word i is id 32 i + j (little-endian words): numpy unpacks that in ~10 us
+        # for 32k ids, where shifting in torch took ~125 us (bench/structured.py).
+        bits = np.unpackbits(self._bits.view(np.uint8), bitorder="little")[:self.vocab_size]
+        return torch.from_numpy(bits.view(np.bool_))
 
     def mask(self, logits: torch.Tensor) -> torch.Tensor:
         """logits [1, V] -> a float32 copy with every id the grammar forbids at -inf."""

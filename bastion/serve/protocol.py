@@ -296,7 +296,9 @@ class ChatRequest(_Sampling):
     # Neutral values only (NEUTRAL): the spec's defaults, or "off".
     NEUTRAL: ClassVar[dict[str, tuple[Any, ...]]] = {
         **_Sampling.NEUTRAL, "store": (None, False), "service_tier": (None, "auto", "default"),
-        "modalities": (None, ["text"])}
+        "modalities": (None, ["text"]), "audio": (None,), "prediction": (None,), "metadata": (None, {}),
+        "reasoning_effort": (None,), "web_search_options": (None,), "functions": (None, []),
+        "function_call": (None, "none"), "verbosity": (None,)}
     logprobs: StrictBool | None = None
     top_logprobs: Annotated[StrictInt, Field(ge=0, le=MAX_TOP_LOGPROBS)] | None = None
     response_format: ResponseFormat | None = None
@@ -306,6 +308,17 @@ class ChatRequest(_Sampling):
     store: Literal[False] | None = None
     service_tier: Literal["auto", "default"] | None = None
     modalities: list[Literal["text"]] | None = Field(default=None, max_length=1)
+    audio: None = None
+    prediction: None = None
+    metadata: Annotated[dict[str, Any], Field(max_length=0)] | None = None  # only stored completions have it
+    reasoning_effort: None = None
+    web_search_options: None = None
+    functions: Annotated[list[Any], Field(max_length=0)] | None = None  # the deprecated form of tools
+    function_call: Literal["none"] | None = None
+    verbosity: None = None
+    # Hints that change no output: accepted, bounded, unused.
+    prompt_cache_key: str | None = Field(default=None, max_length=256)
+    safety_identifier: str | None = Field(default=None, max_length=256)
 
     @model_validator(mode="after")
     def _top_needs_logprobs(self) -> "ChatRequest":

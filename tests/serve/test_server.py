@@ -176,11 +176,15 @@ def test_neutral_values_of_unsupported_fields_are_accepted(server):
     chat = {"model": state.model_name, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2,
             "logprobs": False, "top_logprobs": 0, "response_format": {"type": "text"}, "tools": [],
             "tool_choice": "none", "parallel_tool_calls": False, "store": False, "service_tier": "auto",
-            "modalities": ["text"], "logit_bias": None}
+            "modalities": ["text"], "logit_bias": None, "audio": None, "prediction": None, "metadata": {},
+            "reasoning_effort": None, "web_search_options": None, "functions": [], "function_call": "none",
+            "verbosity": None, "prompt_cache_key": "k1", "safety_identifier": "u1"}
     r = post(url, "/v1/chat/completions", chat)
     assert r.status_code == 200, r.text
     assert r.json()["choices"][0]["message"]["refusal"] is None
-    for field, value in (("store", True), ("modalities", ["text", "audio"]), ("service_tier", "flex")):
+    for field, value in (("store", True), ("modalities", ["text", "audio"]), ("service_tier", "flex"),
+                         ("reasoning_effort", "low"), ("functions", [{"name": "f"}]), ("metadata", {"a": "b"}),
+                         ("audio", {"voice": "x"}), ("verbosity", "high")):
         r = post(url, "/v1/chat/completions", {**chat, field: value})
         assert r.status_code == 400, (field, r.text)
         error = r.json()["error"]

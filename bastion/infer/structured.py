@@ -116,7 +116,8 @@ def _checked(grammar: str, tokenizer: Any, vocab_size: int, end_ids: tuple[int, 
     lt = _ll_tokenizer(tokenizer, vocab_size, end_ids)
     is_error, messages = llg.LLMatcher.validate_grammar_with_warnings(grammar, lt, limits=parser_limits())
     if is_error:
-        raise GrammarError(f"the grammar library refused this schema: {messages[0] if messages else 'invalid'}")
+        reason = " ".join((messages[0] if messages else "invalid").split())[:500]  # one line, bounded
+        raise GrammarError(f"the grammar library refused this schema: {reason}")
     return grammar
 
 

@@ -185,6 +185,12 @@ def test_streamed_tool_calls_arrive_whole(server):
      "response_format", "refused"),
     ({"response_format": json_format({"x-guidance": {"whitespace_pattern": "[a-z]*"}})}, "response_format",
      "x-guidance"),
+    # Keywords llguidance cannot enforce are refused, never silently ignored; nothing is fetched.
+    ({"response_format": json_format({"type": "array", "uniqueItems": True})}, "response_format",
+     "Unimplemented keys"),
+    ({"response_format": json_format({"$ref": "http://127.0.0.1:9/schema.json"})}, "response_format", "refused"),
+    ({"response_format": json_format({"type": "string", "pattern": "(unclosed"})}, "response_format",
+     "regex parse error: (unclosed ^ error: unclosed group"),
     ({"response_format": json_format(json.loads("{\"items\":" * 40 + "{}" + "}" * 40))}, "response_format",
      "nested more than 32"),
     ({"response_format": json_format({"enum": ["x" * 1000] * 40})}, "response_format", "over this server's limit"),

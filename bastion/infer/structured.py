@@ -118,6 +118,11 @@ def _checked(grammar: str, tokenizer: Any, vocab_size: int, end_ids: tuple[int, 
     if is_error:
         reason = " ".join((messages[0] if messages else "invalid").split())[:500]  # one line, bounded
         raise GrammarError(f"the grammar library refused this schema: {reason}")
+    # Valid but empty (a $ref loop with nothing under it): no first token would be allowed,
+    # and the request would fail inside the engine. One matcher and one mask find that here.
+    first = Constraint(grammar, tokenizer, vocab_size, frozenset(end_ids), check_first=False)
+    if first.matcher.is_error() or not first.any_allowed():
+        raise GrammarError("the schema matches no JSON value (a $ref loop, or contradictory keywords)")
     return grammar
 
 
@@ -132,13 +137,15 @@ class Constraint:
     """One sequence's grammar state: `mask` the logits before sampling, `consume` each
     sampled token. Built on the engine thread at the sequence's first sample."""
 
-    def __init__(self, grammar: str, tokenizer: Any, vocab_size: int, end_ids: frozenset[int]):
+    def __init__(self, grammar: str, tokenizer: Any, vocab_size: int, end_ids: frozenset[int], *,
+                 check_first: bool = True):
         llg = _llguidance()
         self.end_ids = end_ids
         self.vocab_size = vocab_size
         lt = _ll_tokenizer(tokenizer, vocab_size, tuple(sorted(end_ids)))
         self.matcher = llg.LLMatcher(lt, grammar, log_level=0, limits=parser_limits())
-        self._check()
+        if check_first:
+            self._check()
         self._bits = np.full((vocab_size + 31) // 32, -1, dtype=np.int32)
 
     def _check(self) -> None:
@@ -153,6 +160,11 @@ class Constraint:
         # for 32k ids, where shifting in torch took ~125 us (bench/structured.py).
         bits = np.unpackbits(self._bits.view(np.uint8), bitorder="little")[:self.vocab_size]
         return torch.from_numpy(bits.view(np.bool_))
+
+    def any_allowed(self) -> bool:
+        """Whether some token may come next (without raising on a matcher error)."""
+        self.matcher.unsafe_compute_mask_ptr(self._bits.ctypes.data, self._bits.nbytes)
+        return not self.matcher.is_error() and bool(self._bits.any())
 
     def mask(self, logits: torch.Tensor) -> torch.Tensor:
         """logits [1, V] -> a float32 copy with every id the grammar forbids at -inf."""

@@ -30,6 +30,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from bastion.errors import DataError
+from bastion.safeio import parse_json
 
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
 NAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")  # OpenAI's rule for function names
@@ -115,11 +116,8 @@ def _call_arguments(call: Any, where: str) -> tuple[str, Any]:
     name, arguments = fn.get("name"), fn.get("arguments", "{}")
     if not isinstance(name, str) or not NAME_RE.match(name):
         raise DataError(f"{where}.function.name must be 1 to 64 of a-z, A-Z, 0-9, _ and -")
-    if isinstance(arguments, str):  # the API's form: JSON text
-        try:
-            arguments = json.loads(arguments)
-        except ValueError:
-            raise DataError(f"{where}.function.arguments is not valid JSON") from None
+    if isinstance(arguments, str):  # the API's form: JSON text, its nesting bounded before parsing
+        arguments = parse_json(arguments, DataError, f"{where}.function.arguments")
     if not isinstance(arguments, dict):
         raise DataError(f"{where}.function.arguments must be a JSON object")
     return name, arguments

@@ -397,5 +397,5 @@ def test_tool_call_conversations_train_on_the_call_text(tmp_path, chat, tok) -> 
     bad = dict(record, messages=[record["messages"][0], {"role": "assistant", "tool_calls": [
         {"function": {"name": "lookup", "arguments": "{nope"}}]}])
     path = write_jsonl(tmp_path / "bad.jsonl", [bad])
-    with pytest.raises(DataError, match="arguments is not valid JSON"):
+    with pytest.raises(DataError, match="arguments: not valid JSON"):
         load_sft(path, chat, _cfg(), [str(tmp_path)])

@@ -59,6 +59,20 @@ def _bodies(route: str) -> dict[str, bytes]:
         "huge-string": with_(user="u" * 900_000),
         "over-the-body-limit": with_(user="u" * 2_000_000),
         "unknown-field": with_(totally_unknown=1),
+        # Structured output: schemas built to be expensive or to escape the bounds.
+        "schema-deep": with_(response_format={"type": "json_schema", "json_schema": {"name": "d", "schema": "X"}})
+        .replace(b'"X"', b'{"items":' * 3000 + b"{}" + b"}" * 3000),
+        "schema-wide-enum": with_(response_format={"type": "json_schema", "json_schema": {
+            "name": "w", "schema": {"enum": [str(i) for i in range(50_000)]}}}),
+        "schema-regex-blowup": with_(response_format={"type": "json_schema", "json_schema": {
+            "name": "r", "schema": {"type": "string", "pattern": "^(a|aa)*(b{1,1000}){1,1000}$"}}}),
+        "schema-remote-ref": with_(response_format={"type": "json_schema", "json_schema": {
+            "name": "x", "schema": {"$ref": "http://169.254.169.254/latest/meta-data"}}}),
+        "schema-self-ref-loop": with_(response_format={"type": "json_schema", "json_schema": {
+            "name": "l", "schema": {"$defs": {"a": {"$ref": "#/$defs/b"}, "b": {"$ref": "#/$defs/a"}},
+                                    "$ref": "#/$defs/a"}}}),
+        "schema-not-an-object": with_(response_format={"type": "json_schema", "json_schema": {
+            "name": "n", "schema": [1, 2]}}),
     }
     if route == "/v1/chat/completions":
         bodies |= {
@@ -66,6 +80,15 @@ def _bodies(route: str) -> dict[str, bytes]:
             "content-as-object": with_(messages=[{"role": "user", "content": {"a": 1}}]),
             "many-messages": with_(messages=[{"role": "user", "content": "x"}] * 100_000),
             "no-messages": with_(messages=[]),
+            "tools-many": with_(tools=[{"type": "function", "function": {"name": f"f{i}"}} for i in range(5000)]),
+            "tools-duplicate-names": with_(tools=[{"type": "function", "function": {"name": "f"}}] * 2),
+            "tool-call-bad-arguments": with_(messages=[
+                {"role": "user", "content": "x"},
+                {"role": "assistant", "tool_calls": [{"id": "1", "type": "function",
+                                                      "function": {"name": "f", "arguments": "[" * 100_000}}]},
+                {"role": "tool", "content": "y"}]),
+            "tool-choice-unknown": with_(tools=[{"type": "function", "function": {"name": "f"}}],
+                                         tool_choice={"type": "function", "function": {"name": "g"}}),
         }
     return bodies
 

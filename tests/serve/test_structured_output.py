@@ -191,6 +191,8 @@ def test_streamed_tool_calls_arrive_whole(server):
     ({"response_format": json_format({"$ref": "http://127.0.0.1:9/schema.json"})}, "response_format", "refused"),
     ({"response_format": json_format({"type": "string", "pattern": "(unclosed"})}, "response_format",
      "regex parse error: (unclosed ^ error: unclosed group"),
+    ({"response_format": json_format({"$defs": {"a": {"$ref": "#/$defs/b"}, "b": {"$ref": "#/$defs/a"}},
+                                      "$ref": "#/$defs/a"})}, "response_format", "matches no JSON value"),
     ({"response_format": json_format(json.loads("{\"items\":" * 40 + "{}" + "}" * 40))}, "response_format",
      "nested more than 32"),
     ({"response_format": json_format({"enum": ["x" * 1000] * 40})}, "response_format", "over this server's limit"),
@@ -220,7 +222,7 @@ def test_bad_tool_messages_get_a_400(server):
     messages = [{"role": "user", "content": "t?"}, {"role": "assistant", "content": None, "tool_calls": [call]},
                 {"role": "tool", "tool_call_id": "call_1", "content": "noon"}]
     r = post(url, "/v1/chat/completions", {**chat(state), "messages": messages, "tools": TOOLS})
-    assert r.status_code == 400 and "arguments is not valid JSON" in r.json()["error"]["message"]
+    assert r.status_code == 400 and "arguments: not valid JSON" in r.json()["error"]["message"]
     r = post(url, "/v1/chat/completions", {**chat(state), "messages": [{"role": "user", "content": None}]})
     assert r.status_code == 400 and "needs content" in r.json()["error"]["message"]
     r = post(url, "/v1/chat/completions", {**chat(state), "messages": [

@@ -474,7 +474,11 @@ class Engine:
 
     def _advance(self, seq: _Sequence, token: int) -> None:
         """A sampled token: its text delta out, and the end if `SequenceState.advance` says so."""
-        delta, finish = seq.advance(token)
+        try:
+            delta, finish = seq.advance(token)
+        except Exception as exc:  # e.g. its grammar refused to go on: this request fails, the engine goes on
+            self._finish(seq, error=exc)
+            return
         if delta:
             seq.handle._deliver(delta)
         if finish is not None:

@@ -37,6 +37,7 @@ from bastion.config.schema import GenerateConfig, ServeConfig
 from bastion.errors import DataError, EngineClosedError, GenerationLimitError, QueueFullError
 from bastion.infer.engine import Engine
 from bastion.infer.generate import check_prompt_ids
+from bastion.infer.structured import GrammarError
 from bastion.infer.loading import LoadedModel
 from bastion.serve import constrain as C
 from bastion.serve import protocol as P
@@ -514,6 +515,11 @@ async def _complete(state: ServerState, request: Request, body: P._Sampling, han
     watcher = asyncio.create_task(_watch_disconnect(request, handles))
     try:
         results = await asyncio.wait_for(asyncio.gather(*(_collect(h) for h in handles)), state.cfg.request_timeout_s)
+    except GrammarError as exc:  # the schema's grammar hit one of its limits mid-reply
+        for h in handles:
+            h.cancel()
+        raise ApiError(400, f"response_format / tools: {exc}", "invalid_request_error", code="invalid_schema") \
+            from None
     except asyncio.TimeoutError:
         for h in handles:
             h.cancel()
@@ -638,6 +644,11 @@ async def _stream(state: ServerState, request: Request, body: P._Sampling, handl
             if item is None:
                 open_count -= 1
                 continue
+            if isinstance(item, GrammarError):  # the schema's grammar hit one of its limits mid-reply
+                info["error"] = "invalid_schema"
+                yield _sse(P.error_body(f"response_format / tools: {item}", "invalid_request_error",
+                                        code="invalid_schema"))
+                return
             if isinstance(item, Exception):  # the 200 is sent: the failure goes in the stream
                 info["error"] = type(item).__name__
                 _log_internal_error(request.url.path, item)

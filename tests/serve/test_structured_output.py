@@ -228,3 +228,26 @@ def test_bad_tool_messages_get_a_400(server):
     r = post(url, "/v1/chat/completions", {**chat(state), "messages": [
         {"role": "user", "content": "x", "tool_calls": [call]}]})
     assert r.status_code == 400 and "only assistant messages have tool_calls" in r.json()["error"]["message"]
+
+
+def test_a_grammar_failing_mid_reply_is_the_requests_fault_not_a_500(server, monkeypatch):
+    """llguidance can stop a reply mid-way (a per-token limit of a pathological schema): that
+    is a 400 (an error event once a stream has started), never an internal error."""
+    from bastion.infer import structured
+
+    url, state = server
+
+    def fail(self, token):
+        raise structured.GrammarError("grammar: the lexer ran out of fuel")
+
+    monkeypatch.setattr(structured.Constraint, "consume", fail)
+    body = chat(state, response_format={"type": "json_object"}, max_tokens=8)
+    r = post(url, "/v1/chat/completions", body)
+    assert r.status_code == 400 and "ran out of fuel" in r.json()["error"]["message"], r.text
+    with httpx.stream("POST", url + "/v1/chat/completions", json={**body, "stream": True}, timeout=120) as s:
+        lines = list(s.iter_lines())
+    events = [json.loads(line[6:]) for line in lines if line.startswith("data: {")]
+    assert events and events[-1]["error"]["type"] == "invalid_request_error", (s.status_code, lines)
+    assert "ran out of fuel" in events[-1]["error"]["message"]
+    monkeypatch.undo()
+    assert post(url, "/v1/chat/completions", body).status_code == 200  # the engine went on

@@ -96,6 +96,87 @@ def decode_speed(model, tok, args, engines: dict) -> None:
         print(f"  {name:<34} {rate:8.1f} tok/s  {rate / base:5.2f}x one generate()")
 
 
+def shared_prefix(tok, tokens: int) -> list[int]:
+    """A 'system prompt' of about `tokens` tokens."""
+    words = "You are a careful assistant for the reverse task. Answer with the words reversed. ".split()
+    ids: list[int] = []
+    i = 0
+    while len(ids) < tokens:
+        ids += tok.encode(words[i % len(words)] + " ")
+        i += 1
+    return ids[:tokens]
+
+
+def prefix_cache_ttft(model, tok, args, engine_cls) -> None:
+    """Time to first token of prompts = one long shared prefix + a short question: cold (a
+    namespace never seen: no hit) vs warm (the prefix's blocks cached), alternating."""
+    from bastion.config.schema import GenerateConfig
+
+    limits = GenerateConfig(max_new_tokens=1, max_new_tokens_ceiling=args.tokens, temperature=0.0,
+                            max_prompt_tokens=args.context - args.tokens)
+    engine = engine_cls(model, tok, limits, max_batch_size=args.slots, threads=args.threads,
+                        prefix_cache_blocks=256)
+    system = shared_prefix(tok, args.prefix)
+    counter = iter(range(10**9))
+
+    def ttft(namespace: str) -> float:
+        prompt = system + tok.encode(f" question {next(counter)}: a b c")
+        start = time.perf_counter()
+        engine.submit(prompt, engine.params(len(prompt), max_new_tokens=1), cache_namespace=namespace).result()
+        return 1 / (time.perf_counter() - start)  # a rate, so median_rates applies
+
+    with engine:
+        rates = median_rates({"cold (no hit)": lambda: ttft(f"cold-{next(counter)}"),
+                              "warm (prefix cached)": lambda: ttft("warm")}, args.rounds)
+        stats = engine.prefix_cache_stats
+    cold, warm = 1 / rates["cold (no hit)"], 1 / rates["warm (prefix cached)"]
+    print(f"\nprefix cache: {args.prefix}-token shared prefix + a short question, max_new_tokens=1 "
+          f"(median of {args.rounds})")
+    print(f"  time to first token: cold {cold * 1e3:.1f} ms, warm {warm * 1e3:.1f} ms: {cold / warm:.2f}x faster")
+    print(f"  counters: queried {stats['queried_tokens']} tokens, hit {stats['hit_tokens']} "
+          f"({stats['hit_tokens'] / max(1, stats['queried_tokens']):.0%})")
+
+
+def stall_while_joining(model, tok, args, engine_cls, step_tokens: int) -> tuple[float, float]:
+    """One stream decoding; after 20 of its tokens a long prompt joins. -> (median gap
+    between the stream's tokens before the join, longest gap after it), seconds."""
+    from bastion.config.schema import GenerateConfig
+
+    limits = GenerateConfig(max_new_tokens=args.tokens, max_new_tokens_ceiling=args.tokens, temperature=0.0,
+                            max_prompt_tokens=args.context - args.tokens)
+    kw = {} if step_tokens is None else dict(prefill_step_tokens=step_tokens)
+    engine = engine_cls(model, tok, limits, max_batch_size=args.slots, threads=args.threads, **kw)
+    stream_prompt = tok.encode("reverse: a b c")
+    long_prompt = shared_prefix(tok, args.context - args.tokens)
+    with engine:
+        handle = engine.submit(stream_prompt, engine.params(len(stream_prompt)))
+        times, joined = [], None
+        for item in handle:
+            times.append(time.perf_counter())
+            if len(times) == 20:
+                joined = engine.submit(long_prompt, engine.params(len(long_prompt), max_new_tokens=1))
+        joined.result()
+    gaps = [b - a for a, b in zip(times, times[1:])]
+    return statistics.median(gaps[:18]), max(gaps[18:])
+
+
+def chunked_prefill_stall(model, tok, args, engine_cls, baseline_cls) -> None:
+    runs = {"whole prompt in one step": (engine_cls, 10**6),
+            f"chunked, {args.step_tokens} tokens per step": (engine_cls, args.step_tokens)}
+    if baseline_cls is not None:
+        runs["baseline engine"] = (baseline_cls, None)
+    results: dict[str, list[tuple[float, float]]] = {name: [] for name in runs}
+    for _ in range(args.rounds):
+        for name, (cls, step) in runs.items():
+            results[name].append(stall_while_joining(model, tok, args, cls, step))
+    print(f"\na running stream while a {args.context - args.tokens}-token prompt joins (median of {args.rounds})")
+    for name, pairs in results.items():
+        usual = statistics.median(p[0] for p in pairs)
+        worst = statistics.median(p[1] for p in pairs)
+        print(f"  {name:<34} usual gap {usual * 1e3:6.1f} ms, longest gap after the join {worst * 1e3:7.1f} ms "
+              f"({worst / usual:5.1f}x usual)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--d-model", type=int, default=256)
@@ -108,6 +189,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="engine thread's torch threads (serve.threads)")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--baseline", default=None, help="an older engine.py to run side by side")
+    parser.add_argument("--prefix", type=int, default=160, help="shared prefix tokens (prefix-cache section)")
+    parser.add_argument("--step-tokens", type=int, default=64, help="prefill_step_tokens of the chunked run")
+    parser.add_argument("--only", choices=["decode", "prefix", "stall"], default=None)
     args = parser.parse_args()
     import torch
 
@@ -124,13 +208,19 @@ def main() -> None:
     engines["engine dynamic (this tree)"] = engine_class(None)(model, tok, limits, mode="dynamic", **kw)
     print(f"model d_model={args.d_model} layers={args.layers} heads={args.heads} vocab={args.vocab} "
           f"context={args.context}; engine slots {args.slots}, threads {args.threads}")
-    for e in engines.values():
-        e.start()
-    try:
-        decode_speed(model, tok, args, engines)
-    finally:
+    if args.only in (None, "decode"):
         for e in engines.values():
-            e.shutdown()
+            e.start()
+        try:
+            decode_speed(model, tok, args, engines)
+        finally:
+            for e in engines.values():
+                e.shutdown()
+    if args.only in (None, "prefix"):
+        prefix_cache_ttft(model, tok, args, engine_class(None))
+    if args.only in (None, "stall"):
+        chunked_prefill_stall(model, tok, args, engine_class(None),
+                              engine_class(args.baseline) if args.baseline else None)
 
 
 if __name__ == "__main__":

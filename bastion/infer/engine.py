@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import queue
 import threading
 import time
@@ -61,6 +62,8 @@ from bastion.infer.generate import (FinishReason, GenerationResult, SamplingPara
                                     check_prompt_ids, sampling_params, token_logprobs)
 from bastion.infer.prefix_cache import PrefixCache, block_keys
 from bastion.model.transformer import Transformer
+
+logger = logging.getLogger(__name__)
 
 
 class _Sequence(SequenceState):
@@ -268,6 +271,7 @@ class Engine:
         self._was_training = model.training
         self._ids = itertools.count()
         self._tile_rows = (max_batch_size, max_batch_size)  # padded mode: set by the probe at start
+        self._probed = threading.Event()
 
     # ---- requests -------------------------------------------------------------------------
 
@@ -347,6 +351,7 @@ class Engine:
             self.model.eval()
             self._thread = threading.Thread(target=self._run, name="bastion-engine", daemon=True)
             self._thread.start()
+        self._probed.wait()  # padded mode: the tile probe runs in the engine thread, before any request
 
     def shutdown(self, timeout: float | None = None) -> None:
         """Refuse new requests (EngineClosedError), let running and queued ones finish for up
@@ -384,7 +389,8 @@ class Engine:
             # The whole thread runs the model only, so inference mode can span it.
             with torch.inference_mode():
                 if self.mode == "padded":
-                    self._tile_rows = invariant_tile_rows(self.model, self.max_batch_size)
+                    self._tile_rows = self._probe_tiles()
+                self._probed.set()
                 while (work := self._schedule()) is not None:
                     retired, joining = work
                     for seq in retired:
@@ -404,12 +410,20 @@ class Engine:
                     if any(s.text.ids for s in self._running.values()):
                         self._decode()
         except BaseException as exc:  # a bug: fail every request rather than leave them hanging
+            self._probed.set()
             with self._cond:
                 self._closed = True
                 left = list(self._waiting) + list(self._running.values())
             for seq in left:
                 self._finish(seq, error=exc)
             raise
+
+    def _probe_tiles(self) -> tuple[int, int]:
+        try:
+            return invariant_tile_rows(self.model, self.max_batch_size)
+        except Exception:  # noqa: BLE001 - e.g. out of memory: every row alone is invariant by construction
+            logger.warning("the padded mode's tile probe failed; decoding every row alone", exc_info=True)
+            return (1, 1)
 
     def _schedule(self) -> tuple[list[_Sequence], list[_Sequence]] | None:
         """Between steps, under the lock: take cancelled requests out, move waiting ones into

@@ -29,6 +29,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from bastion.config.schema import GenerateConfig, ServeConfig
@@ -77,6 +78,30 @@ class Metrics:
         running = Gauge("bastion_running", "Sequences being decoded", registry=r)
         queue.set_function(lambda: engine.stats["waiting"])
         running.set_function(lambda: engine.stats["running"])
+        r.register(PrefixCacheCollector(engine))
+
+
+class PrefixCacheCollector:
+    """The engine's prefix-cache counters, read at scrape time (absent when caching is off):
+    hit rate = bastion_prefix_cache_hit_tokens_total / bastion_prefix_cache_queried_tokens_total."""
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+
+    def collect(self):  # noqa: ANN201 - prometheus_client's collector protocol
+        stats = self.engine.prefix_cache_stats
+        if stats is None:
+            return
+        yield CounterMetricFamily("bastion_prefix_cache_queried_tokens", "Prompt tokens of requests that looked up "
+                                  "the prefix cache", value=stats["queried_tokens"])
+        yield CounterMetricFamily("bastion_prefix_cache_hit_tokens", "Prompt tokens whose keys/values came from the "
+                                  "prefix cache", value=stats["hit_tokens"])
+        yield CounterMetricFamily("bastion_prefix_cache_evictions", "Prefix-cache blocks evicted (LRU)",
+                                  value=stats["evictions"])
+        yield GaugeMetricFamily("bastion_prefix_cache_blocks_used", "Prefix-cache blocks holding a prompt block",
+                                value=stats["blocks_used"])
+        yield GaugeMetricFamily("bastion_prefix_cache_blocks", "Prefix-cache capacity in blocks of "
+                                f"{stats['block_tokens']} tokens", value=stats["blocks"])
 
 
 @dataclass
@@ -401,6 +426,12 @@ KNOWN_ROUTES = {"/health", "/ready", "/metrics", "/v1/models", "/v1/completions"
 # ---- generation ------------------------------------------------------------------------------
 
 
+def _cache_namespace(state: ServerState, info: dict[str, Any]) -> str:
+    """Prefix-cache isolation: per_key gives each API key its own blocks (without keys, on
+    loopback, every request has the same key id None and they all share)."""
+    return "" if state.cfg.prefix_cache_scope == "shared" else f"key:{info['key_id'] or ''}"
+
+
 async def _generate(state: ServerState, request: Request, body: P._Sampling, prompts: list[list[int]], *, chat: bool,
                     text: str, scoring: Scoring) -> Response:
     """Submit body.n completions of each prompt (in that order: choice index = prompt index
@@ -452,7 +483,7 @@ async def _generate(state: ServerState, request: Request, body: P._Sampling, pro
     handles = []
     try:
         for ids, p in jobs:
-            handles.append(state.engine.submit(ids, p, loop=loop))
+            handles.append(state.engine.submit(ids, p, loop=loop, cache_namespace=_cache_namespace(state, info)))
     except (QueueFullError, EngineClosedError) as exc:
         for h in handles:
             h.cancel()

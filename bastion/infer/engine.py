@@ -7,40 +7,56 @@
         ...
     engine.shutdown(timeout=30)
 
-The engine holds one preallocated KV cache of `max_batch_size` rows ("slots"). Between decode
-steps, finished and cancelled requests leave their slots and waiting requests join: a joining
-request is prefilled on its own (batch of 1, written into its slot's cache row), then decodes
-with the others, one token per request per step, each at its own position. Requests beyond
-the free slots wait in a bounded queue; past `max_queue` of them, `submit` refuses with
-QueueFullError (back-pressure: the server answers 503 instead of queueing without limit).
+The engine holds one preallocated KV cache of `max_batch_size` rows ("slots"). Between
+steps, finished and cancelled requests leave their slots and waiting requests join; then
+each step prefills (part of) the joining prompts and decodes one token for every running
+request, each at its own position. Requests beyond the free slots wait in a bounded queue;
+past `max_queue` of them, `submit` refuses with QueueFullError (back-pressure: the server
+answers 503 instead of queueing without limit).
 
-Each request is a `generate.SequenceState`, as in `generate.stream`: the same prefill, the
-same sampling (one torch.Generator per request, seeded from the request's seed), the same
-`advance` deciding eos / stop / length and producing the text deltas. The engine only adds
-the scheduling and, in the batched modes, the batched decode step.
+Each request is a `generate.SequenceState`, as in `generate.stream`: the same sampling (one
+torch.Generator per request, seeded from the request's seed), the same `advance` deciding
+eos / stop / length and producing the text deltas. The engine adds the scheduling, the
+batched decode step and, in the default mode, chunked prefill and the prefix cache.
 
 Batch invariance. A request's output must not depend on what else is in the batch. BLAS
-chooses its matmul kernel, so its summation order, by the number of rows (on CPU MKL a
-1-row matmul is a gemv, 2+ rows a gemm, and even 4 vs 16 rows can differ), and attention's
-reductions by the key length: a row decoded in a batch of another size gets logits that
-differ in the last float bits, and a near-tie can then flip a greedy token or a sample.
-Three modes:
+chooses its matmul kernel, so its summation order, by the number of rows (on this CPU MKL
+float32 has three families: 1 row, 2 to ~10, ~11 and more), and attention's reductions by
+the key length: a row decoded in a batch of another size gets logits that differ in the
+last float bits, and a near-tie can then flip a greedy token or a sample. Three modes:
 
-  * "padded" (default): every decode step is one batched `Transformer.decode_step` over
-    ALL `max_batch_size` cache rows (free slots padded) with the key length fixed at the
-    cache's length. The shapes never change, so a row's result depends only on that row:
-    outputs are bit-identical alone or batched, and 16 rows cost about 2x one row.
+  * "padded" (default): batch-invariant, and as fast as generate() for one stream.
+    Decode (`Transformer.decode_rows`): attention runs per request over exactly its own
+    cached length, so it depends on that request alone; everything else (projections,
+    MLP, norms, head) runs on the running rows in tiles whose row counts all lie in one
+    range [lo, hi] where the model gives bit-identical rows. That range is measured when
+    the engine starts (`invariant_tile_rows`: the model's own modules, in the engine
+    thread, with its threads); e.g. 2-10 rows for the d256 float32 bench model, 1-16 in
+    bf16. One stream costs a tile of `lo` rows; a full batch ceil(n / hi) tiles.
+    Prefill: in aligned chunks of `prefill_chunk` tokens, each a B=1 forward attending to
+    the positions before it, `prefill_step_tokens` prompt tokens per step between decode
+    steps (at least one chunk), so a long prompt joining does not stall the running
+    streams. A chunk's inputs and shapes never depend on the batch, nor on the prefix
+    cache (prefix_cache.py): with `prefix_cache_blocks` > 0, full chunks of finished
+    prefills are kept (LRU) under a hash chain of their tokens rooted in the request's
+    `cache_namespace`, and a later prompt with the same leading chunks copies them instead
+    of computing them - the same bits, so a hit changes latency, never the output.
   * "rowwise": each running request alone (B=1, its own length) through
     `SequenceState.decode`, the very step `generate()` takes (bit-identical to it), with no
     batching speed-up.
   * "dynamic": one batched step over the running rows only, key length = the longest:
-    fastest, but outputs may differ in the last bits with the batch's composition.
+    fastest under load, but outputs may differ in the last bits with the batch's
+    composition.
 
-Prefill in the padded and rowwise modes is one request at a time (B=1), the shape
-generate() uses; requests that join together with the same prompt share one prefill (its
-cache rows copied). In dynamic mode the distinct prompts of requests joining together are
-prefilled in batched forwards (`_prefill_together`): a GRPO step's prompts in one call
-instead of one call each.
+Prefill in the rowwise and dynamic modes is the whole prompt in one forward, at join time;
+requests that join together with the same prompt share one prefill (its cache rows copied;
+in padded mode the later ones wait for the first one's last chunk). In dynamic mode the
+distinct prompts of requests joining together are prefilled in batched forwards
+(`_prefill_together`): a GRPO step's prompts in one call instead of one call each.
+
+Memory: the KV cache is allocated up front for `max_batch_size` sequences of the longest
+allowed length (prompt limit + new-token ceiling), plus `prefix_cache_blocks` blocks; it
+does not grow or shrink with the requests (no paged blocks yet).
 """
 from __future__ import annotations
 
@@ -228,6 +244,11 @@ class Engine:
     and every small parallel region pays a wake-up.
     The KV cache for `max_batch_size` full-length sequences is allocated here, up front.
     `max_queue`: requests allowed to wait beyond the free slots (0: only free slots).
+    Padded mode only: `prefill_chunk` (tokens per prefill chunk, and the prefix cache's
+    block size), `prefill_step_tokens` (prompt tokens prefilled between two decode steps,
+    at least one chunk), `prefix_cache_blocks` (0: no prefix cache; each block holds
+    prefill_chunk positions' keys/values for every layer). `start` runs the tile probe
+    (`invariant_tile_rows`) before it returns.
     """
 
     def __init__(self, model: Transformer, tokenizer: Tokenizer, limits: GenerateConfig, *,
@@ -455,23 +476,30 @@ class Engine:
                 self._cond.wait()
 
     def _prefill_step(self) -> None:
-        """Padded mode: one chunk of each prefilling sequence, oldest first, until
-        `prefill_step_tokens` prompt tokens were computed (at least one chunk per step), so a
-        long prompt joins over several steps while the running streams keep decoding."""
+        """Padded mode: chunks of the prefilling sequences, round robin from the oldest,
+        until `prefill_step_tokens` prompt tokens were computed (at least one chunk per
+        step), so a long prompt joins over several steps while the running streams keep
+        decoding."""
         budget = self.prefill_step_tokens
         prefilling = sorted((s for s in self._running.values() if not s.text.ids), key=lambda s: s.handle.id)
         for seq in prefilling:  # joiners first, so that those with one prompt find each other
             if not seq.started:
                 self._start_prefill(seq)
-        for seq in prefilling:
-            if budget <= 0:
-                break
-            if seq.done:  # failed with its leader's last chunk
-                continue
-            try:
-                budget -= self._prefill_next_chunk(seq)
-            except Exception as exc:  # e.g. out of memory: this request fails, the engine goes on
-                self._finish(seq, error=exc)
+        progressed = True
+        while budget > 0 and progressed:  # round robin, a chunk at a time
+            progressed = False
+            for seq in prefilling:
+                if budget <= 0:
+                    break
+                if seq.done or seq.text.ids:  # failed, or prefilled (by its leader too)
+                    continue
+                try:
+                    computed = self._prefill_next_chunk(seq)
+                except Exception as exc:  # e.g. out of memory: this request fails, the engine goes on
+                    self._finish(seq, error=exc)
+                    continue
+                budget -= computed
+                progressed = progressed or computed > 0
 
     def _prefill_next_chunk(self, seq: _Sequence) -> int:
         """Prefill the sequence's next chunk (on its first turn: reuse cached prefix blocks,

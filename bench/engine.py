@@ -177,6 +177,28 @@ def chunked_prefill_stall(model, tok, args, engine_cls, baseline_cls) -> None:
               f"({worst / usual:5.1f}x usual)")
 
 
+def kv_memory(model, tok, args, engines: dict) -> None:
+    """Keys/values held while idle and while `args.slots` requests of a short prompt run."""
+    prompts = [tok.encode(f"reverse: {i} a b c") for i in range(args.slots)]
+    print(f"\nKV cache held (MiB): idle / while {args.slots} short-prompt requests of {args.tokens} tokens run")
+    for name, engine in engines.items():
+        engine.start()
+        try:
+            def held() -> int:
+                if hasattr(engine, "kv_cache_bytes"):
+                    return engine.kv_cache_bytes
+                return sum(t.numel() * t.element_size() for t in (*engine._cache.k, *engine._cache.v))
+            idle = held()
+            handles = [engine.submit(p, engine.params(len(p), max_new_tokens=args.tokens)) for p in prompts]
+            next(iter(handles[-1]))  # the last one is decoding: all are running
+            busy = held()
+            for h in handles:
+                h.result(timeout=600)
+        finally:
+            engine.shutdown()
+        print(f"  {name:<34} {idle / 2**20:8.2f} / {busy / 2**20:8.2f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--d-model", type=int, default=256)
@@ -191,7 +213,7 @@ def main() -> None:
     parser.add_argument("--baseline", default=None, help="an older engine.py to run side by side")
     parser.add_argument("--prefix", type=int, default=160, help="shared prefix tokens (prefix-cache section)")
     parser.add_argument("--step-tokens", type=int, default=64, help="prefill_step_tokens of the chunked run")
-    parser.add_argument("--only", choices=["decode", "prefix", "stall"], default=None)
+    parser.add_argument("--only", choices=["decode", "memory", "prefix", "stall"], default=None)
     args = parser.parse_args()
     import torch
 
@@ -216,6 +238,11 @@ def main() -> None:
         finally:
             for e in engines.values():
                 e.shutdown()
+    if args.only in (None, "memory"):
+        memory = {"engine padded (this tree)": engine_class(None)(model, tok, limits, mode="padded", **kw)}
+        if args.baseline:
+            memory["engine padded (baseline)"] = engine_class(args.baseline)(model, tok, limits, mode="padded", **kw)
+        kv_memory(model, tok, args, memory)
     if args.only in (None, "prefix"):
         prefix_cache_ttft(model, tok, args, engine_class(None))
     if args.only in (None, "stall"):

@@ -7,8 +7,7 @@
         ...
     engine.shutdown(timeout=30)
 
-The engine holds one preallocated KV cache of `max_batch_size` rows ("slots"). Between
-steps, finished and cancelled requests leave their slots and waiting requests join; then
+The engine runs at most `max_batch_size` requests at once ("slots"). Between steps, finished and cancelled requests leave their slots and waiting requests join; then
 each step prefills (part of) the joining prompts and decodes one token for every running
 request, each at its own position. Requests beyond the free slots wait in a bounded queue;
 past `max_queue` of them, `submit` refuses with QueueFullError (back-pressure: the server
@@ -54,9 +53,13 @@ in padded mode the later ones wait for the first one's last chunk). In dynamic m
 distinct prompts of requests joining together are prefilled in batched forwards
 (`_prefill_together`): a GRPO step's prompts in one call instead of one call each.
 
-Memory: the KV cache is allocated up front for `max_batch_size` sequences of the longest
-allowed length (prompt limit + new-token ceiling), plus `prefix_cache_blocks` blocks; it
-does not grow or shrink with the requests (no paged blocks yet).
+Memory. In the padded and rowwise modes each request gets its own KV cache when it starts
+(`_cache_of`: its prompt plus its max_new_tokens positions, what generate() allocates),
+wiped and freed when it ends: memory follows the running requests (`kv_cache_bytes`), not
+`max_batch_size` x the longest allowed request. Dynamic mode batches its decode over rows of
+one shared cache, preallocated for `max_batch_size` sequences of the longest allowed length
+(prompt limit + new-token ceiling). The prefix cache's `prefix_cache_blocks` blocks are
+preallocated. Not paged: a request's cache is sized by its budget, not grown as it decodes.
 """
 from __future__ import annotations
 
@@ -77,7 +80,7 @@ from bastion.errors import EngineClosedError, QueueFullError
 from bastion.infer.generate import (FinishReason, GenerationResult, SamplingParams, SequenceState, Tokenizer,
                                     check_prompt_ids, sampling_params, token_logprobs)
 from bastion.infer.prefix_cache import PrefixCache, block_keys
-from bastion.model.transformer import Transformer
+from bastion.model.transformer import KVCache, Transformer
 
 logger = logging.getLogger(__name__)
 
@@ -99,6 +102,7 @@ class _Sequence(SequenceState):
         self.prefilled = 0
         self.leader: _Sequence | None = None  # the same prompt, prefilling: copy its rows when done
         self.block_keys: list[bytes] = []  # prefix-cache keys of the prompt's full chunks
+        self.cache: KVCache | None = None  # its own keys/values (padded, rowwise modes)
 
 
 class RequestHandle:
@@ -208,10 +212,10 @@ def invariant_tile_rows(model: Transformer, max_rows: int) -> tuple[int, int]:
     rows = min(max_rows, PROBE_ROWS)
     vocab = model.cfg.vocab_size or 1
     tokens = torch.randint(0, vocab, (rows,), generator=torch.Generator().manual_seed(0)).tolist()
-    cache = model.new_cache(rows, max_len=1)
+    caches = [model.new_cache(1, max_len=1) for _ in range(rows)]
 
     def logits(ids: list[int]) -> torch.Tensor:
-        return model.decode_rows(ids, cache, list(range(len(ids))), [0] * len(ids), pad_to=len(ids))
+        return model.decode_rows(ids, caches[:len(ids)], [0] * len(ids), pad_to=len(ids))
 
     every = [logits(tokens[:p]) for p in range(1, rows + 1)]  # every[p - 1]: p rows
     runs: list[tuple[int, int]] = []
@@ -276,11 +280,13 @@ class Engine:
         self._context = model.cfg.max_seq_len
         # No request can be longer than the longest prompt plus the most new tokens allowed.
         cache_len = min(self._context, (limits.max_prompt_tokens or self._context) + limits.max_new_tokens_ceiling)
-        self._cache = model.new_cache(max_batch_size, max_len=cache_len)
-        self._slot_cache = [self._cache.rows(i, i + 1) for i in range(max_batch_size)]
+        # Dynamic mode batches decode_step over rows of one shared cache, allocated up front;
+        # the other modes give each request its own cache, sized to its prompt and budget,
+        # allocated when it starts and freed when it ends: memory follows the requests.
+        self._cache = model.new_cache(max_batch_size, max_len=cache_len) if mode == "dynamic" else None
         self.prefill_chunk, self.prefill_step_tokens = prefill_chunk, prefill_step_tokens
         # Prefix caching needs the padded mode's aligned chunked prefill (see prefix_cache.py).
-        self.prefix_cache = (PrefixCache(model, prefix_cache_blocks, prefill_chunk, self._cache)
+        self.prefix_cache = (PrefixCache(model, prefix_cache_blocks, prefill_chunk)
                              if prefix_cache_blocks and mode == "padded" else None)
 
         self._cond = threading.Condition()
@@ -484,7 +490,10 @@ class Engine:
         prefilling = sorted((s for s in self._running.values() if not s.text.ids), key=lambda s: s.handle.id)
         for seq in prefilling:  # joiners first, so that those with one prompt find each other
             if not seq.started:
-                self._start_prefill(seq)
+                try:
+                    self._start_prefill(seq)
+                except Exception as exc:  # e.g. out of memory for its cache: this request fails
+                    self._finish(seq, error=exc)
         progressed = True
         while budget > 0 and progressed:  # round robin, a chunk at a time
             progressed = False
@@ -514,7 +523,7 @@ class Engine:
                 return 0
         if seq.text.ids:  # its leader finished in this step
             return 0
-        chunk, prompt, cache = self.prefill_chunk, seq.prompt_ids, self._slot_cache[seq.slot]
+        chunk, prompt, cache = self.prefill_chunk, seq.prompt_ids, seq.cache
         start = seq.prefilled
         end = min(len(prompt), start + chunk)
         ids = torch.tensor([prompt[start:end]], device=self.device)
@@ -528,7 +537,7 @@ class Engine:
         seq.prefilled = end
         if end == len(prompt):
             if self.prefix_cache is not None:
-                self.prefix_cache.store(seq.block_keys, self._cache, seq.slot)
+                self.prefix_cache.store(seq.block_keys, seq.cache)
             self._prefilled(seq, last)
         return end - start
 
@@ -537,6 +546,7 @@ class Engine:
         sequence prefilling the same prompt in the same namespace: True, wait for it) or
         the prefix cache's blocks copied into its row."""
         seq.started = True
+        self._cache_of(seq)  # allocated now: a request waiting in the queue holds no memory
         seq.seed_generator(self.device)
         if seq.params.prompt_logprobs:
             seq.prompt_logprobs = []
@@ -554,7 +564,7 @@ class Engine:
                 # Never the block holding the last prompt token: its logits start the completion.
                 usable = seq.block_keys[:(len(seq.prompt_ids) - 1) // chunk]
                 for i, block in enumerate(self.prefix_cache.lookup(usable, len(seq.prompt_ids))):
-                    self.prefix_cache.load(block, self._cache, seq.slot, i * chunk)
+                    self.prefix_cache.load(block, seq.cache, i * chunk)
                     seq.prefilled = (i + 1) * chunk
         return False
 
@@ -566,7 +576,7 @@ class Engine:
         for other in followers:
             other.leader = None
             try:
-                self._copy_rows(seq.slot, other.slot, len(seq.prompt_ids))
+                self._copy_prompt(seq, other)
                 other.prefilled = len(other.prompt_ids)
                 other_token = other.sample(logits)
             except Exception as exc:
@@ -587,10 +597,10 @@ class Engine:
             # request's own prefill (every position's logits).
             if key in prefilled and not prefilled[key][0].done and not seq.params.prompt_logprobs:
                 source, logits = prefilled[key]
-                self._copy_rows(source.slot, seq.slot, len(key))
+                self._copy_prompt(source, seq)
                 seq.seed_generator(self.device)
             else:
-                logits = seq.prefill(self.model, self._slot_cache[seq.slot])
+                logits = seq.prefill(self.model, self._cache_of(seq))
                 prefilled[key] = (seq, logits)
             token = seq.sample(logits)
         except Exception as exc:  # e.g. out of memory: this request fails, the engine goes on
@@ -645,23 +655,47 @@ class Engine:
                     continue
                 self._advance(seq, token)
 
-    def _copy_rows(self, source: int, target: int, length: int) -> None:
-        for k, v in zip(self._cache.k, self._cache.v):
-            k[target, :, :length] = k[source, :, :length]
-            v[target, :, :length] = v[source, :, :length]
+    def _cache_of(self, seq: _Sequence) -> KVCache:
+        """The sequence's keys/values: its own cache (made here, zeros, for its prompt plus
+        its token budget), or in dynamic mode its row of the shared one."""
+        if self._cache is not None:
+            return self._cache.rows(seq.slot, seq.slot + 1)
+        if seq.cache is None:
+            seq.cache = self.model.new_cache(1, max_len=len(seq.prompt_ids) + seq.params.max_new_tokens)
+        return seq.cache
+
+    def _copy_prompt(self, source: _Sequence, target: _Sequence) -> None:
+        """The prompt's keys/values from `source` into `target` (the same prompt)."""
+        length = len(source.prompt_ids)
+        for k, v, k_new, v_new in zip(self._cache_of(target).k, self._cache_of(target).v,
+                                      self._cache_of(source).k, self._cache_of(source).v):
+            k[:, :, :length] = k_new[:, :, :length]
+            v[:, :, :length] = v_new[:, :, :length]
+
+    @property
+    def kv_cache_bytes(self) -> int:
+        """Bytes of keys/values held now: the running requests' own caches (or the shared
+        one, dynamic mode) plus the prefix cache's blocks."""
+        with self._cond:
+            caches = [s.cache for s in self._running.values() if s.cache is not None]
+        caches += [self._cache] if self._cache is not None else []
+        held = sum(t.numel() * t.element_size() for c in caches for t in (*c.k, *c.v))
+        if self.prefix_cache is not None:
+            held += sum(t.numel() * t.element_size() for t in (*self.prefix_cache.k, *self.prefix_cache.v))
+        return held
 
     def _decode(self) -> None:
         """One token for every running sequence."""
         seqs = [self._running[slot] for slot in sorted(self._running) if self._running[slot].text.ids]
         try:
             if self.mode == "padded":
-                parts = [self.model.decode_rows([s.text.ids[-1] for s in tile], self._cache, [s.slot for s in tile],
+                parts = [self.model.decode_rows([s.text.ids[-1] for s in tile], [s.cache for s in tile],
                                                 [s.position for s in tile], pad_to) for tile, pad_to in self._tiles(seqs)]
                 logits = parts[0] if len(parts) == 1 else torch.cat(parts)
             elif self.mode == "rowwise":
                 # Each row alone (B=1, attention over exactly its own cache length): generate()'s
                 # own decode step, so bit-identical to it.
-                logits = torch.cat([s.decode(self.model, self._slot_cache[s.slot]) for s in seqs])
+                logits = torch.cat([s.decode(self.model, s.cache) for s in seqs])
             else:
                 logits = self.model.decode_step([s.text.ids[-1] for s in seqs], self._cache,
                                                 [s.slot for s in seqs], [s.position for s in seqs])
@@ -706,9 +740,13 @@ class Engine:
             seq.done = True
             if self._running.get(seq.slot) is seq:
                 del self._running[seq.slot]
-        if seq.slot >= 0:
-            # Wipe what it wrote: no request's keys/values outlive it (a batched decode_step
-            # reads past a row's own length, masked: stale values there must be finite zeros).
+        if seq.cache is not None:  # its own cache: wiped and freed (nothing outlives the request)
+            for t in (*seq.cache.k, *seq.cache.v):
+                t.zero_()
+            seq.cache = None
+        elif seq.slot >= 0 and self._cache is not None:
+            # Wipe what it wrote in the shared cache: a batched decode_step reads past a row's
+            # own length, masked, so stale values there must be finite zeros.
             written = min(len(seq.prompt_ids) + len(seq.text.ids), self._cache.max_len)
             for k, v in zip(self._cache.k, self._cache.v):
                 k[seq.slot, :, :written].zero_()

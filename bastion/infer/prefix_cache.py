@@ -14,7 +14,7 @@ keys/values or must not share them: a LoRA adapter's name, an API key's id (per-
 isolation). H is BLAKE2b-128 over the token ids' bytes: prompts are attacker-controlled, so
 a non-cryptographic hash would let a crafted prompt collide with another's block.
 
-Blocks are copied into a sequence's own cache row on a hit, and out of it once its prompt is
+Blocks are copied into a sequence's own cache on a hit, and out of it once its prompt is
 prefilled; no running sequence points into this store, so any block can be evicted at any
 time. Eviction is LRU over a fixed number of preallocated blocks, a chain's blocks ordered
 so that its end goes first.
@@ -45,10 +45,11 @@ class PrefixCache:
     """`blocks` blocks of `block_tokens` positions' keys/values, preallocated per layer as
     [blocks, n_kv_head, block_tokens, head_dim] in the engine cache's dtype."""
 
-    def __init__(self, model: Transformer, blocks: int, block_tokens: int, cache: KVCache):
+    def __init__(self, model: Transformer, blocks: int, block_tokens: int):
         cfg = model.cfg
         shape = (blocks, cfg.kv_heads, block_tokens, cfg.head_dim)
-        dtype, device = cache.k[0].dtype, cache.k[0].device
+        like = model.new_cache(1, max_len=1)  # the dtype and device of the model's caches
+        dtype, device = like.k[0].dtype, like.k[0].device
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.n_layer)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.n_layer)]
         self.blocks, self.block_tokens = blocks, block_tokens
@@ -79,23 +80,23 @@ class PrefixCache:
         self.hit_tokens += len(found) * self.block_tokens
         return found
 
-    def load(self, block: int, cache: KVCache, row: int, start: int) -> None:
-        """Block `block` into cache row `row` at positions [start, start + block_tokens)."""
+    def load(self, block: int, cache: KVCache, start: int) -> None:
+        """Block `block` into a sequence's cache (batch 1) at positions [start, start + block_tokens)."""
         end = start + self.block_tokens
         for k, v, bk, bv in zip(cache.k, cache.v, self.k, self.v):
-            k[row, :, start:end] = bk[block]
-            v[row, :, start:end] = bv[block]
+            k[0, :, start:end] = bk[block]
+            v[0, :, start:end] = bv[block]
 
-    def store(self, keys: list[bytes], cache: KVCache, row: int) -> None:
-        """A prefilled prompt's full blocks (`keys`, from block_keys) from cache row `row`.
+    def store(self, keys: list[bytes], cache: KVCache) -> None:
+        """A prefilled prompt's full blocks (`keys`, from block_keys) from its cache (batch 1).
         Stored last block first, so that the first is the most recently used: a chain is
         evicted from its end, never its first block before its later ones (which would be
         unreachable without it)."""
         for i in reversed(range(len(keys))):
-            self._store(keys[i], cache, row, i * self.block_tokens)
+            self._store(keys[i], cache, i * self.block_tokens)
 
-    def _store(self, key: bytes, cache: KVCache, row: int, start: int) -> None:
-        """Cache row `row`'s positions [start, start + block_tokens) as the block of `key`,
+    def _store(self, key: bytes, cache: KVCache, start: int) -> None:
+        """The cache's positions [start, start + block_tokens) as the block of `key`,
         evicting the least recently used block when all are taken."""
         if key in self._where:
             self._where.move_to_end(key)
@@ -107,8 +108,8 @@ class PrefixCache:
             self.evictions += 1
         end = start + self.block_tokens
         for k, v, bk, bv in zip(cache.k, cache.v, self.k, self.v):
-            bk[block] = k[row, :, start:end]
-            bv[block] = v[row, :, start:end]
+            bk[block] = k[0, :, start:end]
+            bv[block] = v[0, :, start:end]
         self._where[key] = block
 
     def stats(self) -> dict[str, int]:

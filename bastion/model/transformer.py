@@ -202,38 +202,35 @@ class Attention(nn.Module):
         return self.resid_dropout(self.wo(y))
 
 
-    def forward_rows(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache, layer: int,
-                     rows: list[int], positions: list[int], index: tuple[torch.Tensor, torch.Tensor],
-                     window: int | None) -> torch.Tensor:
-        """Decode, one token per row: x [P, 1, d]; the first len(rows) rows are sequences
-        (row b lives in cache row rows[b], its new token at positions[b]), the rest padding.
-        The projections see all P rows; attention runs row by row over exactly that row's
-        own keys [0, positions[b]] (the window's, with sliding_window), so its result
-        depends on that row alone, never on the other rows' lengths. `index`: rows and
-        positions as tensors, made once per step."""
-        P, n = x.size(0), len(rows)
+    def forward_rows(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, caches: list[KVCache], layer: int,
+                     positions: list[int], window: int | None) -> torch.Tensor:
+        """Decode, one token per row: x [P, 1, d]; the first len(caches) rows are sequences
+        (row b's keys/values live in caches[b], a batch-1 cache, its new token at
+        positions[b]), the rest padding. The projections see all P rows; attention runs row
+        by row over exactly that row's own keys [0, positions[b]] (the window's, with
+        sliding_window), so its result depends on that row alone, never on the other rows'
+        lengths."""
+        P = x.size(0)
         q = self.wq(x).view(P, 1, self.n_head, self.head_dim).transpose(1, 2)
         k = self.wk(x).view(P, 1, self.n_kv_head, self.head_dim).transpose(1, 2)
         v = self.wv(x).view(P, 1, self.n_kv_head, self.head_dim).transpose(1, 2)
         cos, sin = cos.to(q.dtype), sin.to(q.dtype)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        k_cache, v_cache = cache.k[layer], cache.v[layer]
-        row_index, pos_index = index
-        k_cache[row_index, :, pos_index] = k[:n, :, 0].to(k_cache.dtype)
-        v_cache[row_index, :, pos_index] = v[:n, :, 0].to(v_cache.dtype)
         # GQA without copying the keys: query head h reads kv head h // n_rep (as repeat_kv),
         # so a row's n_head queries are n_kv_head groups of n_rep queries over one key set.
         groups = q.view(P, 1, self.n_kv_head, self.n_head // self.n_kv_head, self.head_dim)
-        cast = k_cache.dtype != q.dtype  # only when the cache's dtype differs (autocast)
         out = []
-        for b, (row, pos) in enumerate(zip(rows, positions)):
+        for b, (cache, pos) in enumerate(zip(caches, positions)):
+            k_cache, v_cache = cache.k[layer], cache.v[layer]
+            k_cache[0, :, pos] = k[b, :, 0]
+            v_cache[0, :, pos] = v[b, :, 0]
             first = 0 if window is None else max(0, pos - window + 1)
-            keys, values = k_cache[row:row + 1, :, first:pos + 1], v_cache[row:row + 1, :, first:pos + 1]
-            if cast:
+            keys, values = k_cache[:1, :, first:pos + 1], v_cache[:1, :, first:pos + 1]
+            if k_cache.dtype != q.dtype:  # only when the cache's dtype differs (autocast)
                 keys, values = keys.to(q.dtype), values.to(q.dtype)
             out.append(F.scaled_dot_product_attention(groups[b], keys, values))
-        if P > n:  # padding rows attend to nothing
-            out.append(q.new_zeros(P - n, self.n_kv_head, groups.size(3), self.head_dim))
+        if P > len(caches):  # padding rows attend to nothing
+            out.append(q.new_zeros(P - len(caches), self.n_kv_head, groups.size(3), self.head_dim))
         return self.wo(torch.cat(out).view(P, 1, self.n_head * self.head_dim))
 
 
@@ -468,10 +465,12 @@ class Transformer(nn.Module):
             x = layer(x, cos, sin, view, i, 0, mask)
         return self.output(self.norm(x))[:, -1]
 
-    def decode_rows(self, tokens: list[int], cache: KVCache, rows: list[int], positions: list[int],
+    def decode_rows(self, tokens: list[int], caches: list[KVCache], positions: list[int],
                     pad_to: int) -> torch.Tensor:
         """One new token for each of n sequences (as decode_step), batch-invariant by
-        construction: -> next-token logits [n, vocab].
+        construction: -> next-token logits [n, vocab]. Sequence b's keys/values live in
+        caches[b] (batch 1: its own cache, or `cache.rows(r, r + 1)` of a shared one), which
+        holds its positions [0, positions[b]); tokens[b] sits at positions[b].
 
         Everything but attention (embedding, norms, projections, MLP, head) runs on exactly
         `pad_to` rows, the n sequences first, then padding rows that touch no cache. So the
@@ -484,24 +483,23 @@ class Transformer(nn.Module):
         if self.cfg.score_labels is not None:
             raise ValueError("a scoring model (model.score_labels) has no lm head and cannot generate")
         n = len(tokens)
-        if not n or len(rows) != n or len(positions) != n or pad_to < n:
-            raise ValueError(f"tokens, rows and positions must have the same non-zero length <= pad_to ({pad_to}), "
-                             f"got {len(tokens)}, {len(rows)}, {len(positions)}")
-        if len(set(rows)) != n or not all(0 <= r < cache.batch_size for r in rows):
-            raise ValueError(f"rows must be distinct rows of the cache's batch of {cache.batch_size}, got {rows}")
-        if not all(0 <= p < min(cache.max_len, self.cfg.max_seq_len) for p in positions):
-            raise ValueError(f"positions must be in [0, {min(cache.max_len, self.cfg.max_seq_len)}), got {positions}")
+        if not n or len(caches) != n or len(positions) != n or pad_to < n:
+            raise ValueError(f"tokens, caches and positions must have the same non-zero length <= pad_to ({pad_to}), "
+                             f"got {len(tokens)}, {len(caches)}, {len(positions)}")
+        if len({c.k[0].data_ptr() for c in caches}) != n or any(c.batch_size != 1 for c in caches):
+            raise ValueError("caches must be n distinct caches of batch size 1 (one per sequence)")
+        if not all(0 <= p < min(c.max_len, self.cfg.max_seq_len) for c, p in zip(caches, positions)):
+            raise ValueError(f"positions must lie inside each sequence's cache and max_seq_len, got {positions}")
         device = self.tok_embeddings.weight.device
         padding = pad_to - n
         idx = torch.tensor(list(tokens) + [0] * padding, device=device).view(pad_to, 1)
         pos = torch.tensor(list(positions) + [0] * padding, device=device)
         cos = self.rope_cos[pos].view(pad_to, 1, 1, -1)  # [P, 1, T=1, head_dim]: each row's own angle
         sin = self.rope_sin[pos].view(pad_to, 1, 1, -1)
-        index = (torch.tensor(rows, device=device), pos[:n])
         x = self.tok_embeddings(idx)
         for i, layer in enumerate(self.layers):
             h = layer.attention_norm(x)
-            x = x + layer.attention.forward_rows(h, cos, sin, cache, i, rows, positions, index, self.cfg.sliding_window)
+            x = x + layer.attention.forward_rows(h, cos, sin, caches, i, positions, self.cfg.sliding_window)
             x = x + layer.feed_forward(layer.ffn_norm(x))
         return self.output(self.norm(x))[:n, -1]
 

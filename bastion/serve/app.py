@@ -76,8 +76,11 @@ class Metrics:
                               buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
         queue = Gauge("bastion_queue_depth", "Requests waiting for a batch slot", registry=r)
         running = Gauge("bastion_running", "Sequences being decoded", registry=r)
+        kv = Gauge("bastion_kv_cache_bytes", "Keys/values held: running requests' caches and the prefix cache",
+                   registry=r)
         queue.set_function(lambda: engine.stats["waiting"])
         running.set_function(lambda: engine.stats["running"])
+        kv.set_function(lambda: engine.kv_cache_bytes)
         r.register(PrefixCacheCollector(engine))
 
 

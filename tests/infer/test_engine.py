@@ -99,10 +99,19 @@ def wait_for(predicate, timeout=10.0):
 
 
 def assert_idle(engine):
-    """No per-request state left, and every cache row wiped."""
+    """No per-request state left: no request's own cache held, every shared-cache row wiped."""
     assert engine.stats["running"] == engine.stats["waiting"] == 0
     assert not engine._running and not engine._waiting
-    assert all(not k.any() and not v.any() for k, v in zip(engine._cache.k, engine._cache.v))
+    if engine._cache is None:  # padded, rowwise: each request had its own cache, freed at its end
+        prefix = engine.prefix_cache
+        assert engine.kv_cache_bytes == (0 if prefix is None else prefix.stats()["blocks"] * prefix_block_bytes(engine))
+    else:
+        assert all(not k.any() and not v.any() for k, v in zip(engine._cache.k, engine._cache.v))
+
+
+def prefix_block_bytes(engine):
+    k = engine.prefix_cache.k[0]
+    return 2 * len(engine.prefix_cache.k) * k[0].numel() * k.element_size()
 
 
 # ---- model: rows of a cache, batched decode step -------------------------------------------
@@ -163,17 +172,19 @@ def test_decode_rows_matches_rows_decoded_alone_and_ignores_its_companions(cfg):
             model(prompt, cache=alone.rows(r, r + 1))
         rows = [3, 0, 1]
         tokens, positions = [7 * r + 1 for r in rows], [lens[r] for r in rows]
-        out = model.decode_rows(tokens, batched, rows, positions, pad_to=6)
+        out = model.decode_rows(tokens, [batched.rows(r, r + 1) for r in rows], positions, pad_to=6)
         expected = torch.cat([model(torch.tensor([[t]]), cache=alone.rows(r, r + 1), start_pos=p)[0][:, -1]
                               for t, r, p in zip(tokens, rows, positions)])
         torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(batched.k[1], alone.k[1], rtol=1e-5, atol=1e-5)
         # Row 3 again at the same position, with other companions and places: the same bits.
-        with_others = model.decode_rows([tokens[1], 5, tokens[0]], batched, [0, 2, 3], [positions[1], 1, positions[0]],
-                                        pad_to=6)
+        with_others = model.decode_rows([tokens[1], 5, tokens[0]], [batched.rows(r, r + 1) for r in (0, 2, 3)],
+                                        [positions[1], 1, positions[0]], pad_to=6)
         assert torch.equal(with_others[2], out[0]) and torch.equal(with_others[0], out[1])
         with pytest.raises(ValueError, match="pad_to"):
-            model.decode_rows([1, 2], batched, [0, 1], [0, 0], pad_to=1)
+            model.decode_rows([1, 2], [batched.rows(0, 1), batched.rows(1, 2)], [0, 0], pad_to=1)
+        with pytest.raises(ValueError, match="distinct"):
+            model.decode_rows([1, 2], [batched.rows(0, 1), batched.rows(0, 1)], [0, 0], pad_to=2)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -184,12 +195,12 @@ def test_the_tile_probe_finds_row_counts_with_bit_identical_rows(dtype):
     with torch.inference_mode():
         lo, hi = invariant_tile_rows(model, 16)
         assert 1 <= lo <= hi <= 16
-        cache = model.new_cache(hi, max_len=4)
+        caches = [model.new_cache(1, max_len=4) for _ in range(hi)]
         tokens = list(range(11, 11 + hi))
-        widest = model.decode_rows(tokens, cache, list(range(hi)), [0] * hi, pad_to=hi)
+        widest = model.decode_rows(tokens, caches, [0] * hi, pad_to=hi)
         for p in range(lo, hi + 1):  # the first rows of any tile size in range: the same bits
-            assert torch.equal(model.decode_rows(tokens[:p], cache, list(range(p)), [0] * p, pad_to=p), widest[:p])
-        one = model.decode_rows(tokens[-1:], cache, [0], [0], pad_to=lo)  # one row, padded to lo: as among hi
+            assert torch.equal(model.decode_rows(tokens[:p], caches[:p], [0] * p, pad_to=p), widest[:p])
+        one = model.decode_rows(tokens[-1:], caches[:1], [0], pad_to=lo)  # one row, padded to lo: as among hi
         assert torch.equal(one[0], widest[-1])
 
 
@@ -984,3 +995,22 @@ def test_engine_checks_prefill_and_prefix_settings(model, tok):
     with pytest.raises(TypeError, match="cache_namespace"):
         _Engine(model, tok, LIMITS).submit([1, 2], _Engine(model, tok, LIMITS).params(2), cache_namespace=None)
     assert _Engine(model, tok, LIMITS, mode="dynamic", prefix_cache_blocks=8).prefix_cache_stats is None
+
+
+@pytest.mark.parametrize("mode", ["padded", "rowwise"])
+def test_kv_memory_follows_the_requests(model, tok, mode):
+    """Each request holds a cache for its own prompt and budget only while it runs; the
+    engine holds nothing up front (dynamic mode keeps its one shared cache)."""
+    per_position = 2 * model.cfg.n_layer * model.cfg.kv_heads * model.cfg.head_dim * 4  # float32 keys + values
+    with ban_eos(model, tok), slow(model), _Engine(model, tok, LIMITS, max_batch_size=8, mode=mode) as engine:
+        assert engine.kv_cache_bytes == 0
+        handles = [submit(engine, tok, "The quick", max_new_tokens=90), submit(engine, tok, "a", max_new_tokens=80)]
+        wait_for(lambda: all(h._seq.text.ids for h in handles))
+        assert engine.kv_cache_bytes == (len(ids(tok, "The quick")) + 90 + len(ids(tok, "a")) + 80) * per_position
+        for h in handles:
+            h.cancel()
+            h.result(timeout=30)
+        assert engine.kv_cache_bytes == 0
+        assert_idle(engine)
+    dynamic = _Engine(model, tok, LIMITS, max_batch_size=8, mode="dynamic")
+    assert dynamic.kv_cache_bytes == 8 * dynamic._cache.max_len * per_position

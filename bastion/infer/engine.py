@@ -544,7 +544,7 @@ class Engine:
     def _start_prefill(self, seq: _Sequence) -> bool:
         """A sequence's first prefill turn: its generator; then either a leader (an earlier
         sequence prefilling the same prompt in the same namespace: True, wait for it) or
-        the prefix cache's blocks copied into its row."""
+        the prefix cache's blocks copied into its cache."""
         seq.started = True
         self._cache_of(seq)  # allocated now: a request waiting in the queue holds no memory
         seq.seed_generator(self.device)

@@ -902,12 +902,12 @@ SHARED = [(SYSTEM + q, dict(max_new_tokens=12, logprobs=2, **s)) for q, s in
           [("The quick", {}), ("def main", dict(temperature=1.0, seed=3)), ("Über café", {}), ("The quick", {})]]
 
 
-@pytest.mark.parametrize("init_std", [0.2, 0.02])
-def test_prefix_cache_hits_give_bit_identical_tokens_and_logprobs(tok, init_std):
+@pytest.mark.parametrize("init_std, dtype", [(0.2, torch.float32), (0.02, torch.float32), (0.02, torch.bfloat16)])
+def test_prefix_cache_hits_give_bit_identical_tokens_and_logprobs(tok, init_std, dtype):
     """Each request alone on a fresh engine (a cold prefill) vs after the others on one
     engine (its shared prefix's blocks read from the cache): the same tokens and logprobs,
     bit for bit, and the hits are counted."""
-    model = tiny_model(init_std)
+    model = tiny_model(init_std).to(dtype)
     with ban_eos(model, tok):
         cold = []
         for r in SHARED:

@@ -201,7 +201,6 @@ class Attention(nn.Module):
         y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)
         return self.resid_dropout(self.wo(y))
 
-
     def forward_rows(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, caches: list[KVCache], layer: int,
                      positions: list[int], window: int | None) -> torch.Tensor:
         """Decode, one token per row: x [P, 1, d]; the first len(caches) rows are sequences

@@ -414,6 +414,21 @@ class ServeConfig(Section):
     batch_mode: Literal["padded", "rowwise", "dynamic"] = Field(
         default="padded", description="padded: batched and batch-invariant; rowwise: bit-equal to `bastion generate`, "
                                       "no batching speed-up; dynamic: fastest, last-bit batch effects")
+    prefill_chunk_tokens: int = Field(
+        default=64, ge=8, le=4096, description="padded mode: prompts are prefilled in aligned chunks of this many "
+                                               "tokens (also the prefix cache's block size)")
+    prefill_step_tokens: int = Field(
+        default=128, ge=8, le=65_536, description="padded mode: prompt tokens prefilled between two decode steps (at "
+                                                  "least one chunk): lower keeps running streams smoother while long "
+                                                  "prompts join, higher starts them sooner")
+    prefix_cache_blocks: int = Field(
+        default=256, ge=0, le=1_000_000, description="padded mode: prompt blocks (prefill_chunk_tokens tokens each) "
+                                                     "whose keys/values are kept for reuse by later prompts with the "
+                                                     "same prefix, LRU; 0 turns prefix caching off (memory: docs/serving.md)")
+    prefix_cache_scope: Literal["per_key", "shared"] = Field(
+        default="per_key", description="per_key: a request reuses only blocks of its own API key's prompts (a cache hit "
+                                       "is visible in latency, so sharing would let one key probe another's prompts); "
+                                       "shared: across keys")
     request_timeout_s: float = Field(default=120.0, gt=0.0, le=86_400.0)
     shutdown_grace_s: float = Field(default=30.0, ge=0.0, le=3600.0, description="SIGTERM: time to finish in-flight requests")
     output_filter: bool = Field(default=False, description="redact secrets / PII patterns from completions")

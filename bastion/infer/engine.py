@@ -7,45 +7,65 @@
         ...
     engine.shutdown(timeout=30)
 
-The engine holds one preallocated KV cache of `max_batch_size` rows ("slots"). Between decode
-steps, finished and cancelled requests leave their slots and waiting requests join: a joining
-request is prefilled on its own (batch of 1, written into its slot's cache row), then decodes
-with the others, one token per request per step, each at its own position. Requests beyond
-the free slots wait in a bounded queue; past `max_queue` of them, `submit` refuses with
-QueueFullError (back-pressure: the server answers 503 instead of queueing without limit).
+The engine runs at most `max_batch_size` requests at once ("slots"). Between steps, finished and cancelled requests leave their slots and waiting requests join; then
+each step prefills (part of) the joining prompts and decodes one token for every running
+request, each at its own position. Requests beyond the free slots wait in a bounded queue;
+past `max_queue` of them, `submit` refuses with QueueFullError (back-pressure: the server
+answers 503 instead of queueing without limit).
 
-Each request is a `generate.SequenceState`, as in `generate.stream`: the same prefill, the
-same sampling (one torch.Generator per request, seeded from the request's seed), the same
-`advance` deciding eos / stop / length and producing the text deltas. The engine only adds
-the scheduling and, in the batched modes, the batched decode step.
+Each request is a `generate.SequenceState`, as in `generate.stream`: the same sampling (one
+torch.Generator per request, seeded from the request's seed), the same `advance` deciding
+eos / stop / length and producing the text deltas. The engine adds the scheduling, the
+batched decode step and, in the default mode, chunked prefill and the prefix cache.
 
 Batch invariance. A request's output must not depend on what else is in the batch. BLAS
-chooses its matmul kernel, so its summation order, by the number of rows (on CPU MKL a
-1-row matmul is a gemv, 2+ rows a gemm, and even 4 vs 16 rows can differ), and attention's
-reductions by the key length: a row decoded in a batch of another size gets logits that
-differ in the last float bits, and a near-tie can then flip a greedy token or a sample.
-Three modes:
+chooses its matmul kernel, so its summation order, by the number of rows (on this CPU MKL
+float32 has three families: 1 row, 2 to ~10, ~11 and more), and attention's reductions by
+the key length: a row decoded in a batch of another size gets logits that differ in the
+last float bits, and a near-tie can then flip a greedy token or a sample. Three modes:
 
-  * "padded" (default): every decode step is one batched `Transformer.decode_step` over
-    ALL `max_batch_size` cache rows (free slots padded) with the key length fixed at the
-    cache's length. The shapes never change, so a row's result depends only on that row:
-    outputs are bit-identical alone or batched, and 16 rows cost about 2x one row.
+  * "padded" (default): batch-invariant, and as fast as generate() for one stream.
+    Decode (`Transformer.decode_rows`): attention runs per request over exactly its own
+    cached length, so it depends on that request alone; everything else (projections,
+    MLP, norms, head) runs on the running rows in tiles whose row counts all lie in one
+    range [lo, hi] where the model gives bit-identical rows. That range is measured when
+    the engine starts (`invariant_tile_rows`: the model's own modules, in the engine
+    thread, with its threads); e.g. 2-10 rows for the d256 float32 bench model, 1-16 in
+    bf16. One stream costs a tile of `lo` rows; a full batch ceil(n / hi) tiles.
+    Prefill: in aligned chunks of `prefill_chunk` tokens, each a B=1 forward attending to
+    the positions before it, `prefill_step_tokens` prompt tokens per step between decode
+    steps (at least one chunk), so a long prompt joining does not stall the running
+    streams. A chunk's inputs and shapes never depend on the batch, nor on the prefix
+    cache (prefix_cache.py): with `prefix_cache_blocks` > 0, full chunks of finished
+    prefills are kept (LRU) under a hash chain of their tokens rooted in the request's
+    `cache_namespace`, and a later prompt with the same leading chunks copies them instead
+    of computing them - the same bits, so a hit changes latency, never the output.
   * "rowwise": each running request alone (B=1, its own length) through
     `SequenceState.decode`, the very step `generate()` takes (bit-identical to it), with no
     batching speed-up.
   * "dynamic": one batched step over the running rows only, key length = the longest:
-    fastest, but outputs may differ in the last bits with the batch's composition.
+    fastest under load, but outputs may differ in the last bits with the batch's
+    composition.
 
-Prefill in the padded and rowwise modes is one request at a time (B=1), the shape
-generate() uses; requests that join together with the same prompt share one prefill (its
-cache rows copied). In dynamic mode the distinct prompts of requests joining together are
-prefilled in batched forwards (`_prefill_together`): a GRPO step's prompts in one call
-instead of one call each.
+Prefill in the rowwise and dynamic modes is the whole prompt in one forward, at join time;
+requests that join together with the same prompt share one prefill (its cache rows copied;
+in padded mode the later ones wait for the first one's last chunk). In dynamic mode the
+distinct prompts of requests joining together are prefilled in batched forwards
+(`_prefill_together`): a GRPO step's prompts in one call instead of one call each.
+
+Memory. In the padded and rowwise modes each request gets its own KV cache when it starts
+(`_cache_of`: its prompt plus its max_new_tokens positions, what generate() allocates),
+wiped and freed when it ends: memory follows the running requests (`kv_cache_bytes`), not
+`max_batch_size` x the longest allowed request. Dynamic mode batches its decode over rows of
+one shared cache, preallocated for `max_batch_size` sequences of the longest allowed length
+(prompt limit + new-token ceiling). The prefix cache's `prefix_cache_blocks` blocks are
+preallocated. Not paged: a request's cache is sized by its budget, not grown as it decodes.
 """
 from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import queue
 import threading
 import time
@@ -58,20 +78,31 @@ import torch
 from bastion.config.schema import GenerateConfig
 from bastion.errors import EngineClosedError, QueueFullError
 from bastion.infer.generate import (FinishReason, GenerationResult, SamplingParams, SequenceState, Tokenizer,
-                                    check_prompt_ids, sampling_params)
-from bastion.model.transformer import Transformer
+                                    check_prompt_ids, sampling_params, token_logprobs)
+from bastion.infer.prefix_cache import PrefixCache, block_keys
+from bastion.model.transformer import KVCache, Transformer
+
+logger = logging.getLogger(__name__)
 
 
 class _Sequence(SequenceState):
     """One request inside the engine. Its decode state is touched only by the engine thread;
     `slot`, `cancelled` and `done` change under the engine's lock."""
 
-    def __init__(self, handle: RequestHandle, prompt_ids: list[int], params: SamplingParams, tokenizer: Tokenizer):
+    def __init__(self, handle: RequestHandle, prompt_ids: list[int], params: SamplingParams, tokenizer: Tokenizer,
+                 cache_namespace: str = ""):
         super().__init__(prompt_ids, params, tokenizer)
         self.handle = handle
         self.slot = -1  # cache row while running
         self.cancelled = False
         self.done = False
+        # Chunked prefill (padded mode): positions of the prompt in the cache row so far.
+        self.cache_namespace = cache_namespace
+        self.started = False
+        self.prefilled = 0
+        self.leader: _Sequence | None = None  # the same prompt, prefilling: copy its rows when done
+        self.block_keys: list[bytes] = []  # prefix-cache keys of the prompt's full chunks
+        self.cache: KVCache | None = None  # its own keys/values (padded, rowwise modes)
 
 
 class RequestHandle:
@@ -160,6 +191,52 @@ class RequestHandle:
 PREFILL_TOKENS = 8192  # dynamic mode: padded prompt tokens per batched prefill forward
 
 
+PROBE_ROWS = 32  # padded mode: the largest tile the probe tries (more rows: several tiles)
+TILE_TARGET = 8  # padded mode: prefer the smallest tile whose invariant range reaches this many rows
+
+
+def invariant_tile_rows(model: Transformer, max_rows: int) -> tuple[int, int]:
+    """(lo, hi): row counts P in [lo, hi] for which `Transformer.decode_rows` gives every row
+    bit-identical logits, whatever P and whatever the row's place among the P.
+
+    BLAS chooses its kernel by the row count: on CPU MKL float32 measured 1 row (gemv), 2
+    to ~10 rows and ~11+ rows as three families, each with its own summation order, the
+    boundaries depending on the matrix shapes; oneDNN bf16 keeps 1-32 rows together. So
+    this probes the model itself (its real modules: quantized or LoRA linears included), in
+    the thread and with the threads that will decode: the logits of random tokens for
+    every P up to min(max_rows, PROBE_ROWS), grouped into runs of P with equal results,
+    each run checked row by row and with the rows reversed. It picks the run with the
+    smallest lo among those reaching TILE_TARGET rows (one stream costs lo rows, a full
+    batch ceil(n / hi) passes), else the run holding the largest P, else (1, 1): every row
+    alone, invariant by construction. Takes 2 * max_rows small decode steps."""
+    rows = min(max_rows, PROBE_ROWS)
+    vocab = model.cfg.vocab_size or 1
+    tokens = torch.randint(0, vocab, (rows,), generator=torch.Generator().manual_seed(0)).tolist()
+    caches = [model.new_cache(1, max_len=1) for _ in range(rows)]
+
+    def logits(ids: list[int]) -> torch.Tensor:
+        return model.decode_rows(ids, caches[:len(ids)], [0] * len(ids), pad_to=len(ids))
+
+    every = [logits(tokens[:p]) for p in range(1, rows + 1)]  # every[p - 1]: p rows
+    runs: list[tuple[int, int]] = []
+    for p in range(1, rows + 1):
+        if runs and torch.equal(every[p - 1][0], every[runs[-1][0] - 1][0]):
+            runs[-1] = (runs[-1][0], p)
+        else:
+            runs.append((p, p))
+
+    def holds(lo: int, hi: int) -> bool:
+        widest = every[hi - 1]
+        return all(torch.equal(every[p - 1], widest[:p]) for p in range(lo, hi + 1)) \
+            and torch.equal(logits(tokens[:hi][::-1]), widest.flip(0))
+
+    good = [(lo, hi) for lo, hi in runs if holds(lo, hi)]
+    wide = [run for run in good if run[1] >= min(TILE_TARGET, rows)]
+    if wide:
+        return min(wide)
+    return good[-1] if good and good[-1][1] == rows else (1, 1)
+
+
 class Engine:
     """Continuous-batching generation; see the module docstring.
 
@@ -171,11 +248,17 @@ class Engine:
     and every small parallel region pays a wake-up.
     The KV cache for `max_batch_size` full-length sequences is allocated here, up front.
     `max_queue`: requests allowed to wait beyond the free slots (0: only free slots).
+    Padded mode only: `prefill_chunk` (tokens per prefill chunk, and the prefix cache's
+    block size), `prefill_step_tokens` (prompt tokens prefilled between two decode steps,
+    at least one chunk), `prefix_cache_blocks` (0: no prefix cache; each block holds
+    prefill_chunk positions' keys/values for every layer). `start` runs the tile probe
+    (`invariant_tile_rows`) before it returns.
     """
 
     def __init__(self, model: Transformer, tokenizer: Tokenizer, limits: GenerateConfig, *,
                  max_batch_size: int = 16, max_queue: int = 64, device: torch.device | str | None = None,
-                 mode: Literal["padded", "rowwise", "dynamic"] = "padded", threads: int | None = None):
+                 mode: Literal["padded", "rowwise", "dynamic"] = "padded", threads: int | None = None,
+                 prefill_chunk: int = 64, prefill_step_tokens: int = 128, prefix_cache_blocks: int = 0):
         if isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int) or max_batch_size < 1:
             raise ValueError(f"max_batch_size must be an integer >= 1, got {max_batch_size!r}")
         if isinstance(max_queue, bool) or not isinstance(max_queue, int) or max_queue < 0:
@@ -184,6 +267,10 @@ class Engine:
             raise ValueError(f"mode must be padded, rowwise or dynamic, got {mode!r}")
         if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
             raise ValueError(f"threads must be an integer >= 1 or None, got {threads!r}")
+        for name, value, low in (("prefill_chunk", prefill_chunk, 1), ("prefill_step_tokens", prefill_step_tokens, 1),
+                                 ("prefix_cache_blocks", prefix_cache_blocks, 0)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
         if device is not None:
             model.to(device)
         self.model, self.tokenizer, self.limits = model, tokenizer, limits
@@ -193,8 +280,14 @@ class Engine:
         self._context = model.cfg.max_seq_len
         # No request can be longer than the longest prompt plus the most new tokens allowed.
         cache_len = min(self._context, (limits.max_prompt_tokens or self._context) + limits.max_new_tokens_ceiling)
-        self._cache = model.new_cache(max_batch_size, max_len=cache_len)
-        self._slot_cache = [self._cache.rows(i, i + 1) for i in range(max_batch_size)]
+        # Dynamic mode batches decode_step over rows of one shared cache, allocated up front;
+        # the other modes give each request its own cache, sized to its prompt and budget,
+        # allocated when it starts and freed when it ends: memory follows the requests.
+        self._cache = model.new_cache(max_batch_size, max_len=cache_len) if mode == "dynamic" else None
+        self.prefill_chunk, self.prefill_step_tokens = prefill_chunk, prefill_step_tokens
+        # Prefix caching needs the padded mode's aligned chunked prefill (see prefix_cache.py).
+        self.prefix_cache = (PrefixCache(model, prefix_cache_blocks, prefill_chunk)
+                             if prefix_cache_blocks and mode == "padded" else None)
 
         self._cond = threading.Condition()
         self._waiting: deque[_Sequence] = deque()  # submitted, no slot yet
@@ -204,6 +297,8 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._was_training = model.training
         self._ids = itertools.count()
+        self._tile_rows = (max_batch_size, max_batch_size)  # padded mode: set by the probe at start
+        self._probed = threading.Event()
 
     # ---- requests -------------------------------------------------------------------------
 
@@ -220,17 +315,22 @@ class Engine:
                                prompt_logprobs=prompt_logprobs, **adjust)
 
     def submit(self, prompt_ids: list[int], params: SamplingParams, *,
-               loop: asyncio.AbstractEventLoop | None = None) -> RequestHandle:
+               loop: asyncio.AbstractEventLoop | None = None, cache_namespace: str = "") -> RequestHandle:
         """Queue a request. Raises GenerationLimitError (bad prompt or params), QueueFullError
         (max_queue requests already waiting beyond the free slots), EngineClosedError (after
-        shutdown). Pass `loop` (the running event loop) to iterate the handle with `async for`."""
+        shutdown). Pass `loop` (the running event loop) to iterate the handle with `async for`.
+        `cache_namespace`: prefix-cache blocks are shared only between requests with the same
+        namespace: put in it anything that changes the keys/values (a LoRA adapter's name)
+        or must not share them (an API key's id, for per-key isolation); "" is the base model."""
+        if not isinstance(cache_namespace, str):
+            raise TypeError(f"cache_namespace must be a string, got {type(cache_namespace).__name__}")
         prompt_ids = check_prompt_ids(prompt_ids, self.model.cfg.vocab_size or 0)
         if not isinstance(params, SamplingParams):
             raise TypeError(f"params must be a SamplingParams (from Engine.params), got {type(params).__name__}")
         # Checked again: nothing over a limit may reach the decode thread.
         params = self.params(len(prompt_ids), **asdict(params))
         handle = RequestHandle(next(self._ids), self, loop)
-        seq = _Sequence(handle, prompt_ids, params, self.tokenizer)
+        seq = _Sequence(handle, prompt_ids, params, self.tokenizer, cache_namespace)
         handle._seq = seq
         with self._cond:
             if self._closed:
@@ -256,6 +356,11 @@ class Engine:
             self._finish(seq, "cancelled")
 
     @property
+    def prefix_cache_stats(self) -> dict[str, int] | None:
+        """Prefix-cache counters (prefix_cache.PrefixCache.stats), None when it is off."""
+        return None if self.prefix_cache is None else self.prefix_cache.stats()
+
+    @property
     def stats(self) -> dict:
         with self._cond:
             return {"running": len(self._running), "waiting": len(self._waiting),
@@ -273,6 +378,7 @@ class Engine:
             self.model.eval()
             self._thread = threading.Thread(target=self._run, name="bastion-engine", daemon=True)
             self._thread.start()
+        self._probed.wait()  # padded mode: the tile probe runs in the engine thread, before any request
 
     def shutdown(self, timeout: float | None = None) -> None:
         """Refuse new requests (EngineClosedError), let running and queued ones finish for up
@@ -309,12 +415,17 @@ class Engine:
         try:
             # The whole thread runs the model only, so inference mode can span it.
             with torch.inference_mode():
+                if self.mode == "padded":
+                    self._tile_rows = self._probe_tiles()
+                self._probed.set()
                 while (work := self._schedule()) is not None:
                     retired, joining = work
                     for seq in retired:
                         self._finish(seq, "cancelled")
                     # After the retired slots are wiped: a joiner may reuse one.
-                    if self.mode == "dynamic" and len(joining) > 1:
+                    if self.mode == "padded":
+                        self._prefill_step()  # the joiners are prefilling sequences now
+                    elif self.mode == "dynamic" and len(joining) > 1:
                         # Batched prefills read the last position's logits only.
                         self._prefill_together([s for s in joining if not s.params.prompt_logprobs])
                         for seq in (s for s in joining if s.params.prompt_logprobs):
@@ -323,15 +434,23 @@ class Engine:
                         prefilled: dict[tuple[int, ...], tuple[_Sequence, torch.Tensor]] = {}
                         for seq in joining:
                             self._prefill(seq, prefilled)
-                    if self._running:
+                    if any(s.text.ids for s in self._running.values()):
                         self._decode()
         except BaseException as exc:  # a bug: fail every request rather than leave them hanging
+            self._probed.set()
             with self._cond:
                 self._closed = True
                 left = list(self._waiting) + list(self._running.values())
             for seq in left:
                 self._finish(seq, error=exc)
             raise
+
+    def _probe_tiles(self) -> tuple[int, int]:
+        try:
+            return invariant_tile_rows(self.model, self.max_batch_size)
+        except Exception:  # noqa: BLE001 - e.g. out of memory: every row alone is invariant by construction
+            logger.warning("the padded mode's tile probe failed; decoding every row alone", exc_info=True)
+            return (1, 1)
 
     def _schedule(self) -> tuple[list[_Sequence], list[_Sequence]] | None:
         """Between steps, under the lock: take cancelled requests out, move waiting ones into
@@ -362,6 +481,110 @@ class Engine:
                     return None
                 self._cond.wait()
 
+    def _prefill_step(self) -> None:
+        """Padded mode: chunks of the prefilling sequences, round robin from the oldest,
+        until `prefill_step_tokens` prompt tokens were computed (at least one chunk per
+        step), so a long prompt joins over several steps while the running streams keep
+        decoding."""
+        budget = self.prefill_step_tokens
+        prefilling = sorted((s for s in self._running.values() if not s.text.ids), key=lambda s: s.handle.id)
+        for seq in prefilling:  # joiners first, so that those with one prompt find each other
+            if not seq.started:
+                try:
+                    self._start_prefill(seq)
+                except Exception as exc:  # e.g. out of memory for its cache: this request fails
+                    self._finish(seq, error=exc)
+        progressed = True
+        while budget > 0 and progressed:  # round robin, a chunk at a time
+            progressed = False
+            for seq in prefilling:
+                if budget <= 0:
+                    break
+                if seq.done or seq.text.ids:  # failed, or prefilled (by its leader too)
+                    continue
+                try:
+                    computed = self._prefill_next_chunk(seq)
+                except Exception as exc:  # e.g. out of memory: this request fails, the engine goes on
+                    self._finish(seq, error=exc)
+                    continue
+                budget -= computed
+                progressed = progressed or computed > 0
+
+    def _prefill_next_chunk(self, seq: _Sequence) -> int:
+        """Prefill the sequence's next chunk (on its first turn: reuse cached prefix blocks,
+        or wait for a sequence with the same prompt); returns the tokens computed. The
+        prompt is computed in chunks [i C, (i + 1) C), aligned whatever was cached, so
+        every chunk sees the same inputs and shapes with or without prefix-cache hits."""
+        if seq.leader is not None:
+            if not seq.leader.done:
+                return 0  # the leader's last chunk shares its rows and logits with this one
+            seq.leader, seq.started = None, False  # the leader failed or was cancelled: prefill alone
+            if self._start_prefill(seq):
+                return 0
+        if seq.text.ids:  # its leader finished in this step
+            return 0
+        chunk, prompt, cache = self.prefill_chunk, seq.prompt_ids, seq.cache
+        start = seq.prefilled
+        end = min(len(prompt), start + chunk)
+        ids = torch.tensor([prompt[start:end]], device=self.device)
+        if seq.params.prompt_logprobs:  # every position's logits: token i's logprob is read at i - 1
+            logits = self.model(ids, cache=cache, start_pos=start)[0][0]
+            targets = torch.tensor(prompt[start + 1:end + 1], device=self.device)
+            seq.prompt_logprobs += token_logprobs(logits[:len(targets)], targets, seq.params.logprobs or 0)
+            last = logits[-1:]
+        else:
+            last = self.model(ids, cache=cache, start_pos=start, logits_at=torch.tensor([end - start - 1]))[0][:, 0]
+        seq.prefilled = end
+        if end == len(prompt):
+            if self.prefix_cache is not None:
+                self.prefix_cache.store(seq.block_keys, seq.cache)
+            self._prefilled(seq, last)
+        return end - start
+
+    def _start_prefill(self, seq: _Sequence) -> bool:
+        """A sequence's first prefill turn: its generator; then either a leader (an earlier
+        sequence prefilling the same prompt in the same namespace: True, wait for it) or
+        the prefix cache's blocks copied into its cache."""
+        seq.started = True
+        self._cache_of(seq)  # allocated now: a request waiting in the queue holds no memory
+        seq.seed_generator(self.device)
+        if seq.params.prompt_logprobs:
+            seq.prompt_logprobs = []
+        else:
+            for other in self._running.values():
+                if other is not seq and other.started and other.leader is None and not other.text.ids \
+                        and not other.params.prompt_logprobs and other.prompt_ids == seq.prompt_ids \
+                        and other.cache_namespace == seq.cache_namespace:
+                    seq.leader = other
+                    return True
+        if self.prefix_cache is not None:
+            chunk = self.prefill_chunk
+            seq.block_keys = block_keys(seq.cache_namespace, seq.prompt_ids, chunk)
+            if not seq.params.prompt_logprobs:  # those need every position's logits: no reuse
+                # Never the block holding the last prompt token: its logits start the completion.
+                usable = seq.block_keys[:(len(seq.prompt_ids) - 1) // chunk]
+                for i, block in enumerate(self.prefix_cache.lookup(usable, len(seq.prompt_ids))):
+                    self.prefix_cache.load(block, seq.cache, i * chunk)
+                    seq.prefilled = (i + 1) * chunk
+        return False
+
+    def _prefilled(self, seq: _Sequence, logits: torch.Tensor) -> None:
+        """The prompt is in the cache: the first token, for the sequence and for those that
+        waited for it (the same prompt: its rows copied, its logits, their own generators)."""
+        followers = [s for s in self._running.values() if s.leader is seq]
+        token = seq.sample(logits)
+        for other in followers:
+            other.leader = None
+            try:
+                self._copy_prompt(seq, other)
+                other.prefilled = len(other.prompt_ids)
+                other_token = other.sample(logits)
+            except Exception as exc:
+                self._finish(other, error=exc)
+                continue
+            self._advance(other, other_token)
+        self._advance(seq, token)
+
     def _prefill(self, seq: _Sequence, prefilled: dict[tuple[int, ...], tuple[_Sequence, torch.Tensor]]) -> None:
         """The prompt into the sequence's cache row, exactly as generate() does, then the
         first token. Requests joining together with the same prompt (n completions of one
@@ -374,10 +597,10 @@ class Engine:
             # request's own prefill (every position's logits).
             if key in prefilled and not prefilled[key][0].done and not seq.params.prompt_logprobs:
                 source, logits = prefilled[key]
-                self._copy_rows(source.slot, seq.slot, len(key))
+                self._copy_prompt(source, seq)
                 seq.seed_generator(self.device)
             else:
-                logits = seq.prefill(self.model, self._slot_cache[seq.slot])
+                logits = seq.prefill(self.model, self._cache_of(seq))
                 prefilled[key] = (seq, logits)
             token = seq.sample(logits)
         except Exception as exc:  # e.g. out of memory: this request fails, the engine goes on
@@ -432,34 +655,47 @@ class Engine:
                     continue
                 self._advance(seq, token)
 
-    def _copy_rows(self, source: int, target: int, length: int) -> None:
-        for k, v in zip(self._cache.k, self._cache.v):
-            k[target, :, :length] = k[source, :, :length]
-            v[target, :, :length] = v[source, :, :length]
+    def _cache_of(self, seq: _Sequence) -> KVCache:
+        """The sequence's keys/values: its own cache (made here, zeros, for its prompt plus
+        its token budget), or in dynamic mode its row of the shared one."""
+        if self._cache is not None:
+            return self._cache.rows(seq.slot, seq.slot + 1)
+        if seq.cache is None:
+            seq.cache = self.model.new_cache(1, max_len=len(seq.prompt_ids) + seq.params.max_new_tokens)
+        return seq.cache
+
+    def _copy_prompt(self, source: _Sequence, target: _Sequence) -> None:
+        """The prompt's keys/values from `source` into `target` (the same prompt)."""
+        length = len(source.prompt_ids)
+        for k, v, k_new, v_new in zip(self._cache_of(target).k, self._cache_of(target).v,
+                                      self._cache_of(source).k, self._cache_of(source).v):
+            k[:, :, :length] = k_new[:, :, :length]
+            v[:, :, :length] = v_new[:, :, :length]
+
+    @property
+    def kv_cache_bytes(self) -> int:
+        """Bytes of keys/values held now: the running requests' own caches (or the shared
+        one, dynamic mode) plus the prefix cache's blocks."""
+        with self._cond:
+            caches = [s.cache for s in self._running.values() if s.cache is not None]
+        caches += [self._cache] if self._cache is not None else []
+        held = sum(t.numel() * t.element_size() for c in caches for t in (*c.k, *c.v))
+        if self.prefix_cache is not None:
+            held += sum(t.numel() * t.element_size() for t in (*self.prefix_cache.k, *self.prefix_cache.v))
+        return held
 
     def _decode(self) -> None:
         """One token for every running sequence."""
-        seqs = [self._running[slot] for slot in sorted(self._running)]
+        seqs = [self._running[slot] for slot in sorted(self._running) if self._running[slot].text.ids]
         try:
             if self.mode == "padded":
-                # Fixed shapes (every slot, the whole cache length): free slots decode a dummy
-                # token at position 0 of their own row, which the next prefill overwrites.
-                tokens, positions = [0] * self.max_batch_size, [0] * self.max_batch_size
-                for s in seqs:
-                    tokens[s.slot], positions[s.slot] = s.text.ids[-1], s.position
-                every = self.model.decode_step(tokens, self._cache, list(range(self.max_batch_size)), positions,
-                                               key_length=self._cache.max_len)
-                logits = every[torch.tensor([s.slot for s in seqs], device=self.device)]
-                free = [slot for slot in range(self.max_batch_size) if slot not in self._running]
-                if free:  # keep free rows wiped: the dummy step wrote their position 0
-                    rows = torch.tensor(free, device=self.device)
-                    for k, v in zip(self._cache.k, self._cache.v):
-                        k[rows, :, 0] = 0
-                        v[rows, :, 0] = 0
+                parts = [self.model.decode_rows([s.text.ids[-1] for s in tile], [s.cache for s in tile],
+                                                [s.position for s in tile], pad_to) for tile, pad_to in self._tiles(seqs)]
+                logits = parts[0] if len(parts) == 1 else torch.cat(parts)
             elif self.mode == "rowwise":
                 # Each row alone (B=1, attention over exactly its own cache length): generate()'s
                 # own decode step, so bit-identical to it.
-                logits = torch.cat([s.decode(self.model, self._slot_cache[s.slot]) for s in seqs])
+                logits = torch.cat([s.decode(self.model, s.cache) for s in seqs])
             else:
                 logits = self.model.decode_step([s.text.ids[-1] for s in seqs], self._cache,
                                                 [s.slot for s in seqs], [s.position for s in seqs])
@@ -471,6 +707,20 @@ class Engine:
             return
         for seq, token in zip(seqs, tokens):
             self._advance(seq, token)
+
+    def _tiles(self, seqs: list[_Sequence]) -> list[tuple[list[_Sequence], int]]:
+        """The running sequences in near-equal tiles of at most `hi` rows, each padded to at
+        least `lo` rows: every tile's row count lies in the range the probe found to give
+        bit-identical rows, so how the rows are grouped cannot change any row's result."""
+        lo, hi = self._tile_rows
+        count = -(-len(seqs) // hi)
+        size, extra = divmod(len(seqs), count)
+        tiles, start = [], 0
+        for i in range(count):
+            end = start + size + (i < extra)
+            tiles.append((seqs[start:end], max(lo, end - start)))
+            start = end
+        return tiles
 
     def _advance(self, seq: _Sequence, token: int) -> None:
         """A sampled token: its text delta out, and the end if `SequenceState.advance` says so."""
@@ -494,9 +744,13 @@ class Engine:
             seq.done = True
             if self._running.get(seq.slot) is seq:
                 del self._running[seq.slot]
-        if seq.slot >= 0:
-            # Wipe what it wrote: no request's keys/values outlive it (a batched decode_step
-            # reads past a row's own length, masked: stale values there must be finite zeros).
+        if seq.cache is not None:  # its own cache: wiped and freed (nothing outlives the request)
+            for t in (*seq.cache.k, *seq.cache.v):
+                t.zero_()
+            seq.cache = None
+        elif seq.slot >= 0 and self._cache is not None:
+            # Wipe what it wrote in the shared cache: a batched decode_step reads past a row's
+            # own length, masked, so stale values there must be finite zeros.
             written = min(len(seq.prompt_ids) + len(seq.text.ids), self._cache.max_len)
             for k, v in zip(self._cache.k, self._cache.v):
                 k[seq.slot, :, :written].zero_()

@@ -201,6 +201,37 @@ class Attention(nn.Module):
         y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)
         return self.resid_dropout(self.wo(y))
 
+    def forward_rows(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, caches: list[KVCache], layer: int,
+                     positions: list[int], window: int | None) -> torch.Tensor:
+        """Decode, one token per row: x [P, 1, d]; the first len(caches) rows are sequences
+        (row b's keys/values live in caches[b], a batch-1 cache, its new token at
+        positions[b]), the rest padding. The projections see all P rows; attention runs row
+        by row over exactly that row's own keys [0, positions[b]] (the window's, with
+        sliding_window), so its result depends on that row alone, never on the other rows'
+        lengths."""
+        P = x.size(0)
+        q = self.wq(x).view(P, 1, self.n_head, self.head_dim).transpose(1, 2)
+        k = self.wk(x).view(P, 1, self.n_kv_head, self.head_dim).transpose(1, 2)
+        v = self.wv(x).view(P, 1, self.n_kv_head, self.head_dim).transpose(1, 2)
+        cos, sin = cos.to(q.dtype), sin.to(q.dtype)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        # GQA without copying the keys: query head h reads kv head h // n_rep (as repeat_kv),
+        # so a row's n_head queries are n_kv_head groups of n_rep queries over one key set.
+        groups = q.view(P, 1, self.n_kv_head, self.n_head // self.n_kv_head, self.head_dim)
+        out = []
+        for b, (cache, pos) in enumerate(zip(caches, positions)):
+            k_cache, v_cache = cache.k[layer], cache.v[layer]
+            k_cache[0, :, pos] = k[b, :, 0]
+            v_cache[0, :, pos] = v[b, :, 0]
+            first = 0 if window is None else max(0, pos - window + 1)
+            keys, values = k_cache[:1, :, first:pos + 1], v_cache[:1, :, first:pos + 1]
+            if k_cache.dtype != q.dtype:  # only when the cache's dtype differs (autocast)
+                keys, values = keys.to(q.dtype), values.to(q.dtype)
+            out.append(F.scaled_dot_product_attention(groups[b], keys, values))
+        if P > len(caches):  # padding rows attend to nothing
+            out.append(q.new_zeros(P - len(caches), self.n_kv_head, groups.size(3), self.head_dim))
+        return self.wo(torch.cat(out).view(P, 1, self.n_head * self.head_dim))
+
 
 class FeedForward(nn.Module):
     def __init__(self, cfg: ModelConfig):
@@ -398,8 +429,8 @@ class Transformer(nn.Module):
         and BLAS picks its kernel (so its summation order) by batch size: a row's logits can
         differ from decoding that sequence alone in the last float bits. For bit-identical
         results regardless of the batch, decode each row alone with forward(cache=cache.rows(r, r + 1)),
-        or keep the shapes fixed: always all rows of the cache and `key_length` = cache.max_len
-        (then a row's result depends on nothing but that row: see Engine's "padded" mode).
+        keep the shapes fixed (all rows of the cache, `key_length` = cache.max_len), or use
+        `decode_rows` (fixed row count, attention per row: Engine's "padded" mode).
         """
         if self.cfg.score_labels is not None:
             raise ValueError("a scoring model (model.score_labels) has no lm head and cannot generate")
@@ -432,6 +463,44 @@ class Transformer(nn.Module):
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, view, i, 0, mask)
         return self.output(self.norm(x))[:, -1]
+
+    def decode_rows(self, tokens: list[int], caches: list[KVCache], positions: list[int],
+                    pad_to: int) -> torch.Tensor:
+        """One new token for each of n sequences (as decode_step), batch-invariant by
+        construction: -> next-token logits [n, vocab]. Sequence b's keys/values live in
+        caches[b] (batch 1: its own cache, or `cache.rows(r, r + 1)` of a shared one), which
+        holds its positions [0, positions[b]); tokens[b] sits at positions[b].
+
+        Everything but attention (embedding, norms, projections, MLP, head) runs on exactly
+        `pad_to` rows, the n sequences first, then padding rows that touch no cache. So the
+        matmuls always have the same shape (BLAS picks its kernel, hence its summation
+        order, by the row count: engine.py probes which row counts give bit-identical rows).
+        Attention runs per sequence over exactly its own cached length, so it depends on
+        nothing but that sequence. A sequence's logits then depend only on itself and
+        `pad_to`, never on the other rows: Engine's "padded" mode decodes this way.
+        """
+        if self.cfg.score_labels is not None:
+            raise ValueError("a scoring model (model.score_labels) has no lm head and cannot generate")
+        n = len(tokens)
+        if not n or len(caches) != n or len(positions) != n or pad_to < n:
+            raise ValueError(f"tokens, caches and positions must have the same non-zero length <= pad_to ({pad_to}), "
+                             f"got {len(tokens)}, {len(caches)}, {len(positions)}")
+        if len({c.k[0].data_ptr() for c in caches}) != n or any(c.batch_size != 1 for c in caches):
+            raise ValueError("caches must be n distinct caches of batch size 1 (one per sequence)")
+        if not all(0 <= p < min(c.max_len, self.cfg.max_seq_len) for c, p in zip(caches, positions)):
+            raise ValueError(f"positions must lie inside each sequence's cache and max_seq_len, got {positions}")
+        device = self.tok_embeddings.weight.device
+        padding = pad_to - n
+        idx = torch.tensor(list(tokens) + [0] * padding, device=device).view(pad_to, 1)
+        pos = torch.tensor(list(positions) + [0] * padding, device=device)
+        cos = self.rope_cos[pos].view(pad_to, 1, 1, -1)  # [P, 1, T=1, head_dim]: each row's own angle
+        sin = self.rope_sin[pos].view(pad_to, 1, 1, -1)
+        x = self.tok_embeddings(idx)
+        for i, layer in enumerate(self.layers):
+            h = layer.attention_norm(x)
+            x = x + layer.attention.forward_rows(h, cos, sin, caches, i, positions, self.cfg.sliding_window)
+            x = x + layer.feed_forward(layer.ffn_norm(x))
+        return self.output(self.norm(x))[:n, -1]
 
     def num_params(self, exclude_embeddings: bool = False) -> int:
         """Parameter count (tied weights counted once). exclude_embeddings drops the token

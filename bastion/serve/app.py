@@ -31,6 +31,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from bastion.config.schema import GenerateConfig, ServeConfig
@@ -80,8 +81,35 @@ class Metrics:
                               buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
         queue = Gauge("bastion_queue_depth", "Requests waiting for a batch slot", registry=r)
         running = Gauge("bastion_running", "Sequences being decoded", registry=r)
+        kv = Gauge("bastion_kv_cache_bytes", "Keys/values held: running requests' caches and the prefix cache",
+                   registry=r)
         queue.set_function(lambda: engine.stats["waiting"])
         running.set_function(lambda: engine.stats["running"])
+        kv.set_function(lambda: engine.kv_cache_bytes)
+        r.register(PrefixCacheCollector(engine))
+
+
+class PrefixCacheCollector:
+    """The engine's prefix-cache counters, read at scrape time (absent when caching is off):
+    hit rate = bastion_prefix_cache_hit_tokens_total / bastion_prefix_cache_queried_tokens_total."""
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+
+    def collect(self):  # noqa: ANN201 - prometheus_client's collector protocol
+        stats = self.engine.prefix_cache_stats
+        if stats is None:
+            return
+        yield CounterMetricFamily("bastion_prefix_cache_queried_tokens", "Prompt tokens of requests that looked up "
+                                  "the prefix cache", value=stats["queried_tokens"])
+        yield CounterMetricFamily("bastion_prefix_cache_hit_tokens", "Prompt tokens whose keys/values came from the "
+                                  "prefix cache", value=stats["hit_tokens"])
+        yield CounterMetricFamily("bastion_prefix_cache_evictions", "Prefix-cache blocks evicted (LRU)",
+                                  value=stats["evictions"])
+        yield GaugeMetricFamily("bastion_prefix_cache_blocks_used", "Prefix-cache blocks holding a prompt block",
+                                value=stats["blocks_used"])
+        yield GaugeMetricFamily("bastion_prefix_cache_blocks", "Prefix-cache capacity in blocks of "
+                                f"{stats['block_tokens']} tokens", value=stats["blocks"])
 
 
 @dataclass
@@ -425,6 +453,12 @@ KNOWN_ROUTES = {"/health", "/ready", "/metrics", "/v1/models", "/v1/completions"
 # ---- generation ------------------------------------------------------------------------------
 
 
+def _cache_namespace(state: ServerState, info: dict[str, Any]) -> str:
+    """Prefix-cache isolation: per_key gives each API key its own blocks (without keys, on
+    loopback, every request has the same key id None and they all share)."""
+    return "" if state.cfg.prefix_cache_scope == "shared" else f"key:{info['key_id'] or ''}"
+
+
 async def _generate(state: ServerState, request: Request, body: P._Sampling, prompts: list[list[int]], *, chat: bool,
                     text: str, scoring: Scoring, structure: C.Structure = C.Structure()) -> Response:
     """Submit body.n completions of each prompt (in that order: choice index = prompt index
@@ -476,7 +510,7 @@ async def _generate(state: ServerState, request: Request, body: P._Sampling, pro
     handles = []
     try:
         for ids, p in jobs:
-            handles.append(state.engine.submit(ids, p, loop=loop))
+            handles.append(state.engine.submit(ids, p, loop=loop, cache_namespace=_cache_namespace(state, info)))
     except (QueueFullError, EngineClosedError) as exc:
         for h in handles:
             h.cancel()

@@ -57,7 +57,9 @@ def build_state(checkpoint: str | Path, config: BastionConfig, *, device: str = 
             raise ConfigError(hide_env(config, f"serve.{name}: {path} is not a file", under="serve"))
     loaded = load_for_inference(checkpoint, verify=verify, device=device, quantize=quantize, dtype=cfg.dtype)
     engine = Engine(loaded.model, loaded.tokenizer, config.generate, max_batch_size=cfg.max_concurrency,
-                    max_queue=cfg.max_queue, mode=cfg.batch_mode, threads=cfg.threads)
+                    max_queue=cfg.max_queue, mode=cfg.batch_mode, threads=cfg.threads,
+                    prefill_chunk=cfg.prefill_chunk_tokens, prefill_step_tokens=cfg.prefill_step_tokens,
+                    prefix_cache_blocks=cfg.prefix_cache_blocks)
     name = cfg.model_name or model_name(loaded.directory, loaded.config)
     return ServerState(loaded=loaded, cfg=cfg, limits=config.generate, engine=engine, keys=keys, limiter=RateLimiter(cfg.rate_limit),
                        log=AccessLog(cfg.access_log, cfg.log_prompts), model_name=_safe_name(name),

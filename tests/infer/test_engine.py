@@ -99,10 +99,19 @@ def wait_for(predicate, timeout=10.0):
 
 
 def assert_idle(engine):
-    """No per-request state left, and every cache row wiped."""
+    """No per-request state left: no request's own cache held, every shared-cache row wiped."""
     assert engine.stats["running"] == engine.stats["waiting"] == 0
     assert not engine._running and not engine._waiting
-    assert all(not k.any() and not v.any() for k, v in zip(engine._cache.k, engine._cache.v))
+    if engine._cache is None:  # padded, rowwise: each request had its own cache, freed at its end
+        prefix = engine.prefix_cache
+        assert engine.kv_cache_bytes == (0 if prefix is None else prefix.stats()["blocks"] * prefix_block_bytes(engine))
+    else:
+        assert all(not k.any() and not v.any() for k, v in zip(engine._cache.k, engine._cache.v))
+
+
+def prefix_block_bytes(engine):
+    k = engine.prefix_cache.k[0]
+    return 2 * len(engine.prefix_cache.k) * k[0].numel() * k.element_size()
 
 
 # ---- model: rows of a cache, batched decode step -------------------------------------------
@@ -147,6 +156,79 @@ def test_decode_step_matches_rows_decoded_alone(cfg):
             for r in rows:
                 lens[r] += 1
         torch.testing.assert_close(batched.k[1], alone.k[1], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("cfg", [dict(), dict(n_kv_head=4), dict(sliding_window=5)])
+def test_decode_rows_matches_rows_decoded_alone_and_ignores_its_companions(cfg):
+    """decode_rows: the math of a lone decode step (up to BLAS's row-count effects), and a
+    row's logits bit-identical whichever other rows share the step, for one row count."""
+    model = tiny_model(**cfg)
+    lens = [3, 9, 1, 14]
+    batched, alone = model.new_cache(4), model.new_cache(4)
+    with torch.inference_mode():
+        for r, n in enumerate(lens):
+            prompt = torch.randint(0, 300, (1, n))
+            model(prompt, cache=batched.rows(r, r + 1))
+            model(prompt, cache=alone.rows(r, r + 1))
+        rows = [3, 0, 1]
+        tokens, positions = [7 * r + 1 for r in rows], [lens[r] for r in rows]
+        out = model.decode_rows(tokens, [batched.rows(r, r + 1) for r in rows], positions, pad_to=6)
+        expected = torch.cat([model(torch.tensor([[t]]), cache=alone.rows(r, r + 1), start_pos=p)[0][:, -1]
+                              for t, r, p in zip(tokens, rows, positions)])
+        torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(batched.k[1], alone.k[1], rtol=1e-5, atol=1e-5)
+        # Row 3 again at the same position, with other companions and places: the same bits.
+        with_others = model.decode_rows([tokens[1], 5, tokens[0]], [batched.rows(r, r + 1) for r in (0, 2, 3)],
+                                        [positions[1], 1, positions[0]], pad_to=6)
+        assert torch.equal(with_others[2], out[0]) and torch.equal(with_others[0], out[1])
+        with pytest.raises(ValueError, match="pad_to"):
+            model.decode_rows([1, 2], [batched.rows(0, 1), batched.rows(1, 2)], [0, 0], pad_to=1)
+        with pytest.raises(ValueError, match="distinct"):
+            model.decode_rows([1, 2], [batched.rows(0, 1), batched.rows(0, 1)], [0, 0], pad_to=2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_tile_probe_finds_row_counts_with_bit_identical_rows(dtype):
+    from bastion.infer.engine import invariant_tile_rows
+
+    model = tiny_model().to(dtype)
+    with torch.inference_mode():
+        lo, hi = invariant_tile_rows(model, 16)
+        assert 1 <= lo <= hi <= 16
+        caches = [model.new_cache(1, max_len=4) for _ in range(hi)]
+        tokens = list(range(11, 11 + hi))
+        widest = model.decode_rows(tokens, caches, [0] * hi, pad_to=hi)
+        for p in range(lo, hi + 1):  # the first rows of any tile size in range: the same bits
+            assert torch.equal(model.decode_rows(tokens[:p], caches[:p], [0] * p, pad_to=p), widest[:p])
+        one = model.decode_rows(tokens[-1:], caches[:1], [0], pad_to=lo)  # one row, padded to lo: as among hi
+        assert torch.equal(one[0], widest[-1])
+
+
+def test_padded_mode_tiles_split_a_full_batch_without_changing_any_row(tok, monkeypatch):
+    """More running requests than the widest invariant tile: the step runs several tiles
+    (and narrower ones padded up), and each request still gets exactly its lone tokens."""
+    import bastion.infer.engine as engine_module
+
+    monkeypatch.setattr(engine_module, "PROBE_ROWS", 4)  # force tiles of at most 4 rows for 7 requests
+    model = tiny_model(0.02)
+    requests = [(PROMPTS[i % 5], dict(max_new_tokens=6 + i, temperature=1.0 if i % 2 else 0.0, seed=i))
+                for i in range(7)]
+    with ban_eos(model, tok):
+        alone = [run_engine(model, tok, [r], max_batch_size=8, staggered=False, mode="padded")[0] for r in requests]
+        together = run_engine(model, tok, requests, max_batch_size=8, staggered=False, queued_first=True,
+                              mode="padded")
+        staggered = run_engine(model, tok, requests, max_batch_size=8, staggered=True, mode="padded")
+    assert together == alone and staggered == alone
+
+
+def test_tiles_are_near_equal_and_padded_into_the_probed_range(model, tok):
+    engine = _Engine(model, tok, LIMITS, max_batch_size=16)
+    engine._tile_rows = (3, 5)
+    seqs = list(range(11))
+    tiles = engine._tiles(seqs)
+    assert [len(t) for t, _ in tiles] == [4, 4, 3] and [p for _, p in tiles] == [4, 4, 3]
+    assert [x for t, _ in tiles for x in t] == seqs
+    assert engine._tiles([0]) == [([0], 3)]
 
 
 def test_decode_step_checks_its_arguments():
@@ -794,3 +876,141 @@ def test_adjusted_sampling_equals_generate_and_is_batch_invariant(tok, mode):
 def test_adjustment_settings_are_bounded(tok, kw, match):
     with pytest.raises(GenerationLimitError, match=match):
         generate(tiny_model(), tok, "a", limits=LIMITS, **kw)
+
+
+# ---- chunked prefill, prefix caching --------------------------------------------------------------
+
+SYSTEM = "You are a careful assistant. Answer briefly and exactly. "  # a shared prompt prefix
+
+
+def prefix_engine(model, tok, **kw):
+    settings = dict(max_batch_size=4, mode="padded", prefill_chunk=4, prefix_cache_blocks=64)
+    return _Engine(model, tok, LIMITS, **{**settings, **kw})
+
+
+def results_of(engine, tok, requests, namespace=""):
+    """Requests one after the other (each sees the cache the ones before it filled)."""
+    out = []
+    for prompt, kw in requests:
+        prompt_ids = ids(tok, prompt)
+        out.append(engine.submit(prompt_ids, engine.params(len(prompt_ids), **kw),
+                                 cache_namespace=namespace).result(timeout=30))
+    return out
+
+
+SHARED = [(SYSTEM + q, dict(max_new_tokens=12, logprobs=2, **s)) for q, s in
+          [("The quick", {}), ("def main", dict(temperature=1.0, seed=3)), ("Über café", {}), ("The quick", {})]]
+
+
+@pytest.mark.parametrize("init_std, dtype", [(0.2, torch.float32), (0.02, torch.float32), (0.02, torch.bfloat16)])
+def test_prefix_cache_hits_give_bit_identical_tokens_and_logprobs(tok, init_std, dtype):
+    """Each request alone on a fresh engine (a cold prefill) vs after the others on one
+    engine (its shared prefix's blocks read from the cache): the same tokens and logprobs,
+    bit for bit, and the hits are counted."""
+    model = tiny_model(init_std).to(dtype)
+    with ban_eos(model, tok):
+        cold = []
+        for r in SHARED:
+            with prefix_engine(model, tok) as engine:
+                cold += results_of(engine, tok, [r])
+        with prefix_engine(model, tok) as engine:
+            warm = results_of(engine, tok, SHARED)
+            stats = engine.prefix_cache_stats
+            assert_idle(engine)
+    assert warm == cold
+    prefix_blocks = len(ids(tok, SYSTEM)) // 4
+    assert prefix_blocks >= 3
+    assert stats["hit_tokens"] >= 3 * prefix_blocks * 4  # the 2nd, 3rd and 4th requests reuse the prefix
+    assert stats["queried_tokens"] == sum(len(ids(tok, p)) for p, _ in SHARED)
+    assert 0 < stats["blocks_used"] <= 64
+
+
+def test_prefix_cache_is_per_namespace_and_bounded(tok):
+    model = tiny_model()
+    with ban_eos(model, tok), prefix_engine(model, tok, prefix_cache_blocks=3) as engine:
+        first = results_of(engine, tok, SHARED[:1], namespace="key_a")
+        hits = engine.prefix_cache_stats["hit_tokens"]
+        again = results_of(engine, tok, SHARED[:1], namespace="key_b")  # another namespace: no hit
+        assert engine.prefix_cache_stats["hit_tokens"] == hits == 0 and again == first
+        results_of(engine, tok, SHARED[:1], namespace="key_b")  # its own namespace: hits
+        assert engine.prefix_cache_stats["hit_tokens"] > 0
+        stats = engine.prefix_cache_stats
+    assert stats["blocks_used"] == 3 and stats["evictions"] > 0  # never more than the bound
+
+
+def test_block_keys_chain_the_prefix_and_the_namespace():
+    from bastion.infer.prefix_cache import block_keys
+
+    a = block_keys("", list(range(10)), 4)
+    assert len(a) == 2  # two full blocks; the partial third has no key
+    assert block_keys("", list(range(8)) + [99], 4) == a  # the same first 8 tokens
+    assert block_keys("", [1] + list(range(1, 10)), 4)[1] != a[1]  # block 1's key depends on block 0
+    assert block_keys("adapter", list(range(10)), 4)[0] != a[0]
+
+
+def test_prompt_logprobs_requests_prefill_every_chunk(tok):
+    model = tiny_model()
+    request = (SYSTEM + "The quick", dict(max_new_tokens=5, logprobs=1, prompt_logprobs=True))
+    with ban_eos(model, tok), prefix_engine(model, tok) as engine:
+        first, second = results_of(engine, tok, [request, request])
+        assert engine.prefix_cache_stats["hit_tokens"] == 0
+        expected = generate(model, tok, ids(tok, request[0]), limits=LIMITS, **request[1])
+    assert first == second and first.token_ids == expected.token_ids
+    assert [e.logprob for e in first.prompt_logprobs] == pytest.approx(
+        [e.logprob for e in expected.prompt_logprobs], abs=1e-4)
+
+
+def test_a_long_prompt_prefills_in_chunks_between_decode_steps(tok):
+    """One chunk of the joining prompt per step: the running stream keeps decoding while it
+    prefills, and neither output changes (the same as each alone)."""
+    model = tiny_model()
+    long_prompt = (SYSTEM * 2, dict(max_new_tokens=5))
+    running = ("The quick", dict(max_new_tokens=60))
+    events = []
+    watch = model.tok_embeddings.register_forward_hook(
+        lambda module, args, out: events.append("prefill" if args[0].size(0) == 1 and args[0].size(1) > 1
+                                                else "decode"))
+    try:
+        with ban_eos(model, tok):
+            alone = [run_engine(model, tok, [r], max_batch_size=2, staggered=False, mode="padded", prefill_chunk=4,
+                                prefill_step_tokens=4)[0] for r in (running, long_prompt)]
+            events.clear()
+            together = run_engine(model, tok, [running, long_prompt], max_batch_size=2, staggered=True,
+                                  mode="padded", prefill_chunk=4, prefill_step_tokens=4)
+    finally:
+        watch.remove()
+    assert together == alone
+    chunks = -(-len(ids(tok, long_prompt[0])) // 4)
+    first, last = events.index("prefill"), len(events) - 1 - events[::-1].index("prefill")
+    # The running stream's first prompt is one chunk; the long one's chunks alternate with decodes.
+    assert events[first + 1:last].count("decode") >= chunks - 2
+    assert events.count("prefill") == chunks + 1
+
+
+def test_engine_checks_prefill_and_prefix_settings(model, tok):
+    for kw in (dict(prefill_chunk=0), dict(prefill_step_tokens=0), dict(prefix_cache_blocks=-1),
+               dict(prefix_cache_blocks=True)):
+        with pytest.raises(ValueError):
+            _Engine(model, tok, LIMITS, **kw)
+    with pytest.raises(TypeError, match="cache_namespace"):
+        _Engine(model, tok, LIMITS).submit([1, 2], _Engine(model, tok, LIMITS).params(2), cache_namespace=None)
+    assert _Engine(model, tok, LIMITS, mode="dynamic", prefix_cache_blocks=8).prefix_cache_stats is None
+
+
+@pytest.mark.parametrize("mode", ["padded", "rowwise"])
+def test_kv_memory_follows_the_requests(model, tok, mode):
+    """Each request holds a cache for its own prompt and budget only while it runs; the
+    engine holds nothing up front (dynamic mode keeps its one shared cache)."""
+    per_position = 2 * model.cfg.n_layer * model.cfg.kv_heads * model.cfg.head_dim * 4  # float32 keys + values
+    with ban_eos(model, tok), slow(model), _Engine(model, tok, LIMITS, max_batch_size=8, mode=mode) as engine:
+        assert engine.kv_cache_bytes == 0
+        handles = [submit(engine, tok, "The quick", max_new_tokens=90), submit(engine, tok, "a", max_new_tokens=80)]
+        wait_for(lambda: all(h._seq.text.ids for h in handles))
+        assert engine.kv_cache_bytes == (len(ids(tok, "The quick")) + 90 + len(ids(tok, "a")) + 80) * per_position
+        for h in handles:
+            h.cancel()
+            h.result(timeout=30)
+        assert engine.kv_cache_bytes == 0
+        assert_idle(engine)
+    dynamic = _Engine(model, tok, LIMITS, max_batch_size=8, mode="dynamic")
+    assert dynamic.kv_cache_bytes == 8 * dynamic._cache.max_len * per_position

@@ -578,3 +578,34 @@ def test_serve_cli_hosts_are_typed_not_yaml(serve_checkpoint, monkeypatch, args)
     assert result.exit_code == 2 and "Traceback" not in result.output, result.output
     expected = "not an IP address or a host name" if "[" in args[-1] else "reachable from other machines"
     assert expected in result.output and "valid string" not in result.output
+
+
+def prefix_counters(url, headers=AUTH):
+    text = httpx.get(url + "/metrics", headers=headers).text
+    values = {}
+    for line in text.splitlines():
+        for name in ("queried_tokens", "hit_tokens"):
+            if line.startswith(f"bastion_prefix_cache_{name}_total "):
+                values[name] = float(line.split()[1])
+    return values
+
+
+@pytest.mark.parametrize("scope", ["per_key", "shared"])
+def test_prefix_cache_hits_show_in_metrics_and_stay_within_a_key(serve_checkpoint, scope):
+    """A repeated prompt prefix is served from the prefix cache (counted in /metrics), with
+    the same completion; under per_key another key's request does not hit it."""
+    other = "bst_other-key-0123456789abcdefghijklmnopqrstuvw"
+    with running(serve_checkpoint, environ={"BASTION_API_KEYS": f"{API_KEY},{other}"},
+                 serve={"prefill_chunk_tokens": 8, "prefix_cache_scope": scope}) as (url, state):
+        body = {"model": state.model_name, "prompt": "reverse: a b c d e f g h i j k l m n o p q r s t u v w",
+                "max_tokens": 6, "temperature": 0}
+        first = post(url, "/v1/completions", body).json()
+        assert prefix_counters(url)["hit_tokens"] == 0
+        by_other = post(url, "/v1/completions", body, headers={"Authorization": f"Bearer {other}"}).json()
+        counters = prefix_counters(url)
+        assert (counters["hit_tokens"] > 0) == (scope == "shared")
+        again = post(url, "/v1/completions", body).json()
+        hits = prefix_counters(url)["hit_tokens"]
+        assert hits >= counters["hit_tokens"] + 8 and prefix_counters(url)["queried_tokens"] > hits
+        assert first["choices"][0]["text"] == by_other["choices"][0]["text"] == again["choices"][0]["text"]
+        assert "bastion_prefix_cache_blocks " in httpx.get(url + "/metrics", headers=AUTH).text

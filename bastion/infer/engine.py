@@ -36,6 +36,11 @@ Three modes:
   * "dynamic": one batched step over the running rows only, key length = the longest:
     fastest, but outputs may differ in the last bits with the batch's composition.
 
+Multi-LoRA (bastion/model/multi_lora.py): on a model with adapters installed, each request
+names its adapter (`submit(..., adapter=name)`, None: the base) and every forward is told
+which adapter each of its rows uses, so requests for different adapters share decode steps.
+A row's adapter delta depends on that row only: the padded mode stays batch-invariant.
+
 Prefill in the padded and rowwise modes is one request at a time (B=1), the shape
 generate() uses; requests that join together with the same prompt share one prefill (its
 cache rows copied). In dynamic mode the distinct prompts of requests joining together are
@@ -45,6 +50,7 @@ instead of one call each.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import queue
 import threading
@@ -59,6 +65,7 @@ from bastion.config.schema import GenerateConfig
 from bastion.errors import EngineClosedError, QueueFullError
 from bastion.infer.generate import (FinishReason, GenerationResult, SamplingParams, SequenceState, Tokenizer,
                                     check_prompt_ids, sampling_params)
+from bastion.model.multi_lora import BASE, served_adapters
 from bastion.model.transformer import Transformer
 
 
@@ -66,9 +73,14 @@ class _Sequence(SequenceState):
     """One request inside the engine. Its decode state is touched only by the engine thread;
     `slot`, `cancelled` and `done` change under the engine's lock."""
 
-    def __init__(self, handle: RequestHandle, prompt_ids: list[int], params: SamplingParams, tokenizer: Tokenizer):
+    def __init__(self, handle: RequestHandle, prompt_ids: list[int], params: SamplingParams, tokenizer: Tokenizer,
+                 adapter: str | None = None, adapter_index: int = BASE):
         super().__init__(prompt_ids, params, tokenizer)
         self.handle = handle
+        # The LoRA adapter this request runs with (None: the base), by name and by its index
+        # in the model's AdapterSet. Keys/values computed under one adapter are not another's:
+        # anything shared between requests (a prefill, a prefix cache) is keyed by it.
+        self.adapter, self.adapter_index = adapter, adapter_index
         self.slot = -1  # cache row while running
         self.cancelled = False
         self.done = False
@@ -194,6 +206,7 @@ class Engine:
         # No request can be longer than the longest prompt plus the most new tokens allowed.
         cache_len = min(self._context, (limits.max_prompt_tokens or self._context) + limits.max_new_tokens_ceiling)
         self._cache = model.new_cache(max_batch_size, max_len=cache_len)
+        self._adapters = served_adapters(model)  # None: a plain model, nothing per row
         self._slot_cache = [self._cache.rows(i, i + 1) for i in range(max_batch_size)]
 
         self._cond = threading.Condition()
@@ -220,17 +233,19 @@ class Engine:
                                prompt_logprobs=prompt_logprobs, **adjust)
 
     def submit(self, prompt_ids: list[int], params: SamplingParams, *,
-               loop: asyncio.AbstractEventLoop | None = None) -> RequestHandle:
+               loop: asyncio.AbstractEventLoop | None = None, adapter: str | None = None) -> RequestHandle:
         """Queue a request. Raises GenerationLimitError (bad prompt or params), QueueFullError
         (max_queue requests already waiting beyond the free slots), EngineClosedError (after
-        shutdown). Pass `loop` (the running event loop) to iterate the handle with `async for`."""
+        shutdown). Pass `loop` (the running event loop) to iterate the handle with `async for`.
+        `adapter`: the name of a LoRA adapter installed on the model (ValueError if none is
+        installed by that name); None runs the base."""
         prompt_ids = check_prompt_ids(prompt_ids, self.model.cfg.vocab_size or 0)
         if not isinstance(params, SamplingParams):
             raise TypeError(f"params must be a SamplingParams (from Engine.params), got {type(params).__name__}")
         # Checked again: nothing over a limit may reach the decode thread.
         params = self.params(len(prompt_ids), **asdict(params))
         handle = RequestHandle(next(self._ids), self, loop)
-        seq = _Sequence(handle, prompt_ids, params, self.tokenizer)
+        seq = _Sequence(handle, prompt_ids, params, self.tokenizer, adapter, self._adapter_index(adapter))
         handle._seq = seq
         with self._cond:
             if self._closed:
@@ -242,6 +257,20 @@ class Engine:
             self._waiting.append(seq)
             self._cond.notify_all()
         return handle
+
+    def _adapter_index(self, adapter: str | None) -> int:
+        if adapter is None:
+            return BASE
+        if self._adapters is None:
+            raise ValueError(f"adapter {str(adapter)[:80]!r}: the model has no adapters installed")
+        try:
+            return self._adapters.index(adapter)
+        except KeyError as exc:
+            raise ValueError(exc.args[0]) from None
+
+    def _adapter_rows(self, indices: list[int]) -> contextlib.AbstractContextManager:
+        """Around a forward: row b uses adapter indices[b]. A plain model: nothing to do."""
+        return contextlib.nullcontext() if self._adapters is None else self._adapters.rows(indices)
 
     def _cancel(self, seq: _Sequence) -> None:
         with self._cond:
@@ -320,7 +349,7 @@ class Engine:
                         for seq in (s for s in joining if s.params.prompt_logprobs):
                             self._prefill(seq, {})
                     else:
-                        prefilled: dict[tuple[int, ...], tuple[_Sequence, torch.Tensor]] = {}
+                        prefilled: dict[tuple[int, tuple[int, ...]], tuple[_Sequence, torch.Tensor]] = {}
                         for seq in joining:
                             self._prefill(seq, prefilled)
                     if self._running:
@@ -362,22 +391,25 @@ class Engine:
                     return None
                 self._cond.wait()
 
-    def _prefill(self, seq: _Sequence, prefilled: dict[tuple[int, ...], tuple[_Sequence, torch.Tensor]]) -> None:
+    def _prefill(self, seq: _Sequence,
+                 prefilled: dict[tuple[int, tuple[int, ...]], tuple[_Sequence, torch.Tensor]]) -> None:
         """The prompt into the sequence's cache row, exactly as generate() does, then the
         first token. Requests joining together with the same prompt (n completions of one
         prompt, GRPO's groups) share one prefill: its keys/values are copied into their rows
         and its logits sampled with each request's own generator - the very values their own
-        prefill (batch 1, the same shapes) would compute, at a fraction of the cost."""
-        key = tuple(seq.prompt_ids)
+        prefill (batch 1, the same shapes) would compute, at a fraction of the cost. Only
+        requests for the same adapter share."""
+        key = (seq.adapter_index, tuple(seq.prompt_ids))
         try:
             # Sharing copies keys/values and the last logits only: prompt logprobs need the
             # request's own prefill (every position's logits).
             if key in prefilled and not prefilled[key][0].done and not seq.params.prompt_logprobs:
                 source, logits = prefilled[key]
-                self._copy_rows(source.slot, seq.slot, len(key))
+                self._copy_rows(source.slot, seq.slot, len(seq.prompt_ids))
                 seq.seed_generator(self.device)
             else:
-                logits = seq.prefill(self.model, self._slot_cache[seq.slot])
+                with self._adapter_rows([seq.adapter_index]):
+                    logits = seq.prefill(self.model, self._slot_cache[seq.slot])
                 prefilled[key] = (seq, logits)
             token = seq.sample(logits)
         except Exception as exc:  # e.g. out of memory: this request fails, the engine goes on
@@ -390,21 +422,24 @@ class Engine:
         forwards (right-padded: with causal attention a row's real tokens never see its pads,
         and only their keys/values are copied into the slots), at most PREFILL_TOKENS padded
         tokens per forward, logits of each prompt's last token only. Requests with the same
-        prompt share its row. The values match a lone prefill's up to the last float bits
-        (another batch shape), which dynamic mode allows."""
-        groups: dict[tuple[int, ...], list[_Sequence]] = {}
+        prompt and adapter share its row (rows of different adapters share the forward). The
+        values match a lone prefill's up to the last float bits (another batch shape), which
+        dynamic mode allows."""
+        groups: dict[tuple[int, tuple[int, ...]], list[_Sequence]] = {}
         for seq in seqs:
-            groups.setdefault(tuple(seq.prompt_ids), []).append(seq)
-        chunk: list[tuple[int, ...]] = []
-        for prompt in sorted(groups, key=len):  # similar lengths together: less padding
-            if chunk and len(prompt) * (len(chunk) + 1) > max(PREFILL_TOKENS, len(prompt)):
+            groups.setdefault((seq.adapter_index, tuple(seq.prompt_ids)), []).append(seq)
+        chunk: list[tuple[int, tuple[int, ...]]] = []
+        for key in sorted(groups, key=lambda k: len(k[1])):  # similar lengths together: less padding
+            if chunk and len(key[1]) * (len(chunk) + 1) > max(PREFILL_TOKENS, len(key[1])):
                 self._prefill_chunk(chunk, groups)
                 chunk = []
-            chunk.append(prompt)
+            chunk.append(key)
         if chunk:
             self._prefill_chunk(chunk, groups)
 
-    def _prefill_chunk(self, prompts: list[tuple[int, ...]], groups: dict[tuple[int, ...], list[_Sequence]]) -> None:
+    def _prefill_chunk(self, keys: list[tuple[int, tuple[int, ...]]],
+                       groups: dict[tuple[int, tuple[int, ...]], list[_Sequence]]) -> None:
+        prompts = [prompt for _, prompt in keys]
         length = max(len(p) for p in prompts)  # sorted by length: the last
         try:
             ids = torch.zeros(len(prompts), length, dtype=torch.long, device=self.device)
@@ -412,15 +447,16 @@ class Engine:
                 ids[i, :len(prompt)] = torch.tensor(prompt, device=self.device)
             cache = self.model.new_cache(len(prompts), max_len=length)
             last = torch.tensor([len(p) - 1 for p in prompts], device=self.device)
-            logits = self.model(ids, cache=cache, start_pos=0, logits_at=last)[0][:, 0]
+            with self._adapter_rows([adapter for adapter, _ in keys]):
+                logits = self.model(ids, cache=cache, start_pos=0, logits_at=last)[0][:, 0]
         except Exception as exc:  # e.g. out of memory: these requests fail, the engine goes on
-            for prompt in prompts:
-                for seq in groups[prompt]:
+            for key in keys:
+                for seq in groups[key]:
                     self._finish(seq, error=exc)
             return
-        for i, prompt in enumerate(prompts):
-            n = len(prompt)
-            for seq in groups[prompt]:
+        for i, key in enumerate(keys):
+            n = len(key[1])
+            for seq in groups[key]:
                 for (k, v), (k_new, v_new) in zip(zip(self._cache.k, self._cache.v), zip(cache.k, cache.v)):
                     k[seq.slot, :, :n] = k_new[i, :, :n]
                     v[seq.slot, :, :n] = v_new[i, :, :n]
@@ -445,10 +481,12 @@ class Engine:
                 # Fixed shapes (every slot, the whole cache length): free slots decode a dummy
                 # token at position 0 of their own row, which the next prefill overwrites.
                 tokens, positions = [0] * self.max_batch_size, [0] * self.max_batch_size
+                adapters = [BASE] * self.max_batch_size
                 for s in seqs:
-                    tokens[s.slot], positions[s.slot] = s.text.ids[-1], s.position
-                every = self.model.decode_step(tokens, self._cache, list(range(self.max_batch_size)), positions,
-                                               key_length=self._cache.max_len)
+                    tokens[s.slot], positions[s.slot], adapters[s.slot] = s.text.ids[-1], s.position, s.adapter_index
+                with self._adapter_rows(adapters):
+                    every = self.model.decode_step(tokens, self._cache, list(range(self.max_batch_size)), positions,
+                                                   key_length=self._cache.max_len)
                 logits = every[torch.tensor([s.slot for s in seqs], device=self.device)]
                 free = [slot for slot in range(self.max_batch_size) if slot not in self._running]
                 if free:  # keep free rows wiped: the dummy step wrote their position 0
@@ -459,10 +497,11 @@ class Engine:
             elif self.mode == "rowwise":
                 # Each row alone (B=1, attention over exactly its own cache length): generate()'s
                 # own decode step, so bit-identical to it.
-                logits = torch.cat([s.decode(self.model, self._slot_cache[s.slot]) for s in seqs])
+                logits = torch.cat([self._decode_alone(s) for s in seqs])
             else:
-                logits = self.model.decode_step([s.text.ids[-1] for s in seqs], self._cache,
-                                                [s.slot for s in seqs], [s.position for s in seqs])
+                with self._adapter_rows([s.adapter_index for s in seqs]):
+                    logits = self.model.decode_step([s.text.ids[-1] for s in seqs], self._cache,
+                                                    [s.slot for s in seqs], [s.position for s in seqs])
             # Per row: each request has its own temperature/top-k/top-p and its own generator.
             tokens = [s.sample(logits[i:i + 1]) for i, s in enumerate(seqs)]
         except Exception as exc:
@@ -471,6 +510,10 @@ class Engine:
             return
         for seq, token in zip(seqs, tokens):
             self._advance(seq, token)
+
+    def _decode_alone(self, seq: _Sequence) -> torch.Tensor:
+        with self._adapter_rows([seq.adapter_index]):
+            return seq.decode(self.model, self._slot_cache[seq.slot])
 
     def _advance(self, seq: _Sequence, token: int) -> None:
         """A sampled token: its text delta out, and the end if `SequenceState.advance` says so."""

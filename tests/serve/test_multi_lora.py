@@ -239,3 +239,25 @@ def test_adapters_on_an_int8_base(files):
     reference_model = load_for_inference(files[3]["alpha"]).model
     assert not torch.equal(plain, adapted)
     assert (adapted - reference_model(ids)[0]).abs().max() < (plain - reference_model(ids)[0]).abs().max()
+
+
+def test_serve_command_takes_repeated_adapter_options(files, monkeypatch):
+    """`bastion serve --adapter NAME=PATH` (repeatable) reaches the config the server starts
+    with, beside the config file's serve.adapters; a malformed one is a usage error."""
+    from typer.testing import CliRunner
+
+    import bastion.serve.server
+    from bastion.cli import app
+
+    root, base, adapters, _ = files
+    started = {}
+    monkeypatch.setattr(bastion.serve.server, "serve", lambda checkpoint, cfg, **kw: started.update(cfg=cfg))
+    (root / "serve.yaml").write_text(json.dumps({"serve": {"adapters": {"alpha": str(adapters["alpha"])}},
+                                                 "data": {"allowed_roots": [str(root)]}}))
+    args = ["serve", "--checkpoint", str(base), "--config", str(root / "serve.yaml"),
+            "--adapter", f"beta={adapters['beta.v2']}", "--adapter", f"gamma={adapters['alpha']}"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert list(started["cfg"].serve.adapters) == ["alpha", "beta", "gamma"]
+    result = CliRunner().invoke(app, [*args[:5], "--adapter", "no-path"])
+    assert result.exit_code != 0 and "NAME=PATH" in result.output

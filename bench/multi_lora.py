@@ -1,19 +1,26 @@
 """Multi-LoRA serving speed: the engine's batched decode (default padded mode, 16 slots) over a
 random model, with every request for the base vs requests spread over several adapters.
 
-Cases, interleaved over rounds, medians reported as tokens/s and as a ratio to `plain`:
+Cases, interleaved over rounds, reported as tokens/s and as a ratio to `plain`:
 
   plain      the model without adapters (what `bastion serve` runs with no serve.adapters)
   base-only  adapters installed, every request for the base (the layers skip the adapters)
   one        every request for the same adapter
   mixed      requests spread round-robin over the base and every adapter
 
+Two measurements: `engine` (default; whole requests through the Engine: prefill, decode,
+sampling, scheduling; medians of the rounds) and `--step` (one padded decode step of all 16
+rows, the batched part alone; the fastest of many repetitions, which shared or noisy
+machines need).
+
     python bench/multi_lora.py [--rounds 3] [--adapters 4] [--rank 16] [--targets wq,wk,wv,wo]
+    python bench/multi_lora.py --step --rounds 40
     python bench/multi_lora.py --plain-only     # the plain case alone (to compare branches)
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import time
@@ -78,6 +85,21 @@ def tokens_per_second(net: Transformer, tok, args, adapters: list[str | None]) -
     return sum(len(r.token_ids) for r in results) / elapsed
 
 
+def step_tokens_per_second(net: Transformer, args, adapters: list[str | None]) -> float:
+    """16 rows, one padded decode step (the engine's shapes), the fastest of 10-step blocks."""
+    rows = list(range(args.requests))
+    cache = net.new_cache(args.requests, max_len=128)
+    tokens, positions = [5] * args.requests, [10] * args.requests
+    served = getattr(net, "served_adapters", None)
+    indices = [0 if served is None else served.index(adapters[i % len(adapters)]) for i in rows]
+    rows_context = served.rows(indices) if served is not None else contextlib.nullcontext()
+    with torch.inference_mode(), rows_context:
+        start = time.perf_counter()
+        for _ in range(10):
+            net.decode_step(tokens, cache, rows, positions, key_length=128)
+    return 10 * args.requests / (time.perf_counter() - start)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=3)
@@ -90,6 +112,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=48)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--plain-only", action="store_true")
+    parser.add_argument("--step", action="store_true", help="time one batched decode step, not whole requests")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -102,11 +125,14 @@ def main() -> None:
         names = [f"a{i}" for i in range(args.adapters)]
         cases |= {"base-only": (served, [None]), "one": (served, names[:1]), "mixed": (served, [None, *names])}
     runs: dict[str, list[float]] = {name: [] for name in cases}
-    tokens_per_second(plain, tok, args, [None])  # warm-up
+    measure = (lambda net, adapters: step_tokens_per_second(net, args, adapters)) if args.step else \
+        (lambda net, adapters: tokens_per_second(net, tok, args, adapters))
+    measure(plain, [None])  # warm-up
     for _ in range(args.rounds):
         for name, (net, adapters) in cases.items():
-            runs[name].append(tokens_per_second(net, tok, args, adapters))
-    report = {name: statistics.median(values) for name, values in runs.items()}
+            runs[name].append(measure(net, adapters))
+    summary = max if args.step else statistics.median
+    report = {name: summary(values) for name, values in runs.items()}
     for name, value in report.items():
         print(f"{name:10s} {value:8.1f} tokens/s   x{value / report['plain']:.2f} of plain")
     if args.json:

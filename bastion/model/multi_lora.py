@@ -16,16 +16,18 @@ its rows' deltas, alpha / rank of adapter i_b being s_b:
 
   * one row (a prefill, a rowwise decode step): just that adapter's two matmuls, as
     LoRALinear computes them;
-  * several rows (a batched decode step): every adapter at once, `x @ lora_A^T` -> [B, T,
-    (n + 1) * r], multiplied by a per-row mask that keeps only the row's own adapter's r
-    columns (times s_b) and zeroes the others, then `@ lora_B^T`. Two plain matmuls over
-    the shared stacks: no per-row copies of A and B, which a gather would make (that was
-    measured 10 % slower at 4 adapters, bench/multi_lora.py).
+  * several rows (a batched decode step), while the adapters are not many more than the
+    rows (GATHER_ABOVE): every adapter at once, `x @ lora_A^T` -> [B, T, (n + 1) * r],
+    multiplied by a per-row mask that keeps only the row's own adapter's r columns (times
+    s_b) and zeroes the others, then `@ lora_B^T`. Two plain matmuls over the shared
+    stacks, no per-row copies;
+  * several rows, many more adapters: each row's A and B gathered ([B, r, in], [B, out, r])
+    and two batched matmuls (bmm), whose cost grows with the rows, not the adapters.
 
-Batch invariance. Which path runs depends only on the batch size, which the engine's padded
-mode fixes (prefill: 1 row; decode: every slot), and a matmul's kernel, so the summation
-order of a row, depends only on the shapes: a row's delta depends on that row's input and
-adapter, whatever the other rows hold. A request's output is bit-identical whether it runs
+Batch invariance. Which path runs depends only on the batch size and the number of adapters,
+which the engine's padded mode fixes (prefill: 1 row; decode: every slot), and a matmul's
+kernel, so the summation order of a row, depends only on the shapes: a row's delta depends
+on that row's input and adapter, whatever the other rows hold. A request's output is bit-identical whether it runs
 alone or batched with requests for other adapters or the base (tests/infer/test_multi_lora_engine.py).
 
 No rows set (or every row the base): the layer is its base layer, nothing else computed.
@@ -47,6 +49,10 @@ from torch import nn
 from bastion.config.schema import LoraConfig
 
 BASE = 0  # the adapter index of rows that use the base alone
+# Several rows: every adapter in one masked matmul while the stacks are at most this many
+# times the rows, else each row's own adapter gathered (bench/multi_lora.py: at 16 rows
+# equal speed near 32 adapters; masked 0.94x of the base's decode step at 4, gathered 0.7x).
+GATHER_ABOVE = 2
 _MODULE = re.compile(r"^layers\.(\d+)\.(attention|feed_forward)\.(w[qkvo123])$")
 
 
@@ -68,6 +74,7 @@ class _Rows:
         self.index: list[int] | None = None
         self.scaling: list[float] = []  # one row: its adapter's alpha / rank
         self.mask: torch.Tensor | None = None  # several rows: [B, 1, (n + 1) * r], see MultiLoRALinear
+        self.gather: tuple[torch.Tensor, torch.Tensor] | None = None  # many adapters: index [B], scaling [B, 1, 1]
 
 
 class MultiLoRALinear(nn.Module):
@@ -106,9 +113,20 @@ class MultiLoRALinear(nn.Module):
         if x.shape[0] == 1:
             A, B = self.adapter(rows.index[0])
             return y + (F.linear(F.linear(x, A), B) * rows.scaling[0]).to(y.dtype)
-        low = F.linear(x, self.lora_A)  # [B, T, (n + 1) * r]: every adapter's
-        low = (low * rows.mask).to(x.dtype)  # the row's own adapter's columns only, scaled
-        return y + F.linear(low, self.lora_B).to(y.dtype)
+        if rows.mask is not None:
+            low = F.linear(x, self.lora_A)  # [B, T, (n + 1) * r]: every adapter's
+            low = (low * rows.mask).to(x.dtype)  # the row's own adapter's columns only, scaled
+            return y + F.linear(low, self.lora_B).to(y.dtype)
+        return y + self._gathered_delta(x, rows).to(y.dtype)
+
+    def _gathered_delta(self, x: torch.Tensor, rows: _Rows) -> torch.Tensor:
+        """Many adapters, few rows: each row's own A and B copied out, two batched matmuls."""
+        index, scaling = rows.gather
+        A = self.lora_A.view(self.slots, self.rank, self.in_features)[index]  # [B, r, in]
+        B = self.lora_B.view(self.out_features, self.slots, self.rank).permute(1, 0, 2)[index]  # [B, out, r]
+        low = torch.bmm(x.reshape(x.shape[0], -1, self.in_features), A.transpose(1, 2))  # [B, T, r]
+        delta = torch.bmm(low, B.transpose(1, 2))  # [B, T, out]
+        return (delta * scaling).reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, adapters={self.slots - 1}, "
@@ -145,11 +163,15 @@ class AdapterSet:
                 raise ValueError(f"adapter indices must be in [0, {len(self._scaling)}), got {list(indices)}")
             rows.index = list(indices)
             rows.scaling = [self._scaling[i] for i in indices]
-            rows.mask = self._mask(rows.index) if len(indices) > 1 else None
+            if len(indices) > 1 and len(self._scaling) <= GATHER_ABOVE * len(indices):
+                rows.mask = self._mask(rows.index)
+            elif len(indices) > 1:
+                rows.gather = (torch.tensor(rows.index, device=self._device),
+                               torch.tensor(rows.scaling, device=self._device).view(-1, 1, 1))
         try:
             yield
         finally:
-            rows.index, rows.scaling, rows.mask = None, [], None
+            rows.index, rows.scaling, rows.mask, rows.gather = None, [], None, None
 
     def _mask(self, indices: list[int]) -> torch.Tensor:
         """[B, 1, (n + 1) * r]: row b's alpha / rank on its adapter's r columns, 0 elsewhere.
@@ -215,5 +237,5 @@ def install_adapters(model: nn.Module, adapters: Sequence[ServedAdapter]) -> Ada
     return adapter_set
 
 
-__all__ = ["BASE", "AdapterSet", "MultiLoRALinear", "ServedAdapter", "expected_shapes", "install_adapters",
+__all__ = ["BASE", "GATHER_ABOVE", "AdapterSet", "MultiLoRALinear", "ServedAdapter", "expected_shapes", "install_adapters",
            "multi_lora_modules", "served_adapters"]

@@ -10,6 +10,7 @@ from bastion.infer import generate
 from bastion.infer.engine import Engine
 from bastion.model import Transformer
 from bastion.model.lora import apply_lora, lora_state_dict, merge_lora
+from bastion.model import multi_lora
 from bastion.model.multi_lora import ServedAdapter, install_adapters
 from bastion.tokenizer import BastionTokenizer
 
@@ -90,9 +91,12 @@ def run(model, tok, requests, *, mode, max_batch_size=4, staggered=False, queued
         return [h.result(timeout=60) for h in handles]
 
 
-def test_padded_mode_is_batch_invariant_across_adapters(served, tok):
+@pytest.mark.parametrize("gather_above", [2, 0], ids=["masked", "gathered"])
+def test_padded_mode_is_batch_invariant_across_adapters(served, tok, monkeypatch, gather_above):
     """A request's tokens are the same bits alone (the only row with an adapter) and batched
-    with requests for other adapters and the base, joining and leaving at different times."""
+    with requests for other adapters and the base, joining and leaving at different times;
+    with either way of batching adapters (bastion/model/multi_lora.py)."""
+    monkeypatch.setattr(multi_lora, "GATHER_ABOVE", gather_above)
     hook = no_eos(served, tok)
     try:
         alone = [run(served, tok, [r], mode="padded")[0] for r in REQUESTS]

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from bastion.config.schema import LoraConfig
+from bastion.model import multi_lora
 from bastion.model.lora import apply_lora, lora_state_dict
 from bastion.model.multi_lora import (
     MultiLoRALinear,
@@ -38,11 +39,17 @@ def models():
     return served, adapters, lora_test_model().eval(), one, two
 
 
+# Several rows take one masked matmul over every adapter, or (many adapters) per-row gathers.
+BOTH_PATHS = pytest.mark.parametrize("gather_above", [100, 0], ids=["masked", "gathered"])
+
+
+@BOTH_PATHS
 @torch.no_grad()
-def test_each_row_computes_its_own_adapter(models):
+def test_each_row_computes_its_own_adapter(models, monkeypatch, gather_above):
     """Row b with adapter i gives what the LoRALinear model of adapter i gives (the same
-    arithmetic, unmerged: x A^T B^T * alpha / r), the base row the base; the union of the
+    math, unmerged: x A^T B^T * alpha / r), the base row the base; the union of the
     targets is wrapped, a smaller rank zero-padded to the largest."""
+    monkeypatch.setattr(multi_lora, "GATHER_ABOVE", gather_above)
     served, adapters, base, one, two = models
     ids = lora_test_ids(T=12)
     x = torch.cat([ids, ids, ids[:1]])  # rows: base, one, two, ... as indices say
@@ -57,9 +64,11 @@ def test_each_row_computes_its_own_adapter(models):
     assert served_adapters(served) is adapters and adapters.names == ("one", "two")
 
 
+@BOTH_PATHS
 @torch.no_grad()
-def test_a_row_does_not_depend_on_the_other_rows(models):
+def test_a_row_does_not_depend_on_the_other_rows(models, monkeypatch, gather_above):
     """Same shapes, other rows' adapters and tokens changed: the row's logits are the same bits."""
+    monkeypatch.setattr(multi_lora, "GATHER_ABOVE", gather_above)
     served, adapters, *_ = models
     ids = lora_test_ids(T=10)
     other = torch.randint(0, 97, ids.shape, generator=torch.Generator().manual_seed(9))

@@ -422,24 +422,26 @@ class Engine:
         forwards (right-padded: with causal attention a row's real tokens never see its pads,
         and only their keys/values are copied into the slots), at most PREFILL_TOKENS padded
         tokens per forward, logits of each prompt's last token only. Requests with the same
-        prompt and adapter share its row (rows of different adapters share the forward). The
-        values match a lone prefill's up to the last float bits (another batch shape), which
-        dynamic mode allows."""
-        groups: dict[tuple[int, tuple[int, ...]], list[_Sequence]] = {}
+        prompt share its row. The values match a lone prefill's up to the last float bits
+        (another batch shape), which dynamic mode allows. Requests for different LoRA
+        adapters are prefilled apart (a shared row would mix their keys/values)."""
+        if len({s.adapter_index for s in seqs}) > 1:
+            for adapter in dict.fromkeys(s.adapter_index for s in seqs):
+                self._prefill_together([s for s in seqs if s.adapter_index == adapter])
+            return
+        groups: dict[tuple[int, ...], list[_Sequence]] = {}
         for seq in seqs:
-            groups.setdefault((seq.adapter_index, tuple(seq.prompt_ids)), []).append(seq)
-        chunk: list[tuple[int, tuple[int, ...]]] = []
-        for key in sorted(groups, key=lambda k: len(k[1])):  # similar lengths together: less padding
-            if chunk and len(key[1]) * (len(chunk) + 1) > max(PREFILL_TOKENS, len(key[1])):
+            groups.setdefault(tuple(seq.prompt_ids), []).append(seq)
+        chunk: list[tuple[int, ...]] = []
+        for prompt in sorted(groups, key=len):  # similar lengths together: less padding
+            if chunk and len(prompt) * (len(chunk) + 1) > max(PREFILL_TOKENS, len(prompt)):
                 self._prefill_chunk(chunk, groups)
                 chunk = []
-            chunk.append(key)
+            chunk.append(prompt)
         if chunk:
             self._prefill_chunk(chunk, groups)
 
-    def _prefill_chunk(self, keys: list[tuple[int, tuple[int, ...]]],
-                       groups: dict[tuple[int, tuple[int, ...]], list[_Sequence]]) -> None:
-        prompts = [prompt for _, prompt in keys]
+    def _prefill_chunk(self, prompts: list[tuple[int, ...]], groups: dict[tuple[int, ...], list[_Sequence]]) -> None:
         length = max(len(p) for p in prompts)  # sorted by length: the last
         try:
             ids = torch.zeros(len(prompts), length, dtype=torch.long, device=self.device)
@@ -447,16 +449,16 @@ class Engine:
                 ids[i, :len(prompt)] = torch.tensor(prompt, device=self.device)
             cache = self.model.new_cache(len(prompts), max_len=length)
             last = torch.tensor([len(p) - 1 for p in prompts], device=self.device)
-            with self._adapter_rows([adapter for adapter, _ in keys]):
+            with self._adapter_rows([groups[p][0].adapter_index for p in prompts]):  # one adapter
                 logits = self.model(ids, cache=cache, start_pos=0, logits_at=last)[0][:, 0]
         except Exception as exc:  # e.g. out of memory: these requests fail, the engine goes on
-            for key in keys:
-                for seq in groups[key]:
+            for prompt in prompts:
+                for seq in groups[prompt]:
                     self._finish(seq, error=exc)
             return
-        for i, key in enumerate(keys):
-            n = len(key[1])
-            for seq in groups[key]:
+        for i, prompt in enumerate(prompts):
+            n = len(prompt)
+            for seq in groups[prompt]:
                 for (k, v), (k_new, v_new) in zip(zip(self._cache.k, self._cache.v), zip(cache.k, cache.v)):
                     k[seq.slot, :, :n] = k_new[i, :, :n]
                     v[seq.slot, :, :n] = v_new[i, :, :n]

@@ -237,5 +237,5 @@ def install_adapters(model: nn.Module, adapters: Sequence[ServedAdapter]) -> Ada
     return adapter_set
 
 
-__all__ = ["BASE", "GATHER_ABOVE", "AdapterSet", "MultiLoRALinear", "ServedAdapter", "expected_shapes", "install_adapters",
-           "multi_lora_modules", "served_adapters"]
+__all__ = ["BASE", "GATHER_ABOVE", "AdapterSet", "MultiLoRALinear", "ServedAdapter", "expected_shapes",
+           "install_adapters", "multi_lora_modules", "served_adapters"]

@@ -144,8 +144,8 @@ def test_adapter_logits_match_the_merged_model_within_float_noise(served, tensor
 
 
 def test_dynamic_mode_prefills_different_adapters_apart(served, tok):
-    """Joining together with the same prompt, requests for different adapters share the
-    batched prefill forward but not a row: each gets its own adapter's text."""
+    """Joining together with the same prompt, requests for different adapters are prefilled
+    apart (the same adapter's share a row): each gets its own adapter's text."""
     same = [("The quick", adapter, dict(max_new_tokens=10)) for adapter in (None, "one", "two", "one")]
     hook = no_eos(served, tok)
     try:

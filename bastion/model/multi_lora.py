@@ -137,13 +137,13 @@ class AdapterSet:
     """The adapters installed on a model, by name; index 0 is the base."""
 
     def __init__(self, names: Sequence[str], scaling: Sequence[float], rank: int, rows: _Rows,
-                 device: torch.device):
+                 layer: MultiLoRALinear):
         self.names = tuple(names)
         self._index = {name: i + 1 for i, name in enumerate(self.names)}
         self._scaling = [0.0, *scaling]  # per slot; slot 0 (the base) adds nothing
         self._rank = rank
         self._rows = rows
-        self._device = device
+        self._layer = layer  # one of the model's: where its buffers are now (model.to() replaces them)
 
     def index(self, name: str | None) -> int:
         """The adapter index of `name` (None: the base); KeyError for an unknown name."""
@@ -166,8 +166,9 @@ class AdapterSet:
             if len(indices) > 1 and len(self._scaling) <= GATHER_ABOVE * len(indices):
                 rows.mask = self._mask(rows.index)
             elif len(indices) > 1:
-                rows.gather = (torch.tensor(rows.index, device=self._device),
-                               torch.tensor(rows.scaling, device=self._device).view(-1, 1, 1))
+                device = self._layer.lora_A.device
+                rows.gather = (torch.tensor(rows.index, device=device),
+                               torch.tensor(rows.scaling, device=device).view(-1, 1, 1))
         try:
             yield
         finally:
@@ -179,7 +180,7 @@ class AdapterSet:
         mask = torch.zeros(len(indices), len(self._scaling), self._rank)
         for b, i in enumerate(indices):
             mask[b, i] = self._scaling[i]
-        return mask.view(len(indices), 1, -1).to(self._device)
+        return mask.view(len(indices), 1, -1).to(self._layer.lora_A.device)
 
 
 def multi_lora_modules(model: nn.Module) -> dict[str, MultiLoRALinear]:
@@ -232,7 +233,7 @@ def install_adapters(model: nn.Module, adapters: Sequence[ServedAdapter]) -> Ada
                 module = tensor_name.removesuffix(".lora_A")
                 layers[module].set_adapter(slot, lora_A, adapter.tensors[f"{module}.lora_B"])
     scaling = [a.config.alpha / a.config.rank for a in adapters]
-    adapter_set = AdapterSet([a.name for a in adapters], scaling, rank, rows, weight.device)
+    adapter_set = AdapterSet([a.name for a in adapters], scaling, rank, rows, next(iter(layers.values())))
     model.served_adapters = adapter_set
     return adapter_set
 

@@ -27,8 +27,9 @@ its rows' deltas, alpha / rank of adapter i_b being s_b:
 Batch invariance. Which path runs depends only on the batch size and the number of adapters,
 which the engine's padded mode fixes (prefill: 1 row; decode: every slot), and a matmul's
 kernel, so the summation order of a row, depends only on the shapes: a row's delta depends
-on that row's input and adapter, whatever the other rows hold. A request's output is bit-identical whether it runs
-alone or batched with requests for other adapters or the base (tests/infer/test_multi_lora_engine.py).
+on that row's input and adapter, whatever the other rows hold. A request's output is
+bit-identical whether it runs alone or batched with requests for other adapters or the base
+(tests/infer/test_multi_lora_engine.py).
 
 No rows set (or every row the base): the layer is its base layer, nothing else computed.
 The row selection is state on the model, so one thread runs a model with adapters at a
@@ -50,8 +51,8 @@ from bastion.config.schema import LoraConfig
 
 BASE = 0  # the adapter index of rows that use the base alone
 # Several rows: every adapter in one masked matmul while the stacks are at most this many
-# times the rows, else each row's own adapter gathered (bench/multi_lora.py: at 16 rows
-# equal speed near 32 adapters; masked 0.94x of the base's decode step at 4, gathered 0.7x).
+# times the rows, else each row's own adapter gathered (measured per decode step of 16
+# rows: at 4 adapters masked 0.8-0.95x of the base's, gathered ~0.7x; equal near 32).
 GATHER_ABOVE = 2
 _MODULE = re.compile(r"^layers\.(\d+)\.(attention|feed_forward)\.(w[qkvo123])$")
 

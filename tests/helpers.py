@@ -84,3 +84,29 @@ def lora_test_ids(seed=3, T=16):
     import torch
 
     return torch.randint(0, 97, (2, T), generator=torch.Generator().manual_seed(seed))
+
+
+def make_adapter_folder(base_dir, out_dir, *, rank=4, alpha=8.0, targets=("wq", "wv", "w2"), seed=1, scale=0.3,
+                        base_sha=None, **model):
+    """A LoRA adapter folder for the checkpoint `base_dir` (random adapters of size `scale`,
+    enough to change a tiny model's greedy text), recording `base_sha` (default: the base's
+    own manifest hash). `model` overrides the base's shape: an adapter that does not fit."""
+    import torch
+
+    from bastion.adapters import save_adapter
+    from bastion.checkpoint.contents import manifest_sha256
+    from bastion.config.schema import LoraConfig
+    from bastion.infer.loading import load_for_inference
+    from bastion.model import Transformer
+    from bastion.model.lora import apply_lora, lora_state_dict
+
+    net = load_for_inference(base_dir).model
+    if model:
+        net = Transformer(net.cfg.model_copy(update=model))
+    cfg = LoraConfig(enabled=True, rank=rank, alpha=alpha, target_modules=list(targets))
+    apply_lora(net, cfg)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for t in lora_state_dict(net).values():
+            t.copy_(torch.randn(t.shape, generator=g) * scale)
+    return save_adapter(net, cfg, out_dir, base_sha or manifest_sha256(base_dir))

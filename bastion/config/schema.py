@@ -374,6 +374,10 @@ def is_ip_address(text: str) -> bool:
     return True
 
 
+# A served adapter's model name (bastion/adapters/serving.py): no spaces, slashes or quotes.
+ADAPTER_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+
+
 class ServeConfig(Section):
     """`bastion serve`: an OpenAI-compatible HTTP API, locked down by default."""
 
@@ -438,6 +442,21 @@ class ServeConfig(Section):
     access_log: str | None = Field(default=None, max_length=4096, description="JSON-lines access log file (default: stderr)")
     ssl_certfile: str | None = Field(default=None, max_length=4096)
     ssl_keyfile: str | None = Field(default=None, max_length=4096)
+    adapters: dict[str, str] = Field(
+        default_factory=dict, max_length=64, description="multi-LoRA: {model name: adapter folder} served beside the "
+        "base, chosen per request by `model` (docs/serving.md); folders confined to data.allowed_roots")
+    max_adapters: int = Field(default=8, ge=1, le=64, description="most adapters one server may load")
+
+    @field_validator("adapters")
+    @classmethod
+    def _adapter_names(cls, value: dict[str, str]) -> dict[str, str]:
+        for name, path in value.items():
+            if not re.fullmatch(ADAPTER_NAME_PATTERN, name):
+                raise ValueError(f"adapter name {name[:80]!r} is not allowed: use 1-64 letters, digits, '.', '_' "
+                                 "or '-', starting with a letter or digit")
+            if not path or len(path) > 4096:
+                raise ValueError(f"adapter {name!r}: the path must be 1-4096 characters")
+        return value
 
     @field_validator("host")
     @classmethod
@@ -446,6 +465,15 @@ class ServeConfig(Section):
             return value
         hint = " (write an IPv6 address without brackets)" if value.startswith("[") else ""
         raise ValueError(f"{value!r} is not an IP address or a host name{hint}")
+
+    @model_validator(mode="after")
+    def _adapter_count(self) -> "ServeConfig":
+        if len(self.adapters) > self.max_adapters:
+            raise ValueError(f"serve.adapters names {len(self.adapters)} adapters, over serve.max_adapters "
+                             f"({self.max_adapters})")
+        if self.model_name is not None and self.model_name in self.adapters:
+            raise ValueError(f"serve.adapters: {self.model_name!r} is the base model's name (serve.model_name)")
+        return self
 
     @model_validator(mode="after")
     def _tls_pair(self) -> "ServeConfig":

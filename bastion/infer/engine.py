@@ -53,6 +53,13 @@ in padded mode the later ones wait for the first one's last chunk). In dynamic m
 distinct prompts of requests joining together are prefilled in batched forwards
 (`_prefill_together`): a GRPO step's prompts in one call instead of one call each.
 
+Multi-LoRA (bastion/model/multi_lora.py): on a model with adapters installed, each request
+names its adapter (`submit(..., adapter=name)`, None: the base) and every forward is told
+which adapter each of its rows uses, so requests for different adapters share decode steps.
+The adapter joins the request's cache namespace (shared prefills and prefix-cache blocks
+never cross adapters), and the tile probe runs with rows cycling through the adapters, so
+the adapters' own matmuls are held to the same bit-identity as the base's.
+
 Memory. In the padded and rowwise modes each request gets its own KV cache when it starts
 (`_cache_of`: its prompt plus its max_new_tokens positions, what generate() allocates),
 wiped and freed when it ends: memory follows the running requests (`kv_cache_bytes`), not
@@ -64,6 +71,7 @@ preallocated. Not paged: a request's cache is sized by its budget, not grown as 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import queue
@@ -80,6 +88,7 @@ from bastion.errors import EngineClosedError, QueueFullError
 from bastion.infer.generate import (FinishReason, GenerationResult, SamplingParams, SequenceState, Tokenizer,
                                     check_prompt_ids, sampling_params, token_logprobs)
 from bastion.infer.prefix_cache import PrefixCache, block_keys
+from bastion.model.multi_lora import BASE, served_adapters
 from bastion.model.transformer import KVCache, Transformer
 
 logger = logging.getLogger(__name__)
@@ -90,14 +99,19 @@ class _Sequence(SequenceState):
     `slot`, `cancelled` and `done` change under the engine's lock."""
 
     def __init__(self, handle: RequestHandle, prompt_ids: list[int], params: SamplingParams, tokenizer: Tokenizer,
-                 cache_namespace: str = ""):
+                 cache_namespace: str = "", adapter: str | None = None, adapter_index: int = BASE):
         super().__init__(prompt_ids, params, tokenizer)
         self.handle = handle
+        # The LoRA adapter this request runs with (None: the base), by name and by its index
+        # in the model's AdapterSet. Keys/values computed under one adapter are not another's:
+        # anything shared between requests (a prefill, a prefix cache) is keyed by it.
+        self.adapter, self.adapter_index = adapter, adapter_index
         self.slot = -1  # cache row while running
         self.cancelled = False
         self.done = False
         # Chunked prefill (padded mode): positions of the prompt in the cache row so far.
-        self.cache_namespace = cache_namespace
+        # Prefix-cache blocks and shared prefills never cross adapters: the namespace holds it.
+        self.cache_namespace = f"{adapter or ''}\x00{cache_namespace}" if adapter else cache_namespace
         self.started = False
         self.prefilled = 0
         self.leader: _Sequence | None = None  # the same prompt, prefilling: copy its rows when done
@@ -214,8 +228,15 @@ def invariant_tile_rows(model: Transformer, max_rows: int) -> tuple[int, int]:
     tokens = torch.randint(0, vocab, (rows,), generator=torch.Generator().manual_seed(0)).tolist()
     caches = [model.new_cache(1, max_len=1) for _ in range(rows)]
 
-    def logits(ids: list[int]) -> torch.Tensor:
-        return model.decode_rows(ids, caches[:len(ids)], [0] * len(ids), pad_to=len(ids))
+    # With LoRA adapters installed the rows cycle through the base and every adapter (row i
+    # always the same one), so the adapters' own matmuls and path choices are probed too.
+    adapters = served_adapters(model)
+    slots = 1 if adapters is None else len(adapters.names) + 1
+
+    def logits(ids: list[int], order: range | None = None) -> torch.Tensor:
+        which = [i % slots for i in (order if order is not None else range(len(ids)))]
+        with contextlib.nullcontext() if adapters is None else adapters.rows(which):
+            return model.decode_rows(ids, caches[:len(ids)], [0] * len(ids), pad_to=len(ids))
 
     every = [logits(tokens[:p]) for p in range(1, rows + 1)]  # every[p - 1]: p rows
     runs: list[tuple[int, int]] = []
@@ -228,7 +249,7 @@ def invariant_tile_rows(model: Transformer, max_rows: int) -> tuple[int, int]:
     def holds(lo: int, hi: int) -> bool:
         widest = every[hi - 1]
         return all(torch.equal(every[p - 1], widest[:p]) for p in range(lo, hi + 1)) \
-            and torch.equal(logits(tokens[:hi][::-1]), widest.flip(0))
+            and torch.equal(logits(tokens[:hi][::-1], range(hi - 1, -1, -1)), widest.flip(0))
 
     good = [(lo, hi) for lo, hi in runs if holds(lo, hi)]
     wide = [run for run in good if run[1] >= min(TILE_TARGET, rows)]
@@ -284,6 +305,7 @@ class Engine:
         # the other modes give each request its own cache, sized to its prompt and budget,
         # allocated when it starts and freed when it ends: memory follows the requests.
         self._cache = model.new_cache(max_batch_size, max_len=cache_len) if mode == "dynamic" else None
+        self._adapters = served_adapters(model)  # None: a plain model, nothing per row
         self.prefill_chunk, self.prefill_step_tokens = prefill_chunk, prefill_step_tokens
         # Prefix caching needs the padded mode's aligned chunked prefill (see prefix_cache.py).
         self.prefix_cache = (PrefixCache(model, prefix_cache_blocks, prefill_chunk)
@@ -315,13 +337,16 @@ class Engine:
                                prompt_logprobs=prompt_logprobs, **adjust)
 
     def submit(self, prompt_ids: list[int], params: SamplingParams, *,
-               loop: asyncio.AbstractEventLoop | None = None, cache_namespace: str = "") -> RequestHandle:
+               loop: asyncio.AbstractEventLoop | None = None, cache_namespace: str = "",
+               adapter: str | None = None) -> RequestHandle:
         """Queue a request. Raises GenerationLimitError (bad prompt or params), QueueFullError
         (max_queue requests already waiting beyond the free slots), EngineClosedError (after
         shutdown). Pass `loop` (the running event loop) to iterate the handle with `async for`.
         `cache_namespace`: prefix-cache blocks are shared only between requests with the same
         namespace: put in it anything that changes the keys/values (a LoRA adapter's name)
-        or must not share them (an API key's id, for per-key isolation); "" is the base model."""
+        or must not share them (an API key's id, for per-key isolation); "" is the base model.
+        `adapter`: the name of a LoRA adapter installed on the model (ValueError if none is
+        installed by that name); None runs the base. It joins the namespace by itself."""
         if not isinstance(cache_namespace, str):
             raise TypeError(f"cache_namespace must be a string, got {type(cache_namespace).__name__}")
         prompt_ids = check_prompt_ids(prompt_ids, self.model.cfg.vocab_size or 0)
@@ -330,7 +355,8 @@ class Engine:
         # Checked again: nothing over a limit may reach the decode thread.
         params = self.params(len(prompt_ids), **asdict(params))
         handle = RequestHandle(next(self._ids), self, loop)
-        seq = _Sequence(handle, prompt_ids, params, self.tokenizer, cache_namespace)
+        seq = _Sequence(handle, prompt_ids, params, self.tokenizer, cache_namespace, adapter,
+                        self._adapter_index(adapter))
         handle._seq = seq
         with self._cond:
             if self._closed:
@@ -342,6 +368,20 @@ class Engine:
             self._waiting.append(seq)
             self._cond.notify_all()
         return handle
+
+    def _adapter_index(self, adapter: str | None) -> int:
+        if adapter is None:
+            return BASE
+        if self._adapters is None:
+            raise ValueError(f"adapter {str(adapter)[:80]!r}: the model has no adapters installed")
+        try:
+            return self._adapters.index(adapter)
+        except KeyError as exc:
+            raise ValueError(exc.args[0]) from None
+
+    def _adapter_rows(self, indices: list[int]) -> contextlib.AbstractContextManager:
+        """Around a forward: row b uses adapter indices[b]. A plain model: nothing to do."""
+        return contextlib.nullcontext() if self._adapters is None else self._adapters.rows(indices)
 
     def _cancel(self, seq: _Sequence) -> None:
         with self._cond:
@@ -431,7 +471,7 @@ class Engine:
                         for seq in (s for s in joining if s.params.prompt_logprobs):
                             self._prefill(seq, {})
                     else:
-                        prefilled: dict[tuple[int, ...], tuple[_Sequence, torch.Tensor]] = {}
+                        prefilled: dict[tuple[str, tuple[int, ...]], tuple[_Sequence, torch.Tensor]] = {}
                         for seq in joining:
                             self._prefill(seq, prefilled)
                     if any(s.text.ids for s in self._running.values()):
@@ -528,12 +568,15 @@ class Engine:
         end = min(len(prompt), start + chunk)
         ids = torch.tensor([prompt[start:end]], device=self.device)
         if seq.params.prompt_logprobs:  # every position's logits: token i's logprob is read at i - 1
-            logits = self.model(ids, cache=cache, start_pos=start)[0][0]
+            with self._adapter_rows([seq.adapter_index]):
+                logits = self.model(ids, cache=cache, start_pos=start)[0][0]
             targets = torch.tensor(prompt[start + 1:end + 1], device=self.device)
             seq.prompt_logprobs += token_logprobs(logits[:len(targets)], targets, seq.params.logprobs or 0)
             last = logits[-1:]
         else:
-            last = self.model(ids, cache=cache, start_pos=start, logits_at=torch.tensor([end - start - 1]))[0][:, 0]
+            with self._adapter_rows([seq.adapter_index]):
+                last = self.model(ids, cache=cache, start_pos=start,
+                                  logits_at=torch.tensor([end - start - 1]))[0][:, 0]
         seq.prefilled = end
         if end == len(prompt):
             if self.prefix_cache is not None:
@@ -585,13 +628,15 @@ class Engine:
             self._advance(other, other_token)
         self._advance(seq, token)
 
-    def _prefill(self, seq: _Sequence, prefilled: dict[tuple[int, ...], tuple[_Sequence, torch.Tensor]]) -> None:
+    def _prefill(self, seq: _Sequence, prefilled: dict[tuple[str, tuple[int, ...]], tuple[_Sequence, torch.Tensor]]) \
+            -> None:
         """The prompt into the sequence's cache row, exactly as generate() does, then the
         first token. Requests joining together with the same prompt (n completions of one
         prompt, GRPO's groups) share one prefill: its keys/values are copied into their rows
         and its logits sampled with each request's own generator - the very values their own
-        prefill (batch 1, the same shapes) would compute, at a fraction of the cost."""
-        key = tuple(seq.prompt_ids)
+        prefill (batch 1, the same shapes) would compute, at a fraction of the cost. Only
+        requests in the same namespace (the same adapter) share."""
+        key = (seq.cache_namespace, tuple(seq.prompt_ids))
         try:
             # Sharing copies keys/values and the last logits only: prompt logprobs need the
             # request's own prefill (every position's logits).
@@ -600,7 +645,8 @@ class Engine:
                 self._copy_prompt(source, seq)
                 seq.seed_generator(self.device)
             else:
-                logits = seq.prefill(self.model, self._cache_of(seq))
+                with self._adapter_rows([seq.adapter_index]):
+                    logits = seq.prefill(self.model, self._cache_of(seq))
                 prefilled[key] = (seq, logits)
             token = seq.sample(logits)
         except Exception as exc:  # e.g. out of memory: this request fails, the engine goes on
@@ -614,7 +660,12 @@ class Engine:
         and only their keys/values are copied into the slots), at most PREFILL_TOKENS padded
         tokens per forward, logits of each prompt's last token only. Requests with the same
         prompt share its row. The values match a lone prefill's up to the last float bits
-        (another batch shape), which dynamic mode allows."""
+        (another batch shape), which dynamic mode allows. Requests for different LoRA
+        adapters are prefilled apart (a shared row would mix their keys/values)."""
+        if len({s.adapter_index for s in seqs}) > 1:
+            for adapter in dict.fromkeys(s.adapter_index for s in seqs):
+                self._prefill_together([s for s in seqs if s.adapter_index == adapter])
+            return
         groups: dict[tuple[int, ...], list[_Sequence]] = {}
         for seq in seqs:
             groups.setdefault(tuple(seq.prompt_ids), []).append(seq)
@@ -635,7 +686,8 @@ class Engine:
                 ids[i, :len(prompt)] = torch.tensor(prompt, device=self.device)
             cache = self.model.new_cache(len(prompts), max_len=length)
             last = torch.tensor([len(p) - 1 for p in prompts], device=self.device)
-            logits = self.model(ids, cache=cache, start_pos=0, logits_at=last)[0][:, 0]
+            with self._adapter_rows([groups[p][0].adapter_index for p in prompts]):  # one adapter
+                logits = self.model(ids, cache=cache, start_pos=0, logits_at=last)[0][:, 0]
         except Exception as exc:  # e.g. out of memory: these requests fail, the engine goes on
             for prompt in prompts:
                 for seq in groups[prompt]:
@@ -689,16 +741,21 @@ class Engine:
         seqs = [self._running[slot] for slot in sorted(self._running) if self._running[slot].text.ids]
         try:
             if self.mode == "padded":
-                parts = [self.model.decode_rows([s.text.ids[-1] for s in tile], [s.cache for s in tile],
-                                                [s.position for s in tile], pad_to) for tile, pad_to in self._tiles(seqs)]
+                parts = []
+                for tile, pad_to in self._tiles(seqs):
+                    adapters = [s.adapter_index for s in tile] + [BASE] * (pad_to - len(tile))
+                    with self._adapter_rows(adapters):
+                        parts.append(self.model.decode_rows([s.text.ids[-1] for s in tile], [s.cache for s in tile],
+                                                            [s.position for s in tile], pad_to))
                 logits = parts[0] if len(parts) == 1 else torch.cat(parts)
             elif self.mode == "rowwise":
                 # Each row alone (B=1, attention over exactly its own cache length): generate()'s
                 # own decode step, so bit-identical to it.
-                logits = torch.cat([s.decode(self.model, s.cache) for s in seqs])
+                logits = torch.cat([self._decode_alone(s) for s in seqs])
             else:
-                logits = self.model.decode_step([s.text.ids[-1] for s in seqs], self._cache,
-                                                [s.slot for s in seqs], [s.position for s in seqs])
+                with self._adapter_rows([s.adapter_index for s in seqs]):
+                    logits = self.model.decode_step([s.text.ids[-1] for s in seqs], self._cache,
+                                                    [s.slot for s in seqs], [s.position for s in seqs])
             # Per row: each request has its own temperature/top-k/top-p and its own generator.
             tokens = [s.sample(logits[i:i + 1]) for i, s in enumerate(seqs)]
         except Exception as exc:
@@ -707,6 +764,10 @@ class Engine:
             return
         for seq, token in zip(seqs, tokens):
             self._advance(seq, token)
+
+    def _decode_alone(self, seq: _Sequence) -> torch.Tensor:
+        with self._adapter_rows([seq.adapter_index]):
+            return seq.decode(self.model, seq.cache)
 
     def _tiles(self, seqs: list[_Sequence]) -> list[tuple[list[_Sequence], int]]:
         """The running sequences in near-equal tiles of at most `hi` rows, each padded to at

@@ -1,9 +1,10 @@
 """The JSON-lines access log of `bastion serve`.
 
 One object per request: time, request id, key id (never the key), method, path (without the
-query string), status, latency, token counts, finish reason and error reason. Prompt and
-completion text are written only when `log_prompts` is on (ServeConfig.log_prompts, off by
-default): a log is copied, shipped and kept far more widely than the data it describes.
+query string), status, latency, the model served (the base's name or an adapter's), token
+counts, finish reason and error reason. Prompt and completion text are written only when
+`log_prompts` is on (ServeConfig.log_prompts, off by default): a log is copied, shipped and
+kept far more widely than the data it describes.
 
 The file is opened append-only and created private (0600); an existing file is made 0600.
 Writing never raises into the request path: failures are counted (`write_errors`) and the
@@ -88,6 +89,7 @@ class AccessLog:
         path: str,
         status: int,
         latency_ms: float,
+        model: str | None = None,
         prompt_tokens: int | None = None,
         completion_tokens: int | None = None,
         finish_reason: str | None = None,
@@ -106,6 +108,7 @@ class AccessLog:
                 "path": str(path).split("?", 1)[0][:MAX_PATH_CHARS],
                 "status": int(status),
                 "latency_ms": round(float(latency_ms), 3),
+                "model": model,
                 "prompt_tokens": prompt_tokens,
                 "completion_tokens": completion_tokens,
                 "finish_reason": finish_reason,

@@ -77,6 +77,10 @@ class Metrics:
         self.tokens = Counter("bastion_tokens", "Tokens processed", ["kind"], registry=r)
         self.latency = Histogram("bastion_request_latency_seconds", "Request latency", ["route"], registry=r,
                                  buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300))
+        # Labelled by served model: the base and serve.adapters only (an unknown name is a 404
+        # before this counts), so the label set is bounded by serve.max_adapters.
+        self.model_requests = Counter("bastion_model_requests", "Generation requests accepted, by model (the base "
+                                      "or an adapter)", ["model"], registry=r)
         self.ttft = Histogram("bastion_time_to_first_token_seconds", "Time to the first streamed token", registry=r,
                               buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
         queue = Gauge("bastion_queue_depth", "Requests waiting for a batch slot", registry=r)
@@ -123,6 +127,7 @@ class ServerState:
     log: AccessLog
     model_name: str
     require_keys: bool
+    adapters: tuple[str, ...] = ()  # LoRA adapters served beside the base, by model name (serve.adapters)
     metrics: Metrics = field(init=False)
     ready: bool = False
 
@@ -188,7 +193,8 @@ class Guard:
                 state.metrics.rejections.labels(str(info.get("error") or code)).inc()
             state.log.write(request_id=info.get("request_id"), key_id=info["key_id"], method=scope.get("method"),
                             path=path, status=code, latency_ms=round(elapsed * 1000, 2),
-                            prompt_tokens=info["prompt_tokens"], completion_tokens=info["completion_tokens"],
+                            model=info.get("model"), prompt_tokens=info["prompt_tokens"],
+                            completion_tokens=info["completion_tokens"],
                             finish_reason=info.get("finish_reason"), error=info.get("error"),
                             prompt=info.get("prompt"), completion=info.get("completion"))
 
@@ -358,8 +364,12 @@ def create_app(state: ServerState) -> FastAPI:
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
-        return {"object": "list", "data": [{"id": state.model_name, "object": "model", "created": created,
-                                             "owned_by": "bastion"}]}
+        # Adapters as vLLM lists LoRA modules: `parent` (and `root`) name the base they run on.
+        # No file paths: a client needs the ids only.
+        base = {"id": state.model_name, "object": "model", "created": created, "owned_by": "bastion",
+                "root": state.model_name, "parent": None}
+        adapters = [{**base, "id": name, "parent": state.model_name} for name in state.adapters]
+        return {"object": "list", "data": [base, *adapters]}
 
     @app.post("/v1/completions")
     async def completions(body: P.CompletionRequest, request: Request) -> Response:
@@ -465,9 +475,8 @@ async def _generate(state: ServerState, request: Request, body: P._Sampling, pro
     x n + j), after the model name, n, stop and length limits and the rate limit pass."""
     info = request.state.info
     info["request_id"] = rid = P.new_id("chatcmpl" if chat else "cmpl")
-    if body.model != state.model_name:
-        raise ApiError(404, f"model '{body.model}' does not exist; this server serves '{state.model_name}'",
-                       "invalid_request_error", param="model", code="model_not_found")
+    adapter = _adapter_of(state, body.model)
+    info["model"] = body.model
     if body.n > state.cfg.max_n:
         raise ApiError(400, f"n is {body.n}, over this server's limit of {state.cfg.max_n}", "invalid_request_error",
                        param="n")
@@ -510,7 +519,8 @@ async def _generate(state: ServerState, request: Request, body: P._Sampling, pro
     handles = []
     try:
         for ids, p in jobs:
-            handles.append(state.engine.submit(ids, p, loop=loop, cache_namespace=_cache_namespace(state, info)))
+            handles.append(state.engine.submit(ids, p, loop=loop, cache_namespace=_cache_namespace(state, info),
+                                               adapter=adapter))
     except (QueueFullError, EngineClosedError) as exc:
         for h in handles:
             h.cancel()
@@ -520,10 +530,22 @@ async def _generate(state: ServerState, request: Request, body: P._Sampling, pro
                        "server_error", code="overloaded" if full else "shutting_down", headers=_retry_after(1)) \
             from None
     state.metrics.tokens.labels("prompt").inc(prompt_tokens)
+    state.metrics.model_requests.labels(body.model).inc()
     if body.stream:
         return StreamingResponse(_stream(state, request, body, handles, rid, chat, requested, structure, scoring),
                                  media_type="text/event-stream", headers={"Cache-Control": "no-store"})
     return await _complete(state, request, body, handles, rid, chat, requested, scoring, prompts, structure)
+
+
+def _adapter_of(state: ServerState, model: str) -> str | None:
+    """The adapter a request's `model` names: None for the base; 404 for a name not served."""
+    if model == state.model_name:
+        return None
+    if model in state.adapters:
+        return model
+    served = ", ".join(f"'{name}'" for name in (state.model_name, *state.adapters))
+    raise ApiError(404, f"model '{model}' does not exist; this server serves {served}", "invalid_request_error",
+                   param="model", code="model_not_found")
 
 
 async def _collect(handle: Any) -> Any:
@@ -589,7 +611,7 @@ async def _complete(state: ServerState, request: Request, body: P._Sampling, han
                                               piece(prompts[prompt_of[k]][0]) if scoring.echo is not None else None,
                                               piece) for k, r in enumerate(results)]
     build = P.chat_response if chat else P.completion_response
-    return JSONResponse(build(rid, state.model_name, choices, info["prompt_tokens"], completion_tokens, logprobs))
+    return JSONResponse(build(rid, body.model, choices, info["prompt_tokens"], completion_tokens, logprobs))
 
 
 def _token_text(state: ServerState) -> Callable[[int], str]:
@@ -623,7 +645,7 @@ async def _stream(state: ServerState, request: Request, body: P._Sampling, handl
     text's tokens go with the chunk that sends it, the rest with the finish chunk): the
     chunks' logprobs concatenate to the non-streamed response's."""
     info = request.state.info
-    model = state.model_name
+    model = body.model  # the base or an adapter: checked by _generate
     kind = "chat.completion.chunk" if chat else "text_completion"
     started = time.perf_counter()
     first = True

@@ -31,6 +31,8 @@ def serve_cmd(
     dtype: Optional[InferenceDType] = DTypeOption,
     require_signature: bool = RequireSignatureOption,
     trusted_keys: Optional[List[Path]] = TrustedKeyOption,
+    adapters: Optional[List[str]] = typer.Option(None, "--adapter", help="Serve a LoRA adapter folder beside the base "
+                                                 "as model NAME: NAME=PATH (repeatable; adds to serve.adapters)."),
 ) -> None:
     """Serve /v1/completions, /v1/chat/completions, /v1/models, /health, /ready and /metrics.
     Keys come from $BASTION_API_KEYS (comma-separated) or --key-file; they are required on
@@ -50,4 +52,22 @@ def serve_cmd(
               for name, value in options.items() if value is not None}
     cfg = load_config(config, overrides or [], values=values)
     use_signature_options(require_signature, trusted_keys, cfg)
+    if adapters:
+        add_adapter_options(cfg, adapters)
     serve(checkpoint, cfg, device=device, verify=not no_verify, quantize=quantize_value(quantize))
+
+
+def add_adapter_options(cfg, options: list[str]) -> None:  # noqa: ANN001 - a BastionConfig (imported late)
+    """`--adapter NAME=PATH` options added to cfg.serve.adapters, names checked as the
+    config's are (the base's name is checked once it is known, at startup)."""
+    from bastion.adapters.serving import check_adapter_names, merge_adapter_specs, parse_adapter_option
+
+    extra: dict[str, str] = {}
+    for option in options:
+        name, path = parse_adapter_option(option)
+        if name in extra:
+            raise typer.BadParameter(f"adapter name {name!r} is given twice", param_hint="--adapter")
+        extra[name] = path
+    merged = merge_adapter_specs(cfg.serve.adapters, extra)
+    check_adapter_names(list(merged), cfg.serve.model_name, cfg.serve.max_adapters, "--adapter")
+    cfg.serve.adapters = merged

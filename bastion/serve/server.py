@@ -12,12 +12,14 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
-from bastion.checkpoint.contents import model_name
+from bastion.adapters.serving import check_adapter_names, load_served_adapters
+from bastion.checkpoint.contents import manifest_sha256, model_name
 from bastion.config.load import hide_env
 from bastion.config.schema import BastionConfig
-from bastion.errors import ConfigError
+from bastion.errors import CheckpointError, ConfigError
 from bastion.infer.engine import Engine
-from bastion.infer.loading import load_for_inference
+from bastion.infer.loading import LoadedModel, load_for_inference
+from bastion.safepath import Roots
 from bastion.serve.accesslog import AccessLog
 from bastion.serve.app import ServerState, create_app
 from bastion.serve.keys import KeyStore
@@ -41,7 +43,8 @@ def build_state(checkpoint: str | Path, config: BastionConfig, *, device: str = 
     """Everything the app needs, from the deployment's config (its serve: and generate:
     sections; the checkpoint's own generate: section is not used). Refuses an unsafe bind
     before loading any weights. `quantize`: serve the int8 / int4 weight-only quantized
-    model (`load_for_inference`)."""
+    model (`load_for_inference`). serve.adapters: LoRA adapters served beside the base
+    (`_load_adapters`)."""
     cfg = config.serve
     keys = KeyStore.from_config(cfg, environ=environ)
     loopback = is_loopback(cfg.host)
@@ -55,15 +58,33 @@ def build_state(checkpoint: str | Path, config: BastionConfig, *, device: str = 
         path = getattr(cfg, name)
         if path is not None and not Path(path).is_file():
             raise ConfigError(hide_env(config, f"serve.{name}: {path} is not a file", under="serve"))
+    if cfg.adapters and not verify:
+        raise ConfigError("serve.adapters needs the base checkpoint verified: an adapter is bound to its base by the "
+                          "hash of the base's MANIFEST.json, which proves nothing about unverified weights "
+                          "(drop --no-verify)")
+    base_sha = manifest_sha256(checkpoint) if cfg.adapters else None
     loaded = load_for_inference(checkpoint, verify=verify, device=device, quantize=quantize, dtype=cfg.dtype)
+    name = _safe_name(cfg.model_name or model_name(loaded.directory, loaded.config))
+    adapters = _load_adapters(loaded, config, name, base_sha) if cfg.adapters else ()
     engine = Engine(loaded.model, loaded.tokenizer, config.generate, max_batch_size=cfg.max_concurrency,
                     max_queue=cfg.max_queue, mode=cfg.batch_mode, threads=cfg.threads,
                     prefill_chunk=cfg.prefill_chunk_tokens, prefill_step_tokens=cfg.prefill_step_tokens,
                     prefix_cache_blocks=cfg.prefix_cache_blocks)
-    name = cfg.model_name or model_name(loaded.directory, loaded.config)
     return ServerState(loaded=loaded, cfg=cfg, limits=config.generate, engine=engine, keys=keys, limiter=RateLimiter(cfg.rate_limit),
-                       log=AccessLog(cfg.access_log, cfg.log_prompts), model_name=_safe_name(name),
-                       require_keys=keys.has_keys or not loopback)
+                       log=AccessLog(cfg.access_log, cfg.log_prompts), model_name=name,
+                       require_keys=keys.has_keys or not loopback, adapters=adapters)
+
+
+def _load_adapters(loaded: LoadedModel, config: BastionConfig, base_name: str, base_sha: str) -> tuple[str, ...]:
+    """Verify serve.adapters against the loaded base and install them on its model; their
+    names, in order. `base_sha`: the base's manifest hash taken before loading, so a manifest
+    replaced while the weights were read is noticed here."""
+    cfg = config.serve
+    check_adapter_names(list(cfg.adapters), base_name, cfg.max_adapters, "serve.adapters")
+    if manifest_sha256(loaded.directory) != base_sha:
+        raise CheckpointError(f"{loaded.directory}: MANIFEST.json changed while the base was loaded")
+    roots = Roots(config.data.allowed_roots)
+    return load_served_adapters(loaded.model, cfg.adapters, base_sha, roots).names
 
 
 def _safe_name(name: str) -> str:

@@ -20,7 +20,7 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def running(checkpoint, *, serve=None, generate=None, environ=None, ssl=None, step_seconds=None):
+def running(checkpoint, *, serve=None, generate=None, environ=None, ssl=None, step_seconds=None, data=None):
     """Start the app on 127.0.0.1:<free port> in a thread; yield (base_url, state).
     `step_seconds`: every model forward takes at least this long, so a long request stays
     in flight for seconds whatever the machine's speed (slot, queue, timeout tests)."""
@@ -31,7 +31,7 @@ def running(checkpoint, *, serve=None, generate=None, environ=None, ssl=None, st
     if ssl:
         settings.update(ssl_certfile=str(ssl[0]), ssl_keyfile=str(ssl[1]))
     config = build_config({"serve": settings, "generate": {"max_new_tokens": 16, "max_new_tokens_ceiling": 64,
-                                                             **(generate or {})}})
+                                                             **(generate or {})}, "data": data or {}})
     state = build_state(checkpoint, config, environ=environ if environ is not None else {})
     if step_seconds:
         # On the embedding, which prefill and every decode_step call (decode_step is not forward).

@@ -44,7 +44,7 @@ def test_file_log_private_and_without_text(tmp_path):
     lines = [json.loads(line) for line in raw.splitlines()]
     assert len(lines) == 2
     first = lines[0]
-    assert set(first) == {"time", "request_id", "key_id", "method", "path", "status", "latency_ms",
+    assert set(first) == {"time", "request_id", "key_id", "method", "path", "status", "latency_ms", "model",
                           "prompt_tokens", "completion_tokens", "finish_reason", "error"}
     assert first["time"].endswith("Z") and first["key_id"] == "key_1234abcd" and first["latency_ms"] == 12.346
     assert lines[1]["status"] == 429 and lines[1]["error"] == "rate limited"

@@ -49,9 +49,7 @@ TOOLS = [WEATHER, CLOCK]
 def server(tmp_path_factory):
     torch.manual_seed(0)
     checkpoint = make_base_checkpoint(tmp_path_factory.mktemp("structured") / "tiny", seed=1, max_seq_len=2048)
-    # Small batch: the padded engine computes every slot over the whole cache (2k positions).
-    with running(checkpoint, serve={"max_concurrency": 4}, generate={"max_new_tokens": 256,
-                                                                    "max_new_tokens_ceiling": 256}) as (url, state):
+    with running(checkpoint, generate={"max_new_tokens": 256, "max_new_tokens_ceiling": 256}) as (url, state):
         yield url, state
 
 

@@ -108,6 +108,28 @@ def test_cli_eval_classify_and_predict(runs, tmp_path):
     assert bad.exit_code == 2 and "--text #1: 'text' is empty" in bad.output and "{" not in bad.stdout
 
 
+def test_trained_classifier_exports_with_equal_logits(runs, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from bastion.data.labelled import label_spec
+    from bastion.infer.loading import load_for_inference
+    from bastion.interop import export_hf
+    from bastion.model.heads import sequence_scores
+
+    out = export_hf(runs["classify"].checkpoint, tmp_path / "hf")
+    hf = transformers.AutoModelForSequenceClassification.from_pretrained(out, local_files_only=True).eval()
+    loaded = load_for_inference(runs["classify"].checkpoint, head="score")
+    cfg = loaded.config.finetune
+    data = load_labelled(runs["root"] / "cv.jsonl", loaded.tokenizer, label_spec("classify", cfg.sequence), cfg, ["/"])
+    batch = data.collate([[i] for i in range(16)], 64)  # right-padded to the longest of 16 texts
+    ids = batch["input_ids"]
+    assert (ids == data.pad_id).any()
+    with torch.no_grad():
+        theirs = hf(input_ids=ids, attention_mask=(ids != data.pad_id).long()).logits
+        mine = sequence_scores(loaded.model, ids, data.pad_id)
+    assert (theirs - mine).abs().max().item() <= 1e-5
+    assert [hf.config.id2label[i] for i in theirs.argmax(-1).tolist()] == [LABELS[i] for i in mine.argmax(-1).tolist()]
+
+
 def test_eval_and_predict_refuse_other_checkpoints(runs):
     with pytest.raises(CheckpointError, match="language model"):
         list(predict_labels(runs["base"], texts=["x"]))

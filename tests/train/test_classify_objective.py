@@ -130,6 +130,17 @@ def test_trained_classifier_exports_with_equal_logits(runs, tmp_path):
     assert [hf.config.id2label[i] for i in theirs.argmax(-1).tolist()] == [LABELS[i] for i in mine.argmax(-1).tolist()]
 
 
+def test_cli_eval_classify_reports_regression_metrics(runs, tmp_path):
+    result = runner.invoke(app, ["eval", "classify", "--checkpoint", str(runs["regress"].checkpoint), "--file",
+                                 str(runs["root"] / "rv.jsonl"), "--root", "/", "--json", str(tmp_path / "r.json")])
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((tmp_path / "r.json").read_text())
+    assert set(metrics) >= {"mae", "pearson", "acc2_nonneg", "acc2_nonzero", "acc7"}
+    bad = runner.invoke(app, ["eval", "classify", "--checkpoint", str(runs["regress"].checkpoint), "--file",
+                              str(runs["root"] / "cv.jsonl"), "--root", "/"])  # class names where numbers belong
+    assert bad.exit_code == 2 and "cv.jsonl:1: 'label' must be a number" in bad.output
+
+
 def test_eval_and_predict_refuse_other_checkpoints(runs):
     with pytest.raises(CheckpointError, match="language model"):
         list(predict_labels(runs["base"], texts=["x"]))
@@ -212,6 +223,17 @@ def test_oversize_lines_and_files_are_refused(runs, tmp_path, monkeypatch):
     monkeypatch.setattr("bastion.data.finetune.MAX_RECORD_BYTES", 512)
     with pytest.raises(DataError, match="record limit"):
         _load(runs, path, LabelSpec("classify", names=tuple(LABELS)))
+
+
+def test_hostile_lines_are_refused_with_their_line(runs, tmp_path):
+    path = tmp_path / "hostile.jsonl"
+    path.write_bytes(b'{"text": "ok", "label": "neg"}\n{"text": ' + b"[" * 100_000 + b"]" * 100_000 + b"}\n"
+                     + b'\xff\xfe not utf-8\n{"text": "a", "label": "neg"}\n')
+    with pytest.raises(DataError) as info:
+        _load(runs, path, LabelSpec("classify", names=tuple(LABELS)))
+    message = str(info.value)
+    assert "2 invalid record(s)" in message
+    assert f"{path}:2: " in message and f"{path}:3: not valid UTF-8" in message
 
 
 def test_long_texts_keep_their_first_tokens(runs, tmp_path):

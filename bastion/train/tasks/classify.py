@@ -21,7 +21,6 @@ with them (adapter folders, merge, PEFT's modules_to_save), which they do not ca
 """
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -163,7 +162,7 @@ class ClassifyTask(FileTask):
                                autocast=autocast, max_batches=max_batches, rank=self.rank, world=self.world,
                                regress_loss=sc.regress_loss, huber_delta=sc.huber_delta)
 
-    def summary(self, metrics: Mapping[str, float]) -> str:  # type: ignore[override]
+    def summary(self, metrics: dict[str, float]) -> str:
         if "accuracy" not in metrics:
             return ""
         return f", accuracy {metrics['accuracy']:.3f}, macro-F1 {metrics['macro_f1']:.3f}"
@@ -176,7 +175,7 @@ class RegressTask(ClassifyTask):
     def _batch_stats(self, scores: torch.Tensor, labels: torch.Tensor) -> Stats:
         return {"mae": (scores[:, 0] - labels).abs().mean()}
 
-    def summary(self, metrics: Mapping[str, float]) -> str:  # type: ignore[override]
+    def summary(self, metrics: dict[str, float]) -> str:
         if "mae" not in metrics:
             return ""
         return (f", MAE {metrics['mae']:.3f}, Pearson {metrics['pearson']:.3f}, Acc-2 {metrics['acc2_nonzero']:.3f} "

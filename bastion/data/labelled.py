@@ -33,6 +33,7 @@ from bastion.safepath import Roots
 
 Kind = Literal["classify", "regress", "predict"]
 RECORD_KEYS = {"text", "label"}
+MAX_ABS_VALUE = 1e9  # regress labels: far beyond any real scale, well inside float32 (MSE of 1e9 is 1e18)
 
 
 @dataclass(frozen=True)
@@ -67,9 +68,14 @@ class LabelSpec:
     def _value(self, label: Any) -> float:
         if isinstance(label, bool) or not isinstance(label, (int, float)):
             raise DataError(f"'label' must be a number, got {type(label).__name__}")
-        value = float(label)
+        try:
+            value = float(label)
+        except OverflowError:  # an integer beyond float range
+            value = math.inf
         if not math.isfinite(value):
             raise DataError("'label' must be a finite number")
+        if abs(value) > MAX_ABS_VALUE:
+            raise DataError(f"'label' {value:g} is beyond +-{MAX_ABS_VALUE:g}")
         if self.bounds is not None and not self.bounds[0] <= value <= self.bounds[1]:
             raise DataError(f"'label' {value:g} is outside finetune.sequence.label_range "
                             f"[{self.bounds[0]:g}, {self.bounds[1]:g}]")

@@ -182,6 +182,8 @@ BAD_VALUES = {
     "infinity": ('{"text": "a", "label": Infinity}', "'label' must be a finite number"),
     "out of range": ({"text": "a", "label": 3.5}, "'label' 3.5 is outside finetune.sequence.label_range [-3, 3]"),
     "bool": ({"text": "a", "label": False}, "'label' must be a number"),
+    "huge integer": ('{"text": "a", "label": ' + "9" * 400 + "}", "'label' must be a finite number"),
+    "huge": ({"text": "a", "label": 1e12}, "'label' 1e+12 is beyond +-1e+09"),
 }
 
 

@@ -433,10 +433,10 @@ def export_hf(ckpt_path: str | Path, out_dir: str | Path) -> Path:
     tokenizer.json, tokenizer_config.json with the chat template) in the architecture
     `hf_model_type` picks: Llama (qkv biases as attention_bias with zero o_proj biases),
     Mistral (sliding window), SmolLM3 (sliding window and qkv biases), or Qwen2 for a model
-    imported from it. A scoring model (model.score_labels: reward, classify, regress) becomes that family's
-    `...ForSequenceClassification` with its pad_token_id (where transformers pools) and no
-    generation_config.json; a classifier's config names its classes (id2label) and
-    problem_type. Atomic (temp folder + rename); files 0600, folder 0700. Refuses an
+    imported from it. A scoring model (model.score_labels: reward, classify, regress)
+    becomes that family's `...ForSequenceClassification` with its pad_token_id (where
+    transformers pools) and no generation_config.json; a classifier's or regressor's config
+    also says its problem_type and a classifier's its class names (id2label). Atomic (temp folder + rename); files 0600, folder 0700. Refuses an
     existing non-empty out_dir."""
     out_dir = Path(out_dir)
     _check_out_dir(out_dir, "export folder")

@@ -17,7 +17,7 @@ from bastion.config.cli import app as config_app
 from bastion.config.load import redact_seen_secrets
 from bastion.data.cli import app as data_app
 from bastion.errors import BastionError
-from bastion.eval.cli import app as eval_app
+from bastion.eval.cli import app as eval_app, predict_cmd
 from bastion.infer.cli import generate_cmd, quantize_cmd
 from bastion.interop.cli import export_app, import_app
 from bastion.serve.cli import serve_app
@@ -69,6 +69,7 @@ app.command("plot")(plot_cmd)
 app.command("generate")(generate_cmd)
 app.command("merge")(merge_cmd)
 app.command("quantize")(quantize_cmd)
+app.command("predict")(predict_cmd)
 app.add_typer(eval_app, name="eval")
 app.add_typer(ckpt_app, name="ckpt")
 app.add_typer(import_app, name="import")

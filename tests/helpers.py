@@ -33,7 +33,7 @@ def make_base_checkpoint(root, *, texts=None, vocab_size=320, seed=0, **model):
 
 
 def finetune_config(init_from, train_file, out_dir, *, objective="sft", val_file=None, lora=None, preference=None,
-                    roots=("/",), **train):
+                    sequence=None, roots=("/",), **train):
     settings = {"objective": objective, "out_dir": str(out_dir), "seq_len": 128, "batch_size": 16,
                 "max_steps": 100, "lr": 3e-3, "warmup_steps": 10, "eval_every": 50, "eval_batches": 4,
                 "log_every": 10, "seed": 3, "threads": 2, "weight_decay": 0.0, "device": "cpu"}
@@ -45,6 +45,8 @@ def finetune_config(init_from, train_file, out_dir, *, objective="sft", val_file
         finetune["lora"] = {"enabled": True, **lora}
     if preference is not None:
         finetune["preference"] = preference
+    if sequence is not None:  # classify / regress: finetune.sequence (labels, label_range, regress_loss)
+        finetune["sequence"] = sequence
     return build_config({"train": settings, "finetune": finetune, "data": {"allowed_roots": list(roots)},
                          "checkpoint": {"every_steps": 1000, "keep_last": 2}})
 

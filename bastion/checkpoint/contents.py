@@ -130,8 +130,9 @@ def refuse_head(ckpt: Checkpoint, config: BastionConfig, head: Head, what: str) 
                               "has no lm head and cannot generate text; use it as a reward (`rewards: [{name: "
                               "reward_model, checkpoint: ...}]`), with `bastion eval preferences`, or `bastion export hf`")
     if head == "score" and labels is None:
-        raise CheckpointError(f"{what} {ckpt.directory} is a language model, not a reward model (its config has no "
-                              "model.score_labels); train one with train.objective: reward")
+        raise CheckpointError(f"{what} {ckpt.directory} is a language model, not a reward model or classifier (its "
+                              "config has no model.score_labels); train one with train.objective: reward, classify "
+                              "or regress")
 
 
 def special_tokens(state: dict[str, Any]) -> dict[str, str | None]:

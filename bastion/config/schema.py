@@ -170,7 +170,8 @@ class DPConfig(Section):
 
 class TrainConfig(Section):
     objective: str = Field(default="clm", pattern=r"^[a-z][a-z0-9_]{0,31}$",
-                           description="clm (pretraining), sft, dpo, simpo, orpo, kto: the registered tasks, bastion/train/tasks/")
+                           description="clm (pretraining), sft, dpo, simpo, orpo, kto, reward, grpo, classify, regress: "
+                                       "the registered tasks, bastion/train/tasks/")
     data_dir: str = "data/prepared"
     out_dir: str = "runs/default"
     run_name: str = Field(default="run", min_length=1, max_length=128)
@@ -255,6 +256,38 @@ class PreferenceConfig(Section):
                                       "r_rejected)^2), which keeps the rewards centred on 0 (TRL's center_rewards_coefficient)")
 
 
+class SequenceTaskConfig(Section):
+    """Sequence-level objectives (train.objective classify | regress): one label per text,
+    read by the score head at the text's last token (bastion/train/tasks/classify.py)."""
+
+    labels: list[str] | None = Field(default=None, min_length=2, max_length=1024, description="classify: the "
+                                     "class names, in score-head order; a record's label is one of them or its index")
+    label_range: tuple[float, float] | None = Field(default=None, description="regress: [low, high]; a label outside "
+                                                    "it is an error (e.g. [-3, 3] for CMU-MOSI sentiment)")
+    regress_loss: Literal["mse", "l1", "huber"] = Field(default="mse", description="regress: mse (the default; MOSI "
+                                                        "papers mostly report L1-trained models, try l1), l1 or huber")
+    huber_delta: float = Field(default=1.0, gt=0.0, le=1e4, description="regress_loss huber: where it turns linear")
+
+    @field_validator("labels")
+    @classmethod
+    def _label_names(cls, value: list[str] | None) -> list[str] | None:
+        if value is None:
+            return value
+        for name in value:
+            if not name or len(name) > 128 or not name.isprintable():
+                raise ValueError("each label is a printable name of 1 to 128 characters")
+        if len(set(value)) != len(value):
+            raise ValueError("label names must be distinct")
+        return value
+
+    @field_validator("label_range")
+    @classmethod
+    def _range(cls, value: tuple[float, float] | None) -> tuple[float, float] | None:
+        if value is not None and not (math.isfinite(value[0]) and math.isfinite(value[1]) and value[0] < value[1]):
+            raise ValueError("label_range is [low, high] with finite low < high")
+        return value
+
+
 class FinetuneConfig(Section):
     """Supervised fine-tuning (objective sft) and preference alignment (dpo, simpo, orpo, kto)."""
 
@@ -268,6 +301,7 @@ class FinetuneConfig(Section):
     assistant_only_loss: bool = Field(default=True, description="sft: loss on assistant tokens only")
     lora: LoraConfig = Field(default_factory=LoraConfig)
     preference: PreferenceConfig = Field(default_factory=PreferenceConfig)
+    sequence: SequenceTaskConfig = Field(default_factory=SequenceTaskConfig)
 
 
 class CheckpointConfig(Section):
@@ -511,6 +545,12 @@ class BastionConfig(Section):
             raise ValueError(f"train.objective ({objective}) needs finetune.train_file (its training JSONL)")
         if self.train.dp.enabled:
             raise ValueError("train.dp (DP-SGD) is available for train.objective clm only")
+        if objective == "classify" and ft.sequence.labels is None:
+            raise ValueError("train.objective classify needs finetune.sequence.labels: the class names, e.g. [neg, pos]")
+        if objective != "classify" and ft.sequence.labels is not None:
+            raise ValueError(f"finetune.sequence.labels is for train.objective classify, not {objective}")
+        if objective != "regress" and ft.sequence.label_range is not None:
+            raise ValueError(f"finetune.sequence.label_range is for train.objective regress, not {objective}")
         return self
 
     @model_validator(mode="after")

@@ -15,7 +15,8 @@ from bastion.eval.perplexity import DEFAULT_FORMATS
 from bastion.infer.cli import Quantization, QuantizeOption, quantize_value
 
 
-app = typer.Typer(help="Evaluate trained checkpoints: held-out loss, preference accuracy, generation rewards, "
+app = typer.Typer(help="Evaluate trained checkpoints: held-out loss, preference accuracy, classifier metrics, "
+                       "generation rewards, "
                        "memorization audits.", no_args_is_help=True)
 out = Console(markup=False)  # paths and names are printed as they are, never read as markup
 err = Console(stderr=True)
@@ -177,6 +178,51 @@ def preferences_cmd(
     kind = "reward model" if "beta" not in result else "DPO rewards" if reference else "SimPO rewards"
     _table(f"preferences: {file} ({kind})", result)
     _write_json(json_out, result)
+
+
+@app.command("classify")
+def classify_cmd(
+    checkpoint: Path = CheckpointArg,
+    file: Path = typer.Option(..., "--file", "--data", help="Labelled JSONL: {\"text\": ..., \"label\": ...} per "
+                              "line (a class name or index for a classifier, a number for a regressor)."),
+    roots: Optional[List[str]] = RootOption,
+    batch_size: int = typer.Option(8, "--batch-size", min=1, max=1024, help="Texts per forward pass."),
+    device: str = DeviceOption,
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the results as JSON here (mode 0600)."),
+    require_signature: bool = RequireSignatureOption,
+    trusted_keys: Optional[List[Path]] = TrustedKeyOption,
+) -> None:
+    """Metrics of a classify / regress checkpoint on held-out labelled texts: accuracy and macro-F1, or MAE,
+    Pearson r, Acc-2 (negative vs non-negative; negative vs positive without zero labels) and Acc-7."""
+    use_signature_options(require_signature, trusted_keys)
+    from bastion.eval.classify import eval_labels
+
+    result = eval_labels(checkpoint, file, roots=roots or ["."], batch_size=batch_size, device=device)
+    _table(f"labels: {file}", result)
+    _write_json(json_out, result)
+
+
+def predict_cmd(
+    checkpoint: Path = CheckpointArg,
+    file: Optional[Path] = typer.Option(None, "--file", "--data", help="JSONL of {\"text\": ...} per line (a "
+                                        "\"label\" is allowed and ignored)."),
+    texts: Optional[List[str]] = typer.Option(None, "--text", help="A text to label (repeatable, at most 1024); "
+                                              "instead of --file."),
+    roots: Optional[List[str]] = RootOption,
+    batch_size: int = typer.Option(8, "--batch-size", min=1, max=1024, help="Texts per forward pass."),
+    device: str = DeviceOption,
+    require_signature: bool = RequireSignatureOption,
+    trusted_keys: Optional[List[Path]] = TrustedKeyOption,
+) -> None:
+    """Label new texts with a classify / regress checkpoint: one JSON line per text, in order - the class and
+    every class's probability, or the value."""
+    use_signature_options(require_signature, trusted_keys)
+    from bastion.eval.classify import predict_labels
+
+    lines = [json.dumps(p, ensure_ascii=False) for p in predict_labels(
+        checkpoint, file=file, texts=texts or (), roots=roots or ["."], batch_size=batch_size, device=device)]
+    for line in lines:  # printed once all are computed: a failure prints nothing
+        print(line)
 
 
 @app.command("generate")

@@ -43,6 +43,7 @@ from bastion.checkpoint.safetensors_check import TORCH_DTYPE, parse_header
 from bastion.config.load import build_config, to_yaml
 from bastion.config.schema import BastionConfig, GenerateConfig
 from bastion.errors import CheckpointError
+from bastion.model.heads import hf_label_fields
 from bastion.model.hf import (
     SUPPORTED_ARCHITECTURES,
     from_hf_state_dict,
@@ -432,9 +433,10 @@ def export_hf(ckpt_path: str | Path, out_dir: str | Path) -> Path:
     tokenizer.json, tokenizer_config.json with the chat template) in the architecture
     `hf_model_type` picks: Llama (qkv biases as attention_bias with zero o_proj biases),
     Mistral (sliding window), SmolLM3 (sliding window and qkv biases), or Qwen2 for a model
-    imported from it. A reward model (model.score_labels) becomes that family's
-    `...ForSequenceClassification` with its pad_token_id (where transformers pools) and no
-    generation_config.json. Atomic (temp folder + rename); files 0600, folder 0700. Refuses an
+    imported from it. A scoring model (model.score_labels: reward, classify, regress)
+    becomes that family's `...ForSequenceClassification` with its pad_token_id (where
+    transformers pools) and no generation_config.json; a classifier's or regressor's config
+    also says its problem_type and a classifier's its class names (id2label). Atomic (temp folder + rename); files 0600, folder 0700. Refuses an
     existing non-empty out_dir."""
     out_dir = Path(out_dir)
     _check_out_dir(out_dir, "export folder")
@@ -445,6 +447,8 @@ def export_hf(ckpt_path: str | Path, out_dir: str | Path) -> Path:
     model_type = _model_type(ckpt, config)
     hf_config = hf_config_from_model_config(cfg, bos_token_id=ids["bos_token"], eos_token_id=ids["eos_token"],
                                             pad_token_id=ids["pad_token"], model_type=model_type)
+    if cfg.score_labels is not None:  # classify / regress: class names and transformers' loss
+        hf_config.update(hf_label_fields(config.train.objective, config.finetune.sequence.labels, cfg.score_labels))
     state = {k: v.detach().to(torch.float32).contiguous() for k, v in ckpt.model.items()}
     hf_state = to_hf_state_dict(state, cfg, o_proj_bias=has_zero_o_proj_bias(model_type, cfg))
     files: dict[str, Any] = {

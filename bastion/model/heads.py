@@ -68,5 +68,19 @@ def scoring_weights(state: dict[str, torch.Tensor], cfg: ModelConfig, labels: in
     return out
 
 
-__all__ = ["LM_HEAD", "SCORE_HEAD", "last_token_index", "pool_last", "scoring_config", "scoring_weights",
+def hf_label_fields(objective: str, labels: list[str] | None, size: int) -> dict[str, Any]:
+    """What transformers' config.json says about a scoring model's outputs: classify ->
+    id2label / label2id with the class names and problem_type single_label_classification;
+    regress -> problem_type regression (its built-in loss is then MSE, as ours by default).
+    Other objectives (reward): nothing beyond the generic LABEL_i names."""
+    if objective == "classify" and labels is not None and len(labels) == size:
+        return {"id2label": {str(i): name for i, name in enumerate(labels)},
+                "label2id": {name: i for i, name in enumerate(labels)},
+                "problem_type": "single_label_classification"}
+    if objective == "regress" and size == 1:
+        return {"problem_type": "regression"}
+    return {}
+
+
+__all__ = ["LM_HEAD", "SCORE_HEAD", "hf_label_fields", "last_token_index", "pool_last", "scoring_config", "scoring_weights",
            "sequence_scores"]

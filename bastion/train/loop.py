@@ -107,7 +107,7 @@ def _train(cfg: BastionConfig, env: DistEnv, device: torch.device, stop: StopReq
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
     task_type = task_class(tc.objective)
     start = start_point(cfg, fine_tunes=task_type.fine_tunes)
-    task_type.adapt_start(start)  # e.g. reward: a score head in place of the lm head
+    task_type.adapt_start(start, cfg)  # e.g. reward, classify: a score head in place of the lm head
     cfg = cfg.model_copy(update={"model": start.model_cfg})
     run = RunCheckpoints(cfg, env, start, device)
     task = task_type(cfg, start, rank=env.rank, world=env.world)

@@ -1,4 +1,5 @@
-"""Fine-tuning under torchrun (2 CPU processes, gloo): SFT, DPO, SimPO, ORPO, KTO and reward, full or LoRA, with
+"""Fine-tuning under torchrun (2 CPU processes, gloo): SFT, DPO, SimPO, ORPO, KTO, reward, classify and regress,
+full or LoRA, with
 DDP or FSDP2, follow the loss curve and validation numbers of one process with the same
 global batch, including short last batches that leave a rank without rows; a LoRA+FSDP
 checkpoint written by 2 ranks resumes on 1."""
@@ -13,6 +14,7 @@ from helpers import finetune_config, make_base_checkpoint
 
 from bastion.checkpoint import load_checkpoint
 from synthetic.chat import greeting_kto_records, greeting_preference_records, reverse_chat_records, write_jsonl
+from synthetic.labelled import classify_records, regress_records
 from bastion.adapters import read_adapter
 from bastion.model.lora import is_lora_name
 from bastion.train import train
@@ -32,12 +34,18 @@ def data(tmp_path_factory):
     write_jsonl(root / "pref_val.jsonl", greeting_preference_records(13, seed=2))
     write_jsonl(root / "kto.jsonl", greeting_kto_records(43, seed=1))
     write_jsonl(root / "kto_val.jsonl", greeting_kto_records(13, seed=2))
+    write_jsonl(root / "classify.jsonl", classify_records(41, seed=1))
+    write_jsonl(root / "classify_val.jsonl", classify_records(13, seed=2))
+    write_jsonl(root / "regress.jsonl", regress_records(41, seed=1))
+    write_jsonl(root / "regress_val.jsonl", regress_records(13, seed=2))
     return {"root": root, "base": make_base_checkpoint(root / "base")}
 
 
 def config(data, out, objective, batch_size, **extra):
-    name = {"sft": "sft", "kto": "kto"}.get(objective, "pref")
+    name = {"sft": "sft", "kto": "kto", "classify": "classify", "regress": "regress"}.get(objective, "pref")
     files = (f"{name}.jsonl", f"{name}_val.jsonl")
+    if objective == "classify":
+        extra["sequence"] = {"labels": ["neg", "neu", "pos"]}
     cfg = finetune_config(data["base"], data["root"] / files[0], out, objective=objective,
                           val_file=data["root"] / files[1], max_steps=STEPS, batch_size=batch_size, lr=2e-3,
                           log_every=1, eval_every=6, eval_batches=100, threads=1, **extra)
@@ -67,6 +75,8 @@ CASES = {
     "reward-fsdp": ("reward", "fsdp", {}),  # the score head sharded with the rest
     "orpo-ddp": ("orpo", "ddp", {}),
     "kto-fsdp-lora": ("kto", "fsdp", {"lora": {"rank": 4}}),  # z0: one all-reduce per micro-batch
+    "classify-ddp": ("classify", "ddp", {}),  # validation: the ranks' scores joined by one all-reduce
+    "regress-fsdp": ("regress", "fsdp", {}),
 }
 
 
@@ -86,7 +96,8 @@ def test_two_ranks_follow_one_process(data, tmp_path, case):
     assert set(single) == set(double)
     for key, row in single.items():
         for name, value in row.items():
-            if name in ("loss", "tokens", "pairs", "perplexity", "kl", "examples", "nll", "log_odds_ratio") \
+            if name in ("loss", "tokens", "pairs", "perplexity", "kl", "examples", "nll", "log_odds_ratio", "accuracy",
+                        "macro_f1", "mae", "pearson", "acc2_nonneg", "acc2_nonzero", "acc7") \
                     or name.startswith("reward"):
                 assert double[key][name] == pytest.approx(value, rel=1e-4, abs=1e-5), (key, name)
     assert ("val", 12) in single and single[("train", STEPS)]["epoch"] >= 2  # epoch ends were crossed

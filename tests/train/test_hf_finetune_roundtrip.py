@@ -75,3 +75,36 @@ def test_hf_chat_model_in_finetuned_and_out(tmp_path):
     rendered = hf_tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     assert hf_tok(rendered, add_special_tokens=False)["input_ids"] == load_for_inference(merged).chat.encode_prompt(messages)
     assert hf_tok.eos_token == "<|im_end|>" and hf_tok.pad_token == "<|endoftext|>"
+
+
+def test_hf_model_in_classifier_out(tmp_path):
+    """A Hugging Face Qwen2 model -> `import hf` -> train.objective classify -> `export hf`:
+    Qwen2ForSequenceClassification with the class names, whose tokenizer(texts, padding=True)
+    gives Bastion's ids and whose logits equal Bastion's scores."""
+    from synthetic.labelled import classify_records
+
+    from bastion.data.labelled import label_spec, load_labelled
+    from bastion.model.heads import sequence_scores
+
+    base = import_hf(qwen_folder(tmp_path / "qwen"), tmp_path / "base")
+    write_jsonl(tmp_path / "train.jsonl", classify_records(120, seed=1))
+    cfg = finetune_config(base, tmp_path / "train.jsonl", tmp_path / "run", objective="classify",
+                          sequence={"labels": ["neg", "neu", "pos"]}, seq_len=64, max_steps=15, batch_size=8)
+    result = train(cfg, quiet=True)
+    out = export_hf(result.checkpoint, tmp_path / "hf")
+    hf = transformers.AutoModelForSequenceClassification.from_pretrained(out, local_files_only=True).eval()
+    assert type(hf).__name__ == "Qwen2ForSequenceClassification" and hf.config.id2label[2] == "pos"
+
+    loaded = load_for_inference(result.checkpoint, head="score")
+    ft = loaded.config.finetune
+    data = load_labelled(tmp_path / "train.jsonl", loaded.tokenizer, label_spec("classify", ft.sequence), ft, ["/"])
+    batch = data.collate([[i] for i in range(8)], 64)
+    texts = [r["text"] for r in classify_records(8, seed=1)]
+    hf_tok = transformers.AutoTokenizer.from_pretrained(out)
+    hf_tok.padding_side = "right"
+    encoded = hf_tok(texts, padding=True, return_tensors="pt")
+    assert torch.equal(encoded["input_ids"], batch["input_ids"])
+    with torch.no_grad():
+        theirs = hf(**encoded).logits
+        mine = sequence_scores(loaded.model, batch["input_ids"], data.pad_id)
+    assert (theirs - mine).abs().max().item() <= 1e-5 and mine.abs().max().item() > 0

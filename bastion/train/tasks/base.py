@@ -44,10 +44,11 @@ class Task:
 
     # ---- before training ------------------------------------------------------------------
     @classmethod
-    def adapt_start(cls, start: StartPoint) -> None:
-        """Called once, before the model is built, with what the run starts from: a task whose
-        model differs from its start checkpoint's changes `start.model_cfg` and
-        `start.weights` here (reward.py swaps the lm head for a score head). By default the
+    def adapt_start(cls, start: StartPoint, cfg: BastionConfig | None = None) -> None:
+        """Called once, before the model is built, with what the run starts from and the run's
+        config: a task whose model differs from its start checkpoint's changes
+        `start.model_cfg` and `start.weights` here (reward.py and classify.py swap the lm head
+        for a score head; classify reads its size from the config). By default the
         start must be a language model: SFT or DPO on a reward model would have no logits."""
         labels = start.model_cfg.score_labels
         if labels is None:

@@ -70,7 +70,7 @@ class RewardTask(PreferenceTask):
         self.pad_id = self.train.pad_id  # pooling reads the last token that is not padding
 
     @classmethod
-    def adapt_start(cls, start: StartPoint) -> None:
+    def adapt_start(cls, start: StartPoint, cfg: BastionConfig | None = None) -> None:
         labels = start.model_cfg.score_labels
         if labels is None:  # a language model: its lm head becomes a zero score head
             assert start.weights is not None, "fine-tuning starts from weights"

@@ -1,0 +1,182 @@
+"""`classify` and `regress`: sequence-level objectives on labelled texts (data format:
+bastion/data/labelled.py). The model is finetune.init_from with a score head of K outputs in
+place of its lm head, read at each text's last non-padding token (bastion/model/heads.py:
+exactly transformers' `...ForSequenceClassification`, so `bastion export hf` scores alike).
+
+    classify   K = len(finetune.sequence.labels); loss = cross-entropy of the K scores
+               (transformers' single_label_classification loss)
+    regress    K = 1; loss = finetune.sequence.regress_loss of the score and the label:
+               mse (default: transformers' "regression" loss, so an exported model's own loss
+               is the one it was trained with), l1 (what most CMU-MOSI papers train with) or
+               huber (finetune.sequence.huber_delta)
+
+Starting from a language model the lm head is dropped and a zero score head added (every
+class starts equally likely and every value at 0; nothing drawn from the RNG); starting from
+a checkpoint of the same objective and K continues it. Validation reports the loss and the
+field's metrics (bastion/train/label_metrics.py) over the whole val file (up to
+train.eval_batches batches); under torchrun each rank scores its rows and one all-reduce
+assembles the table, so the metrics are those of one process.
+LoRA is refused for now: the score head would have to train beside the adapters and travel
+with them (adapter folders, merge, PEFT's modules_to_save), which they do not carry yet.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from bastion.config.schema import BastionConfig
+from bastion.data.batches import batch_to_device
+from bastion.data.labelled import LabelledDataset, LabelSpec, label_spec, load_labelled
+from bastion.errors import CheckpointError, ConfigError, DataError
+from bastion.model.heads import scoring_config, scoring_weights, sequence_scores
+from bastion.train.distributed import sum_across_ranks
+from bastion.train.label_metrics import classification_metrics, regression_metrics
+from bastion.train.tasks.base import Autocast, Forward, Stats, register_task
+from bastion.train.tasks.files import FileTask, eval_batches
+
+if TYPE_CHECKING:
+    from bastion.train.checkpoints import StartPoint
+
+
+def head_size(cfg: BastionConfig) -> int:
+    """Score-head outputs of the run's objective: K classes, or 1 value."""
+    labels = cfg.finetune.sequence.labels
+    return len(labels) if cfg.train.objective == "classify" and labels else 1
+
+
+def label_loss(scores: torch.Tensor, labels: torch.Tensor, spec: LabelSpec, regress_loss: str = "mse",
+               huber_delta: float = 1.0) -> torch.Tensor:
+    """Mean loss of [B, K] float32 scores against [B] labels (class indices or values)."""
+    if spec.kind == "classify":
+        return F.cross_entropy(scores, labels)
+    values, targets = scores[:, 0], labels.float()
+    if regress_loss == "l1":
+        return F.l1_loss(values, targets)
+    if regress_loss == "huber":
+        return F.huber_loss(values, targets, delta=huber_delta)
+    return F.mse_loss(values, targets)
+
+
+def label_metrics(scores: np.ndarray, labels: np.ndarray, spec: LabelSpec) -> dict[str, float]:
+    """The field's metrics of [N, K] scores against [N] labels."""
+    if spec.kind == "classify":
+        return classification_metrics(scores, labels)
+    return regression_metrics(scores[:, 0], labels)
+
+
+@torch.no_grad()
+def score_dataset(forward: Forward, dataset: LabelledDataset, *, batch_size: int, seq_len: int, device: torch.device,
+                  autocast: Autocast, max_batches: int | None = None, rank: int = 0,
+                  world: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """([N, K] float32 scores of the first max_batches batches in file order, [N] bool: which
+    rows were scored), on `device`; each rank scores its rows, one all-reduce joins them."""
+    pad_id = dataset.pad_id
+    table: torch.Tensor | None = None
+    seen = torch.zeros(len(dataset), dtype=torch.float32, device=device)
+    for batch, real in eval_batches(dataset, batch_size, seq_len, max_batches, rank, world, device):
+        with autocast():
+            scores = sequence_scores(forward, batch["input_ids"], pad_id).float()
+        if table is None:
+            table = torch.zeros(len(dataset), scores.size(1), dtype=torch.float32, device=device)
+        if real:
+            table[batch["index"]] = scores
+            seen[batch["index"]] = 1.0
+    if table is None:
+        raise DataError("no labelled examples to score")
+    joined = sum_across_ranks(torch.cat([table, seen[:, None]], dim=1), world)
+    return joined[:, :-1], joined[:, -1] > 0
+
+
+def evaluate_labels(forward: Forward, dataset: LabelledDataset, *, batch_size: int, seq_len: int,
+                    device: torch.device, autocast: Autocast, max_batches: int | None = None, rank: int = 0,
+                    world: int = 1, regress_loss: str = "mse", huber_delta: float = 1.0) -> dict[str, float]:
+    """Loss and the field's metrics over (the first max_batches batches of) labelled data."""
+    assert dataset.labels is not None, "evaluation needs labels"
+    scores, seen = score_dataset(forward, dataset, batch_size=batch_size, seq_len=seq_len, device=device,
+                                 autocast=autocast, max_batches=max_batches, rank=rank, world=world)
+    scores = scores[seen].cpu()
+    labels = torch.from_numpy(dataset.labels)[seen.cpu()]
+    loss = label_loss(scores, labels, dataset.spec, regress_loss, huber_delta).item()
+    return {"loss": loss, **label_metrics(scores.numpy(), labels.numpy(), dataset.spec), "examples": float(len(labels))}
+
+
+@register_task
+class ClassifyTask(FileTask):
+    objective = "classify"
+
+    def __init__(self, cfg: BastionConfig, start: StartPoint, *, rank: int = 0, world: int = 1):
+        if cfg.finetune.lora.enabled:
+            raise ConfigError(f"finetune.lora.enabled: train.objective {self.objective} trains the whole model (LoRA "
+                              "adapters cannot carry the score head yet); turn LoRA off",
+                              [("finetune.lora.enabled", f"not supported with train.objective {self.objective}")])
+        self.spec = label_spec(self.objective, cfg.finetune.sequence)
+        super().__init__(cfg, start, rank=rank, world=world)
+        self.pad_id = self.train.pad_id
+
+    def load(self, path: Any, chat: Any, ft: Any, roots: Any, *, what: str = "finetune.train_file") -> LabelledDataset:
+        return load_labelled(path, chat.tokenizer, self.spec, ft, roots, what=what)
+
+    @classmethod
+    def adapt_start(cls, start: StartPoint, cfg: BastionConfig | None = None) -> None:
+        assert cfg is not None, "the head's size comes from the config"
+        size, labels = head_size(cfg), start.model_cfg.score_labels
+        if labels is None:  # a language model: its lm head becomes a zero score head
+            assert start.weights is not None, "fine-tuning starts from weights"
+            start.model_cfg = scoring_config(start.model_cfg, size)
+            start.weights = scoring_weights(start.weights, start.model_cfg, size)
+        elif labels != size:
+            raise CheckpointError(f"finetune.init_from {start.directory} scores {labels} labels (model.score_labels); "
+                                  f"train.objective {cls.objective} here needs {size}")
+
+    def describe(self) -> list[str]:
+        notes = [f"train: {self.train.describe()}"]
+        if self.val is not None:
+            notes.append(f"val: {self.val.describe()}")
+        return notes
+
+    def batch_unit(self) -> str:
+        return f"texts of up to {self.seq_len} tokens"
+
+    def micro_batch_loss(self, forward: Forward, device: torch.device) -> tuple[torch.Tensor, int, Stats]:
+        full, mine, real = self._next_rows()
+        batch = batch_to_device(mine, device)
+        scores = sequence_scores(forward, batch["input_ids"], self.pad_id).float()
+        sc = self.cfg.finetune.sequence
+        loss = label_loss(scores, batch["labels"], self.spec, sc.regress_loss, sc.huber_delta)
+        stats = self._batch_stats(scores.detach(), batch["labels"])
+        if self.world > 1:  # this rank's share of the global batch's texts
+            share = (len(mine["index"]) if real else 0) * self.world / len(full["index"])
+            loss, stats = loss * share, {name: value * share for name, value in stats.items()}
+        return loss, int(full["num_tokens"]), stats
+
+    def _batch_stats(self, scores: torch.Tensor, labels: torch.Tensor) -> Stats:
+        return {"accuracy": (scores.argmax(-1) == labels).float().mean()}
+
+    def evaluate(self, forward: Forward, autocast: Autocast, device: torch.device, max_batches: int) -> dict[str, float]:
+        assert self.val is not None
+        sc = self.cfg.finetune.sequence
+        return evaluate_labels(forward, self.val, batch_size=self.batch_size, seq_len=self.seq_len, device=device,
+                               autocast=autocast, max_batches=max_batches, rank=self.rank, world=self.world,
+                               regress_loss=sc.regress_loss, huber_delta=sc.huber_delta)
+
+    def summary(self, metrics: dict[str, float]) -> str:
+        if "accuracy" not in metrics:
+            return ""
+        return f", accuracy {metrics['accuracy']:.3f}, macro-F1 {metrics['macro_f1']:.3f}"
+
+
+@register_task
+class RegressTask(ClassifyTask):
+    objective = "regress"
+
+    def _batch_stats(self, scores: torch.Tensor, labels: torch.Tensor) -> Stats:
+        return {"mae": (scores[:, 0] - labels).abs().mean()}
+
+    def summary(self, metrics: dict[str, float]) -> str:
+        if "mae" not in metrics:
+            return ""
+        return (f", MAE {metrics['mae']:.3f}, Pearson {metrics['pearson']:.3f}, Acc-2 {metrics['acc2_nonzero']:.3f} "
+                f"(non-zero), Acc-7 {metrics['acc7']:.3f}")

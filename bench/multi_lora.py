@@ -31,21 +31,10 @@ from bastion.config.schema import GenerateConfig, LoraConfig, ModelConfig
 from bastion.infer.engine import Engine
 from bastion.model import Transformer
 from bastion.tokenizer import BastionTokenizer
+from bench_models import NoEos  # the tokenizer without eos: every request runs its budget
 
 TEXTS = ["The quick brown fox jumps over the lazy dog. " * 4, "def main():\n    return sum(range(10))\n",
          "Bastion trains small language models from raw text, safely and reproducibly."]
-
-
-class NoEos:
-    """Every request runs to its token budget."""
-
-    eos_id = None
-
-    def __init__(self, tok):
-        self._tok = tok
-
-    def __getattr__(self, name):
-        return getattr(self._tok, name)
 
 
 def model(args) -> Transformer:

@@ -137,16 +137,23 @@ def test_cache_row_view_is_bit_identical_to_own_cache(n_kv_head):
         big.rows(2, 4)
 
 
-@pytest.mark.parametrize("cfg", [dict(), dict(n_kv_head=4), dict(sliding_window=5)])
-def test_decode_step_matches_rows_decoded_alone(cfg):
-    model = tiny_model(**cfg)
-    lens = [3, 9, 1, 14]
+def prefilled_twice(model, lens):
+    """Two 4-row caches holding the same random prompts of `lens` tokens, row by row."""
     batched, alone = model.new_cache(4), model.new_cache(4)
     with torch.inference_mode():
         for r, n in enumerate(lens):
             prompt = torch.randint(0, 300, (1, n))
             model(prompt, cache=batched.rows(r, r + 1))
             model(prompt, cache=alone.rows(r, r + 1))
+    return batched, alone
+
+
+@pytest.mark.parametrize("cfg", [dict(), dict(n_kv_head=4), dict(sliding_window=5)])
+def test_decode_step_matches_rows_decoded_alone(cfg):
+    model = tiny_model(**cfg)
+    lens = [3, 9, 1, 14]
+    batched, alone = prefilled_twice(model, lens)
+    with torch.inference_mode():
         for rows in ([3, 0, 1], [0, 1, 2, 3]):  # scattered rows (a gather), then a contiguous run
             tokens, positions = [7 * r + 1 for r in rows], [lens[r] for r in rows]
             out = model.decode_step(tokens, batched, rows, positions)
@@ -164,12 +171,8 @@ def test_decode_rows_matches_rows_decoded_alone_and_ignores_its_companions(cfg):
     row's logits bit-identical whichever other rows share the step, for one row count."""
     model = tiny_model(**cfg)
     lens = [3, 9, 1, 14]
-    batched, alone = model.new_cache(4), model.new_cache(4)
+    batched, alone = prefilled_twice(model, lens)
     with torch.inference_mode():
-        for r, n in enumerate(lens):
-            prompt = torch.randint(0, 300, (1, n))
-            model(prompt, cache=batched.rows(r, r + 1))
-            model(prompt, cache=alone.rows(r, r + 1))
         rows = [3, 0, 1]
         tokens, positions = [7 * r + 1 for r in rows], [lens[r] for r in rows]
         out = model.decode_rows(tokens, [batched.rows(r, r + 1) for r in rows], positions, pad_to=6)

@@ -20,6 +20,7 @@ import torch
 
 from bastion.config.schema import BastionConfig
 from bastion.errors import CheckpointError, ConfigError
+from bastion.model.heads import scoring_config, scoring_weights
 
 if TYPE_CHECKING:
     from bastion.train.checkpoints import StartPoint
@@ -120,6 +121,20 @@ class Task:
 
 
 TASKS: dict[str, type[Task]] = {}
+
+
+def start_with_score_head(start: StartPoint, size: int, needs: str) -> None:
+    """A scoring task's start point: a language model's lm head becomes a zero score head of
+    `size` labels; a scoring model must already have `size` (CheckpointError naming what
+    `needs` them otherwise)."""
+    labels = start.model_cfg.score_labels
+    if labels is None:
+        assert start.weights is not None, "fine-tuning starts from weights"
+        start.model_cfg = scoring_config(start.model_cfg, size)
+        start.weights = scoring_weights(start.weights, start.model_cfg, size)
+    elif labels != size:
+        raise CheckpointError(f"finetune.init_from {start.directory} scores {labels} labels (model.score_labels); "
+                              f"{needs}")
 
 
 def register_task(cls: type[Task]) -> type[Task]:

@@ -30,11 +30,11 @@ import torch.nn.functional as F
 from bastion.config.schema import BastionConfig
 from bastion.data.batches import batch_to_device
 from bastion.data.labelled import LabelledDataset, LabelSpec, label_spec, load_labelled
-from bastion.errors import CheckpointError, ConfigError, DataError
-from bastion.model.heads import scoring_config, scoring_weights, sequence_scores
+from bastion.errors import ConfigError, DataError
+from bastion.model.heads import sequence_scores
 from bastion.train.distributed import sum_across_ranks
 from bastion.train.label_metrics import classification_metrics, regression_metrics
-from bastion.train.tasks.base import Autocast, Forward, Stats, register_task
+from bastion.train.tasks.base import Autocast, Forward, Stats, register_task, start_with_score_head
 from bastion.train.tasks.files import FileTask, eval_batches
 
 if TYPE_CHECKING:
@@ -122,14 +122,8 @@ class ClassifyTask(FileTask):
     @classmethod
     def adapt_start(cls, start: StartPoint, cfg: BastionConfig | None = None) -> None:
         assert cfg is not None, "the head's size comes from the config"
-        size, labels = head_size(cfg), start.model_cfg.score_labels
-        if labels is None:  # a language model: its lm head becomes a zero score head
-            assert start.weights is not None, "fine-tuning starts from weights"
-            start.model_cfg = scoring_config(start.model_cfg, size)
-            start.weights = scoring_weights(start.weights, start.model_cfg, size)
-        elif labels != size:
-            raise CheckpointError(f"finetune.init_from {start.directory} scores {labels} labels (model.score_labels); "
-                                  f"train.objective {cls.objective} here needs {size}")
+        size = head_size(cfg)
+        start_with_score_head(start, size, f"train.objective {cls.objective} here needs {size}")
 
     def describe(self) -> list[str]:
         notes = [f"train: {self.train.describe()}"]

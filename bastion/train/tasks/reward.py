@@ -24,9 +24,9 @@ from typing import TYPE_CHECKING, NamedTuple
 import torch
 
 from bastion.config.schema import BastionConfig
-from bastion.errors import CheckpointError, ConfigError
-from bastion.model.heads import scoring_config, scoring_weights, sequence_scores
-from bastion.train.tasks.base import Forward, Stats, register_task
+from bastion.errors import ConfigError
+from bastion.model.heads import sequence_scores
+from bastion.train.tasks.base import Forward, Stats, register_task, start_with_score_head
 from bastion.train.tasks.preference import PairLoss, PreferenceTask, reward_stats, sigmoid_loss
 
 if TYPE_CHECKING:
@@ -71,14 +71,7 @@ class RewardTask(PreferenceTask):
 
     @classmethod
     def adapt_start(cls, start: StartPoint, cfg: BastionConfig | None = None) -> None:
-        labels = start.model_cfg.score_labels
-        if labels is None:  # a language model: its lm head becomes a zero score head
-            assert start.weights is not None, "fine-tuning starts from weights"
-            start.model_cfg = scoring_config(start.model_cfg, REWARD_LABELS)
-            start.weights = scoring_weights(start.weights, start.model_cfg, REWARD_LABELS)
-        elif labels != REWARD_LABELS:
-            raise CheckpointError(f"finetune.init_from {start.directory} scores {labels} labels "
-                                  f"(model.score_labels); a reward model has {REWARD_LABELS}")
+        start_with_score_head(start, REWARD_LABELS, f"a reward model has {REWARD_LABELS}")
 
     def pair_values(self, forward: Forward, batch: Mapping[str, torch.Tensor]) -> PairScores:
         return pair_scores(forward, batch, self.pad_id)

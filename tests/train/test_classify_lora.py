@@ -187,3 +187,11 @@ def test_adapter_folder_merge_and_peft_export_are_refused(runs, tmp_path):
     with pytest.raises(CheckpointError, match="PEFT export does not carry"):
         export_peft(runs["classify"].adapter, tmp_path / "peft")
     assert not (tmp_path / "m").exists() and not (tmp_path / "peft").exists()
+
+
+def test_serving_a_scoring_adapter_is_refused(runs):
+    from bastion.adapters.serving import _check_fit
+
+    adapter = read_adapter(runs["classify"].adapter)
+    with pytest.raises(CheckpointError, match="carries a score head"):
+        _check_fit("cls", adapter, Transformer(checkpoint_config(load_checkpoint(runs["base"])).model))

@@ -130,11 +130,28 @@ def test_merged_and_unmerged_score_alike(runs):
         a = sequence_scores(unmerged.model, ids, pad_id)
         b = sequence_scores(merged.model, ids, pad_id)
     assert (a - b).abs().max().item() <= 1e-5
+    with torch.no_grad():  # the model as it trained: adapters beside the base weights, not folded in
+        c = sequence_scores(_unmerged_model(runs), ids, pad_id)
+    assert (c - b).abs().max().item() <= 1e-5
     on_run = eval_labels(runs["classify"].checkpoint, runs["root"] / "cv.jsonl", roots=["/"])
     on_merged = eval_labels(runs["merged"], runs["root"] / "cv.jsonl", roots=["/"])
     assert on_run["accuracy"] == pytest.approx(runs["classify"].val_metrics["accuracy"], abs=1e-6)
     for name in ("loss", "accuracy", "macro_f1"):
         assert on_merged[name] == pytest.approx(on_run[name], abs=1e-5)
+
+
+def _unmerged_model(runs) -> Transformer:
+    from bastion.adapters.folder import load_lora_state_dict
+    from bastion.model.heads import base_weights_for
+
+    base = load_checkpoint(runs["base"], load_optimizer=False)
+    ckpt = load_checkpoint(runs["classify"].checkpoint, load_optimizer=False)
+    config = checkpoint_config(ckpt)
+    weights = base_weights_for(base.model, checkpoint_config(base).model, config.model.score_labels)
+    model = Transformer.from_state_dict(config.model, weights).float().eval()
+    apply_lora(model, config.finetune.lora)
+    load_lora_state_dict(model, ckpt.model)
+    return model
 
 
 @pytest.mark.parametrize("which", ["run", "merged"])

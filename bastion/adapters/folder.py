@@ -1,9 +1,11 @@
 """LoRA adapter folders: a model's adapters saved apart from its base, verified like checkpoints.
 
-    adapter.safetensors    the lora_A / lora_B tensors (names as in bastion/model/lora.py)
+    adapter.safetensors    the lora_A / lora_B tensors (names as in bastion/model/lora.py),
+                           and a classify / regress run's whole `score.weight` head
     adapter_config.json    rank, alpha, dropout, targets, and the SHA-256 of the base
                            checkpoint's MANIFEST.json, so an adapter is never applied to a
-                           base it was not trained on
+                           base it was not trained on; a scoring run's "score_head"
+                           (score_labels, objective, finetune.sequence: the label names)
     MANIFEST.json          size + SHA-256 of both, verified by `read_adapter`
 
 Written atomically (private temp folder + rename) like checkpoints; `bastion export peft`
@@ -35,8 +37,9 @@ from bastion.checkpoint.manifest import (
 )
 from bastion.checkpoint.safetensors_check import check_against_model, check_finite, parse_header
 from bastion.checkpoint.signing import SIGNATURE, check_signature, sign_manifest
-from bastion.config.schema import LoraConfig
+from bastion.config.schema import BastionConfig, LoraConfig, SequenceTaskConfig
 from bastion.errors import CheckpointError
+from bastion.model.heads import SCORE_HEAD
 from bastion.model.lora import apply_lora, is_lora_name, lora_module_name, lora_settings, lora_state_dict
 
 ADAPTER_FILE = "adapter.safetensors"
@@ -45,6 +48,29 @@ ADAPTER_FORMAT = "bastion-lora-adapter"
 ADAPTER_FORMAT_VERSION = 1
 MAX_ADAPTER_CONFIG_BYTES = 1 * 2**20
 MAX_ADAPTER_BYTES = 64 * 2**30
+
+
+SCORING_OBJECTIVES = ("classify", "regress")
+
+
+@dataclass
+class ScoreHead:
+    """The score head a classify / regress run trains beside its adapters: K outputs and
+    what names them (the objective and its finetune.sequence settings)."""
+
+    score_labels: int
+    objective: str
+    sequence: SequenceTaskConfig
+
+    def to_json(self) -> dict[str, Any]:
+        return {"score_labels": self.score_labels, "objective": self.objective,
+                "sequence": self.sequence.model_dump(mode="json")}
+
+
+def score_head_of(cfg: BastionConfig) -> ScoreHead | None:
+    """The score head of a run's config; None for a language model."""
+    labels = cfg.model.score_labels
+    return None if labels is None else ScoreHead(labels, cfg.train.objective, cfg.finetune.sequence)
 
 
 @dataclass
@@ -56,6 +82,7 @@ class Adapter:
     base_manifest_sha256: str
     manifest_sha256: str
     directory: Path
+    head: ScoreHead | None = None  # a scoring run's: tensors then hold score.weight too
 
 
 def check_sha(value: Any, what: str) -> str:
@@ -125,12 +152,14 @@ def write_new_dir(out_dir: str | Path, files: dict[str, Any]) -> Path:
 
 
 def save_adapter(model: nn.Module, cfg: LoraConfig, out_dir: str | Path, base_manifest_sha256: str, *,
-                 tensors: dict[str, torch.Tensor] | None = None, signing_key: str | Path | None = None) -> Path:
+                 tensors: dict[str, torch.Tensor] | None = None, signing_key: str | Path | None = None,
+                 head: ScoreHead | None = None) -> Path:
     """Write the model's adapters to `out_dir` (adapter.safetensors, adapter_config.json,
     MANIFEST.json), atomically; an existing adapter folder there is replaced, anything else
     non-empty is refused. `cfg` must describe the model's adapters; `base_manifest_sha256` is
     the base checkpoint's `manifest_sha256`. `tensors`: the adapters already gathered (a
-    sharded model's own are pieces), checked against the model's names and shapes."""
+    sharded model's own are pieces), checked against the model's names and shapes. `head`: a
+    scoring model's (its score.weight is among the tensors), recorded in adapter_config.json."""
     check_sha(base_manifest_sha256, "base_manifest_sha256")
     expected = lora_state_dict(model)
     if tensors is None:
@@ -140,6 +169,7 @@ def save_adapter(model: nn.Module, cfg: LoraConfig, out_dir: str | Path, base_ma
     if not tensors:
         raise CheckpointError("the model has no LoRA adapters to save (apply_lora first)")
     _check_settings(model, cfg, "the LoRA config does not describe the model's adapters")
+    _check_head_tensor(head, tensors, out_dir)
     meta = {
         "format": ADAPTER_FORMAT,
         "format_version": ADAPTER_FORMAT_VERSION,
@@ -150,6 +180,8 @@ def save_adapter(model: nn.Module, cfg: LoraConfig, out_dir: str | Path, base_ma
         "target_modules": list(dict.fromkeys(cfg.target_modules)),
         "base_manifest_sha256": base_manifest_sha256,
     }
+    if head is not None:
+        meta["score_head"] = head.to_json()
     files = {
         ADAPTER_FILE: safetensors.torch.save({k: v.to("cpu").contiguous() for k, v in tensors.items()}),
         ADAPTER_CONFIG: (json.dumps(meta, indent=2, sort_keys=True) + "\n").encode(),
@@ -159,6 +191,35 @@ def save_adapter(model: nn.Module, cfg: LoraConfig, out_dir: str | Path, base_ma
     if signing_key is not None:
         files[SIGNATURE] = sign_manifest(files[MANIFEST], signing_key, out_dir.name)
     return safeio.write_dir_atomic(out_dir, files, replace=_out_dir_ok(out_dir, replaceable=True))
+
+
+def _check_head_tensor(head: ScoreHead | None, tensors: dict[str, torch.Tensor], where: str | Path) -> None:
+    """A score head's tensor is there exactly when a head is declared, with its K rows."""
+    weight = tensors.get(SCORE_HEAD)
+    if head is None and weight is not None:
+        raise CheckpointError(f"{where}: holds {SCORE_HEAD} but adapter_config.json declares no score_head")
+    if head is None:
+        return
+    if weight is None or weight.dim() != 2 or weight.shape[0] != head.score_labels:
+        shape = None if weight is None else tuple(weight.shape)
+        raise CheckpointError(f"{where}: score_head declares {head.score_labels} labels, but {SCORE_HEAD} is "
+                              f"{'missing' if weight is None else f'of shape {shape}'}")
+
+
+def _score_head(meta: dict[str, Any], where: Path) -> ScoreHead | None:
+    raw = meta.get("score_head")
+    if raw is None:
+        return None
+    if not isinstance(raw, dict) or raw.get("objective") not in SCORING_OBJECTIVES:
+        raise CheckpointError(f"{where}: score_head must record objective classify or regress")
+    labels = raw.get("score_labels")
+    if type(labels) is not int or not 1 <= labels <= 1024:
+        raise CheckpointError(f"{where}: score_head.score_labels must be an integer from 1 to 1024")
+    try:
+        sequence = SequenceTaskConfig.model_validate(raw.get("sequence"))
+    except ValidationError as exc:
+        raise CheckpointError(f"{where}: invalid score_head.sequence ({exc.errors()[0]['msg']})") from None
+    return ScoreHead(labels, raw["objective"], sequence)
 
 
 def read_adapter(adapter_dir: str | Path) -> Adapter:
@@ -177,6 +238,7 @@ def read_adapter(adapter_dir: str | Path) -> Adapter:
     meta = safeio.parse_json(read_checkpoint_file(directory, ADAPTER_CONFIG, MAX_ADAPTER_CONFIG_BYTES),
                              CheckpointError, str(directory / ADAPTER_CONFIG))
     cfg, base_sha = _adapter_settings(meta, directory / ADAPTER_CONFIG)
+    head = _score_head(meta, directory / ADAPTER_CONFIG)
     data = read_checkpoint_file(directory, ADAPTER_FILE, MAX_ADAPTER_BYTES)
     parse_header(data, directory / ADAPTER_FILE)
     try:
@@ -185,15 +247,17 @@ def read_adapter(adapter_dir: str | Path) -> Adapter:
         raise CheckpointError(f"{directory / ADAPTER_FILE}: not a valid safetensors file ({exc})") from None
     for name, tensor in tensors.items():
         module = lora_module_name(name)
-        if not is_lora_name(name) or module is None or module.rpartition(".")[2] not in cfg.target_modules:
+        adapter_tensor = is_lora_name(name) and module is not None and module.rpartition(".")[2] in cfg.target_modules
+        if not adapter_tensor and not (name == SCORE_HEAD and head is not None):
             raise CheckpointError(f"{directory / ADAPTER_FILE}: unexpected tensor {name[:120]!r}")
         if not tensor.is_floating_point():
             raise CheckpointError(f"{directory / ADAPTER_FILE}: tensor {name!r} is not floating point")
     if not tensors:
         raise CheckpointError(f"{directory / ADAPTER_FILE}: holds no adapter tensors")
+    _check_head_tensor(head, tensors, directory / ADAPTER_FILE)
     check_finite(tensors, directory / ADAPTER_FILE)
     return Adapter(config=cfg, tensors=tensors, base_manifest_sha256=base_sha,
-                   manifest_sha256=manifest_sha256(directory), directory=directory)
+                   manifest_sha256=manifest_sha256(directory), directory=directory, head=head)
 
 
 def _adapter_settings(meta: Any, where: Path) -> tuple[LoraConfig, str]:
@@ -223,5 +287,5 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path, base_manifest_sha256
     return adapter.config
 
 
-__all__ = ["ADAPTER_CONFIG", "ADAPTER_FILE", "Adapter", "attach", "check_base", "load_adapter",
+__all__ = ["ADAPTER_CONFIG", "ADAPTER_FILE", "Adapter", "ScoreHead", "attach", "score_head_of", "check_base", "load_adapter",
            "load_lora_state_dict", "read_adapter", "save_adapter", "write_new_dir"]

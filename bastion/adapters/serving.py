@@ -88,6 +88,9 @@ def _check_base(name: str, adapter: Adapter, base_sha: str) -> None:
 def _check_fit(name: str, adapter: Adapter, model: nn.Module) -> None:
     """The adapter's tensors are exactly those its rank and targets need on this base."""
     where = f"adapter {name!r} ({adapter.directory / ADAPTER_FILE})"
+    if adapter.head is not None:  # a classifier's head replaces the lm head: nothing to generate with
+        raise CheckpointError(f"{where}: is a train.objective {adapter.head.objective} adapter (it carries a score "
+                              "head); serving generates text; use `bastion predict --checkpoint RUN_DIR` instead")
     cfg = adapter.config
     expected = expected_shapes(model, cfg)
     missing = sorted(set(expected) - set(adapter.tensors))

@@ -25,7 +25,8 @@ from bastion.checkpoint.safetensors_check import check_against_model
 from bastion.config.schema import BastionConfig
 from bastion.errors import CheckpointError, ConfigError
 from bastion.model import Transformer
-from bastion.model.lora import apply_lora, is_lora_name, merge_lora
+from bastion.model.heads import base_weights_for
+from bastion.model.lora import apply_lora, is_lora_state_name, merge_lora
 from bastion.model.quantize import check_mode, quantize_model, restore_quantized, use_cpu_kernels
 from bastion.tokenizer import BastionTokenizer
 from bastion.tokenizer.chat import ChatFormat
@@ -103,11 +104,13 @@ def load_for_inference(path: str | Path, *, verify: bool = True, device: str | t
 
 
 def _merged_lora_model(ckpt, config: BastionConfig, expected: dict[str, torch.Tensor], verify: bool) -> Transformer:
-    base, _ = load_full_model(lora_base(ckpt), what="LoRA base", verify=verify, reject_nonfinite=True)
-    check_against_model(base.model, expected, base.directory / "model.safetensors")
-    model = Transformer.from_state_dict(config.model, base.model).float()
+    base, base_config = load_full_model(lora_base(ckpt), what="LoRA base", verify=verify, reject_nonfinite=True,
+                                        head="any")  # a classifier may be LoRA-tuned further
+    weights = base_weights_for(base.model, base_config.model, config.model.score_labels)
+    check_against_model(weights, expected, base.directory / "model.safetensors")
+    model = Transformer.from_state_dict(config.model, weights).float()
     apply_lora(model, config.finetune.lora)
-    adapters = {k: v for k, v in ckpt.model.items() if is_lora_name(k)}
+    adapters = {k: v for k, v in ckpt.model.items() if is_lora_state_name(k)}
     load_lora_state_dict(model, adapters, ckpt.directory / "model.safetensors")
     merge_lora(model)
     for p in model.parameters():

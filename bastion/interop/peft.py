@@ -21,7 +21,7 @@ from typing import Any
 
 import safetensors.torch
 
-from bastion.adapters.folder import read_adapter, write_new_dir
+from bastion.adapters.folder import Adapter, read_adapter, write_new_dir
 from bastion.errors import CheckpointError
 from bastion.model.hf import HF_MODULE_NAMES, hf_name
 
@@ -64,12 +64,22 @@ def peft_config(rank: int, alpha: float, dropout: float, target_modules: list[st
     }
 
 
+def _refuse_score_head(adapter: Adapter) -> None:
+    """A classify / regress run's folder carries its trained score head; a CAUSAL_LM PEFT
+    folder has no place for it, so exporting the adapters alone would lose half the model."""
+    if adapter.head is not None:
+        raise CheckpointError(f"{adapter.directory}: holds a train.objective {adapter.head.objective} score head "
+                              "beside its adapters, which a PEFT export does not carry yet; merge the run "
+                              "(`bastion merge BASE RUN_DIR OUT`) and `bastion export hf` the merged classifier")
+
+
 def export_peft(adapter_dir: str | Path, out_dir: str | Path, *, base_model_name_or_path: str | None = None) -> Path:
     """Write `adapter_dir` (from `save_adapter`) as a PEFT folder at `out_dir` (must not exist
     or be empty). `base_model_name_or_path` is recorded in adapter_config.json (informational:
     PeftModel.from_pretrained takes the base model as an argument); e.g. the `export_hf`
     folder of the base checkpoint. Returns out_dir."""
     adapter = read_adapter(adapter_dir)
+    _refuse_score_head(adapter)
     cfg = adapter.config
     try:
         tensors = {peft_tensor_name(k): v.contiguous() for k, v in adapter.tensors.items()}

@@ -68,6 +68,17 @@ def scoring_weights(state: dict[str, torch.Tensor], cfg: ModelConfig, labels: in
     return out
 
 
+def base_weights_for(state: dict[str, torch.Tensor], cfg: ModelConfig,
+                     labels: int | None) -> dict[str, torch.Tensor]:
+    """A LoRA run's base weights as the model its adapters were trained on: a language-model
+    base of a classify / regress run gets the (zero) score head the run started from, which
+    the run's own trained score.weight then replaces. Anything else is returned unchanged
+    (the shapes are checked against the run's model by the caller)."""
+    if labels is None or cfg.score_labels is not None:
+        return state
+    return scoring_weights(state, scoring_config(cfg, labels), labels)
+
+
 def hf_label_fields(objective: str, labels: list[str] | None, size: int) -> dict[str, Any]:
     """What transformers' config.json says about a scoring model's outputs: classify ->
     id2label / label2id with the class names and problem_type single_label_classification;
@@ -82,5 +93,5 @@ def hf_label_fields(objective: str, labels: list[str] | None, size: int) -> dict
     return {}
 
 
-__all__ = ["LM_HEAD", "SCORE_HEAD", "hf_label_fields", "last_token_index", "pool_last", "scoring_config", "scoring_weights",
+__all__ = ["LM_HEAD", "SCORE_HEAD", "base_weights_for", "hf_label_fields", "last_token_index", "pool_last", "scoring_config", "scoring_weights",
            "sequence_scores"]

@@ -48,6 +48,9 @@ TARGETS: dict[str, str] = {
     "w1": "feed_forward", "w2": "feed_forward", "w3": "feed_forward",
 }
 LORA_SUFFIXES = (".lora_A", ".lora_B")
+# Whole tensors that train beside the adapters and travel with them (PEFT's modules_to_save):
+# a scoring model's head (bastion/model/heads.py) is new, so a frozen one would score nothing.
+SAVED_WHOLE = ("score.weight",)
 _MODULE = re.compile(r"^layers\.(\d+)\.(attention|feed_forward)\.(w[qkvo123])$")
 
 
@@ -164,12 +167,13 @@ def _check_targets(targets: list[str]) -> list[str]:
 def apply_lora(model: nn.Module, cfg: LoraConfig) -> list[str]:
     """Replace the `cfg.target_modules` projections of every layer with LoRALinear and freeze
     every other parameter. Returns the wrapped module names ("layers.0.attention.wq", ...).
+    A scoring model's head (`score.weight`) stays trainable and is saved with the adapters.
     Call it after loading the base weights and before building the optimizer."""
     targets = _check_targets(list(cfg.target_modules))
     if lora_modules(model):
         raise ConfigError("the model already has LoRA adapters (apply_lora was called twice)")
-    for p in model.parameters():
-        p.requires_grad_(False)
+    for name, p in model.named_parameters():
+        p.requires_grad_(name in SAVED_WHOLE)
     wrapped = []
     for name, module in list(model.named_modules()):
         m = _MODULE.match(name)
@@ -241,16 +245,26 @@ def quantize_lora_base(model: nn.Module, mode: str) -> QuantizedBase:
 
 
 def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The adapter tensors only: {"layers.N.attention.wq.lora_A": ..., ".lora_B": ...} (detached)."""
+    """What a LoRA run trains and saves (detached): {"layers.N.attention.wq.lora_A": ...,
+    ".lora_B": ...}, plus "score.weight" on a scoring model (SAVED_WHOLE)."""
     out: dict[str, torch.Tensor] = {}
     for name, m in lora_modules(model).items():
         out[f"{name}.lora_A"] = m.lora_A.detach()
         out[f"{name}.lora_B"] = m.lora_B.detach()
+    if out:
+        params = dict(model.named_parameters())
+        out.update({name: params[name].detach() for name in SAVED_WHOLE if name in params})
     return out
 
 
 def is_lora_name(name: str) -> bool:
+    """Whether a tensor is an adapter's (lora_A / lora_B)."""
     return name.endswith(LORA_SUFFIXES)
+
+
+def is_lora_state_name(name: str) -> bool:
+    """Whether a tensor belongs to what a LoRA run saves: an adapter, or a SAVED_WHOLE head."""
+    return is_lora_name(name) or name in SAVED_WHOLE
 
 
 def lora_module_name(tensor_name: str) -> str | None:
@@ -285,6 +299,7 @@ def merge_lora(model: nn.Module) -> list[str]:
     return merged
 
 
-__all__ = ["LORA_SUFFIXES", "LoRALinear", "QuantizedBase", "TARGETS", "apply_lora", "is_lora_name", "lora_disabled",
+__all__ = ["LORA_SUFFIXES", "LoRALinear", "QuantizedBase", "SAVED_WHOLE", "TARGETS", "apply_lora", "is_lora_name",
+           "is_lora_state_name", "lora_disabled",
            "lora_module_name", "lora_modules", "lora_settings", "lora_state_dict", "merge_lora", "quantize_lora_base",
            "quantized_base"]

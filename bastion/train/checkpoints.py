@@ -19,7 +19,7 @@ from typing import Any, Protocol
 
 import torch
 
-from bastion.adapters.folder import load_lora_state_dict, save_adapter
+from bastion.adapters.folder import load_lora_state_dict, save_adapter, score_head_of
 from bastion.checkpoint import Checkpoint, Retention, list_checkpoints, load_checkpoint, save_checkpoint
 from bastion.checkpoint.checkpoint import resolve_checkpoint, step_dir_name
 from bastion.checkpoint.contents import (
@@ -38,7 +38,7 @@ from bastion.config.schema import BastionConfig, ModelConfig
 from bastion.data.shards import read_index, read_tokenizer_json
 from bastion.errors import CheckpointError, ConfigError
 from bastion.model import Transformer
-from bastion.model.lora import is_lora_name, lora_state_dict
+from bastion.model.lora import is_lora_state_name, lora_state_dict
 from bastion.safeio import make_private_dir, replace_file
 from bastion.tokenizer.chat import ChatFormat
 from bastion.train.distributed import DistEnv, barrier, full_training_state, load_sharded_state
@@ -176,8 +176,8 @@ class RunCheckpoints:
     def _write(self, model: torch.nn.Module, optimizer_class: str, model_sd: dict[str, torch.Tensor],
                opt_sd: dict | None, progress: RunProgress, task: Task, steps: StepStrategy) -> Path:
         opt_tensors, opt_meta = state_dict_to_tensors(opt_sd, optimizer_class) if opt_sd else (None, {})
-        # A LoRA run stores only its adapters: the base is init_from, pinned by its hash.
-        weights = {name: t for name, t in model_sd.items() if is_lora_name(name)} if self.lora else model_sd
+        # A LoRA run stores only its adapters (and a scoring head): the base is init_from, pinned by its hash.
+        weights = {name: t for name, t in model_sd.items() if is_lora_state_name(name)} if self.lora else model_sd
         rng = {"torch_cpu": torch.get_rng_state()}
         if self.device.type == "cuda":
             rng["torch_cuda"] = torch.cuda.get_rng_state(self.device)
@@ -196,7 +196,7 @@ class RunCheckpoints:
         )
         if self.lora:  # the adapter alone, in its own verified folder (bastion merge / export peft)
             save_adapter(model, self.cfg.finetune.lora, self.run_dir / "adapter", self.start.manifest_sha256,
-                         tensors=weights, signing_key=cc.signing_key)
+                         tensors=weights, signing_key=cc.signing_key, head=score_head_of(self.cfg))
         if self.pusher is not None:
             self.pusher.submit(path)  # returns at once; a worker thread uploads while training goes on
         return path

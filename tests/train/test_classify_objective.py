@@ -269,9 +269,7 @@ def test_config_refusals(runs, tmp_path, sequence, objective, message):
         finetune_config(runs["base"], tmp_path / "x.jsonl", tmp_path / "run", objective=objective, sequence=sequence)
 
 
-def test_lora_and_a_mismatched_head_are_refused(runs, tmp_path):
-    with pytest.raises(ConfigError, match="finetune.lora.enabled"):
-        train(_config(runs, "classify", tmp_path / "lora", lora={"rank": 2}), quiet=True)
+def test_a_mismatched_head_is_refused(runs, tmp_path):  # LoRA runs: tests/train/test_classify_lora.py
     more = finetune_config(runs["classify"].checkpoint, runs["root"] / "c.jsonl", tmp_path / "more",
                            objective="classify", sequence={"labels": ["a", "b"]}, seq_len=64)
     with pytest.raises(CheckpointError, match="scores 3 labels"):

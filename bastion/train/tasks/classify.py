@@ -16,8 +16,9 @@ a checkpoint of the same objective and K continues it. Validation reports the lo
 field's metrics (bastion/train/label_metrics.py) over the whole val file (up to
 train.eval_batches batches); under torchrun each rank scores its rows and one all-reduce
 assembles the table, so the metrics are those of one process.
-LoRA is refused for now: the score head would have to train beside the adapters and travel
-with them (adapter folders, merge, PEFT's modules_to_save), which they do not carry yet.
+With finetune.lora.enabled the adapters train and the score head trains whole beside them
+(bastion/model/lora.py SAVED_WHOLE, PEFT's modules_to_save idea); checkpoints and the adapter
+folder carry both, pinned to the language-model base (docs/multimodal.md).
 """
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ import torch.nn.functional as F
 from bastion.config.schema import BastionConfig
 from bastion.data.batches import batch_to_device
 from bastion.data.labelled import LabelledDataset, LabelSpec, label_spec, load_labelled
-from bastion.errors import ConfigError, DataError
+from bastion.errors import DataError
 from bastion.model.heads import sequence_scores
 from bastion.train.distributed import sum_across_ranks
 from bastion.train.label_metrics import classification_metrics, regression_metrics
@@ -108,10 +109,6 @@ class ClassifyTask(FileTask):
     objective = "classify"
 
     def __init__(self, cfg: BastionConfig, start: StartPoint, *, rank: int = 0, world: int = 1):
-        if cfg.finetune.lora.enabled:
-            raise ConfigError(f"finetune.lora.enabled: train.objective {self.objective} trains the whole model (LoRA "
-                              "adapters cannot carry the score head yet); turn LoRA off",
-                              [("finetune.lora.enabled", f"not supported with train.objective {self.objective}")])
         self.spec = label_spec(self.objective, cfg.finetune.sequence)
         super().__init__(cfg, start, rank=rank, world=world)
         self.pad_id = self.train.pad_id

@@ -8,6 +8,7 @@ seven integers. Same (n, seed) -> identical records on every platform (only `ran
 from __future__ import annotations
 
 import random
+from pathlib import Path
 
 from synthetic.chat import SYLLABLES
 
@@ -42,3 +43,14 @@ def regress_records(n: int, seed: int = 0, noise: float = 0.2) -> list[dict]:
         value = max(-3.0, min(3.0, VALUE_MARKERS[marker] + rng.uniform(-noise, noise)))
         out.append({"text": _with_marker(rng, marker), "label": round(value, 3)})
     return out
+
+
+def write_labelled_splits(root: Path) -> None:
+    """The classify and regress train / validation files the task tests train on:
+    c.jsonl / cv.jsonl (classify), r.jsonl / rv.jsonl (regress), in `root`."""
+    from synthetic.chat import write_jsonl
+
+    write_jsonl(root / "c.jsonl", classify_records(300, seed=1))
+    write_jsonl(root / "cv.jsonl", classify_records(60, seed=2))
+    write_jsonl(root / "r.jsonl", regress_records(300, seed=1))
+    write_jsonl(root / "rv.jsonl", regress_records(60, seed=2))

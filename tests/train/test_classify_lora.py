@@ -27,8 +27,7 @@ from bastion.model import Transformer
 from bastion.model.heads import sequence_scores
 from bastion.model.lora import apply_lora
 from bastion.train.loop import train
-from synthetic.chat import write_jsonl
-from synthetic.labelled import classify_records, regress_records
+from synthetic.labelled import write_labelled_splits
 
 LABELS = ["neg", "neu", "pos"]
 LORA = {"rank": 4, "alpha": 8.0}
@@ -39,10 +38,7 @@ runner = CliRunner()
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("classify-lora")
     base = make_base_checkpoint(root / "base")
-    write_jsonl(root / "c.jsonl", classify_records(300, seed=1))
-    write_jsonl(root / "cv.jsonl", classify_records(60, seed=2))
-    write_jsonl(root / "r.jsonl", regress_records(300, seed=1))
-    write_jsonl(root / "rv.jsonl", regress_records(60, seed=2))
+    write_labelled_splits(root)
     out = {"root": root, "base": base}
     out["classify"] = train(_config(out, "classify", root / "run-c", max_steps=60), quiet=True)
     out["merged"] = merge_checkpoint(base, out["classify"].run_dir, root / "merged")

@@ -22,7 +22,7 @@ from bastion.eval.classify import eval_labels, predict_labels
 from bastion.train.label_metrics import classification_metrics, macro_f1, regression_metrics
 from bastion.train.loop import train
 from synthetic.chat import write_jsonl
-from synthetic.labelled import classify_records, regress_records
+from synthetic.labelled import write_labelled_splits
 
 LABELS = ["neg", "neu", "pos"]
 runner = CliRunner()
@@ -32,10 +32,7 @@ runner = CliRunner()
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("classify")
     base = make_base_checkpoint(root / "base")
-    write_jsonl(root / "c.jsonl", classify_records(300, seed=1))
-    write_jsonl(root / "cv.jsonl", classify_records(60, seed=2))
-    write_jsonl(root / "r.jsonl", regress_records(300, seed=1))
-    write_jsonl(root / "rv.jsonl", regress_records(60, seed=2))
+    write_labelled_splits(root)
     out = {"root": root, "base": base}
     out["classify"] = train(_config(out, "classify", root / "run-c", max_steps=50), quiet=True)
     out["regress"] = train(_config(out, "regress", root / "run-r", max_steps=80), quiet=True)

@@ -111,7 +111,7 @@ class _Sequence(SequenceState):
         self.done = False
         # Chunked prefill (padded mode): positions of the prompt in the cache row so far.
         # Prefix-cache blocks and shared prefills never cross adapters: the namespace holds it.
-        self.cache_namespace = f"{adapter or ''}\x00{cache_namespace}" if adapter else cache_namespace
+        self.cache_namespace = f"{adapter}\x00{cache_namespace}" if adapter else cache_namespace
         self.started = False
         self.prefilled = 0
         self.leader: _Sequence | None = None  # the same prompt, prefilling: copy its rows when done

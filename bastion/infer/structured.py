@@ -140,7 +140,6 @@ class Constraint:
     def __init__(self, grammar: str, tokenizer: Any, vocab_size: int, end_ids: frozenset[int], *,
                  check_first: bool = True):
         llg = _llguidance()
-        self.end_ids = end_ids
         self.vocab_size = vocab_size
         lt = _ll_tokenizer(tokenizer, vocab_size, tuple(sorted(end_ids)))
         self.matcher = llg.LLMatcher(lt, grammar, log_level=0, limits=parser_limits())

@@ -64,7 +64,7 @@ async def request_structure(cfg: ServeConfig, body: P._Sampling, *, tokenizer: A
         raise StructureError(str(exc), "tools") from None
     if choice not in ("none", "auto", "required") and choice not in {t["function"]["name"] for t in tools}:
         raise StructureError(f"tool_choice names function {choice!r}, which is not in tools", "tool_choice")
-    if choice in ("required",) and not tools:
+    if choice == "required" and not tools:
         raise StructureError("tool_choice is required but no tools are given", "tool_choice")
     calls = bool(tools) and choice != "none"
     if calls and fmt is not None and fmt.type != "text":
@@ -151,11 +151,3 @@ class CallStream:
             return "", None
         calls = None if cut else tool_calls(self.held, flt)
         return ("", calls) if calls is not None else (self.held, None)
-
-
-def check_flattened(messages: Any, structure: Structure) -> list[dict[str, Any]]:
-    """`prompt_messages` with the library's DataError turned into the 400's message."""
-    try:
-        return prompt_messages(messages, structure)
-    except DataError as exc:
-        raise StructureError(f"messages: {exc}", "messages") from None

@@ -256,6 +256,22 @@ class PreferenceConfig(Section):
                                       "r_rejected)^2), which keeps the rewards centred on 0 (TRL's center_rewards_coefficient)")
 
 
+MODALITY_NAME = re.compile(r"[a-z][a-z0-9_]{0,31}")
+MAX_MODALITIES = 8
+MAX_FEATURE_SIZE = 8192  # per frame: above COVAREP (74), OpenFace (35-709), wav2vec 2 / CLIP (768-1024)
+MAX_FRAMES = 10_000  # per example: a 100 Hz stream of 100 s
+
+
+class ModalityConfig(Section):
+    """One named feature stream (bastion/data/features.py): per example a [frames, features]
+    float tensor in `<split>.<name>.safetensors` beside the split's JSONL file."""
+
+    features: int = Field(ge=1, le=MAX_FEATURE_SIZE, description="values per frame (e.g. 74 for COVAREP, 35 for "
+                          "OpenFace action units, 768 for wav2vec 2 base); a tensor of another width is an error")
+    max_frames: int = Field(ge=1, le=MAX_FRAMES, description="most frames one example may hold; a longer tensor is "
+                            "an error (cut or pool frames when extracting features)")
+
+
 class SequenceTaskConfig(Section):
     """Sequence-level objectives (train.objective classify | regress): one label per text,
     read by the score head at the text's last token (bastion/train/tasks/classify.py)."""
@@ -267,6 +283,22 @@ class SequenceTaskConfig(Section):
     regress_loss: Literal["mse", "l1", "huber"] = Field(default="mse", description="regress: mse (the default; MOSI "
                                                         "papers mostly report L1-trained models, try l1), l1 or huber")
     huber_delta: float = Field(default=1.0, gt=0.0, le=1e4, description="regress_loss huber: where it turns linear")
+    modalities: dict[str, ModalityConfig] = Field(default_factory=dict, max_length=MAX_MODALITIES, description=(
+        "named feature streams per example, e.g. {audio: {features: 74, max_frames: 500}} (docs/multimodal.md); "
+        "feature files are validated by bastion.data.features; training with them is not built yet"))
+    modality_dropout: float = Field(default=0.0, ge=0.0, le=1.0, description="chance that a training example loses "
+                                    "each modality (reserved for fusion training)")
+    max_feature_file_bytes: int = Field(default=4 * 2**30, ge=1, le=64 * 2**30, description="largest feature file "
+                                        "(one split, one modality) read")
+
+    @field_validator("modalities")
+    @classmethod
+    def _modality_names(cls, value: dict[str, ModalityConfig]) -> dict[str, ModalityConfig]:
+        for name in value:
+            if not MODALITY_NAME.fullmatch(name):
+                raise ValueError(f"modality name {name[:40]!r}: lower-case letters, digits and _, starting with a "
+                                 "letter, at most 32 characters (it becomes part of a file name)")
+        return value
 
     @field_validator("labels")
     @classmethod

@@ -112,6 +112,10 @@ class ClassifyTask(FileTask):
             raise ConfigError(f"finetune.lora.enabled: train.objective {self.objective} trains the whole model (LoRA "
                               "adapters cannot carry the score head yet); turn LoRA off",
                               [("finetune.lora.enabled", f"not supported with train.objective {self.objective}")])
+        if cfg.finetune.sequence.modalities:  # the fusion model is not built: never train as if text only
+            raise ConfigError("finetune.sequence.modalities: feature files can be validated (bastion.data.features) "
+                              "but training with modality streams is not built yet (issue 17, part 2); remove it",
+                              [("finetune.sequence.modalities", "fusion training not built yet")])
         self.spec = label_spec(self.objective, cfg.finetune.sequence)
         super().__init__(cfg, start, rank=rank, world=world)
         self.pad_id = self.train.pad_id

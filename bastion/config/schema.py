@@ -258,7 +258,7 @@ class PreferenceConfig(Section):
 
 MODALITY_NAME = re.compile(r"[a-z][a-z0-9_]{0,31}")
 MAX_MODALITIES = 8
-MAX_FEATURE_SIZE = 8192  # per frame: above COVAREP (74), OpenFace (35-709), wav2vec 2 / CLIP (768-1024)
+MAX_FEATURE_SIZE = 8192  # per frame: above COVAREP (74), FACET / OpenFace (35-713), wav2vec 2 / CLIP (768-1024)
 MAX_FRAMES = 10_000  # per example: a 100 Hz stream of 100 s
 
 

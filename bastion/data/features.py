@@ -16,8 +16,8 @@ simply lacks that modality (masked, allowed); a tensor whose id no example has i
 
 Reading is strict and happens before any tensor is built: the path confined to
 data.allowed_roots and opened without following a symlink, the size bounded
-(finetune.sequence.max_feature_file_bytes), the header's layout validated with the
-checkpoint validator (truncated file, overlapping or stray bytes, oversized header), then
+(finetune.sequence.max_feature_file_bytes), the header's layout validated as a
+checkpoint's is (bastion/safetensors_layout.py) (truncated file, overlapping or stray bytes, oversized header), then
 every entry: an id of 1-128 printable characters, dtype F32 / F16 / BF16, rank 2, width ==
 the modality's declared `features`, 1 <= frames <= its `max_frames`. Only then are tensors
 built (safetensors, no pickle), and each is refused if it holds NaN or Inf. Every error is
@@ -34,10 +34,10 @@ from typing import Any
 import torch
 from safetensors.torch import load as load_safetensors
 
-from bastion.checkpoint.safetensors_check import parse_header
-from bastion.errors import CheckpointError, DataError
+from bastion.errors import DataError
 from bastion.safeio import read_regular
 from bastion.safepath import Roots
+from bastion.safetensors_layout import parse_header
 
 FEATURE_DTYPES = {"F32", "F16", "BF16"}  # float features only: no integer codes, no float64 doubling memory
 MAX_ID_CHARS = 128
@@ -93,8 +93,8 @@ def read_feature_file(path: str | os.PathLike[str], modality: str, features: int
     if len(data) > max_bytes:
         raise DataError(f"{p}: {what} is over finetune.sequence.max_feature_file_bytes = {max_bytes}")
     try:
-        header, _ = parse_header(data, p)
-    except CheckpointError as exc:  # truncated, stray bytes, bad JSON: the layout check's own words
+        header, _ = parse_header(data, p, error=DataError)
+    except DataError as exc:  # truncated, stray bytes, bad JSON: the layout check's own words
         raise DataError(f"{what}: {exc} (not a complete safetensors file)") from None
     for name in sorted(header):
         problem = _check_entry(name, header[name], modality, features, max_frames)

@@ -12,8 +12,11 @@ Reported per side: steady-state training throughput (examples/s, after --warmup 
 set-up and evaluation excluded) and accuracy / macro-F1 on a held-out set after training,
 and the ratio of the throughputs. Rounds alternate the sides; medians.
 
-    python bench/classify.py                        # CPU defaults (~2 min on 2 cores)
-    python bench/classify.py --device cuda --d-model 1024 --layers 12 --steps 300
+Then, unless --skip-fusion: fused vs text-only accuracy on the synthetic interaction set
+(audio x visual), both through `bastion train` (bench/fusion.py).
+
+    python bench/classify.py                        # CPU defaults (~2 min on 2 cores, + the fusion part)
+    python bench/classify.py --device cuda --d-model 1024 --layers 12 --steps 300 --skip-fusion
 """
 from __future__ import annotations
 
@@ -28,6 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # synthe
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import os  # noqa: E402
+
+import fusion  # noqa: E402  (bench/fusion.py)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything is built here; nothing is downloaded
 
@@ -148,6 +153,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps first")
     parser.add_argument("--rounds", type=int, default=1, help="rounds of both sides, alternating")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--skip-fusion", action="store_true", help="skip fused vs text-only on the interaction set")
+    fusion.add_arguments(parser)
     args = parser.parse_args()
 
     import torch
@@ -169,6 +176,9 @@ def main() -> None:
         print(f"{side:<14} {m['examples_per_s']:>11.1f} {m['accuracy']:>9.3f} {m['macro_f1']:>9.3f}")
     print(f"throughput ratio Bastion / transformers: "
           f"{med['bastion']['examples_per_s'] / med['transformers']['examples_per_s']:.2f}x")
+    if not args.skip_fusion:
+        print()
+        fusion.compare(args)
 
 
 if __name__ == "__main__":

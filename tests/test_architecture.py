@@ -15,6 +15,7 @@ ROOT = Path(__file__).resolve().parents[1] / "bastion"
 LAYERS = [
     {"errors"},
     {"bastion", "safeio", "safepath"},
+    {"safetensors_layout"},  # the safetensors layout check, on safeio's bounded JSON
     {"config", "tokenizer"},
     {"checkpoint", "data", "model"},
     {"adapters"},

@@ -35,6 +35,30 @@ class RopeScalingConfig(Section):
     original_max_position_embeddings: int = Field(default=8192, ge=8, le=1_048_576)
 
 
+MODALITY_NAME = re.compile(r"[a-z][a-z0-9_]{0,31}")
+MAX_MODALITIES = 8
+MAX_FEATURE_SIZE = 8192  # per frame: above COVAREP (74), FACET / OpenFace (35-713), wav2vec 2 / CLIP (768-1024)
+MAX_FRAMES = 10_000  # per example: a 100 Hz stream of 100 s
+
+
+class ModalityConfig(Section):
+    """One named feature stream (bastion/data/features.py): per example a [frames, features]
+    float tensor in `<split>.<name>.safetensors` beside the split's JSONL file."""
+
+    features: int = Field(ge=1, le=MAX_FEATURE_SIZE, description="values per frame (e.g. 74 for COVAREP, 35 for "
+                          "OpenFace action units, 768 for wav2vec 2 base); a tensor of another width is an error")
+    max_frames: int = Field(ge=1, le=MAX_FRAMES, description="most frames one example may hold; a longer tensor is "
+                            "an error (cut or pool frames when extracting features)")
+
+
+def check_modality_names(value: dict[str, "ModalityConfig"]) -> dict[str, "ModalityConfig"]:
+    for name in value:
+        if not MODALITY_NAME.fullmatch(name):
+            raise ValueError(f"modality name {name[:40]!r}: lower-case letters, digits and _, starting with a "
+                             "letter, at most 32 characters (it becomes part of a file name)")
+    return value
+
+
 class ModelConfig(Section):
     """Decoder-only transformer shape. `vocab_size` is filled from the tokenizer when null."""
 
@@ -55,6 +79,11 @@ class ModelConfig(Section):
     sliding_window: int | None = Field(default=None, ge=1, le=1_048_576, description="Mistral-style local attention window")
     score_labels: int | None = Field(default=None, ge=1, le=4096, description="None = a language model (lm head); K = a "
                                      "sequence-scoring model: K values read at the last token (1: a reward model)")
+    modalities: dict[str, ModalityConfig] = Field(default_factory=dict, max_length=MAX_MODALITIES, description=(
+        "a fused scoring model's feature streams (bastion/model/fusion.py); set by train.objective classify / regress "
+        "from finetune.sequence.modalities, empty for a text model"))
+
+    _modality_names = field_validator("modalities")(check_modality_names)
 
     @model_validator(mode="after")
     def _shapes_fit(self) -> "ModelConfig":
@@ -65,6 +94,8 @@ class ModelConfig(Section):
         kv = self.n_kv_head or self.n_head
         if self.n_head % kv:
             raise ValueError(f"n_head ({self.n_head}) must be divisible by n_kv_head ({kv})")
+        if self.modalities and self.score_labels is None:
+            raise ValueError("modalities need a scoring model (score_labels): fusion feeds the score head")
         return self
 
     @property
@@ -267,6 +298,15 @@ class SequenceTaskConfig(Section):
     regress_loss: Literal["mse", "l1", "huber"] = Field(default="mse", description="regress: mse (the default; MOSI "
                                                         "papers mostly report L1-trained models, try l1), l1 or huber")
     huber_delta: float = Field(default=1.0, gt=0.0, le=1e4, description="regress_loss huber: where it turns linear")
+    modalities: dict[str, ModalityConfig] = Field(default_factory=dict, max_length=MAX_MODALITIES, description=(
+        "named feature streams per example, e.g. {audio: {features: 74, max_frames: 500}} (docs/multimodal.md); "
+        "each file validated by bastion.data.features; the model gains gated cross-modal fusion (model/fusion.py)"))
+    modality_dropout: float = Field(default=0.0, ge=0.0, lt=1.0, description="chance that a training example loses "
+                                    "each modality, so the model learns to answer without it")
+    max_feature_file_bytes: int = Field(default=4 * 2**30, ge=1, le=64 * 2**30, description="largest feature file "
+                                        "(one split, one modality) read")
+
+    _modality_names = field_validator("modalities")(check_modality_names)
 
     @field_validator("labels")
     @classmethod

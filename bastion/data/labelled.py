@@ -6,10 +6,13 @@ eval classify` and `bastion predict`: one JSON object per line,
     regress:   {"text": "...", "label": -1.4}      a finite number, inside label_range if set
     predict:   {"text": "..."}                     ("label" optional: ignored)
 
+    with feature streams (finetune.sequence.modalities): {"id": "clip_0001", "text": ..., ...}
+               every record has a unique "id"; its frames are the tensors of that name in
+               <split>.<modality>.safetensors beside the file (bastion/data/features.py)
+
 Read through the fine-tuning reader (bastion/data/finetune.py: confined, size-bounded,
-streamed, every bad line reported as file:line naming the field). Any other key is an error:
-the modality part of issue 17 will add a "features" key deliberately, and until then a
-record that carries one must not train as if it were text only.
+streamed, every bad line reported as file:line naming the field). Any other key is an error,
+so a record never silently trains on less than it says. "id" is optional without modalities.
 
 A text becomes `tokenizer.encode_prompt(text)` (bos first when the tokenizer adds one, as
 transformers' `tokenizer(text)` does); one longer than finetune.max_length tokens keeps its
@@ -20,19 +23,21 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
 import torch
 
+from bastion.data.features import STREAM_KEY, check_example_id, pad_frames, read_split_features
 from bastion.data.finetune import LoadReport, _Flat, _one_per_row, _Planned, read_examples
 from bastion.errors import DataError
 from bastion.safepath import Roots
 
 Kind = Literal["classify", "regress", "predict"]
-RECORD_KEYS = {"text", "label"}
+RECORD_KEYS = {"id", "text", "label"}
+Stream = tuple[int, Sequence["torch.Tensor | None"]]  # (features per frame, per example its frames or None)
 MAX_ABS_VALUE = 1e9  # regress labels: far beyond any real scale, well inside float32 (MSE of 1e9 is 1e18)
 
 
@@ -93,8 +98,8 @@ def parse_labelled_record(record: Any, spec: LabelSpec) -> tuple[str, int | floa
         raise DataError(f"record must be a JSON object, got {type(record).__name__}")
     unknown = sorted(set(record) - RECORD_KEYS)
     if unknown:
-        raise DataError(f"unknown field(s) {', '.join(_shown(k) for k in unknown[:5])}; a record holds 'text' and "
-                        "'label' only")
+        raise DataError(f"unknown field(s) {', '.join(_shown(k) for k in unknown[:5])}; a record holds 'id', 'text' "
+                        "and 'label' only")
     if "text" not in record:
         raise DataError("missing field 'text'")
     text = record["text"]
@@ -106,6 +111,8 @@ def parse_labelled_record(record: Any, spec: LabelSpec) -> tuple[str, int | floa
         text.encode("utf-8")
     except UnicodeEncodeError:
         raise DataError("'text' is not valid Unicode (lone surrogate)") from None
+    if "id" in record:
+        check_example_id(record["id"])
     return text, spec.check(record)
 
 
@@ -115,13 +122,19 @@ class LabelledDataset(_Planned):
     kind = "labelled"
 
     def __init__(self, texts: Sequence[Sequence[int]], labels: Sequence[int | float] | None, *, spec: LabelSpec,
-                 pad_id: int, report: LoadReport | None = None, truncated: int = 0):
+                 pad_id: int, report: LoadReport | None = None, truncated: int = 0,
+                 streams: Mapping[str, Stream] | None = None):
+        """`streams`: {modality: (features per frame, per example its [frames, features]
+        float32 tensor or None where the example lacks the modality)}."""
         if not texts:
             raise DataError("no labelled examples")
         self.tokens = _Flat(texts, np.int32)
         self.spec, self.pad_id, self.report, self.truncated = spec, int(pad_id), report, truncated
         dtype = np.int64 if spec.kind == "classify" else np.float32
         self.labels = None if labels is None else np.asarray(labels, dtype=dtype)
+        self.streams = dict(streams or {})
+        self.example_ids: list[str | None] | None = None  # the records' "id"s, when read from a file
+        assert all(len(frames) == len(texts) for _, frames in self.streams.values()), "one entry per example"
         self._fingerprint: str | None = None
 
     def __len__(self) -> int:
@@ -132,20 +145,27 @@ class LabelledDataset(_Planned):
         return int(self.tokens.lengths.max())
 
     def _settings(self) -> str:
-        return f"{self.spec.kind},labels={','.join(self.spec.names)},pad={self.pad_id}"
+        streams = ",".join(f"{name}:{size}" for name, (size, _) in sorted(self.streams.items()))
+        return f"{self.spec.kind},labels={','.join(self.spec.names)},pad={self.pad_id},streams={streams}"
 
     def _digest_data(self, h: Any) -> None:
         self.tokens.digest(h)
         if self.labels is not None:
             h.update(self.labels.tobytes())
+        for name, (_, frames) in sorted(self.streams.items()):  # resuming on other features is other data
+            h.update(name.encode())
+            for x in frames:
+                h.update(b"-" if x is None else np.ascontiguousarray(x.numpy()).tobytes() + str(len(x)).encode())
 
     def plan(self, batch_size: int, seq_len: int, seed: int, epoch: int, shuffle: bool = True) -> list[list[list[int]]]:
         self._check_batching(batch_size, seq_len, self.max_length)
         return _one_per_row(self.order(seed, epoch, shuffle), batch_size)
 
     def collate(self, rows: list[list[int]], seq_len: int) -> dict[str, torch.Tensor]:
-        """{input_ids [B, T] right-padded to the batch's longest, index [B], num_tokens, and
-        labels [B] (int64 class indices or float32 values) when the data has them}."""
+        """{input_ids [B, T] right-padded to the batch's longest, index [B], num_tokens,
+        labels [B] (int64 class indices or float32 values) when the data has them, and per
+        modality `streams.<name>.frames` [B, F, features] / `.frame_mask` [B, F] /
+        `.present` [B] (bastion/data/features.py pad_frames)}."""
         index = [row[0] for row in rows]
         width = max(int(self.tokens.lengths[i]) for i in index)
         ids = np.full((len(index), width), self.pad_id, dtype=np.int64)
@@ -155,6 +175,8 @@ class LabelledDataset(_Planned):
                "num_tokens": torch.tensor(int(self.tokens.lengths[index].sum()))}
         if self.labels is not None:
             out["labels"] = torch.from_numpy(self.labels[index].copy())
+        for name, (size, frames) in self.streams.items():
+            out |= pad_frames([frames[i] for i in index], size, prefix=f"{STREAM_KEY}.{name}.")
         return out
 
     def describe(self) -> str:
@@ -163,14 +185,32 @@ class LabelledDataset(_Planned):
 
 
 def load_labelled(path: str | os.PathLike[str], tokenizer: Any, spec: LabelSpec, cfg: Any,
-                  roots: Roots | Sequence[str], *, what: str = "finetune.train_file") -> LabelledDataset:
+                  roots: Roots | Sequence[str], *, what: str = "finetune.train_file",
+                  modalities: Mapping[str, Any] | None = None, without: Collection[str] = ()) -> LabelledDataset:
     """Read, validate and tokenize a labelled-text JSONL file. `cfg` is a FinetuneConfig
-    (max_length, max_examples, max_file_bytes); `roots` is data.allowed_roots."""
+    (max_length, max_examples, max_file_bytes, sequence.max_feature_file_bytes); `roots` is
+    data.allowed_roots. With `modalities` (finetune.sequence.modalities) every record needs a
+    unique "id" and each modality's feature file is read and checked (bastion/data/features.py);
+    a modality in `without` is not read and is missing for every example (an ablation)."""
     truncated = 0
+    modalities = dict(modalities or {})
+    unknown = sorted(set(without) - set(modalities))
+    if unknown:
+        raise DataError(f"cannot leave out {', '.join(unknown)}: not a modality of this model "
+                        f"({', '.join(sorted(modalities)) or 'text only'})")
+    seen_ids: set[str] = set()
 
-    def convert(record: Any, validate_only: bool) -> tuple[list[int], int | float | None] | None:
+    def convert(record: Any, validate_only: bool) -> tuple[list[int], int | float | None, str | None] | None:
         nonlocal truncated
         text, label = parse_labelled_record(record, spec)
+        example_id = record.get("id")
+        if modalities:
+            if example_id is None:
+                raise DataError("missing field 'id' (finetune.sequence.modalities are declared: an example's "
+                                "frames are found by its id)")
+            if example_id in seen_ids:
+                raise DataError(f"'id' {_shown(example_id)} is used by an earlier record; ids must be unique")
+            seen_ids.add(example_id)
         if validate_only:
             return None
         ids = tokenizer.encode_prompt(text)
@@ -178,12 +218,22 @@ def load_labelled(path: str | os.PathLike[str], tokenizer: Any, spec: LabelSpec,
             raise DataError("'text' contains the tokenizer's pad token")
         if len(ids) > cfg.max_length:
             ids, truncated = ids[: cfg.max_length], truncated + 1
-        return ids, label
+        return ids, label, example_id
 
     examples, report = read_examples(path, cfg, roots, what, convert)
-    labels = None if spec.kind == "predict" else [label for _, label in examples]
-    return LabelledDataset([ids for ids, _ in examples], labels, spec=spec, pad_id=tokenizer.pad_id, report=report,
-                           truncated=truncated)
+    labels = None if spec.kind == "predict" else [label for _, label, _ in examples]
+    read = {name: spec_ for name, spec_ in modalities.items() if name not in without}
+    example_ids = [example_id for _, _, example_id in examples]
+    # Reading stopped at max_examples: later records' ids are unknown, so a tensor naming
+    # none of the kept ids cannot be called misspelt.
+    known = None if report.truncated else set(example_ids)
+    features = read_split_features(path, read, roots, max_bytes=cfg.sequence.max_feature_file_bytes, ids=known)
+    streams = {name: (spec_.features, [features[name].get(i) if name in features else None for i in example_ids])
+               for name, spec_ in modalities.items()}
+    data = LabelledDataset([ids for ids, _, _ in examples], labels, spec=spec, pad_id=tokenizer.pad_id, report=report,
+                           truncated=truncated, streams=streams)
+    data.example_ids = example_ids
+    return data
 
 
 def label_spec(objective: str, sequence_cfg: Any) -> LabelSpec:

@@ -8,12 +8,13 @@
 The checkpoint's own config says which task it is, the class names and the longest text
 (finetune.max_length; longer texts keep their first tokens, as in training). Files are read
 by the labelled-text reader (bastion/data/labelled.py): confined to `roots`, size-bounded,
-every bad line reported as file:line.
+every bad line reported as file:line. A fused model (model.modalities, bastion/model/fusion.py)
+also reads each modality's feature file beside the JSONL (bastion/data/features.py).
 """
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -43,12 +44,15 @@ def _length(loaded: LoadedModel) -> int:
 
 
 def eval_labels(checkpoint: str | Path, file: str | Path, *, roots: Sequence[str] = (".",), batch_size: int = 8,
-                device: str = "cpu") -> dict[str, float]:
-    """Loss and metrics of a classify / regress checkpoint on a labelled JSONL file."""
+                device: str = "cpu", without: Collection[str] = ()) -> dict[str, float]:
+    """Loss and metrics of a classify / regress checkpoint on a labelled JSONL file. A fused
+    model reads the file's feature streams (<file stem>.<modality>.safetensors); a modality
+    in `without` is left out for every example (an ablation: what the model loses without it)."""
     loaded, spec = load_labeller(checkpoint, device)
     length = _length(loaded)
     cfg = loaded.config.finetune.model_copy(update={"max_length": length})
-    data = load_labelled(file, loaded.tokenizer, spec, cfg, roots, what="--file")
+    data = load_labelled(file, loaded.tokenizer, spec, cfg, roots, what="--file",
+                         modalities=loaded.config.model.modalities, without=without)
     sc = loaded.config.finetune.sequence
     out = evaluate_labels(loaded.model, data, batch_size=batch_size, seq_len=length, device=torch.device(device),
                           autocast=contextlib.nullcontext, regress_loss=sc.regress_loss, huber_delta=sc.huber_delta)
@@ -56,36 +60,49 @@ def eval_labels(checkpoint: str | Path, file: str | Path, *, roots: Sequence[str
 
 
 def predict_labels(checkpoint: str | Path, *, file: str | Path | None = None, texts: Sequence[str] = (),
-                   roots: Sequence[str] = (".",), batch_size: int = 8, device: str = "cpu") -> Iterator[dict[str, Any]]:
+                   roots: Sequence[str] = (".",), batch_size: int = 8, device: str = "cpu",
+                   without: Collection[str] = ()) -> Iterator[dict[str, Any]]:
     """One dict per example, in input order: {"label", "probabilities": {name: p}} for a
-    classifier, {"value"} for a regressor. Everything is read and checked before the first
-    prediction, so a bad line yields nothing."""
+    classifier, {"value"} for a regressor, with the record's "id" first when it has one.
+    Everything is read and checked before the first prediction, so a bad line yields
+    nothing. A fused model reads the file's feature streams; `texts` have none (every
+    modality missing, as for an example the feature files do not name)."""
     if (file is None) == (not texts):
         raise DataError("give a JSONL file (--file) or texts (--text), not both")
     if len(texts) > MAX_TEXTS:
         raise DataError(f"at most {MAX_TEXTS} --text values; put more in a JSONL file")
     loaded, spec = load_labeller(checkpoint, device)
     length = _length(loaded)
-    data = _inputs(loaded, length, file, texts, roots)
+    data = _inputs(loaded, length, file, texts, roots, without)
     scores, _ = score_dataset(loaded.model, data, batch_size=batch_size, seq_len=length, device=torch.device(device),
                               autocast=contextlib.nullcontext)
     scores = scores.cpu()
+    ids = data.example_ids or [None] * len(data)
     if spec.kind == "regress":
-        for value in scores[:, 0].tolist():
-            yield {"value": value}
+        for example_id, value in zip(ids, scores[:, 0].tolist()):
+            yield _with_id(example_id, {"value": value})
         return
-    for row in scores.softmax(-1).tolist():
+    for example_id, row in zip(ids, scores.softmax(-1).tolist()):
         best = max(range(len(row)), key=row.__getitem__)
-        yield {"label": spec.names[best], "probabilities": dict(zip(spec.names, row))}
+        yield _with_id(example_id, {"label": spec.names[best], "probabilities": dict(zip(spec.names, row))})
+
+
+def _with_id(example_id: str | None, prediction: dict[str, Any]) -> dict[str, Any]:
+    return prediction if example_id is None else {"id": example_id, **prediction}
 
 
 def _inputs(loaded: LoadedModel, length: int, file: str | Path | None, texts: Sequence[str],
-            roots: Sequence[str]) -> LabelledDataset:
+            roots: Sequence[str], without: Collection[str]) -> LabelledDataset:
     predict = LabelSpec("predict")
     tokenizer = loaded.tokenizer
+    modalities = loaded.config.model.modalities
     if file is not None:
         cfg = loaded.config.finetune.model_copy(update={"max_length": length})
-        return load_labelled(file, tokenizer, predict, cfg, roots, what="--file")
+        return load_labelled(file, tokenizer, predict, cfg, roots, what="--file", modalities=modalities,
+                             without=without)
+    unknown = sorted(set(without) - set(modalities))
+    if unknown:
+        raise DataError(f"cannot leave out {', '.join(unknown)}: not a modality of this model")
     ids = []
     for i, text in enumerate(texts, start=1):
         try:
@@ -96,7 +113,8 @@ def _inputs(loaded: LoadedModel, length: int, file: str | Path | None, texts: Se
         if tokenizer.pad_id in encoded:
             raise DataError(f"--text #{i}: 'text' contains the tokenizer's pad token")
         ids.append(encoded[:length])
-    return LabelledDataset(ids, None, spec=predict, pad_id=tokenizer.pad_id)
+    streams = {name: (spec.features, [None] * len(ids)) for name, spec in modalities.items()}
+    return LabelledDataset(ids, None, spec=predict, pad_id=tokenizer.pad_id, streams=streams)
 
 
 __all__ = ["eval_labels", "load_labeller", "predict_labels"]

@@ -180,6 +180,10 @@ def preferences_cmd(
     _write_json(json_out, result)
 
 
+WithoutOption = typer.Option(None, "--without", help="A model with modality streams: leave this modality out for "
+                             "every example (repeatable), to measure what the model loses without it.")
+
+
 @app.command("classify")
 def classify_cmd(
     checkpoint: Path = CheckpointArg,
@@ -189,15 +193,18 @@ def classify_cmd(
     batch_size: int = typer.Option(8, "--batch-size", min=1, max=1024, help="Texts per forward pass."),
     device: str = DeviceOption,
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the results as JSON here (mode 0600)."),
+    without: Optional[List[str]] = WithoutOption,
     require_signature: bool = RequireSignatureOption,
     trusted_keys: Optional[List[Path]] = TrustedKeyOption,
 ) -> None:
     """Metrics of a classify / regress checkpoint on held-out labelled texts: accuracy and macro-F1, or MAE,
-    Pearson r, Acc-2 (negative vs non-negative; negative vs positive without zero labels) and Acc-7."""
+    Pearson r, Acc-2 (negative vs non-negative; negative vs positive without zero labels) and Acc-7. A model
+    with modality streams reads <file stem>.<modality>.safetensors beside the file (docs/multimodal.md)."""
     use_signature_options(require_signature, trusted_keys)
     from bastion.eval.classify import eval_labels
 
-    result = eval_labels(checkpoint, file, roots=roots or ["."], batch_size=batch_size, device=device)
+    result = eval_labels(checkpoint, file, roots=roots or ["."], batch_size=batch_size, device=device,
+                         without=without or ())
     _table(f"labels: {file}", result)
     _write_json(json_out, result)
 
@@ -211,16 +218,19 @@ def predict_cmd(
     roots: Optional[List[str]] = RootOption,
     batch_size: int = typer.Option(8, "--batch-size", min=1, max=1024, help="Texts per forward pass."),
     device: str = DeviceOption,
+    without: Optional[List[str]] = WithoutOption,
     require_signature: bool = RequireSignatureOption,
     trusted_keys: Optional[List[Path]] = TrustedKeyOption,
 ) -> None:
-    """Label new texts with a classify / regress checkpoint: one JSON line per text, in order - the class and
-    every class's probability, or the value."""
+    """Label new texts with a classify / regress checkpoint: one JSON line per text, in order - the record's
+    "id" if it has one, the class and every class's probability, or the value. A model with modality streams
+    reads <file stem>.<modality>.safetensors beside --file; --text values have no streams (every modality missing)."""
     use_signature_options(require_signature, trusted_keys)
     from bastion.eval.classify import predict_labels
 
     lines = [json.dumps(p, ensure_ascii=False) for p in predict_labels(
-        checkpoint, file=file, texts=texts or (), roots=roots or ["."], batch_size=batch_size, device=device)]
+        checkpoint, file=file, texts=texts or (), roots=roots or ["."], batch_size=batch_size, device=device,
+        without=without or ())]
     for line in lines:  # printed once all are computed: a failure prints nothing
         print(line)
 

@@ -436,12 +436,18 @@ def export_hf(ckpt_path: str | Path, out_dir: str | Path) -> Path:
     imported from it. A scoring model (model.score_labels: reward, classify, regress)
     becomes that family's `...ForSequenceClassification` with its pad_token_id (where
     transformers pools) and no generation_config.json; a classifier's or regressor's config
-    also says its problem_type and a classifier's its class names (id2label). Atomic (temp folder + rename); files 0600, folder 0700. Refuses an
-    existing non-empty out_dir."""
+    also says its problem_type and a classifier's its class names (id2label). A model with
+    modality streams (model.modalities) is refused: no transformers class computes its fusion.
+    Atomic (temp folder + rename); files 0600, folder 0700. Refuses an existing non-empty out_dir."""
     out_dir = Path(out_dir)
     _check_out_dir(out_dir, "export folder")
     ckpt, config = load_full_model(ckpt_path, reject_nonfinite=True, head="any")
     cfg = config.model
+    if cfg.modalities:  # transformers has no architecture that would compute the fusion
+        raise CheckpointError(f"{ckpt.directory} fuses feature streams ({', '.join(sorted(cfg.modalities))}; "
+                              "bastion/model/fusion.py), which no transformers class computes: it stays a verified "
+                              "Bastion checkpoint; score with `bastion predict` / `bastion eval classify` "
+                              "(docs/multimodal.md)")
     tokenizer = checkpoint_tokenizer(ckpt)
     specials, ids = exported_special_tokens(ckpt, tokenizer)
     model_type = _model_type(ckpt, config)

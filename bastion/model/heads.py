@@ -16,7 +16,7 @@ a scoring model's. Classification / regression with K labels reuses both unchang
 """
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -42,10 +42,12 @@ def pool_last(values: torch.Tensor, ids: torch.Tensor, pad_id: int) -> torch.Ten
     return values[rows, last_token_index(ids, pad_id).to(values.device)]
 
 
-def sequence_scores(forward: Callable[..., Any], ids: torch.Tensor, pad_id: int) -> torch.Tensor:
+def sequence_scores(forward: Callable[..., Any], ids: torch.Tensor, pad_id: int,
+                    streams: Mapping[str, Any] | None = None) -> torch.Tensor:
     """[B, K] scores of right- (or left-) padded sequences under a scoring model; `forward`
-    is the model or its DDP/compiled wrapper (its forward returns [B, T, K] values first)."""
-    values, _ = forward(ids)
+    is the model or its DDP/compiled wrapper (its forward returns [B, T, K] values first).
+    `streams` ({modality: FrameBatch}) feed a fused model's fusion (model/fusion.py)."""
+    values, _ = forward(ids) if streams is None else forward(ids, streams=streams)
     return pool_last(values, ids, pad_id)
 
 

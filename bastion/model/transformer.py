@@ -19,6 +19,9 @@ bastion/model/hf.py holds this map as code, plus config conversion both ways.
 A scoring model (`model.score_labels` K: a reward model, a classifier) has `score`, a
 Linear(d_model, K) head, instead of `output`: forward returns K values per position, read at
 the last token as transformers' `...ForSequenceClassification` does (bastion/model/heads.py).
+A fused scoring model (`model.modalities`) also has `fusion` (bastion/model/fusion.py): the
+final-norm states attend to per-example feature streams (`forward(..., streams=...)`) and are
+mixed through learned gates before the score head.
 
 Optional extras, also computed exactly as transformers does: `rope_scaling` ("linear" or
 Llama 3's "llama3" frequency scaling) and `sliding_window` (Mistral: a token attends to
@@ -27,6 +30,7 @@ itself and the window - 1 tokens before it).
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 
 import torch
 import torch.utils.checkpoint
@@ -34,6 +38,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from bastion.config.schema import ModelConfig, RopeScalingConfig
+from bastion.model.fusion import FrameBatch, Fusion, modality_shapes
 
 
 class RMSNorm(nn.Module):
@@ -288,6 +293,8 @@ class Transformer(nn.Module):
         for name, p in self.named_parameters():
             if name.endswith(("attention.wo.weight", "feed_forward.w2.weight")):
                 nn.init.normal_(p, mean=0.0, std=cfg.init_std / math.sqrt(2 * cfg.n_layer))
+        if cfg.modalities:  # after the init above: fusion keeps PyTorch's own initialisations (fusion.py)
+            self.fusion = Fusion(modality_shapes(cfg.modalities), cfg.d_model, cfg.n_head)
 
     @classmethod
     def from_state_dict(cls, cfg: ModelConfig, state: dict[str, torch.Tensor],
@@ -330,7 +337,8 @@ class Transformer(nn.Module):
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *,
                 cache: KVCache | None = None, start_pos: int = 0,
                 segment_ids: torch.Tensor | None = None,
-                logits_at: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                logits_at: torch.Tensor | None = None,
+                streams: Mapping[str, FrameBatch] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """idx [B, T] -> (logits [B, T, vocab], mean cross-entropy over targets != -100 or None);
         a scoring model returns its head's values [B, T, K] instead of logits (no targets).
 
@@ -343,6 +351,8 @@ class Transformer(nn.Module):
         With logits_at [B] (one position per row, no targets), only those positions go
         through the head: logits [B, 1, vocab] - a prefill needs the last prompt token's
         logits only, and the whole [B, T, vocab] would be the largest tensor it makes.
+        With streams {modality: FrameBatch} (a fused model only), the final-norm states go
+        through `fusion` before the score head; a modality left out is missing for every row.
         """
         B, T = idx.shape
         if T == 0:
@@ -352,6 +362,10 @@ class Transformer(nn.Module):
                              f"sequence length {T} + start_pos {start_pos} must be <= {self.cfg.max_seq_len}")
         if targets is not None and self.cfg.score_labels is not None:
             raise ValueError("a scoring model (model.score_labels) has no next-token loss; pool its values instead")
+        if streams is not None:
+            names = self.cfg.modalities
+            if not names or set(streams) - set(names):
+                raise ValueError(f"streams {sorted(streams)} do not fit model.modalities {sorted(names)}")
         if cache is None and start_pos != 0:
             raise ValueError("start_pos > 0 needs a KV cache holding the earlier positions")
         if cache is not None:
@@ -393,7 +407,10 @@ class Transformer(nn.Module):
             if targets is not None or logits_at.shape != (B,):
                 raise ValueError("logits_at must hold one position per row [B], and cannot be combined with targets")
             x = x[torch.arange(B, device=x.device), logits_at.to(x.device)].unsqueeze(1)
-        logits = self.head(self.norm(x))
+        h = self.norm(x)
+        if self.cfg.modalities:  # position-wise given the frames, so logits_at may select first
+            h = self.fusion(h, streams or {})
+        logits = self.head(h)
         loss = None
         if targets is not None:
             # float32 loss: bf16 log-softmax over a large vocab is noticeably off.

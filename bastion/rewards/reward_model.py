@@ -83,8 +83,12 @@ class RewardModelReward(Reward):
                 raise ConfigError("reward_model.device is 'cuda' but no CUDA device is available",
                                   [("reward_model.device", "no CUDA device")])
             with trust(self._policy.require, self._policy.trusted_keys):
-                self._loaded = load_for_inference(p.checkpoint, device=device, head="score",
-                                                  what="reward_model.checkpoint")
+                loaded = load_for_inference(p.checkpoint, device=device, head="score", what="reward_model.checkpoint")
+            if loaded.config.model.modalities:  # rollouts are text: the model would score without what it reads
+                raise ConfigError(f"reward_model.checkpoint {p.checkpoint} fuses modality streams "
+                                  f"({', '.join(sorted(loaded.config.model.modalities))}); a reward scores text only",
+                                  [("reward_model.checkpoint", "a fused model needs its feature streams")])
+            self._loaded = loaded
         return self._loaded
 
     def _ids(self, loaded: LoadedModel, sample: Sample, limit: int) -> list[int] | None:

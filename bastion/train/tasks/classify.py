@@ -19,6 +19,9 @@ assembles the table, so the metrics are those of one process.
 With finetune.lora.enabled the adapters train and the score head trains whole beside them
 (bastion/model/lora.py SAVED_WHOLE, PEFT's modules_to_save idea); checkpoints and the adapter
 folder carry both, pinned to the language-model base (docs/multimodal.md).
+With finetune.sequence.modalities the model also fuses per-example feature streams
+(model/fusion.py; data: bastion/data/features.py): a text start point gains a seeded fusion,
+modality dropout is finetune.sequence.modality_dropout, and the whole model trains (no LoRA).
 """
 from __future__ import annotations
 
@@ -31,7 +34,8 @@ import torch.nn.functional as F
 from bastion.config.schema import BastionConfig
 from bastion.data.batches import batch_to_device
 from bastion.data.labelled import LabelledDataset, LabelSpec, label_spec, load_labelled
-from bastion.errors import DataError
+from bastion.errors import CheckpointError, ConfigError, DataError
+from bastion.model.fusion import batch_streams, initial_weights
 from bastion.model.heads import sequence_scores
 from bastion.train.distributed import sum_across_ranks
 from bastion.train.label_metrics import classification_metrics, regression_metrics
@@ -74,12 +78,12 @@ def score_dataset(forward: Forward, dataset: LabelledDataset, *, batch_size: int
                   world: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """([N, K] float32 scores of the first max_batches batches in file order, [N] bool: which
     rows were scored), on `device`; each rank scores its rows, one all-reduce joins them."""
-    pad_id = dataset.pad_id
+    pad_id, names = dataset.pad_id, sorted(dataset.streams)
     table: torch.Tensor | None = None
     seen = torch.zeros(len(dataset), dtype=torch.float32, device=device)
     for batch, real in eval_batches(dataset, batch_size, seq_len, max_batches, rank, world, device):
         with autocast():
-            scores = sequence_scores(forward, batch["input_ids"], pad_id).float()
+            scores = sequence_scores(forward, batch["input_ids"], pad_id, batch_streams(batch, names)).float()
         if table is None:
             table = torch.zeros(len(dataset), scores.size(1), dtype=torch.float32, device=device)
         if real:
@@ -104,23 +108,55 @@ def evaluate_labels(forward: Forward, dataset: LabelledDataset, *, batch_size: i
     return {"loss": loss, **label_metrics(scores.numpy(), labels.numpy(), dataset.spec), "examples": float(len(labels))}
 
 
+def start_with_fusion(start: StartPoint, cfg: BastionConfig) -> None:
+    """The start point of a run with finetune.sequence.modalities: a text scoring model gains
+    a new fusion (model/fusion.py, seeded by train.seed); a fused one must declare the same
+    streams (CheckpointError naming both otherwise). Without modalities, a fused start is
+    refused: training it as text only would silently drop what it learnt to read."""
+    wanted, has = cfg.finetune.sequence.modalities, start.model_cfg.modalities
+    if not wanted and not has:
+        return
+    if has:
+        if has != wanted:
+            def shown(m: Any) -> str:
+                return ", ".join(f"{n} ({s.features} x {s.max_frames})" for n, s in sorted(m.items())) or "none"
+
+            raise CheckpointError(f"finetune.init_from {start.directory} fuses modalities {shown(has)}; "
+                                  f"finetune.sequence.modalities declares {shown(wanted)}: they must be the same")
+        return
+    assert start.weights is not None, "fine-tuning starts from weights"
+    model_cfg = start.model_cfg.model_copy(update={"modalities": dict(wanted)})
+    start.weights = {**start.weights, **initial_weights(wanted, model_cfg.d_model, model_cfg.n_head, cfg.train.seed)}
+    start.model_cfg = model_cfg
+
+
 @register_task
 class ClassifyTask(FileTask):
     objective = "classify"
 
     def __init__(self, cfg: BastionConfig, start: StartPoint, *, rank: int = 0, world: int = 1):
         self.spec = label_spec(self.objective, cfg.finetune.sequence)
+        self.modalities = sorted(cfg.finetune.sequence.modalities)
+        if self.modalities and cfg.finetune.lora.enabled:
+            raise ConfigError("finetune.lora.enabled: a model with finetune.sequence.modalities trains whole (LoRA "
+                              "adapters do not carry the fusion weights); turn LoRA off",
+                              [("finetune.lora.enabled", "not supported with finetune.sequence.modalities")])
         super().__init__(cfg, start, rank=rank, world=world)
         self.pad_id = self.train.pad_id
 
     def load(self, path: Any, chat: Any, ft: Any, roots: Any, *, what: str = "finetune.train_file") -> LabelledDataset:
-        return load_labelled(path, chat.tokenizer, self.spec, ft, roots, what=what)
+        return load_labelled(path, chat.tokenizer, self.spec, ft, roots, what=what, modalities=ft.sequence.modalities)
 
     @classmethod
     def adapt_start(cls, start: StartPoint, cfg: BastionConfig | None = None) -> None:
         assert cfg is not None, "the head's size comes from the config"
         size = head_size(cfg)
         start_with_score_head(start, size, f"train.objective {cls.objective} here needs {size}")
+        start_with_fusion(start, cfg)
+
+    def prepare(self, model: torch.nn.Module, device: torch.device, autocast: Autocast) -> None:
+        if self.modalities:
+            model.fusion.modality_dropout = self.cfg.finetune.sequence.modality_dropout
 
     def describe(self) -> list[str]:
         notes = [f"train: {self.train.describe()}"]
@@ -134,7 +170,7 @@ class ClassifyTask(FileTask):
     def micro_batch_loss(self, forward: Forward, device: torch.device) -> tuple[torch.Tensor, int, Stats]:
         full, mine, real = self._next_rows()
         batch = batch_to_device(mine, device)
-        scores = sequence_scores(forward, batch["input_ids"], self.pad_id).float()
+        scores = sequence_scores(forward, batch["input_ids"], self.pad_id, batch_streams(batch, self.modalities)).float()
         sc = self.cfg.finetune.sequence
         loss = label_loss(scores, batch["labels"], self.spec, sc.regress_loss, sc.huber_delta)
         stats = self._batch_stats(scores.detach(), batch["labels"])

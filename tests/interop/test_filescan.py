@@ -49,6 +49,10 @@ def test_a_secret_across_a_chunk_boundary_is_found_once(tmp_path, monkeypatch):
     (tmp_path / "big.txt").write_text(text)
     (finding,) = scan_folder(tmp_path).findings
     assert finding.where == f"offset {4096 - 9}"
+    (tmp_path / "big.txt").unlink()
+    (tmp_path / "weights.bin").write_bytes(b"\x00" * (3 * 4096 - 7) + GITHUB.encode() + b"\xff" * 9000)
+    (finding,) = scan_folder(tmp_path).findings
+    assert (finding.file, finding.where) == ("weights.bin", f"offset {3 * 4096 - 7}")
 
 
 def test_literal_values_are_searched_exactly(tmp_path):

@@ -171,27 +171,25 @@ def _scan_text_stream(scanner: _Scanner, name: str, fh: BinaryIO, digest: "hashl
 
 def _scan_binary_stream(scanner: _Scanner, name: str, fh: BinaryIO, digest: "hashlib._Hash", start: int = 0) -> None:
     """Scan the rest of `fh` (from file offset `start`) as binary: its runs of printable ASCII of
-    at least MIN_RUN bytes, each alone. A run reaching a chunk's end is carried (its last
-    OVERLAP_CHARS bytes) into the next chunk; findings seen twice are kept once."""
+    at least MIN_RUN bytes, each alone. Printable bytes at a chunk's end are carried (at most
+    OVERLAP_CHARS) into the next chunk; a finding seen twice is kept once."""
     offset, carry = start, b""
     while chunk := fh.read(CHUNK_BYTES):
         digest.update(chunk)
         buf = carry + chunk
         base = offset - len(carry)
-        runs = _printable_runs(buf)
-        carry = b""
-        if runs and runs[-1][0] + len(runs[-1][1]) == len(buf):
-            carry = buf[max(runs[-1][0], len(buf) - OVERLAP_CHARS):]
+        runs, trailing = _printable_runs(buf)
+        # Printable bytes at the end may start a run the next chunk continues: carry them.
+        carry = buf[max(trailing, len(buf) - OVERLAP_CHARS):]
         _scan_runs(scanner, name, runs, base)
         offset += len(chunk)
-    if len(carry) >= MIN_RUN:
-        _scan_runs(scanner, name, [(0, carry)], offset - len(carry))
 
 
-def _printable_runs(buf: bytes) -> list[tuple[int, bytes]]:
-    """(offset, bytes) of every run of at least MIN_RUN printable ASCII bytes in `buf`: the bytes
-    mapped to 1 (printable) / 0 by `translate`, then the runs found with `bytes.find`, both at
-    memory speed (a regex over random bytes would start a match at every printable byte)."""
+def _printable_runs(buf: bytes) -> tuple[list[tuple[int, bytes]], int]:
+    """(offset, bytes) of every run of at least MIN_RUN printable ASCII bytes in `buf`, and where
+    its trailing printable bytes start (len(buf) if none): the bytes mapped to 1 (printable) /
+    0 by `translate`, then the runs found with `bytes.find`, both at memory speed (a regex
+    over random bytes would start a match at every printable byte)."""
     flags = buf.translate(_PRINTABLE_FLAGS)
     runs, pos = [], 0
     while (start := flags.find(_MIN_RUN_FLAGS, pos)) >= 0:
@@ -199,7 +197,7 @@ def _printable_runs(buf: bytes) -> list[tuple[int, bytes]]:
         end = len(flags) if end < 0 else end
         runs.append((start, buf[start:end]))
         pos = end
-    return runs
+    return runs, flags.rfind(b"\x00") + 1
 
 
 def _scan_runs(scanner: _Scanner, name: str, runs: list[tuple[int, bytes]], base: int) -> None:

@@ -29,11 +29,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, Iterator
 
-from bastion.checkpoint.safetensors_check import MAX_HEADER_BYTES
+from bastion.checkpoint.safetensors_check import MAX_HEADER_BYTES, parse_header
 from bastion.config.schema import SanitizeConfig
 from bastion.data.sanitize import Redactor
 from bastion.errors import BastionError
-from bastion.safeio import parse_json
+from bastion.safeio import open_regular, parse_json
 
 CHUNK_BYTES = 8 * 2**20
 OVERLAP_CHARS = 80 * 2**10  # > a PEM private key block (sanitize caps one at 64 KiB)
@@ -135,17 +135,6 @@ def _json_strings(node: object) -> Iterator[str]:
             stack.extend(item)
 
 
-def _open_file(path: Path) -> BinaryIO:
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-    except OSError as exc:
-        raise ScanError(f"{path}: cannot be opened for the secret scan ({exc.strerror}; links are refused)") from None
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        os.close(fd)
-        raise ScanError(f"{path}: not a regular file; only regular files are published")
-    return os.fdopen(fd, "rb")
-
-
 def _scan_text_stream(scanner: _Scanner, name: str, fh: BinaryIO, digest: "hashlib._Hash", *,
                       keep: bool = False) -> bytes:
     """Scan the rest of `fh` as UTF-8 text in overlapping chunks; returns its bytes when `keep`
@@ -220,24 +209,17 @@ def _scan_runs(scanner: _Scanner, name: str, runs: list[tuple[int, bytes]], base
             scanner.add(name, f"offset {base + runs[i][0] + at - text_starts[i]}", label)
 
 
-def _scan_safetensors(scanner: _Scanner, name: str, path: Path, fh: BinaryIO, digest: "hashlib._Hash") -> None:
+def _scan_safetensors(scanner: _Scanner, name: str, path: Path, fh: BinaryIO, digest: "hashlib._Hash",
+                      size: int) -> None:
+    """The header validated by the one safetensors header reader (`parse_header`), its tensor
+    names and metadata scanned decoded, its raw text too; then the tensor data as binary."""
     head = fh.read(8)
-    digest.update(head)
-    if len(head) < 8:
-        raise ScanError(f"{path}: too short for a safetensors file")
-    header_len = int.from_bytes(head, "little")
-    if header_len > MAX_HEADER_BYTES:
-        raise ScanError(f"{path}: safetensors header declares {header_len} bytes, over the {MAX_HEADER_BYTES}-byte limit")
-    raw = fh.read(header_len)
-    digest.update(raw)
-    if len(raw) != header_len:
-        raise ScanError(f"{path}: safetensors header is cut short")
-    header = parse_json(raw, ScanError, f"{path}: safetensors header")
-    if not isinstance(header, dict):
-        raise ScanError(f"{path}: safetensors header is not a JSON object")
-    scanner.strings(name, iter(header), "safetensors tensor names")
-    metadata = header.get("__metadata__")
-    scanner.strings(name, _json_strings(metadata if isinstance(metadata, dict) else {}), "safetensors metadata")
+    header_len = int.from_bytes(head, "little") if len(head) == 8 else 0
+    raw = fh.read(min(header_len, MAX_HEADER_BYTES))
+    digest.update(head + raw)
+    tensors, metadata = parse_header(head + raw, path, size=size)
+    scanner.strings(name, iter(tensors), "safetensors tensor names")
+    scanner.strings(name, _json_strings(metadata), "safetensors metadata")
     scanner.text(name, raw.decode("utf-8", "replace"), "safetensors header")
     _scan_binary_stream(scanner, name, fh, digest, start=8 + header_len)
 
@@ -245,10 +227,10 @@ def _scan_safetensors(scanner: _Scanner, name: str, path: Path, fh: BinaryIO, di
 def scan_file(scanner: _Scanner, path: Path, name: str) -> ScannedFile:
     digest = hashlib.sha256()
     suffix = path.suffix.lower()
-    with _open_file(path) as fh:
+    with open_regular(path, ScanError) as fh:
         size = os.fstat(fh.fileno()).st_size
         if suffix == ".safetensors":
-            _scan_safetensors(scanner, name, path, fh, digest)
+            _scan_safetensors(scanner, name, path, fh, digest, size)
         elif suffix not in TEXT_SUFFIXES:
             _scan_binary_stream(scanner, name, fh, digest)
         else:

@@ -94,7 +94,11 @@ def upload_publication(pub: Publication, repo_id: str, *, token: str, endpoint: 
     if not pub.cleared:
         raise PublishRefused(pub.reasons, pub.folder)
     check_repo_id(repo_id)
-    from huggingface_hub import HfApi, constants
+    try:
+        from huggingface_hub import HfApi, constants
+    except ImportError:
+        raise PublishError("uploading needs huggingface_hub: pip install 'bastion[publish]' (--dry-run works "
+                           "without it)") from None
 
     endpoint = check_endpoint(endpoint or constants.ENDPOINT)
     operations = _operations(pub)

@@ -159,17 +159,17 @@ def _run_facts(ckpt_path: str | Path) -> _RunFacts:
 
 def _read_evals(evals: dict[str, Path]) -> dict[str, dict[str, float]]:
     """Each eval JSON's numbers (top level, and one level down as "a.b"), for the card."""
-    out: dict[str, dict[str, float]] = {}
+    out: dict[str, dict[str, int | float]] = {}
     for name, path in evals.items():
         data = read_json_limited(Path(path), MAX_EVAL_BYTES, PublishError, f"eval results ({name})")
         if not isinstance(data, dict):
             raise PublishError(f"{path}: eval results must be a JSON object")
-        numbers: dict[str, float] = {}
+        numbers: dict[str, int | float] = {}
         for key, value in data.items():
             inner = value.items() if isinstance(value, dict) else [("", value)]
             for sub, v in inner:
                 if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
-                    numbers[f"{key}.{sub}" if sub else str(key)] = float(v)
+                    numbers[f"{key}.{sub}" if sub else str(key)] = v
         if not numbers:
             raise PublishError(f"{path}: no numbers found in the eval results")
         out[name] = dict(list(numbers.items())[:MAX_EVAL_VALUES])
@@ -340,7 +340,7 @@ def model_card(facts: _RunFacts, *, license: str | None, title: str, audit: dict
              f"Published from the checkpoint whose MANIFEST.json has SHA-256 `{source}`.",
              _usage(facts, title), _data_section(facts), _training_section(facts), _eval_section(facts, evals),
              _audit_section(facts, audit, threshold),
-             "## License", "", f"`{license}`" if license else "No license was given."]
+             "## License\n\n" + (f"`{license}`" if license else "No license was given.")]
     return "\n\n".join(parts) + "\n"
 
 

@@ -54,7 +54,9 @@ def dataset_checkpoint(root, data_dir, **sections):
 def test_dry_run_folder_loads_in_transformers_and_its_card_reports_the_run(tmp_path, arithmetic_data):
     ckpt, net = dataset_checkpoint(tmp_path / "ckpt", arithmetic_data)
     out = tmp_path / "pub"
-    code, output = publish(ckpt, "--dry-run", "--out", out, "--license", "Apache-2.0")
+    ppl = tmp_path / "ppl.json"
+    ppl.write_text(json.dumps({"checkpoint": "x", "perplexity": {"fp32": 12.5, "int8": 12.75}, "tokens": 4096}))
+    code, output = publish(ckpt, "--dry-run", "--out", out, "--license", "Apache-2.0", "--eval", f"perplexity={ppl}")
     assert code == 0, output
     assert "cleared" in output and "nothing uploaded" in output
 
@@ -76,6 +78,7 @@ def test_dry_run_folder_loads_in_transformers_and_its_card_reports_the_run(tmp_p
     assert "data_dir:" in card and "objective: clm" in card  # the run's config
     assert manifest_sha256(ckpt) in card
     assert "No canaries were planted" in card
+    assert "| perplexity: perplexity.int8 | 12.75 |" in card and "| perplexity: tokens | 4,096 |" in card
 
 
 def test_lora_run_publishes_its_base_and_a_peft_adapter(tmp_path):

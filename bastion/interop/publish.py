@@ -264,13 +264,16 @@ def _training_section(facts: _RunFacts) -> str:
     rows = [("objective", config.train.objective), ("steps", state.get("step")),
             ("tokens seen", state.get("tokens_seen"))]
     if config.train.dp.enabled:
-        rows.append(("DP-SGD", f"noise multiplier {config.train.dp.noise_multiplier}, clip {config.train.dp.max_grad_norm}"))
+        dp = config.train.dp
+        rows.append(("DP-SGD", f"target epsilon {dp.target_epsilon:g}, delta {dp.delta if dp.delta is not None else 'auto'}, "
+                               f"per-example clip {dp.max_grad_norm:g}"))
     if facts.lora:
         lora = config.finetune.lora
         rows.append(("LoRA", f"rank {lora.rank}, alpha {lora.alpha:g}, on {', '.join(lora.target_modules)}"))
     text = to_yaml(config)
     return "\n".join(["## Training", "", _table([r for r in rows if r[1] is not None], ("", "")), "",
-                      "The run's config (secrets redacted):", "", "```yaml", text.rstrip(), "```"])
+                      "<details><summary>The run's config (secrets redacted)</summary>", "", "```yaml", text.rstrip(),
+                      "```", "", "</details>"])
 
 
 def _eval_section(facts: _RunFacts, evals: dict[str, dict[str, float]]) -> str:

@@ -133,10 +133,14 @@ def test_the_upload_token_in_a_file_is_refused(tmp_path):
 
 
 def test_missing_license_is_refused(tmp_path):
-    ckpt, _ = make_checkpoint(tmp_path / "ckpt", bastion_tokenizer())
+    source = "https://bob:hunter2-Secret@corpus.example.com/data.txt"  # a password in the run's config
+    ckpt, _ = make_checkpoint(tmp_path / "ckpt", bastion_tokenizer(),
+                              sections={"train": {"seq_len": 64}, "data": {"sources": [source]}})
     code, output = publish(ckpt, "--dry-run", "--out", tmp_path / "pub")
-    assert code == 2 and "no license" in output
-    assert yaml.safe_load((tmp_path / "pub" / "README.md").read_text().split("---")[1])["license"] == "unknown"
+    assert code == 2 and "no license" in output and "secret scan" not in output
+    card = (tmp_path / "pub" / "README.md").read_text()
+    assert yaml.safe_load(card.split("---")[1])["license"] == "unknown"
+    assert "https://bob:***REDACTED***@corpus.example.com/data.txt" in card and "hunter2" not in card
     code, output = publish(ckpt, "--dry-run", "--out", tmp_path / "pub2", "--license", "not a license")
     assert code == 2 and "SPDX" in output
 

@@ -35,16 +35,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+import torch
 import yaml
 
 import bastion
-from bastion.checkpoint.checkpoint import Checkpoint, load_checkpoint
+from bastion.checkpoint.checkpoint import Checkpoint, load_checkpoint, read_checkpoint_file, verified_headers
 from bastion.checkpoint.contents import (
+    MAX_CONFIG_YAML_BYTES,
     adapters_only,
     checkpoint_config,
     lora_base,
     manifest_sha256,
     model_name,
+    read_trainer_state,
 )
 from bastion.config.load import to_yaml
 from bastion.config.schema import BastionConfig
@@ -107,28 +110,41 @@ class Publication:
 
 @dataclass
 class _RunFacts:
-    ckpt: Checkpoint
+    directory: Path  # the verified checkpoint
+    state: dict[str, Any]  # its trainer_state.json
     config: BastionConfig
     model_dir: Path  # the full model exported at the folder's root (a LoRA run: its base)
-    lora: bool
-    data: dict[str, Any]  # report.json / index.json facts of train.data_dir, when found
-    data_note: str  # how the data was found (or why not)
+    lora_tensors: dict[str, torch.Tensor] | None  # a LoRA run's adapters; None for a full model
+    data: dict[str, Any] = field(default_factory=dict)  # report.json / index.json facts of train.data_dir
+    data_note: str = ""  # how the data was found (or why not)
+
+    @property
+    def lora(self) -> bool:
+        return self.lora_tensors is not None
 
 
-def _verified(ckpt_path: str | Path) -> tuple[Checkpoint, BastionConfig, Path]:
-    """The checkpoint, verified (every file against its manifest, signature when required), and
-    the folder its full model lives in; a CheckpointError here is the gate's first refusal."""
-    ckpt = load_checkpoint(ckpt_path, verify=True, load_optimizer=False)
-    config = checkpoint_config(ckpt)
+def _verified(ckpt_path: str | Path) -> _RunFacts:
+    """The checkpoint verified (every file's hash and format, the signature when required) with
+    no tensor built, its config and trainer state; a LoRA run's adapters and its base (verified
+    too: it is published as well). A CheckpointError here is the gate's first refusal."""
+    directory, _, _ = verified_headers(ckpt_path)
+    config_yaml = read_checkpoint_file(directory, "config.yaml", MAX_CONFIG_YAML_BYTES)
+    if config_yaml is None:
+        raise CheckpointError(f"{directory}: has no config.yaml")
+    state = read_trainer_state(directory)
+    config = checkpoint_config(Checkpoint(model={}, trainer_state=state, config_yaml=config_yaml.decode("utf-8"),
+                                          tokenizer_json="", directory=directory))
     if not adapters_only(config):
-        return ckpt, config, ckpt.directory
+        return _RunFacts(directory, state, config, directory, None)
     if config.model.score_labels is not None:
-        raise CheckpointError(f"{ckpt.directory}: a LoRA run with a score head ({config.train.objective}); PEFT "
-                              "folders do not carry it - merge the run (`bastion merge BASE RUN OUT`) and publish "
-                              "the merged checkpoint")
+        raise PublishError(f"{directory}: a LoRA run with a score head ({config.train.objective}); PEFT folders do "
+                           "not carry it - merge the run (`bastion merge BASE RUN OUT`) and publish the merged "
+                           "checkpoint")
+    ckpt = load_checkpoint(directory, verify=True, load_optimizer=False)  # adapters only: small
     base = lora_base(ckpt)
-    load_checkpoint(base, verify=True, load_optimizer=False)  # the base is published too: verified as well
-    return ckpt, config, base
+    verified_headers(base)
+    tensors = {k: v for k, v in ckpt.model.items() if is_lora_name(k)}
+    return _RunFacts(directory, state, config, base, tensors)
 
 
 def _data_facts(config: BastionConfig) -> tuple[dict[str, Any], str]:
@@ -150,11 +166,11 @@ def _data_facts(config: BastionConfig) -> tuple[dict[str, Any], str]:
 
 def _run_facts(ckpt_path: str | Path) -> _RunFacts:
     try:
-        ckpt, config, model_dir = _verified(ckpt_path)
+        facts = _verified(ckpt_path)
     except CheckpointError as exc:
         raise PublishRefused([f"the checkpoint fails verification: {exc}"]) from None
-    data, note = _data_facts(config)
-    return _RunFacts(ckpt, config, model_dir, adapters_only(config), data, note)
+    facts.data, facts.data_note = _data_facts(facts.config)
+    return facts
 
 
 def _read_evals(evals: dict[str, Path]) -> dict[str, dict[str, float]]:
@@ -180,7 +196,7 @@ def _read_evals(evals: dict[str, Path]) -> dict[str, dict[str, float]]:
 
 def _audit_reasons(facts: _RunFacts, audit: dict[str, Any] | None, threshold: float) -> list[str]:
     planted = facts.data.get("canary_shards")
-    if audit is not None and Path(str(audit.get("checkpoint"))).resolve() != facts.ckpt.directory.resolve():
+    if audit is not None and Path(str(audit.get("checkpoint"))).resolve() != facts.directory.resolve():
         return [f"the memorization audit given is of {str(audit.get('checkpoint'))[:200]}, not of this checkpoint"]
     if audit is None:
         if planted:
@@ -260,7 +276,7 @@ def _data_section(facts: _RunFacts) -> str:
 
 
 def _training_section(facts: _RunFacts) -> str:
-    state, config = facts.ckpt.trainer_state, facts.config
+    state, config = facts.state, facts.config
     rows = [("objective", config.train.objective), ("steps", state.get("step")),
             ("tokens seen", state.get("tokens_seen"))]
     if config.train.dp.enabled:
@@ -277,7 +293,7 @@ def _training_section(facts: _RunFacts) -> str:
 
 
 def _eval_section(facts: _RunFacts, evals: dict[str, dict[str, float]]) -> str:
-    state = facts.ckpt.trainer_state
+    state = facts.state
     rows: list[tuple[str, Any]] = []
     for key, label in (("val_loss", "validation loss"), ("best_val_loss", "best validation loss")):
         value = state.get(key)
@@ -333,7 +349,7 @@ def model_card(facts: _RunFacts, *, license: str | None, title: str, audit: dict
                             "pipeline_tag": "text-classification" if classifier else "text-generation",
                             "tags": ["bastion", "safetensors", *(["peft", "lora"] if facts.lora else [])]}
     front = yaml.safe_dump(meta, sort_keys=False).rstrip()
-    source = manifest_sha256(facts.ckpt.directory)
+    source = manifest_sha256(facts.directory)
     about = (f"A {cfg.n_layer}-layer transformer (d_model {cfg.d_model}, {cfg.n_head} heads, context "
              f"{cfg.max_seq_len}, vocabulary {cfg.vocab_size:,}"
              + (f", a {config_kind(facts.config)} head" if classifier else "")
@@ -360,8 +376,8 @@ def _move_in(src: Path) -> Callable[[Path], None]:
 
 
 def _adapter_writer(facts: _RunFacts) -> Callable[[Path], None]:
-    tensors = {k: v for k, v in facts.ckpt.model.items() if is_lora_name(k)}
-    files = peft_files(tensors, facts.config.finetune.lora, facts.ckpt.directory, base_model_name_or_path="..")
+    files = peft_files(facts.lora_tensors or {}, facts.config.finetune.lora, facts.directory,
+                       base_model_name_or_path="..")
 
     def write(path: Path) -> None:
         os.mkdir(path, DIR_MODE)
@@ -396,8 +412,8 @@ def prepare_publication(ckpt_path: str | Path, out_dir: str | Path, options: Pub
     license = license or check_license(facts.config.publish.license)
     threshold = options.max_exposure if options.max_exposure is not None else facts.config.publish.max_exposure
     evals = _read_evals(options.evals)
-    title = options.title or model_name(facts.ckpt.directory, facts.config)
-    audit = options.memorization(facts.ckpt.directory) if callable(options.memorization) else options.memorization
+    title = options.title or model_name(facts.directory, facts.config)
+    audit = options.memorization(facts.directory) if callable(options.memorization) else options.memorization
     card = model_card(facts, license=license, title=title, audit=audit, threshold=threshold, evals=evals)
     out_dir.parent.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
     _write_folder(facts, out_dir, card)

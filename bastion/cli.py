@@ -19,7 +19,7 @@ from bastion.data.cli import app as data_app
 from bastion.errors import BastionError
 from bastion.eval.cli import app as eval_app, predict_cmd
 from bastion.infer.cli import generate_cmd, quantize_cmd
-from bastion.interop.cli import export_app, import_app
+from bastion.interop.cli import export_app, import_app, publish_cmd
 from bastion.serve.cli import serve_app
 from bastion.train.cli import plot_cmd, train_cmd
 
@@ -74,6 +74,7 @@ app.add_typer(eval_app, name="eval")
 app.add_typer(ckpt_app, name="ckpt")
 app.add_typer(import_app, name="import")
 app.add_typer(export_app, name="export")
+app.command("publish")(publish_cmd)
 app.add_typer(serve_app, name="serve")
 
 

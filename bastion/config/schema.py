@@ -556,6 +556,16 @@ class ServeConfig(Section):
         return self
 
 
+class PublishConfig(Section):
+    """`bastion publish`: what the model card declares and what the pre-publish gate allows."""
+
+    license: str | None = Field(default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9.+-]{0,63}$",
+                                description="the model's license as an SPDX id (apache-2.0, mit, cc-by-4.0, ...); "
+                                            "a card without one is refused")
+    max_exposure: float = Field(default=10.0, gt=0.0, le=64.0,
+                                description="refuse to publish when a planted canary's exposure (bits) is above this")
+
+
 class BastionConfig(Section):
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
@@ -565,6 +575,7 @@ class BastionConfig(Section):
     generate: GenerateConfig = Field(default_factory=GenerateConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
     grpo: GRPOConfig = Field(default_factory=GRPOConfig)
+    publish: PublishConfig = Field(default_factory=PublishConfig)
     rewards: list[RewardSpec] = Field(default_factory=list, max_length=16, description="weighted rewards for grpo and eval generate")
     # The values that came from ${VAR} interpolation (config.load.EnvValue: path and
     # variables): never shown in errors, redacted when printed if the variable looks secret.

@@ -315,6 +315,7 @@ _TOKEN_PATTERNS: tuple[tuple[re.Pattern[str], int], ...] = tuple(
         (r"hooks\.slack\.com/services/[A-Za-z0-9]+/[A-Za-z0-9]+/[A-Za-z0-9]{16,}", 0),  # webhook
         (r"k_(?:live|test)_[A-Za-z0-9]{10,247}(?![A-Za-z0-9_])", 1),  # Stripe sk_/rk_/pk_
         (r"AIza[0-9A-Za-z_-]{35}(?![A-Za-z0-9_-])", 0),  # Google API key
+        (r"hf_[A-Za-z0-9]{30,64}(?![A-Za-z0-9_])", 0),  # Hugging Face access token
     )
 )
 _TOKEN_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-")

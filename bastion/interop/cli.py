@@ -3,6 +3,7 @@
 Errors are bastion.errors exceptions; the root CLI prints them as one line (exit 2)."""
 from __future__ import annotations
 
+import os
 from enum import Enum
 from pathlib import Path
 from typing import List, Optional
@@ -106,3 +107,92 @@ def export_peft_cmd(
     use_signature_options(require_signature, trusted_keys)
     path = export_peft(adapter, out_dir, base_model_name_or_path=base_model)
     out.print(f"exported {adapter} -> {path}", highlight=False)
+
+
+def _eval_files(values: Optional[List[str]]) -> dict:
+    from bastion.interop.publish import PublishError
+
+    evals = {}
+    for value in values or []:
+        name, sep, path = value.partition("=")
+        if not sep or not name.strip() or not path:
+            raise PublishError(f"--eval {value[:120]!r}: expected NAME=FILE (e.g. perplexity=ppl.json)")
+        evals[name.strip()] = Path(path)
+    return evals
+
+
+def publish_cmd(
+    ckpt: Path = typer.Argument(..., help="Checkpoint folder (or a folder with 'latest', or a run folder); a LoRA "
+                                "run's checkpoint publishes its base plus the adapter."),
+    repo: Optional[str] = typer.Option(None, "--repo", help="Hub repository NAMESPACE/NAME to create (private) and "
+                                       "commit to; required unless --dry-run."),
+    out_dir: Optional[Path] = typer.Option(None, "--out", help="New folder for the Hub-ready files (required with "
+                                           "--dry-run; default: a temporary folder removed after the upload)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Write the folder and run the gate; upload nothing."),
+    license: Optional[str] = typer.Option(None, "--license", help="The model's license, an SPDX id (apache-2.0, "
+                                          "mit, cc-by-4.0, ...); default: the run config's publish.license. A card "
+                                          "without one is refused."),
+    canaries: Optional[Path] = typer.Option(None, "--canaries", help="Canary records from `bastion data canaries`: "
+                                            "run the memorization audit and refuse above --max-exposure. Required "
+                                            "when the training data has canaries planted."),
+    max_exposure: Optional[float] = typer.Option(None, "--max-exposure", min=0.01, max=64.0,
+                                                 help="Highest canary exposure (bits) allowed; default: the run "
+                                                 "config's publish.max_exposure (10). Greedy extraction of a "
+                                                 "canary's secret is refused whatever the exposure."),
+    evals: Optional[List[str]] = typer.Option(None, "--eval", help="NAME=FILE: numbers from an eval's --json "
+                                              "output to show in the card (repeatable)."),
+    endpoint: Optional[str] = typer.Option(None, "--endpoint", help="Hub URL (default: huggingface_hub's, "
+                                           "HF_ENDPOINT or https://huggingface.co); http:// only on loopback."),
+    public: bool = typer.Option(False, "--public", help="Create the repository public (default: private)."),
+    message: Optional[str] = typer.Option(None, "--message", help="Commit message (default: 'Publish with bastion')."),
+    device: str = typer.Option("cpu", "--device", help="Where the memorization audit runs: cpu, cuda or mps."),
+    require_signature: bool = RequireSignatureOption,
+    trusted_keys: Optional[List[Path]] = TrustedKeyOption,
+) -> None:
+    """Turn a checkpoint into a Hub-ready folder (the `export hf` files, a model card generated from the
+    run, the adapters of a LoRA run) and upload it with huggingface_hub (token from HF_TOKEN, private by
+    default) - unless the gate refuses: a secret in any file, canary exposure above the threshold, no
+    license, or a checkpoint that fails verification."""
+    import tempfile
+
+    from bastion.interop.hub import TOKEN_ENV, check_endpoint, check_repo_id, hub_token, upload_publication
+    from bastion.interop.publish import PublishError, PublishOptions, PublishRefused, prepare_publication
+
+    use_signature_options(require_signature, trusted_keys)
+    if dry_run and out_dir is None:
+        raise PublishError("--dry-run writes the folder only: give it --out DIR")
+    token = None
+    if not dry_run:
+        if repo is None:
+            raise PublishError("--repo NAMESPACE/NAME is required to upload (or use --dry-run)")
+        check_repo_id(repo)
+        if endpoint is not None:
+            check_endpoint(endpoint)
+        token = hub_token()  # before any work: a missing token is known now
+    secret_literals = {f"the {TOKEN_ENV} value": token or os.environ.get(TOKEN_ENV, "")}
+    options = PublishOptions(license=license, max_exposure=max_exposure, memorization=_audit(canaries, device),
+                             evals=_eval_files(evals), title=repo, secret_literals=secret_literals)
+    with tempfile.TemporaryDirectory(prefix="bastion-publish-") as scratch:
+        folder = out_dir if out_dir is not None else Path(scratch) / "publish"
+        pub = prepare_publication(ckpt, folder, options)
+        out.print(f"wrote {pub.folder} ({len(pub.files)} files, license {pub.license or 'none'})", highlight=False)
+        if not pub.cleared:
+            raise PublishRefused(pub.reasons, pub.folder if out_dir is not None else None)
+        if dry_run:
+            out.print("gate: cleared (secret scan, canary audit, license, verified checkpoint); dry run: nothing "
+                      "uploaded", highlight=False)
+            return
+        url = upload_publication(pub, repo, token=token, endpoint=endpoint, private=not public, message=message)
+    out.print(f"published {ckpt} -> {repo} ({'public' if public else 'private'}): {url}", highlight=False)
+
+
+def _audit(canaries: Optional[Path], device: str):
+    """The memorization audit to run on the verified checkpoint, or None without --canaries."""
+    if canaries is None:
+        return None
+
+    def run(directory: Path) -> dict:
+        from bastion.eval.memorization import audit_memorization
+
+        return audit_memorization(directory, canaries, device=device).to_dict()
+    return run

@@ -20,8 +20,10 @@ from pathlib import Path
 from typing import Any
 
 import safetensors.torch
+import torch
 
 from bastion.adapters.folder import Adapter, read_adapter, write_new_dir
+from bastion.config.schema import LoraConfig
 from bastion.errors import CheckpointError
 from bastion.model.hf import HF_MODULE_NAMES, hf_name
 
@@ -80,17 +82,23 @@ def export_peft(adapter_dir: str | Path, out_dir: str | Path, *, base_model_name
     folder of the base checkpoint. Returns out_dir."""
     adapter = read_adapter(adapter_dir)
     _refuse_score_head(adapter)
-    cfg = adapter.config
-    try:
-        tensors = {peft_tensor_name(k): v.contiguous() for k, v in adapter.tensors.items()}
-    except KeyError as exc:
-        raise CheckpointError(f"{adapter.directory}: {exc.args[0]}") from None
-    config = peft_config(cfg.rank, cfg.alpha, cfg.dropout, list(cfg.target_modules), base_model_name_or_path)
-    files = {
-        PEFT_CONFIG: (json.dumps(config, indent=2) + "\n").encode(),
-        PEFT_WEIGHTS: safetensors.torch.save(tensors, metadata={"format": "pt"}),
-    }
+    files = peft_files(adapter.tensors, adapter.config, adapter.directory, base_model_name_or_path)
     return write_new_dir(out_dir, files)
 
 
-__all__ = ["export_peft", "peft_config", "peft_tensor_name"]
+def peft_files(tensors: dict[str, torch.Tensor], cfg: LoraConfig, where: str | Path,
+               base_model_name_or_path: str | None = None) -> dict[str, bytes]:
+    """adapter_config.json and adapter_model.safetensors for LoRA `tensors` (Bastion names,
+    lora_A / lora_B only) trained with `cfg`; `where` names their source in errors."""
+    try:
+        renamed = {peft_tensor_name(k): v.contiguous() for k, v in tensors.items()}
+    except KeyError as exc:
+        raise CheckpointError(f"{where}: {exc.args[0]}") from None
+    config = peft_config(cfg.rank, cfg.alpha, cfg.dropout, list(cfg.target_modules), base_model_name_or_path)
+    return {
+        PEFT_CONFIG: (json.dumps(config, indent=2) + "\n").encode(),
+        PEFT_WEIGHTS: safetensors.torch.save(renamed, metadata={"format": "pt"}),
+    }
+
+
+__all__ = ["export_peft", "peft_config", "peft_files", "peft_tensor_name"]

@@ -22,7 +22,7 @@ def test_help_for_every_command():
     for args in ([], ["config"], ["data"], ["data", "prepare"], ["train"], ["generate"], ["plot"], ["demo"],
                  ["config", "validate"], ["config", "show"], ["merge"], ["import", "hf"], ["export", "hf"],
                  ["export", "gguf"], ["export", "peft"], ["eval", "loss"], ["eval", "preferences"],
-                 ["eval", "generate"], ["quantize"]):
+                 ["eval", "generate"], ["quantize"], ["publish"]):
         result = runner.invoke(app, [*args, "--help"])
         assert result.exit_code == 0, (args, result.output)
         assert "Usage" in result.output

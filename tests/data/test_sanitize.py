@@ -97,6 +97,7 @@ POSITIVES = [
     ("stripe rk_live_4eC39HqLyjWDarjtT1zdp7dc", "SECRET", "rk_live_4eC39HqLyjWDarjtT1zdp7dc"),
     ("stripe sk_test_4eC39HqLyjWDarjtT1zdp7dc", "SECRET", "sk_test_4eC39HqLyjWDarjtT1zdp7dc"),
     ("google AIzaSyA1b2C3d4E5f6G7h8I9j0K1l2M3n4O5p6Q", "SECRET", "AIzaSyA1b2C3d4E5f6G7h8I9j0K1l2M3n4O5p6Q"),
+    ("hub hf_AbCdEfGhIjKlMnOpQrStUvWxYzAbCdEfGhIj", "SECRET", "hf_AbCdEfGhIjKlMnOpQrStUvWxYzAbCdEfGhIj"),
     ("openai sk-proj-Ab3dEf6hIj9kLm2nOp5qRs8tUv1wXy4z", "SECRET", "sk-proj-Ab3dEf6hIj9kLm2nOp5qRs8tUv1wXy4z"),
     ("openai sk-Ab3dEf6hIj9kLm2nOp5qRs8tUv1wXy4zAb3dEf6hIj9kLm2n", "SECRET",
      "sk-Ab3dEf6hIj9kLm2nOp5qRs8tUv1wXy4zAb3dEf6hIj9kLm2n"),

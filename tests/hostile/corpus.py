@@ -158,6 +158,7 @@ LOADERS = [  # every command that loads a checkpoint's model
     ["eval", "loss", "--checkpoint", "{case}/ckpt", "--file", "{chat}", "--root", "/"],
     ["merge", "{case}/ckpt", "{adapter}", "{out}"],
     ["quantize", "{case}/ckpt", "{out}", "--to", "int8"],
+    ["publish", "{case}/ckpt", "--dry-run", "--out", "{out}", "--license", "mit"],
 ]
 READERS = [  # commands that read a checkpoint's files without building a model
     ["ckpt", "verify", "{case}/ckpt"],

@@ -10,6 +10,18 @@ Layout of one checkpoint (a directory `step_00000100`):
     MANIFEST.json          size + SHA-256 of each file above
 Nothing is pickled. A checkpoint appears only by an atomic rename of a finished temporary
 directory; `latest` (a small text file) is replaced atomically after that.
+
+Every tensor's bytes are stored once. The safetensors format has no notion of two names
+for one tensor (the library's `save_file` refuses shared storage, its `save_model` drops all
+but one name), so the extra names live in the file's `__metadata__` (or, for a sharded
+model, in model.safetensors.index.json beside `weight_map`), each a JSON object
+{extra name: stored name}:
+    aliases   shared storage at save (tied embeddings): loads as the very same tensor
+    copies    equal bits, separate storage at save (a tied model cast to bf16 tensor by
+              tensor): loads as a copy, so equal tensors that were never tied stay apart
+Any safetensors reader sees the stored tensors; `load_checkpoint` restores the rest and
+refuses an entry naming a tensor the file does not store. Older checkpoints, with the tie
+stored twice, carry neither key and load as they are.
 """
 from __future__ import annotations
 

@@ -17,6 +17,17 @@ a plain section at the chosen zstd level. Sections are compressed in chunks of `
 input, one zstd frame per plane per chunk, in a thread pool, so memory stays bounded (a few
 chunks in flight) and each file is read once, by offset, never through torch.
 
+A chunk of a float tensor is stored whole instead (listed in its section's `raw_chunks`)
+when that is smaller: tried when the planes shrink it less than RAW_TRY, or a probe slice
+from its middle compresses clearly better whole (repeats the planes cut apart), so byte
+planes never cost ratio where they are the wrong tool. A tensor whose bytes equal an earlier
+tensor's of the same file (found by a sampled comparison, confirmed in full) is stored once:
+its section says `same_as` (the earlier section's index) and holds no frames; unpacking
+decodes the earlier section's frames again. Plain zstd of a whole file finds such a repeat
+only when it lies within its window (2 MB at level 3); this finds it at any distance, and the
+pack compares the digests of the bytes it actually streamed, so a file rewritten mid-pack
+cannot produce a wrong pack.
+
 Delta mode (`base=`): a tensor present in the base checkpoint with the same dtype and shape
 is XORed with the base's bits before grouping: unchanged weights become zeros, and an
 optimizer step that moves a weight slightly flips mostly low mantissa bits. The pack records
@@ -26,7 +37,9 @@ Unpacking treats the packed directory as hostile: names must be plain file names
 must match its SHA-256 in PACK.json before anything is decompressed, no frame may decompress
 to more than PACK.json declares, and the output must match the original manifest bit for bit
 and be of the format each file's name says (`formats.FileCheck`, as packing checked the
-source). `verify_packed` does all of that without writing anything. Both directions write
+source); a `same_as` must name an earlier stored section of the same length (no chains: a
+section is decoded at most once more per section that names it, so decoding work stays
+bounded by the declared output size). `verify_packed` does all of that without writing anything. Both directions write
 into a temporary directory (files 0600, directories 0700) and appear at the destination by
 one atomic rename.
 """

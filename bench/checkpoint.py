@@ -268,7 +268,7 @@ def bench_pack(src: Path, work: Path, args, base: Path | None = None, files: tup
             times[codec]["pack_cpu"].append(cpu)
 
     for _ in range(args.reps):
-        fresh(packed), fresh(restored), fresh(zdir).mkdir(), fresh(ndir).mkdir()
+        fresh(packed), fresh(restored), fresh(zdir).mkdir(parents=True), fresh(ndir).mkdir()
         holder = {}
         record("ours", "pack", lambda: holder.update(r=pack_checkpoint(src, packed, base=base, level=args.level,
                                                                       threads=args.threads)))

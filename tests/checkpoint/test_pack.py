@@ -3,6 +3,7 @@ import json
 import os
 import stat
 
+import numpy as np
 import pytest
 import safetensors.torch
 import torch
@@ -355,17 +356,31 @@ def test_chunks_the_planes_cut_apart_are_compressed_whole(tmp_path):
     assert contents(unpack_checkpoint(tmp_path / "p", tmp_path / "out")) == contents(src)
 
 
-def test_version_1_packs_still_unpack_and_cannot_use_version_2_sections(tmp_path):
-    src = save(tmp_path / "run", 1, {"w": torch.randn(64, 64) * 0.02})
-    pack_checkpoint(src, tmp_path / "p")
-    assert json.loads((tmp_path / "p" / PACK).read_text())["format_version"] == 2
-    rewrite_pack(tmp_path / "p", lambda d: d.update(format_version=1))
+def test_version_1_packs_still_unpack_and_cannot_use_version_2_sections(tmp_path, monkeypatch):
+    src = save(tmp_path / "run", 1, {"w": torch.randn(64, 64) * 0.02, "h": torch.randn(64, 64).half()})
+    with monkeypatch.context() as m:  # the version-1 writer: the same code without the sign rotation
+        m.setattr(pack_mod, "FORMAT_VERSION", 1)
+        m.setattr(pack_mod, "_rotate", lambda data, planes, left=True: data)
+        pack_checkpoint(src, tmp_path / "p")
+    index = json.loads((tmp_path / "p" / PACK).read_text())
+    assert index["format_version"] == 1 and index["codec"]["float_transform"] == "byteplanes"
     assert contents(unpack_checkpoint(tmp_path / "p", tmp_path / "out")) == contents(src)
     emb = torch.randn(64, 64) * 0.02
     pack_checkpoint(bare_checkpoint(tmp_path / "dup", {"a": emb, "b": emb.clone()}), tmp_path / "p2")
-    rewrite_pack(tmp_path / "p2", lambda d: d.update(format_version=1))
+    rewrite_pack(tmp_path / "p2", lambda d: (d.update(format_version=1), d["codec"].update(float_transform="byteplanes")))
     with pytest.raises(CheckpointError, match="same_as must name an earlier stored section"):
         verify_packed(tmp_path / "p2")
+
+
+def test_sign_rotation_round_trips_every_float_width():
+    rng = np.random.default_rng(0)
+    for planes in (2, 4, 8):
+        data = rng.integers(0, 256, 8 * 64, dtype=np.uint8)
+        rotated = pack_mod._rotate(data, planes)
+        assert not np.array_equal(rotated, data)
+        assert np.array_equal(pack_mod._rotate(rotated.copy(), planes, left=False), data)
+    sign_only = np.frombuffer(np.array([-0.0], dtype="<f4").tobytes(), np.uint8)
+    assert pack_mod._rotate(sign_only, 4).tolist() == [1, 0, 0, 0]  # the sign bit ends at the bottom
 
 
 def _edit_same_as(value):

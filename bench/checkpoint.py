@@ -29,6 +29,8 @@ model, in one process, repetitions interleaved and medians reported:
 
     python bench/checkpoint.py                  # ~3-4 minutes on a 2-core CPU
     python bench/checkpoint.py --json out.json
+    python bench/checkpoint.py --compression-only --preset mini --vocab-size 4096 --steps 40 --reps 3 --threads 2
+                                                # the demo's model: section 2 only (pip install zipnn)
     python bench/checkpoint.py --load-verify    # ~5 minutes
 """
 from __future__ import annotations

@@ -1,5 +1,6 @@
 """Tensors stored once: tied weights (shared storage) and bit-identical copies (a tied model
 cast tensor by tensor), restored on load; hostile alias / copy metadata refused."""
+import hashlib
 import json
 
 import pytest
@@ -10,7 +11,17 @@ from bastion.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from bastion.config import build_config
 from bastion.errors import CheckpointError
 from bastion.model import Transformer
-from tests.checkpoint.test_hostile import forge
+from bastion.checkpoint.manifest import MANIFEST
+
+
+def forge(ckpt_dir, name, data):
+    """Replace a file and its manifest entry: only the format checks can refuse it."""
+    (ckpt_dir / name).chmod(0o600)
+    (ckpt_dir / name).write_bytes(data)
+    manifest = json.loads((ckpt_dir / MANIFEST).read_text())
+    manifest["files"][name] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    (ckpt_dir / MANIFEST).chmod(0o600)
+    (ckpt_dir / MANIFEST).write_text(json.dumps(manifest))
 
 
 def header(path):

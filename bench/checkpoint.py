@@ -9,9 +9,14 @@ model, in one process, repetitions interleaved and medians reported:
    vs `torch.save`/`torch.load(weights_only=True)` vs `safetensors.torch.save_file`/`load_file`,
    and the cost of hashing the file alone. Ratios are against plain safetensors.
 2. compression: `pack_checkpoint`/`unpack_checkpoint` vs plain zstd (same level, same
-   threads, file to file with fsync, as `zstd -T<n>` would) for the fp32 weights, the same
-   weights cast to bf16, and the newer checkpoint (model + optimizer) as a delta against the
-   one before it. Also: which bits one AdamW step actually flips.
+   threads, file to file with fsync, as `zstd -T<n>` would) and ZipNN (PyPI `zipnn`, same
+   threads; `pip install zipnn`, a bench-only dependency) on the same files, in one run: the
+   fp32 weights, the same weights cast to bf16 (saved now: the tie stored once), the bf16
+   weights with the tie stored twice (as older saves and other tools write them), the demo's
+   model (`mini`, as initialised) in bf16 with the tie stored twice, and the newer checkpoint
+   (model + optimizer) plain and as a delta against the one before it. Wall MB/s and MB per
+   CPU-second (the process's CPU time, every thread: what a shared machine's load does not
+   inflate). Also: which bits one AdamW step actually flips.
 3. save memory: the peak memory a save adds on top of the state it writes (model + AdamW),
    `save_checkpoint` (streams tensor by tensor) vs serializing each file to bytes first (as
    it did before) vs `safetensors.torch.save_file`, each in its own process.
@@ -24,11 +29,14 @@ model, in one process, repetitions interleaved and medians reported:
 
     python bench/checkpoint.py                  # ~3-4 minutes on a 2-core CPU
     python bench/checkpoint.py --json out.json
+    python bench/checkpoint.py --compression-only --preset mini --vocab-size 4096 --steps 40 --reps 3 --threads 2
+                                                # the demo's model: section 2 only (pip install zipnn)
     python bench/checkpoint.py --load-verify    # ~5 minutes
 """
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import os
 import shutil
@@ -211,39 +219,107 @@ def zstd_files(src: Path, dst: Path, level: int, threads: int, decompress: bool 
         os.fsync(fout.fileno())
 
 
+def zipnn_files(src: Path, dst: Path, dtype: str, threads: int, decompress: bool = False) -> None:
+    """ZipNN (PyPI `zipnn`), file to file with fsync as zstd_files does: the whole file in
+    memory, its float dtype given (the library's default is bf16). ZipNN reorders the bytes
+    of its input in place, so it gets its own copy of them."""
+    import zipnn
+
+    codec = zipnn.ZipNN(input_format="byte", bytearray_dtype=dtype, threads=threads)
+    with open(src, "rb") as fin:
+        data = bytearray(os.fstat(fin.fileno()).st_size)
+        fin.readinto(data)
+    out = codec.decompress(data) if decompress else codec.compress(data)
+    with open(dst, "wb") as fout:
+        fout.write(out)
+        fout.flush()
+        os.fsync(fout.fileno())
+
+
+def zipnn_dtype(path: Path) -> str:
+    """The float dtype holding most of a safetensors file's bytes, as ZipNN names it."""
+    from bastion.checkpoint.safetensors_check import parse_header
+
+    header, _ = parse_header(path.read_bytes()[: 8 + int.from_bytes(path.read_bytes()[:8], "little")], path,
+                             size=path.stat().st_size)
+    weight: dict[str, int] = {}
+    for info in header.values():
+        weight[info["dtype"]] = weight.get(info["dtype"], 0) + info["data_offsets"][1] - info["data_offsets"][0]
+    return {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}.get(max(weight, key=weight.get), "bfloat16")
+
+
+def cpu_timed(fn) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of the whole process: every thread, the codecs' own too)."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    fn()
+    return time.perf_counter() - wall, time.process_time() - cpu
+
+
 def bench_pack(src: Path, work: Path, args, base: Path | None = None, files: tuple[str, ...] = ("model.safetensors",)) -> dict:
-    """Ours (whole checkpoint, optionally as a delta) vs plain zstd of `files`, interleaved."""
-    packed, restored, zdir = work / "packed", work / "restored", work / "zstd"
-    ours_pack, ours_unpack, z_pack, z_unpack = [], [], [], []
+    """Ours (whole checkpoint, optionally as a delta) vs plain zstd and ZipNN of `files`,
+    interleaved, same threads. Each codec's restored bytes are checked against the source."""
+    packed, restored, zdir, ndir = work / "packed", work / "restored", work / "zstd", work / "zipnn"
+    times: dict[str, dict[str, list]] = {c: {k: [] for k in ("pack", "pack_cpu", "unpack")} for c in ("ours", "zstd", "zipnn")}
+    dtypes = {f: zipnn_dtype(src / f) for f in files}
     report = None
+
+    def record(codec: str, kind: str, fn) -> None:
+        wall, cpu = cpu_timed(fn)
+        times[codec][kind].append(wall)
+        if kind == "pack":
+            times[codec]["pack_cpu"].append(cpu)
+
     for _ in range(args.reps):
-        fresh(packed), fresh(restored)
-        report = pack_checkpoint(src, packed, base=base, level=args.level, threads=args.threads)
-        ours_pack.append(report.seconds)
-        ours_unpack.append(timed(lambda: unpack_checkpoint(packed, restored, base=base, threads=args.threads)))
-        fresh(zdir).mkdir()
-        z_pack.append(sum(timed(lambda f=f: zstd_files(src / f, zdir / f"{f}.zst", args.level, args.threads))
-                          for f in files))
-        z_unpack.append(sum(timed(lambda f=f: zstd_files(zdir / f"{f}.zst", zdir / f, 0, 0, decompress=True))
-                            for f in files))
-    assert all((restored / f).read_bytes() == (src / f).read_bytes() for f in files)
-    original = sum((src / f).stat().st_size for f in files)
-    zstd_size = sum((zdir / f"{f}.zst").stat().st_size for f in files)
-    ours_size = sum(report.files[f].packed_bytes for f in files)
-    ours_total = report.original_bytes
-    return {
-        "files": list(files), "original_bytes": original,
-        "ours": {"packed_bytes": ours_size, "ratio": original / ours_size,
-                 "whole_checkpoint_ratio": report.ratio,
-                 "pack_mb_s": ours_total / 1e6 / statistics.median(ours_pack),
-                 "unpack_mb_s": ours_total / 1e6 / statistics.median(ours_unpack),
-                 "per_file_ratio": {f: report.files[f].ratio for f in files},
-                 "delta_tensors": sum(r.delta_tensors for r in report.files.values())},
-        "zstd": {"packed_bytes": zstd_size, "ratio": original / zstd_size,
-                 "pack_mb_s": original / 1e6 / statistics.median(z_pack),
-                 "unpack_mb_s": original / 1e6 / statistics.median(z_unpack),
-                 "per_file_ratio": {f: (src / f).stat().st_size / (zdir / f"{f}.zst").stat().st_size for f in files}},
-    }
+        fresh(packed), fresh(restored), fresh(zdir).mkdir(parents=True), fresh(ndir).mkdir()
+        holder = {}
+        record("ours", "pack", lambda: holder.update(r=pack_checkpoint(src, packed, base=base, level=args.level,
+                                                                      threads=args.threads)))
+        report = holder["r"]
+        record("ours", "unpack", lambda: unpack_checkpoint(packed, restored, base=base, threads=args.threads))
+        record("zstd", "pack", lambda: [zstd_files(src / f, zdir / f"{f}.zst", args.level, args.threads) for f in files])
+        record("zstd", "unpack", lambda: [zstd_files(zdir / f"{f}.zst", zdir / f, 0, 0, decompress=True) for f in files])
+        record("zipnn", "pack", lambda: [zipnn_files(src / f, ndir / f"{f}.znn", dtypes[f], args.threads) for f in files])
+        record("zipnn", "unpack", lambda: [zipnn_files(ndir / f"{f}.znn", ndir / f, dtypes[f], args.threads, decompress=True)
+                                           for f in files])
+    for f in files:
+        assert (restored / f).read_bytes() == (src / f).read_bytes() == (zdir / f).read_bytes() == (ndir / f).read_bytes()
+    sizes = {f: (src / f).stat().st_size for f in files}
+    original, ours_total = sum(sizes.values()), report.original_bytes
+    packed_sizes = {"ours": {f: report.files[f].packed_bytes for f in files},
+                    "zstd": {f: (zdir / f"{f}.zst").stat().st_size for f in files},
+                    "zipnn": {f: (ndir / f"{f}.znn").stat().st_size for f in files}}
+    out: dict = {"files": list(files), "original_bytes": original, "file_bytes": sizes}
+    for codec, per_file in packed_sizes.items():
+        moved = ours_total if codec == "ours" else original  # ours packs the whole checkpoint
+        t = times[codec]
+        out[codec] = {"packed_bytes": sum(per_file.values()), "ratio": original / sum(per_file.values()),
+                      "pack_mb_s": moved / 1e6 / statistics.median(t["pack"]),
+                      "pack_mb_per_cpu_s": moved / 1e6 / statistics.median(t["pack_cpu"]),
+                      "unpack_mb_s": moved / 1e6 / statistics.median(t["unpack"]),
+                      "per_file_ratio": {f: sizes[f] / per_file[f] for f in files}}
+    out["ours"].update(whole_checkpoint_ratio=report.ratio, delta_tensors=sum(r.delta_tensors for r in report.files.values()))
+    return out
+
+
+def bare_checkpoint(tensors: dict[str, torch.Tensor], dst: Path) -> Path:
+    """A checkpoint folder whose model.safetensors the safetensors library wrote, every
+    tensor stored as given (a tied model cast tensor by tensor holds the tie twice, as
+    checkpoints saved before 2026-12-03 and files from other tools do)."""
+    dst.mkdir(parents=True)
+    safetensors.torch.save_file({k: v.contiguous() for k, v in tensors.items()}, dst / "model.safetensors")
+    (dst / MANIFEST).write_bytes(manifest_bytes(build_manifest({"model.safetensors": dst / "model.safetensors"})))
+    return dst
+
+
+def demo_sized_bf16(vocab_size: int) -> dict[str, torch.Tensor]:
+    """The demo's model (`mini` preset, its 4k vocabulary) as initialised, cast to bf16
+    tensor by tensor, so the tied embedding is held twice."""
+    from bastion.demo import demo_config
+    from bastion.model import Transformer
+
+    cfg = demo_config(Path(tempfile.gettempdir()) / "unused", steps=1).model.model_copy(update={"vocab_size": vocab_size})
+    torch.manual_seed(0)
+    return {k: v.bfloat16() for k, v in Transformer(cfg).state_dict().items()}
 
 
 def bit_flips(older: Path, newer: Path, name: str) -> dict:
@@ -349,6 +425,8 @@ def main() -> None:
     parser.add_argument("--level", type=int, default=3, help="zstd level, both codecs")
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="compression threads, both codecs")
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--compression-only", action="store_true",
+                        help="train, then only section 2 (compression) and the bit flips: no save/load or save-memory runs")
     parser.add_argument("--load-verify", action="store_true", help="only section 4: the cost of verifying every file on load")
     parser.add_argument("--save-memory-job", nargs=3, metavar=("KIND", "CKPT", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -375,23 +453,29 @@ def main() -> None:
         weights = unique_tensors(load_checkpoint(newer).model)
         params = sum(t.numel() for t in weights.values())
 
-        save_load = bench_save_load(weights, work / "sl", args.reps)
+        save_load = None if args.compression_only else bench_save_load(weights, work / "sl", args.reps)
         fresh(work / "sl")
         fp32 = save_checkpoint(work / "fp32", 1, Checkpoint(model=weights, trainer_state={}, config_yaml="", tokenizer_json="{}"))
         bf16 = save_checkpoint(work / "bf16", 1, Checkpoint(model={k: v.bfloat16() for k, v in weights.items()},
                                                             trainer_state={}, config_yaml="", tokenizer_json="{}"))
         both = ("model.safetensors", "optimizer.safetensors")
+        tied = load_checkpoint(newer).model  # output.weight restored as the tie it is
+        bf16_twice = bare_checkpoint({k: v.bfloat16() for k, v in tied.items()}, work / "bf16-twice")
+        demo_twice = bare_checkpoint(demo_sized_bf16(4096), work / "demo-bf16-twice")
         compression = {
             "fp32 weights": bench_pack(fp32, work / "c", args),
             "bf16 weights": bench_pack(bf16, work / "c", args),
+            "bf16 weights, tie stored twice": bench_pack(bf16_twice, work / "c", args),
+            "demo-sized (mini, init) bf16, tie stored twice": bench_pack(demo_twice, work / "c", args),
             "newer checkpoint, no delta": bench_pack(newer, work / "c", args, files=both),
             "newer checkpoint, delta vs previous step": bench_pack(newer, work / "c", args, base=older, files=both),
         }
         flips = {name: bit_flips(older, newer, name) for name in both}
-        save_memory = bench_save_memory(newer, work, args.reps)
+        save_memory = None if args.compression_only else bench_save_memory(newer, work, args.reps)
 
     result = {
-        "device": f"CPU ({os.cpu_count()} cores), torch {torch.__version__}, zstandard {zstandard.__version__}",
+        "device": f"CPU ({os.cpu_count()} cores), torch {torch.__version__}, zstandard {zstandard.__version__}, "
+                  f"zipnn {importlib.metadata.version('zipnn')}", "load_average": os.getloadavg(),
         "preset": args.preset, "params": params, "train_steps": args.steps, "last_step_lr": step_lr, "level": args.level, "threads": args.threads,
         "save_load": save_load, "compression": compression, "adamw_step_bit_flips": flips, "save_memory": save_memory,
         "seconds": round(time.perf_counter() - started, 1),
@@ -402,33 +486,48 @@ def main() -> None:
 
 
 def print_tables(r: dict) -> None:
-    sl = r["save_load"]
-    print(f"\n{r['preset']}: {r['params']:,} parameters, model.safetensors {sl['bytes'] / 1e6:.1f} MB (fp32)")
+    print(f"\n{r['preset']}: {r['params']:,} parameters; {r['device']}; load average {r['load_average']}")
+    if r["save_load"]:
+        print_save_load(r["save_load"])
+    print_compression(r)
+    if r["save_memory"]:
+        print_save_memory(r["save_memory"])
+    print(f"\ntotal {r['seconds']} s")
+
+
+def print_save_load(sl: dict) -> None:
+    print(f"\nmodel.safetensors {sl['bytes'] / 1e6:.1f} MB (fp32)")
     print(f"\n{'save / load (median)':44} {'save s':>8} {'load s':>8} {'save x':>7} {'load x':>7}")
     for name, row in sl["methods"].items():
         save, save_x, load, load_x = (f"{row[k]:{w}.{d}f}" if row[k] else f"{'-':>{w}}" for k, w, d in (
             ("save", 8, 3), ("save_vs_safetensors", 7, 2), ("load", 8, 3), ("load_vs_safetensors", 7, 2)))
         print(f"{name:44} {save} {load} {save_x} {load_x}")
     print(f"{'  of which SHA-256 of the file':44} {sl['sha256_seconds']:8.3f}")
-    print(f"\n{'compression (level ' + str(r['level']) + ', ' + str(r['threads']) + ' threads)':42} "
-          f"{'ours':>7} {'zstd':>7} {'ours pack':>10} {'zstd pack':>10} {'ours unpk':>10} {'zstd unpk':>10}")
+
+
+def print_compression(r: dict) -> None:
+    print(f"\n{'compression (level ' + str(r['level']) + ', ' + str(r['threads']) + ' threads)':46} {'MB':>6} "
+          f"{'ours':>7} {'zstd':>7} {'zipnn':>7} | pack MB/s: {'ours':>5} {'zstd':>5} {'zipnn':>5} "
+          f"| per CPU-s: {'ours':>5} {'zstd':>5} {'zipnn':>5} | unpack: {'ours':>5} {'zstd':>5} {'zipnn':>5}")
+    codecs = ("ours", "zstd", "zipnn")
     for name, c in r["compression"].items():
-        o, z = c["ours"], c["zstd"]
-        print(f"{name:42} {o['ratio']:6.3f}x {z['ratio']:6.3f}x {o['pack_mb_s']:6.0f}MB/s {z['pack_mb_s']:6.0f}MB/s "
-              f"{o['unpack_mb_s']:6.0f}MB/s {z['unpack_mb_s']:6.0f}MB/s")
+        cells = [" ".join(f"{c[k][m]:5.0f}" for k in codecs) for m in ("pack_mb_s", "pack_mb_per_cpu_s", "unpack_mb_s")]
+        print(f"{name:46} {c['original_bytes'] / 1e6:6.1f} " + " ".join(f"{c[k]['ratio']:6.3f}x" for k in codecs)
+              + f" |            {cells[0]} |            {cells[1]} |         {cells[2]}")
         if len(c["files"]) > 1:
             for f in c["files"]:
-                print(f"  {f:40} {o['per_file_ratio'][f]:6.3f}x {z['per_file_ratio'][f]:6.3f}x")
+                print(f"  {f:44} {c['file_bytes'][f] / 1e6:6.1f} " + " ".join(f"{c[k]['per_file_ratio'][f]:6.3f}x" for k in codecs))
     print(f"\none AdamW step (lr {r['last_step_lr']:.2e}), fp32 bits (byte3 = sign + 7 exponent bits ... byte0 = low mantissa)")
     for name, f in r["adamw_step_bit_flips"].items():
         planes = " ".join(f"{k} {v:.1%}" for k, v in reversed(f["byte_plane_changed_fraction"].items()))
         print(f"  {name:24} changed {f['changed_fraction']:.1%}; bytes changed: {planes}; "
               f"{f['mean_bits_flipped']:.1f} bits/element, {f['flips_in_low_16_bits']:.0%} of flips in the low 16 bits")
-    m = r["save_memory"]
+
+
+def print_save_memory(m: dict) -> None:
     print(f"\nsave of model + AdamW state ({m['state_bytes'] / 1e6:.1f} MB): peak memory above the state, time")
     for kind in ("bastion", "in-memory", "safetensors"):
         print(f"  {kind:12} {m[kind]['peak_bytes'] / 1e6:8.1f} MB  {m[kind]['seconds']:6.3f} s")
-    print(f"\ntotal {r['seconds']} s")
 
 
 if __name__ == "__main__":

@@ -10,6 +10,18 @@ Layout of one checkpoint (a directory `step_00000100`):
     MANIFEST.json          size + SHA-256 of each file above
 Nothing is pickled. A checkpoint appears only by an atomic rename of a finished temporary
 directory; `latest` (a small text file) is replaced atomically after that.
+
+Every tensor's bytes are stored once. The safetensors format has no notion of two names
+for one tensor (the library's `save_file` refuses shared storage, its `save_model` drops all
+but one name), so the extra names live in the file's `__metadata__` (or, for a sharded
+model, in model.safetensors.index.json beside `weight_map`), each a JSON object
+{extra name: stored name}:
+    aliases   shared storage at save (tied embeddings): loads as the very same tensor
+    copies    equal bits, separate storage at save (a tied model cast to bf16 tensor by
+              tensor): loads as a copy, so equal tensors that were never tied stay apart
+Any safetensors reader sees the stored tensors; `load_checkpoint` restores the rest and
+refuses an entry naming a tensor the file does not store. Older checkpoints, with the tie
+stored twice, carry neither key and load as they are.
 """
 from __future__ import annotations
 
@@ -55,6 +67,7 @@ LATEST = "latest"
 STEP_DIR = re.compile(r"^step_(\d{8,})$")
 TRASH_PREFIX = ".trash-"  # a checkpoint being deleted: never listed, removed by the next prune
 MAX_LATEST_BYTES = 256
+ALIASES, COPIES = "aliases", "copies"  # safetensors metadata / shard index keys of stored-once tensors
 
 
 @dataclass
@@ -89,8 +102,12 @@ def _serialize(ckpt: Checkpoint, max_shard_bytes: int | None) -> Iterator[tuple[
         yield "rng.safetensors", _tensor_file(ckpt.rng)
 
 
-def _split_aliases(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Tensors that alias another (tied embeddings) are stored once: {name: stored name}.
+def _split_aliases(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str], dict[str, str]]:
+    """Each tensor's bytes are stored once. Returns (stored tensors, aliases, copies):
+    aliases ({name: stored name}) share storage with a stored tensor (tied embeddings) and
+    load as that very tensor; copies hold the same bits as a stored tensor without sharing
+    its storage (a tied model cast with `.to(dtype)`, which unties it) and load as their own
+    copy, so tensors that merely happen to be equal (zero-initialised ones) never become tied.
     Nothing is copied here (the writer moves one tensor at a time to the CPU)."""
     unique: dict[str, torch.Tensor] = {}
     aliases: dict[str, str] = {}
@@ -99,19 +116,54 @@ def _split_aliases(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Te
         tensor = tensor.detach()
         key = (tensor.device, tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape),
                tensor.stride(), tensor.dtype)
-        if key in seen and tensor.numel():
+        if key in seen and tensor.numel() and tensor.device.type != "meta":
             aliases[name] = seen[key]
             continue
         seen[key] = name
         unique[name] = tensor
-    return unique, aliases
+    copies = _equal_tensors(unique)
+    return {name: t for name, t in unique.items() if name not in copies}, aliases, copies
+
+
+SAMPLE_ELEMENTS = 64  # compared first: distinct tensors of one shape almost always differ here
+MIN_COPY_BYTES = 4096  # smaller equal tensors (norm weights at init) are stored as they are
+
+
+def _equal_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, str]:
+    """{name: earlier name} for tensors (of MIN_COPY_BYTES or more) bit-for-bit equal to an
+    earlier one of the same dtype and shape. A few elements are compared first, so a save of distinct tensors pays a
+    negligible cost; only candidates that agree there are compared in full (on their device)."""
+    groups: dict[tuple, list[tuple[str, bytes]]] = {}
+    copies: dict[str, str] = {}
+    for name, tensor in tensors.items():
+        if tensor.numel() * tensor.element_size() < MIN_COPY_BYTES or tensor.device.type == "meta":
+            continue
+        sample = _bits(tensor.reshape(-1)[:SAMPLE_ELEMENTS]).cpu().numpy().tobytes()
+        group = groups.setdefault((tensor.dtype, tuple(tensor.shape), tensor.device), [])
+        for earlier, earlier_sample in group:
+            if earlier_sample == sample and torch.equal(_bits(tensors[earlier]), _bits(tensor)):
+                copies[name] = earlier
+                break
+        else:
+            group.append((name, sample))
+    return copies
+
+
+def _bits(tensor: torch.Tensor) -> torch.Tensor:
+    """The raw bytes of a tensor as a flat uint8 tensor (NaN payloads and -0.0 compared as bits)."""
+    return tensor.contiguous().reshape(-1).view(torch.uint8)
 
 
 def _tensor_file(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> TensorFile:
-    unique, aliases = _split_aliases(tensors)
+    unique, aliases, copies = _split_aliases(tensors)
     meta = dict(metadata or {})
+    for key in (ALIASES, COPIES):
+        if key in meta:
+            raise CheckpointError(f"safetensors metadata key {key!r} is reserved for stored-once tensors")
     if aliases:
-        meta["aliases"] = json.dumps(aliases, sort_keys=True)
+        meta[ALIASES] = json.dumps(aliases, sort_keys=True)
+    if copies:
+        meta[COPIES] = json.dumps(copies, sort_keys=True)
     return unique, meta
 
 
@@ -156,7 +208,7 @@ def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: di
 def _model_files(model: dict[str, torch.Tensor], max_shard_bytes: int | None) -> Iterator[tuple[str, bytes | TensorFile]]:
     """model.safetensors, or above max_shard_bytes Hugging Face-style shards
     model-00001-of-0000N.safetensors plus model.safetensors.index.json (weight map, aliases)."""
-    unique, aliases = _split_aliases(model)
+    unique, aliases, copies = _split_aliases(model)
     total = sum(t.numel() * t.element_size() for t in unique.values())
     if max_shard_bytes is None or total <= max_shard_bytes:
         yield MODEL_FILE, _tensor_file(model)
@@ -175,7 +227,7 @@ def _model_files(model: dict[str, torch.Tensor], max_shard_bytes: int | None) ->
         fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
         yield fname, (shard, {})
         weight_map.update({name: fname for name in shard})
-    index = {"metadata": {"total_size": total}, "weight_map": weight_map, "aliases": aliases}
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map, ALIASES: aliases, COPIES: copies}
     yield MODEL_INDEX, json.dumps(index, indent=2, sort_keys=True).encode()
 
 
@@ -438,12 +490,11 @@ def _load_model(directory: Path, listed: dict, read) -> dict[str, torch.Tensor]:
     where = directory / MODEL_INDEX
     index = parse_json(read(MODEL_INDEX), CheckpointError, f"{where}")
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
-    aliases = index.get("aliases", {}) if isinstance(index, dict) else None
-    if not isinstance(weight_map, dict) or not isinstance(aliases, dict):
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
         raise CheckpointError(f"{where}: malformed shard index")
     shard_names = sorted(set(weight_map.values()))
     for name in shard_names:
-        if not isinstance(name, str) or not SHARD_FILE.match(name) or name not in listed:
+        if not SHARD_FILE.match(name) or name not in listed:
             raise CheckpointError(f"{where}: names an invalid or unlisted shard {str(name)[:80]!r}")
     model: dict[str, torch.Tensor] = {}
     for name in shard_names:
@@ -454,28 +505,45 @@ def _load_model(directory: Path, listed: dict, read) -> dict[str, torch.Tensor]:
         model.update(tensors)
     if set(model) != set(weight_map):
         raise CheckpointError(f"{where}: tensors listed in the index are missing from the shards")
-    return _apply_aliases(model, json.dumps(aliases), where)
+    return _restore_shared(model, index.get(ALIASES), index.get(COPIES), where)
 
 
 def _load_tensors(path: Path, data: bytes) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Validate the layout strictly (parse_header), build the tensors, restore aliases;
-    returns the remaining metadata too."""
+    """Validate the layout strictly (parse_header), build the tensors, restore the tensors
+    stored once; returns the remaining metadata too."""
     _, metadata = parse_header(data, path)
     try:
         tensors = safetensors.torch.load(data)
     except (SafetensorError, ValueError, RuntimeError) as exc:
         raise CheckpointError(f"{path}: not a valid safetensors file ({exc})") from None
-    return _apply_aliases(tensors, metadata.pop("aliases", None), path), metadata
+    aliases, copies = (_parse_json_map(metadata.pop(key, None), key, path) for key in (ALIASES, COPIES))
+    return _restore_shared(tensors, aliases, copies, path), metadata
 
 
-def _apply_aliases(tensors: dict[str, torch.Tensor], aliases: str | None, where: Path) -> dict[str, torch.Tensor]:
-    if not aliases:
-        return tensors
+def _parse_json_map(raw: str | None, key: str, where: Path) -> Any:
+    if raw is None:
+        return None
     try:
-        for name, target in parse_json(aliases, CheckpointError, f"{where}").items():
+        return json.loads(raw)
+    except ValueError:
+        raise CheckpointError(f"{where}: {key!r} metadata is not JSON") from None
+
+
+def _restore_shared(tensors: dict[str, torch.Tensor], aliases: Any, copies: Any, where: Path) -> dict[str, torch.Tensor]:
+    """Add the tensors stored once under another name: aliases as that same tensor (the tie
+    restored), copies as a copy. Hostile input: every entry must name a tensor that is
+    stored (not another alias, not itself), and no alias may replace a stored tensor."""
+    stored = set(tensors)
+    for key, entries in ((ALIASES, aliases), (COPIES, copies)):
+        if entries is None:
+            continue
+        if not isinstance(entries, dict) or len(entries) > len(stored):
+            raise CheckpointError(f"{where}: malformed {key!r} (a JSON object naming at most one entry per stored tensor)")
+        for name, target in entries.items():
+            if not isinstance(target, str) or target not in stored:
+                raise CheckpointError(f"{where}: {key} entry {str(name)[:80]!r} names {str(target)[:80]!r}, "
+                                      "which is not a tensor stored in the file")
             if name in tensors:
-                raise KeyError(name)
-            tensors[name] = tensors[target]
-    except (CheckpointError, KeyError, AttributeError, TypeError):
-        raise CheckpointError(f"{where}: malformed 'aliases' metadata") from None
+                raise CheckpointError(f"{where}: {key} entry {name[:80]!r} names a tensor that is already stored")
+            tensors[name] = tensors[target] if key == ALIASES else tensors[target].clone()
     return tensors

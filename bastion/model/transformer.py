@@ -38,6 +38,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from bastion.config.schema import ModelConfig, RopeScalingConfig
+from bastion.errors import CheckpointError
 from bastion.model.fusion import FrameBatch, Fusion, modality_shapes
 
 
@@ -303,10 +304,14 @@ class Transformer(nn.Module):
         on the meta device and the given tensors are assigned, not copied, so loading costs
         one copy of the weights instead of two (and no init time). strict: names and
         shapes must match."""
+        tied = cfg.tie_embeddings and cfg.score_labels is None
+        if tied and not _same_weights(state.get("output.weight"), state.get("tok_embeddings.weight")):
+            # Tying would silently drop this lm_head: the weights and the config disagree.
+            raise CheckpointError("the config ties embeddings, but output.weight differs from tok_embeddings.weight")
         with torch.device("meta"):
             model = cls(cfg)
         model.load_state_dict(state, strict=True, assign=True)
-        if cfg.tie_embeddings and cfg.score_labels is None:
+        if tied:
             model.output.weight = model.tok_embeddings.weight
         cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta, cfg.rope_scaling)
         model.rope_cos, model.rope_sin = cos, sin
@@ -559,3 +564,14 @@ class Transformer(nn.Module):
             {"params": decay[1], "names": decay[0], "weight_decay": weight_decay},
             {"params": no_decay[1], "names": no_decay[0], "weight_decay": 0.0},
         ]
+
+
+def _same_weights(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
+    """Tied weights given as one tensor, or as two equal ones (a copy); a missing one is left
+    to load_state_dict's own message."""
+    plain = (torch.Tensor, nn.Parameter)
+    if a is None or b is None or a is b or type(a) not in plain or type(b) not in plain:
+        return True  # quantized (tensor subclass) weights are checked where they are restored
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    return a.device.type == "meta" or torch.equal(a, b)

@@ -3,6 +3,7 @@ import json
 import os
 import stat
 
+import numpy as np
 import pytest
 import safetensors.torch
 import torch
@@ -310,3 +311,107 @@ def test_ckpt_verify_refuses_a_bomb_for_a_small_file_in_one_line(tmp_path):
     result = CliRunner().invoke(app, ["ckpt", "verify", str(packed)])
     assert result.exit_code == 2 and len(result.output.strip().splitlines()) == 1, result.output
     assert "trainer_state.json.zst: corrupt zstd frame" in result.output
+
+
+def bare_checkpoint(directory, tensors):
+    """A checkpoint whose model.safetensors the safetensors library wrote: every tensor
+    stored as given (as checkpoints saved before ties were stored once)."""
+    make_private_dir(directory)
+    data = safetensors.torch.save(tensors)
+    write_bytes(directory / "model.safetensors", data)
+    write_bytes(directory / MANIFEST, manifest_bytes(build_manifest({"model.safetensors": data})))
+    return directory
+
+
+def test_identical_tensors_are_stored_once(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    emb = (torch.randn(300, 64, generator=g) * 0.02).bfloat16()
+    ids = torch.randint(0, 2**40, (900,), generator=g)
+    tensors = {"a.emb": emb, "b.mid": (torch.randn(300, 64, generator=g) * 0.02).bfloat16(), "c.out": emb.clone(),
+               "d.ids": ids, "e.ids": ids.clone()}  # integer tensors too, far apart in the file
+    src = bare_checkpoint(tmp_path / "src", tensors)
+    report = pack_checkpoint(src, tmp_path / "p", chunk_bytes=SMALL_CHUNK, threads=2)
+    sections = json.loads((tmp_path / "p" / PACK).read_text())["files"]["model.safetensors"]["sections"]
+    same = {s["tensor"]: sections[s["same_as"]]["tensor"] for s in sections if "same_as" in s}
+    assert same == {"c.out": "a.emb", "e.ids": "d.ids"}
+    stored_once = pack_checkpoint(bare_checkpoint(tmp_path / "once", {k: tensors[k] for k in ("a.emb", "b.mid", "d.ids")}),
+                                  tmp_path / "p-once", chunk_bytes=SMALL_CHUNK)
+    assert report.files["model.safetensors"].packed_bytes < stored_once.files["model.safetensors"].packed_bytes + 512
+    verify_packed(tmp_path / "p")
+    assert contents(unpack_checkpoint(tmp_path / "p", tmp_path / "out", threads=2)) == contents(src)
+
+
+def test_chunks_the_planes_cut_apart_are_compressed_whole(tmp_path):
+    """A block repeated one byte further on: whole, zstd finds the repeat; split into planes,
+    each copy lands in a different plane and looks random. The pack keeps the better one."""
+    block = os.urandom(32768)
+    data = torch.frombuffer(bytearray(block + block[1:] + b"\0"), dtype=torch.float32).clone()
+    src = bare_checkpoint(tmp_path / "src", {"w": data})
+    report = pack_checkpoint(src, tmp_path / "p")
+    section = next(s for s in json.loads((tmp_path / "p" / PACK).read_text())["files"]["model.safetensors"]["sections"]
+                   if s.get("tensor") == "w")
+    assert section["raw_chunks"] == [0] and len(section["frames"]) == 1
+    plain = len(zstandard.ZstdCompressor(level=3).compress((src / "model.safetensors").read_bytes()))
+    assert report.files["model.safetensors"].packed_bytes <= plain * 1.01
+    assert contents(unpack_checkpoint(tmp_path / "p", tmp_path / "out")) == contents(src)
+
+
+def test_version_1_packs_still_unpack_and_cannot_use_version_2_sections(tmp_path, monkeypatch):
+    src = save(tmp_path / "run", 1, {"w": torch.randn(64, 64) * 0.02, "h": torch.randn(64, 64).half()})
+    with monkeypatch.context() as m:  # the version-1 writer: the same code without the sign rotation
+        m.setattr(pack_mod, "FORMAT_VERSION", 1)
+        m.setattr(pack_mod, "_rotate", lambda data, planes, left=True: data)
+        pack_checkpoint(src, tmp_path / "p")
+    index = json.loads((tmp_path / "p" / PACK).read_text())
+    assert index["format_version"] == 1 and index["codec"]["float_transform"] == "byteplanes"
+    assert contents(unpack_checkpoint(tmp_path / "p", tmp_path / "out")) == contents(src)
+    emb = torch.randn(64, 64) * 0.02
+    pack_checkpoint(bare_checkpoint(tmp_path / "dup", {"a": emb, "b": emb.clone()}), tmp_path / "p2")
+    rewrite_pack(tmp_path / "p2", lambda d: (d.update(format_version=1), d["codec"].update(float_transform="byteplanes")))
+    with pytest.raises(CheckpointError, match="same_as must name an earlier stored section"):
+        verify_packed(tmp_path / "p2")
+
+
+def test_sign_rotation_round_trips_every_float_width():
+    rng = np.random.default_rng(0)
+    for planes in (2, 4, 8):
+        data = rng.integers(0, 256, 8 * 64, dtype=np.uint8)
+        rotated = pack_mod._rotate(data, planes)
+        assert not np.array_equal(rotated, data)
+        assert np.array_equal(pack_mod._rotate(rotated.copy(), planes, left=False), data)
+    sign_only = np.frombuffer(np.array([-0.0], dtype="<f4").tobytes(), np.uint8)
+    assert pack_mod._rotate(sign_only, 4).tolist() == [1, 0, 0, 0]  # the sign bit ends at the bottom
+
+
+def _edit_same_as(value):
+    def edit(d):
+        sections = d["files"]["model.safetensors"]["sections"]
+        section = next(s for s in sections if "same_as" in s)
+        if value == "self":
+            section["same_as"] = sections.index(section)
+        elif value == "with frames":
+            section["frames"] = [5]
+        elif value == "chain":  # a later duplicate naming the earlier same_as section
+            sections.append(dict(section, same_as=sections.index(section)))
+        else:
+            section["same_as"] = value
+    return edit
+
+
+@pytest.mark.parametrize("value", ["self", 99, -1, "with frames", "chain", 0, True])
+def test_hostile_same_as_refused(tmp_path, value):
+    emb = torch.randn(64, 64) * 0.02
+    pack_checkpoint(bare_checkpoint(tmp_path / "dup", {"a": emb, "b": emb.clone()}), tmp_path / "p")
+    rewrite_pack(tmp_path / "p", _edit_same_as(value))  # 0: the JSON header section, another length
+    with pytest.raises(CheckpointError):
+        verify_packed(tmp_path / "p")
+
+
+@pytest.mark.parametrize("raw_chunks", [[1], [0, 0], "0", [-1], [True]])
+def test_hostile_raw_chunks_refused(tmp_path, raw_chunks):
+    src = save(tmp_path / "run", 1, {"w": torch.randn(64, 64) * 0.02})
+    pack_checkpoint(src, tmp_path / "p")
+    rewrite_pack(tmp_path / "p", lambda d: next(s for s in d["files"]["model.safetensors"]["sections"]
+                                                if s.get("tensor") == "w").update(raw_chunks=raw_chunks))
+    with pytest.raises(CheckpointError, match="frame list"):
+        verify_packed(tmp_path / "p")

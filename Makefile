@@ -7,7 +7,7 @@ TORCH_INDEX ?=
 BIN         := $(VENV)/bin
 STAMP       := $(VENV)/.bastion-installed
 
-.PHONY: install browser demo test test-all bench gpu-wheels audit clean
+.PHONY: install browser demo test test-all bench gpu-wheels audit image image-cuda image-wheels image-digest image-test clean
 
 # torch goes in first, on its own: a resolve without it would pull a multi-GB CUDA build.
 $(STAMP): pyproject.toml constraints.txt
@@ -71,6 +71,31 @@ audit: install
 	$(BIN)/python -m pip install -q pip-audit
 	{ cat constraints.txt; echo "$(TORCH_SPEC)"; } > $(VENV)/audit-requirements.txt
 	$(BIN)/pip-audit --progress-spinner off --disable-pip --no-deps -r $(VENV)/audit-requirements.txt
+
+# Container images of `bastion serve` (Dockerfile; docs/serving.md, "Container"). ENGINE=podman
+# works too (add --format docker: the OCI format drops HEALTHCHECK). IMAGE_WHEELS=DIR builds
+# offline from `make image-wheels`.
+ENGINE       ?= docker
+IMAGE_NAME   ?= bastion
+IMAGE_WHEELS ?=
+IMAGE_FLAGS  := $(if $(filter podman,$(notdir $(ENGINE))),--format docker) $(if $(IMAGE_WHEELS),--build-context wheels=$(IMAGE_WHEELS))
+
+image:
+	$(ENGINE) build $(IMAGE_FLAGS) --target cpu -t $(IMAGE_NAME):cpu .
+
+image-cuda:
+	$(ENGINE) build $(IMAGE_FLAGS) --target cuda -t $(IMAGE_NAME):cuda .
+
+image-wheels:
+	PIP="$(PYTHON) -m pip" deploy/wheels.sh .whl-image
+
+# The current digest of the base image, to refresh the pin in the Dockerfile deliberately.
+image-digest:
+	deploy/base-digest.sh
+
+# Build and run the image for real (tests/deploy/test_container.py; skipped where no engine runs).
+image-test: install
+	$(BIN)/python -m pytest -q -m slow tests/deploy
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -25,6 +25,10 @@ def data_prepare(
         None, "--source", help="File, folder or glob of .txt/.md/.jsonl/.parquet, plain or in .gz/.zst/.zip (repeatable; replaces data.sources; must lie inside data.allowed_roots)."
     ),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Output folder (replaces data.output_dir)."),
+    workers: Optional[int] = typer.Option(
+        None, "--workers", "-w", min=1, max=256,
+        help="Processes for hygiene and tokenization (replaces data.workers); the shards are byte-identical for any number.",
+    ),
 ) -> None:
     """Read sources, filter, redact PII/secrets, drop duplicates and near-duplicates, split,
     train/load a BPE tokenizer, write token shards. Prints the data report."""
@@ -36,6 +40,8 @@ def data_prepare(
         updates["sources"] = list(source)
     if output:
         updates["output_dir"] = str(output)
+    if workers is not None:
+        updates["workers"] = workers
     data_cfg = cfg.data.model_copy(update=updates)
     if not data_cfg.sources:
         raise ConfigError("no data sources: set data.sources in the config or pass --source")

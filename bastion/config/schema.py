@@ -141,6 +141,10 @@ class DataConfig(Section):
         default=1, ge=1, le=256,
         description="processes for the per-document steps (hygiene, tokenization); the output is the same for any number",
     )
+    engine: Literal["local", "datatrove"] = Field(
+        default="local", description="where the per-document steps run: 'local' processes, or datatrove tasks (the 'datatrove' extra)",
+    )
+    tasks: int = Field(default=4, ge=1, le=1_000_000, description="datatrove engine only: tasks per stage (blocks of files, then of documents)")
     seed: int = Field(default=1234, ge=0, le=2**31 - 1)
     allowed_roots: list[str] = Field(
         default_factory=lambda: ["."], max_length=64,

@@ -30,11 +30,11 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import BinaryIO, TypeVar
+from typing import BinaryIO, Protocol, TypeVar
 
 from bastion.config.schema import DataConfig
 from bastion.data.dedup import NearDuplicateIndex
-from bastion.data.parallel import Cleaned, DocumentPool
+from bastion.data.parallel import Cleaned, DocumentPool, TokenizedChunk
 from bastion.data.shards import (
     FORMAT_NAME,
     FORMAT_VERSION,
@@ -184,7 +184,8 @@ class _TokenizerSample:
             yield text
 
 
-_SPILL = ".kept.spill"  # inside the temporary output folder; removed before it is renamed into place
+_WORK = ".work"  # inside the temporary output folder; removed before it is renamed into place
+_SPILL = "kept.spill"
 _SPLIT_CODES = {"train": 0, "val": 1}
 _SPILL_HEADER = struct.Struct("<16sBQ")  # digest, split code, UTF-8 length
 
@@ -195,17 +196,33 @@ def _spill_write(f: BinaryIO, doc: _Doc) -> None:
     f.write(data)
 
 
-def _spill_read(path: Path, force: dict[bytes, str]) -> Iterator[tuple[str, str]]:
-    """(text, split) of every kept document, in input order, with the split overrides applied."""
+def spill_read(path: Path, force: dict[bytes, str], offset: int = 0) -> Iterator[tuple[str, str]]:
+    """(text, split) of every kept document from byte `offset` on, in input order, with the
+    split overrides applied."""
     names = {code: split for split, code in _SPLIT_CODES.items()}
     with open(path, "rb", buffering=1 << 20) as f:
+        f.seek(offset)
         while header := f.read(_SPILL_HEADER.size):
             digest, code, size = _SPILL_HEADER.unpack(header)
             text = f.read(size).decode("utf-8", "surrogatepass")
             yield text, force.get(digest) or names[code]
 
 
-def _chunks(items: Iterable[T], n: int) -> Iterator[list[T]]:
+def spill_offsets(path: Path, every: int) -> list[int]:
+    """Byte offsets of documents 0, every, 2 x every, ... in the spill (chunk starts)."""
+    offsets, n, pos = [], 0, 0
+    with open(path, "rb") as f:
+        while header := f.read(_SPILL_HEADER.size):
+            if n % every == 0:
+                offsets.append(pos)
+            size = _SPILL_HEADER.unpack(header)[2]
+            pos += _SPILL_HEADER.size + size
+            f.seek(pos)
+            n += 1
+    return offsets
+
+
+def chunked(items: Iterable[T], n: int) -> Iterator[list[T]]:
     it = iter(items)
     while chunk := list(itertools.islice(it, n)):
         yield chunk
@@ -229,8 +246,57 @@ def _write_json(path: Path, obj: object) -> None:
         os.fsync(f.fileno())
 
 
-def prepare_dataset(cfg: DataConfig, on_progress: Progress | None = None) -> PrepareReport:
+class Engine(Protocol):
+    """Runs the per-document steps; `prepare_dataset` takes every decision from their results.
+
+    `LocalEngine` (the default) uses `data.workers` processes on this machine;
+    `bastion.data.distributed.DatatroveEngine` runs the same functions as datatrove tasks.
+    """
+
+    def clean(self, files: list[Path]) -> Iterator[list[Cleaned]]:
+        """Every document of `files`, in order, through `DocumentHygiene`, in chunks."""
+        ...
+
+    def tokenize(self, tokenizer_file: Path, dtype: str, spill: Path, force: dict[bytes, str]) -> Iterator[TokenizedChunk]:
+        """The spilled documents (see `spill_read`), in order, through `tokenize_documents`, in chunks."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class LocalEngine:
+    """`data.workers` processes on this machine (none for 1), through `DocumentPool`."""
+
+    def __init__(self, cfg: DataConfig):
+        self.cfg = cfg
+        self.pool = DocumentPool(cfg, cfg.workers)
+
+    def clean(self, files: list[Path]) -> Iterator[list[Cleaned]]:
+        texts = (d.text for d in iter_documents(self.cfg, files))
+        return self.pool.hygiene(chunked(texts, self.cfg.batch_documents))
+
+    def tokenize(self, tokenizer_file: Path, dtype: str, spill: Path, force: dict[bytes, str]) -> Iterator[TokenizedChunk]:
+        return self.pool.tokenize(tokenizer_file, dtype, chunked(spill_read(spill, force), self.cfg.batch_documents))
+
+    def close(self) -> None:
+        self.pool.close()
+
+
+def _engine_for(cfg: DataConfig, work: Path) -> Engine:
+    if cfg.engine == "datatrove":
+        from bastion.data.distributed import DatatroveEngine  # optional dependency, imported on use
+
+        return DatatroveEngine(cfg, work)
+    return LocalEngine(cfg)
+
+
+def prepare_dataset(cfg: DataConfig, on_progress: Progress | None = None,
+                    engine: Callable[[DataConfig, Path], Engine] | None = None) -> PrepareReport:
     """Run the whole pipeline; returns the report (also written as `report.json`).
+
+    `engine(cfg, work_dir)` makes the engine for the per-document steps (default: the one
+    `data.engine` names, `LocalEngine` or `bastion.data.distributed.DatatroveEngine`);
+    `work_dir` is a private folder for its intermediate files, removed with the temporary output.
 
     `on_progress(stage, count)` is called per batch with stage "scan" (documents read in pass 1),
     "tokenizer" (vocab size, once), "tokenize" (documents written in pass 2) and "done" (tokens).
@@ -250,16 +316,22 @@ def prepare_dataset(cfg: DataConfig, on_progress: Progress | None = None) -> Pre
     out.parent.mkdir(parents=True, exist_ok=True)
     make_private_dir(tmp)
     try:
-        with DocumentPool(cfg, cfg.workers) as pool:
-            decided, sample, stats, force = _scan(cfg, files, pool, tmp / _SPILL, progress)
+        work = tmp / _WORK
+        make_private_dir(work)
+        runner = (engine or _engine_for)(cfg, work)
+        try:
+            decided, sample, stats, force = _scan(cfg, files, runner, work / _SPILL, progress)
             if tokenizer_file is not None:
                 tok = BastionTokenizer.from_file(tokenizer_file)
             else:
                 tok = BastionTokenizer.train(sample.texts(), cfg.tokenizer.vocab_size, cfg.tokenizer.min_frequency)
             progress("tokenizer", tok.vocab_size)
             tok.save(tmp / "tokenizer.json")
-            splits = _write_dataset(cfg, tok, pool, _spill_read(tmp / _SPILL, force), tmp, progress)
-        (tmp / _SPILL).unlink()
+            splits = _write_dataset(cfg, tok, runner.tokenize(tmp / "tokenizer.json", token_dtype(tok.vocab_size),
+                                                              work / _SPILL, force), tmp, progress)
+        finally:
+            runner.close()
+        shutil.rmtree(work)
         report = PrepareReport(
             output_dir=str(out),
             files=len(files),
@@ -290,7 +362,7 @@ def prepare_dataset(cfg: DataConfig, on_progress: Progress | None = None) -> Pre
 
 
 def _scan(
-    cfg: DataConfig, files: list[Path], pool: DocumentPool, spill: Path, progress: Progress
+    cfg: DataConfig, files: list[Path], engine: Engine, spill: Path, progress: Progress
 ) -> tuple[_Decisions, _TokenizerSample, dict[str, int], dict[bytes, str]]:
     """Pass 1: read, clean (in the workers), decide (here, in input order), spill the kept
     documents to disk and collect the tokenizer sample. Returns the split overrides too."""
@@ -299,9 +371,8 @@ def _scan(
     collect_sample = not cfg.tokenizer.path
     stats = {"train": 0, "val": 0}
     extremes: dict[str, tuple[float, bytes]] = {}  # lowest/highest split key, for _split_overrides
-    texts = (d.text for d in iter_documents(cfg, files))
     with open_private(spill) as f:
-        for cleaned in pool.hygiene(_chunks(texts, cfg.batch_documents)):
+        for cleaned in engine.clean(files):
             for doc in decided(cleaned):
                 _spill_write(f, doc)
                 stats[doc.split] += 1
@@ -349,15 +420,14 @@ def _split_overrides(
 
 
 def _write_dataset(
-    cfg: DataConfig, tok: BastionTokenizer, pool: DocumentPool, kept: Iterator[tuple[str, str]], tmp: Path,
-    progress: Progress,
+    cfg: DataConfig, tok: BastionTokenizer, chunks: Iterator[TokenizedChunk], tmp: Path, progress: Progress,
 ) -> dict[str, SplitReport]:
     """Pass 2: tokenize the kept documents (in the workers) and append them to the shards in order."""
     dtype = token_dtype(tok.vocab_size)
     writers = {s: ShardWriter(tmp, s, dtype, cfg.shard_tokens) for s in ("train", "val")}
     splits = {"train": SplitReport(), "val": SplitReport()}
     written = 0
-    for chunk in pool.tokenize(tmp / "tokenizer.json", dtype, _chunks(kept, cfg.batch_documents)):
+    for chunk in chunks:
         for split, ids in chunk.ids.items():
             writers[split].write(ids)
             splits[split].documents += chunk.documents[split]

@@ -18,40 +18,8 @@ from bastion.config.schema import DataConfig
 from bastion.data import prepare_dataset
 from bastion.data.prepare import _TokenizerSample
 from bastion.errors import DataError
-
-WORDS = ("harbour ferry budget river council tide crane dock ledger permit vessel cargo timber "
-         "lantern signal anchor bridge canal market quarry meadow orchard mill forge").split()
-
-
-def mixed_documents(n: int) -> list[str]:
-    """Prose with every hygiene step's work in it: secrets, exact and near duplicates, junk."""
-    rng = random.Random(7)
-    docs = [f"Entry {i}: " + " ".join(rng.choice(WORDS) for _ in range(rng.randint(20, 120))) for i in range(n)]
-    docs[3] += " contact ops@example.com, key AKIAIOSFODNN7EXAMPLE"
-    words = docs[5].split()
-    docs.append(" ".join(words[:-1] + ["edited"]))  # near-duplicate of docs[5]
-    docs.append(docs[8])  # exact duplicate
-    docs.append("\x00\x01\x02" * 30)  # non-text
-    return docs
-
-
-def write_sources(folder: Path, docs: list[str], files: int = 3) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    for f in range(files):
-        part = docs[f::files]
-        (folder / f"part{f}.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in part))
-    return folder
-
-
-def config(tmp_path: Path, src: Path, out: str, **kw) -> DataConfig:
-    kw.setdefault("tokenizer", {"vocab_size": 400})
-    return DataConfig(sources=[str(src)], output_dir=str(tmp_path / out), allowed_roots=[str(tmp_path)],
-                      val_fraction=0.1, shard_tokens=1024, batch_documents=16, **kw)
-
-
-def dataset_files(folder: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.name != "report.json"}
-
+from synthetic.prepare_corpus import dataset_files, mixed_documents, write_sources
+from synthetic.prepare_corpus import prepare_config as config
 
 def test_two_workers_write_the_same_bytes_as_one(tmp_path: Path) -> None:
     src = write_sources(tmp_path / "src", mixed_documents(160))

@@ -23,7 +23,6 @@ from pathlib import Path
 
 from bastion.config import build_config
 from bastion.data import iter_documents, prepare_dataset, resolve_sources
-from bastion.demo import STDLIB_PARTS
 from bastion.safepath import Roots
 from bastion.tokenizer import BastionTokenizer
 
@@ -33,6 +32,10 @@ VOCAB = 4096
 
 
 def data_section(workdir: Path, out: str, workers: int, hygiene: bool, tokenizer: dict) -> dict:
+    # Imported here, not at the top: worker processes import this script as their main module,
+    # and bastion.demo imports torch.
+    from bastion.demo import STDLIB_PARTS
+
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     data = {"sources": [str(stdlib / p) for p in STDLIB_PARTS], "text_suffixes": [".py"], "workers": workers,
             "output_dir": str(workdir / out), "allowed_roots": [str(stdlib), str(workdir)], "tokenizer": tokenizer}

@@ -10,9 +10,10 @@ in. So the output is byte-identical for any number of workers.
 
 Workers are started with `forkserver` (`spawn` where there is none): forking the parent, whose
 HF `tokenizers` thread pool may already be running, can deadlock the child. The fork server is
-a fresh single-threaded interpreter that imports this module once (about 2 s, mostly scipy via
-datasketch) and then forks each worker from itself, so workers start in milliseconds and later
-pools in the same process reuse it.
+a fresh single-threaded interpreter that imports this module and the main module once (see
+`_preload`; ~2 s for this module, mostly scipy via datasketch, more when the main module
+imports torch as the CLI does) and then forks each worker from itself, so workers start in
+milliseconds and later pools in the same process reuse it.
 Each worker runs its tokenizer single-threaded (`TOKENIZERS_PARALLELISM=false`): the
 parallelism is the processes, and N workers x N rayon threads would oversubscribe the cores.
 With one worker nothing is started and the same functions run in-process, where `tokenizers`
@@ -25,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import multiprocessing
 import os
+import sys
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -150,8 +152,26 @@ def _context() -> multiprocessing.context.BaseContext:
     if "forkserver" not in multiprocessing.get_all_start_methods():
         return multiprocessing.get_context("spawn")
     ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload([__name__])  # takes effect when the server starts (once per process)
+    ctx.set_forkserver_preload(_preload())  # takes effect when the server starts (once per process)
     return ctx
+
+
+def _preload() -> list[str]:
+    """What the fork server imports once, so that the workers forked from it need not.
+
+    Besides this module, the main module: multiprocessing imports it in every child, and ours
+    (`bastion` -> bastion.cli) imports torch - seconds and hundreds of MB per worker otherwise.
+    A script's main is imported by path ("__main__", guarded by `if __name__ == "__main__"`),
+    a `python -m` module by name; a package's `__main__` module is skipped (it runs on import,
+    and multiprocessing's children skip it too).
+    """
+    main = sys.modules.get("__main__")
+    name = getattr(getattr(main, "__spec__", None), "name", None)
+    if name:
+        extra = [] if name == "__main__" or name.endswith(".__main__") else [name]
+    else:
+        extra = ["__main__"] if getattr(main, "__file__", None) else []
+    return [*extra, __name__]
 
 
 class DocumentPool:

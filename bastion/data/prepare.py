@@ -30,7 +30,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import BinaryIO, Protocol, TypeVar
+from typing import Any, BinaryIO, Protocol, TypeVar
 
 from bastion.config.schema import DataConfig
 from bastion.data.dedup import NearDuplicateIndex
@@ -184,6 +184,7 @@ class _TokenizerSample:
             yield text
 
 
+CHUNK_CHARS = 1 << 19  # ~512 KB of text per worker task: enough to amortise the IPC, small enough to spread
 _WORK = ".work"  # inside the temporary output folder; removed before it is renamed into place
 _SPILL = "kept.spill"
 _SPLIT_CODES = {"train": 0, "val": 1}
@@ -225,6 +226,23 @@ def spill_offsets(path: Path, every: int) -> list[int]:
 def chunked(items: Iterable[T], n: int) -> Iterator[list[T]]:
     it = iter(items)
     while chunk := list(itertools.islice(it, n)):
+        yield chunk
+
+
+def chunked_texts(items: Iterable[T], n: int, max_chars: int = CHUNK_CHARS,
+                  text: Callable[[Any], str] = str) -> Iterator[list[T]]:
+    """Chunks of at most n items and, past the first item, about `max_chars` characters: a
+    corpus of few large documents still spreads over the workers. Chunking never changes
+    the output (every decision is per document, in order)."""
+    chunk: list[T] = []
+    chars = 0
+    for item in items:
+        chunk.append(item)
+        chars += len(text(item))
+        if len(chunk) == n or chars >= max_chars:
+            yield chunk
+            chunk, chars = [], 0
+    if chunk:
         yield chunk
 
 
@@ -273,10 +291,11 @@ class LocalEngine:
 
     def clean(self, files: list[Path]) -> Iterator[list[Cleaned]]:
         texts = (d.text for d in iter_documents(self.cfg, files))
-        return self.pool.hygiene(chunked(texts, self.cfg.batch_documents))
+        return self.pool.hygiene(chunked_texts(texts, self.cfg.batch_documents))
 
     def tokenize(self, tokenizer_file: Path, dtype: str, spill: Path, force: dict[bytes, str]) -> Iterator[TokenizedChunk]:
-        return self.pool.tokenize(tokenizer_file, dtype, chunked(spill_read(spill, force), self.cfg.batch_documents))
+        kept = spill_read(spill, force)
+        return self.pool.tokenize(tokenizer_file, dtype, chunked_texts(kept, self.cfg.batch_documents, text=lambda d: d[0]))
 
     def close(self) -> None:
         self.pool.close()

@@ -64,7 +64,7 @@ def test_tokenizer_sample_is_bounded_and_does_not_depend_on_file_order(tmp_path:
     assert 0 < a.tokenizer_train_bytes <= budget and a.tokenizer_train_documents < a.train.documents
     assert (a.tokenizer_train_bytes, a.tokenizer_train_documents) == (b.tokenizer_train_bytes, b.tokenizer_train_documents)
     assert (tmp_path / "out_a" / "tokenizer.json").read_bytes() == (tmp_path / "out_b" / "tokenizer.json").read_bytes()
-    c = prepare_dataset(config(tmp_path, tmp_path / "a", "out_c", seed=99,
+    prepare_dataset(config(tmp_path, tmp_path / "a", "out_c", seed=99,
                                tokenizer={"vocab_size": 400, "train_sample_bytes": budget}))
     assert (tmp_path / "out_c" / "tokenizer.json").read_bytes() != (tmp_path / "out_a" / "tokenizer.json").read_bytes()
 

@@ -65,7 +65,7 @@ def test_tokenizer_sample_is_bounded_and_does_not_depend_on_file_order(tmp_path:
     assert (a.tokenizer_train_bytes, a.tokenizer_train_documents) == (b.tokenizer_train_bytes, b.tokenizer_train_documents)
     assert (tmp_path / "out_a" / "tokenizer.json").read_bytes() == (tmp_path / "out_b" / "tokenizer.json").read_bytes()
     prepare_dataset(config(tmp_path, tmp_path / "a", "out_c", seed=99,
-                               tokenizer={"vocab_size": 400, "train_sample_bytes": budget}))
+                    tokenizer={"vocab_size": 400, "train_sample_bytes": budget}))
     assert (tmp_path / "out_c" / "tokenizer.json").read_bytes() != (tmp_path / "out_a" / "tokenizer.json").read_bytes()
 
 

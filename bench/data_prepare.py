@@ -1,7 +1,7 @@
 """`bastion data prepare` throughput: 1 vs 2 workers, every hygiene step on vs off, against the
 bare tokenizer's `encode_batch` on the same corpus (the limit a prepare run can approach: it
 must at least tokenize everything). Corpus: the Python standard library's source (the demo
-corpus, ~6.4 MB). All runs in this one process, interleaved per round; medians.
+corpus, ~6.4 MB). All runs in this one process, interleaved per round (the limit too); medians.
 
 The prepare runs load one tokenizer trained up front (`tokenizer.path`), as the limit does, so
 the ratio measures the pipeline, not BPE training; one more row per worker count trains the
@@ -42,17 +42,12 @@ def data_section(workdir: Path, out: str, workers: int, hygiene: bool, tokenizer
     return build_config({"data": data if hygiene else {**data, **OFF}}).data
 
 
-def encode_limit(cfg, tok: BastionTokenizer, rounds: int) -> tuple[float, int]:
-    """Median seconds for `encode_batch` over the corpus (batches of data.batch_documents), and its bytes."""
-    files = resolve_sources(cfg.sources, cfg.text_suffixes, roots=Roots(cfg.allowed_roots))
-    texts = [d.text for d in iter_documents(cfg, files)]
-    times = []
-    for _ in range(rounds):
-        start = time.perf_counter()
-        for i in range(0, len(texts), cfg.batch_documents):
-            tok.encode_batch(texts[i : i + cfg.batch_documents])
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), sum(len(t.encode("utf-8")) for t in texts)
+def encode_seconds(texts: list[str], tok: BastionTokenizer, batch: int) -> float:
+    """`encode_batch` over the corpus in batches of data.batch_documents (HF tokenizers' threads, all cores)."""
+    start = time.perf_counter()
+    for i in range(0, len(texts), batch):
+        tok.encode_batch(texts[i : i + batch])
+    return time.perf_counter() - start
 
 
 def shard_bytes(folder: Path) -> dict[str, bytes]:
@@ -71,12 +66,16 @@ def main() -> None:
         files = resolve_sources(base.sources, base.text_suffixes, roots=Roots(base.allowed_roots))
         tok = BastionTokenizer.train((d.text for d in iter_documents(base, files)), VOCAB)
         tok.save(work / "tokenizer.json")
-        limit_s, corpus_bytes = encode_limit(base, tok, args.rounds)
+        texts = [d.text for d in iter_documents(base, files)]
+        corpus_bytes = sum(len(t.encode("utf-8")) for t in texts)
+        limit_times = []
         given = {"path": str(work / "tokenizer.json")}
         sample = {"vocab_size": VOCAB, "train_sample_bytes": int(args.sample_mb * 2**20)}
         runs = {(w, h, t): [] for t in ("given", "sample") for w in (1, 2) for h in (True, False) if t == "given" or h}
         reports = {}
         for round_no in range(args.rounds):
+            limit_times.append(encode_seconds(texts, tok, base.batch_documents))  # the limit, in every round too
+            print(f"round {round_no} encode_batch: {limit_times[-1]:.2f} s", flush=True)
             for (workers, hygiene, tokenizer), times in runs.items():
                 name = f"w{workers}-{'on' if hygiene else 'off'}-{tokenizer}"
                 cfg = data_section(work, name, workers, hygiene, given if tokenizer == "given" else sample)
@@ -87,7 +86,7 @@ def main() -> None:
         identical = all(shard_bytes(work / f"w1-{h}-{t}") == shard_bytes(work / f"w2-{h}-{t}")
                         for h, t in (("on", "given"), ("off", "given"), ("on", "sample")))
     mb = corpus_bytes / 1e6
-    limit = mb / limit_s
+    limit = mb / statistics.median(limit_times)
     rows = []
     for (workers, hygiene, tokenizer), times in runs.items():
         rate = mb / statistics.median(times)

@@ -117,6 +117,10 @@ class TokenizerConfig(Section):
     path: str | None = Field(default=None, description="existing tokenizer.json to load instead of training")
     vocab_size: int = Field(default=8192, ge=260, le=1_048_576)
     min_frequency: int = Field(default=2, ge=1, le=1_000_000)
+    train_sample_bytes: int = Field(
+        default=1 << 30, ge=1024, le=1 << 40,
+        description="train the tokenizer on a seeded sample of at most this many bytes of the train split (held in memory)",
+    )
 
 
 class SanitizeConfig(Section):
@@ -164,6 +168,14 @@ class DataConfig(Section):
     val_fraction: float = Field(default=0.05, ge=0.0, le=0.5)
     shard_tokens: int = Field(default=50_000_000, ge=1024, le=2**31)
     batch_documents: int = Field(default=512, ge=1, le=1_000_000)
+    workers: int = Field(
+        default=1, ge=1, le=256,
+        description="processes for the per-document steps (hygiene, tokenization); the output is the same for any number",
+    )
+    engine: Literal["local", "datatrove"] = Field(
+        default="local", description="where the per-document steps run: 'local' processes, or datatrove tasks (the 'datatrove' extra)",
+    )
+    tasks: int = Field(default=4, ge=1, le=1_000_000, description="datatrove engine only: tasks per stage (blocks of files, then of documents)")
     seed: int = Field(default=1234, ge=0, le=2**31 - 1)
     allowed_roots: list[str] = Field(
         default_factory=lambda: ["."], max_length=64,

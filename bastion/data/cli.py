@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict, is_dataclass
+from enum import Enum
 from pathlib import Path
 from typing import Any, List, Optional
 
@@ -11,6 +12,13 @@ from rich.table import Table
 
 from bastion.config.cli import ConfigOption, SetOption, load
 from bastion.errors import ConfigError
+
+class EngineName(str, Enum):
+    """data.engine's values, as --engine choices."""
+
+    local = "local"
+    datatrove = "datatrove"
+
 
 app = typer.Typer(help="Prepare training data: read, clean, tokenize, pack shards.", no_args_is_help=True)
 out = Console(markup=False)  # paths and names are printed as they are, never read as markup
@@ -25,6 +33,15 @@ def data_prepare(
         None, "--source", help="File, folder or glob of .txt/.md/.jsonl/.parquet, plain or in .gz/.zst/.zip (repeatable; replaces data.sources; must lie inside data.allowed_roots)."
     ),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Output folder (replaces data.output_dir)."),
+    workers: Optional[int] = typer.Option(
+        None, "--workers", "-w", min=1, max=256,
+        help="Processes for hygiene and tokenization (replaces data.workers); the shards are byte-identical for any number.",
+    ),
+    engine: Optional[EngineName] = typer.Option(
+        None, "--engine",
+        help="Where the per-document steps run (replaces data.engine): 'local' processes, or 'datatrove' tasks "
+             "(needs the datatrove extra; data.tasks sets the task count). Same shards either way.",
+    ),
 ) -> None:
     """Read sources, filter, redact PII/secrets, drop duplicates and near-duplicates, split,
     train/load a BPE tokenizer, write token shards. Prints the data report."""
@@ -36,6 +53,10 @@ def data_prepare(
         updates["sources"] = list(source)
     if output:
         updates["output_dir"] = str(output)
+    if workers is not None:
+        updates["workers"] = workers
+    if engine is not None:
+        updates["engine"] = engine.value
     data_cfg = cfg.data.model_copy(update=updates)
     if not data_cfg.sources:
         raise ConfigError("no data sources: set data.sources in the config or pass --source")

@@ -134,17 +134,31 @@ class NearDuplicateIndex:
             acc = acc * _ROLL + items[k : k + m]
         return (_fmix64(acc) >> np.uint64(32)).astype(np.uint32)
 
-    def check_and_add(self, doc_id: bytes, text: str) -> bytes | None:
-        """Return the id of a kept document that `text` near-duplicates (and do not add it), or
-        None and add it. Text without shingles (empty/whitespace) is never a duplicate and is not
-        indexed: there is nothing to compare."""
+    def signature(self, text: str) -> np.ndarray | None:
+        """The document's MinHash signature (`num_perm` uint32 values), or None for text without
+        shingles. Depends on the text alone, so worker processes compute it (bastion.data.parallel)."""
         hashes = self.shingle_hashes(text)
         if not len(hashes):
             return None
         mh = self._mh
         mh.clear()
         mh.update_batch(hashes.tolist())  # one numpy pass over shingles x permutations
-        sig = mh.hashvalues
+        return mh.hashvalues.copy()
+
+    def check_and_add(self, doc_id: bytes, text: str) -> bytes | None:
+        """Return the id of a kept document that `text` near-duplicates (and do not add it), or
+        None and add it. Text without shingles (empty/whitespace) is never a duplicate and is not
+        indexed: there is nothing to compare."""
+        return self.check_and_add_signature(doc_id, self.signature(text))
+
+    def check_and_add_signature(self, doc_id: bytes, sig: np.ndarray | None) -> bytes | None:
+        """`check_and_add` from a precomputed `signature(text)`; call in document order."""
+        if sig is None:
+            return None
+        if sig.shape != (self.num_perm,) or sig.dtype != np.uint32:
+            raise ValueError(f"signature must be {self.num_perm} uint32 values, got {sig.shape} {sig.dtype}")
+        mh = self._mh
+        mh.hashvalues = sig  # the LSH reads only the hash values
 
         candidates = self._lsh.query(mh)
         if candidates:

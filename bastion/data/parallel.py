@@ -1,0 +1,235 @@
+"""The per-document work of `bastion data prepare`, and the process pool that runs it.
+
+What is parallel and what is not: each document's quality verdict, redaction, content hash,
+MinHash signature and token ids depend on that document alone, so worker processes compute
+them, a chunk of `data.batch_documents` documents per task. Exact dedup, near-dedup (the LSH
+index answers "is this like anything kept *before* it?"), the split and the tokenizer sample
+are decisions over the whole stream; the parent takes them, in input order, from the workers'
+results, which `DocumentPool.map` hands back in submission order whatever order they finish
+in. So the output is byte-identical for any number of workers.
+
+Workers are started with `forkserver` (`spawn` where there is none): forking the parent, whose
+HF `tokenizers` thread pool may already be running, can deadlock the child. The fork server is
+a fresh single-threaded interpreter that imports this module and the main module once (see
+`_preload`; ~2 s for this module, mostly scipy via datasketch, more when the main module
+imports torch as the CLI does) and then forks each worker from itself, so workers start in
+milliseconds and later pools in the same process reuse it.
+Each worker runs its tokenizer single-threaded (`TOKENIZERS_PARALLELISM=false`): the
+parallelism is the processes, and N workers x N rayon threads would oversubscribe the cores.
+With one worker nothing is started and the same functions run in-process, where `tokenizers`
+keeps its own threads. At most `2 x workers` chunks are in flight, so memory stays bounded
+however far reading runs ahead. A worker that dies (killed, out of memory) fails the run with
+`DataError`; the caller's temporary output is then removed.
+"""
+from __future__ import annotations
+
+import hashlib
+import multiprocessing
+import os
+import sys
+from collections import Counter, deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import numpy as np
+
+from bastion.config.schema import DataConfig
+from bastion.data.dedup import NearDuplicateIndex
+from bastion.data.quality import QualityFilter
+from bastion.data.sanitize import Redactor
+from bastion.errors import DataError
+from bastion.tokenizer import BastionTokenizer
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+@dataclass
+class Cleaned:
+    """One document after the per-document hygiene steps."""
+
+    reason: str | None  # the quality filter it failed, or None when kept
+    text: str  # redacted text ("" when dropped)
+    digest: bytes  # 16-byte SHA-256 prefix of `text` (b"" when dropped)
+    signature: np.ndarray | None  # MinHash values (uint32), None when near-dedup is off or no shingles
+    redactions: Counter[str]
+
+
+@dataclass
+class TokenizedChunk:
+    """A chunk's token ids per split, each document followed by eos, in document order."""
+
+    ids: dict[str, np.ndarray]  # split -> token ids in the dataset dtype
+    documents: dict[str, int]
+    bytes: dict[str, int]  # UTF-8 bytes of the texts
+
+
+class DocumentHygiene:
+    """Quality filter -> redaction -> content hash -> MinHash signature, for one document."""
+
+    def __init__(self, cfg: DataConfig):
+        self.quality = QualityFilter(cfg.quality)
+        self.redactor = Redactor(cfg.sanitize) if cfg.sanitize.enabled else None
+        self.near = NearDuplicateIndex.from_config(cfg.dedup, seed=cfg.seed) if cfg.dedup.near else None
+
+    def __call__(self, text: str) -> Cleaned:
+        reason = self.quality.reason(text)
+        if reason:
+            return Cleaned(reason, "", b"", None, Counter())
+        found: Counter[str] = Counter()
+        if self.redactor is not None:
+            text, found = self.redactor.redact(text)
+        digest = hashlib.sha256(text.encode("utf-8", "surrogatepass")).digest()[:16]  # collisions negligible
+        signature = self.near.signature(text) if self.near is not None else None
+        return Cleaned(None, text, digest, signature, found)
+
+
+def tokenize_documents(tok: BastionTokenizer, dtype: str, docs: list[tuple[str, str]]) -> TokenizedChunk:
+    """Encode (text, split) pairs; each split's ids concatenated with eos after every document."""
+    encoded = tok.encode_batch([text for text, _ in docs])
+    chunk = TokenizedChunk({}, {}, {})
+    for split in ("train", "val"):
+        parts: list[np.ndarray] = []
+        eos = np.array([tok.eos_id], dtype=dtype)
+        n = size = 0
+        for (text, doc_split), ids in zip(docs, encoded):
+            if doc_split == split:
+                parts += [np.asarray(ids, dtype=dtype), eos]
+                n += 1
+                size += len(text.encode("utf-8", "surrogatepass"))
+        if parts:
+            chunk.ids[split], chunk.documents[split], chunk.bytes[split] = np.concatenate(parts), n, size
+    return chunk
+
+
+class _WorkerState:
+    """What a worker builds once and reuses for every chunk: the hygiene steps and the tokenizer."""
+
+    def __init__(self, cfg: DataConfig):
+        self.cfg = cfg
+        self._hygiene: DocumentHygiene | None = None
+        self._tokenizers: dict[str, BastionTokenizer] = {}
+
+    def hygiene(self, texts: list[str]) -> list[Cleaned]:
+        if self._hygiene is None:
+            self._hygiene = DocumentHygiene(self.cfg)
+        return [self._hygiene(t) for t in texts]
+
+    def tokenize(self, tokenizer_file: str, sha256: str, dtype: str, docs: list[tuple[str, str]]) -> TokenizedChunk:
+        tok = self._tokenizers.get(sha256)
+        if tok is None:
+            text = Path(tokenizer_file).read_text(encoding="utf-8")
+            if hashlib.sha256(text.encode("utf-8")).hexdigest() != sha256:
+                raise DataError(f"{tokenizer_file} changed while the dataset was being written")
+            tok = self._tokenizers[sha256] = BastionTokenizer.from_json_str(text)
+        return tokenize_documents(tok, dtype, docs)
+
+
+_STATE: _WorkerState | None = None  # set in each worker process by _init_worker
+
+
+def _init_worker(cfg: DataConfig) -> None:
+    global _STATE
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one thread per worker; see the module docstring
+    _STATE = _WorkerState(cfg)
+
+
+def _hygiene_task(texts: list[str]) -> list[Cleaned]:
+    assert _STATE is not None
+    return _STATE.hygiene(texts)
+
+
+def _tokenize_task(tokenizer_file: str, sha256: str, dtype: str, docs: list[tuple[str, str]]) -> TokenizedChunk:
+    assert _STATE is not None
+    return _STATE.tokenize(tokenizer_file, sha256, dtype, docs)
+
+
+def _context() -> multiprocessing.context.BaseContext:
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context("spawn")
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(_preload())  # takes effect when the server starts (once per process)
+    return ctx
+
+
+def _preload() -> list[str]:
+    """What the fork server imports once, so that the workers forked from it need not.
+
+    Besides this module, the main module: multiprocessing imports it in every child, and ours
+    (`bastion` -> bastion.cli) imports torch - seconds and hundreds of MB per worker otherwise.
+    A script's main is imported by path ("__main__", guarded by `if __name__ == "__main__"`),
+    a `python -m` module by name; a package's `__main__` module is skipped (it runs on import,
+    and multiprocessing's children skip it too).
+    """
+    main = sys.modules.get("__main__")
+    name = getattr(getattr(main, "__spec__", None), "name", None)
+    if name:
+        extra = [] if name == "__main__" or name.endswith(".__main__") else [name]
+    else:
+        extra = ["__main__"] if getattr(main, "__file__", None) else []
+    return [*extra, __name__]
+
+
+class DocumentPool:
+    """`workers` processes (none for 1) running the per-document steps; use as a context manager."""
+
+    def __init__(self, cfg: DataConfig, workers: int):
+        self.workers = workers
+        self._local = _WorkerState(cfg) if workers == 1 else None
+        self._pool: ProcessPoolExecutor | None = None
+        if workers > 1:
+            self._pool = ProcessPoolExecutor(
+                max_workers=workers, mp_context=_context(),
+                initializer=_init_worker, initargs=(cfg,),
+            )
+
+    def __enter__(self) -> DocumentPool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._pool is not None:
+            # On an error, queued chunks are dropped rather than computed for nothing.
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+
+    def hygiene(self, chunks: Iterable[list[str]]) -> Iterator[list[Cleaned]]:
+        """Each chunk's `Cleaned` documents, chunks in the order given."""
+        if self._local is not None:
+            return map(self._local.hygiene, chunks)
+        return self._ordered(_hygiene_task, ((c,) for c in chunks))
+
+    def tokenize(self, tokenizer_file: Path, dtype: str, chunks: Iterable[list[tuple[str, str]]]) -> Iterator[TokenizedChunk]:
+        """Each chunk of (text, split) pairs tokenized with the tokenizer saved at `tokenizer_file`."""
+        sha = hashlib.sha256(tokenizer_file.read_bytes()).hexdigest()
+        if self._local is not None:
+            return (self._local.tokenize(str(tokenizer_file), sha, dtype, c) for c in chunks)
+        return self._ordered(_tokenize_task, ((str(tokenizer_file), sha, dtype, c) for c in chunks))
+
+    def _ordered(self, fn: Callable[..., R], args: Iterator[tuple[Any, ...]]) -> Iterator[R]:
+        """Results in submission order, with at most 2 x workers tasks queued or running."""
+        assert self._pool is not None
+        pending: deque[Future[R]] = deque()
+        try:
+            for task in args:
+                pending.append(self._pool.submit(fn, *task))
+                if len(pending) >= 2 * self.workers:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+        except BrokenProcessPool:
+            raise DataError(
+                "a data prepare worker process died (killed, out of memory, or it failed to start - its "
+                "error is printed above; a script that calls prepare_dataset with data.workers > 1 must do "
+                "so under `if __name__ == \"__main__\":`); nothing was written - rerun, with fewer "
+                "data.workers or a smaller data.batch_documents if memory is short"
+            ) from None
+        finally:
+            for future in pending:
+                future.cancel()

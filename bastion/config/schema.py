@@ -189,7 +189,16 @@ class TrainConfig(Section):
     adam_eps: float = Field(default=1e-8, gt=0.0, le=1.0)
     grad_clip: float | None = Field(default=1.0, gt=0.0, le=1e6)
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
-    compile: bool = False
+    compile: bool = Field(default=False, description="torch.compile the training step (the first step pays the compile)")
+    compile_cache: str | None = Field(
+        default=None, max_length=1024,
+        description="with compile: reuse compiled code across runs from this local folder (kept 0700) or store URL "
+                    "(s3://bucket/prefix, file:///abs/path; S3 endpoint from checkpoint.endpoint_url); entries are "
+                    "HMAC-sealed with a local key and refused unless the seal verifies")
+    compile_cache_key: str | None = Field(
+        default=None, max_length=4096,
+        description="path of the compile cache's HMAC key (0600, created on first use); null = "
+                    "$XDG_CONFIG_HOME/bastion/compile-cache.key. The key itself never goes in a config")
     tf32: bool = Field(default=True, description="CUDA: float32 matmuls and convolutions on TensorFloat-32 tensor "
                                                  "cores (Ampere and newer); false for full float32 precision")
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
@@ -217,6 +226,8 @@ class TrainConfig(Section):
     def _has_length(self) -> "TrainConfig":
         if self.max_steps is None and self.epochs is None:
             raise ValueError("set train.max_steps or train.epochs")
+        if self.compile_cache and not self.compile:
+            raise ValueError("train.compile_cache caches torch.compile's work: set train.compile: true as well")
         if self.dp.enabled and (self.activation_checkpointing or self.loss_chunk_tokens):
             # Opacus computes per-example gradients from hooks on each layer's forward.
             raise ValueError("train.dp cannot be combined with activation_checkpointing or loss_chunk_tokens")

@@ -19,6 +19,7 @@ from bastion.errors import ConfigError
 from bastion.model import Transformer
 from bastion.model.lora import apply_lora, lora_disabled, quantize_lora_base, quantized_base
 from bastion.train.checkpoints import RunCheckpoints, RunProgress, StartPoint, start_point
+from bastion.train.compiling import RunCompileCache
 from bastion.train.distributed import (
     DistEnv,
     any_rank,
@@ -51,6 +52,7 @@ class TrainResult:
     val_metrics: dict[str, float] = field(default_factory=dict)  # the last validation's numbers
     adapter: Path | None = None  # LoRA runs: the adapter folder (run_dir/adapter)
     val_summary: str = ""  # what the task adds to the validation loss when reporting it
+    compile_cache: list[str] = field(default_factory=list)  # train.compile_cache: hit / miss / refused / saved
 
 
 def resolve_device(name: str) -> torch.device:
@@ -118,6 +120,7 @@ def _train(cfg: BastionConfig, env: DistEnv, device: torch.device, stop: StopReq
     optimizer = build_optimizer(model, tc, device)
     total_steps = tc.max_steps or max(1, math.ceil(tc.epochs * task.batches_per_epoch / tc.grad_accum))
     forward = _forward(model, tc, env, sharded, device)
+    compile_cache = RunCompileCache.open(cfg, device, env, bf16)
     steps = _step_strategy(task, forward, model, tc, env, sharded, autocast, device, total_steps)
     progress = run.restore(model, optimizer, sharded, task, steps, total_steps) if resume else RunProgress(total_steps)
     run.begin(resume)
@@ -133,8 +136,8 @@ def _train(cfg: BastionConfig, env: DistEnv, device: torch.device, stop: StopReq
     bar = TrainProgress(total_steps, start_step=progress.step, quiet=quiet)
     model.train()
     try:
-        with bar:
-            for note in notes:
+        with bar, compile_cache:
+            for note in notes + compile_cache.notes():
                 bar.note(note)
             while progress.step < total_steps:
                 lr = lr_at(progress.step, lr=tc.lr, warmup_steps=tc.warmup_steps, total_steps=total_steps,
@@ -144,6 +147,7 @@ def _train(cfg: BastionConfig, env: DistEnv, device: torch.device, stop: StopReq
                 step_loss, step_tokens, stats = steps(progress.step)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
+                compile_cache.after_step(bar.note)
                 progress.step += 1
                 progress.tokens_seen += step_tokens  # (tasks count the tokens of the global batch)
                 window.tokens += step_tokens
@@ -180,6 +184,7 @@ def _train(cfg: BastionConfig, env: DistEnv, device: torch.device, stop: StopReq
                     stopped_by = stopping_by
                     bar.note(f"{stopped_by}: saved {last_ckpt} at step {step}; continue with --resume")
                     break
+            compile_cache.finish(bar.note)
     finally:
         metrics.close()
         task.close()
@@ -189,7 +194,8 @@ def _train(cfg: BastionConfig, env: DistEnv, device: torch.device, stop: StopReq
             bar.note(f"[warning] checkpoint upload failed: {problem}")
     adapter = run.run_dir / "adapter" if run.lora and last_ckpt is not None else None
     return TrainResult(run.run_dir, progress.step, progress.tokens_seen, last_loss, progress.val_loss, last_ckpt,
-                       stopped_by, losses, steps.epsilon(), val_metrics, adapter, task.summary(val_metrics))
+                       stopped_by, losses, steps.epsilon(), val_metrics, adapter, task.summary(val_metrics),
+                       [f"{event.kind}: {event.detail}" for event in compile_cache.events])
 
 
 def _build_model(cfg: BastionConfig, start: StartPoint, task: Task, device: torch.device, autocast) -> Transformer:

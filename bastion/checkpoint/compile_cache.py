@@ -35,6 +35,7 @@ import hmac
 import json
 import os
 import platform
+import re
 import secrets
 import shutil
 import stat
@@ -48,13 +49,17 @@ import torch
 from bastion.checkpoint.manifest import build_manifest, manifest_bytes, read_manifest_bytes, verify_directory
 from bastion.checkpoint.stores import Store, open_store
 from bastion.errors import CheckpointError
-from bastion.safeio import is_sha256, make_private_dir, parse_json, read_regular, write_dir_atomic
+from bastion.safeio import is_sha256, make_private_dir, parse_json, read_regular, write_bytes, write_dir_atomic
 
 ARTIFACTS = "artifacts.torchcache"  # not a pickle suffix: the manifest reader refuses those by name
 SEAL = "seal.json"
 SEAL_FORMAT = "bastion-compile-cache"
 SEAL_VERSION = 1
 ENTRY_FILES = frozenset({ARTIFACTS, SEAL})
+KERNEL_PREFIX = "kernel."  # + the file name of a C++ kernel library Inductor built (CPU)
+# Inductor keeps a built kernel at <cache>/<name[1:3]>/<name>; name = "c" + a base32 hash.
+KERNEL_NAME = re.compile(r"c[a-z0-9]{40,80}(\.main)?\.so")
+MAX_KERNELS = 10_000
 MAX_ARTIFACT_BYTES = 4 * 2**30
 MAX_SEAL_BYTES = 1 * 2**20
 KEY_BYTES = 32
@@ -152,12 +157,21 @@ def _mac(key: bytes, unsigned_seal: dict[str, Any]) -> str:
 
 
 # ---------------------------------------------------------------- writing and checking an entry
-def seal_entry(directory: Path, artifacts: bytes, material: dict[str, Any], key: bytes) -> Path:
-    """Write an entry folder (0700, files 0600, atomically): the artifacts, their seal, the manifest."""
+def _described(data: bytes) -> dict[str, Any]:
+    return {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def seal_entry(directory: Path, artifacts: bytes, material: dict[str, Any], key: bytes,
+               kernels: dict[str, bytes] | None = None) -> Path:
+    """Write an entry folder (0700, files 0600, atomically): the artifacts, the C++ kernel
+    libraries Inductor built for them on CPU (`kernels`: file name -> bytes), their seal,
+    the manifest."""
+    kernels = kernels or {}
     seal = {"format": SEAL_FORMAT, "version": SEAL_VERSION, "key_id": key_id(key), "material": material,
-            "artifacts": {"size": len(artifacts), "sha256": hashlib.sha256(artifacts).hexdigest()}}
+            "artifacts": _described(artifacts), "kernels": {name: _described(data) for name, data in kernels.items()}}
     seal["hmac"] = _mac(key, seal)
     files: dict[str, bytes] = {ARTIFACTS: artifacts, SEAL: canonical_json(seal)}
+    files.update({KERNEL_PREFIX + name: data for name, data in kernels.items()})
     files["MANIFEST.json"] = manifest_bytes(build_manifest(files))
     return write_dir_atomic(directory, files, replace=True)
 
@@ -167,12 +181,15 @@ def check_layout(directory: Path) -> dict[str, Any]:
     the listed size and SHA-256, no links, nothing else. Returns the manifest (what a store's
     pull verifies a download with)."""
     manifest, _ = read_manifest_bytes(directory)
-    if set(manifest["files"]) != ENTRY_FILES:
+    files = manifest["files"]
+    kernels = [name for name in files if name.startswith(KERNEL_PREFIX)]
+    if set(files) - set(kernels) != ENTRY_FILES or len(kernels) > MAX_KERNELS or not all(
+            KERNEL_NAME.fullmatch(name[len(KERNEL_PREFIX):]) for name in kernels):
         raise CompileCacheRefused(f"{directory}: not a compile-cache entry (its manifest lists "
-                                  f"{sorted(manifest['files'])[:4]}, expected {sorted(ENTRY_FILES)})")
-    if manifest["files"][ARTIFACTS]["size"] > MAX_ARTIFACT_BYTES or manifest["files"][SEAL]["size"] > MAX_SEAL_BYTES:
-        raise CompileCacheRefused(f"{directory}: entry over the size limits ({MAX_ARTIFACT_BYTES} bytes of "
-                                  f"artifacts, {MAX_SEAL_BYTES} of seal)")
+                                  f"{sorted(files)[:4]}, expected {sorted(ENTRY_FILES)} and kernel.*.so files)")
+    if sum(entry["size"] for entry in files.values()) > MAX_ARTIFACT_BYTES or files[SEAL]["size"] > MAX_SEAL_BYTES:
+        raise CompileCacheRefused(f"{directory}: entry over the size limits ({MAX_ARTIFACT_BYTES} bytes in all, "
+                                  f"{MAX_SEAL_BYTES} of seal)")
     verify_directory(directory, manifest)
     return manifest
 
@@ -181,6 +198,12 @@ def open_entry(directory: Path, key: bytes, material: dict[str, Any]) -> bytes:
     """The artifacts of the entry at `directory`, verified for this key and this build: the
     returned bytes are the very bytes whose SHA-256 the signed seal names. Raises
     CompileCacheRefused (a CheckpointError) saying why otherwise."""
+    return open_entry_with_kernels(directory, key, material)[0]
+
+
+def open_entry_with_kernels(directory: Path, key: bytes, material: dict[str, Any]) -> tuple[bytes, dict[str, bytes]]:
+    """`open_entry`, and the entry's kernel libraries (file name -> bytes), each the bytes
+    whose SHA-256 the seal names."""
     try:
         manifest = check_layout(directory)
     except CheckpointError as exc:
@@ -196,12 +219,18 @@ def open_entry(directory: Path, key: bytes, material: dict[str, Any]) -> bytes:
         differing = sorted(k for k in set(material) | set(seal["material"])
                            if seal["material"].get(k) != material.get(k))
         raise CompileCacheRefused(f"{directory}: compiled for another build (differs in: {', '.join(differing)})")
-    listed = manifest["files"][ARTIFACTS]
-    if seal["artifacts"] != {"size": listed["size"], "sha256": listed["sha256"]}:
-        raise CompileCacheRefused(f"{directory}: the manifest's {ARTIFACTS} is not the one sealed")
-    data = read_regular(directory / ARTIFACTS, listed["size"], CompileCacheRefused)
-    if len(data) != listed["size"] or hashlib.sha256(data).hexdigest() != listed["sha256"]:
-        raise CompileCacheRefused(f"{directory / ARTIFACTS}: changed while being read")
+    sealed = {ARTIFACTS: seal["artifacts"], **{KERNEL_PREFIX + name: d for name, d in seal["kernels"].items()}}
+    listed = {name: {"size": e["size"], "sha256": e["sha256"]} for name, e in manifest["files"].items() if name != SEAL}
+    if sealed != listed:
+        raise CompileCacheRefused(f"{directory}: the manifest's files are not the ones sealed")
+    data = {name: _read_sealed(directory / name, entry) for name, entry in sealed.items()}
+    return data.pop(ARTIFACTS), {name[len(KERNEL_PREFIX):]: blob for name, blob in data.items()}
+
+
+def _read_sealed(path: Path, entry: dict[str, Any]) -> bytes:
+    data = read_regular(path, entry["size"], CompileCacheRefused)
+    if _described(data) != entry:
+        raise CompileCacheRefused(f"{path}: changed while being read")
     return data
 
 
@@ -213,13 +242,41 @@ def _read_seal(directory: Path, manifest: dict[str, Any]) -> dict[str, Any]:
     seal = parse_json(raw, CompileCacheRefused, f"{directory / SEAL}")
     if not isinstance(seal, dict) or seal.get("format") != SEAL_FORMAT or seal.get("version") != SEAL_VERSION:
         raise CompileCacheRefused(f"{directory / SEAL}: not a version-{SEAL_VERSION} {SEAL_FORMAT} seal")
-    artifacts = seal.get("artifacts")
+    kernels = seal.get("kernels")
     well_formed = (isinstance(seal.get("key_id"), str) and is_sha256(seal.get("hmac"))
-                   and isinstance(seal.get("material"), dict) and isinstance(artifacts, dict)
-                   and type(artifacts.get("size")) is int and is_sha256(artifacts.get("sha256")))
-    if not well_formed or set(seal) != {"format", "version", "key_id", "material", "artifacts", "hmac"}:
+                   and isinstance(seal.get("material"), dict) and _is_description(seal.get("artifacts"))
+                   and isinstance(kernels, dict) and all(_is_description(d) for d in kernels.values()))
+    if not well_formed or set(seal) != {"format", "version", "key_id", "material", "artifacts", "kernels", "hmac"}:
         raise CompileCacheRefused(f"{directory / SEAL}: malformed seal (unsigned entry?)")
     return seal
+
+
+def _is_description(value: Any) -> bool:
+    return (isinstance(value, dict) and set(value) == {"size", "sha256"} and type(value["size"]) is int
+            and value["size"] >= 0 and is_sha256(value["sha256"]))
+
+
+def collect_kernels(inductor_dir: Path) -> dict[str, bytes]:
+    """The C++ kernel libraries Inductor built in its (private) cache folder, by file name."""
+    found: dict[str, bytes] = {}
+    for path in sorted(inductor_dir.glob("??/*.so")):
+        if KERNEL_NAME.fullmatch(path.name) and path.parent.name == path.name[1:3] and not path.is_symlink():
+            found[path.name] = read_regular(path, MAX_ARTIFACT_BYTES, CheckpointError)
+        if len(found) >= MAX_KERNELS:
+            break
+    return found
+
+
+def place_kernels(inductor_dir: Path, kernels: dict[str, bytes]) -> None:
+    """Put verified kernel libraries where Inductor looks for them before compiling one."""
+    for name, data in kernels.items():
+        if not KERNEL_NAME.fullmatch(name):  # (names were checked with the layout; never a path)
+            raise CompileCacheRefused(f"{name!r:.80}: not a kernel library name")
+        folder = inductor_dir / name[1:3]
+        make_private_dir(folder)
+        target = folder / name
+        if not target.exists():
+            write_bytes(target, data)
 
 
 # ---------------------------------------------------------------- a cache in use
@@ -256,16 +313,19 @@ class CompileCache:
     def name(self) -> str:
         return entry_name(self.material)
 
-    def load(self) -> CacheEvent:
-        """Pull this key's entry, verify it, and only then hand it to PyTorch. Never raises
-        for what the store holds: a missing, refused or unreadable entry is reported, and
-        the compile simply starts cold."""
+    def load(self, inductor_dir: Path | None = None) -> CacheEvent:
+        """Pull this key's entry, verify it, and only then hand it to PyTorch (its kernel
+        libraries go into `inductor_dir`, Inductor's private cache folder). Never raises for
+        what the store holds: a missing, refused or unreadable entry is reported, and the
+        compile simply starts cold."""
         try:
             if not self.store.has(self.name):
                 return CacheEvent("miss", f"no entry {self.name[:16]} in {self.store}")
             local = self.store.pull(self.name, self.workdir / f"pulled-{self.name}", self.max_bytes + MAX_SEAL_BYTES,
                                     verify=check_layout)
-            data = open_entry(local, self.key, self.material)
+            data, kernels = open_entry_with_kernels(local, self.key, self.material)
+            if inductor_dir is not None:
+                place_kernels(inductor_dir, kernels)
         except CompileCacheRefused as exc:
             return CacheEvent("refused", str(exc))
         except (CheckpointError, OSError) as exc:
@@ -279,24 +339,26 @@ class CompileCache:
         if info is None:
             return CacheEvent("refused", f"PyTorch could not read the verified artifacts ({why})")
         self.saved_artifacts = _count(info)  # reloading them adds nothing new to save
-        return CacheEvent("hit", f"loaded {self.saved_artifacts} artifacts ({len(data):,} bytes) from entry "
-                                 f"{self.name[:16]} in {self.store}")
+        return CacheEvent("hit", f"loaded {self.saved_artifacts} artifacts ({len(data):,} bytes) and "
+                                 f"{len(kernels)} kernel libraries from entry {self.name[:16]} in {self.store}")
 
-    def save(self) -> CacheEvent | None:
-        """Seal and push what this process compiled, if it compiled anything new since the
-        last save or load; None when there is nothing new."""
+    def save(self, inductor_dir: Path | None = None) -> CacheEvent | None:
+        """Seal and push what this process compiled (and the kernel libraries Inductor built
+        in `inductor_dir`), if it compiled anything new since the last save or load; None
+        when there is nothing new."""
         result = torch.compiler.save_cache_artifacts()
         if result is None or _count(result[1]) <= self.saved_artifacts:
             return None
         data, info = result
         try:
-            entry = seal_entry(self.workdir / f"sealed-{self.name}", data, self.material, self.key)
+            kernels = collect_kernels(inductor_dir) if inductor_dir is not None else {}
+            entry = seal_entry(self.workdir / f"sealed-{self.name}", data, self.material, self.key, kernels)
             self.store.push_folder(entry, self.name, check_layout)
         except (CheckpointError, OSError) as exc:
             return CacheEvent("failed", f"could not save the compile cache to {self.store}: {exc}")
         self.saved_artifacts = _count(info)
-        return CacheEvent("saved", f"sealed {self.saved_artifacts} artifacts ({len(data):,} bytes) as entry "
-                                   f"{self.name[:16]} in {self.store}")
+        return CacheEvent("saved", f"sealed {self.saved_artifacts} artifacts ({len(data):,} bytes) and "
+                                   f"{len(kernels)} kernel libraries as entry {self.name[:16]} in {self.store}")
 
     def close(self) -> None:
         shutil.rmtree(self.workdir, ignore_errors=True)
@@ -325,6 +387,6 @@ class isolated:
             shutil.rmtree(self.folder, ignore_errors=True)
 
 
-__all__ = ["ARTIFACTS", "SEAL", "CacheEvent", "CompileCache", "CompileCacheRefused", "check_layout",
+__all__ = ["ARTIFACTS", "KERNEL_PREFIX", "SEAL", "collect_kernels", "open_entry_with_kernels", "place_kernels", "CacheEvent", "CompileCache", "CompileCacheRefused", "check_layout",
            "default_key_path", "device_description", "entry_name", "isolated", "key_id", "key_material",
            "load_or_create_key", "open_entry", "seal_entry"]

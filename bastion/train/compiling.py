@@ -35,6 +35,7 @@ class RunCompileCache:
         self.cache, self.saves = cache, saves
         self.events: list[CacheEvent] = []
         self._isolation: isolated | None = None
+        self._inductor_dir = None
         self._first_step_saved = False
 
     @classmethod
@@ -55,8 +56,8 @@ class RunCompileCache:
     def __enter__(self) -> "RunCompileCache":
         if self.cache is not None:
             self._isolation = isolated()
-            self._isolation.__enter__()
-            self.events.append(self.cache.load())
+            self._inductor_dir = self._isolation.__enter__()
+            self.events.append(self.cache.load(self._inductor_dir))
         return self
 
     def after_step(self, note: Callable[[str], None]) -> None:
@@ -72,7 +73,7 @@ class RunCompileCache:
     def _save(self, note: Callable[[str], None]) -> None:
         if self.cache is None or not self.saves:
             return
-        event = self.cache.save()
+        event = self.cache.save(self._inductor_dir)
         if event is not None:
             self.events.append(event)
             note(f"compile cache: {event.detail}")

@@ -14,7 +14,9 @@ import torch
 
 from bastion.checkpoint.compile_cache import (
     ARTIFACTS,
+    KERNEL_PREFIX,
     SEAL,
+    collect_kernels,
     CompileCache,
     CompileCacheRefused,
     entry_name,
@@ -23,6 +25,8 @@ from bastion.checkpoint.compile_cache import (
     key_material,
     load_or_create_key,
     open_entry,
+    open_entry_with_kernels,
+    place_kernels,
     seal_entry,
 )
 from bastion.checkpoint.manifest import MANIFEST, build_manifest, manifest_bytes
@@ -104,8 +108,41 @@ def test_sealed_entry_opens_to_its_bytes_and_is_private(tmp_path, key, material)
     assert sorted(p.name for p in entry.iterdir()) == [MANIFEST, ARTIFACTS, SEAL]
 
 
+KERNEL = "c" + "k2" * 26 + ".main.so"  # the shape of a name Inductor gives a built kernel library
+
+
+def test_kernel_libraries_travel_sealed_and_land_where_inductor_looks(tmp_path, key, material):
+    built = tmp_path / "inductor-a"
+    (built / KERNEL[1:3]).mkdir(parents=True)
+    (built / KERNEL[1:3] / KERNEL).write_bytes(b"\x7fELF kernel")
+    (built / "fxgraph").mkdir()
+    (built / "fxgraph" / "cnot.so").write_bytes(b"not a kernel folder")
+    assert collect_kernels(built) == {KERNEL: b"\x7fELF kernel"}
+    entry = seal_entry(tmp_path / "entry", b"artifact bytes", material, key, collect_kernels(built))
+    artifacts, kernels = open_entry_with_kernels(entry, key, material)
+    assert artifacts == b"artifact bytes" and kernels == {KERNEL: b"\x7fELF kernel"}
+    place_kernels(tmp_path / "inductor-b", kernels)
+    placed = tmp_path / "inductor-b" / KERNEL[1:3] / KERNEL
+    assert placed.read_bytes() == b"\x7fELF kernel" and mode(placed) == 0o600 and mode(placed.parent) == 0o700
+
+    (entry / (KERNEL_PREFIX + KERNEL)).write_bytes(b"\x7fELF kernez")  # a swapped library, manifest fixed too
+    _rewrite_manifest(entry)
+    with pytest.raises(CompileCacheRefused, match="not the ones sealed"):
+        open_entry(entry, key, material)
+
+
+def test_a_kernel_name_that_is_not_inductors_is_refused(tmp_path, key, material):
+    entry = seal_entry(tmp_path / "entry", b"artifact bytes", material, key, {KERNEL: b"lib"})
+    (entry / (KERNEL_PREFIX + KERNEL)).rename(entry / (KERNEL_PREFIX + "libc.so"))
+    _rewrite_manifest(entry)
+    with pytest.raises(CompileCacheRefused, match="not a compile-cache entry"):
+        open_entry(entry, key, material)
+    with pytest.raises(CompileCacheRefused, match="not a kernel library name"):
+        place_kernels(tmp_path / "inductor", {"../../evil.so": b"lib"})
+
+
 def _rewrite_manifest(entry):
-    files = {name: (entry / name).read_bytes() for name in (ARTIFACTS, SEAL)}
+    files = {p.name: p.read_bytes() for p in entry.iterdir() if p.name != MANIFEST}
     (entry / MANIFEST).write_bytes(manifest_bytes(build_manifest(files)))
 
 
@@ -115,7 +152,7 @@ def test_tampered_artifacts_are_refused_with_or_without_a_matching_manifest(tmp_
     with pytest.raises(CompileCacheRefused, match="SHA-256 does not match"):
         open_entry(entry, key, material)
     _rewrite_manifest(entry)  # a forger who fixes the manifest too
-    with pytest.raises(CompileCacheRefused, match="not the one sealed"):
+    with pytest.raises(CompileCacheRefused, match="not the ones sealed"):
         open_entry(entry, key, material)
 
 
@@ -193,7 +230,7 @@ def test_verified_entry_reaches_pytorch_refused_ones_never_do(tmp_path, key, mat
     LocalStore(root).push_folder(bad, ours.name, lambda d: None)
     fresh = CompileCache(LocalStore(root), key, material)
     with isolated() as inductor_dir:
-        event = fresh.load()
+        event = fresh.load(inductor_dir)
         assert list(inductor_dir.iterdir()) == []  # nothing written where Inductor looks
     assert event.kind == "refused" and "another key" in event.detail
     assert not (tmp_path / "ran-other-key").exists()

@@ -120,7 +120,6 @@ def _train(cfg: BastionConfig, env: DistEnv, device: torch.device, stop: StopReq
     optimizer = build_optimizer(model, tc, device)
     total_steps = tc.max_steps or max(1, math.ceil(tc.epochs * task.batches_per_epoch / tc.grad_accum))
     forward = _forward(model, tc, env, sharded, device)
-    compile_cache = RunCompileCache.open(cfg, device, env, bf16)
     steps = _step_strategy(task, forward, model, tc, env, sharded, autocast, device, total_steps)
     progress = run.restore(model, optimizer, sharded, task, steps, total_steps) if resume else RunProgress(total_steps)
     run.begin(resume)
@@ -134,6 +133,7 @@ def _train(cfg: BastionConfig, env: DistEnv, device: torch.device, stop: StopReq
     last_loss, last_ckpt, stopped_by = None, None, None
     window = _Window()
     bar = TrainProgress(total_steps, start_step=progress.step, quiet=quiet)
+    compile_cache = RunCompileCache.open(cfg, device, env, bf16)  # loads in `with`, before the first step
     model.train()
     try:
         with bar, compile_cache:

@@ -214,6 +214,18 @@ class TrainConfig(Section):
     parallel: Literal["ddp", "fsdp"] = Field(
         default="ddp", description="under torchrun: ddp replicates the model, fsdp (FSDP2) shards it")
 
+    @field_validator("compile_cache")
+    @classmethod
+    def _cache_location(cls, value: str | None) -> str | None:
+        if value is None or "://" not in value:
+            return value
+        scheme, rest = value.split("://", 1)
+        if scheme.lower() not in ("s3", "file"):
+            raise ValueError(f"{scheme[:20]!r}:// is not a store; use a folder, s3://bucket/prefix or file:///abs/path")
+        if "@" in rest.split("/", 1)[0]:
+            raise ValueError("store URLs must not contain credentials; use the environment or an AWS profile")
+        return value
+
     @field_validator("lr")
     @classmethod
     def _lr_finite(cls, value: float) -> float:

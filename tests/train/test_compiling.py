@@ -15,9 +15,14 @@ def config(tmp_path, **train):
                                    "compile_cache": str(tmp_path / "cache"), **train}})
 
 
-def test_compile_cache_needs_compile():
+def test_compile_cache_needs_compile_and_a_store_url_without_credentials():
     with pytest.raises(ConfigError, match="set train.compile: true"):
         build_config({"train": {"compile_cache": "/tmp/cache"}})
+    with pytest.raises(ConfigError, match="'ftp':// is not a store"):
+        build_config({"train": {"compile": True, "compile_cache": "ftp://host/cache"}})
+    with pytest.raises(ConfigError, match="must not contain credentials") as caught:
+        build_config({"train": {"compile": True, "compile_cache": "s3://AKIAXX:hunter2@bucket/cache"}})
+    assert "hunter2" not in str(caught.value)
 
 
 def test_an_unusable_key_is_reported_and_the_run_goes_on_uncached(tmp_path):

@@ -43,6 +43,7 @@ def run(data, tmp_path, name, cache, *, config_home="config", **model):
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["steps"] == 2
+    print(name, result["events"])  # (-s shows how far a long run got)
     return result
 
 

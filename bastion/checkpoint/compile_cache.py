@@ -298,7 +298,8 @@ class CompileCache:
     key: bytes
     material: dict[str, Any]
     max_bytes: int = MAX_ARTIFACT_BYTES
-    saved_artifacts: int = 0
+    saved: bool = False  # one save per process (see `save`)
+    loaded_keys: frozenset[tuple[str, str]] = frozenset()
     workdir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="bastion-compile-cache-")))
 
     @classmethod
@@ -338,34 +339,38 @@ class CompileCache:
             why = "another PyTorch build?"
         if info is None:
             return CacheEvent("refused", f"PyTorch could not read the verified artifacts ({why})")
-        self.saved_artifacts = _count(info)  # reloading them adds nothing new to save
-        return CacheEvent("hit", f"loaded {self.saved_artifacts} artifacts ({len(data):,} bytes) and "
+        self.loaded_keys = _keys(info)  # compiling from them records them again: nothing new to save
+        return CacheEvent("hit", f"loaded {len(self.loaded_keys)} artifacts ({len(data):,} bytes) and "
                                  f"{len(kernels)} kernel libraries from entry {self.name[:16]} in {self.store}")
 
     def save(self, inductor_dir: Path | None = None) -> CacheEvent | None:
         """Seal and push what this process compiled (and the kernel libraries Inductor built
-        in `inductor_dir`), if it compiled anything new since the last save or load; None
-        when there is nothing new."""
+        in `inductor_dir`); None when it compiled nothing the loaded entry did not hold, or
+        when this process already saved. Once per process: PyTorch's serializer appends each
+        save's artifacts to the last, and its loader keeps only the last batch of each kind,
+        so a second save would make an entry that loads half its graphs."""
+        if self.saved:
+            return None
         result = torch.compiler.save_cache_artifacts()
-        if result is None or _count(result[1]) <= self.saved_artifacts:
+        if result is None or _keys(result[1]) <= self.loaded_keys:
             return None
         data, info = result
+        self.saved = True
         try:
             kernels = collect_kernels(inductor_dir) if inductor_dir is not None else {}
             entry = seal_entry(self.workdir / f"sealed-{self.name}", data, self.material, self.key, kernels)
             self.store.push_folder(entry, self.name, check_layout)
         except (CheckpointError, OSError) as exc:
             return CacheEvent("failed", f"could not save the compile cache to {self.store}: {exc}")
-        self.saved_artifacts = _count(info)
-        return CacheEvent("saved", f"sealed {self.saved_artifacts} artifacts ({len(data):,} bytes) and "
+        return CacheEvent("saved", f"sealed {len(_keys(info))} artifacts ({len(data):,} bytes) and "
                                    f"{len(kernels)} kernel libraries as entry {self.name[:16]} in {self.store}")
 
     def close(self) -> None:
         shutil.rmtree(self.workdir, ignore_errors=True)
 
 
-def _count(info: Any) -> int:
-    return sum(len(keys) for keys in info.artifacts.values())
+def _keys(info: Any) -> frozenset[tuple[str, str]]:
+    return frozenset((kind, key) for kind, keys in info.artifacts.items() for key in keys)
 
 
 class isolated:

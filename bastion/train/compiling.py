@@ -2,8 +2,9 @@
 
 Before the first step the run's entry is pulled, verified (manifest SHA-256s, then the seal's
 HMAC under the local key, then the build it was made for) and loaded into PyTorch's caches;
-after the first step (when the forward and backward graphs have compiled) and again at the
-end (validation compiles its own graph) what this process compiled is sealed and pushed.
+after the first validation (by then the training step's forward and backward graphs and the
+validation graph have compiled), or at the end of a run that validates later or never, what
+this process compiled is sealed and pushed - once (see CompileCache.save).
 Anything wrong with the cache (missing, refused, a store error) is a note and a cold
 compile, never a failed run.
 """
@@ -36,7 +37,6 @@ class RunCompileCache:
         self.events: list[CacheEvent] = []
         self._isolation: isolated | None = None
         self._inductor_dir = None
-        self._first_step_saved = False
 
     @classmethod
     def open(cls, cfg: BastionConfig, device: torch.device, env: DistEnv, bf16: bool) -> "RunCompileCache":
@@ -60,17 +60,9 @@ class RunCompileCache:
             self.events.append(self.cache.load(self._inductor_dir))
         return self
 
-    def after_step(self, note: Callable[[str], None]) -> None:
-        """After the run's first step: the train step's graphs are compiled; save them."""
-        if not self._first_step_saved:
-            self._first_step_saved = True
-            self._save(note)
-
-    def finish(self, note: Callable[[str], None]) -> None:
-        """At the end of a run that completed: save what compiled since (validation)."""
-        self._save(note)
-
-    def _save(self, note: Callable[[str], None]) -> None:
+    def save(self, note: Callable[[str], None]) -> None:
+        """After the first validation, and at the end: seal what compiled (the first call
+        that finds something new does; later ones are no-ops)."""
         if self.cache is None or not self.saves:
             return
         event = self.cache.save(self._inductor_dir)

@@ -147,7 +147,6 @@ def _train(cfg: BastionConfig, env: DistEnv, device: torch.device, stop: StopReq
                 step_loss, step_tokens, stats = steps(progress.step)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-                compile_cache.after_step(bar.note)
                 progress.step += 1
                 progress.tokens_seen += step_tokens  # (tasks count the tokens of the global batch)
                 window.tokens += step_tokens
@@ -175,6 +174,7 @@ def _train(cfg: BastionConfig, env: DistEnv, device: torch.device, stop: StopReq
                     if task.has_val and (step % tc.eval_every == 0 or step == total_steps):
                         val_metrics = _evaluate(task, model, forward, env, autocast, device, tc.eval_batches)
                         progress.validated(val_metrics["loss"])
+                        compile_cache.save(bar.note)  # training and validation graphs both compiled
                         metrics.log("val", step, **val_metrics)
                         bar.note(f"step {step}: val loss {progress.val_loss:.4f}{steps.summary()}"
                                  f"{task.summary(val_metrics)}")
@@ -184,7 +184,7 @@ def _train(cfg: BastionConfig, env: DistEnv, device: torch.device, stop: StopReq
                     stopped_by = stopping_by
                     bar.note(f"{stopped_by}: saved {last_ckpt} at step {step}; continue with --resume")
                     break
-            compile_cache.finish(bar.note)
+            compile_cache.save(bar.note)
     finally:
         metrics.close()
         task.close()

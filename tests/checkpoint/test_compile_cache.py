@@ -263,7 +263,7 @@ def test_miss_then_save_then_hit_in_a_private_folder(tmp_path, key, material):
     try:
         event = cache.save()
         assert event.kind == "saved", event
-        assert cache.save() is None  # nothing new since
+        assert cache.save() is None  # once per process
     finally:
         CacheArtifactManager.clear()
     entry = root / cache.name

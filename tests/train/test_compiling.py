@@ -33,8 +33,7 @@ def test_an_unusable_key_is_reported_and_the_run_goes_on_uncached(tmp_path):
         assert run.cache is None
         assert run.notes() == [f"compile cache failed: compile cache not used: {key}: the compile-cache key is open "
                                "to group or others (mode 644); run chmod 600 on it"]
-        run.after_step(print)  # nothing to save, nothing raised
-        run.finish(print)
+        run.save(print)  # nothing to save, nothing raised
 
 
 def test_each_build_gets_its_own_entry_and_rank_zero_alone_saves(tmp_path, monkeypatch):

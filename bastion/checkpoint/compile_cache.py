@@ -177,8 +177,9 @@ def seal_entry(directory: Path, artifacts: bytes, material: dict[str, Any], key:
 
 
 def check_layout(directory: Path) -> dict[str, Any]:
-    """An entry's shape against its manifest, without the key: exactly the two files, each of
-    the listed size and SHA-256, no links, nothing else. Returns the manifest (what a store's
+    """An entry's shape against its manifest, without the key: the artifacts, the seal and
+    kernel libraries named as Inductor names them, each of the listed size and SHA-256, no
+    links, nothing else. Returns the manifest (what a store's
     pull verifies a download with)."""
     manifest, _ = read_manifest_bytes(directory)
     files = manifest["files"]
@@ -213,7 +214,11 @@ def open_entry_with_kernels(directory: Path, key: bytes, material: dict[str, Any
         raise CompileCacheRefused(f"{directory}: sealed by another key (key id {seal['key_id']}, this machine's is "
                                   f"{key_id(key)})")
     unsigned = {k: v for k, v in seal.items() if k != "hmac"}
-    if not hmac.compare_digest(seal["hmac"], _mac(key, unsigned)):
+    try:
+        expected = _mac(key, unsigned)
+    except ValueError:  # NaN or Infinity somewhere: never written by seal_entry
+        raise CompileCacheRefused(f"{directory / SEAL}: malformed seal (non-finite number)") from None
+    if not hmac.compare_digest(seal["hmac"], expected):
         raise CompileCacheRefused(f"{directory}: seal's HMAC does not match (the entry was altered after sealing)")
     if seal["material"] != material:
         differing = sorted(k for k in set(material) | set(seal["material"])

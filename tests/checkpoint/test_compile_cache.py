@@ -193,6 +193,14 @@ def test_unsigned_entry_and_missing_manifest_are_refused(tmp_path, key, material
         open_entry(entry, key, material)
 
 
+def test_a_seal_with_a_non_finite_number_is_refused_not_a_crash(tmp_path, key, material):
+    entry = seal_entry(tmp_path / "entry", b"artifact bytes", material, key)
+    (entry / SEAL).write_bytes((entry / SEAL).read_bytes().replace(b'"material":{', b'"material":{"x":NaN,'))
+    _rewrite_manifest(entry)
+    with pytest.raises(CompileCacheRefused, match="non-finite|malformed"):
+        open_entry(entry, key, material)
+
+
 def test_an_extra_file_in_an_entry_is_refused(tmp_path, key, material):
     entry = seal_entry(tmp_path / "entry", b"artifact bytes", material, key)
     (entry / "payload.py").write_text("import os")

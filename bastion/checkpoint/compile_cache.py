@@ -335,7 +335,7 @@ class CompileCache:
         except CompileCacheRefused as exc:
             return CacheEvent("refused", str(exc))
         except (CheckpointError, OSError) as exc:
-            return CacheEvent("refused", f"entry {self.name[:16]} unreadable: {exc}")
+            return CacheEvent("refused", f"entry {self.name[:16]} not loaded: {exc}")
         try:
             info = torch.compiler.load_cache_artifacts(data)
         except Exception as exc:  # noqa: BLE001 - PyTorch's own loader failing must not end the run

@@ -36,6 +36,7 @@ from bastion.checkpoint.manifest import (
     MAX_MANIFEST_BYTES,
     parse_manifest,
     read_manifest_bytes,
+    verify_directory,
 )
 from bastion.errors import CheckpointError
 from bastion.safeio import (
@@ -152,9 +153,27 @@ class Store(ABC):
         file's size, SHA-256 and format), upload its files, then MANIFEST.json, then (unless
         set_latest=False) the `latest` pointer."""
         directory = resolve_checkpoint(local_ckpt_dir)
-        name = validate_name(directory.name if name is None else name)
         manifest, manifest_raw = read_manifest_bytes(directory)  # the bytes uploaded are the bytes verified
         verify_contents(directory, manifest)
+        self._upload(directory, validate_name(directory.name if name is None else name), manifest, manifest_raw,
+                     set_latest)
+
+    def push_folder(self, directory: Path, name: str, verify: Callable[[Path], Any]) -> None:
+        """Upload a folder that is not a checkpoint but is laid out like one (files + a
+        MANIFEST.json; e.g. a compile-cache entry): `verify(directory)` checks it first
+        (raising CheckpointError), then its files go up as `push` sends a checkpoint's,
+        manifest last. `latest` is left alone."""
+        verify(directory)
+        manifest, manifest_raw = read_manifest_bytes(directory)
+        verify_directory(directory, manifest)  # the manifest uploaded matches the files uploaded
+        self._upload(directory, validate_name(name), manifest, manifest_raw, set_latest=False)
+
+    def has(self, name: str) -> bool:
+        """Whether a complete `name` (its manifest present) is in the store."""
+        return self._get_manifest(validate_name(name)) is not None
+
+    def _upload(self, directory: Path, name: str, manifest: dict[str, Any], manifest_raw: bytes,
+                set_latest: bool) -> None:
         handle = self._begin(name)
         try:
             for file, entry in sorted(manifest["files"].items()):
@@ -166,7 +185,7 @@ class Store(ABC):
         except BaseException:
             self._abort(handle)
             raise
-        log.info("pushed checkpoint %s to %s", name, self)
+        log.info("pushed %s to %s", name, self)
 
     def latest(self) -> str | None:
         """The name `latest` points at if that checkpoint is complete, else the newest listed."""
@@ -176,10 +195,13 @@ class Store(ABC):
         names = self.list()
         return names[-1] if names else None
 
-    def pull(self, name: str, local_dest_dir: str | Path, max_bytes: int = DEFAULT_MAX_BYTES) -> Path:
+    def pull(self, name: str, local_dest_dir: str | Path, max_bytes: int = DEFAULT_MAX_BYTES,
+             verify: Callable[[Path], Any] = verify_checkpoint) -> Path:
         """Download checkpoint `name` so that it becomes the directory `local_dest_dir` (which
         must not exist, unless it already holds this very checkpoint). Resumable: a retry skips
-        files already complete in `<dest>.part/` and resumes `.partial` files where they end."""
+        files already complete in `<dest>.part/` and resumes `.partial` files where they end.
+        `verify(folder)` checks the download before it is renamed into place (by default: a
+        checkpoint's sizes, SHA-256s, formats and signature); it returns the manifest."""
         name = validate_name(name)
         dest = Path(local_dest_dir)
         raw = self._get_manifest(name)
@@ -191,7 +213,7 @@ class Store(ABC):
             raise CheckpointError(f"checkpoint {name} declares {total} bytes, over the limit of {max_bytes} (max_bytes)")
         if dest.exists() or dest.is_symlink():
             complete = dest.is_dir() and not dest.is_symlink() and (dest / MANIFEST).is_file()
-            if complete and verify_checkpoint(dest)["files"] == files:
+            if complete and verify(dest)["files"] == files:
                 return dest  # already pulled
             raise CheckpointError(f"{dest} already exists; choose a new destination")
         part = dest.with_name(dest.name + ".part")
@@ -208,7 +230,7 @@ class Store(ABC):
         write_bytes(part / MANIFEST, raw)
         fsync_dir(part)
         try:
-            verify_checkpoint(part)
+            verify(part)
         except CheckpointError:
             shutil.rmtree(part, ignore_errors=True)
             raise

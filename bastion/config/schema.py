@@ -232,7 +232,16 @@ class TrainConfig(Section):
     adam_eps: float = Field(default=1e-8, gt=0.0, le=1.0)
     grad_clip: float | None = Field(default=1.0, gt=0.0, le=1e6)
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
-    compile: bool = False
+    compile: bool = Field(default=False, description="torch.compile the training step (the first step pays the compile)")
+    compile_cache: str | None = Field(
+        default=None, max_length=1024,
+        description="with compile: reuse compiled code across runs from this local folder (kept 0700) or store URL "
+                    "(s3://bucket/prefix, file:///abs/path; S3 endpoint from checkpoint.endpoint_url); entries are "
+                    "HMAC-sealed with a local key and refused unless the seal verifies")
+    compile_cache_key: str | None = Field(
+        default=None, max_length=4096,
+        description="path of the compile cache's HMAC key (0600, created on first use); null = "
+                    "$XDG_CONFIG_HOME/bastion/compile-cache.key. The key itself never goes in a config")
     tf32: bool = Field(default=True, description="CUDA: float32 matmuls and convolutions on TensorFloat-32 tensor "
                                                  "cores (Ampere and newer); false for full float32 precision")
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
@@ -248,6 +257,18 @@ class TrainConfig(Section):
     parallel: Literal["ddp", "fsdp"] = Field(
         default="ddp", description="under torchrun: ddp replicates the model, fsdp (FSDP2) shards it")
 
+    @field_validator("compile_cache")
+    @classmethod
+    def _cache_location(cls, value: str | None) -> str | None:
+        if value is None or "://" not in value:
+            return value
+        scheme, rest = value.split("://", 1)
+        if scheme.lower() not in ("s3", "file"):
+            raise ValueError(f"{scheme[:20]!r}:// is not a store; use a folder, s3://bucket/prefix or file:///abs/path")
+        if "@" in rest.split("/", 1)[0]:
+            raise ValueError("store URLs must not contain credentials; use the environment or an AWS profile")
+        return value
+
     @field_validator("lr")
     @classmethod
     def _lr_finite(cls, value: float) -> float:
@@ -260,6 +281,8 @@ class TrainConfig(Section):
     def _has_length(self) -> "TrainConfig":
         if self.max_steps is None and self.epochs is None:
             raise ValueError("set train.max_steps or train.epochs")
+        if self.compile_cache and not self.compile:
+            raise ValueError("train.compile_cache caches torch.compile's work: set train.compile: true as well")
         if self.dp.enabled and (self.activation_checkpointing or self.loss_chunk_tokens):
             # Opacus computes per-example gradients from hooks on each layer's forward.
             raise ValueError("train.dp cannot be combined with activation_checkpointing or loss_chunk_tokens")

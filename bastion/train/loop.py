@@ -19,6 +19,7 @@ from bastion.errors import ConfigError
 from bastion.model import Transformer
 from bastion.model.lora import apply_lora, lora_disabled, quantize_lora_base, quantized_base
 from bastion.train.checkpoints import RunCheckpoints, RunProgress, StartPoint, start_point
+from bastion.train.compiling import RunCompileCache
 from bastion.train.distributed import (
     DistEnv,
     any_rank,
@@ -51,6 +52,7 @@ class TrainResult:
     val_metrics: dict[str, float] = field(default_factory=dict)  # the last validation's numbers
     adapter: Path | None = None  # LoRA runs: the adapter folder (run_dir/adapter)
     val_summary: str = ""  # what the task adds to the validation loss when reporting it
+    compile_cache: list[str] = field(default_factory=list)  # train.compile_cache: hit / miss / refused / saved
 
 
 def resolve_device(name: str) -> torch.device:
@@ -131,10 +133,11 @@ def _train(cfg: BastionConfig, env: DistEnv, device: torch.device, stop: StopReq
     last_loss, last_ckpt, stopped_by = None, None, None
     window = _Window()
     bar = TrainProgress(total_steps, start_step=progress.step, quiet=quiet)
+    compile_cache = RunCompileCache.open(cfg, device, env, bf16)  # loads in `with`, before the first step
     model.train()
     try:
-        with bar:
-            for note in notes:
+        with bar, compile_cache:
+            for note in notes + compile_cache.notes():
                 bar.note(note)
             while progress.step < total_steps:
                 lr = lr_at(progress.step, lr=tc.lr, warmup_steps=tc.warmup_steps, total_steps=total_steps,
@@ -171,6 +174,7 @@ def _train(cfg: BastionConfig, env: DistEnv, device: torch.device, stop: StopReq
                     if task.has_val and (step % tc.eval_every == 0 or step == total_steps):
                         val_metrics = _evaluate(task, model, forward, env, autocast, device, tc.eval_batches)
                         progress.validated(val_metrics["loss"])
+                        compile_cache.save(bar.note)  # training and validation graphs both compiled
                         metrics.log("val", step, **val_metrics)
                         bar.note(f"step {step}: val loss {progress.val_loss:.4f}{steps.summary()}"
                                  f"{task.summary(val_metrics)}")
@@ -180,6 +184,7 @@ def _train(cfg: BastionConfig, env: DistEnv, device: torch.device, stop: StopReq
                     stopped_by = stopping_by
                     bar.note(f"{stopped_by}: saved {last_ckpt} at step {step}; continue with --resume")
                     break
+            compile_cache.save(bar.note)
     finally:
         metrics.close()
         task.close()
@@ -189,7 +194,8 @@ def _train(cfg: BastionConfig, env: DistEnv, device: torch.device, stop: StopReq
             bar.note(f"[warning] checkpoint upload failed: {problem}")
     adapter = run.run_dir / "adapter" if run.lora and last_ckpt is not None else None
     return TrainResult(run.run_dir, progress.step, progress.tokens_seen, last_loss, progress.val_loss, last_ckpt,
-                       stopped_by, losses, steps.epsilon(), val_metrics, adapter, task.summary(val_metrics))
+                       stopped_by, losses, steps.epsilon(), val_metrics, adapter, task.summary(val_metrics),
+                       [f"{event.kind}: {event.detail}" for event in compile_cache.events])
 
 
 def _build_model(cfg: BastionConfig, start: StartPoint, task: Task, device: torch.device, autocast) -> Transformer:

@@ -5,7 +5,7 @@ MinHash signature and token ids depend on that document alone, so worker process
 them, a chunk of `data.batch_documents` documents per task. Exact dedup, near-dedup (the LSH
 index answers "is this like anything kept *before* it?"), the split and the tokenizer sample
 are decisions over the whole stream; the parent takes them, in input order, from the workers'
-results, which `DocumentPool.map` hands back in submission order whatever order they finish
+results, which `DocumentPool` hands back in submission order whatever order they finish
 in. So the output is byte-identical for any number of workers.
 
 Workers are started with `forkserver` (`spawn` where there is none): forking the parent, whose
@@ -26,14 +26,15 @@ from __future__ import annotations
 import hashlib
 import multiprocessing
 import os
+import queue
 import sys
+import threading
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Future, ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
+from multiprocessing.connection import Connection, wait
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
 
@@ -44,8 +45,6 @@ from bastion.data.sanitize import Redactor
 from bastion.errors import DataError
 from bastion.tokenizer import BastionTokenizer
 
-T = TypeVar("T")
-R = TypeVar("R")
 
 
 @dataclass
@@ -174,62 +173,134 @@ def _preload() -> list[str]:
     return [*extra, __name__]
 
 
+_TASKS: dict[str, Callable[..., Any]] = {"hygiene": _hygiene_task, "tokenize": _tokenize_task}
+
+
+def _worker_main(tasks: Connection, results: Connection, cfg: DataConfig) -> None:
+    """A worker: (task name, args) in, (True, result) or (False, exception) out, until None."""
+    _init_worker(cfg)
+    while True:
+        try:
+            message = tasks.recv()
+        except EOFError:  # the parent is gone
+            return
+        if message is None:
+            return
+        name, args = message
+        try:
+            reply: tuple[bool, Any] = (True, _TASKS[name](*args))
+        except Exception as exc:  # noqa: BLE001 - handed to the parent, which raises it
+            reply = (False, exc if isinstance(exc, DataError) else DataError(f"{type(exc).__name__}: {exc}"))
+        results.send(reply)
+
+
+@dataclass
+class _Worker:
+    process: Any  # multiprocessing.Process of the pool's context
+    results: Connection  # the parent's end: the worker's replies
+    outbox: queue.Queue  # tasks its sender thread writes to the worker's task pipe
+    sender: threading.Thread
+
+
+def _send_all(outbox: queue.Queue, tasks: Connection) -> None:
+    """A worker's task pipe, fed from a thread: a task larger than the pipe's buffer then never
+    blocks the parent while that worker is itself blocked sending a result."""
+    while True:
+        message = outbox.get()
+        try:
+            tasks.send(message)
+        except OSError:  # the worker died: the parent finds out from its result pipe
+            return
+        if message is None:
+            return
+
+
 class DocumentPool:
-    """`workers` processes (none for 1) running the per-document steps; use as a context manager."""
+    """`workers` processes (none for 1) running the per-document steps; use as a context manager.
+
+    Each worker has its own task and result pipes (not ProcessPoolExecutor's shared queue: a
+    worker killed while writing a result leaves a torn message there that hangs the
+    executor's reader forever). Task i goes to worker i mod N and results are read back in
+    the same order, so the parent needs no reordering; a dead worker is seen as its result
+    pipe's end of file or its process sentinel, whichever comes first."""
 
     def __init__(self, cfg: DataConfig, workers: int):
         self.workers = workers
         self._local = _WorkerState(cfg) if workers == 1 else None
-        self._pool: ProcessPoolExecutor | None = None
+        self._pool: list[_Worker] = []
+        self._outstanding = 0  # tasks sent whose results are not read yet
         if workers > 1:
-            self._pool = ProcessPoolExecutor(
-                max_workers=workers, mp_context=_context(),
-                initializer=_init_worker, initargs=(cfg,),
-            )
+            ctx = _context()
+            for _ in range(workers):
+                task_read, task_write = ctx.Pipe(duplex=False)
+                result_read, result_write = ctx.Pipe(duplex=False)
+                process = ctx.Process(target=_worker_main, args=(task_read, result_write, cfg), daemon=True)
+                process.start()
+                task_read.close()  # the child's ends: closed here, so a dead child reads as EOF
+                result_write.close()
+                outbox: queue.Queue = queue.Queue()
+                sender = threading.Thread(target=_send_all, args=(outbox, task_write), daemon=True)
+                sender.start()
+                self._pool.append(_Worker(process, result_read, outbox, sender))
 
     def __enter__(self) -> DocumentPool:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.close()
+        self.close(failed=exc[0] is not None)
 
-    def close(self) -> None:
-        if self._pool is not None:
-            # On an error, queued chunks are dropped rather than computed for nothing.
-            self._pool.shutdown(wait=True, cancel_futures=True)
-            self._pool = None
+    def close(self, failed: bool = False) -> None:
+        """Stop the workers: asked to finish when every result was read, else (a failure, or
+        results nobody will read) killed, their queued chunks dropped."""
+        kill = failed or self._outstanding > 0
+        for worker in self._pool:
+            if kill:
+                worker.process.kill()
+            worker.outbox.put(None)
+        for worker in self._pool:
+            worker.process.join()
+            worker.results.close()
+        self._pool, self._outstanding = [], 0
 
     def hygiene(self, chunks: Iterable[list[str]]) -> Iterator[list[Cleaned]]:
         """Each chunk's `Cleaned` documents, chunks in the order given."""
         if self._local is not None:
             return map(self._local.hygiene, chunks)
-        return self._ordered(_hygiene_task, ((c,) for c in chunks))
+        return self._ordered("hygiene", ((c,) for c in chunks))
 
     def tokenize(self, tokenizer_file: Path, dtype: str, chunks: Iterable[list[tuple[str, str]]]) -> Iterator[TokenizedChunk]:
         """Each chunk of (text, split) pairs tokenized with the tokenizer saved at `tokenizer_file`."""
         sha = hashlib.sha256(tokenizer_file.read_bytes()).hexdigest()
         if self._local is not None:
             return (self._local.tokenize(str(tokenizer_file), sha, dtype, c) for c in chunks)
-        return self._ordered(_tokenize_task, ((str(tokenizer_file), sha, dtype, c) for c in chunks))
+        return self._ordered("tokenize", ((str(tokenizer_file), sha, dtype, c) for c in chunks))
 
-    def _ordered(self, fn: Callable[..., R], args: Iterator[tuple[Any, ...]]) -> Iterator[R]:
+    def _ordered(self, name: str, args: Iterator[tuple[Any, ...]]) -> Iterator[Any]:
         """Results in submission order, with at most 2 x workers tasks queued or running."""
-        assert self._pool is not None
-        pending: deque[Future[R]] = deque()
+        assert self._pool, "the pool is closed"
+        pending: deque[_Worker] = deque()
+        for i, task in enumerate(args):
+            worker = self._pool[i % len(self._pool)]
+            worker.outbox.put((name, task))
+            self._outstanding += 1
+            pending.append(worker)
+            if len(pending) >= 2 * len(self._pool):
+                yield self._result(pending.popleft())
+        while pending:
+            yield self._result(pending.popleft())
+
+    def _result(self, worker: _Worker) -> Any:
+        wait([worker.results, worker.process.sentinel])
         try:
-            for task in args:
-                pending.append(self._pool.submit(fn, *task))
-                if len(pending) >= 2 * self.workers:
-                    yield pending.popleft().result()
-            while pending:
-                yield pending.popleft().result()
-        except BrokenProcessPool:
+            ok, value = worker.results.recv()
+            self._outstanding -= 1
+        except (EOFError, OSError):
             raise DataError(
                 "a data prepare worker process died (killed, out of memory, or it failed to start - its "
                 "error is printed above; a script that calls prepare_dataset with data.workers > 1 must do "
                 "so under `if __name__ == \"__main__\":`); nothing was written - rerun, with fewer "
                 "data.workers or a smaller data.batch_documents if memory is short"
             ) from None
-        finally:
-            for future in pending:
-                future.cancel()
+        if not ok:
+            raise value
+        return value

@@ -159,6 +159,10 @@ def test_exposure_rises_with_repetitions(canaried):
     assert means[MANY] > 6.0 and means[MANY] > means[1] + 4.0
 
 
+# A second 200-step run, under DP-SGD (per-example gradients: ~2x a plain run): the measured
+# privacy effect, in `make test-all`. DP training itself keeps its fast tests (tests/train/test_dp.py)
+# and the audit its own (above).
+@pytest.mark.slow
 def test_dp_training_lowers_exposure(canaried):
     root = canaried.root
     run = root / "dp"

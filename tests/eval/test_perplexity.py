@@ -16,14 +16,13 @@ from bastion.eval.perplexity import FORMATS, eval_perplexity, windows
 from bastion.infer.loading import load_for_inference
 from bastion.infer.quantize import quantize_checkpoint
 from synthetic.corpus import grammar_documents
-from synthetic.grammar_model import train_grammar_checkpoint
 
 runner = CliRunner()
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    return train_grammar_checkpoint(tmp_path_factory.mktemp("trained") / "run")
+def trained(grammar_checkpoint):
+    return grammar_checkpoint  # shared by the session (tests/conftest.py)
 
 
 @pytest.fixture(scope="module")

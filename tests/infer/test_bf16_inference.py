@@ -12,14 +12,13 @@ from bastion.infer.engine import Engine
 from bastion.infer.loading import load_for_inference
 from bastion.infer.quantize import quantize_checkpoint
 from synthetic.corpus import grammar_documents
-from synthetic.grammar_model import train_grammar_checkpoint
 
 LIMITS = GenerateConfig(max_new_tokens=24, max_new_tokens_ceiling=100, temperature=0.0)
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    return train_grammar_checkpoint(tmp_path_factory.mktemp("trained") / "run")
+def trained(grammar_checkpoint):
+    return grammar_checkpoint  # shared by the session (tests/conftest.py)
 
 
 def test_bf16_model_stays_close_to_float32(trained):

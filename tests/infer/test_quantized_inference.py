@@ -16,7 +16,6 @@ from bastion.infer import generate
 from bastion.infer.loading import load_for_inference
 from bastion.infer.quantize import quantize_checkpoint, weight_bytes
 from synthetic.corpus import grammar_documents
-from synthetic.grammar_model import train_grammar_checkpoint
 
 runner = CliRunner()
 LIMITS = GenerateConfig(max_new_tokens=24, max_new_tokens_ceiling=100, temperature=0.0)
@@ -30,10 +29,10 @@ GREEDY_FLOOR = 0.8
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
+def trained(grammar_checkpoint):
     """A 2-layer d_model 64 model trained for 200 AdamW steps on the synthetic agreement
     grammar (loss ~0.9), saved as a Bastion checkpoint."""
-    return train_grammar_checkpoint(tmp_path_factory.mktemp("trained") / "run")
+    return grammar_checkpoint  # shared by the session (tests/conftest.py)
 
 
 @pytest.fixture(scope="module")

@@ -8,26 +8,20 @@ import shutil
 
 import pytest
 import torch
-from helpers import finetune_config, make_base_checkpoint
 
 from bastion.data.finetune import load_preferences
 from bastion.errors import CheckpointError, ConfigError
 from bastion.infer.loading import load_for_inference
 from bastion.rewards import Sample, build_reward, build_rewards
-from bastion.train.loop import train
 from bastion.train.tasks.reward import pair_scores
-from synthetic.chat import greeting_preference_records, write_jsonl
+from synthetic.chat import greeting_preference_records
 
 
 @pytest.fixture(scope="module")
-def rm(tmp_path_factory):
-    root = tmp_path_factory.mktemp("rm_reward")
-    base = make_base_checkpoint(root / "base")
-    write_jsonl(root / "pref.jsonl", greeting_preference_records(400, seed=1))
-    write_jsonl(root / "held.jsonl", greeting_preference_records(24, seed=9, chat=False))
-    result = train(finetune_config(base, root / "pref.jsonl", root / "run", objective="reward", max_steps=40,
-                                   batch_size=8, lr=3e-3), quiet=True)
-    return {"root": root, "base": base, "ckpt": result.checkpoint}
+def rm(reward_run):
+    """The session's reward run (tests/conftest.py): 40 steps on greeting pairs; held.jsonl
+    holds 24 plain-prompt pairs it never saw."""
+    return reward_run
 
 
 def _samples(records, which):

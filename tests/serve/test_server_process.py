@@ -68,14 +68,19 @@ def serve_process(checkpoint, *args, env=None, host="127.0.0.1"):
                              "--port", str(port), *args], env=environ, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     url = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
     try:
-        deadline = time.time() + 60
+        deadline = time.time() + 120  # starting Python, torch and the app on a loaded 2-core machine
         while True:
             try:
                 if httpx.get(url + "/health", timeout=1).status_code == 200:
                     break
             except httpx.HTTPError:
                 pass
-            assert time.time() < deadline and proc.poll() is None, proc.stderr.read().decode()[-2000:]
+            if time.time() > deadline or proc.poll() is not None:
+                # Stop it before reading its stderr: a read from a live server waits for ever.
+                if proc.poll() is None:
+                    proc.kill()
+                pytest.fail(f"bastion serve (exit {proc.wait(30)}) never answered /health:\n"
+                            + proc.stderr.read().decode()[-2000:])
             time.sleep(0.2)
         yield url, proc
     finally:

@@ -70,6 +70,9 @@ def test_lora_classifier_learns_the_marker_words(runs):
     assert result.val_metrics["macro_f1"] >= 0.9
 
 
+# A second LoRA run of 120 steps: regress with LoRA is ClassifyTask's regress path (learned in
+# test_classify_objective.py) under the adapters learned above; in `make test-all`.
+@pytest.mark.slow
 def test_lora_regressor_learns_the_marker_values(runs, tmp_path):
     metrics = train(_config(runs, "regress", tmp_path / "r", max_steps=120), quiet=True).val_metrics
     assert metrics["mae"] <= 0.8 and metrics["pearson"] >= 0.85, metrics

@@ -88,7 +88,15 @@ def build(data, out, case, batch_size, **train_settings):
     return cfg
 
 
-@pytest.mark.parametrize("case", list(CASES))
+# Each case is a torchrun launch (2 ranks starting Python and torch) plus a one-process run. The
+# default suite keeps one case per distributed code path; these repeat one another's and run in
+# `make test-all`: SimPO and ORPO only change PreferenceTask's pair loss (its rank shares, reference
+# and evaluation all-reduces are DPO's, run under FSDP above), and regress is ClassifyTask's score
+# table (classify-ddp) with a sharded score head (reward-fsdp).
+REPEATS = {"simpo-ddp", "orpo-ddp", "regress-fsdp"}
+
+
+@pytest.mark.parametrize("case", [pytest.param(c, marks=pytest.mark.slow) if c in REPEATS else c for c in CASES])
 def test_two_ranks_follow_one_process(data, tmp_path, case):
     one = train(build(data, tmp_path / "one", case, batch_size=8), quiet=True)
     torchrun(build(data, tmp_path / "two", case, batch_size=4), tmp_path)

@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from helpers import finetune_config, make_base_checkpoint, tiny_config
+from helpers import finetune_config, tiny_config
 
 from bastion.checkpoint import load_checkpoint
 from bastion.checkpoint.contents import checkpoint_config, load_full_model
@@ -16,25 +16,13 @@ from bastion.infer.loading import load_for_inference
 from bastion.model.heads import sequence_scores
 from bastion.train.loop import train
 from bastion.train.tasks.reward import PairScores, reward_loss
-from synthetic.chat import greeting_preference_records, write_jsonl
-
-
-def _marker_pairs(n: int, seed: int) -> list[dict]:
-    """Greeting pairs whose chosen reply always carries the marker "Nice to meet you";
-    the rejected one is rude (chat form)."""
-    return greeting_preference_records(n, seed=seed)
 
 
 @pytest.fixture(scope="module")
-def rm(tmp_path_factory):
-    root = tmp_path_factory.mktemp("rm")
-    base = make_base_checkpoint(root / "base")
-    write_jsonl(root / "pref.jsonl", _marker_pairs(400, seed=1))
-    write_jsonl(root / "val.jsonl", _marker_pairs(64, seed=9))
-    cfg = finetune_config(base, root / "pref.jsonl", root / "run", objective="reward", val_file=root / "val.jsonl",
-                          max_steps=40, batch_size=8, lr=3e-3, eval_every=40, eval_batches=8)
-    result = train(cfg, quiet=True)
-    return {"root": root, "base": base, "result": result}
+def rm(reward_run):
+    """The session's reward run (tests/conftest.py): 40 steps on greeting pairs whose chosen reply
+    always carries the marker "Nice to meet you" (the rejected one is rude), validated on 64 more."""
+    return reward_run
 
 
 def _config(rm, out, **train_settings):

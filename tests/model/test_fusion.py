@@ -128,9 +128,7 @@ def folder(tmp_path_factory):
     return tmp_path_factory.mktemp("fusion")
 
 
-# tests/train/test_fusion_training.py trains the audio set, a missing stream and (slow) the
-# interaction through `bastion train`; here the module alone, the visual set by default.
-@pytest.mark.parametrize("source", [pytest.param("audio", marks=pytest.mark.slow), "visual"])
+@pytest.mark.parametrize("source", ["audio", "visual"])
 def test_learns_the_informative_modality_and_ablation_drops_to_chance(folder, source):
     train = _split(folder / source, "train", source, 320)
     val = _split(folder / source, "val", source, 200)
@@ -141,7 +139,6 @@ def test_learns_the_informative_modality_and_ablation_drops_to_chance(folder, so
     assert _accuracy(model, val, without=(other,)) >= 0.85  # the uninformative one: no loss
 
 
-@pytest.mark.slow
 def test_the_interaction_needs_both_modalities(folder):
     train = _split(folder / "av", "train", "audio_visual", 400)
     val = _split(folder / "av", "val", "audio_visual", 200)
@@ -152,7 +149,6 @@ def test_the_interaction_needs_both_modalities(folder):
         assert 0.35 <= _accuracy(model, val, without=(gone,)) <= 0.65, gone
 
 
-@pytest.mark.slow
 def test_missing_modalities_train_and_predict(folder):
     train = _split(folder / "missing", "train", "audio", 320, missing=0.3)
     val = _split(folder / "missing", "val", "audio", 200, missing=0.3)

@@ -121,7 +121,6 @@ def test_export_to_transformers_is_refused(runs, tmp_path):
     assert not (tmp_path / "hf").exists()
 
 
-@pytest.mark.slow
 def test_text_decides_and_the_streams_add_nothing(runs, tmp_path):
     for split, n in (("train", 320), ("val", 160)):
         write_multimodal_split(runs["root"] / "text", split, n, "text", seed=5, max_frames=MAX_FRAMES)
@@ -131,7 +130,6 @@ def test_text_decides_and_the_streams_add_nothing(runs, tmp_path):
     assert both_gone["accuracy"] >= 0.85, both_gone
 
 
-@pytest.mark.slow
 def test_the_interaction_needs_both_streams(runs, tmp_path):
     data = runs["root"] / "av"
     write_multimodal_split(data, "train", 480, "audio_visual", seed=5, max_frames=MAX_FRAMES)
@@ -143,7 +141,6 @@ def test_the_interaction_needs_both_streams(runs, tmp_path):
         assert 0.35 <= acc <= 0.65, (gone, acc)
 
 
-@pytest.mark.slow  # the default suite trains with a missing stream too: the fixture's visual one
 def test_missing_modalities_train_and_predict(runs, tmp_path):
     data = runs["root"] / "missing"
     write_multimodal_split(data, "train", 320, "audio", seed=5, max_frames=MAX_FRAMES, missing=0.3)

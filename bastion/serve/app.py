@@ -224,6 +224,11 @@ class _Exchange:
             if self.client_gone:
                 return
             self.status = message["status"]
+            headers = list(message.get("headers", []))
+            if not any(name.lower() == b"x-content-type-options" for name, _ in headers):
+                # every response, JSON and errors included: a browser must not sniff a reply
+                # that echoes client text into something it renders
+                message = {**message, "headers": [*headers, (b"x-content-type-options", b"nosniff")]}
         elif self.status is None:
             return  # the body of a response that was never started
         elif not message.get("more_body", False):

@@ -79,7 +79,9 @@ def test_every_route_but_health_needs_a_key(server):
                 r = h.request(method, path, headers=headers, json={})
                 assert r.status_code == 401, (method, path, headers, r.text)
                 assert r.json()["error"]["code"] == "invalid_api_key"
-        assert h.get("/ready", headers=AUTH).status_code == 200
+                assert r.headers["x-content-type-options"] == "nosniff"
+        ready = h.get("/ready", headers=AUTH)
+        assert ready.status_code == 200 and ready.headers.get_list("x-content-type-options") == ["nosniff"]
         assert h.get("/metrics", headers=AUTH).status_code == 200
     with pytest.raises(openai.AuthenticationError):
         client(url, key="bst_wrong").models.list()

@@ -128,25 +128,6 @@ class _WorkerState:
         return tokenize_documents(tok, dtype, docs)
 
 
-_STATE: _WorkerState | None = None  # set in each worker process by _init_worker
-
-
-def _init_worker(cfg: DataConfig) -> None:
-    global _STATE
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one thread per worker; see the module docstring
-    _STATE = _WorkerState(cfg)
-
-
-def _hygiene_task(texts: list[str]) -> list[Cleaned]:
-    assert _STATE is not None
-    return _STATE.hygiene(texts)
-
-
-def _tokenize_task(tokenizer_file: str, sha256: str, dtype: str, docs: list[tuple[str, str]]) -> TokenizedChunk:
-    assert _STATE is not None
-    return _STATE.tokenize(tokenizer_file, sha256, dtype, docs)
-
-
 def _context() -> multiprocessing.context.BaseContext:
     if "forkserver" not in multiprocessing.get_all_start_methods():
         return multiprocessing.get_context("spawn")
@@ -173,12 +154,11 @@ def _preload() -> list[str]:
     return [*extra, __name__]
 
 
-_TASKS: dict[str, Callable[..., Any]] = {"hygiene": _hygiene_task, "tokenize": _tokenize_task}
-
-
 def _worker_main(tasks: Connection, results: Connection, cfg: DataConfig) -> None:
     """A worker: (task name, args) in, (True, result) or (False, exception) out, until None."""
-    _init_worker(cfg)
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one thread per worker; see the module docstring
+    state = _WorkerState(cfg)
+    tasks_by_name: dict[str, Callable[..., Any]] = {"hygiene": state.hygiene, "tokenize": state.tokenize}
     while True:
         try:
             message = tasks.recv()
@@ -188,7 +168,7 @@ def _worker_main(tasks: Connection, results: Connection, cfg: DataConfig) -> Non
             return
         name, args = message
         try:
-            reply: tuple[bool, Any] = (True, _TASKS[name](*args))
+            reply: tuple[bool, Any] = (True, tasks_by_name[name](*args))
         except Exception as exc:  # noqa: BLE001 - handed to the parent, which raises it
             reply = (False, exc if isinstance(exc, DataError) else DataError(f"{type(exc).__name__}: {exc}"))
         results.send(reply)

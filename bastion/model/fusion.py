@@ -53,7 +53,7 @@ class FrameBatch:
     @classmethod
     def from_batch(cls, batch: Mapping[str, torch.Tensor], name: str) -> FrameBatch:
         """Modality `name` of a collated batch (data/features.py pad_frames: streams.<name>.*)."""
-        prefix = f"streams.{name}."
+        prefix = f"streams.{name}."  # data/features.py STREAM_KEY (model/ cannot import data/: same layer)
         return cls(batch[prefix + "frames"], batch[prefix + "frame_mask"], batch[prefix + "present"])
 
 

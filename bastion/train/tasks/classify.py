@@ -108,6 +108,10 @@ def evaluate_labels(forward: Forward, dataset: LabelledDataset, *, batch_size: i
     return {"loss": loss, **label_metrics(scores.numpy(), labels.numpy(), dataset.spec), "examples": float(len(labels))}
 
 
+def _shown(modalities: Any) -> str:
+    return ", ".join(f"{n} ({m.features} x {m.max_frames})" for n, m in sorted(modalities.items())) or "none"
+
+
 def start_with_fusion(start: StartPoint, cfg: BastionConfig) -> None:
     """The start point of a run with finetune.sequence.modalities: a text scoring model gains
     a new fusion (model/fusion.py, seeded by train.seed); a fused one must declare the same
@@ -118,11 +122,8 @@ def start_with_fusion(start: StartPoint, cfg: BastionConfig) -> None:
         return
     if has:
         if has != wanted:
-            def shown(m: Any) -> str:
-                return ", ".join(f"{n} ({s.features} x {s.max_frames})" for n, s in sorted(m.items())) or "none"
-
-            raise CheckpointError(f"finetune.init_from {start.directory} fuses modalities {shown(has)}; "
-                                  f"finetune.sequence.modalities declares {shown(wanted)}: they must be the same")
+            raise CheckpointError(f"finetune.init_from {start.directory} fuses modalities {_shown(has)}; "
+                                  f"finetune.sequence.modalities declares {_shown(wanted)}: they must be the same")
         return
     assert start.weights is not None, "fine-tuning starts from weights"
     model_cfg = start.model_cfg.model_copy(update={"modalities": dict(wanted)})

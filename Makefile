@@ -10,7 +10,7 @@ STAMP       := $(VENV)/.bastion-installed
 .PHONY: install browser demo test test-all bench gpu-wheels audit image image-cuda image-wheels image-digest image-test clean
 
 # torch goes in first, on its own: a resolve without it would pull a multi-GB CUDA build.
-$(STAMP): pyproject.toml constraints.txt
+$(STAMP): pyproject.toml constraints.txt setup.py bastion/checkpoint/_planes.c
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q $(TORCH_INDEX) "$(TORCH_SPEC)"

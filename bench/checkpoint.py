@@ -36,6 +36,7 @@ model, in one process, repetitions interleaved and medians reported:
 from __future__ import annotations
 
 import argparse
+import hashlib
 import importlib.metadata
 import json
 import os
@@ -57,6 +58,7 @@ from bastion.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
+from bastion.checkpoint import planes as byteplanes
 from bastion.checkpoint.formats import check_file
 from bastion.checkpoint.manifest import MANIFEST, build_manifest, manifest_bytes
 from bastion.checkpoint.pack import pack_checkpoint, unpack_checkpoint
@@ -311,6 +313,22 @@ def bare_checkpoint(tensors: dict[str, torch.Tensor], dst: Path) -> Path:
     return dst
 
 
+def init_like(mb: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """`mb` MB of weights as a model is initialised (normal, std 0.02), in eight tensors, seeded."""
+    generator = torch.Generator().manual_seed(0)
+    per_tensor = mb * 2**20 // (torch.finfo(dtype).bits // 8) // 8
+    return {f"layers.{i}.weight": (torch.randn(per_tensor, generator=generator) * 0.02).to(dtype) for i in range(8)}
+
+
+def sha256_speed(path: Path) -> float:
+    """MB of `path` hashed per CPU-second (one thread): the part of the pack no codec can skip,
+    since every source byte is checked against the manifest's SHA-256 as it is packed."""
+    data = path.read_bytes()
+    cpu = time.process_time()
+    hashlib.sha256(data).digest()
+    return len(data) / 1e6 / max(time.process_time() - cpu, 1e-9)
+
+
 def demo_sized_bf16(vocab_size: int) -> dict[str, torch.Tensor]:
     """The demo's model (`mini` preset, its 4k vocabulary) as initialised, cast to bf16
     tensor by tensor, so the tied embedding is held twice."""
@@ -425,6 +443,9 @@ def main() -> None:
     parser.add_argument("--level", type=int, default=3, help="zstd level, both codecs")
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="compression threads, both codecs")
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--large-mb", type=int, default=0,
+                        help="also pack two synthetic files of this many MB (init-like weights, N(0, 0.02) in bf16 "
+                             "and fp32): the pack's speed where per-file costs do not dominate; 0: skip")
     parser.add_argument("--compression-only", action="store_true",
                         help="train, then only section 2 (compression) and the bit flips: no save/load or save-memory runs")
     parser.add_argument("--load-verify", action="store_true", help="only section 4: the cost of verifying every file on load")
@@ -470,12 +491,20 @@ def main() -> None:
             "newer checkpoint, no delta": bench_pack(newer, work / "c", args, files=both),
             "newer checkpoint, delta vs previous step": bench_pack(newer, work / "c", args, base=older, files=both),
         }
+        if args.large_mb:
+            for dtype in (torch.bfloat16, torch.float32):
+                large = bare_checkpoint(init_like(args.large_mb, dtype), work / f"large-{dtype}")
+                name = f"synthetic N(0, 0.02) {str(dtype).removeprefix('torch.')}, {args.large_mb} MB"
+                compression[name] = bench_pack(large, work / "c", args)
+                compression[name]["sha256_mb_per_cpu_s"] = sha256_speed(large / "model.safetensors")
+                fresh(large)
         flips = {name: bit_flips(older, newer, name) for name in both}
         save_memory = None if args.compression_only else bench_save_memory(newer, work, args.reps)
 
     result = {
         "device": f"CPU ({os.cpu_count()} cores), torch {torch.__version__}, zstandard {zstandard.__version__}, "
-                  f"zipnn {importlib.metadata.version('zipnn')}", "load_average": os.getloadavg(),
+                  f"zipnn {importlib.metadata.version('zipnn')}, native byte planes {byteplanes.NATIVE}",
+        "load_average": os.getloadavg(),
         "preset": args.preset, "params": params, "train_steps": args.steps, "last_step_lr": step_lr, "level": args.level, "threads": args.threads,
         "save_load": save_load, "compression": compression, "adamw_step_bit_flips": flips, "save_memory": save_memory,
         "seconds": round(time.perf_counter() - started, 1),
@@ -514,6 +543,8 @@ def print_compression(r: dict) -> None:
         cells = [" ".join(f"{c[k][m]:5.0f}" for k in codecs) for m in ("pack_mb_s", "pack_mb_per_cpu_s", "unpack_mb_s")]
         print(f"{name:46} {c['original_bytes'] / 1e6:6.1f} " + " ".join(f"{c[k]['ratio']:6.3f}x" for k in codecs)
               + f" |            {cells[0]} |            {cells[1]} |         {cells[2]}")
+        if "sha256_mb_per_cpu_s" in c:
+            print(f"  {'of which SHA-256 of the source alone, MB per CPU-s':44} {c['sha256_mb_per_cpu_s']:6.0f}")
         if len(c["files"]) > 1:
             for f in c["files"]:
                 print(f"  {f:44} {c['file_bytes'][f] / 1e6:6.1f} " + " ".join(f"{c[k]['per_file_ratio'][f]:6.3f}x" for k in codecs))

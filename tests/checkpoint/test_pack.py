@@ -3,6 +3,7 @@ import json
 import os
 import stat
 
+import blake3
 import numpy as np
 import pytest
 import safetensors.torch
@@ -168,9 +169,9 @@ def test_tampered_blob_refused_before_decompressing(tmp_path, monkeypatch):
     blob.write_bytes(bytes(data))
     calls = []
     monkeypatch.setattr(pack_mod, "_decompress", lambda *a: calls.append(a))
-    with pytest.raises(CheckpointError, match="model.safetensors.zst: SHA-256 does not match"):
+    with pytest.raises(CheckpointError, match="model.safetensors.zst: BLAKE3 hash does not match"):
         verify_packed(packed)
-    with pytest.raises(CheckpointError, match="model.safetensors.zst: SHA-256 does not match"):
+    with pytest.raises(CheckpointError, match="model.safetensors.zst: BLAKE3 hash does not match"):
         unpack_checkpoint(packed, tmp_path / "out")
     assert calls == [] and not (tmp_path / "out").exists()
 
@@ -211,7 +212,7 @@ def plant_bomb(packed, name, expands_to, content_size=True):
     (packed / f"{name}.zst").write_bytes(bomb)
 
     def edit(d):
-        d["files"][name]["blob"].update(size=len(bomb), sha256=hashlib.sha256(bomb).hexdigest())
+        d["files"][name]["blob"].update(size=len(bomb), blake3=blake3.blake3(bomb).hexdigest())
         d["files"][name]["sections"][0]["frames"] = [len(bomb)]
 
     rewrite_pack(packed, edit)
@@ -277,7 +278,7 @@ def forge_packed_file(packed, name, data):
         d["manifest_sha256"] = hashlib.sha256((packed / MANIFEST).read_bytes()).hexdigest()
         d["files"][name].update(size=len(data), sha256=manifest["files"][name]["sha256"], sections=[
             {"length": len(data), "planes": 1, "frames": [len(blob)]}])
-        d["files"][name]["blob"].update(size=len(blob), sha256=hashlib.sha256(blob).hexdigest())
+        d["files"][name]["blob"].update(size=len(blob), blake3=blake3.blake3(blob).hexdigest())
 
     rewrite_pack(packed, edit)
 
@@ -358,29 +359,53 @@ def test_chunks_the_planes_cut_apart_are_compressed_whole(tmp_path):
 
 def test_version_1_packs_still_unpack_and_cannot_use_version_2_sections(tmp_path, monkeypatch):
     src = save(tmp_path / "run", 1, {"w": torch.randn(64, 64) * 0.02, "h": torch.randn(64, 64).half()})
-    with monkeypatch.context() as m:  # the version-1 writer: the same code without the sign rotation
+    with monkeypatch.context() as m:  # the version-1 writer: the same code without the sign rotation, SHA-256 blobs
         m.setattr(pack_mod, "FORMAT_VERSION", 1)
-        m.setattr(pack_mod, "_rotate", lambda data, planes, left=True: data)
         pack_checkpoint(src, tmp_path / "p")
     index = json.loads((tmp_path / "p" / PACK).read_text())
     assert index["format_version"] == 1 and index["codec"]["float_transform"] == "byteplanes"
+    assert set(index["files"]["model.safetensors"]["blob"]) == {"name", "size", "sha256"}
     assert contents(unpack_checkpoint(tmp_path / "p", tmp_path / "out")) == contents(src)
     emb = torch.randn(64, 64) * 0.02
     pack_checkpoint(bare_checkpoint(tmp_path / "dup", {"a": emb, "b": emb.clone()}), tmp_path / "p2")
-    rewrite_pack(tmp_path / "p2", lambda d: (d.update(format_version=1), d["codec"].update(float_transform="byteplanes")))
+    def as_version_1(d):
+        d.update(format_version=1)
+        d["codec"].update(float_transform="byteplanes")
+        for meta in d["files"].values():  # version 1 hashed its blobs with SHA-256
+            blob = meta["blob"]
+            del blob["blake3"]
+            blob["sha256"] = hashlib.sha256((tmp_path / "p2" / blob["name"]).read_bytes()).hexdigest()
+    rewrite_pack(tmp_path / "p2", as_version_1)
     with pytest.raises(CheckpointError, match="same_as must name an earlier stored section"):
         verify_packed(tmp_path / "p2")
 
 
-def test_sign_rotation_round_trips_every_float_width():
-    rng = np.random.default_rng(0)
-    for planes in (2, 4, 8):
-        data = rng.integers(0, 256, 8 * 64, dtype=np.uint8)
-        rotated = pack_mod._rotate(data, planes)
-        assert not np.array_equal(rotated, data)
-        assert np.array_equal(pack_mod._rotate(rotated.copy(), planes, left=False), data)
-    sign_only = np.frombuffer(np.array([-0.0], dtype="<f4").tobytes(), np.uint8)
-    assert pack_mod._rotate(sign_only, 4).tolist() == [1, 0, 0, 0]  # the sign bit ends at the bottom
+def test_version_2_packs_still_unpack(tmp_path, monkeypatch):
+    """Format 2: the same transform as 3, blobs hashed with SHA-256 (and checked with it)."""
+    src = save(tmp_path / "run", 1, {"w": torch.randn(64, 64) * 0.02, "h": torch.randn(64, 64).bfloat16()})
+    with monkeypatch.context() as m:
+        m.setattr(pack_mod, "FORMAT_VERSION", 2)
+        pack_checkpoint(src, tmp_path / "p")
+    index = json.loads((tmp_path / "p" / PACK).read_text())
+    assert index["format_version"] == 2 and set(index["files"]["model.safetensors"]["blob"]) == {"name", "size", "sha256"}
+    assert contents(unpack_checkpoint(tmp_path / "p", tmp_path / "out")) == contents(src)
+    blob = tmp_path / "p" / "model.safetensors.zst"
+    data = bytearray(blob.read_bytes())
+    data[-1] ^= 1
+    blob.chmod(0o600)
+    blob.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="SHA-256 hash does not match"):
+        verify_packed(tmp_path / "p")
+
+
+def test_a_blob_entry_names_the_hash_of_its_format(tmp_path):
+    src = save(tmp_path / "run", 1, {"w": torch.randn(64, 64) * 0.02})
+    pack_checkpoint(src, tmp_path / "p")
+    blob = json.loads((tmp_path / "p" / PACK).read_text())["files"]["model.safetensors"]["blob"]
+    assert set(blob) == {"name", "size", "blake3"}
+    rewrite_pack(tmp_path / "p", lambda d: d["files"]["model.safetensors"]["blob"].update(sha256=blob["blake3"]))
+    with pytest.raises(CheckpointError, match="malformed blob entry"):
+        verify_packed(tmp_path / "p")
 
 
 def _edit_same_as(value):
@@ -415,3 +440,36 @@ def test_hostile_raw_chunks_refused(tmp_path, raw_chunks):
                                                 if s.get("tensor") == "w").update(raw_chunks=raw_chunks))
     with pytest.raises(CheckpointError, match="frame list"):
         verify_packed(tmp_path / "p")
+
+
+def test_the_c_loop_and_numpy_write_the_same_pack(tmp_path, monkeypatch):
+    """The byte-plane transform has two implementations (bastion/checkpoint/planes.py): a
+    package built without a C compiler must write and read exactly the same packs."""
+    from bastion.checkpoint import planes
+
+    gen = torch.Generator().manual_seed(3)
+    tensors = {"bf16": (torch.randn(300_000, generator=gen) * 0.02).bfloat16(),
+               "fp16": (torch.randn(70_001, generator=gen)).half(),
+               "fp32": torch.randn(90_000, generator=gen) * 0.02,
+               "fp64": torch.randn(20_000, generator=gen, dtype=torch.float64)}
+    src = save(tmp_path / "run", 1, tensors)
+    pack_checkpoint(src, tmp_path / "native", chunk_bytes=256 * 1024)
+    monkeypatch.setattr(planes, "_planes", None)
+    pack_checkpoint(src, tmp_path / "numpy", chunk_bytes=256 * 1024)
+    assert contents(tmp_path / "native") == contents(tmp_path / "numpy")
+    assert contents(unpack_checkpoint(tmp_path / "native", tmp_path / "out")) == contents(src)
+
+
+def test_planes_that_do_not_shrink_are_stored_and_the_exponents_are_coded(tmp_path):
+    """bf16 weights: the low byte (7 mantissa bits and the sign) is noise, stored raw at
+    zstd's fastest level; the exponent byte is entropy-coded (~3x on N(0, 0.02))."""
+    gen = torch.Generator().manual_seed(4)
+    n = 2**20  # one chunk: 2 MiB, planes of 1 MiB
+    src = bare_checkpoint(tmp_path / "src", {"w": (torch.randn(n, generator=gen) * 0.02).bfloat16()})
+    pack_checkpoint(src, tmp_path / "p", chunk_bytes=4 * 2**20)
+    section = next(s for s in json.loads((tmp_path / "p" / PACK).read_text())["files"]["model.safetensors"]["sections"]
+                   if s.get("tensor") == "w")
+    low, exponent = section["frames"]
+    assert n <= low <= n * 1.001  # stored: raw blocks, a few header bytes
+    assert exponent < n / 2.8
+    assert contents(unpack_checkpoint(tmp_path / "p", tmp_path / "out")) == contents(src)

@@ -234,6 +234,7 @@ def _latest_outside(case: Path, base: Base) -> None:
 
 def _zstd_bomb(case: Path, base: Base) -> None:
     """A packed checkpoint whose blob is one zstd frame that inflates to 64 MiB."""
+    import blake3
     import zstandard
 
     packed = copy_of(base.packed, case / "packed")
@@ -242,7 +243,7 @@ def _zstd_bomb(case: Path, base: Base) -> None:
     bomb = zstandard.ZstdCompressor(level=19).compress(b"\0" * (64 * 2**20))
     blob = meta["blob"]["name"]
     (packed / blob).write_bytes(bomb)
-    meta["blob"].update(size=len(bomb), sha256=hashlib.sha256(bomb).hexdigest())
+    meta["blob"].update(size=len(bomb), blake3=blake3.blake3(bomb).hexdigest())
     (packed / "PACK.json").write_text(json.dumps(pack))
 
 

@@ -4,7 +4,6 @@ import os
 import stat
 
 import blake3
-import numpy as np
 import pytest
 import safetensors.torch
 import torch

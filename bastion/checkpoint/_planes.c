@@ -100,8 +100,9 @@ static PyObject *run(PyObject *args, kernel k2, kernel k4, kernel k8) {
         PyErr_Format(PyExc_ValueError, "%zd bytes is not a whole number of %d-byte elements", src.len, planes);
     } else if (dst.len != src.len) {
         PyErr_Format(PyExc_ValueError, "output holds %zd bytes, input %zd", dst.len, src.len);
-    } else if (src.buf == dst.buf && src.len > 0) {
-        PyErr_SetString(PyExc_ValueError, "input and output must be different buffers");
+    } else if (src.len > 0 && (const char *)src.buf < (const char *)dst.buf + dst.len
+               && (const char *)dst.buf < (const char *)src.buf + src.len) {
+        PyErr_SetString(PyExc_ValueError, "input and output must not overlap");
     } else {
         Py_BEGIN_ALLOW_THREADS
         k((const uint8_t *)src.buf, (uint8_t *)dst.buf, src.len / planes, rotate);

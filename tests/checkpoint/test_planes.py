@@ -63,8 +63,11 @@ def test_the_c_entry_points_check_their_buffers():
         _planes.split(b"\0" * 16, out, 2, True)
     with pytest.raises(ValueError, match="planes must be 2, 4 or 8"):
         _planes.join(b"\0" * 8, out, 1, True)
-    with pytest.raises(ValueError, match="different buffers"):
+    with pytest.raises(ValueError, match="must not overlap"):
         _planes.split(out, out, 2, True)
+    shared = bytearray(24)
+    with pytest.raises(ValueError, match="must not overlap"):
+        _planes.join(memoryview(shared)[:16], memoryview(shared)[8:], 2, False)
     with pytest.raises(TypeError):
         _planes.split(b"\0" * 8, b"\0" * 8, 2, True)  # read-only output
     _planes.split(b"", bytearray(), 2, True)  # empty: nothing to do

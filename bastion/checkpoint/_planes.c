@@ -123,6 +123,7 @@ static PyMethodDef methods[] = {
     {NULL, NULL, 0, NULL},
 };
 
-static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_planes", "Byte planes for ckpt pack.", -1, methods};
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_planes", "Byte planes for ckpt pack.", -1, methods,
+                                   NULL, NULL, NULL, NULL};
 
 PyMODINIT_FUNC PyInit__planes(void) { return PyModule_Create(&module); }

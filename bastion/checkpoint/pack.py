@@ -315,7 +315,7 @@ def _pack_file(path: Path, entry: dict, blob_path: Path, base_index: dict, level
             raise CheckpointError(f"{path}: size {size} does not match manifest ({entry['size']})")
         plan = _plan(path, size, fd, base_index)
         shared = {section["same_as"] for section, _, _ in plan if "same_as" in section}
-        digests: dict[int, list[bytes]] = {}  # section index -> SHA-256 of each chunk, for same_as and their targets
+        digests: dict[int, list[bytes]] = {}  # section index -> BLAKE3 digest of each chunk, for same_as and their targets
 
         def finish(tag: tuple[int, int], raw: bytes, frames: list[bytes], whole: bool, digest: bytes | None) -> None:
             nonlocal blob_size
@@ -376,19 +376,19 @@ def _compressor(level: int | None) -> zstandard.ZstdCompressor:
 def _read_chunk(fd: int, offset: int, n: int, where: Path) -> tuple[bytes, list[bytes], bool, bytes]:
     """A chunk of a same_as section: nothing to store, only its digest to compare."""
     raw = _pread(fd, offset, n, where)
-    return raw, [], True, hashlib.sha256(raw).digest()
+    return raw, [], True, blake3.blake3(raw).digest()
 
 
 def _encode_chunk(fd: int, offset: int, n: int, planes: int, base_at: tuple | None, level: int, digest: bool,
                   where: Path) -> tuple[bytes, list[bytes], bool, bytes | None]:
-    """(the chunk's bytes, its frames, whether it was compressed whole, its SHA-256 if asked).
+    """(the chunk's bytes, its frames, whether it was compressed whole, its BLAKE3 digest if asked).
     A float chunk is split into byte planes unless compressing it whole does better: tried
     when the planes barely shrink it or a probe slice compresses better whole."""
     raw = _pread(fd, offset, n, where)
     data = np.frombuffer(raw, np.uint8)
     if base_at is not None:
         data = data ^ np.frombuffer(_pread(base_at[0], base_at[1], n, "base checkpoint"), np.uint8)
-    checksum = hashlib.sha256(raw).digest() if digest else None
+    checksum = blake3.blake3(raw).digest() if digest else None
     if planes == 1:
         return raw, [_compressor(level).compress(data)], True, checksum
     rotate = base_at is None and TRANSFORMS[FORMAT_VERSION] == "byteplanes-sign-last"  # XOR deltas: not rotated

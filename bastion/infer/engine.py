@@ -413,6 +413,12 @@ class Engine:
             self._finish(seq, "cancelled")
 
     @property
+    def row_steps(self) -> RowSteps:
+        """The position-wise pieces the padded decode step runs: compiled ones once a
+        `compile=True` engine started (and its compile worked), else the eager ones."""
+        return self._row_steps
+
+    @property
     def prefix_cache_stats(self) -> dict[str, int] | None:
         """Prefix-cache counters (prefix_cache.PrefixCache.stats), None when it is off."""
         return None if self.prefix_cache is None else self.prefix_cache.stats()

@@ -106,3 +106,72 @@ def _tokenizer():
     from bastion.tokenizer import BastionTokenizer
 
     return BastionTokenizer.train(["the quick brown fox jumps over the lazy dog"] * 8, vocab_size=300, min_frequency=1)
+
+
+def start_serving(checkpoint, cache, env):
+    """`bastion serve --compile --compile-cache CACHE` until /ready; (process, url)."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "bastion.cli", "serve", "--checkpoint", str(checkpoint),
+                             "--port", str(port), "--set", "serve.threads=1", "--set", "serve.max_concurrency=4",
+                             "--compile", "--compile-cache", str(cache)],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 900  # a cold compile on a loaded 2-core machine
+    while True:
+        try:
+            if httpx.get(url + "/ready", timeout=2).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            pass
+        if time.time() > deadline or proc.poll() is not None:
+            if proc.poll() is None:
+                proc.kill()
+            pytest.fail(f"bastion serve --compile (exit {proc.wait(30)}) never became ready:\n"
+                        + proc.stderr.read()[-3000:])
+        time.sleep(0.2)
+
+
+def serve_once(checkpoint, cache, env) -> tuple[str, list[str]]:
+    """One server's life: ready, /health, one greedy completion, SIGTERM; (its text, its
+    compile notes from the server log)."""
+    import signal
+
+    proc, url = start_serving(checkpoint, cache, env)
+    try:
+        assert httpx.get(url + "/health").status_code == 200
+        model = httpx.get(url + "/v1/models").json()["data"][0]["id"]
+        reply = httpx.post(url + "/v1/completions", timeout=120,
+                           json={"model": model, "prompt": "reverse: a b", "max_tokens": 8, "temperature": 0})
+        assert reply.status_code == 200, reply.text
+        proc.send_signal(signal.SIGTERM)
+        log = proc.communicate(timeout=120)[1]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(30)
+    notes = [line.removeprefix("bastion serve: ") for line in log.splitlines() if line.startswith("bastion serve: compile")]
+    return reply.json()["choices"][0]["text"], notes
+
+
+@pytest.mark.slow  # three servers, two of them compiling cold: minutes on a shared 2-core CPU
+def test_serve_compile_cache_cold_warm_and_tampered(serve_checkpoint, tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "BASTION_API_KEYS"} | {"XDG_CONFIG_HOME": str(tmp_path / "xdg")}
+    cache = tmp_path / "cache"
+    cold_text, cold = serve_once(serve_checkpoint, cache, env)
+    assert [n.split(":")[0] for n in cold] == ["compile cache miss", "compile done", "compile cache saved"], cold
+    (entry,) = [p for p in cache.iterdir() if p.is_dir()]
+    assert json.loads((entry / "seal.json").read_text())["kernels"], "no kernel libraries sealed"
+    assert oct(os.stat(tmp_path / "xdg" / "bastion" / "compile-cache.key").st_mode & 0o777) == "0o600"
+
+    warm_text, warm = serve_once(serve_checkpoint, cache, env)
+    assert warm[0].startswith("compile cache hit: loaded") and warm[1].startswith("compile done"), warm
+    assert warm_text == cold_text
+
+    artifacts = entry / ARTIFACTS  # flip one byte: the manifest's SHA-256 no longer matches
+    data = bytearray(artifacts.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    artifacts.write_bytes(bytes(data))
+    tampered_text, tampered = serve_once(serve_checkpoint, cache, env)
+    assert tampered[0].startswith("compile cache refused:") and "SHA-256" in tampered[0], tampered
+    assert [n.split(":")[0] for n in tampered[1:]] == ["compile done", "compile cache saved"], tampered
+    assert tampered_text == cold_text

@@ -118,17 +118,18 @@ def serve_start(work: Path, checkpoint: Path, cache: Path | None, name: str) -> 
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
-        while True:
-            if proc.poll() is not None:
-                raise SystemExit(f"{name}: bastion serve exited {proc.returncode}:\n{proc.stderr.read()[-3000:]}")
-            try:
-                if httpx.get(url + "/ready", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.perf_counter() - start > 1800:
-                raise SystemExit(f"{name}: not ready after 30 minutes")
-            time.sleep(0.1)
+        with httpx.Client() as client:  # one client: polling costs little CPU beside the server's start
+            while True:
+                if proc.poll() is not None:
+                    raise SystemExit(f"{name}: bastion serve exited {proc.returncode}:\n{proc.stderr.read()[-3000:]}")
+                try:
+                    if client.get(url + "/ready", timeout=2).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                if time.perf_counter() - start > 1800:
+                    raise SystemExit(f"{name}: not ready after 30 minutes")
+                time.sleep(0.25)
         ready = time.perf_counter() - start
         reply = httpx.post(url + "/v1/completions", timeout=300, json={
             "model": httpx.get(url + "/v1/models").json()["data"][0]["id"], "prompt": "reverse: a b c",

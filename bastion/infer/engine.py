@@ -53,6 +53,12 @@ in padded mode the later ones wait for the first one's last chunk). In dynamic m
 distinct prompts of requests joining together are prefilled in batched forwards
 (`_prefill_together`): a GRPO step's prompts in one call instead of one call each.
 
+Compiled decode (`compile=True`, padded mode; serve.compile): the decode step's
+position-wise pieces run torch.compile'd (bastion/infer/compiled.py), attention per request
+staying eager. They compile in the engine thread at `start`, inside the tile probe, which so
+measures the compiled code; with a `compile_cache` (checkpoint/compile_cache.py) the sealed
+entry is loaded before and what compiled is sealed after. Nothing compiles once requests run.
+
 Multi-LoRA (bastion/model/multi_lora.py): on a model with adapters installed, each request
 names its adapter (`submit(..., adapter=name)`, None: the base) and every forward is told
 which adapter each of its rows uses, so requests for different adapters share decode steps.
@@ -456,6 +462,8 @@ class Engine:
             orphans: list[_Sequence] = []
             if thread is None:  # never started: nothing will ever run the queue
                 orphans, self._waiting = list(self._waiting), deque()
+                if self.compile_cache is not None:  # (a started engine's thread closes it)
+                    self.compile_cache.close()
             self._cond.notify_all()
         for seq in orphans:
             self._finish(seq, "cancelled")

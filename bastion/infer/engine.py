@@ -215,6 +215,7 @@ PREFILL_TOKENS = 8192  # dynamic mode: padded prompt tokens per batched prefill 
 
 
 PROBE_ROWS = 32  # padded mode: the largest tile the probe tries (more rows: several tiles)
+PROBE_POSITIONS = 8  # padded mode: the probe's rows sit at positions below this
 TILE_TARGET = 8  # padded mode: prefer the smallest tile whose invariant range reaches this many rows
 
 
@@ -227,8 +228,10 @@ def invariant_tile_rows(model: Transformer, max_rows: int, steps: RowSteps | Non
     boundaries depending on the matrix shapes; oneDNN bf16 keeps 1-32 rows together. So
     this probes the model itself (its real modules: quantized or LoRA linears included), in
     the thread and with the threads that will decode: the logits of random tokens for
-    every P up to min(max_rows, PROBE_ROWS), grouped into runs of P with equal results,
-    each run checked row by row and with the rows reversed. It picks the run with the
+    every P up to min(max_rows, PROBE_ROWS), each row at its own position in [0, 8) (RoPE
+    at position 0 is exact, which hides how a compiled kernel's rounding of it depends on
+    P), grouped into runs of P with equal results, each run checked row by row and with the
+    rows reversed. It picks the run with the
     smallest lo among those reaching TILE_TARGET rows (one stream costs lo rows, a full
     batch ceil(n / hi) passes), else the run holding the largest P, else (1, 1): every row
     alone, invariant by construction. Takes 2 * max_rows small decode steps. `steps`: the
@@ -236,8 +239,11 @@ def invariant_tile_rows(model: Transformer, max_rows: int, steps: RowSteps | Non
     probed, and compiled by the probe's calls)."""
     rows = min(max_rows, PROBE_ROWS)
     vocab = model.cfg.vocab_size or 1
-    tokens = torch.randint(0, vocab, (rows,), generator=torch.Generator().manual_seed(0)).tolist()
-    caches = [model.new_cache(1, max_len=1) for _ in range(rows)]
+    generator = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, vocab, (rows,), generator=generator).tolist()
+    span = min(PROBE_POSITIONS, model.cfg.max_seq_len)
+    places = torch.randint(0, span, (rows,), generator=generator).tolist()
+    caches = [model.new_cache(1, max_len=span) for _ in range(rows)]
 
     # With LoRA adapters installed the rows cycle through the base and every adapter (row i
     # always the same one), so the adapters' own matmuls and path choices are probed too.
@@ -245,9 +251,13 @@ def invariant_tile_rows(model: Transformer, max_rows: int, steps: RowSteps | Non
     slots = 1 if adapters is None else len(adapters.names) + 1
 
     def logits(ids: list[int], order: range | None = None) -> torch.Tensor:
-        which = [i % slots for i in (order if order is not None else range(len(ids)))]
-        with contextlib.nullcontext() if adapters is None else adapters.rows(which):
-            return model.decode_rows(ids, caches[:len(ids)], [0] * len(ids), pad_to=len(ids), steps=steps)
+        order = order if order is not None else range(len(ids))
+        for cache in caches[:len(ids)]:  # every call sees the same (empty) earlier positions
+            for t in (*cache.k, *cache.v):
+                t.zero_()
+        with contextlib.nullcontext() if adapters is None else adapters.rows([i % slots for i in order]):
+            return model.decode_rows(ids, caches[:len(ids)], [places[i] for i in order], pad_to=len(ids),
+                                     steps=steps)
 
     every = [logits(tokens[:p]) for p in range(1, rows + 1)]  # every[p - 1]: p rows
     runs: list[tuple[int, int]] = []

@@ -96,3 +96,21 @@ def test_the_tile_probe_measures_the_compiled_pieces():
         widest = model.decode_rows(tokens, caches, [0] * hi, pad_to=hi, steps=steps)
         for p in range(lo, hi + 1):
             assert torch.equal(model.decode_rows(tokens[:p], caches[:p], [0] * p, pad_to=p, steps=steps), widest[:p])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("precision", [{"quantize": "int8"}, {"quantize": "int4"}, {"dtype": "bfloat16"}])
+def test_quantized_and_bf16_models_compile_and_stay_batch_invariant(tmp_path, precision):
+    from helpers import make_base_checkpoint
+
+    from bastion.infer.loading import load_for_inference
+
+    if "quantize" in precision:
+        pytest.importorskip("torchao")
+    loaded = load_for_inference(make_base_checkpoint(tmp_path / "base", seed=1), **precision)
+    with Engine(loaded.model, loaded.tokenizer, LIMITS, max_batch_size=4, threads=1, compile=True) as engine:
+        assert engine.compile_notes[0].startswith("compile done"), engine.compile_notes
+        alone = [run(engine, [p])[0] for p in PROMPTS[:4]]
+        together = run(engine, PROMPTS[:4])
+    assert [r.token_ids for r in alone] == [r.token_ids for r in together]
+    assert [r.logprobs for r in alone] == [r.logprobs for r in together]

@@ -6,14 +6,13 @@ import os
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import httpx
 import pytest
 import torch
 from serving import free_port
 
-from bastion.checkpoint.compile_cache import ARTIFACTS, entry_name
+from bastion.checkpoint.compile_cache import ARTIFACTS
 from bastion.config import build_config
 from bastion.config.schema import GenerateConfig, ModelConfig
 from bastion.errors import ConfigError

@@ -21,14 +21,28 @@ The engine falls back to eager (logged) if a compile fails, e.g. no C++ compiler
 """
 from __future__ import annotations
 
+from types import FunctionType
+
 import torch
 
 from bastion.model.transformer import EAGER_ROW_STEPS, RowSteps
 
 
 def compiled_row_steps() -> RowSteps:
-    """The decode step's position-wise pieces wrapped in torch.compile (compiled on first call)."""
-    return RowSteps(*(torch.compile(step, dynamic=None, fullgraph=True) for step in EAGER_ROW_STEPS))
+    """The decode step's position-wise pieces wrapped in torch.compile (compiled on first call),
+    each a private copy of the function: Dynamo keeps its graphs, and its limit of 8 graphs,
+    per code object, so engines of different models in one process (tests, a trainer's
+    rollouts next to an evaluation) would otherwise share that limit and fall back to eager
+    once it is reached. A copy's graphs go with its engine."""
+    return RowSteps(*(torch.compile(_private_copy(step), dynamic=None, fullgraph=True) for step in EAGER_ROW_STEPS))
+
+
+def _private_copy(function: FunctionType) -> FunctionType:
+    """The same function on a new code object (code.replace() always makes one)."""
+    copy = FunctionType(function.__code__.replace(), function.__globals__, function.__name__, function.__defaults__,
+                        function.__closure__)
+    copy.__kwdefaults__, copy.__qualname__ = function.__kwdefaults__, function.__qualname__
+    return copy
 
 
 def compiles_so_far() -> int:

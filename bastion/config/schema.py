@@ -260,14 +260,7 @@ class TrainConfig(Section):
     @field_validator("compile_cache")
     @classmethod
     def _cache_location(cls, value: str | None) -> str | None:
-        if value is None or "://" not in value:
-            return value
-        scheme, rest = value.split("://", 1)
-        if scheme.lower() not in ("s3", "file"):
-            raise ValueError(f"{scheme[:20]!r}:// is not a store; use a folder, s3://bucket/prefix or file:///abs/path")
-        if "@" in rest.split("/", 1)[0]:
-            raise ValueError("store URLs must not contain credentials; use the environment or an AWS profile")
-        return value
+        return _compile_cache_location(value)
 
     @field_validator("lr")
     @classmethod
@@ -487,6 +480,18 @@ def is_ip_address(text: str) -> bool:
 ADAPTER_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 
 
+def _compile_cache_location(value: str | None) -> str | None:
+    """train.compile_cache / serve.compile_cache: a folder, or a store URL without credentials."""
+    if value is None or "://" not in value:
+        return value
+    scheme, rest = value.split("://", 1)
+    if scheme.lower() not in ("s3", "file"):
+        raise ValueError(f"{scheme[:20]!r}:// is not a store; use a folder, s3://bucket/prefix or file:///abs/path")
+    if "@" in rest.split("/", 1)[0]:
+        raise ValueError("store URLs must not contain credentials; use the environment or an AWS profile")
+    return value
+
+
 class ServeConfig(Section):
     """`bastion serve`: an OpenAI-compatible HTTP API, locked down by default."""
 
@@ -555,6 +560,35 @@ class ServeConfig(Section):
         default_factory=dict, max_length=64, description="multi-LoRA: {model name: adapter folder} served beside the "
         "base, chosen per request by `model` (docs/serving.md); folders confined to data.allowed_roots")
     max_adapters: int = Field(default=8, ge=1, le=64, description="most adapters one server may load")
+    compile: bool = Field(default=False, description="padded mode: torch.compile the decode step's position-wise "
+                          "pieces, all compiled before the server is ready (docs/serving.md: measure it; on small "
+                          "models on CPU it may not pay)")
+    compile_cache: str | None = Field(
+        default=None, max_length=1024,
+        description="with compile: reuse compiled code across starts from this local folder (kept 0700) or store URL "
+                    "(s3://bucket/prefix, file:///abs/path; S3 endpoint from checkpoint.endpoint_url); entries are "
+                    "HMAC-sealed with a local key and refused unless the seal verifies (docs/compile-cache.md)")
+    compile_cache_key: str | None = Field(
+        default=None, max_length=4096,
+        description="path of the compile cache's HMAC key (0600, created on first use); null = "
+                    "$XDG_CONFIG_HOME/bastion/compile-cache.key. The key itself never goes in a config")
+
+    @field_validator("compile_cache")
+    @classmethod
+    def _cache_location(cls, value: str | None) -> str | None:
+        return _compile_cache_location(value)
+
+    @model_validator(mode="after")
+    def _compile_fits(self) -> "ServeConfig":
+        if self.compile_cache and not self.compile:
+            raise ValueError("serve.compile_cache caches torch.compile's work: set serve.compile: true as well")
+        if self.compile and self.batch_mode != "padded":
+            raise ValueError(f"serve.compile compiles the padded batch mode's decode step; serve.batch_mode is "
+                             f"{self.batch_mode} (its steps run eager): use padded or turn compile off")
+        if self.compile and self.adapters:
+            raise ValueError("serve.compile cannot serve serve.adapters: a multi-LoRA layer picks each row's adapter "
+                             "from per-step state a compiled graph would be specialised on; turn compile off")
+        return self
 
     @field_validator("adapters")
     @classmethod

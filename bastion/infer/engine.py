@@ -53,6 +53,12 @@ in padded mode the later ones wait for the first one's last chunk). In dynamic m
 distinct prompts of requests joining together are prefilled in batched forwards
 (`_prefill_together`): a GRPO step's prompts in one call instead of one call each.
 
+Compiled decode (`compile=True`, padded mode; serve.compile): the decode step's
+position-wise pieces run torch.compile'd (bastion/infer/compiled.py), attention per request
+staying eager. They compile in the engine thread at `start`, inside the tile probe, which so
+measures the compiled code; with a `compile_cache` (checkpoint/compile_cache.py) the sealed
+entry is loaded before and what compiled is sealed after. Nothing compiles once requests run.
+
 Multi-LoRA (bastion/model/multi_lora.py): on a model with adapters installed, each request
 names its adapter (`submit(..., adapter=name)`, None: the base) and every forward is told
 which adapter each of its rows uses, so requests for different adapters share decode steps.
@@ -79,17 +85,20 @@ import threading
 import time
 from collections import deque
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
 
+from bastion.checkpoint.compile_cache import CacheEvent, CompileCache, isolated
 from bastion.config.schema import GenerateConfig
 from bastion.errors import EngineClosedError, QueueFullError
+from bastion.infer.compiled import compiled_row_steps
 from bastion.infer.generate import (FinishReason, GenerationResult, SamplingParams, SequenceState, Tokenizer,
                                     check_prompt_ids, sampling_params, token_logprobs)
 from bastion.infer.prefix_cache import PrefixCache, block_keys
 from bastion.model.multi_lora import BASE, served_adapters
-from bastion.model.transformer import KVCache, Transformer
+from bastion.model.transformer import EAGER_ROW_STEPS, KVCache, RowSteps, Transformer
 
 logger = logging.getLogger(__name__)
 
@@ -206,10 +215,11 @@ PREFILL_TOKENS = 8192  # dynamic mode: padded prompt tokens per batched prefill 
 
 
 PROBE_ROWS = 32  # padded mode: the largest tile the probe tries (more rows: several tiles)
+PROBE_POSITIONS = 8  # padded mode: the probe's rows sit at positions below this
 TILE_TARGET = 8  # padded mode: prefer the smallest tile whose invariant range reaches this many rows
 
 
-def invariant_tile_rows(model: Transformer, max_rows: int) -> tuple[int, int]:
+def invariant_tile_rows(model: Transformer, max_rows: int, steps: RowSteps | None = None) -> tuple[int, int]:
     """(lo, hi): row counts P in [lo, hi] for which `Transformer.decode_rows` gives every row
     bit-identical logits, whatever P and whatever the row's place among the P.
 
@@ -218,15 +228,22 @@ def invariant_tile_rows(model: Transformer, max_rows: int) -> tuple[int, int]:
     boundaries depending on the matrix shapes; oneDNN bf16 keeps 1-32 rows together. So
     this probes the model itself (its real modules: quantized or LoRA linears included), in
     the thread and with the threads that will decode: the logits of random tokens for
-    every P up to min(max_rows, PROBE_ROWS), grouped into runs of P with equal results,
-    each run checked row by row and with the rows reversed. It picks the run with the
+    every P up to min(max_rows, PROBE_ROWS), each row at its own position in [0, 8) (RoPE
+    at position 0 is exact, which hides how a compiled kernel's rounding of it depends on
+    P), grouped into runs of P with equal results, each run checked row by row and with the
+    rows reversed. It picks the run with the
     smallest lo among those reaching TILE_TARGET rows (one stream costs lo rows, a full
     batch ceil(n / hi) passes), else the run holding the largest P, else (1, 1): every row
-    alone, invariant by construction. Takes 2 * max_rows small decode steps."""
+    alone, invariant by construction. Takes 2 * max_rows small decode steps. `steps`: the
+    position-wise pieces decode will run (compiled ones with serve.compile: those are
+    probed, and compiled by the probe's calls)."""
     rows = min(max_rows, PROBE_ROWS)
     vocab = model.cfg.vocab_size or 1
-    tokens = torch.randint(0, vocab, (rows,), generator=torch.Generator().manual_seed(0)).tolist()
-    caches = [model.new_cache(1, max_len=1) for _ in range(rows)]
+    generator = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, vocab, (rows,), generator=generator).tolist()
+    span = min(PROBE_POSITIONS, model.cfg.max_seq_len)
+    places = torch.randint(0, span, (rows,), generator=generator).tolist()
+    caches = [model.new_cache(1, max_len=span) for _ in range(rows)]
 
     # With LoRA adapters installed the rows cycle through the base and every adapter (row i
     # always the same one), so the adapters' own matmuls and path choices are probed too.
@@ -234,9 +251,13 @@ def invariant_tile_rows(model: Transformer, max_rows: int) -> tuple[int, int]:
     slots = 1 if adapters is None else len(adapters.names) + 1
 
     def logits(ids: list[int], order: range | None = None) -> torch.Tensor:
-        which = [i % slots for i in (order if order is not None else range(len(ids)))]
-        with contextlib.nullcontext() if adapters is None else adapters.rows(which):
-            return model.decode_rows(ids, caches[:len(ids)], [0] * len(ids), pad_to=len(ids))
+        order = order if order is not None else range(len(ids))
+        for cache in caches[:len(ids)]:  # every call sees the same (empty) earlier positions
+            for t in (*cache.k, *cache.v):
+                t.zero_()
+        with contextlib.nullcontext() if adapters is None else adapters.rows([i % slots for i in order]):
+            return model.decode_rows(ids, caches[:len(ids)], [places[i] for i in order], pad_to=len(ids),
+                                     steps=steps)
 
     every = [logits(tokens[:p]) for p in range(1, rows + 1)]  # every[p - 1]: p rows
     runs: list[tuple[int, int]] = []
@@ -274,12 +295,17 @@ class Engine:
     at least one chunk), `prefix_cache_blocks` (0: no prefix cache; each block holds
     prefill_chunk positions' keys/values for every layer). `start` runs the tile probe
     (`invariant_tile_rows`) before it returns.
+    `compile` (padded mode only): run decode's position-wise pieces torch.compile'd
+    (bastion/infer/compiled.py), all compiled by `start` before it returns; the tile probe
+    measures the compiled code. `compile_cache`: a CompileCache (checkpoint/compile_cache.py)
+    loaded before that compile and saved after it; what happened is in `compile_notes`.
     """
 
     def __init__(self, model: Transformer, tokenizer: Tokenizer, limits: GenerateConfig, *,
                  max_batch_size: int = 16, max_queue: int = 64, device: torch.device | str | None = None,
                  mode: Literal["padded", "rowwise", "dynamic"] = "padded", threads: int | None = None,
-                 prefill_chunk: int = 64, prefill_step_tokens: int = 128, prefix_cache_blocks: int = 0):
+                 prefill_chunk: int = 64, prefill_step_tokens: int = 128, prefix_cache_blocks: int = 0,
+                 compile: bool = False, compile_cache: CompileCache | None = None):
         if isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int) or max_batch_size < 1:
             raise ValueError(f"max_batch_size must be an integer >= 1, got {max_batch_size!r}")
         if isinstance(max_queue, bool) or not isinstance(max_queue, int) or max_queue < 0:
@@ -292,6 +318,10 @@ class Engine:
                                  ("prefix_cache_blocks", prefix_cache_blocks, 0)):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+        if compile and mode != "padded":
+            raise ValueError(f"compile needs the padded mode (it compiles decode_rows' pieces), got mode {mode!r}")
+        if compile_cache is not None and not compile:
+            raise ValueError("compile_cache caches torch.compile's work: pass compile=True as well")
         if device is not None:
             model.to(device)
         self.model, self.tokenizer, self.limits = model, tokenizer, limits
@@ -320,6 +350,9 @@ class Engine:
         self._was_training = model.training
         self._ids = itertools.count()
         self._tile_rows = (max_batch_size, max_batch_size)  # padded mode: set by the probe at start
+        self.compile, self.compile_cache = compile, compile_cache
+        self._row_steps = EAGER_ROW_STEPS  # the compiled pieces once `start` compiled them
+        self.compile_notes: list[str] = []  # compile and compile-cache events, in order (also logged)
         self._probed = threading.Event()
 
     # ---- requests -------------------------------------------------------------------------
@@ -396,6 +429,12 @@ class Engine:
             self._finish(seq, "cancelled")
 
     @property
+    def row_steps(self) -> RowSteps:
+        """The position-wise pieces the padded decode step runs: compiled ones once a
+        `compile=True` engine started (and its compile worked), else the eager ones."""
+        return self._row_steps
+
+    @property
     def prefix_cache_stats(self) -> dict[str, int] | None:
         """Prefix-cache counters (prefix_cache.PrefixCache.stats), None when it is off."""
         return None if self.prefix_cache is None else self.prefix_cache.stats()
@@ -433,6 +472,8 @@ class Engine:
             orphans: list[_Sequence] = []
             if thread is None:  # never started: nothing will ever run the queue
                 orphans, self._waiting = list(self._waiting), deque()
+                if self.compile_cache is not None:  # (a started engine's thread closes it)
+                    self.compile_cache.close()
             self._cond.notify_all()
         for seq in orphans:
             self._finish(seq, "cancelled")
@@ -452,30 +493,16 @@ class Engine:
     def _run(self) -> None:
         if self.threads is not None:
             torch.set_num_threads(self.threads)
+        # With a compile cache, Inductor's on-disk cache is a private folder for the engine's
+        # life: the only compiled code it reads is the verified entry's or its own.
+        isolation = isolated() if self.compile_cache is not None else contextlib.nullcontext()
         try:
             # The whole thread runs the model only, so inference mode can span it.
-            with torch.inference_mode():
+            with isolation as inductor_dir, torch.inference_mode():
                 if self.mode == "padded":
-                    self._tile_rows = self._probe_tiles()
+                    self._tile_rows = self._warm_up(inductor_dir) if self.compile else self._probe_tiles()
                 self._probed.set()
-                while (work := self._schedule()) is not None:
-                    retired, joining = work
-                    for seq in retired:
-                        self._finish(seq, "cancelled")
-                    # After the retired slots are wiped: a joiner may reuse one.
-                    if self.mode == "padded":
-                        self._prefill_step()  # the joiners are prefilling sequences now
-                    elif self.mode == "dynamic" and len(joining) > 1:
-                        # Batched prefills read the last position's logits only.
-                        self._prefill_together([s for s in joining if not s.params.prompt_logprobs])
-                        for seq in (s for s in joining if s.params.prompt_logprobs):
-                            self._prefill(seq, {})
-                    else:
-                        prefilled: dict[tuple[str, tuple[int, ...]], tuple[_Sequence, torch.Tensor]] = {}
-                        for seq in joining:
-                            self._prefill(seq, prefilled)
-                    if any(s.text.ids for s in self._running.values()):
-                        self._decode()
+                self._serve()
         except BaseException as exc:  # a bug: fail every request rather than leave them hanging
             self._probed.set()
             with self._cond:
@@ -484,6 +511,59 @@ class Engine:
             for seq in left:
                 self._finish(seq, error=exc)
             raise
+        finally:
+            if self.compile_cache is not None:
+                self.compile_cache.close()
+
+    def _serve(self) -> None:
+        """The engine thread's loop: schedule, prefill, decode, until shut down and idle."""
+        while (work := self._schedule()) is not None:
+            retired, joining = work
+            for seq in retired:
+                self._finish(seq, "cancelled")
+            # After the retired slots are wiped: a joiner may reuse one.
+            if self.mode == "padded":
+                self._prefill_step()  # the joiners are prefilling sequences now
+            elif self.mode == "dynamic" and len(joining) > 1:
+                # Batched prefills read the last position's logits only.
+                self._prefill_together([s for s in joining if not s.params.prompt_logprobs])
+                for seq in (s for s in joining if s.params.prompt_logprobs):
+                    self._prefill(seq, {})
+            else:
+                prefilled: dict[tuple[str, tuple[int, ...]], tuple[_Sequence, torch.Tensor]] = {}
+                for seq in joining:
+                    self._prefill(seq, prefilled)
+            if any(s.text.ids for s in self._running.values()):
+                self._decode()
+
+    def _warm_up(self, inductor_dir: Path | None) -> tuple[int, int]:
+        """compile: the cache's entry loaded, the pieces compiled by the tile probe's calls
+        (every row count decode will use), what compiled sealed into the cache. A compile
+        that fails leaves the engine eager (noted), never failing its start."""
+        cache = self.compile_cache
+        if cache is not None:
+            self._note(cache.load(inductor_dir))
+        started = time.perf_counter()
+        self._row_steps = compiled_row_steps()
+        try:
+            rows = invariant_tile_rows(self.model, self.max_batch_size, self._row_steps)
+        except Exception as exc:  # noqa: BLE001 - e.g. no C++ compiler: serve eager instead
+            self._row_steps = EAGER_ROW_STEPS
+            self._note(CacheEvent("failed", f"torch.compile failed, decoding eager: {type(exc).__name__}: "
+                                            f"{str(exc)[:300]}"), what="compile")
+            return self._probe_tiles()
+        self._note(CacheEvent("done", f"decode step compiled and probed in {time.perf_counter() - started:.1f} s "
+                                      f"(tile rows {rows[0]}-{rows[1]})"), what="compile")
+        if cache is not None:
+            saved = cache.save(inductor_dir)
+            if saved is not None:
+                self._note(saved)
+        return rows
+
+    def _note(self, event: CacheEvent, what: str = "compile cache") -> None:
+        note = f"{what} {event.kind}: {event.detail}"
+        self.compile_notes.append(note)
+        logger.log(logging.WARNING if event.kind in ("refused", "failed") else logging.INFO, "%s", note)
 
     def _probe_tiles(self) -> tuple[int, int]:
         try:
@@ -746,7 +826,7 @@ class Engine:
                     adapters = [s.adapter_index for s in tile] + [BASE] * (pad_to - len(tile))
                     with self._adapter_rows(adapters):
                         parts.append(self.model.decode_rows([s.text.ids[-1] for s in tile], [s.cache for s in tile],
-                                                            [s.position for s in tile], pad_to))
+                                                            [s.position for s in tile], pad_to, self._row_steps))
                 logits = parts[0] if len(parts) == 1 else torch.cat(parts)
             elif self.mode == "rowwise":
                 # Each row alone (B=1, attention over exactly its own cache length): generate()'s

@@ -30,7 +30,8 @@ itself and the window - 1 tokens before it).
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from typing import NamedTuple
 
 import torch
 import torch.utils.checkpoint
@@ -215,15 +216,27 @@ class Attention(nn.Module):
         by row over exactly that row's own keys [0, positions[b]] (the window's, with
         sliding_window), so its result depends on that row alone, never on the other rows'
         lengths."""
+        q, k, v = self.project_rows(x, cos, sin)
+        return self.wo(self.attend_rows(q, k, v, caches, layer, positions, window))
+
+    def project_rows(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) \
+            -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """forward_rows' position-wise first half: the rotated queries, grouped by kv head
+        [P, n_kv_head, n_rep, 1, head_dim] (GQA without copying the keys: query head h reads
+        kv head h // n_rep, as repeat_kv), and the new keys and values [P, n_kv_head, 1, head_dim]."""
         P = x.size(0)
         q = self.wq(x).view(P, 1, self.n_head, self.head_dim).transpose(1, 2)
         k = self.wk(x).view(P, 1, self.n_kv_head, self.head_dim).transpose(1, 2)
         v = self.wv(x).view(P, 1, self.n_kv_head, self.head_dim).transpose(1, 2)
         cos, sin = cos.to(q.dtype), sin.to(q.dtype)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        # GQA without copying the keys: query head h reads kv head h // n_rep (as repeat_kv),
-        # so a row's n_head queries are n_kv_head groups of n_rep queries over one key set.
-        groups = q.view(P, 1, self.n_kv_head, self.n_head // self.n_kv_head, self.head_dim)
+        return q.view(P, 1, self.n_kv_head, self.n_head // self.n_kv_head, self.head_dim), k, v
+
+    def attend_rows(self, groups: torch.Tensor, k: torch.Tensor, v: torch.Tensor, caches: list[KVCache], layer: int,
+                    positions: list[int], window: int | None) -> torch.Tensor:
+        """forward_rows' attention, before the output projection: each sequence's new key and
+        value into its cache, then its queries over exactly its own keys -> [P, 1, n_head * head_dim]."""
+        P = groups.size(0)
         out = []
         for b, (cache, pos) in enumerate(zip(caches, positions)):
             k_cache, v_cache = cache.k[layer], cache.v[layer]
@@ -231,12 +244,12 @@ class Attention(nn.Module):
             v_cache[0, :, pos] = v[b, :, 0]
             first = 0 if window is None else max(0, pos - window + 1)
             keys, values = k_cache[:1, :, first:pos + 1], v_cache[:1, :, first:pos + 1]
-            if k_cache.dtype != q.dtype:  # only when the cache's dtype differs (autocast)
-                keys, values = keys.to(q.dtype), values.to(q.dtype)
+            if k_cache.dtype != groups.dtype:  # only when the cache's dtype differs (autocast)
+                keys, values = keys.to(groups.dtype), values.to(groups.dtype)
             out.append(F.scaled_dot_product_attention(groups[b], keys, values))
         if P > len(caches):  # padding rows attend to nothing
-            out.append(q.new_zeros(P - len(caches), self.n_kv_head, groups.size(3), self.head_dim))
-        return self.wo(torch.cat(out).view(P, 1, self.n_head * self.head_dim))
+            out.append(groups.new_zeros(P - len(caches), self.n_kv_head, groups.size(3), self.head_dim))
+        return torch.cat(out).view(P, 1, self.n_head * self.head_dim)
 
 
 class FeedForward(nn.Module):
@@ -264,6 +277,49 @@ class Block(nn.Module):
                 mask: torch.Tensor | None = None) -> torch.Tensor:
         x = x + self.attention(self.attention_norm(x), cos, sin, cache, layer, start_pos, mask)
         return x + self.feed_forward(self.ffn_norm(x))
+
+    def rows_in(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) \
+            -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Decode (`Transformer.decode_rows`): the block's position-wise work before attention."""
+        return self.attention.project_rows(self.attention_norm(x), cos, sin)
+
+    def rows_out(self, x: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
+        """Decode: the block's position-wise work after attention (output projection, MLP)."""
+        x = x + self.attention.wo(attended)
+        return x + self.feed_forward(self.ffn_norm(x))
+
+
+# `Transformer.decode_rows` in position-wise pieces between the per-row attentions, each a
+# function of [P, 1, d] rows alone: what a compiled decode step compiles (bastion/infer/compiled.py),
+# one graph per piece shared by every layer, whatever the sequences' lengths.
+def rows_enter(model: "Transformer", idx: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) \
+        -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Embedding, then the first block's work before attention: (x, queries, keys, values)."""
+    x = model.tok_embeddings(idx)
+    return (x, *model.layers[0].rows_in(x, cos, sin))
+
+
+def rows_between(block: Block, following: Block, x: torch.Tensor, attended: torch.Tensor, cos: torch.Tensor,
+                 sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One block's work after its attention and the next block's before its own."""
+    x = block.rows_out(x, attended)
+    return (x, *following.rows_in(x, cos, sin))
+
+
+def rows_leave(block: Block, model: "Transformer", x: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
+    """The last block's work after its attention, the final norm and the head: logits [P, vocab]."""
+    return model.output(model.norm(block.rows_out(x, attended)))[:, -1]
+
+
+class RowSteps(NamedTuple):
+    """The position-wise pieces `decode_rows` runs: these functions, or compiled copies."""
+
+    enter: Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]
+    between: Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]
+    leave: Callable[..., torch.Tensor]
+
+
+EAGER_ROW_STEPS = RowSteps(rows_enter, rows_between, rows_leave)
 
 
 class Transformer(nn.Module):
@@ -487,7 +543,7 @@ class Transformer(nn.Module):
         return self.output(self.norm(x))[:, -1]
 
     def decode_rows(self, tokens: list[int], caches: list[KVCache], positions: list[int],
-                    pad_to: int) -> torch.Tensor:
+                    pad_to: int, steps: RowSteps | None = None) -> torch.Tensor:
         """One new token for each of n sequences (as decode_step), batch-invariant by
         construction: -> next-token logits [n, vocab]. Sequence b's keys/values live in
         caches[b] (batch 1: its own cache, or `cache.rows(r, r + 1)` of a shared one), which
@@ -500,6 +556,8 @@ class Transformer(nn.Module):
         Attention runs per sequence over exactly its own cached length, so it depends on
         nothing but that sequence. A sequence's logits then depend only on itself and
         `pad_to`, never on the other rows: Engine's "padded" mode decodes this way.
+        `steps`: the position-wise pieces to run (default: `EAGER_ROW_STEPS`; Engine passes
+        torch.compile'd copies with serve.compile).
         """
         if self.cfg.score_labels is not None:
             raise ValueError("a scoring model (model.score_labels) has no lm head and cannot generate")
@@ -517,12 +575,14 @@ class Transformer(nn.Module):
         pos = torch.tensor(list(positions) + [0] * padding, device=device)
         cos = self.rope_cos[pos].view(pad_to, 1, 1, -1)  # [P, 1, T=1, head_dim]: each row's own angle
         sin = self.rope_sin[pos].view(pad_to, 1, 1, -1)
-        x = self.tok_embeddings(idx)
-        for i, layer in enumerate(self.layers):
-            h = layer.attention_norm(x)
-            x = x + layer.attention.forward_rows(h, cos, sin, caches, i, positions, self.cfg.sliding_window)
-            x = x + layer.feed_forward(layer.ffn_norm(x))
-        return self.output(self.norm(x))[:n, -1]
+        steps = steps or EAGER_ROW_STEPS
+        x, q, k, v = steps.enter(self, idx, cos, sin)
+        layers, window = self.layers, self.cfg.sliding_window
+        for i, layer in enumerate(layers):
+            attended = layer.attention.attend_rows(q, k, v, caches, i, positions, window)
+            if i + 1 < len(layers):
+                x, q, k, v = steps.between(layer, layers[i + 1], x, attended, cos, sin)
+        return steps.leave(layers[-1], self, x, attended)[:n]
 
     def num_params(self, exclude_embeddings: bool = False) -> int:
         """Parameter count (tied weights counted once). exclude_embeddings drops the token

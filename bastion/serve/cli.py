@@ -33,6 +33,10 @@ def serve_cmd(
     trusted_keys: Optional[List[Path]] = TrustedKeyOption,
     adapters: Optional[List[str]] = typer.Option(None, "--adapter", help="Serve a LoRA adapter folder beside the base "
                                                  "as model NAME: NAME=PATH (repeatable; adds to serve.adapters)."),
+    compile_: bool = typer.Option(False, "--compile", help="torch.compile the decode step before the server is ready "
+                                  "(serve.compile; padded batch mode)."),
+    compile_cache: Optional[str] = typer.Option(None, "--compile-cache", help="With --compile: reuse sealed compiled "
+                                                "code from this folder or store URL (serve.compile_cache)."),
 ) -> None:
     """Serve /v1/completions, /v1/chat/completions, /v1/models, /health, /ready and /metrics.
     Keys come from $BASTION_API_KEYS (comma-separated) or --key-file; they are required on
@@ -47,7 +51,8 @@ def serve_cmd(
     # Options are typed values set as they are: never a `--set` string re-read as YAML, where
     # `--host 0` became the number 0 and `--host ::` a mapping.
     options = {"host": host, "port": port, "ssl_certfile": ssl_certfile, "ssl_keyfile": ssl_keyfile,
-               "key_file": key_file, "dtype": dtype.value if dtype is not None else None}
+               "key_file": key_file, "dtype": dtype.value if dtype is not None else None,
+               "compile": True if compile_ else None, "compile_cache": compile_cache}
     values = {f"serve.{name}": str(value) if isinstance(value, Path) else value
               for name, value in options.items() if value is not None}
     cfg = load_config(config, overrides or [], values=values)

@@ -8,6 +8,7 @@ in-flight requests; then the engine is shut down.
 from __future__ import annotations
 
 import ipaddress
+import logging
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -22,8 +23,11 @@ from bastion.infer.loading import LoadedModel, load_for_inference
 from bastion.safepath import Roots
 from bastion.serve.accesslog import AccessLog
 from bastion.serve.app import ServerState, create_app
+from bastion.serve.compiling import open_compile_cache
 from bastion.serve.keys import KeyStore
 from bastion.serve.ratelimit import RateLimiter
+
+logger = logging.getLogger(__name__)
 
 
 def is_loopback(host: str) -> bool:
@@ -66,10 +70,14 @@ def build_state(checkpoint: str | Path, config: BastionConfig, *, device: str = 
     loaded = load_for_inference(checkpoint, verify=verify, device=device, quantize=quantize, dtype=cfg.dtype)
     name = _safe_name(cfg.model_name or model_name(loaded.directory, loaded.config))
     adapters = _load_adapters(loaded, config, name, base_sha) if cfg.adapters else ()
+    compile_cache, notes = open_compile_cache(config, loaded)
+    for note in notes:
+        logger.warning("%s", note)
     engine = Engine(loaded.model, loaded.tokenizer, config.generate, max_batch_size=cfg.max_concurrency,
                     max_queue=cfg.max_queue, mode=cfg.batch_mode, threads=cfg.threads,
                     prefill_chunk=cfg.prefill_chunk_tokens, prefill_step_tokens=cfg.prefill_step_tokens,
-                    prefix_cache_blocks=cfg.prefix_cache_blocks)
+                    prefix_cache_blocks=cfg.prefix_cache_blocks, compile=cfg.compile, compile_cache=compile_cache)
+    engine.compile_notes[:0] = notes
     return ServerState(loaded=loaded, cfg=cfg, limits=config.generate, engine=engine, keys=keys, limiter=RateLimiter(cfg.rate_limit),
                        log=AccessLog(cfg.access_log, cfg.log_prompts), model_name=name,
                        require_keys=keys.has_keys or not loopback, adapters=adapters)
@@ -92,11 +100,23 @@ def _safe_name(name: str) -> str:
     return cleaned[:128]
 
 
+def _log_to_stderr() -> None:
+    """The server's own notes (the engine's compile and compile-cache events) on stderr, at
+    INFO, unless the embedding application configured Bastion's logging itself."""
+    root = logging.getLogger("bastion")
+    if not root.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("bastion serve: %(message)s"))
+        root.addHandler(handler)
+        root.setLevel(logging.INFO)
+
+
 def serve(checkpoint: str | Path, config: BastionConfig, *, device: str = "cpu", verify: bool = True,
           quantize: str | None = None) -> None:
     import uvicorn
 
     cfg = config.serve
+    _log_to_stderr()
     state = build_state(checkpoint, config, device=device, verify=verify, quantize=quantize)
     app = create_app(state)
     config = uvicorn.Config(app, host=cfg.host, port=cfg.port, ssl_certfile=cfg.ssl_certfile,

@@ -72,7 +72,10 @@ def check_schema(schema: Any, *, max_bytes: int = MAX_SCHEMA_BYTES, max_depth: i
             raise GrammarError(f"{where} is nested more than {max_depth} levels deep")
         children = node.values() if isinstance(node, dict) else node if isinstance(node, list) else ()
         stack.extend((child, depth + 1) for child in children if isinstance(child, (dict, list)))
-    text = json.dumps(schema, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    try:
+        text = json.dumps(schema, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    except ValueError:  # NaN / Infinity: Python's JSON reader accepts them, JSON (and a schema) has none
+        raise GrammarError(f"{where} contains a non-finite number (NaN or Infinity), which JSON does not allow") from None
     size = len(text.encode("utf-8"))
     if size > max_bytes:
         raise GrammarError(f"{where} is {size} bytes, over this server's limit of {max_bytes}")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import os
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -100,12 +101,26 @@ def _safe_name(name: str) -> str:
     return cleaned[:128]
 
 
+class _CurrentStderr(logging.StreamHandler):
+    """A StreamHandler on whatever sys.stderr is when a record is written, not the stream of
+    the moment it was made: serve() called in-process (a test's CLI runner, a notebook) may
+    have a temporary stderr that is closed long before the handler's last record."""
+
+    @property
+    def stream(self):  # type: ignore[override]
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value) -> None:
+        pass
+
+
 def _log_to_stderr() -> None:
     """The server's own notes (the engine's compile and compile-cache events) on stderr, at
     INFO, unless the embedding application configured Bastion's logging itself."""
     root = logging.getLogger("bastion")
     if not root.handlers:
-        handler = logging.StreamHandler()
+        handler = _CurrentStderr()
         handler.setFormatter(logging.Formatter("bastion serve: %(message)s"))
         root.addHandler(handler)
         root.setLevel(logging.INFO)

@@ -106,6 +106,9 @@ def test_schema_bounds_and_refusals(model, tok):
         check_schema({"x-guidance": {"lenient": True}})
     with pytest.raises(GrammarError, match="must be a JSON object"):
         check_schema(["not", "a", "schema"])
+    for value in (float("inf"), float("-inf"), float("nan")):  # what Python's json.loads makes of Infinity / NaN
+        with pytest.raises(GrammarError, match="tools.0: .*non-finite number"):
+            check_schema({"type": "object", "minimum": value}, where="tools.0: schema")
     with pytest.raises(GrammarError, match="refused"):
         grammar(tok, model, {"$ref": "#/$defs/nowhere"})
     deep = {"type": "array", "items": {}}

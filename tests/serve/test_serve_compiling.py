@@ -174,3 +174,28 @@ def test_serve_compile_cache_cold_warm_and_tampered(serve_checkpoint, tmp_path):
     assert tampered[0].startswith("compile cache refused:") and "SHA-256" in tampered[0], tampered
     assert [n.split(":")[0] for n in tampered[1:]] == ["compile done", "compile cache saved"], tampered
     assert tampered_text == cold_text
+
+
+def test_the_server_log_follows_whatever_stderr_is(monkeypatch):
+    """serve() run in-process (a CLI runner, a notebook) may start under a temporary stderr
+    that is closed later: its notes must still reach the current one, never a closed file."""
+    import io
+    import logging
+    import sys
+
+    from bastion.serve.server import _CurrentStderr
+
+    first = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", first)
+    logger = logging.getLogger("bastion.test-current-stderr")
+    handler = _CurrentStderr()
+    logger.addHandler(handler)
+    monkeypatch.setattr(logger, "propagate", False)
+    try:
+        first.close()
+        second = io.StringIO()
+        monkeypatch.setattr(sys, "stderr", second)
+        logger.warning("compile cache hit")
+        assert "compile cache hit" in second.getvalue()
+    finally:
+        logger.removeHandler(handler)

@@ -212,6 +212,9 @@ def logged_status(state, lines_before: int) -> int:
                                             "stream": True}, raw=None)
 @example(path="/v1/completions", body=None, raw=b'{"model": "MODEL", "prompt": "\xed\xa0\x80"}')
 @example(path="/v1/completions", body={"model": "MODEL", "prompt": "hi", "stop": ["\ud800"]}, raw=None)
+@example(path="/v1/chat/completions", body={"model": "MODEL", "messages": [{"role": "user", "content": "0"}],  # was a 500
+                                            "tools": [{"type": "function", "function": {"name": "f", "parameters": {
+                                                "type": "object", "minimum": float("inf")}}}]}, raw=None)
 def test_fuzz_never_5xx_and_the_log_says_what_was_sent(fuzz_server, path, body, raw):
     url, state = fuzz_server
     if isinstance(body, dict) and body.get("model") == "MODEL" and "prompt" in body and "messages" in body:

@@ -41,8 +41,8 @@ the SHA-256 of the base's MANIFEST.json and unpacking refuses any other base.
 
 Unpacking treats the packed directory as hostile: names must be plain file names, every blob
 must match its hash in PACK.json before anything is decompressed (BLAKE3 since format 3,
-about four times faster than SHA-256 here and as strong for this; SHA-256 in formats 1-2), no frame may decompress
-to more than PACK.json declares, and the output must match the original manifest bit for bit
+about four times faster than SHA-256 here and as strong for this; SHA-256 in formats 1-2),
+no frame may decompress to more than PACK.json declares, and the output must match the original manifest bit for bit
 and be of the format each file's name says (`formats.FileCheck`, as packing checked the
 source); a `same_as` must name an earlier stored section of the same length (no chains: a
 section is decoded at most once more per section that names it, so decoding work stays
@@ -72,9 +72,9 @@ import numpy as np
 import zstandard
 
 import bastion
+from bastion.checkpoint import planes as byteplanes
 from bastion.checkpoint.checkpoint import resolve_checkpoint
 from bastion.checkpoint.formats import FileCheck, check_names, verify_contents
-from bastion.checkpoint import planes as byteplanes
 from bastion.checkpoint.manifest import MANIFEST, read_manifest_bytes, verify_directory
 from bastion.checkpoint.safetensors_check import MAX_HEADER_BYTES, parse_header
 from bastion.errors import CheckpointError

@@ -45,9 +45,4 @@ def _private_copy(function: FunctionType) -> FunctionType:
     return copy
 
 
-def compiles_so_far() -> int:
-    """Frames Dynamo has compiled in this process (any code): a test's recompile counter."""
-    return int(torch._dynamo.utils.counters["frames"]["ok"])
-
-
-__all__ = ["compiled_row_steps", "compiles_so_far"]
+__all__ = ["compiled_row_steps"]

@@ -208,20 +208,10 @@ class Attention(nn.Module):
         y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)
         return self.resid_dropout(self.wo(y))
 
-    def forward_rows(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, caches: list[KVCache], layer: int,
-                     positions: list[int], window: int | None) -> torch.Tensor:
-        """Decode, one token per row: x [P, 1, d]; the first len(caches) rows are sequences
-        (row b's keys/values live in caches[b], a batch-1 cache, its new token at
-        positions[b]), the rest padding. The projections see all P rows; attention runs row
-        by row over exactly that row's own keys [0, positions[b]] (the window's, with
-        sliding_window), so its result depends on that row alone, never on the other rows'
-        lengths."""
-        q, k, v = self.project_rows(x, cos, sin)
-        return self.wo(self.attend_rows(q, k, v, caches, layer, positions, window))
-
     def project_rows(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) \
             -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """forward_rows' position-wise first half: the rotated queries, grouped by kv head
+        """Decode, one token per row (`Transformer.decode_rows`), x [P, 1, d], the first half,
+        position-wise: the rotated queries, grouped by kv head
         [P, n_kv_head, n_rep, 1, head_dim] (GQA without copying the keys: query head h reads
         kv head h // n_rep, as repeat_kv), and the new keys and values [P, n_kv_head, 1, head_dim]."""
         P = x.size(0)
@@ -234,8 +224,12 @@ class Attention(nn.Module):
 
     def attend_rows(self, groups: torch.Tensor, k: torch.Tensor, v: torch.Tensor, caches: list[KVCache], layer: int,
                     positions: list[int], window: int | None) -> torch.Tensor:
-        """forward_rows' attention, before the output projection: each sequence's new key and
-        value into its cache, then its queries over exactly its own keys -> [P, 1, n_head * head_dim]."""
+        """Decode's attention, before the output projection: the first len(caches) rows are
+        sequences (row b's keys/values live in caches[b], a batch-1 cache, its new token at
+        positions[b]), the rest padding. Each sequence's new key and value go into its cache,
+        then its queries attend to exactly its own keys [0, positions[b]] (the window's, with
+        sliding_window), so the result depends on that row alone, never on the other rows'
+        lengths -> [P, 1, n_head * head_dim]."""
         P = groups.size(0)
         out = []
         for b, (cache, pos) in enumerate(zip(caches, positions)):

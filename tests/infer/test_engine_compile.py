@@ -5,7 +5,6 @@ import pytest
 import torch
 
 from bastion.config.schema import GenerateConfig, ModelConfig
-from bastion.infer.compiled import compiles_so_far
 from bastion.infer.engine import Engine, invariant_tile_rows
 from bastion.model import Transformer
 from bastion.model.transformer import EAGER_ROW_STEPS
@@ -49,9 +48,15 @@ def test_decode_rows_in_pieces_is_the_eager_decode_step():
         model.decode_rows([1, 2, 3], replay, [0, 0, 0], pad_to=4)
         for i, layer in enumerate(model.layers):  # Block.forward's math, attention per row
             h = layer.attention_norm(x)
-            x = x + layer.attention.forward_rows(h, cos, sin, replay, i, [1, 1, 1], None)
+            q, k, v = layer.attention.project_rows(h, cos, sin)
+            x = x + layer.attention.wo(layer.attention.attend_rows(q, k, v, replay, i, [1, 1, 1], None))
             x = x + layer.feed_forward(layer.ffn_norm(x))
         assert torch.equal(pieces, model.output(model.norm(x))[:3, -1])
+
+
+def compiles_so_far() -> int:
+    """Frames Dynamo has compiled in this process (any code): the recompile counter."""
+    return int(torch._dynamo.utils.counters["frames"]["ok"])
 
 
 def run(engine, prompts, **params):

